@@ -1,0 +1,32 @@
+"""spillcache: llm-compressor's IntermediatesCache over GPU, host RAM and zarr on disk."""
+
+from .cache import IntermediatesCache
+from .config import CacheConfig
+from .errors import (
+    CacheClosedError,
+    CapacityError,
+    ConfigError,
+    SpillCacheError,
+    StoreCorruptError,
+    StoreError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
+from .values import IntermediateValue, OverrideEqMode
+
+__all__ = [
+    "CacheClosedError",
+    "CacheConfig",
+    "CapacityError",
+    "ConfigError",
+    "IntermediateValue",
+    "IntermediatesCache",
+    "OverrideEqMode",
+    "SpillCacheError",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreFormatError",
+    "StoreNotFoundError",
+]
+
+__version__ = "0.1.0"

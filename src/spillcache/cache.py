@@ -1,0 +1,178 @@
+"""IntermediatesCache: llm-compressor's documented cache API over spillcache's tiers."""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .config import CacheConfig
+from .core import CacheCore, resolve_offload_device
+
+__all__ = ["IntermediatesCache"]
+
+
+class IntermediatesCache:
+    """Cache of the intermediate values (activations) of batched, sequential execution.
+
+    Values are offloaded when stored and onloaded to their original device when
+    fetched, as in llm-compressor. Unlike the stock cache, offloaded values live in a
+    bounded host tier and spill to a zarr store on local disk when it is full; see
+    :class:`CacheConfig` for the budgets. With ``offload_device=None`` values are not
+    offloaded: they stay on their device (CPU values still spill past the host budget).
+
+    :param batch_intermediates: batches to start with, each a dict of name -> value
+        (values may be wrapped in :class:`IntermediateValue`, as the stock cache stores them)
+    :param offload_device: ``"cpu"`` (the default), ``None``, or an accelerator
+    :param config: budgets and paths; default ``CacheConfig.from_env()``
+    """
+
+    def __init__(
+        self,
+        batch_intermediates: list[dict[str, Any]] | None = None,
+        offload_device: torch.device | str | None = "cpu",
+        config: CacheConfig | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, CacheConfig):
+            raise TypeError(
+                f"config must be a CacheConfig, got {type(config).__name__}; build one with "
+                "CacheConfig(...), CacheConfig.from_file(path) or CacheConfig.from_env()"
+            )
+        self.offload_device = resolve_offload_device(offload_device)
+        self._core = CacheCore(config or CacheConfig.from_env(), self.offload_device)
+        # Runs on close(), on garbage collection and at interpreter exit, whichever
+        # comes first: callers such as llm-compressor never call close().
+        self._finalizer = weakref.finalize(self, self._core.close)
+        for values in batch_intermediates or []:
+            self._core.append(values)
+
+    # -------------------------------------------------------------- builders
+
+    @classmethod
+    def empty(
+        cls,
+        num_batches: int,
+        offload_device: torch.device | str | None = "cpu",
+        config: CacheConfig | None = None,
+    ) -> IntermediatesCache:
+        """A cache of ``num_batches`` empty batches."""
+        cache = cls(None, offload_device, config)
+        cache._core.add_batches(num_batches)
+        return cache
+
+    @classmethod
+    def from_dataloader(
+        cls,
+        dataloader: Any,
+        model_device: torch.device | str = torch.device("cpu"),
+        offload_device: torch.device | str | None = torch.device("cpu"),
+        config: CacheConfig | None = None,
+    ) -> IntermediatesCache:
+        """A cache holding every batch of ``dataloader``; values onload to ``model_device``."""
+        model_device = torch.device(model_device)
+        cache = cls(None, offload_device, config)
+        for batch in tqdm(dataloader, desc="Preparing intermediates cache"):
+            if not isinstance(batch, dict):
+                raise TypeError(
+                    f"from_dataloader needs batches that are dicts of name -> value, got "
+                    f"{type(batch).__name__}; wrap the dataset to yield dicts"
+                )
+            cache._core.append(batch, onload_device=model_device)
+        return cache
+
+    # ------------------------------------------------------------ documented
+
+    def fetch(self, batch_index: int, input_names: Collection[str] | None = None) -> dict[str, Any]:
+        """The batch's values (those named in ``input_names``, absent names skipped)."""
+        return self._core.fetch(batch_index, input_names)
+
+    def update(self, batch_index: int, values: dict[str, Any]) -> None:
+        """Store ``values`` in a batch, replacing values of the same names."""
+        self._core.update(batch_index, values)
+
+    def delete(self, batch_index: int, consumed_names: Collection[str] | None = None) -> None:
+        """Delete the named values of a batch (all of them by default)."""
+        self._core.delete(batch_index, consumed_names)
+
+    def append(self, values: dict[str, Any]) -> None:
+        """Store ``values`` as a new batch at the next index."""
+        self._core.append(values)
+
+    def size(self) -> dict[torch.device, int]:
+        """Bytes of memory used by cached values, keyed by device (disk not included)."""
+        return self._core.size()
+
+    def iter(self, input_names: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Fetch every batch in order."""
+        for batch_index in range(len(self)):
+            yield self.fetch(batch_index, input_names)
+
+    def iter_prefetch(self, input_names: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Like :meth:`iter`, with the next ``prefetch_depth`` batches fetched on a
+        background thread. A batch updated or deleted after it was prefetched is fetched
+        again, so this always yields what :meth:`iter` would."""
+        depth = self._core.config.prefetch_depth
+        if depth == 0:
+            yield from self.iter(input_names)
+            return
+        count = len(self)
+        pending: deque = deque()
+        next_index = 0
+        try:
+            for batch_index in range(count):
+                while next_index < count and len(pending) < depth:
+                    pending.append(self._core.submit_fetch(next_index, input_names))
+                    next_index += 1
+                generation, values = pending.popleft().result()
+                if generation != self._core.generation(batch_index):
+                    values = self.fetch(batch_index, input_names)
+                yield values
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def pin_memory(self, batch_index: int, input_names: Collection[str] | None = None) -> None:
+        """Bring a batch's values up to host RAM so that onloading them is fast."""
+        self._core.prepare(batch_index, input_names)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iter()
+
+    def __len__(self) -> int:
+        return self._core.num_batches()
+
+    # ------------------------------------------------------------ spillcache
+
+    @property
+    def config(self) -> CacheConfig:
+        return self._core.config
+
+    @property
+    def store_path(self) -> str | None:
+        """The directory of this cache's store, once something was written to disk."""
+        return self._core.store_path()
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes and budget per tier, and counters of hits, evictions and disk bytes."""
+        return self._core.stats()
+
+    def close(self) -> None:
+        """Join background threads and delete the store (or, with keep_store, complete it)."""
+        self._finalizer()
+
+    def __enter__(self) -> IntermediatesCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"IntermediatesCache(batches={len(self)}, offload_device={self.offload_device}, "
+            f"store={self.store_path})"
+        )
+

@@ -1,0 +1,228 @@
+"""CacheConfig: every knob of a cache, parsed and validated once.
+
+Sizes are given as ints (bytes) or strings with a unit ("512MiB", "8GiB", "1.5GB");
+they are normalised to int bytes when the config is built, so the rest of the
+package only ever sees ints (or the sentinels documented per field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["AUTO", "CacheConfig", "parse_size"]
+
+AUTO = "auto"
+EVICTION_POLICIES = ("lru",)
+ENV_PREFIX = "SPILLCACHE_"
+ENV_CONFIG_FILE = "SPILLCACHE_CONFIG"
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_HELP = "an int of bytes or a string such as '512MiB', '8GiB' or '1.5GB'"
+
+
+def parse_size(field_name: str, value: Any) -> int:
+    """Return ``value`` as a non-negative int of bytes, or raise naming ``field_name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{field_name}: expected {_SIZE_HELP}, got the bool {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ConfigError(f"{field_name}: {value!r} is not a whole number of bytes")
+        number = int(value)
+    elif isinstance(value, str):
+        number = _parse_size_string(field_name, value)
+    else:
+        raise TypeError(f"{field_name}: expected {_SIZE_HELP}, got {type(value).__name__}")
+    if number < 0:
+        raise ConfigError(f"{field_name}: sizes cannot be negative, got {value!r}")
+    return number
+
+
+def _parse_size_string(field_name: str, text: str) -> int:
+    match = _SIZE_PATTERN.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        units = ", ".join(u for u in _UNITS if u)
+        raise ConfigError(
+            f"{field_name}: cannot read {text!r} as a size; use {_SIZE_HELP} "
+            f"(units: {units}, any case)"
+        )
+    number = float(match.group(1)) * _UNITS[unit]
+    if number != int(number):
+        raise ConfigError(f"{field_name}: {text!r} is not a whole number of bytes")
+    return int(number)
+
+
+def _parse_bool(field_name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{field_name}: expected true or false, got {value!r}")
+
+
+def _parse_count(field_name: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field_name}: expected a whole number, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{field_name}: must be 0 or more, got {value}")
+    return value
+
+
+def _is_none_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("", "none", "null")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How much each tier may hold and where the disk tier lives.
+
+    Fields (see docs/config.md for the long form):
+
+    - ``device_bytes``: budget for values kept on an accelerator. ``"auto"`` means 0
+      when values are offloaded to the CPU (the stock behaviour) and no limit when
+      ``offload_device`` is None or an accelerator (values stay where they are).
+    - ``host_bytes``: budget of the host (CPU RAM) tier. ``"auto"`` is half of the
+      RAM available when the cache is created.
+    - ``disk_path``: directory in which each cache creates its store; ``None`` turns
+      the disk tier off. ``"auto"`` is the system temp directory (``$TMPDIR``).
+    - ``disk_bytes``: budget of the disk tier; ``None`` means no limit but the disk.
+    - ``inline_bytes``: tensors smaller than this stay in RAM with their entry's
+      structure and never get a file of their own (0 tiers every tensor).
+    - ``prefetch_depth``: how many batches ahead ``iter_prefetch`` fetches.
+    - ``eviction``: the eviction policy of the memory tiers (``"lru"``).
+    - ``keep_store``: keep the store on ``close()`` (with every entry written to it)
+      instead of deleting it.
+    """
+
+    device_bytes: int | str = AUTO
+    host_bytes: int | str = AUTO
+    disk_path: str | None = AUTO
+    disk_bytes: int | None = None
+    inline_bytes: int = 64 * 1024
+    prefetch_depth: int = 2
+    eviction: str = "lru"
+    keep_store: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("device_bytes", "host_bytes"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value.strip().lower() == AUTO):
+                self._set(name, parse_size(name, value))
+            else:
+                self._set(name, AUTO)
+        self._set("disk_path", self._checked_disk_path(self.disk_path))
+        if self.disk_bytes is not None and not _is_none_text(self.disk_bytes):
+            self._set("disk_bytes", parse_size("disk_bytes", self.disk_bytes))
+        else:
+            self._set("disk_bytes", None)
+        self._set("inline_bytes", parse_size("inline_bytes", self.inline_bytes))
+        self._set("prefetch_depth", _parse_count("prefetch_depth", self.prefetch_depth))
+        self._set("keep_store", _parse_bool("keep_store", self.keep_store))
+        if not isinstance(self.eviction, str) or self.eviction.strip().lower() not in (
+            EVICTION_POLICIES
+        ):
+            raise ConfigError(
+                f"eviction: unknown policy {self.eviction!r}; choose one of "
+                f"{', '.join(repr(p) for p in EVICTION_POLICIES)}"
+            )
+        self._set("eviction", self.eviction.strip().lower())
+
+    def _set(self, name: str, value: Any) -> None:
+        # The dataclass is frozen for callers; normalising in __post_init__ is the
+        # one place that writes.
+        object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _checked_disk_path(value: Any) -> str | None:
+        if value is None or _is_none_text(value):
+            return None
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError(
+                f"disk_path: expected a directory path, 'auto' or None, got "
+                f"{type(value).__name__}"
+            )
+        return AUTO if value.strip().lower() == AUTO else value
+
+    # ----------------------------------------------------------------- builders
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str = "mapping") -> CacheConfig:
+        """Build a config from a dict, rejecting keys that are not fields."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                f"known settings are {', '.join(cls.field_names())}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> CacheConfig:
+        """Read a TOML file whose top-level keys are field names."""
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+        return cls.from_mapping(values, source=str(path))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> CacheConfig:
+        """Defaults, then the TOML file named by SPILLCACHE_CONFIG, then SPILLCACHE_<FIELD>."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        config_file = environ.pop(ENV_CONFIG_FILE, "").strip()
+        if config_file:
+            values.update(dataclasses.asdict(cls.from_file(config_file)))
+        for name, text in environ.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            field_name = name[len(ENV_PREFIX) :].lower()
+            if field_name not in cls.field_names():
+                known = ", ".join(ENV_PREFIX + f.upper() for f in cls.field_names())
+                raise ConfigError(
+                    f"environment: unknown variable {name}; known variables are "
+                    f"{ENV_CONFIG_FILE}, {known}"
+                )
+            values[field_name] = text
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> CacheConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)

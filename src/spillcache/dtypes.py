@@ -1,0 +1,151 @@
+"""Torch dtypes <-> on-disk data types, and bit-exact tensor moves.
+
+numpy (and so zarr) has no bfloat16, float8, complex32 or sub-byte types. Those are
+stored as the raw bits under the unsigned integer type of the same width, and the
+torch dtype is recorded beside them, so every dtype round-trips bit for bit. Types
+numpy knows are stored as themselves, so plain zarr readers see real values.
+
+Every move between devices and every compaction goes through a same-width unsigned
+view: copy kernels are missing for some dtypes (int1..int7, uint1..uint7), but a
+uint8/16/32/64 copy always exists and carries exactly the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "RAW_DTYPES",
+    "compact_copy",
+    "dtype_from_name",
+    "dtype_name",
+    "is_tierable",
+    "move",
+    "onload",
+    "raw_dtype",
+    "storage_dtype_name",
+]
+
+# Same-width unsigned integer type for each element size.
+RAW_DTYPES: dict[int, torch.dtype] = {
+    1: torch.uint8,
+    2: torch.uint16,
+    4: torch.uint32,
+    8: torch.uint64,
+}
+
+# Torch dtypes whose numpy/zarr type has the same name and the same bits.
+_NATIVE = {
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+}
+
+_BY_NAME: dict[str, torch.dtype] = {
+    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'torch.bfloat16' -> 'bfloat16' (the name recorded in stores)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown torch dtype {name!r} (this torch is {torch.__version__})") from None
+
+
+def storage_dtype_name(dtype: torch.dtype) -> str:
+    """The zarr data type that holds ``dtype``'s bits."""
+    if dtype in _NATIVE:
+        return dtype_name(dtype)
+    return dtype_name(RAW_DTYPES[dtype.itemsize])
+
+
+def raw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The same-width unsigned type to move ``dtype``'s bits with.
+
+    16-byte types (complex128) have no such type but have every copy kernel, so they
+    move as themselves.
+    """
+    return RAW_DTYPES.get(dtype.itemsize, dtype)
+
+
+def is_tierable(tensor: torch.Tensor) -> bool:
+    """Plain dense tensors with a fixed element width can leave RAM; others cannot."""
+    return (
+        tensor.layout == torch.strided
+        and not tensor.is_quantized
+        and not tensor.is_meta
+        and (tensor.dtype.itemsize in RAW_DTYPES or tensor.dtype in _NATIVE)
+        and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(raw_dtype(tensor.dtype))
+
+
+def move(tensor: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    """``tensor.to(device)`` for every dtype, bit for bit; the same object if already there."""
+    if tensor.device == device:
+        return tensor
+    moved = _raw(tensor).to(device, non_blocking=non_blocking)
+    return moved.view(tensor.dtype)
+
+
+def onload(tensor: torch.Tensor, device: torch.device, requires_grad: bool) -> torch.Tensor:
+    """``tensor`` on ``device`` with the ``requires_grad`` flag it was stored with.
+
+    Stored tensors are detached (an autograd graph must not stay alive in the cache);
+    the flag is given back so callers see what they stored.
+    """
+    value = move(tensor, device)
+    if requires_grad and not value.requires_grad:
+        value.requires_grad_(True)
+    return value
+
+
+def compact_copy(tensor: torch.Tensor, device: torch.device, *, pin: bool = False) -> torch.Tensor:
+    """A new contiguous tensor on ``device`` with exactly ``tensor``'s bits."""
+    out = torch.empty(
+        tensor.shape,
+        dtype=raw_dtype(tensor.dtype),
+        device=device,
+        pin_memory=pin and device.type == "cpu",
+    )
+    out.copy_(_raw(tensor))
+    return out.view(tensor.dtype)
+
+
+def is_compact(tensor: torch.Tensor) -> bool:
+    """Contiguous and the sole user of its storage: holding it costs exactly nbytes."""
+    if not tensor.is_contiguous():
+        return False
+    storage_bytes = tensor.untyped_storage().nbytes()
+    return tensor.storage_offset() == 0 and storage_bytes == tensor.nbytes
+
+
+def to_host(tensor: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
+    """A CPU tensor holding exactly ``tensor``'s bytes and nothing more.
+
+    The tensor itself when it is already a compact CPU tensor (as the stock cache keeps
+    it); otherwise a compact copy, so that a small view never keeps its whole base alive.
+    """
+    if tensor.device.type == "cpu" and is_compact(tensor):
+        return tensor
+    return compact_copy(tensor, torch.device("cpu"), pin=pin)

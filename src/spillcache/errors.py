@@ -1,0 +1,63 @@
+"""The exceptions spillcache raises, in one tree.
+
+Each one also subclasses the built-in exception that callers already catch for the
+same kind of trouble, so code written for the stock cache keeps working::
+
+    SpillCacheError                        base of everything below
+    ├── ConfigError (ValueError)           a config value, file or variable is invalid
+    ├── CapacityError (MemoryError)        no tier has room for a value; nothing was stored
+    ├── CacheClosedError (RuntimeError)    the cache was used after close()
+    └── StoreError (OSError)               the disk tier could not do its job
+        ├── StoreNotFoundError (FileNotFoundError)   no store at that path
+        ├── StoreFormatError                         not a spillcache store, or an unknown version
+        └── StoreCorruptError                        a chunk on disk is missing or damaged
+
+Type errors in arguments (a key that is not a str, a batch index that is not an int)
+are plain ``TypeError``; a batch index out of range is a plain ``IndexError``, and
+deleting an absent key a plain ``KeyError``, as with the stock cache.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheClosedError",
+    "CapacityError",
+    "ConfigError",
+    "SpillCacheError",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreFormatError",
+    "StoreNotFoundError",
+]
+
+
+class SpillCacheError(Exception):
+    """Base class of every error spillcache raises on purpose."""
+
+
+class ConfigError(SpillCacheError, ValueError):
+    """A configuration value, file or environment variable is invalid."""
+
+
+class CapacityError(SpillCacheError, MemoryError):
+    """No tier has room for a value; the cache is left exactly as it was."""
+
+
+class CacheClosedError(SpillCacheError, RuntimeError):
+    """The cache was used after ``close()``."""
+
+
+class StoreError(SpillCacheError, OSError):
+    """The disk tier could not read or write its store."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """There is no store at the given path."""
+
+
+class StoreFormatError(StoreError):
+    """The path is not a spillcache store, or its format version is not supported."""
+
+
+class StoreCorruptError(StoreError):
+    """A chunk in the store is missing, truncated or damaged."""

@@ -1,0 +1,248 @@
+"""The on-disk format (docs/format.md): the only module that knows the store's layout.
+
+A store is a zarr v3 hierarchy on the local filesystem::
+
+    <store>/zarr.json                   group; attributes["spillcache"]: format version, state
+    <store>/tensors/zarr.json           group
+    <store>/tensors/<id>/zarr.json      array, bytes codec, one chunk; attributes["spillcache"]
+    <store>/tensors/<id>/c.0.0          the chunk: the tensor's raw little-endian bytes
+    <store>/batches/zarr.json           group
+    <store>/batches/<index>/zarr.json   group; attributes["spillcache"]["entries"]: structures
+
+The hot path writes and reads chunk files itself rather than through zarr-python
+(whose per-array overhead is milliseconds), and the result stays plain zarr: any
+zarr v3 reader opens the store. User keys never become paths: they live only as JSON
+strings inside attributes, so no key can escape the store or collide with another.
+
+Every file is written to a ``.partial`` name and renamed into place, and an array's
+``zarr.json`` is written after its chunk, so a reader (or a crash) never sees half
+an array.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import dtypes
+from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
+
+__all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "Store"]
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+STORE_PREFIX = "spillcache-"
+ATTRS_KEY = "spillcache"
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("spillcache stores raw little-endian bytes; big-endian hosts are not supported")
+
+
+def _fill_value(data_type: str) -> Any:
+    if data_type == "bool":
+        return False
+    if data_type.startswith("complex"):
+        return [0.0, 0.0]
+    if data_type.startswith("float"):
+        return 0.0
+    return 0
+
+
+def array_metadata(shape: tuple[int, ...], dtype: torch.dtype) -> dict:
+    """zarr v3 metadata for one tensor stored as a single uncompressed chunk."""
+    data_type = dtypes.storage_dtype_name(dtype)
+    bytes_codec: dict[str, Any] = {"name": "bytes"}
+    if dtype.itemsize > 1:
+        bytes_codec["configuration"] = {"endian": "little"}
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": data_type,
+        # zarr chunks must have a positive size; an empty dimension has no chunks.
+        "chunk_grid": {
+            "name": "regular",
+            "configuration": {"chunk_shape": [max(1, n) for n in shape]},
+        },
+        # "." keeps the chunk a single file beside zarr.json: no directory per dimension.
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "fill_value": _fill_value(data_type),
+        "codecs": [bytes_codec],
+        "attributes": {ATTRS_KEY: {"torch_dtype": dtypes.dtype_name(dtype)}},
+    }
+
+
+def chunk_name(ndim: int) -> str:
+    """The key of the only chunk of an ndim-dimensional array ('c' for 0-d)."""
+    return ".".join(["c"] + ["0"] * ndim)
+
+
+def _write_file(path: Path, data: bytes | memoryview, durable: bool) -> None:
+    """Write ``data`` to ``path`` atomically: a .partial name renamed into place."""
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _write_json(path: Path, value: dict, durable: bool = False) -> None:
+    _write_file(path, json.dumps(value, indent=1).encode(), durable)
+
+
+def _group(attributes: dict | None = None) -> dict:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.new_empty(0, dtype=torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+class Store:
+    """One cache's directory of tensors and batch structures (not thread-safe by itself)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(cls, parent: str | os.PathLike[str]) -> Store:
+        """Make a new private store directory under ``parent``."""
+        parent = Path(parent)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            path.mkdir(mode=0o700)
+            # mkdir's mode is filtered by the umask; make "private" exact.
+            os.chmod(path, 0o700)
+            (path / "tensors").mkdir()
+            (path / "batches").mkdir()
+        except OSError as error:
+            raise StoreError(
+                error.errno,
+                f"cannot create a store under {str(parent)!r} ({error.strerror}); "
+                "set disk_path to a writable directory on a local disk",
+            ) from error
+        store = cls(path)
+        store.write_root_attributes(complete=False, num_batches=0)
+        _write_json(path / "tensors" / "zarr.json", _group())
+        _write_json(path / "batches" / "zarr.json", _group())
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Store:
+        """Open an existing store, checking that it is one and that its version is known."""
+        path = Path(path)
+        attributes = read_root_attributes(path)
+        version = attributes.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise StoreFormatError(
+                f"{path} has store format version {version!r}; this spillcache reads "
+                f"version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade spillcache"
+            )
+        return cls(path)
+
+    def write_root_attributes(self, *, complete: bool, num_batches: int, durable: bool = False) -> None:
+        state = {
+            "format_version": FORMAT_VERSION,
+            "complete": complete,
+            "num_batches": num_batches,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+        }
+        _write_json(self.path / "zarr.json", _group({ATTRS_KEY: state}), durable)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # ------------------------------------------------------------- tensors
+
+    def _array_dir(self, name: str) -> Path:
+        return self.path / "tensors" / name
+
+    def write_tensor(self, name: str, tensor: torch.Tensor, *, durable: bool = False) -> int:
+        """Store a contiguous CPU tensor as array ``tensors/<name>``; return bytes written."""
+        directory = self._array_dir(name)
+        try:
+            directory.mkdir(exist_ok=True)
+            if tensor.numel():
+                _write_file(directory / chunk_name(tensor.dim()), _tensor_bytes(tensor), durable)
+            _write_json(directory / "zarr.json", array_metadata(tuple(tensor.shape), tensor.dtype), durable)
+        except OSError as error:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise StoreError(
+                error.errno,
+                f"cannot write tensor {name} ({tensor.nbytes} bytes) to {self.path}: "
+                f"{error.strerror}; free space there or set disk_path/disk_bytes",
+            ) from error
+        return tensor.nbytes
+
+    def read_tensor(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False
+    ) -> torch.Tensor:
+        """Read array ``tensors/<name>`` into a new CPU tensor, checking its size."""
+        raw = torch.empty(shape, dtype=dtypes.raw_dtype(dtype), pin_memory=pin)
+        if raw.numel():
+            path = self._array_dir(name) / chunk_name(len(shape))
+            try:
+                with open(path, "rb", buffering=0) as handle:
+                    got = handle.readinto(_tensor_bytes(raw))
+                    extra = handle.read(1)
+            except FileNotFoundError:
+                raise StoreCorruptError(f"tensor {name}: chunk file {path} is missing") from None
+            except OSError as error:
+                raise StoreError(error.errno, f"cannot read tensor {name} from {path}: {error.strerror}") from error
+            if got != raw.nbytes or extra:
+                raise StoreCorruptError(
+                    f"tensor {name}: chunk file {path} holds "
+                    f"{'more than ' if extra else ''}{got} bytes, expected {raw.nbytes}"
+                )
+        return raw.view(dtype)
+
+    def delete_tensor(self, name: str) -> None:
+        shutil.rmtree(self._array_dir(name), ignore_errors=True)
+
+    # ------------------------------------------------------------- batches
+
+    def write_batch(self, index: int, entries: dict[str, dict], *, durable: bool = False) -> None:
+        """Record the structures of one batch's entries (key -> JSON spec)."""
+        directory = self.path / "batches" / str(index)
+        directory.mkdir(exist_ok=True)
+        _write_json(directory / "zarr.json", _group({ATTRS_KEY: {"entries": entries}}), durable)
+
+    def read_batch(self, index: int) -> dict[str, dict]:
+        path = self.path / "batches" / str(index) / "zarr.json"
+        try:
+            return json.loads(path.read_text())["attributes"][ATTRS_KEY]["entries"]
+        except FileNotFoundError:
+            return {}
+
+
+def read_root_attributes(path: Path) -> dict:
+    """The spillcache attributes of the store at ``path``, or a clear error."""
+    metadata = path / "zarr.json"
+    if not path.exists():
+        raise StoreNotFoundError(f"no store at {path}: the path does not exist")
+    try:
+        root = json.loads(metadata.read_text())
+        return root["attributes"][ATTRS_KEY]
+    except FileNotFoundError:
+        raise StoreFormatError(f"{path} is not a spillcache store (no zarr.json)") from None
+    except (ValueError, KeyError, TypeError):
+        raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)") from None
