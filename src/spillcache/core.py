@@ -26,6 +26,7 @@ from .errors import CacheClosedError, ConfigError
 from .format import Store
 from .io import Worker
 from .placement import Placement, TensorRecord
+from .sysinfo import RAM_BACKED, available_ram, filesystem_type
 from .tiers import DiskTier
 from .tree import flatten, spec_to_json, unflatten
 
@@ -62,18 +63,6 @@ def resolve_offload_device(offload_device: Any) -> torch.device | None:
         ) from error
 
 
-def available_ram() -> int:
-    """Bytes of RAM the system could give this process now (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 class CacheCore:
     """Batches of ``key -> Entry`` whose tensors live in a ``Placement``."""
 
@@ -90,6 +79,13 @@ class CacheCore:
         disk_dir = config.disk_path
         if disk_dir == AUTO:
             disk_dir = tempfile.gettempdir()
+        if disk_dir is not None and filesystem_type(disk_dir) in RAM_BACKED:
+            warnings.warn(
+                f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
+                f"({filesystem_type(disk_dir)}): spilled values still use RAM. Set disk_path "
+                "(or SPILLCACHE_DISK_PATH) to a directory on a local disk",
+                stacklevel=4,
+            )
         if config.keep_store and disk_dir is None:
             raise ConfigError("keep_store: there is no disk tier to keep; set disk_path too")
         disk = None

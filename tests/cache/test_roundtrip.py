@@ -28,14 +28,15 @@ def test_every_dtype_and_layout_round_trips(make_cache, placement, dtype):
 
 def test_spilling_placements_really_use_the_disk(make_cache, placement):
     cache = make_cache(num_batches=2)
+    nbytes = 128 * 256 * 4  # above the default inline_bytes
     for index in range(2):
-        cache.update(index, {"h": random_tensor(torch.float32, (64, 64), index)})
+        cache.update(index, {"h": random_tensor(torch.float32, (128, 256), index)})
     stats = cache.stats()
     if placement == "ram":
         assert stats["disk"]["bytes"] == 0 and cache.store_path is None
-        assert stats["host"]["bytes"] == 2 * 64 * 64 * 4
+        assert stats["host"]["bytes"] == 2 * nbytes
     else:
-        assert stats["disk"]["bytes"] >= 64 * 64 * 4
+        assert stats["disk"]["bytes"] >= nbytes
         assert stats["host"]["bytes"] <= stats["host"]["budget"]
 
 

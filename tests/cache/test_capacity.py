@@ -1,0 +1,88 @@
+"""When no tier has room, update fails cleanly and nothing stored is lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spill_testing import assert_same, random_tensor
+
+from spillcache import CacheConfig, CapacityError, IntermediatesCache, StoreError
+from spillcache.format import Store
+
+KIB64 = (64, 256)  # 64 KiB of float32
+
+
+def make(tmp_path, **settings) -> IntermediatesCache:
+    config = CacheConfig(inline_bytes=0, disk_path=str(tmp_path), **settings)
+    return IntermediatesCache.empty(4, config=config)
+
+
+def snapshot(cache: IntermediatesCache) -> list[dict]:
+    return [cache.fetch(index) for index in range(len(cache))]
+
+
+def assert_unchanged(cache: IntermediatesCache, before: list[dict]) -> None:
+    after = snapshot(cache)
+    assert [list(b) for b in after] == [list(b) for b in before]
+    for old, new in zip(before, after, strict=True):
+        for key in old:
+            assert_same(new[key], old[key])
+
+
+def test_full_disk_budget_refuses_update_and_keeps_everything(tmp_path):
+    with make(tmp_path, host_bytes="64KiB", disk_bytes="128KiB") as cache:
+        for index in range(3):  # 64 KiB in host + 128 KiB on disk: exactly full
+            cache.update(index, {"h": random_tensor(torch.float32, KIB64, index)})
+        before = snapshot(cache)
+        stats_before = cache.stats()
+        with pytest.raises(CapacityError, match="disk_bytes"):
+            cache.update(3, {"h": random_tensor(torch.float32, KIB64, 9)})
+        assert cache.fetch(3) == {}
+        assert_unchanged(cache, before)
+        assert cache.stats()["disk"]["bytes"] <= stats_before["disk"]["budget"]
+
+
+def test_failed_replacement_keeps_the_old_value(tmp_path):
+    with make(tmp_path, host_bytes=0, disk_bytes="64KiB") as cache:
+        cache.update(0, {"h": random_tensor(torch.float32, KIB64, 1)})
+        before = snapshot(cache)
+        with pytest.raises(CapacityError):
+            # Two new tensors under one update: the first fits, the second does not,
+            # so neither may be stored.
+            cache.update(0, {"h": random_tensor(torch.float32, (16, 16), 2), "g": random_tensor(torch.float32, KIB64, 3)})
+        assert_unchanged(cache, before)
+
+
+def test_tensor_larger_than_every_tier(tmp_path):
+    with make(tmp_path, host_bytes="64KiB", disk_bytes="64KiB") as cache:
+        with pytest.raises(CapacityError):
+            cache.append({"h": random_tensor(torch.float32, (128, 256), 0)})
+        assert len(cache) == 4  # the failed append added no batch
+        assert cache.stats()["disk"]["bytes"] == 0
+
+
+def test_no_disk_tier_and_full_host_names_the_fix(tmp_path):
+    config = CacheConfig(host_bytes="64KiB", inline_bytes=0, disk_path=None)
+    with IntermediatesCache.empty(2, config=config) as cache:
+        cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
+        with pytest.raises(CapacityError, match="disk_path"):
+            cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})
+        assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))
+
+
+def test_disk_write_error_loses_nothing(tmp_path, monkeypatch):
+    with make(tmp_path, host_bytes="64KiB") as cache:
+        cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
+        before = snapshot(cache)
+
+        def no_space(self, name, tensor, durable=False):
+            raise StoreError(28, f"cannot write tensor {name}: No space left on device")
+
+        monkeypatch.setattr(Store, "write_tensor", no_space)
+        with pytest.raises(StoreError, match="No space"):
+            cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})
+        monkeypatch.undo()
+        assert_unchanged(cache, before)
+        assert cache.fetch(1) == {}
+        cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})  # works again
+        assert_same(cache.fetch(1)["h"], random_tensor(torch.float32, KIB64, 1))

@@ -1,0 +1,92 @@
+"""The store's files go away on close, with, garbage collection and interpreter exit."""
+
+from __future__ import annotations
+
+import gc
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import torch
+from spill_testing import random_tensor
+
+from spillcache import CacheConfig, IntermediatesCache
+
+
+def spilled_cache(tmp_path, **settings) -> IntermediatesCache:
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
+    cache = IntermediatesCache.empty(1, config=config)
+    cache.update(0, {"h": random_tensor(torch.float32, (32, 32))})
+    assert cache.store_path is not None and os.path.isdir(cache.store_path)
+    return cache
+
+
+def test_close_removes_the_store(tmp_path):
+    cache = spilled_cache(tmp_path)
+    path = cache.store_path
+    cache.close()
+    assert not os.path.exists(path)
+
+
+def test_context_manager_removes_the_store(tmp_path):
+    with spilled_cache(tmp_path) as cache:
+        path = cache.store_path
+    assert not os.path.exists(path)
+
+
+def test_garbage_collection_removes_the_store_and_joins_nothing_forever(tmp_path):
+    cache = spilled_cache(tmp_path)
+    list(cache.iter_prefetch())  # starts the prefetch thread
+    path = cache.store_path
+    del cache
+    gc.collect()
+    assert not os.path.exists(path)
+    assert not any(t.name.startswith("spillcache") for t in threading.enumerate())
+
+
+def test_interpreter_exit_removes_the_store(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from spillcache import CacheConfig, IntermediatesCache
+        config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path={str(tmp_path)!r})
+        cache = IntermediatesCache.empty(1, config=config)
+        cache.update(0, {{"h": torch.ones(64, 64)}})
+        list(cache.iter_prefetch())
+        print(cache.store_path)
+        # no close(): llm-compressor never calls it
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip()
+    assert path.startswith(str(tmp_path))
+    assert not os.path.exists(path)
+
+
+def test_keep_store_keeps_it(tmp_path):
+    cache = spilled_cache(tmp_path, keep_store=True)
+    path = cache.store_path
+    cache.close()
+    assert os.path.isdir(path)
+
+
+def test_store_is_private(tmp_path):
+    old_umask = os.umask(0)
+    try:
+        with spilled_cache(tmp_path) as cache:
+            mode = stat.S_IMODE(os.stat(cache.store_path).st_mode)
+    finally:
+        os.umask(old_umask)
+    assert mode == 0o700
+
+
+def test_no_store_until_something_spills(tmp_path):
+    config = CacheConfig(host_bytes="1MiB", disk_path=str(tmp_path / "spill"))
+    with IntermediatesCache.empty(1, config=config) as cache:
+        cache.update(0, {"h": torch.ones(8)})
+        assert cache.store_path is None
+    assert not (tmp_path / "spill").exists()
