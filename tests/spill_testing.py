@@ -36,7 +36,9 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.device == expected.device, (actual.device, expected.device)
-    assert bits(actual) == bits(expected), f"bits differ for {expected.dtype} {tuple(expected.shape)}"
+    assert bits(actual) == bits(expected), (
+        f"bits differ for {expected.dtype} {tuple(expected.shape)}"
+    )
 
 
 def tensor_variants(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -175,4 +175,3 @@ class IntermediatesCache:
             f"IntermediatesCache(batches={len(self)}, offload_device={self.offload_device}, "
             f"store={self.store_path})"
         )
-

@@ -30,7 +30,11 @@ def _demo(args: argparse.Namespace) -> int:
         # The demo is about spilling: default to a host budget a quarter of its activations.
         config = config.replace(host_bytes=args.samples * args.seq_len * args.hidden)
     result = run_demo(
-        samples=args.samples, seq_len=args.seq_len, hidden=args.hidden, layers=args.layers, config=config
+        samples=args.samples,
+        seq_len=args.seq_len,
+        hidden=args.hidden,
+        layers=args.layers,
+        config=config,
     )
     counters = result.stats["counters"]
     print(f"activations cached : {_format_bytes(result.cached_bytes)}")
@@ -38,8 +42,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"written to disk    : {_format_bytes(counters.get('disk.bytes_written', 0))}")
     print(f"read from disk     : {_format_bytes(counters.get('disk.bytes_read', 0))}")
     print(f"hits host / disk   : {counters.get('hits.host', 0)} / {counters.get('hits.disk', 0)}")
-    print(f"wall time          : {result.wall_seconds:.2f} s (all in RAM: {result.reference_seconds:.2f} s)")
-    print(f"statistics equal to the all-in-RAM run, bit for bit: {'yes' if result.identical else 'NO'}")
+    wall, reference = result.wall_seconds, result.reference_seconds
+    print(f"wall time          : {wall:.2f} s (all in RAM: {reference:.2f} s)")
+    verdict = "yes" if result.identical else "NO"
+    print(f"statistics equal to the all-in-RAM run, bit for bit: {verdict}")
     return 0 if result.identical else 1
 
 
@@ -51,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=256)
     demo.add_argument("--hidden", type=int, default=256)
     demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--host-bytes", help="host tier budget, e.g. 2MiB (default: 1/4 of the activations)")
+    demo.add_argument(
+        "--host-bytes", help="host tier budget, e.g. 2MiB (default: 1/4 of the activations)"
+    )
     demo.add_argument("--config", help="a TOML config file")
     demo.add_argument("--keep-store", action="store_true", help="keep the store after the run")
     demo.set_defaults(run=_demo)

@@ -8,6 +8,7 @@ package only ever sees ints (or the sentinels documented per field).
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import os
 import re
@@ -38,6 +39,7 @@ _UNITS = {
     "tib": 2**40,
 }
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_MAX_SIZE = 2**63 - 1
 _SIZE_HELP = "an int of bytes or a string such as '512MiB', '8GiB' or '1.5GB'"
 
 
@@ -69,8 +71,11 @@ def _parse_size_string(field_name: str, text: str) -> int:
             f"{field_name}: cannot read {text!r} as a size; use {_SIZE_HELP} "
             f"(units: {units}, any case)"
         )
-    number = float(match.group(1)) * _UNITS[unit]
-    if number != int(number):
+    # Decimal, not float: "8.2MB" is exactly 8200000 and "9007199254740993" stays exact.
+    number = decimal.Decimal(match.group(1)) * _UNITS[unit]
+    if number > _MAX_SIZE:
+        raise ConfigError(f"{field_name}: {text!r} is larger than any disk or memory")
+    if number != number.to_integral_value():
         raise ConfigError(f"{field_name}: {text!r} is not a whole number of bytes")
     return int(number)
 
@@ -86,8 +91,11 @@ def _parse_bool(field_name: str, value: Any) -> bool:
 
 
 def _parse_count(field_name: str, value: Any) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{field_name}: expected a whole number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{field_name}: expected a whole number, got {value!r}")
     if value < 0:
@@ -167,8 +175,7 @@ class CacheConfig:
             value = os.fspath(value)
         if not isinstance(value, str):
             raise TypeError(
-                f"disk_path: expected a directory path, 'auto' or None, got "
-                f"{type(value).__name__}"
+                f"disk_path: expected a directory path, 'auto' or None, got {type(value).__name__}"
             )
         return AUTO if value.strip().lower() == AUTO else value
 

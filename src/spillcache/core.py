@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import os
 import tempfile
 import threading
 import warnings
@@ -109,13 +108,17 @@ class CacheCore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise CacheClosedError("this cache is closed; create a new one (or reopen a kept store)")
+            raise CacheClosedError(
+                "this cache is closed; create a new one (or reopen a kept store)"
+            )
 
     def _index(self, batch_index: Any) -> int:
         index = operator.index(batch_index)
         count = len(self._batches)
         if not -count <= index < count:
-            raise IndexError(f"batch index {batch_index} is out of range: the cache has {count} batches")
+            raise IndexError(
+                f"batch index {batch_index} is out of range: the cache has {count} batches"
+            )
         return index % count
 
     def _offload_inline(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,10 @@ class CacheCore:
             if not isinstance(key, str):
                 raise TypeError(f"keys must be str, got {key!r} ({type(key).__name__})")
         flats = {key: flatten(value, onload_device) for key, value in values.items()}
-        tiered = {key: [self._is_tiered(leaf.tensor) for leaf in flat.tensors] for key, flat in flats.items()}
+        tiered = {
+            key: [self._is_tiered(leaf.tensor) for leaf in flat.tensors]
+            for key, flat in flats.items()
+        }
         to_admit = [
             (leaf.tensor, leaf.onload_device)
             for key, flat in flats.items()
@@ -183,7 +189,9 @@ class CacheCore:
                     leaves.append(next(records))
                 else:
                     offloaded = self._offload_inline(leaf.tensor)
-                    leaves.append(InlineTensor(offloaded, leaf.onload_device, leaf.tensor.requires_grad))
+                    leaves.append(
+                        InlineTensor(offloaded, leaf.onload_device, leaf.tensor.requires_grad)
+                    )
             if key in batch:
                 replaced.extend(_records_of(batch[key]))
             batch[key] = Entry(flat.spec, leaves, flat.opaques)
@@ -207,7 +215,9 @@ class CacheCore:
             names = list(batch) if consumed_names is None else list(consumed_names)
             missing = [name for name in names if name not in batch]
             if missing:
-                raise KeyError(f"batch {batch_index} has no value(s) named {missing}; nothing was deleted")
+                raise KeyError(
+                    f"batch {batch_index} has no value(s) named {missing}; nothing was deleted"
+                )
             for name in names:
                 self.placement.release(list(_records_of(batch.pop(name))))
             self._generations[self._index(batch_index)] += 1
@@ -266,7 +276,9 @@ class CacheCore:
             seen: set[int] = set()
             for batch in self._batches:
                 for entry in batch.values():
-                    in_ram = [leaf.tensor for leaf in entry.leaves if isinstance(leaf, InlineTensor)]
+                    in_ram = [
+                        leaf.tensor for leaf in entry.leaves if isinstance(leaf, InlineTensor)
+                    ]
                     in_ram += [obj for obj in entry.opaques if isinstance(obj, torch.Tensor)]
                     for tensor in in_ram:
                         if id(tensor) not in seen and not tensor.is_meta:
@@ -282,17 +294,21 @@ class CacheCore:
                 "device": {"bytes": placement.device.nbytes, "budget": placement.device.budget},
                 "host": {"bytes": placement.host.nbytes, "budget": placement.host.budget},
                 "disk": {
-                    "bytes": disk.nbytes if disk else 0,
-                    "budget": disk.budget if disk else 0,
-                    "path": str(disk.store.path) if disk and disk.has_store else None,
+                    "bytes": disk.nbytes if disk is not None else 0,
+                    # no disk tier can hold nothing; None is "no limit but the disk"
+                    "budget": disk.budget if disk is not None else 0,
+                    "path": self._store_path_locked(),
                 },
                 "counters": dict(placement.counters),
             }
 
     def store_path(self) -> str | None:
         with self._lock:
-            disk = self.placement.disk
-            return str(disk.store.path) if disk and disk.has_store else None
+            return self._store_path_locked()
+
+    def _store_path_locked(self) -> str | None:
+        disk = self.placement.disk
+        return str(disk.store.path) if disk is not None and disk.has_store else None
 
     # -------------------------------------------------------------- lifetime
 
@@ -332,7 +348,11 @@ def _describe_leaf(store: Store, leaf: TensorRecord | InlineTensor, inline_names
     if isinstance(leaf, TensorRecord):
         name, device, grad = str(leaf.rid), leaf.onload_device, leaf.requires_grad
     elif not dtypes.is_tierable(leaf.tensor):
-        return {"array": None, "device": str(leaf.onload_device), "note": "kept in RAM only; not stored"}
+        return {
+            "array": None,
+            "device": str(leaf.onload_device),
+            "note": "kept in RAM only; not stored",
+        }
     else:
         name, device, grad = next(inline_names), leaf.onload_device, leaf.requires_grad
         store.write_tensor(name, dtypes.to_host(leaf.tensor.detach()).contiguous(), durable=True)

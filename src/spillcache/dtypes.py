@@ -66,7 +66,9 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown torch dtype {name!r} (this torch is {torch.__version__})") from None
+        raise ValueError(
+            f"unknown torch dtype {name!r} (this torch is {torch.__version__})"
+        ) from None
 
 
 def storage_dtype_name(dtype: torch.dtype) -> str:

@@ -44,7 +44,9 @@ STORE_PREFIX = "spillcache-"
 ATTRS_KEY = "spillcache"
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
-    raise ImportError("spillcache stores raw little-endian bytes; big-endian hosts are not supported")
+    raise ImportError(
+        "spillcache stores raw little-endian bytes; big-endian hosts are not supported"
+    )
 
 
 def _fill_value(data_type: str) -> Any:
@@ -107,7 +109,11 @@ def _group(attributes: dict | None = None) -> dict:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
-    flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.new_empty(0, dtype=torch.uint8)
+    flat = (
+        tensor.reshape(-1).view(torch.uint8)
+        if tensor.numel()
+        else tensor.new_empty(0, dtype=torch.uint8)
+    )
     return memoryview(flat.numpy()).cast("B")
 
 
@@ -129,18 +135,20 @@ class Store:
             path.mkdir(mode=0o700)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
-            (path / "tensors").mkdir()
-            (path / "batches").mkdir()
+            store = cls(path)
+            for group in ("tensors", "batches"):
+                (path / group).mkdir()
+                _write_json(path / group / "zarr.json", _group())
+            # The root's metadata last: until it exists the directory is no store.
+            store.write_root_attributes(complete=False, num_batches=0)
         except OSError as error:
+            if "path" in locals():
+                shutil.rmtree(path, ignore_errors=True)
             raise StoreError(
                 error.errno,
                 f"cannot create a store under {str(parent)!r} ({error.strerror}); "
                 "set disk_path to a writable directory on a local disk",
             ) from error
-        store = cls(path)
-        store.write_root_attributes(complete=False, num_batches=0)
-        _write_json(path / "tensors" / "zarr.json", _group())
-        _write_json(path / "batches" / "zarr.json", _group())
         return store
 
     @classmethod
@@ -149,14 +157,16 @@ class Store:
         path = Path(path)
         attributes = read_root_attributes(path)
         version = attributes.get("format_version")
-        if version not in SUPPORTED_VERSIONS:
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise StoreFormatError(
                 f"{path} has store format version {version!r}; this spillcache reads "
                 f"version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade spillcache"
             )
         return cls(path)
 
-    def write_root_attributes(self, *, complete: bool, num_batches: int, durable: bool = False) -> None:
+    def write_root_attributes(
+        self, *, complete: bool, num_batches: int, durable: bool = False
+    ) -> None:
         state = {
             "format_version": FORMAT_VERSION,
             "complete": complete,
@@ -183,7 +193,9 @@ class Store:
             directory.mkdir(exist_ok=True)
             if tensor.numel():
                 _write_file(directory / chunk_name(tensor.dim()), _tensor_bytes(tensor), durable)
-            _write_json(directory / "zarr.json", array_metadata(tuple(tensor.shape), tensor.dtype), durable)
+            _write_json(
+                directory / "zarr.json", array_metadata(tuple(tensor.shape), tensor.dtype), durable
+            )
         except OSError as error:
             shutil.rmtree(directory, ignore_errors=True)
             raise StoreError(
@@ -207,7 +219,9 @@ class Store:
             except FileNotFoundError:
                 raise StoreCorruptError(f"tensor {name}: chunk file {path} is missing") from None
             except OSError as error:
-                raise StoreError(error.errno, f"cannot read tensor {name} from {path}: {error.strerror}") from error
+                raise StoreError(
+                    error.errno, f"cannot read tensor {name} from {path}: {error.strerror}"
+                ) from error
             if got != raw.nbytes or extra:
                 raise StoreCorruptError(
                     f"tensor {name}: chunk file {path} holds "
@@ -236,13 +250,16 @@ class Store:
 
 def read_root_attributes(path: Path) -> dict:
     """The spillcache attributes of the store at ``path``, or a clear error."""
-    metadata = path / "zarr.json"
     if not path.exists():
         raise StoreNotFoundError(f"no store at {path}: the path does not exist")
+    if not path.is_dir():
+        raise StoreFormatError(f"{path} is not a spillcache store (not a directory)")
     try:
-        root = json.loads(metadata.read_text())
-        return root["attributes"][ATTRS_KEY]
+        attributes = json.loads((path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
     except FileNotFoundError:
         raise StoreFormatError(f"{path} is not a spillcache store (no zarr.json)") from None
     except (ValueError, KeyError, TypeError):
-        raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)") from None
+        attributes = None
+    if not isinstance(attributes, dict):
+        raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)")
+    return attributes

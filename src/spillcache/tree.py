@@ -69,7 +69,9 @@ def flatten(value: Any, onload_device: torch.device | None = None) -> Flat:
         if isinstance(node, torch.device):
             return ("device", node)
         if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            items = [(f.name, visit(getattr(node, f.name), onload)) for f in dataclasses.fields(node)]
+            items = [
+                (f.name, visit(getattr(node, f.name), onload)) for f in dataclasses.fields(node)
+            ]
             return ("dataclass", type(node), items)
         if isinstance(node, tuple):
             cls = type(node) if type(node) is not tuple and hasattr(node, "_fields") else None
@@ -177,7 +179,9 @@ def spec_to_json(spec: tuple, tensor_json: Callable[[int], dict]) -> dict:
         if isinstance(value, bool):
             return {"type": "bool", "value": value}
         if isinstance(value, int):
-            return {"type": "int", "value": str(value)}
+            # Decimal for people; hex past Python's 4300-digit str() limit.
+            text = str(value) if value.bit_length() < 13_000 else hex(value)
+            return {"type": "int", "value": text}
         if isinstance(value, float):
             return {"type": "float", "value": value.hex()}
         return {"type": "str", "value": value}
@@ -219,7 +223,7 @@ def spec_from_json(node: dict, tensor_leaf: Callable[[dict], int]) -> tuple:
     if kind == "bool":
         return ("value", bool(node["value"]))
     if kind == "int":
-        return ("value", int(node["value"]))
+        return ("value", int(node["value"], 0))
     if kind == "float":
         return ("value", float.fromhex(node["value"]))
     if kind == "str":
@@ -233,28 +237,42 @@ def spec_from_json(node: dict, tensor_leaf: Callable[[dict], int]) -> tuple:
     if kind == "list":
         return ("list", [spec_from_json(c, tensor_leaf) for c in node["items"]])
     if kind == "tuple":
-        return ("tuple", _class_or_none(node), [spec_from_json(c, tensor_leaf) for c in node["items"]])
+        items = [spec_from_json(c, tensor_leaf) for c in node["items"]]
+        return ("tuple", _class_or_none(node, _is_namedtuple), items)
     if kind == "dict":
-        items = [(spec_from_json(k, tensor_leaf), spec_from_json(v, tensor_leaf)) for k, v in node["items"]]
-        return ("dict", _class_or_none(node), items)
+        items = [
+            (spec_from_json(k, tensor_leaf), spec_from_json(v, tensor_leaf))
+            for k, v in node["items"]
+        ]
+        return ("dict", _class_or_none(node, lambda cls: cls is OrderedDict), items)
     if kind == "dataclass":
         fields = [(name, spec_from_json(c, tensor_leaf)) for name, c in node["fields"]]
-        cls = _class_or_none(node)
-        if cls is None or not dataclasses.is_dataclass(cls):
+        cls = _class_or_none(node, dataclasses.is_dataclass)
+        if cls is None:
             return ("dict", None, [(("value", name), child) for name, child in fields])
         return ("dataclass", cls, fields)
     raise ValueError(f"unknown node type {kind!r} in stored structure")
 
 
-def _class_or_none(node: dict) -> type | None:
+def _is_namedtuple(cls: type) -> bool:
+    return issubclass(cls, tuple) and hasattr(cls, "_fields")
+
+
+def _class_or_none(node: dict, allowed: Callable[[type], bool]) -> type | None:
+    """The node's class if it is imported and of the kind the node allows, else None.
+
+    ``allowed`` matters for safety: unflatten calls the class with stored data, so a
+    store must not be able to name an arbitrary callable (say ``subprocess:Popen``).
+    """
     name = node.get("class")
     if name is None:
         return None
     cls = _resolve_class(name)
-    if cls is None:
+    if cls is None or not allowed(cls):
         warnings.warn(
-            f"class {name} is not imported; returning a plain container instead "
-            "(import its module first to get the class back)",
+            f"class {name} is not imported or not a {node['type']} class; returning a "
+            "plain container instead (import its module first to get the class back)",
             stacklevel=3,
         )
+        return None
     return cls

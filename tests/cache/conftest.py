@@ -31,7 +31,9 @@ def make_cache(placement, tmp_path):
         if settings.get("disk_path", "auto") == "auto":
             settings["disk_path"] = str(tmp_path / "spill")
         settings.update(overrides)
-        cache = IntermediatesCache.empty(num_batches, offload_device, config=CacheConfig(**settings))
+        cache = IntermediatesCache.empty(
+            num_batches, offload_device, config=CacheConfig(**settings)
+        )
         caches.append(cache)
         return cache
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spill_testing import assert_same, random_tensor
 
+from spill_testing import assert_same, random_tensor
 from spillcache import CacheClosedError, CacheConfig, IntermediatesCache, IntermediateValue
 
 
@@ -163,7 +163,9 @@ def test_constructor_takes_stock_batch_intermediates(tmp_path):
 
 
 def test_from_dataloader_onloads_to_model_device(tmp_path):
-    batches = [{"input_ids": torch.arange(200 * i, 200 * i + 200).reshape(2, 100)} for i in range(3)]
+    batches = [
+        {"input_ids": torch.arange(200 * i, 200 * i + 200).reshape(2, 100)} for i in range(3)
+    ]
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     with IntermediatesCache.from_dataloader(loader, "cpu", "cpu", config=config) as cache:

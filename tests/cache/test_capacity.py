@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spill_testing import assert_same, random_tensor
 
+from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, CapacityError, IntermediatesCache, StoreError
 from spillcache.format import Store
 
@@ -49,7 +49,13 @@ def test_failed_replacement_keeps_the_old_value(tmp_path):
         with pytest.raises(CapacityError):
             # Two new tensors under one update: the first fits, the second does not,
             # so neither may be stored.
-            cache.update(0, {"h": random_tensor(torch.float32, (16, 16), 2), "g": random_tensor(torch.float32, KIB64, 3)})
+            cache.update(
+                0,
+                {
+                    "h": random_tensor(torch.float32, (16, 16), 2),
+                    "g": random_tensor(torch.float32, KIB64, 3),
+                },
+            )
         assert_unchanged(cache, before)
 
 

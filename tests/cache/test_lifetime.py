@@ -11,8 +11,8 @@ import textwrap
 import threading
 
 import torch
-from spill_testing import random_tensor
 
+from spill_testing import random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 
 
@@ -60,7 +60,9 @@ def test_interpreter_exit_removes_the_store(tmp_path):
         # no close(): llm-compressor never calls it
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     path = done.stdout.strip()
     assert path.startswith(str(tmp_path))
@@ -90,3 +92,12 @@ def test_no_store_until_something_spills(tmp_path):
         cache.update(0, {"h": torch.ones(8)})
         assert cache.store_path is None
     assert not (tmp_path / "spill").exists()
+
+
+def test_store_path_stays_known_when_the_disk_tier_is_empty(tmp_path):
+    """Regression: an empty DiskTier is falsy (it has __len__); the path must not vanish."""
+    with spilled_cache(tmp_path) as cache:
+        path = cache.store_path
+        cache.delete(0)
+        assert cache.stats()["disk"]["bytes"] == 0
+        assert cache.store_path == path and cache.stats()["disk"]["path"] == path

@@ -7,8 +7,8 @@ from collections import OrderedDict, namedtuple
 
 import pytest
 import torch
-from spill_testing import ALL_DTYPES, assert_same, random_tensor, tensor_variants
 
+from spill_testing import ALL_DTYPES, assert_same, random_tensor, tensor_variants
 from spillcache import IntermediateValue
 
 

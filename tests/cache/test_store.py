@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from spill_testing import ALL_DTYPES, bits, random_tensor
 
+from spill_testing import ALL_DTYPES, bits, random_tensor
 from spillcache import CacheConfig, ConfigError, IntermediatesCache
 from spillcache.dtypes import dtype_name
 
@@ -75,7 +75,9 @@ def test_structure_is_json_not_pickle(tmp_path):
 def test_keys_never_become_paths(tmp_path):
     keys = ["../escape", "a/b", "/abs", "..", ".", "", "ключ", "zarr.json", "c.0"]
     values = {key: random_tensor(torch.float32, (4, 4), i) for i, key in enumerate(keys)}
-    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True)
+    config = CacheConfig(
+        host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True
+    )
     cache = IntermediatesCache([values], config=config)
     fetched = cache.fetch(0)
     assert list(fetched) == keys

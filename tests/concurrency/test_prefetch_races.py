@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import torch
-from spill_testing import assert_same, random_tensor
 
+from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 
 
@@ -61,7 +61,9 @@ def test_update_waits_for_a_fetch_in_flight(tmp_path, monkeypatch):
         monkeypatch.setattr(placement, "load", slow_load)
         future = cache._core.submit_fetch(1, None)
         assert reading.wait(timeout=30)
-        updater = threading.Thread(target=cache.update, args=(0, {"h": torch.zeros(32, 32, dtype=torch.int64)}))
+        updater = threading.Thread(
+            target=cache.update, args=(0, {"h": torch.zeros(32, 32, dtype=torch.int64)})
+        )
         updater.start()
         updater.join(timeout=0.2)
         assert updater.is_alive(), "update must wait for the lock held by the read in flight"

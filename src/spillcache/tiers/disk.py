@@ -64,7 +64,9 @@ class DiskTier:
         self._sizes[rid] = tensor.nbytes
         self._nbytes += tensor.nbytes
 
-    def get(self, rid: int, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False) -> torch.Tensor:
+    def get(
+        self, rid: int, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False
+    ) -> torch.Tensor:
         if rid not in self._sizes:
             raise KeyError(f"record {rid} is not in the disk tier")
         return self.store.read_tensor(str(rid), shape, dtype, pin=pin)

@@ -1,0 +1,326 @@
+"""spillcache.placement: records in the host and disk tiers, within their budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spillcache.dtypes import RAW_DTYPES
+from spillcache.errors import CapacityError, StoreError
+from spillcache.format import Store
+from spillcache.placement import Placement, TensorRecord
+from spillcache.tiers import DiskTier
+
+CPU = torch.device("cpu")
+SIZE = 64  # bytes of every tensor made by value()
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.int8,
+    torch.float8_e4m3fn,
+    torch.complex32,
+    torch.uint4,
+]
+
+
+def value(seed: int, nbytes: int = SIZE) -> torch.Tensor:
+    """A tensor of ``nbytes`` random bits, of a dtype that varies with ``seed``."""
+    dtype = DTYPES[seed % len(DTYPES)]
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(
+        0, 256, (nbytes // dtype.itemsize, dtype.itemsize), dtype=torch.uint8, generator=gen
+    )
+    return raw.view(dtype).reshape(-1)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(RAW_DTYPES[tensor.dtype.itemsize])
+
+
+def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return (
+        got.dtype == want.dtype and got.shape == want.shape and torch.equal(bits(got), bits(want))
+    )
+
+
+def make(tmp_path, host: int | None, disk: int | None | bool = None) -> Placement:
+    """A CPU-only placement; ``disk=False`` for no disk tier."""
+    tier = None if disk is False else DiskTier(disk, lambda: Store.create(tmp_path / "stores"))
+    return Placement(
+        device_budget=0,
+        device_target=None,
+        host_budget=host,
+        disk=tier,
+        eviction="lru",
+        pin_host=False,
+    )
+
+
+class World:
+    """A placement plus the tensors it should hold, checked after every step."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.p = placement
+        self.live: dict[int, tuple[TensorRecord, torch.Tensor]] = {}
+
+    def admit(self, *tensors: torch.Tensor) -> list[TensorRecord]:
+        records = self.p.admit([(t, CPU) for t in tensors])
+        for record, tensor in zip(records, tensors, strict=True):
+            self.live[record.rid] = (record, bits(tensor).clone().view(tensor.dtype))
+        self.check()
+        return records
+
+    def load(self, record: TensorRecord, *, budgets: bool = True) -> torch.Tensor:
+        got = self.p.load(record)
+        assert same_bits(got, self.live[record.rid][1])
+        assert got.device == CPU
+        self.check(budgets=budgets)
+        return got
+
+    def release(self, *records: TensorRecord) -> None:
+        self.p.release(list(records))
+        for record in records:
+            if record.refs == 0:
+                self.live.pop(record.rid, None)
+        self.check()
+
+    def check(self, *, budgets: bool = True) -> None:
+        p = self.p
+        if budgets:
+            assert p.host.budget is None or p.host.nbytes <= p.host.budget
+            assert p.disk is None or p.disk.budget is None or p.disk.nbytes <= p.disk.budget
+        assert set(p.host) == {rid for rid, (r, _) in self.live.items() if r.resident == "host"}
+        assert p.host.nbytes == sum(r.nbytes for r, _ in self.live.values() if r.resident == "host")
+        assert len(p.device) == 0
+        on_disk = {rid for rid, (r, _) in self.live.items() if r.on_disk}
+        assert (set(p.disk) if p.disk is not None else set()) == on_disk
+        if p.disk is not None:
+            assert p.disk.nbytes == sum(r.nbytes for r, _ in self.live.values() if r.on_disk)
+        for record, _ in self.live.values():
+            assert record.resident is not None or record.on_disk, record
+            assert record.refs > 0
+
+    def check_all_loadable(self, *, budgets: bool = True) -> None:
+        for record, _ in list(self.live.values()):
+            self.load(record, budgets=budgets)
+
+
+@pytest.fixture
+def world(tmp_path):
+    return World(make(tmp_path, host=3 * SIZE, disk=None))
+
+
+def array_dirs(placement: Placement) -> set[str]:
+    if not placement.disk.has_store:
+        return set()
+    return {p.name for p in (placement.disk.store.path / "tensors").iterdir() if p.is_dir()}
+
+
+def test_fills_host_then_spills_least_recently_used(world):
+    a, b, c = world.admit(value(0), value(1), value(2))
+    assert [r.resident for r in (a, b, c)] == ["host"] * 3
+    assert not any(r.on_disk for r in (a, b, c))
+    assert not world.p.disk.has_store  # all fits in memory: the disk is never touched
+    (d,) = world.admit(value(3))
+    assert a.resident is None and a.on_disk  # a was least recently used
+    assert (b.resident, c.resident, d.resident) == ("host", "host", "host")
+    world.load(b)  # now c is the least recently used
+    (e,) = world.admit(value(4))
+    assert c.resident is None and c.on_disk
+    assert b.resident == "host" and not b.on_disk
+    assert array_dirs(world.p) == {str(a.rid), str(c.rid)}
+    world.check_all_loadable()
+
+
+def test_record_larger_than_host_goes_straight_to_disk(world):
+    small = world.admit(value(0), value(1))
+    (big,) = world.admit(value(2, nbytes=4 * SIZE))
+    assert big.resident is None and big.on_disk
+    assert all(r.resident == "host" and not r.on_disk for r in small)  # nothing was evicted for it
+    assert world.p.host.nbytes == 2 * SIZE and world.p.disk.nbytes == 4 * SIZE
+    world.load(big)
+    assert big.resident is None  # still cannot fit in host
+    world.check_all_loadable()
+
+
+def test_load_from_disk_promotes_to_host_and_keeps_clean_copy(world):
+    records = world.admit(*(value(i) for i in range(5)))
+    first = records[0]
+    assert first.resident is None and first.on_disk
+    written = world.p.counters["disk.bytes_written"]
+    world.load(first)
+    assert first.resident == "host" and first.on_disk
+    # Evicting it again costs no write: its disk copy is clean.
+    for i in range(3):
+        world.admit(value(10 + i))
+    assert first.resident is None and first.on_disk
+    assert world.p.counters["disk.bytes_written"] - written == 3 * SIZE  # the other evictions only
+    world.check_all_loadable()
+
+
+def test_loaded_value_is_bit_identical_from_every_tier(world):
+    records = world.admit(*(value(i) for i in range(4)), value(9, nbytes=5 * SIZE))
+    tiers = {("host" if r.resident else "disk") for r in records}
+    assert tiers == {"host", "disk"}
+    for record in records:
+        world.load(record)
+
+
+def test_requires_grad_is_given_back(world):
+    tensor = torch.randn(16, requires_grad=True)
+    (record,) = world.p.admit([(tensor, CPU)])
+    assert record.requires_grad
+    for i in range(4):  # push it to disk and back
+        world.p.admit([(value(i), CPU)])
+    assert record.resident is None
+    loaded = world.p.load(record)
+    assert loaded.requires_grad and torch.equal(loaded.detach(), tensor.detach())
+
+
+def test_same_tensor_in_one_call_is_one_record(tmp_path):
+    world = World(make(tmp_path, host=SIZE, disk=None))
+    tensor = value(0, nbytes=2 * SIZE)  # too big for host: on disk
+    first, second = world.admit(tensor, tensor)
+    assert first is second and first.refs == 2
+    assert len(world.p.disk) == 1 and world.p.disk.nbytes == 2 * SIZE
+    world.release(first)
+    assert first.on_disk and array_dirs(world.p) == {str(first.rid)}
+    world.load(first)
+    world.release(first)
+    assert not first.on_disk and first.resident is None
+    assert len(world.p.disk) == 0 and world.p.disk.nbytes == 0
+    assert array_dirs(world.p) == set()
+
+
+def test_same_tensor_across_calls_is_one_record(world):
+    tensor = value(0)
+    (first,) = world.admit(tensor)
+    (again,) = world.admit(tensor)
+    (other,) = world.admit(tensor.clone())  # equal values, another object: another record
+    assert again is first and first.refs == 2
+    assert other is not first and other.refs == 1
+    assert world.p.host.nbytes == 2 * SIZE
+    world.release(first)
+    assert first.resident == "host"
+    world.release(first)
+    assert first.resident is None and world.p.host.nbytes == SIZE
+    (fresh,) = world.admit(tensor)  # released for good: stored anew
+    assert fresh is not first and fresh.refs == 1
+
+
+def fill_both(world: World) -> list[TensorRecord]:
+    """Host (2 slots) and disk (2 slots) full; returns the four records."""
+    records = world.admit(value(0), value(1), value(2), value(3))
+    assert world.p.host.nbytes == 2 * SIZE and world.p.disk.nbytes == 2 * SIZE
+    return records
+
+
+def test_capacity_error_when_neither_tier_has_room(tmp_path):
+    world = World(make(tmp_path, host=2 * SIZE, disk=2 * SIZE))
+    records = fill_both(world)
+    for attempt in ([value(10)], [value(11, nbytes=3 * SIZE)], [value(12), value(13)]):
+        with pytest.raises(CapacityError, match="disk_bytes"):
+            world.admit(*attempt)
+        world.check()
+        assert len(world.p.disk) == 2 and world.p.disk.nbytes == 2 * SIZE
+        assert len(world.p.host) == 2 and world.p.host.nbytes == 2 * SIZE
+        assert {r.rid for r in records} == set(world.p.host) | set(world.p.disk)
+    world.check_all_loadable()
+    assert all(r.refs == 1 for r in records)
+
+
+def test_capacity_error_rolls_back_records_admitted_earlier_in_the_call(tmp_path):
+    world = World(make(tmp_path, host=2 * SIZE, disk=2 * SIZE))
+    records = fill_both(world)
+    world.release(records[3])  # a free host slot: the first new value fits, the second cannot
+    assert world.p.host.nbytes == SIZE
+    with pytest.raises(CapacityError):
+        world.admit(value(20), value(21))
+    world.check()
+    assert len(world.p.host) + len(world.p.disk) == 3
+    assert world.p.host.nbytes + world.p.disk.nbytes == 3 * SIZE
+    world.check_all_loadable()
+
+
+@pytest.mark.parametrize("oversized", [False, True])
+def test_without_disk_a_full_host_is_a_capacity_error_naming_disk_path(tmp_path, oversized):
+    world = World(make(tmp_path, host=2 * SIZE, disk=False))
+    records = world.admit(value(0), value(1))
+    nbytes = 3 * SIZE if oversized else SIZE
+    with pytest.raises(CapacityError, match="disk_path"):
+        world.admit(value(2, nbytes=nbytes))
+    world.check()
+    assert all(r.resident == "host" for r in records) and world.p.host.nbytes == 2 * SIZE
+    world.check_all_loadable()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("oversized", [False, True])
+def test_disk_write_failure_propagates_and_keeps_earlier_records(tmp_path, monkeypatch, oversized):
+    world = World(make(tmp_path, host=2 * SIZE, disk=None))
+    records = world.admit(value(0), value(1))
+
+    def fail(self, name, tensor, *, durable=False):
+        raise StoreError(28, f"cannot write tensor {name}: No space left on device")
+
+    monkeypatch.setattr(Store, "write_tensor", fail)
+    with pytest.raises(StoreError, match="No space"):
+        world.admit(value(2, nbytes=3 * SIZE if oversized else SIZE))
+    monkeypatch.undo()
+    world.check()
+    assert all(r.resident == "host" and not r.on_disk for r in records)
+    assert len(world.p.disk) == 0 and world.p.disk.nbytes == 0 and world.p.host.nbytes == 2 * SIZE
+    world.check_all_loadable()
+    world.admit(value(3))  # the disk works again
+    assert records[0].on_disk
+
+
+def test_clean_disk_copies_are_dropped_when_disk_is_tight(tmp_path):
+    world = World(make(tmp_path, host=2 * SIZE, disk=2 * SIZE))
+    a, b, c = world.admit(value(0), value(1), value(2))
+    assert a.on_disk and a.resident is None
+    world.load(a)  # a promoted (clean copy kept), b evicted: disk holds a and b
+    assert a.resident == "host" and a.on_disk and b.on_disk and b.resident is None
+    (d,) = world.admit(value(3))  # c must go to disk: only a's clean copy can make room
+    assert c.on_disk and c.resident is None
+    assert a.resident == "host" and not a.on_disk
+    assert b.on_disk and b.resident is None
+    assert array_dirs(world.p) == {str(b.rid), str(c.rid)}
+    world.check_all_loadable()
+
+
+def test_persist_gives_every_record_a_disk_copy(tmp_path):
+    world = World(make(tmp_path, host=3 * SIZE, disk=2 * SIZE))
+    records = world.admit(*(value(i) for i in range(4)))
+    world.p.persist(durable=True)
+    world.check(budgets=False)  # persist may exceed disk_bytes, by design
+    assert all(r.on_disk for r in records)
+    assert array_dirs(world.p) == {str(r.rid) for r in records}
+    store = Store.open(world.p.disk.store.path)
+    for record, want in world.live.values():
+        assert same_bits(store.read_tensor(str(record.rid), record.shape, record.dtype), want)
+    assert [r.resident for r in records].count("host") == 3
+    world.check_all_loadable(budgets=False)
+
+
+def test_load_survives_a_failed_demotion_during_promotion(tmp_path, monkeypatch):
+    world = World(make(tmp_path, host=2 * SIZE, disk=None))
+    first, *_ = world.admit(value(0), value(1), value(2))
+    assert first.resident is None and first.on_disk
+
+    def fail(self, name, tensor, *, durable=False):
+        raise StoreError(28, f"cannot write tensor {name}: No space left on device")
+
+    monkeypatch.setattr(Store, "write_tensor", fail)
+    assert same_bits(world.p.load(first), world.live[first.rid][1])
+
+
+def test_capacity_error_keeps_clean_disk_copies(tmp_path):
+    world = World(make(tmp_path, host=2 * SIZE, disk=2 * SIZE))
+    a, _, _ = world.admit(value(0), value(1), value(2))
+    world.load(a)
+    assert a.resident == "host" and a.on_disk
+    with pytest.raises(CapacityError):
+        world.admit(value(5, nbytes=3 * SIZE))
+    world.check()
+    assert a.on_disk
