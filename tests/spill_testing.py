@@ -6,6 +6,13 @@ import torch
 
 from spillcache.dtypes import raw_dtype
 
+# numpy has a type of the same name and bits for exactly these.
+NUMPY_KNOWN = {
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.float32,
+    torch.float64, torch.complex64, torch.complex128,
+}  # fmt: skip
+
 QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 
 # Every dtype this torch has, except quantized ones (those need scales and stay in RAM).

@@ -8,28 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
 from spillcache import dtypes
 from spillcache.dtypes import RAW_DTYPES
 
 CPU = torch.device("cpu")
-QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
-ALL_DTYPES = sorted(
-    {value for value in vars(torch).values() if isinstance(value, torch.dtype)} - QUANTIZED,
-    key=str,
-)
-# numpy has a type of the same name and bits for exactly these.
-NUMPY_KNOWN = {
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.float32,
-    torch.float64, torch.complex64, torch.complex128,
-}  # fmt: skip
-
-
-def random_bits(shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0) -> torch.Tensor:
-    """A contiguous tensor of ``dtype`` whose bytes are random."""
-    gen = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (*shape, dtype.itemsize), dtype=torch.uint8, generator=gen)
-    return raw.view(dtype).reshape(shape)
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -48,15 +31,15 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def variants(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Compact, non-compact, 0-d and empty tensors of ``dtype``."""
-    base = random_bits((6, 5), dtype, seed=ALL_DTYPES.index(dtype) if dtype in ALL_DTYPES else 0)
+    base = random_tensor(dtype, (6, 5), ALL_DTYPES.index(dtype) if dtype in ALL_DTYPES else 0)
     return {
         "contiguous": base,
         "transposed": base.t(),
         "strided": base[:, ::2],
         "offset_slice": base[2:],
         "prefix_slice": base[:2],
-        "zero_d": random_bits((), dtype, seed=1),
-        "empty": random_bits((0, 3), dtype),
+        "zero_d": random_tensor(dtype, (), 1),
+        "empty": random_tensor(dtype, (0, 3)),
     }
 
 
@@ -73,7 +56,7 @@ def test_every_dtype_is_covered():
 
 
 def test_random_bits_really_are_random():
-    t = random_bits((64,), torch.float32)
+    t = random_tensor(torch.float32, (64,))
     assert len(torch.unique(bits(t))) > 32
 
 
@@ -200,8 +183,8 @@ def test_unknown_dtype_name_is_a_value_error():
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_dense_tensors_of_every_dtype_are_tierable(dtype):
-    assert dtypes.is_tierable(random_bits((2, 3), dtype))
-    assert dtypes.is_tierable(random_bits((2, 3), dtype).t())
+    assert dtypes.is_tierable(random_tensor(dtype, (2, 3)))
+    assert dtypes.is_tierable(random_tensor(dtype, (2, 3)).t())
 
 
 def test_parameters_are_tierable():

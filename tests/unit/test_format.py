@@ -12,6 +12,7 @@ import pytest
 import torch
 import zarr
 
+from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
 from spillcache import format as fmt
 from spillcache.dtypes import RAW_DTYPES
 from spillcache.errors import (
@@ -22,23 +23,7 @@ from spillcache.errors import (
 )
 from spillcache.format import SUPPORTED_VERSIONS, Store
 
-QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
-ALL_DTYPES = sorted(
-    {value for value in vars(torch).values() if isinstance(value, torch.dtype)} - QUANTIZED,
-    key=str,
-)
-NUMPY_KNOWN = {
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.float32,
-    torch.float64, torch.complex64, torch.complex128,
-}  # fmt: skip
 SHAPES = {"contiguous": (3, 5), "zero_d": (), "empty": (0, 4), "three_d": (2, 1, 3)}
-
-
-def random_bits(shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (*shape, dtype.itemsize), dtype=torch.uint8, generator=gen)
-    return raw.view(dtype).reshape(shape)
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,7 +103,7 @@ def test_create_failing_metadata_write_is_a_store_error_and_leaves_nothing(tmp_p
 @pytest.mark.parametrize("kind", list(SHAPES))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_tensor_round_trip_bit_exact_and_plain_zarr(store, dtype, kind):
-    tensor = random_bits(SHAPES[kind], dtype, seed=ALL_DTYPES.index(dtype))
+    tensor = random_tensor(dtype, SHAPES[kind], ALL_DTYPES.index(dtype))
     name = f"t-{kind}"
     assert store.write_tensor(name, tensor) == tensor.nbytes
     assert_same_bits(store.read_tensor(name, tuple(tensor.shape), dtype), tensor)
@@ -139,7 +124,7 @@ def test_tensor_round_trip_bit_exact_and_plain_zarr(store, dtype, kind):
 
 
 def test_read_tensor_returns_fresh_memory(store):
-    tensor = random_bits((8,), torch.float32)
+    tensor = random_tensor(torch.float32, (8,))
     store.write_tensor("x", tensor)
     first = store.read_tensor("x", (8,), torch.float32)
     first.zero_()
@@ -147,13 +132,13 @@ def test_read_tensor_returns_fresh_memory(store):
 
 
 def test_non_contiguous_tensor_is_stored_in_logical_order(store):
-    tensor = random_bits((4, 6), torch.bfloat16).t()
+    tensor = random_tensor(torch.bfloat16, (4, 6)).t()
     store.write_tensor("t", tensor)
     assert_same_bits(store.read_tensor("t", (6, 4), torch.bfloat16), tensor)
 
 
 def test_delete_tensor_removes_its_files(store):
-    store.write_tensor("gone", random_bits((3,), torch.int32))
+    store.write_tensor("gone", random_tensor(torch.int32, (3,)))
     store.delete_tensor("gone")
     assert not (store.path / "tensors" / "gone").exists()
     store.delete_tensor("never-written")  # harmless
@@ -175,7 +160,7 @@ def test_failed_write_raises_store_error_and_leaves_no_array(store, monkeypatch,
 
     monkeypatch.setattr(fmt.os, "replace", replace)
     with pytest.raises(StoreError, match="tensor-17") as info:
-        store.write_tensor("tensor-17", random_bits((16, 16), torch.float32))
+        store.write_tensor("tensor-17", random_tensor(torch.float32, (16, 16)))
     monkeypatch.undo()
     assert isinstance(info.value, OSError)
     assert info.value.errno == 28
@@ -183,7 +168,7 @@ def test_failed_write_raises_store_error_and_leaves_no_array(store, monkeypatch,
     assert not (store.path / "tensors" / "tensor-17").exists()
     assert partial_files(store.path) == []
     # The store still works afterwards.
-    tensor = random_bits((2,), torch.float16)
+    tensor = random_tensor(torch.float16, (2,))
     store.write_tensor("tensor-17", tensor)
     assert_same_bits(store.read_tensor("tensor-17", (2,), torch.float16), tensor)
 
@@ -199,7 +184,7 @@ def chunk_file(store: Store, name: str):
 
 @pytest.mark.parametrize("damage", ["truncate", "extend", "empty", "delete", "delete_array"])
 def test_damaged_chunk_is_store_corrupt_error(store, damage):
-    tensor = random_bits((4, 5), torch.float32)
+    tensor = random_tensor(torch.float32, (4, 5))
     store.write_tensor("victim-3", tensor)
     path = chunk_file(store, "victim-3")
     data = path.read_bytes()
@@ -257,10 +242,10 @@ def test_write_batch_again_replaces_it(store):
 
 
 def test_open_a_created_store(store):
-    store.write_tensor("t", random_bits((3,), torch.int64))
+    store.write_tensor("t", random_tensor(torch.int64, (3,)))
     opened = Store.open(store.path)
     assert opened.path == store.path
-    assert_same_bits(opened.read_tensor("t", (3,), torch.int64), random_bits((3,), torch.int64))
+    assert_same_bits(opened.read_tensor("t", (3,), torch.int64), random_tensor(torch.int64, (3,)))
 
 
 def test_open_missing_path(tmp_path):
