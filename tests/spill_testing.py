@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spillcache.dtypes import raw_dtype
+from spillcache.dtypes import byte_view, raw_dtype
 
 # numpy has a type of the same name and bits for exactly these.
 NUMPY_KNOWN = {
@@ -34,7 +34,7 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
 def bits(tensor: torch.Tensor) -> bytes:
     """The raw bytes of a tensor's elements, in logical order."""
     raw = tensor.detach().view(raw_dtype(tensor.dtype)).cpu().contiguous()
-    return raw.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return byte_view(raw).numpy().tobytes()
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:

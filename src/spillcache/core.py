@@ -211,8 +211,10 @@ class CacheCore:
     def delete(self, batch_index: int, consumed_names: Iterable[str] | None) -> None:
         with self._lock:
             self._check_open()
-            batch = self._batches[self._index(batch_index)]
-            names = list(batch) if consumed_names is None else list(consumed_names)
+            index = self._index(batch_index)
+            batch = self._batches[index]
+            # A name given twice is one name: deleting it once is all that was asked.
+            names = list(batch) if consumed_names is None else list(dict.fromkeys(consumed_names))
             missing = [name for name in names if name not in batch]
             if missing:
                 raise KeyError(
@@ -220,7 +222,7 @@ class CacheCore:
                 )
             for name in names:
                 self.placement.release(list(_records_of(batch.pop(name))))
-            self._generations[self._index(batch_index)] += 1
+            self._generations[index] += 1
 
     # ------------------------------------------------------------------ read
 

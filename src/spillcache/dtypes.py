@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "RAW_DTYPES",
+    "byte_view",
     "compact_copy",
     "dtype_from_name",
     "dtype_name",
@@ -120,6 +121,19 @@ def onload(tensor: torch.Tensor, device: torch.device, requires_grad: bool) -> t
     if requires_grad and not value.requires_grad:
         value.requires_grad_(True)
     return value
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor as a 1-D uint8 tensor sharing its memory.
+
+    ``view(-1)`` is not enough: a contiguous tensor may keep any stride on a size-1 or
+    empty dimension (``t[::2].clone()`` of a 2-element ``t``), and byte views refuse a
+    last stride other than 1. Contiguous means the elements are dense from the storage
+    offset on, so restriding to (1,) addresses exactly the same bytes.
+    """
+    if not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous tensor; call .contiguous() first")
+    return tensor.as_strided((tensor.numel(),), (1,)).view(torch.uint8)
 
 
 def compact_copy(tensor: torch.Tensor, device: torch.device, *, pin: bool = False) -> torch.Tensor:

@@ -108,13 +108,8 @@ def _group(attributes: dict | None = None) -> dict:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without a copy."""
-    flat = (
-        tensor.reshape(-1).view(torch.uint8)
-        if tensor.numel()
-        else tensor.new_empty(0, dtype=torch.uint8)
-    )
-    return memoryview(flat.numpy()).cast("B")
+    """The raw bytes of a CPU tensor in logical order (a copy only if it is not contiguous)."""
+    return memoryview(dtypes.byte_view(tensor.contiguous()).numpy()).cast("B")
 
 
 class Store:
