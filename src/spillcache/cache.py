@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import deque
 from collections.abc import Collection, Iterator
@@ -127,7 +128,10 @@ class IntermediatesCache:
                 while next_index < count and len(pending) < depth:
                     pending.append(self._core.submit_fetch(next_index, input_names))
                     next_index += 1
+                start = time.perf_counter()
                 generation, values = pending.popleft().result()
+                self._core.add_stall(time.perf_counter() - start)
+                self._core.mark_read(batch_index)
                 if generation != self._core.generation(batch_index):
                     values = self.fetch(batch_index, input_names)
                 yield values
@@ -157,8 +161,14 @@ class IntermediatesCache:
         return self._core.store_path()
 
     def stats(self) -> dict[str, Any]:
-        """Bytes and budget per tier, and counters of hits, evictions and disk bytes."""
+        """Per tier (device, host, disk): bytes held, budget, hits, misses, bytes read and
+        written, evictions; the write-behind area; and ``stall_seconds``, the time the
+        caller spent waiting for I/O. Cheap: counters kept as the cache works."""
         return self._core.stats()
+
+    def flush(self) -> None:
+        """Wait until every background disk write is done; raise any write error."""
+        self._core.flush()
 
     def close(self) -> None:
         """Join background threads and delete the store (or, with keep_store, complete it)."""

@@ -36,12 +36,14 @@ def _demo(args: argparse.Namespace) -> int:
         layers=args.layers,
         config=config,
     )
-    counters = result.stats["counters"]
+    stats = result.stats
+    host, disk = stats["host"], stats["disk"]
     print(f"activations cached : {_format_bytes(result.cached_bytes)}")
-    print(f"host budget        : {_format_bytes(result.stats['host']['budget'])}")
-    print(f"written to disk    : {_format_bytes(counters.get('disk.bytes_written', 0))}")
-    print(f"read from disk     : {_format_bytes(counters.get('disk.bytes_read', 0))}")
-    print(f"hits host / disk   : {counters.get('hits.host', 0)} / {counters.get('hits.disk', 0)}")
+    print(f"host budget        : {_format_bytes(host['budget'])}")
+    print(f"written to disk    : {_format_bytes(disk['bytes_written'])}")
+    print(f"read from disk     : {_format_bytes(disk['bytes_read'])}")
+    print(f"hits host / disk   : {host['hits']} / {disk['hits']}")
+    print(f"stalled on I/O     : {stats['stall_seconds']:.2f} s")
     wall, reference = result.wall_seconds, result.reference_seconds
     print(f"wall time          : {wall:.2f} s (all in RAM: {reference:.2f} s)")
     verdict = "yes" if result.identical else "NO"

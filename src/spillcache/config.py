@@ -22,7 +22,8 @@ from .errors import ConfigError
 __all__ = ["AUTO", "CacheConfig", "parse_size"]
 
 AUTO = "auto"
-EVICTION_POLICIES = ("lru",)
+EVICTION_POLICIES = ("scan", "lru")
+READ_MODES = ("copy", "mmap")
 ENV_PREFIX = "SPILLCACHE_"
 ENV_CONFIG_FILE = "SPILLCACHE_CONFIG"
 
@@ -103,6 +104,15 @@ def _parse_count(field_name: str, value: Any) -> int:
     return value
 
 
+def _parse_choice(field_name: str, value: Any, choices: tuple[str, ...], noun: str) -> str:
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ConfigError(
+        f"{field_name}: unknown {noun} {value!r}; choose one of "
+        f"{', '.join(repr(choice) for choice in choices)}"
+    )
+
+
 def _is_none_text(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in ("", "none", "null")
 
@@ -124,9 +134,17 @@ class CacheConfig:
     - ``inline_bytes``: tensors smaller than this stay in RAM with their entry's
       structure and never get a file of their own (0 tiers every tensor).
     - ``prefetch_depth``: how many batches ahead ``iter_prefetch`` fetches.
-    - ``eviction``: the eviction policy of the memory tiers (``"lru"``).
+    - ``eviction``: the eviction policy of the memory tiers: ``"scan"`` (furthest next
+      use in the pipeline's cyclic order first) or ``"lru"``.
     - ``keep_store``: keep the store on ``close()`` (with every entry written to it)
       instead of deleting it.
+    - ``direct_io``: read and write chunk files with O_DIRECT (``True``), through the
+      page cache (``False``), or O_DIRECT where the filesystem allows it (``"auto"``).
+    - ``read_mode``: ``"copy"`` reads spilled values into memory; ``"mmap"`` maps them
+      (zero-copy, for CPU model devices whose caller only reads them).
+    - ``write_behind_bytes``: bytes of spilled values that may wait in RAM for their
+      disk write; ``update`` waits (backpressure) while more are in flight.
+    - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).
     """
 
     device_bytes: int | str = AUTO
@@ -135,8 +153,12 @@ class CacheConfig:
     disk_bytes: int | None = None
     inline_bytes: int = 64 * 1024
     prefetch_depth: int = 2
-    eviction: str = "lru"
+    eviction: str = "scan"
     keep_store: bool = False
+    direct_io: bool | str = AUTO
+    read_mode: str = "copy"
+    write_behind_bytes: int = 256 * 2**20
+    io_threads: int = 2
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes"):
@@ -153,14 +175,16 @@ class CacheConfig:
         self._set("inline_bytes", parse_size("inline_bytes", self.inline_bytes))
         self._set("prefetch_depth", _parse_count("prefetch_depth", self.prefetch_depth))
         self._set("keep_store", _parse_bool("keep_store", self.keep_store))
-        if not isinstance(self.eviction, str) or self.eviction.strip().lower() not in (
-            EVICTION_POLICIES
-        ):
-            raise ConfigError(
-                f"eviction: unknown policy {self.eviction!r}; choose one of "
-                f"{', '.join(repr(p) for p in EVICTION_POLICIES)}"
-            )
-        self._set("eviction", self.eviction.strip().lower())
+        self._set("eviction", _parse_choice("eviction", self.eviction, EVICTION_POLICIES, "policy"))
+        self._set("read_mode", _parse_choice("read_mode", self.read_mode, READ_MODES, "mode"))
+        if not (isinstance(self.direct_io, str) and self.direct_io.strip().lower() == AUTO):
+            self._set("direct_io", _parse_bool("direct_io", self.direct_io))
+        else:
+            self._set("direct_io", AUTO)
+        self._set("write_behind_bytes", parse_size("write_behind_bytes", self.write_behind_bytes))
+        self._set("io_threads", _parse_count("io_threads", self.io_threads))
+        if self.io_threads < 1:
+            raise ConfigError("io_threads: must be 1 or more, got 0")
 
     def _set(self, name: str, value: Any) -> None:
         # The dataclass is frozen for callers; normalising in __post_init__ is the

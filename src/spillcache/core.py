@@ -7,46 +7,33 @@ public ``IntermediatesCache`` object.
 
 from __future__ import annotations
 
-import itertools
 import operator
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Collection, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from . import dtypes
 from .config import AUTO, CacheConfig
-from .errors import CacheClosedError, ConfigError
+from .entries import Entry, InlineTensor
+from .entries import records_of as _records_of
+from .errors import CacheClosedError, ConfigError, StoreError
 from .format import Store
-from .io import Worker
+from .io import READ, WRITE, IOPool
+from .persist import persist
 from .placement import Placement, TensorRecord
 from .sysinfo import RAM_BACKED, available_ram, filesystem_type
 from .tiers import DiskTier
-from .tree import flatten, spec_to_json, unflatten
+from .tree import flatten, unflatten
 
 __all__ = ["CacheCore", "resolve_offload_device"]
 
 CPU = torch.device("cpu")
-
-
-class InlineTensor(NamedTuple):
-    """A tensor kept with its entry in RAM: too small to tier, or not tierable."""
-
-    tensor: torch.Tensor
-    onload_device: torch.device
-    requires_grad: bool
-
-
-@dataclass
-class Entry:
-    spec: tuple
-    leaves: list[TensorRecord | InlineTensor]
-    opaques: list[Any]
 
 
 def resolve_offload_device(offload_device: Any) -> torch.device | None:
@@ -63,7 +50,12 @@ def resolve_offload_device(offload_device: Any) -> torch.device | None:
 
 
 class CacheCore:
-    """Batches of ``key -> Entry`` whose tensors live in a ``Placement``."""
+    """Batches of ``key -> Entry`` whose tensors live in a ``Placement``.
+
+    One lock guards all of it. Disk I/O runs outside the lock: writes on the I/O
+    pool (write-behind), reads on whichever thread needs the value (the caller, or a
+    prefetch job on the pool), with the record held so it cannot be deleted meanwhile.
+    """
 
     def __init__(self, config: CacheConfig, offload_device: torch.device | None) -> None:
         self.config = config
@@ -89,7 +81,9 @@ class CacheCore:
             raise ConfigError("keep_store: there is no disk tier to keep; set disk_path too")
         disk = None
         if disk_dir is not None:
-            disk = DiskTier(config.disk_bytes, lambda: Store.create(disk_dir))
+            disk = DiskTier(
+                config.disk_bytes, lambda: Store.create(disk_dir, direct_io=config.direct_io)
+            )
         self.placement = Placement(
             device_budget=device_budget,
             device_target=accelerator,
@@ -97,12 +91,17 @@ class CacheCore:
             disk=disk,
             eviction=config.eviction,
             pin_host=torch.cuda.is_available(),
+            write_behind_budget=config.write_behind_bytes,
         )
         self._lock = threading.Lock()
+        # Notified whenever a background write finishes (backpressure, flush, close).
+        self._write_finished = threading.Condition(self._lock)
         self._batches: list[dict[str, Entry]] = []
         self._generations: list[int] = []
+        self._write_errors: list[StoreError] = []  # not yet raised to the caller
+        self._stall_seconds = 0.0
         self._closed = False
-        self.worker = Worker("spillcache-prefetch")
+        self.io = IOPool("spillcache-io", config.io_threads)
 
     # --------------------------------------------------------------- helpers
 
@@ -111,6 +110,8 @@ class CacheCore:
             raise CacheClosedError(
                 "this cache is closed; create a new one (or reopen a kept store)"
             )
+        if self._write_errors:
+            raise self._write_errors.pop(0)
 
     def _index(self, batch_index: Any) -> int:
         index = operator.index(batch_index)
@@ -131,6 +132,54 @@ class CacheCore:
             return dtypes.to_host(tensor.detach())
         return dtypes.move(tensor.detach(), self.offload_device)
 
+    # ---------------------------------------------------------- write-behind
+
+    def _submit_writes(self) -> None:
+        """Hand the writes that placement queued to the I/O pool (lock held)."""
+        for record, tensor in self.placement.take_writes():
+            self.io.submit(WRITE, self._write, record, tensor)
+
+    def _write(self, record: TensorRecord, tensor: torch.Tensor) -> None:
+        """A background write: the file outside the lock, the bookkeeping inside it."""
+        error: BaseException | None = None
+        try:
+            self.placement.disk.store.write_tensor(str(record.rid), tensor)
+        except Exception as caught:  # reported to the caller, never lost on this thread
+            error = caught
+        with self._lock:
+            if self.placement.write_done(record, error):
+                self._write_errors.append(
+                    StoreError(
+                        getattr(error, "errno", None),
+                        f"writing {record.label} ({record.nbytes} bytes) to disk failed: "
+                        f"{error}. The value stays readable from RAM; free space under "
+                        "disk_path (or set disk_path elsewhere) for later values",
+                    )
+                )
+            self._write_finished.notify_all()
+
+    def _wait_for_write_room(self) -> None:
+        """Backpressure: wait (lock held, released while waiting) until write-behind has room."""
+        budget = self.config.write_behind_bytes
+        placement = self.placement
+        if placement.pending_bytes <= budget:
+            return
+        start = time.perf_counter()
+        self._write_finished.wait_for(lambda: self._closed or placement.pending_bytes <= budget)
+        self._stall_seconds += time.perf_counter() - start
+        self._check_open()
+
+    def flush(self) -> None:
+        """Wait for every background write; raise the first write error not yet raised."""
+        with self._lock:
+            if self._closed:
+                raise CacheClosedError("this cache is closed")
+            start = time.perf_counter()
+            self._write_finished.wait_for(lambda: self.placement.writes_in_flight == 0)
+            self._stall_seconds += time.perf_counter() - start
+            if self._write_errors:
+                raise self._write_errors.pop(0)
+
     # ----------------------------------------------------------------- write
 
     def num_batches(self) -> int:
@@ -147,6 +196,7 @@ class CacheCore:
         """Store ``values`` as a new last batch; on error the cache is unchanged."""
         with self._lock:
             self._check_open()
+            self._wait_for_write_room()
             self._batches.append({})
             self._generations.append(0)
             try:
@@ -155,12 +205,19 @@ class CacheCore:
                 self._batches.pop()
                 self._generations.pop()
                 raise
+            finally:
+                self._submit_writes()
             return len(self._batches) - 1
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
         with self._lock:
             self._check_open()
-            self._update_locked(self._index(batch_index), values, None)
+            index = self._index(batch_index)
+            self._wait_for_write_room()
+            try:
+                self._update_locked(index, values, None)
+            finally:
+                self._submit_writes()
 
     def _update_locked(self, index: int, values: Any, onload_device: torch.device | None) -> None:
         if not isinstance(values, dict):
@@ -173,13 +230,13 @@ class CacheCore:
             key: [self._is_tiered(leaf.tensor) for leaf in flat.tensors]
             for key, flat in flats.items()
         }
-        to_admit = [
-            (leaf.tensor, leaf.onload_device)
-            for key, flat in flats.items()
-            for leaf, is_tiered in zip(flat.tensors, tiered[key], strict=True)
-            if is_tiered
-        ]
-        records = iter(self.placement.admit(to_admit))
+        to_admit, labels = [], []
+        for key, flat in flats.items():
+            for leaf, is_tiered in zip(flat.tensors, tiered[key], strict=True):
+                if is_tiered:
+                    to_admit.append((leaf.tensor, leaf.onload_device))
+                    labels.append(f"batch {index}, key {key!r}")
+        records = iter(self.placement.admit(to_admit, batch=index, labels=labels))
         batch = self._batches[index]
         replaced: list[TensorRecord] = []
         for key, flat in flats.items():
@@ -230,45 +287,129 @@ class CacheCore:
         return self.fetch_versioned(batch_index, input_names)[1]
 
     def fetch_versioned(
-        self, batch_index: int, input_names: Collection[str] | None
+        self, batch_index: int, input_names: Collection[str] | None, *, by_reader: bool = True
     ) -> tuple[int, dict[str, Any]]:
-        """The batch's values and its generation (bumped by every update and delete)."""
+        """The batch's values and its generation (bumped by every update and delete).
+
+        ``by_reader`` is False for prefetch jobs: they read ahead of the caller, so they
+        neither move the scan policy's position nor count as the caller's stall.
+        """
         with self._lock:
             self._check_open()
             index = self._index(batch_index)
-            values = {
-                key: self._load_entry(entry)
+            if by_reader:
+                self.placement.reached(index, len(self._batches))
+            generation = self._generations[index]
+            entries = [
+                (key, entry)
                 for key, entry in self._batches[index].items()
                 if input_names is None or key in input_names
-            }
-            return self._generations[index], values
+            ]
+            loads = self._start_loads(entries)
+        tensors = self._finish_loads(loads, by_reader=by_reader)
+        return generation, {key: self._assemble(entry, tensors) for key, entry in entries}
+
+    def mark_read(self, batch_index: int) -> None:
+        """The caller took a prefetched batch: the scan policy's position moves to it."""
+        with self._lock:
+            self.placement.reached(self._index(batch_index), len(self._batches))
 
     def generation(self, batch_index: int) -> int:
         with self._lock:
             return self._generations[self._index(batch_index)]
 
     def submit_fetch(self, batch_index: int, input_names: Collection[str] | None) -> Future:
-        return self.worker.submit(self.fetch_versioned, batch_index, input_names)
+        return self.io.submit(READ, self._prefetch, batch_index, input_names)
 
-    def _load_entry(self, entry: Entry) -> Any:
-        tensors = [
-            self.placement.load(leaf)
+    def _prefetch(self, batch_index: int, input_names: Collection[str] | None) -> tuple:
+        return self.fetch_versioned(batch_index, input_names, by_reader=False)
+
+    def add_stall(self, seconds: float) -> None:
+        with self._lock:
+            self._stall_seconds += seconds
+
+    def _start_loads(self, entries: list[tuple[str, Entry]]) -> _Loads:
+        """Lock held: take what memory has; hold every record that must come from disk."""
+        loads = _Loads()
+        for _, entry in entries:
+            for record in _records_of(entry):
+                if record.rid in loads.found or record in loads.held:
+                    continue
+                tensor = self.placement.begin_load(record)
+                if tensor is not None:
+                    loads.found[record.rid] = tensor
+                    continue
+                self.placement.hold(record)
+                loads.held.append(record)
+                if record.loading is None:
+                    record.loading = Future()
+                    loads.to_read.append(record)
+                else:
+                    loads.to_wait.append((record, record.loading))
+        return loads
+
+    def _finish_loads(self, loads: _Loads, *, by_reader: bool, asked: bool = False) -> dict:
+        """Lock not held: read (or wait for) the held records, then promote and release."""
+        if not loads.held:
+            return loads.found
+        start = time.perf_counter()
+        store = self.placement.disk.store
+        error: BaseException | None = None
+        read: dict[int, torch.Tensor] = {}
+        for record in loads.to_read:
+            try:
+                tensor = store.read_tensor(
+                    str(record.rid), record.shape, record.dtype, pin=self._pin_reads(record)
+                )
+            except BaseException as caught:
+                record.loading.set_exception(caught)
+                error = error or caught
+            else:
+                record.loading.set_result(tensor)
+                read[record.rid] = tensor
+        for record, future in loads.to_wait:
+            try:
+                loads.found[record.rid] = future.result()
+            except BaseException as caught:
+                error = error or caught
+        with self._lock:
+            for record in loads.to_read:
+                record.loading = None
+                if record.rid in read:
+                    self.placement.read_done(record, read[record.rid], promote=True, asked=asked)
+            self.placement.release(loads.held)
+            self._submit_writes()
+            if by_reader:
+                self._stall_seconds += time.perf_counter() - start
+        if error is not None:
+            raise error
+        loads.found.update(read)
+        return loads.found
+
+    def _pin_reads(self, record: TensorRecord) -> bool:
+        return self.placement.pin_host and record.onload_device.type != "cpu"
+
+    def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor]) -> Any:
+        leaves = [
+            dtypes.onload(tensors[leaf.rid], leaf.onload_device, leaf.requires_grad)
             if isinstance(leaf, TensorRecord)
             else dtypes.onload(leaf.tensor, leaf.onload_device, leaf.requires_grad)
             for leaf in entry.leaves
         ]
-        return unflatten(entry.spec, tensors, entry.opaques)
+        return unflatten(entry.spec, leaves, entry.opaques)
 
     def prepare(self, batch_index: int, input_names: Collection[str] | None) -> None:
-        """Bring a batch's tiered values up to the host tier ahead of use."""
+        """Bring a batch's spilled values up to the host tier ahead of use."""
         with self._lock:
             self._check_open()
             batch = self._batches[self._index(batch_index)]
-            for key, entry in batch.items():
-                if input_names is None or key in input_names:
-                    for record in _records_of(entry):
-                        if record.resident is None:
-                            self.placement.load(record)
+            entries = [
+                (key, entry)
+                for key, entry in batch.items()
+                if input_names is None or key in input_names
+            ]
+            loads = self._start_loads(entries)
+        self._finish_loads(loads, by_reader=True, asked=True)
 
     # ------------------------------------------------------------- reporting
 
@@ -291,17 +432,39 @@ class CacheCore:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             placement = self.placement
+            counters = placement.counters
             disk = placement.disk
+
+            def tier(name: str, nbytes: int, budget: int | None) -> dict[str, Any]:
+                return {
+                    "bytes": nbytes,
+                    "budget": budget,
+                    **{
+                        counter: counters[f"{name}.{counter}"]
+                        for counter in ("hits", "misses", "bytes_read", "bytes_written")
+                    },
+                    "evictions": counters[f"{name}.evictions"],
+                }
+
             return {
-                "device": {"bytes": placement.device.nbytes, "budget": placement.device.budget},
-                "host": {"bytes": placement.host.nbytes, "budget": placement.host.budget},
+                "device": tier("device", placement.device.nbytes, placement.device.budget),
+                "host": tier("host", placement.host.nbytes, placement.host.budget),
+                # no disk tier can hold nothing; None is "no limit but the disk"
                 "disk": {
-                    "bytes": disk.nbytes if disk is not None else 0,
-                    # no disk tier can hold nothing; None is "no limit but the disk"
-                    "budget": disk.budget if disk is not None else 0,
+                    **tier(
+                        "disk",
+                        disk.nbytes if disk is not None else 0,
+                        disk.budget if disk is not None else 0,
+                    ),
                     "path": self._store_path_locked(),
                 },
-                "counters": dict(placement.counters),
+                "write_behind": {
+                    "bytes": placement.pending_bytes,
+                    "budget": self.config.write_behind_bytes,
+                    "writes": placement.writes_in_flight,
+                    "unwritten_bytes": placement.unwritten_bytes,
+                },
+                "stall_seconds": self._stall_seconds,
             }
 
     def store_path(self) -> str | None:
@@ -315,47 +478,32 @@ class CacheCore:
     # -------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Join the worker; keep (complete) or delete the store. Safe to call twice."""
+        """Finish or cancel background work; keep (complete) or delete the store.
+
+        Safe to call twice, and from a garbage-collection finalizer on any thread.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self.worker.close()
+            self._write_finished.notify_all()
+            if self.config.keep_store and not self.io.on_pool_thread():
+                # Every value goes into the kept store: let queued writes finish first.
+                self._write_finished.wait_for(lambda: self.placement.writes_in_flight == 0)
+        self.io.close()
         with self._lock:
             disk = self.placement.disk
             if self.config.keep_store:
-                self._persist_locked()
+                persist(self.placement, self._batches)
             elif disk is not None and disk.has_store:
                 disk.store.remove()
 
-    def _persist_locked(self) -> None:
-        store = self.placement.disk.store
-        self.placement.persist(durable=True)
-        inline_names = (f"i{n}" for n in itertools.count())
-        for index, batch in enumerate(self._batches):
-            entries = {}
-            for key, entry in batch.items():
-                described = [_describe_leaf(store, leaf, inline_names) for leaf in entry.leaves]
-                entries[key] = spec_to_json(entry.spec, described.__getitem__)
-            store.write_batch(index, entries, durable=True)
-        store.write_root_attributes(complete=True, num_batches=len(self._batches), durable=True)
 
+class _Loads:
+    """The records one fetch needs: found in memory, to read, or being read by another."""
 
-def _records_of(entry: Entry) -> Iterable[TensorRecord]:
-    return (leaf for leaf in entry.leaves if isinstance(leaf, TensorRecord))
-
-
-def _describe_leaf(store: Store, leaf: TensorRecord | InlineTensor, inline_names) -> dict:
-    """JSON for one tensor leaf, writing inline tensors as arrays of their own."""
-    if isinstance(leaf, TensorRecord):
-        name, device, grad = str(leaf.rid), leaf.onload_device, leaf.requires_grad
-    elif not dtypes.is_tierable(leaf.tensor):
-        return {
-            "array": None,
-            "device": str(leaf.onload_device),
-            "note": "kept in RAM only; not stored",
-        }
-    else:
-        name, device, grad = next(inline_names), leaf.onload_device, leaf.requires_grad
-        store.write_tensor(name, dtypes.to_host(leaf.tensor.detach()).contiguous(), durable=True)
-    return {"array": f"tensors/{name}", "device": str(device), "requires_grad": grad}
+    def __init__(self) -> None:
+        self.found: dict[int, torch.Tensor] = {}
+        self.held: list[TensorRecord] = []
+        self.to_read: list[TensorRecord] = []
+        self.to_wait: list[tuple[TensorRecord, Future]] = []

@@ -115,13 +115,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class Store:
     """One cache's directory of tensors and batch structures (not thread-safe by itself)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, direct_io: bool | str = False) -> None:
         self.path = path
+        self.direct_io = direct_io
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, parent: str | os.PathLike[str]) -> Store:
+    def create(cls, parent: str | os.PathLike[str], *, direct_io: bool | str = False) -> Store:
         """Make a new private store directory under ``parent``."""
         parent = Path(parent)
         try:
@@ -130,7 +131,7 @@ class Store:
             path.mkdir(mode=0o700)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
-            store = cls(path)
+            store = cls(path, direct_io=direct_io)
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())

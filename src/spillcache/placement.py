@@ -1,10 +1,17 @@
 """Which tier holds each tensor, and the moves between tiers.
 
 Every tiered tensor is a ``TensorRecord``: stored once however many entries share it
-(reference counted), with its primary copy in one memory tier (device or host) or on
-disk only. A record written to disk keeps that copy while it is also in memory, so
-evicting it again costs nothing ("clean" copy). Records never change after they are
-stored; ``update`` of a key makes new records.
+(reference counted), with its primary copy in one memory tier (device or host), in the
+write-behind area (RAM, waiting for its disk write), or on disk only. A record written
+to disk keeps that copy while it is also in memory, so evicting it again costs nothing
+("clean" copy). Records never change after they are stored; ``update`` of a key makes
+new records.
+
+Placement never does I/O of its own on the hot path and never waits: a move to disk
+puts the value in the write-behind area and queues a write, which the cache takes with
+``take_writes()``, runs on a background thread, and reports back with ``write_done``.
+A read from disk is done by the caller between ``begin_load`` (None: not in memory)
+and ``read_done`` (which may promote the value into the host tier).
 
 Not thread-safe: the cache calls it with its lock held.
 """
@@ -14,7 +21,8 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +35,11 @@ __all__ = ["Placement", "TensorRecord"]
 
 CPU = torch.device("cpu")
 
+# TensorRecord.write_state: where its pending disk write stands.
+QUEUED = "queued"  # in the write-behind area, not yet handed to a thread
+WRITING = "writing"  # handed to a thread
+FAILED = "failed"  # the write failed; the value stays in RAM
+
 
 @dataclass(eq=False)
 class TensorRecord:
@@ -36,10 +49,16 @@ class TensorRecord:
     nbytes: int
     onload_device: torch.device
     requires_grad: bool
+    batch: int = 0  # where the scan policy expects its next use
+    label: str = ""  # "batch 3, key 'hidden'", for error messages
     refs: int = 0
     on_disk: bool = False
-    resident: str | None = None  # "device", "host", or None when only on disk
+    resident: str | None = None  # "device" or "host"; None when not in a memory tier
+    write_state: str | None = None  # QUEUED, WRITING, FAILED, or None: no pending write
+    loading: Future | None = None  # a disk read in flight; others wait on it
+    alive: bool = True
     identity: int = 0  # id() of the tensor it was stored from, for sharing
+    write_error: BaseException | None = field(default=None, repr=False)
 
 
 class Placement:
@@ -51,6 +70,9 @@ class Placement:
     :param host_budget: bytes allowed in host RAM (``None``: no limit)
     :param disk: the disk tier, or ``None`` for none
     :param pin_host: allocate host copies in pinned memory (an accelerator is present)
+    :param write_behind_budget: bytes of dirty values that a *read* may push into the
+        write-behind area when it promotes a value (writes caused by ``update`` are
+        bounded by the cache, which waits for room before it stores)
     """
 
     def __init__(
@@ -62,38 +84,58 @@ class Placement:
         disk: DiskTier | None,
         eviction: str,
         pin_host: bool,
+        write_behind_budget: int = 256 * 2**20,
     ) -> None:
         self.device = MemoryTier("device", device_budget)
         self.host = MemoryTier("host", host_budget)
         self.disk = disk
         self._policies = {"device": make_policy(eviction), "host": make_policy(eviction)}
         self._device_target = device_target
-        self._pin_host = pin_host
+        self.pin_host = pin_host
+        self._write_behind_budget = write_behind_budget
         self._records: dict[int, TensorRecord] = {}
         self._identity: dict[int, tuple[weakref.ref, TensorRecord]] = {}
         self._next_rid = 0
+        # Write-behind: values whose disk write is queued, running, or failed.
+        self.pending: dict[int, torch.Tensor] = {}
+        self.pending_bytes = 0  # queued or running (failed ones are in unwritten_bytes)
+        self.unwritten_bytes = 0
+        self.writes_in_flight = 0  # queued or running
+        self._queued: list[TensorRecord] = []
         self.counters: Counter[str] = Counter()
 
     def _memory_tier(self, name: str) -> MemoryTier:
         return self.device if name == "device" else self.host
 
+    def reached(self, batch: int, num_batches: int) -> None:
+        """The reader took ``batch``: policies that predict the next use learn it here."""
+        for policy in self._policies.values():
+            policy.reached(batch, num_batches)
+
     # ----------------------------------------------------------------- admit
 
-    def admit(self, tensors: Sequence[tuple[torch.Tensor, torch.device]]) -> list[TensorRecord]:
+    def admit(
+        self,
+        tensors: Sequence[tuple[torch.Tensor, torch.device]],
+        *,
+        batch: int = 0,
+        labels: Sequence[str] | None = None,
+    ) -> list[TensorRecord]:
         """Store tensors (each with its onload device); one reference per item.
 
         A tensor already stored (the same object, still alive) is shared, not copied.
         All or nothing: if any tensor finds no room, the new records are removed again
-        and ``CapacityError`` (or the disk's ``StoreError``) propagates. Records that
-        were moved down a tier to make room stay moved; their values are unchanged.
+        and ``CapacityError`` propagates. Records that were moved down a tier to make
+        room stay moved; their values are unchanged.
         """
         records: list[TensorRecord] = []
         created: list[TensorRecord] = []
         try:
-            for tensor, onload_device in tensors:
+            for index, (tensor, onload_device) in enumerate(tensors):
                 record = self._lookup(tensor)
                 if record is None:
-                    record = self._new_record(tensor, onload_device)
+                    label = labels[index] if labels is not None else f"tensor {self._next_rid}"
+                    record = self._new_record(tensor, onload_device, batch, label)
                     created.append(record)
                     self._place_new(record, tensor.detach())
                 records.append(record)
@@ -111,7 +153,9 @@ class Placement:
             return found[1]
         return None
 
-    def _new_record(self, tensor: torch.Tensor, onload_device: torch.device) -> TensorRecord:
+    def _new_record(
+        self, tensor: torch.Tensor, onload_device: torch.device, batch: int, label: str
+    ) -> TensorRecord:
         record = TensorRecord(
             rid=self._next_rid,
             shape=tuple(tensor.shape),
@@ -119,6 +163,8 @@ class Placement:
             nbytes=tensor.nbytes,
             onload_device=onload_device,
             requires_grad=tensor.requires_grad,
+            batch=batch,
+            label=label,
             identity=id(tensor),
         )
         self._next_rid += 1
@@ -132,70 +178,95 @@ class Placement:
         return self._device_target is not None or tensor.device.type != "cpu"
 
     def _place_new(self, record: TensorRecord, tensor: torch.Tensor) -> None:
-        if self._wants_device_tier(tensor) and self._try_make_room(self.device, record.nbytes):
+        if self._wants_device_tier(tensor) and self._make_room(self.device, record):
             target = self._device_target or tensor.device
             self._put_memory(self.device, record, dtypes.move(tensor, target))
             return
-        if self._try_make_room(self.host, record.nbytes):
+        if self._make_room(self.host, record):
             self._put_memory(self.host, record, self._host_copy(tensor))
             return
-        self._write_disk(record, self._host_copy(tensor))
+        self._spill(record, self._host_copy(tensor))
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        return dtypes.to_host(tensor, pin=self._pin_host)
+        return dtypes.to_host(tensor, pin=self.pin_host)
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
         tier.put(record.rid, tensor)
-        self._policies[tier.name].insert(record.rid)
+        self._policies[tier.name].insert(record.rid, record.batch)
         record.resident = tier.name
+        self.counters[f"{tier.name}.bytes_written"] += record.nbytes
 
     # ------------------------------------------------------------- eviction
 
-    def _try_make_room(self, tier: MemoryTier, nbytes: int) -> bool:
-        """Move victims down until ``nbytes`` fit; False if they cannot."""
+    def _make_room(self, tier: MemoryTier, record: TensorRecord, *, reading: bool = False) -> bool:
+        """Move victims down until ``record`` fits; False if it cannot or should not.
+
+        The policy names the victims worth evicting for this record (none, for the
+        scan policy, when the record's next use is the furthest). A read promotes only
+        where the policy allows it, and never pushes the write-behind area past its
+        budget: a read must not make memory grow.
+        """
+        nbytes = record.nbytes
         if not tier.can_ever_hold(nbytes):
             return False
+        if tier.has_room(nbytes):
+            return True
+        policy = self._policies[tier.name]
+        if reading and not policy.promotes_by_eviction:
+            return False
         try:
-            for rid in self._policies[tier.name].victims():
+            for rid in policy.victims(record.batch):
                 if tier.has_room(nbytes):
                     break
-                self._demote(self._records[rid])
+                victim = self._records[rid]
+                if (
+                    reading
+                    and self._demotion_writes(victim, tier)
+                    and (self.pending_bytes + victim.nbytes > self._write_behind_budget)
+                ):
+                    return False
+                self._demote(victim)
         except CapacityError:
             return False
         return tier.has_room(nbytes)
+
+    def _demotion_writes(self, record: TensorRecord, tier: MemoryTier) -> bool:
+        return tier is self.host and not record.on_disk and record.write_state is None
 
     def _demote(self, record: TensorRecord) -> None:
         """Move a record's primary copy one tier down (device -> host -> disk)."""
         tier = self._memory_tier(record.resident)
         tensor = tier.get(record.rid)
-        if tier is self.device and self._try_make_room(self.host, record.nbytes):
-            self._put_memory(
-                self.host, record, dtypes.compact_copy(tensor, CPU, pin=self._pin_host)
-            )
-        elif not record.on_disk:
-            self._write_disk(record, self._host_copy(tensor))
+        if tier is self.device and self._make_room(self.host, record):
+            self._put_memory(self.host, record, dtypes.compact_copy(tensor, CPU, pin=self.pin_host))
+        elif not record.on_disk and record.write_state is None:
+            self._spill(record, self._host_copy(tensor))
         tier.pop(record.rid)
         self._policies[tier.name].remove(record.rid)
         if record.resident == tier.name:
             record.resident = None
-        self.counters[f"evictions.{tier.name}"] += 1
+        self.counters[f"{tier.name}.evictions"] += 1
 
-    def _write_disk(self, record: TensorRecord, tensor: torch.Tensor) -> None:
+    def _spill(self, record: TensorRecord, tensor: torch.Tensor) -> None:
+        """Put a value in the write-behind area and queue its disk write."""
         if self.disk is None:
             raise CapacityError(
                 f"no room for {record.nbytes} bytes: the host tier is full and there is no "
                 "disk tier; raise host_bytes or set disk_path"
             )
         self._make_disk_room(record.nbytes)
-        self.disk.put(record.rid, tensor.contiguous())
-        record.on_disk = True
-        self.counters["disk.bytes_written"] += record.nbytes
+        self.disk.reserve(record.rid, record.nbytes)
+        self.pending[record.rid] = tensor
+        self.pending_bytes += record.nbytes
+        self.writes_in_flight += 1
+        record.write_state = QUEUED
+        self._queued.append(record)
 
     def _make_disk_room(self, nbytes: int) -> None:
         disk = self.disk
         if disk.has_room(nbytes):
             return
-        clean = [rid for rid in disk if self._records[rid].resident is not None]
+        clean = [rid for rid in disk if self._is_clean(rid)]
         reclaimable = sum(self._records[rid].nbytes for rid in clean)
         if not disk.can_ever_hold(nbytes) or disk.nbytes - reclaimable + nbytes > disk.budget:
             raise CapacityError(
@@ -209,30 +280,93 @@ class Placement:
             if disk.has_room(nbytes):
                 return
 
+    def _is_clean(self, rid: int) -> bool:
+        record = self._records.get(rid)
+        return record is not None and record.on_disk and record.resident is not None
+
+    # ---------------------------------------------------------- write-behind
+
+    def take_writes(self) -> list[tuple[TensorRecord, torch.Tensor]]:
+        """The writes queued since the last call, now the caller's to run."""
+        queued, self._queued = self._queued, []
+        for record in queued:
+            record.write_state = WRITING
+        return [(record, self.pending[record.rid]) for record in queued]
+
+    def write_done(self, record: TensorRecord, error: BaseException | None) -> bool:
+        """A write taken with ``take_writes`` finished; True if it failed for a live record."""
+        if record.write_state != WRITING:
+            return False  # persisted meanwhile: nothing waits on this one
+        self.pending_bytes -= record.nbytes
+        self.writes_in_flight -= 1
+        if error is None:
+            del self.pending[record.rid]
+            record.write_state = None
+            record.on_disk = True
+            self.counters["disk.bytes_written"] += record.nbytes
+            if not record.alive:
+                self.disk.pop(record.rid)
+                record.on_disk = False
+            return False
+        self.disk.unreserve(record.rid)
+        if not record.alive:
+            del self.pending[record.rid]
+            record.write_state = None
+            return False
+        # The value stays readable from RAM; it is not retried.
+        record.write_state = FAILED
+        record.write_error = error
+        self.unwritten_bytes += record.nbytes
+        return True
+
     # ----------------------------------------------------------------- read
 
-    def load(self, record: TensorRecord) -> torch.Tensor:
-        """The record's value on its onload device, promoted to the host tier if read from disk."""
+    def begin_load(self, record: TensorRecord) -> torch.Tensor | None:
+        """The record's value if it is in memory (not yet onloaded); None: read it from disk."""
         if record.resident is not None:
             tier = self._memory_tier(record.resident)
             self._policies[tier.name].touch(record.rid)
-            self.counters[f"hits.{tier.name}"] += 1
-            tensor = tier.get(record.rid)
-        else:
-            pin = self._pin_host and record.onload_device.type != "cpu"
-            tensor = self.disk.get(record.rid, record.shape, record.dtype, pin=pin)
-            self.counters["hits.disk"] += 1
-            self.counters["disk.bytes_read"] += record.nbytes
-            try:
-                if self._try_make_room(self.host, record.nbytes):
-                    self._put_memory(self.host, record, tensor)
-            except StoreError:
-                # Promotion is optional and the value was read: a failing disk write
-                # while making room is reported by the next update, not by this read.
-                pass
-        return dtypes.onload(tensor, record.onload_device, record.requires_grad)
+            self._count_hit(tier.name, record)
+            return tier.get(record.rid)
+        if record.rid in self.pending:
+            self._count_hit("host", record)  # read-your-writes from the write-behind area
+            return self.pending[record.rid]
+        self.counters["host.misses"] += 1
+        if record.onload_device.type != "cpu":
+            self.counters["device.misses"] += 1
+        return None
+
+    def _count_hit(self, tier_name: str, record: TensorRecord) -> None:
+        self.counters[f"{tier_name}.hits"] += 1
+        self.counters[f"{tier_name}.bytes_read"] += record.nbytes
+        if tier_name == "host" and record.onload_device.type != "cpu":
+            self.counters["device.misses"] += 1
+
+    def read_done(
+        self, record: TensorRecord, tensor: torch.Tensor, *, promote: bool, asked: bool = False
+    ) -> None:
+        """A disk read of the record finished; promote it into the host tier if it fits.
+
+        A plain read promotes where the policy allows it; one the caller ``asked`` for
+        (``pin_memory``) may evict like a new value would.
+        """
+        self.counters["disk.hits"] += 1
+        self.counters["disk.bytes_read"] += record.nbytes
+        if not promote or not record.alive or record.resident is not None:
+            return
+        try:
+            if self._make_room(self.host, record, reading=not asked):
+                self._put_memory(self.host, record, tensor)
+        except StoreError:
+            # Promotion is optional and the value was read: a failing disk write while
+            # making room is reported by the write itself, not by this read.
+            pass
 
     # -------------------------------------------------------------- release
+
+    def hold(self, record: TensorRecord) -> None:
+        """Keep a record alive while it is read outside the cache's lock."""
+        record.refs += 1
 
     def release(self, records: Sequence[TensorRecord]) -> None:
         """Drop one reference per item; a record with none left is deleted everywhere."""
@@ -242,17 +376,32 @@ class Placement:
                 self._discard(record)
 
     def _discard(self, record: TensorRecord) -> None:
+        record.alive = False
         if record.resident is not None:
             self._memory_tier(record.resident).pop(record.rid)
             self._policies[record.resident].remove(record.rid)
             record.resident = None
-        if record.on_disk:
+        if record.write_state == QUEUED:
+            self._queued.remove(record)
+            self._drop_pending(record)
+            self.pending_bytes -= record.nbytes
+            self.writes_in_flight -= 1
+            self.disk.unreserve(record.rid)
+        elif record.write_state == FAILED:
+            self._drop_pending(record)
+            self.unwritten_bytes -= record.nbytes
+        elif record.write_state is None and record.on_disk:
             self.disk.pop(record.rid)
             record.on_disk = False
+        # WRITING: write_done deletes the file once the write is over.
         self._records.pop(record.rid, None)
         found = self._identity.get(record.identity)
         if found is not None and found[1] is record:
             del self._identity[record.identity]
+
+    def _drop_pending(self, record: TensorRecord) -> None:
+        del self.pending[record.rid]
+        record.write_state = None
 
     # ------------------------------------------------------------ reporting
 
@@ -260,12 +409,29 @@ class Placement:
         sizes = self.device.bytes_by_device()
         for device, nbytes in self.host.bytes_by_device().items():
             sizes[device] = sizes.get(device, 0) + nbytes
+        for tensor in self.pending.values():
+            sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
         return sizes
 
     def persist(self, *, durable: bool) -> None:
-        """Give every record a disk copy (for keep_store), whatever disk_bytes says."""
+        """Give every record a disk copy (for keep_store), whatever disk_bytes says.
+
+        Runs after the background writes were waited for (or cancelled); a write that
+        is still marked pending is simply written again, atomically.
+        """
         for record in list(self._records.values()):
-            if not record.on_disk:
+            if record.on_disk and record.write_state is None:
+                continue
+            if record.rid in self.pending:
+                tensor = self.pending[record.rid]
+            else:
                 tensor = self._memory_tier(record.resident).get(record.rid)
-                self.disk.put(record.rid, self._host_copy(tensor).contiguous(), durable=durable)
-                record.on_disk = True
+            if record.rid in self.disk:
+                self.disk.unreserve(record.rid)
+            self.disk.put(record.rid, self._host_copy(tensor).contiguous(), durable=durable)
+            record.on_disk = True
+            if record.rid in self.pending:
+                del self.pending[record.rid]
+            record.write_state = None
+        self._queued.clear()
+        self.pending_bytes = self.unwritten_bytes = self.writes_in_flight = 0

@@ -1,8 +1,22 @@
 """Eviction policies: small objects that only decide which record leaves a tier first.
 
-A policy sees record ids come (``insert``), get used (``touch``) and go (``remove``),
-and answers ``victims()``: the ids it would evict, first choice first. It never moves
-data; the cache does.
+A policy sees record ids come (``insert``, with the batch they belong to), get used
+(``touch``) and go (``remove``), hears where the reader is (``reached``), and answers
+``victims(for_batch)``: the ids worth evicting to make room for a record of
+``for_batch``, first choice first. It never moves data; the placement does.
+
+Two policies:
+
+- ``lru``: least recently used first. The classic, and the worst case for the
+  sequential pipeline: it reads batches 0..N-1 over and over, and a cyclic scan larger
+  than the tier makes LRU evict each batch just before it is needed again.
+- ``scan``: evict the record whose next use is furthest away (Belady's rule), with the
+  next use predicted from the cyclic order: after batch p comes p+1, ..., N-1, 0, ...,
+  p. A new record whose next use is further than every resident one is not worth any
+  eviction (``victims`` is empty: it bypasses the tier), and a value read back from
+  disk only takes free room (``promotes_by_eviction`` is False). A tier that holds C of
+  N batches then keeps a stable set of C batches resident and streams the rest, saving
+  C/N of the disk reads of every pass, where LRU saves none.
 """
 
 from __future__ import annotations
@@ -10,13 +24,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-__all__ = ["LRUPolicy", "make_policy"]
+__all__ = ["POLICIES", "LRUPolicy", "ScanPolicy", "make_policy"]
 
 
 class LRUPolicy:
     """Least recently used first."""
 
     name = "lru"
+    promotes_by_eviction = True
 
     def __init__(self) -> None:
         self._order: OrderedDict[int, None] = OrderedDict()
@@ -27,7 +42,7 @@ class LRUPolicy:
     def __len__(self) -> int:
         return len(self._order)
 
-    def insert(self, rid: int) -> None:
+    def insert(self, rid: int, batch: int = 0) -> None:
         self._order[rid] = None
         self._order.move_to_end(rid)
 
@@ -38,12 +53,74 @@ class LRUPolicy:
     def remove(self, rid: int) -> None:
         self._order.pop(rid, None)
 
-    def victims(self) -> Iterator[int]:
+    def reached(self, batch: int, num_batches: int) -> None:
+        """LRU learns the order from touches alone."""
+
+    def victims(self, for_batch: int | None = None) -> Iterator[int]:
         # A snapshot: the caller evicts while iterating.
         return iter(list(self._order))
 
 
-def make_policy(name: str) -> LRUPolicy:
-    if name == "lru":
-        return LRUPolicy()
-    raise ValueError(f"unknown eviction policy {name!r}")
+class ScanPolicy:
+    """Furthest next use first, for a reader that cycles through batches in order."""
+
+    name = "scan"
+    promotes_by_eviction = False
+
+    def __init__(self) -> None:
+        self._batch_of: dict[int, int] = {}
+        self._by_batch: dict[int, dict[int, None]] = {}
+        # The batch the reader took last; -1 before any read, so batch 0 is next.
+        self._position = -1
+        self._num_batches = 0
+
+    def __contains__(self, rid: int) -> bool:
+        return rid in self._batch_of
+
+    def __len__(self) -> int:
+        return len(self._batch_of)
+
+    def insert(self, rid: int, batch: int = 0) -> None:
+        self.remove(rid)
+        self._batch_of[rid] = batch
+        self._by_batch.setdefault(batch, {})[rid] = None
+
+    def touch(self, rid: int) -> None:
+        """The next use of a record follows from its batch, not from when it was used."""
+
+    def remove(self, rid: int) -> None:
+        batch = self._batch_of.pop(rid, None)
+        if batch is None:
+            return
+        members = self._by_batch[batch]
+        del members[rid]
+        if not members:
+            del self._by_batch[batch]
+
+    def reached(self, batch: int, num_batches: int) -> None:
+        self._position = batch
+        self._num_batches = num_batches
+
+    def distance(self, batch: int) -> int:
+        """Reads until ``batch`` is read next: 1 for the next batch, N for the one just read."""
+        count = max(self._num_batches, batch + 1, self._position + 1, 1)
+        return (batch - self._position - 1) % count + 1
+
+    def victims(self, for_batch: int | None = None) -> Iterator[int]:
+        # A snapshot: the caller evicts while iterating.
+        limit = 0 if for_batch is None else self.distance(for_batch)
+        order = sorted(self._by_batch, key=self.distance, reverse=True)
+        worth = [batch for batch in order if self.distance(batch) > limit]
+        return iter([rid for batch in worth for rid in self._by_batch[batch]])
+
+
+POLICIES = {policy.name: policy for policy in (LRUPolicy, ScanPolicy)}
+
+
+def make_policy(name: str) -> LRUPolicy | ScanPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown eviction policy {name!r}; choose one of {', '.join(POLICIES)}"
+        ) from None

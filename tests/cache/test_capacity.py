@@ -76,19 +76,36 @@ def test_no_disk_tier_and_full_host_names_the_fix(tmp_path):
         assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))
 
 
-def test_disk_write_error_loses_nothing(tmp_path, monkeypatch):
+def no_space(self, name, tensor, durable=False):
+    raise StoreError(28, f"cannot write tensor {name}: No space left on device")
+
+
+def test_disk_write_error_is_raised_by_flush_and_loses_nothing(tmp_path, monkeypatch):
     with make(tmp_path, host_bytes="64KiB") as cache:
         cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
-        before = snapshot(cache)
-
-        def no_space(self, name, tensor, durable=False):
-            raise StoreError(28, f"cannot write tensor {name}: No space left on device")
-
         monkeypatch.setattr(Store, "write_tensor", no_space)
-        with pytest.raises(StoreError, match="No space"):
-            cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})
+        cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})  # the write is behind
+        with pytest.raises(StoreError, match=r"batch 1, key 'h' .*No space left") as raised:
+            cache.flush()
+        assert raised.value.errno == 28
         monkeypatch.undo()
-        assert_unchanged(cache, before)
-        assert cache.fetch(1) == {}
-        cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})  # works again
-        assert_same(cache.fetch(1)["h"], random_tensor(torch.float32, KIB64, 1))
+        cache.flush()  # reported once
+        assert cache.stats()["write_behind"]["unwritten_bytes"] == 64 * 1024
+        assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))
+        assert_same(cache.fetch(1)["h"], random_tensor(torch.float32, KIB64, 1))  # from RAM
+        cache.update(2, {"h": random_tensor(torch.float32, KIB64, 2)})  # the disk works again
+        cache.flush()
+        assert_same(cache.fetch(2)["h"], random_tensor(torch.float32, KIB64, 2))
+        cache.delete(1)  # an unwritten value can be deleted like any other
+        assert cache.stats()["write_behind"]["unwritten_bytes"] == 0
+
+
+def test_disk_write_error_is_raised_by_the_next_call(tmp_path, monkeypatch):
+    with make(tmp_path, host_bytes=0) as cache:
+        monkeypatch.setattr(Store, "write_tensor", no_space)
+        cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
+        cache._core.io.wait_idle()  # the write has failed by now
+        monkeypatch.undo()
+        with pytest.raises(StoreError, match=r"batch 0, key 'h'.*stays readable from RAM"):
+            cache.fetch(0)
+        assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))

@@ -99,5 +99,6 @@ def test_store_path_stays_known_when_the_disk_tier_is_empty(tmp_path):
     with spilled_cache(tmp_path) as cache:
         path = cache.store_path
         cache.delete(0)
+        cache.flush()
         assert cache.stats()["disk"]["bytes"] == 0
         assert cache.store_path == path and cache.stats()["disk"]["path"] == path

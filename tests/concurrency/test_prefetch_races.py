@@ -1,84 +1,136 @@
-"""Races between the prefetch thread and the caller, forced with Events, never sleeps."""
+"""Races between prefetch reads on the I/O threads and the caller, forced with Events."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
+from spillcache.format import Store
+
+SHAPE = (32, 32)
 
 
 def make(tmp_path, batches: int, **settings) -> IntermediatesCache:
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
     cache = IntermediatesCache.empty(batches, config=config)
     for index in range(batches):
-        cache.update(index, {"h": random_tensor(torch.int64, (32, 32), index)})
+        cache.update(index, {"h": random_tensor(torch.int64, SHAPE, index)})
+    cache.flush()  # every value is on disk only
     return cache
 
 
-def drain_worker(cache: IntermediatesCache) -> None:
-    """Return once every fetch queued before now has finished (the worker runs in order)."""
-    cache._core.worker.submit(lambda: None).result()
+class BlockedReads:
+    """Makes reads on I/O threads stop until ``release`` is set; ``reading`` says one began."""
+
+    def __init__(self, cache: IntermediatesCache, monkeypatch) -> None:
+        self.reading, self.release = threading.Event(), threading.Event()
+        original = Store.read_tensor
+        pool = cache._core.io
+
+        def read_tensor(store, *args, **kwargs):
+            if pool.on_pool_thread():
+                self.reading.set()
+                assert self.release.wait(timeout=30)
+            return original(store, *args, **kwargs)
+
+        monkeypatch.setattr(Store, "read_tensor", read_tensor)
 
 
 def test_batch_updated_after_its_prefetch_is_fetched_again(tmp_path):
     with make(tmp_path, 3, prefetch_depth=2) as cache:
-        replacement = random_tensor(torch.int64, (32, 32), 100)
+        replacement = random_tensor(torch.int64, SHAPE, 100)
         iterator = cache.iter_prefetch(["h"])
         first = next(iterator)
-        drain_worker(cache)  # batch 1 is now prefetched: its old value is in hand
+        cache._core.io.wait_idle()  # batch 1 is now prefetched: its old value is in hand
         cache.update(1, {"h": replacement})
-        assert_same(first["h"], random_tensor(torch.int64, (32, 32), 0))
+        assert_same(first["h"], random_tensor(torch.int64, SHAPE, 0))
         assert_same(next(iterator)["h"], replacement)
-        assert_same(next(iterator)["h"], random_tensor(torch.int64, (32, 32), 2))
+        assert_same(next(iterator)["h"], random_tensor(torch.int64, SHAPE, 2))
 
 
 def test_batch_deleted_after_its_prefetch_is_seen_deleted(tmp_path):
     with make(tmp_path, 2, prefetch_depth=1) as cache:
         iterator = cache.iter_prefetch()
         next(iterator)
-        drain_worker(cache)
+        cache._core.io.wait_idle()
         cache.delete(1)
         assert next(iterator) == {}
 
 
-def test_update_waits_for_a_fetch_in_flight(tmp_path, monkeypatch):
-    """A caller's update of batch b while the worker reads batch b+1: both see a
-    consistent cache (the worker's read completes first, then the update applies)."""
+def test_update_does_not_wait_for_a_read_in_flight(tmp_path, monkeypatch):
+    """The lock is not held during disk reads: the caller's update of batch 0 completes
+    while an I/O thread is stuck reading batch 1, and both see a consistent cache."""
     with make(tmp_path, 2, prefetch_depth=1) as cache:
-        placement = cache._core.placement
-        reading, release = threading.Event(), threading.Event()
-        original_load = placement.load
-
-        def slow_load(record):
-            if threading.current_thread().name.startswith("spillcache-prefetch"):
-                reading.set()
-                assert release.wait(timeout=30)
-            return original_load(record)
-
-        monkeypatch.setattr(placement, "load", slow_load)
+        blocked = BlockedReads(cache, monkeypatch)
         future = cache._core.submit_fetch(1, None)
-        assert reading.wait(timeout=30)
-        updater = threading.Thread(
-            target=cache.update, args=(0, {"h": torch.zeros(32, 32, dtype=torch.int64)})
-        )
-        updater.start()
-        updater.join(timeout=0.2)
-        assert updater.is_alive(), "update must wait for the lock held by the read in flight"
-        release.set()
-        updater.join(timeout=30)
-        assert not updater.is_alive()
+        assert blocked.reading.wait(timeout=30)
+        cache.update(0, {"h": torch.zeros(SHAPE, dtype=torch.int64)})  # does not block
+        assert_same(cache.fetch(0)["h"], torch.zeros(SHAPE, dtype=torch.int64))
+        assert not future.done()
+        blocked.release.set()
         _, values = future.result(timeout=30)
-        assert_same(values["h"], random_tensor(torch.int64, (32, 32), 1))
-        assert_same(cache.fetch(0)["h"], torch.zeros(32, 32, dtype=torch.int64))
+        assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
 
 
-def test_abandoned_iteration_and_close_join_the_worker(tmp_path):
+def test_delete_during_a_read_keeps_the_file_until_the_read_is_done(tmp_path, monkeypatch):
+    with make(tmp_path, 2, prefetch_depth=1) as cache:
+        record = cache._core._batches[1]["h"].leaves[0]
+        array = cache._core.placement.disk.store.path / "tensors" / str(record.rid)
+        blocked = BlockedReads(cache, monkeypatch)
+        future = cache._core.submit_fetch(1, None)
+        assert blocked.reading.wait(timeout=30)
+        cache.delete(1)
+        assert cache.fetch(1) == {}
+        assert array.exists(), "the reader holds the record: its file must stay"
+        blocked.release.set()
+        _, values = future.result(timeout=30)
+        assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
+        assert not array.exists(), "the last holder gone, the file goes too"
+        assert cache.stats()["disk"]["bytes"] == 8 * 32 * 32  # batch 0 only
+
+
+class SpyFuture(Future):
+    """A Future that says when somebody starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited_on = threading.Event()
+
+    def result(self, timeout=None):
+        self.waited_on.set()
+        return super().result(timeout)
+
+
+def test_fetch_waits_for_the_same_record_read_by_a_prefetch(tmp_path, monkeypatch):
+    """A fetch of a record that a prefetch is reading waits for that read (one disk read)."""
+    with make(tmp_path, 1, prefetch_depth=1) as cache:
+        blocked = BlockedReads(cache, monkeypatch)
+        future = cache._core.submit_fetch(0, None)
+        assert blocked.reading.wait(timeout=30)
+        record = cache._core._batches[0]["h"].leaves[0]
+        with cache._core._lock:
+            assert record.loading is not None  # the prefetch's read, in flight
+            record.loading = spy = SpyFuture()
+        reads_before = cache.stats()["disk"]["hits"]
+        got: dict = {}
+        reader = threading.Thread(target=lambda: got.update(cache.fetch(0)))
+        reader.start()
+        assert spy.waited_on.wait(timeout=30), "the fetch must wait for the read in flight"
+        blocked.release.set()
+        reader.join(timeout=30)
+        assert_same(got["h"], random_tensor(torch.int64, SHAPE, 0))
+        future.result(timeout=30)
+        assert cache.stats()["disk"]["hits"] == reads_before + 1  # one read served both
+
+
+def test_abandoned_iteration_and_close_join_the_threads(tmp_path):
     cache = make(tmp_path, 4, prefetch_depth=3)
     iterator = cache.iter_prefetch()
     next(iterator)
     iterator.close()  # queued prefetches are cancelled
     cache.close()
-    assert not any(t.name.startswith("spillcache-prefetch") for t in threading.enumerate())
+    assert not any(t.name.startswith("spillcache-io") for t in threading.enumerate())

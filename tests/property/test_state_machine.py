@@ -302,13 +302,15 @@ class CacheMachine(RuleBasedStateMachine):
             return
         if not self.do_update(a, {first: tensor}):
             return
-        written = self.cache.stats()["counters"].get("disk.bytes_written", 0)
+        self.cache.flush()
+        written = self.cache.stats()["disk"]["bytes_written"]
         if not self.do_update(b, {second: tensor}):
             return
         if self.config.host_bytes == 0 and self.config.disk_path is not None:
             # Nothing is in RAM to evict, so only a new record could write: the second
             # reference must share the first's record, not write the tensor again.
-            assert self.cache.stats()["counters"].get("disk.bytes_written", 0) == written
+            self.cache.flush()
+            assert self.cache.stats()["disk"]["bytes_written"] == written
         gone, kept = ((a, first), (b, second)) if drop_first else ((b, second), (a, first))
         self.do_delete(gone[0], [gone[1]])
         self.check_index(kept[0], [kept[1]])
@@ -402,7 +404,8 @@ def test_compact_one_element_tensor_with_a_stride_other_than_1_spills(tmp_path):
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     with IntermediatesCache(config=config) as cache:
         cache.append({"h": tensor})
-        assert cache.stats()["counters"]["disk.bytes_written"] == tensor.nbytes
+        cache.flush()
+        assert cache.stats()["disk"]["bytes_written"] == tensor.nbytes
         assert_same(cache.fetch(0)["h"], tensor)
 
 
@@ -428,6 +431,6 @@ def test_iter_prefetch_after_a_delete_of_a_name_given_twice_matches_fetch():
     with IntermediatesCache(batches, config=config) as cache:
         iterator = cache.iter_prefetch()
         next(iterator)
-        cache._core.worker.submit(lambda: None).result()  # batch 1 is now prefetched
+        cache._core.io.wait_idle()  # batch 1 is now prefetched
         cache.delete(1, ["h", "h"])
         assert list(next(iterator)) == list(cache.fetch(1)) == []

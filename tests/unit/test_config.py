@@ -107,8 +107,12 @@ def test_defaults():
     assert config.disk_bytes is None
     assert config.inline_bytes == 64 * 1024
     assert config.prefetch_depth == 2
-    assert config.eviction == "lru"
+    assert config.eviction == "scan"
     assert config.keep_store is False
+    assert config.direct_io == "auto"
+    assert config.read_mode == "copy"
+    assert config.write_behind_bytes == 256 * 2**20
+    assert config.io_threads == 2
 
 
 def test_sizes_are_normalised_on_every_size_field():
@@ -161,9 +165,14 @@ def test_disk_bytes_none_means_unlimited(value):
         (
             dict(eviction="fifo"),
             ConfigError,
-            r"^eviction: unknown policy 'fifo'; choose one of 'lru'",
+            r"^eviction: unknown policy 'fifo'; choose one of 'scan', 'lru'$",
         ),
         (dict(eviction=None), ConfigError, r"^eviction: unknown policy None.*'lru'"),
+        (dict(read_mode="zero"), ConfigError, r"^read_mode: unknown mode 'zero'.*'mmap'"),
+        (dict(direct_io="sometimes"), ConfigError, r"^direct_io: expected true or false"),
+        (dict(write_behind_bytes="-1MiB"), ConfigError, r"^write_behind_bytes: cannot read"),
+        (dict(io_threads=0), ConfigError, r"^io_threads: must be 1 or more"),
+        (dict(io_threads="two"), ConfigError, r"^io_threads: expected a whole number"),
         (dict(prefetch_depth=-1), ConfigError, r"^prefetch_depth: must be 0 or more, got -1"),
         (dict(prefetch_depth="-3"), ConfigError, r"^prefetch_depth: must be 0 or more"),
         (dict(prefetch_depth=1.0), TypeError, r"^prefetch_depth: expected a whole number"),
@@ -288,13 +297,26 @@ def test_from_env_reads_prefixed_variables():
             "SPILLCACHE_INLINE_BYTES": "0",
             "SPILLCACHE_PREFETCH_DEPTH": "3",
             "SPILLCACHE_EVICTION": "LRU",
+            "SPILLCACHE_DIRECT_IO": "off",
+            "SPILLCACHE_READ_MODE": "mmap",
+            "SPILLCACHE_WRITE_BEHIND_BYTES": "64MiB",
+            "SPILLCACHE_IO_THREADS": "4",
             "PATH": "/usr/bin",
             "HOME": "/root",
             "spillcache_host_bytes": "nonsense",
         }
     )
     assert config == CacheConfig(
-        host_bytes=2**30, device_bytes=0, disk_bytes=5 * 10**9, inline_bytes=0, prefetch_depth=3
+        host_bytes=2**30,
+        device_bytes=0,
+        disk_bytes=5 * 10**9,
+        inline_bytes=0,
+        prefetch_depth=3,
+        eviction="lru",
+        direct_io=False,
+        read_mode="mmap",
+        write_behind_bytes=64 * 2**20,
+        io_threads=4,
     )
 
 

@@ -1,4 +1,4 @@
-"""The disk tier: tensors in a zarr store, with a byte budget."""
+"""The disk tier: the bytes of tensors in a zarr store, with a byte budget."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ __all__ = ["DiskTier"]
 class DiskTier(BudgetedTier[int]):
     """Sizes of the tensors it holds in one store, by record id (``None`` budget: no limit).
 
-    ``open_store`` is called the first time a tensor is written, so a cache whose
-    values all fit in memory never touches the disk.
+    A tensor's bytes are *reserved* when its background write is queued, so the budget
+    holds while writes are in flight; the write itself runs elsewhere (``write``).
+    ``open_store`` is called the first time room is reserved, so a cache whose values
+    all fit in memory never touches the disk.
     """
 
     name = "disk"
@@ -36,12 +38,24 @@ class DiskTier(BudgetedTier[int]):
     def has_store(self) -> bool:
         return self._store is not None
 
+    def reserve(self, rid: int, nbytes: int) -> None:
+        """Count ``nbytes`` for a tensor whose file is about to be written."""
+        if self._store is None:  # created now, under the caller's lock, not by a write thread
+            self._store = self._open_store()
+        self._add(rid, nbytes, nbytes)
+
+    def unreserve(self, rid: int) -> None:
+        """Forget a reservation whose file was never written."""
+        self._remove(rid, self._items[rid])
+
     def put(self, rid: int, tensor: torch.Tensor, *, durable: bool = False) -> None:
-        """Write a contiguous CPU tensor; on error nothing is recorded and no file is left."""
-        if rid in self:
-            raise KeyError(f"record {rid} is already in the disk tier")
-        self.store.write_tensor(str(rid), tensor, durable=durable)
-        self._add(rid, tensor.nbytes, tensor.nbytes)
+        """Write a contiguous CPU tensor now; on error nothing is recorded and no file is left."""
+        self.reserve(rid, tensor.nbytes)
+        try:
+            self.store.write_tensor(str(rid), tensor, durable=durable)
+        except BaseException:
+            self.unreserve(rid)
+            raise
 
     def get(
         self, rid: int, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False
@@ -51,5 +65,5 @@ class DiskTier(BudgetedTier[int]):
         return self.store.read_tensor(str(rid), shape, dtype, pin=pin)
 
     def pop(self, rid: int) -> None:
-        self._remove(rid, self._items[rid])
+        self.unreserve(rid)
         self.store.delete_tensor(str(rid))

@@ -1,0 +1,123 @@
+"""Write-behind: update returns before the disk write; reads are served from the
+buffer meanwhile; updates wait when the buffer budget is spent. Forced with Events."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from spill_testing import assert_same, random_tensor
+from spillcache import CacheConfig, IntermediatesCache
+from spillcache.format import Store
+
+SHAPE = (32, 64)  # 8 KiB of float32
+NBYTES = 8 * 1024
+
+
+class BlockedWrites:
+    """Writes on I/O threads wait for ``release``; ``writing`` is set when one starts."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.writing, self.release = threading.Event(), threading.Event()
+        original = Store.write_tensor
+
+        def write_tensor(store, *args, **kwargs):
+            if threading.current_thread().name.startswith("spillcache-io"):
+                self.writing.set()
+                assert self.release.wait(timeout=30)
+            return original(store, *args, **kwargs)
+
+        monkeypatch.setattr(Store, "write_tensor", write_tensor)
+
+
+class SpyCondition(threading.Condition):
+    """The cache's write-finished condition, saying when somebody waits on it."""
+
+    def __init__(self, lock) -> None:
+        super().__init__(lock)
+        self.waiting = threading.Event()
+
+    def wait_for(self, predicate, timeout=None):
+        if not predicate():
+            self.waiting.set()
+        return super().wait_for(predicate, timeout)
+
+
+def make(tmp_path, **settings) -> IntermediatesCache:
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
+    return IntermediatesCache.empty(4, config=config)
+
+
+def test_update_returns_before_the_write_and_reads_come_from_the_buffer(tmp_path, monkeypatch):
+    with make(tmp_path) as cache:
+        blocked = BlockedWrites(monkeypatch)
+        value = random_tensor(torch.float32, SHAPE, 0)
+        cache.update(0, {"h": value})  # returns while the write cannot finish
+        assert blocked.writing.wait(timeout=30)
+        stats = cache.stats()
+        assert stats["write_behind"]["writes"] == 1 and stats["write_behind"]["bytes"] == NBYTES
+        assert stats["disk"]["bytes_written"] == 0
+        assert_same(cache.fetch(0)["h"], value)  # read-your-writes, from the buffer
+        assert cache.stats()["disk"]["hits"] == 0
+        blocked.release.set()
+        cache.flush()
+        assert cache.stats()["disk"]["bytes_written"] == NBYTES
+        assert cache.stats()["write_behind"]["writes"] == 0
+        assert_same(cache.fetch(0)["h"], value)  # now from disk
+        assert cache.stats()["disk"]["hits"] == 1
+
+
+def test_update_waits_when_the_write_behind_budget_is_spent(tmp_path, monkeypatch):
+    with make(tmp_path, write_behind_bytes=NBYTES) as cache:
+        spy = SpyCondition(cache._core._lock)
+        cache._core._write_finished = spy
+        blocked = BlockedWrites(monkeypatch)
+        values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(3)]
+        cache.update(0, {"h": values[0]})  # in flight: exactly the budget
+        cache.update(1, {"h": values[1]})  # the budget was not exceeded: no wait, now over
+        assert not spy.waiting.is_set()
+        third = threading.Thread(target=cache.update, args=(2, {"h": values[2]}))
+        third.start()
+        assert spy.waiting.wait(timeout=30), "the third update must wait for a write"
+        assert cache.stats()["write_behind"]["bytes"] == 2 * NBYTES  # memory did not grow
+        blocked.release.set()
+        third.join(timeout=30)
+        assert not third.is_alive()
+        cache.flush()
+        for index, value in enumerate(values):
+            assert_same(cache.fetch(index)["h"], value)
+        assert cache.stats()["stall_seconds"] > 0
+
+
+def test_close_during_a_write_joins_and_removes_the_store(tmp_path, monkeypatch):
+    cache = make(tmp_path)
+    blocked = BlockedWrites(monkeypatch)
+    cache.update(0, {"h": random_tensor(torch.float32, SHAPE, 0)})
+    cache.update(1, {"h": random_tensor(torch.float32, SHAPE, 1)})  # queued behind it
+    assert blocked.writing.wait(timeout=30)
+    path = cache.store_path
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    blocked.release.set()
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    assert not any(t.name.startswith("spillcache-io") for t in threading.enumerate())
+    assert path is not None and not (tmp_path / path).exists()
+
+
+def test_keep_store_waits_for_writes_before_completing_the_store(tmp_path, monkeypatch):
+    cache = make(tmp_path, keep_store=True)
+    blocked = BlockedWrites(monkeypatch)
+    values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(2)]
+    for index, value in enumerate(values):
+        cache.update(index, {"h": value})
+    assert blocked.writing.wait(timeout=30)
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    blocked.release.set()
+    closer.join(timeout=30)
+    store = Store.open(cache.store_path)
+    for index, value in enumerate(values):
+        record = cache._core._batches[index]["h"].leaves[0]
+        assert_same(store.read_tensor(str(record.rid), tuple(SHAPE), torch.float32), value)
