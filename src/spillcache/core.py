@@ -462,6 +462,7 @@ class CacheCore:
                     "bytes": placement.pending_bytes,
                     "budget": self.config.write_behind_bytes,
                     "writes": placement.writes_in_flight,
+                    "hits": counters["write_behind.hits"],
                     "unwritten_bytes": placement.unwritten_bytes,
                 },
                 "stall_seconds": self._stall_seconds,

@@ -328,12 +328,13 @@ class Placement:
             self._policies[tier.name].touch(record.rid)
             self._count_hit(tier.name, record)
             return tier.get(record.rid)
-        if record.rid in self.pending:
-            self._count_hit("host", record)  # read-your-writes from the write-behind area
-            return self.pending[record.rid]
         self.counters["host.misses"] += 1
         if record.onload_device.type != "cpu":
             self.counters["device.misses"] += 1
+        if record.rid in self.pending:
+            # Read-your-writes: served from RAM, though the host tier no longer holds it.
+            self.counters["write_behind.hits"] += 1
+            return self.pending[record.rid]
         return None
 
     def _count_hit(self, tier_name: str, record: TensorRecord) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spillcache.policy import LRUPolicy, make_policy
+from spillcache.policy import LRUPolicy, ScanPolicy, make_policy
 
 
 def filled(*rids: int) -> LRUPolicy:
@@ -101,3 +101,72 @@ def test_make_policy_lru():
 def test_make_policy_unknown_name(name):
     with pytest.raises(ValueError, match="policy"):
         make_policy(name)
+
+
+# ------------------------------------------------------------------ scan
+
+
+def scan_with(members: dict[int, int], position: int, num_batches: int) -> ScanPolicy:
+    """A scan policy holding ``rid -> batch``, with the reader at ``position``."""
+    policy = ScanPolicy()
+    for rid, batch in members.items():
+        policy.insert(rid, batch)
+    policy.reached(position, num_batches)
+    return policy
+
+
+def test_scan_distance_follows_the_cyclic_order():
+    policy = scan_with({}, position=3, num_batches=8)
+    assert [policy.distance(b) for b in range(8)] == [5, 6, 7, 8, 1, 2, 3, 4]
+
+
+def test_scan_before_any_read_expects_batch_0_first():
+    policy = ScanPolicy()
+    for rid in range(4):
+        policy.insert(rid, batch=rid)
+    assert list(policy.victims()) == [3, 2, 1, 0]
+
+
+def test_scan_evicts_the_furthest_next_use_first():
+    # Reader just took batch 2 of 6: batch 2 is needed last, batch 3 first.
+    policy = scan_with({10: 0, 11: 2, 12: 3, 13: 5}, position=2, num_batches=6)
+    assert list(policy.victims()) == [11, 10, 13, 12]
+
+
+def test_scan_offers_only_victims_needed_later_than_the_newcomer():
+    policy = scan_with({10: 0, 11: 2, 12: 3, 13: 5}, position=2, num_batches=6)
+    # A record for batch 4 (distance 2) may evict those needed after it, not batch 3.
+    assert list(policy.victims(for_batch=4)) == [11, 10, 13]
+    # A record for the batch just read (distance 6, the furthest) evicts nothing: it bypasses.
+    assert list(policy.victims(for_batch=2)) == []
+
+
+def test_scan_keeps_all_records_of_a_batch_together():
+    policy = scan_with({1: 0, 2: 0, 3: 1, 4: 1}, position=-1, num_batches=2)
+    assert set(list(policy.victims())[:2]) == {3, 4}
+
+
+def test_scan_remove_and_reinsert_moves_a_record_between_batches():
+    policy = scan_with({1: 0, 2: 1}, position=-1, num_batches=2)
+    policy.remove(1)
+    assert 1 not in policy and len(policy) == 1
+    policy.insert(2, batch=0)  # inserting again replaces the batch it belongs to
+    assert list(policy.victims(for_batch=1)) == []
+    assert list(policy.victims()) == [2]
+
+
+def test_scan_counts_batches_past_the_known_number():
+    # Appends can make a batch index beyond what the reader has seen.
+    policy = scan_with({1: 9}, position=0, num_batches=4)
+    assert policy.distance(9) == 9
+
+
+def test_lru_ignores_batches_and_positions():
+    policy = filled(1, 2, 3)
+    policy.reached(2, 3)
+    assert list(policy.victims(for_batch=0)) == [1, 2, 3]
+    assert LRUPolicy.promotes_by_eviction and not ScanPolicy.promotes_by_eviction
+
+
+def test_make_policy_scan():
+    assert isinstance(make_policy("scan"), ScanPolicy)
