@@ -129,11 +129,13 @@ class IntermediatesCache:
                     pending.append(self._core.submit_fetch(next_index, input_names))
                     next_index += 1
                 start = time.perf_counter()
-                generation, values = pending.popleft().result()
+                generation, values, ready = pending.popleft().result()
                 self._core.add_stall(time.perf_counter() - start)
                 self._core.mark_read(batch_index)
                 if generation != self._core.generation(batch_index):
                     values = self.fetch(batch_index, input_names)
+                elif ready:
+                    ready.wait()  # the consumer's stream waits for the side-stream copies
                 yield values
         finally:
             for future in pending:

@@ -29,6 +29,7 @@ from .persist import persist
 from .placement import Placement, TensorRecord
 from .sysinfo import RAM_BACKED, available_ram, filesystem_type
 from .tiers import DiskTier
+from .transfers import Ready, Transfers
 from .tree import flatten, unflatten
 
 __all__ = ["CacheCore", "resolve_offload_device"]
@@ -84,6 +85,7 @@ class CacheCore:
             disk = DiskTier(
                 config.disk_bytes, lambda: Store.create(disk_dir, direct_io=config.direct_io)
             )
+        self.transfers = Transfers()
         self.placement = Placement(
             device_budget=device_budget,
             device_target=accelerator,
@@ -92,6 +94,7 @@ class CacheCore:
             eviction=config.eviction,
             pin_host=torch.cuda.is_available(),
             write_behind_budget=config.write_behind_bytes,
+            transfers=self.transfers,
         )
         self._lock = threading.Lock()
         # Notified whenever a background write finishes (backpressure, flush, close).
@@ -288,11 +291,13 @@ class CacheCore:
 
     def fetch_versioned(
         self, batch_index: int, input_names: Collection[str] | None, *, by_reader: bool = True
-    ) -> tuple[int, dict[str, Any]]:
-        """The batch's values and its generation (bumped by every update and delete).
+    ) -> tuple[int, dict[str, Any], Ready]:
+        """The batch's values, its generation (bumped by every update and delete), and the
+        device copies still in flight (only for prefetch: ``Ready.wait()`` before use).
 
         ``by_reader`` is False for prefetch jobs: they read ahead of the caller, so they
-        neither move the scan policy's position nor count as the caller's stall.
+        neither move the scan policy's position nor count as the caller's stall, and they
+        onload on a side stream.
         """
         with self._lock:
             self._check_open()
@@ -307,7 +312,10 @@ class CacheCore:
             ]
             loads = self._start_loads(entries)
         tensors = self._finish_loads(loads, by_reader=by_reader)
-        return generation, {key: self._assemble(entry, tensors) for key, entry in entries}
+        ready = Ready()
+        side = None if by_reader else ready
+        values = {key: self._assemble(entry, tensors, side) for key, entry in entries}
+        return generation, values, ready
 
     def mark_read(self, batch_index: int) -> None:
         """The caller took a prefetched batch: the scan policy's position moves to it."""
@@ -389,11 +397,12 @@ class CacheCore:
     def _pin_reads(self, record: TensorRecord) -> bool:
         return self.placement.pin_host and record.onload_device.type != "cpu"
 
-    def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor]) -> Any:
+    def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
+        onload = self.transfers.onload
         leaves = [
-            dtypes.onload(tensors[leaf.rid], leaf.onload_device, leaf.requires_grad)
+            onload(tensors[leaf.rid], leaf.onload_device, leaf.requires_grad, ready)
             if isinstance(leaf, TensorRecord)
-            else dtypes.onload(leaf.tensor, leaf.onload_device, leaf.requires_grad)
+            else onload(leaf.tensor, leaf.onload_device, leaf.requires_grad, ready)
             for leaf in entry.leaves
         ]
         return unflatten(entry.spec, leaves, entry.opaques)

@@ -136,7 +136,9 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_strided((tensor.numel(),), (1,)).view(torch.uint8)
 
 
-def compact_copy(tensor: torch.Tensor, device: torch.device, *, pin: bool = False) -> torch.Tensor:
+def compact_copy(
+    tensor: torch.Tensor, device: torch.device, *, pin: bool = False, non_blocking: bool = False
+) -> torch.Tensor:
     """A new contiguous tensor on ``device`` with exactly ``tensor``'s bits."""
     out = torch.empty(
         tensor.shape,
@@ -144,7 +146,7 @@ def compact_copy(tensor: torch.Tensor, device: torch.device, *, pin: bool = Fals
         device=device,
         pin_memory=pin and device.type == "cpu",
     )
-    out.copy_(_raw(tensor))
+    out.copy_(_raw(tensor), non_blocking=non_blocking)
     return out.view(tensor.dtype)
 
 

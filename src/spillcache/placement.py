@@ -30,10 +30,9 @@ from . import dtypes
 from .errors import CapacityError, StoreError
 from .policy import make_policy
 from .tiers import DiskTier, MemoryTier
+from .transfers import Transfers
 
 __all__ = ["Placement", "TensorRecord"]
-
-CPU = torch.device("cpu")
 
 # TensorRecord.write_state: where its pending disk write stands.
 QUEUED = "queued"  # in the write-behind area, not yet handed to a thread
@@ -85,6 +84,7 @@ class Placement:
         eviction: str,
         pin_host: bool,
         write_behind_budget: int = 256 * 2**20,
+        transfers: Transfers | None = None,
     ) -> None:
         self.device = MemoryTier("device", device_budget)
         self.host = MemoryTier("host", host_budget)
@@ -93,6 +93,7 @@ class Placement:
         self._device_target = device_target
         self.pin_host = pin_host
         self._write_behind_budget = write_behind_budget
+        self._transfers = transfers or Transfers()
         self._records: dict[int, TensorRecord] = {}
         self._identity: dict[int, tuple[weakref.ref, TensorRecord]] = {}
         self._next_rid = 0
@@ -188,7 +189,7 @@ class Placement:
         self._spill(record, self._host_copy(tensor))
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        return dtypes.to_host(tensor, pin=self.pin_host)
+        return self._transfers.to_host(tensor, pin=self.pin_host)
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
         tier.put(record.rid, tensor)
@@ -238,7 +239,7 @@ class Placement:
         tier = self._memory_tier(record.resident)
         tensor = tier.get(record.rid)
         if tier is self.device and self._make_room(self.host, record):
-            self._put_memory(self.host, record, dtypes.compact_copy(tensor, CPU, pin=self.pin_host))
+            self._put_memory(self.host, record, self._host_copy(tensor))
         elif not record.on_disk and record.write_state is None:
             self._spill(record, self._host_copy(tensor))
         tier.pop(record.rid)

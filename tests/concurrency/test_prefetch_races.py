@@ -72,7 +72,7 @@ def test_update_does_not_wait_for_a_read_in_flight(tmp_path, monkeypatch):
         assert_same(cache.fetch(0)["h"], torch.zeros(SHAPE, dtype=torch.int64))
         assert not future.done()
         blocked.release.set()
-        _, values = future.result(timeout=30)
+        _, values, _ = future.result(timeout=30)
         assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
 
 
@@ -87,7 +87,7 @@ def test_delete_during_a_read_keeps_the_file_until_the_read_is_done(tmp_path, mo
         assert cache.fetch(1) == {}
         assert array.exists(), "the reader holds the record: its file must stay"
         blocked.release.set()
-        _, values = future.result(timeout=30)
+        _, values, _ = future.result(timeout=30)
         assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
         assert not array.exists(), "the last holder gone, the file goes too"
         assert cache.stats()["disk"]["bytes"] == 8 * 32 * 32  # batch 0 only
