@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import dtypes
+from . import dtypes, reads
 from .config import AUTO, CacheConfig
 from .entries import Entry, InlineTensor
 from .entries import records_of as _records_of
@@ -310,7 +310,7 @@ class CacheCore:
                 for key, entry in self._batches[index].items()
                 if input_names is None or key in input_names
             ]
-            loads = self._start_loads(entries)
+            loads = reads.plan(self.placement, _records_in(entries))
         tensors = self._finish_loads(loads, by_reader=by_reader)
         ready = Ready()
         side = None if by_reader else ready
@@ -336,66 +336,32 @@ class CacheCore:
         with self._lock:
             self._stall_seconds += seconds
 
-    def _start_loads(self, entries: list[tuple[str, Entry]]) -> _Loads:
-        """Lock held: take what memory has; hold every record that must come from disk."""
-        loads = _Loads()
-        for _, entry in entries:
-            for record in _records_of(entry):
-                if record.rid in loads.found or record in loads.held:
-                    continue
-                tensor = self.placement.begin_load(record)
-                if tensor is not None:
-                    loads.found[record.rid] = tensor
-                    continue
-                self.placement.hold(record)
-                loads.held.append(record)
-                if record.loading is None:
-                    record.loading = Future()
-                    loads.to_read.append(record)
-                else:
-                    loads.to_wait.append((record, record.loading))
-        return loads
-
-    def _finish_loads(self, loads: _Loads, *, by_reader: bool, asked: bool = False) -> dict:
-        """Lock not held: read (or wait for) the held records, then promote and release."""
+    def _finish_loads(self, loads: reads.Loads, *, by_reader: bool, asked: bool = False) -> dict:
+        """Read what ``loads`` holds (lock NOT held), then promote and release under it."""
         if not loads.held:
             return loads.found
         start = time.perf_counter()
-        store = self.placement.disk.store
-        error: BaseException | None = None
-        read: dict[int, torch.Tensor] = {}
-        for record in loads.to_read:
-            try:
-                tensor = store.read_tensor(
-                    str(record.rid), record.shape, record.dtype, pin=self._pin_reads(record)
-                )
-            except BaseException as caught:
-                record.loading.set_exception(caught)
-                error = error or caught
-            else:
-                record.loading.set_result(tensor)
-                read[record.rid] = tensor
-        for record, future in loads.to_wait:
-            try:
-                loads.found[record.rid] = future.result()
-            except BaseException as caught:
-                error = error or caught
+        error = reads.read(loads, self._read_record)
         with self._lock:
             for record in loads.to_read:
                 record.loading = None
-                if record.rid in read:
-                    self.placement.read_done(record, read[record.rid], promote=True, asked=asked)
+                if record.rid in loads.read:
+                    self.placement.read_done(
+                        record, loads.read[record.rid], promote=True, asked=asked
+                    )
             self.placement.release(loads.held)
             self._submit_writes()
             if by_reader:
                 self._stall_seconds += time.perf_counter() - start
         if error is not None:
             raise error
-        loads.found.update(read)
-        return loads.found
+        return {**loads.found, **loads.read}
 
-    def _pin_reads(self, record: TensorRecord) -> bool:
-        return self.placement.pin_host and record.onload_device.type != "cpu"
+    def _read_record(self, record: TensorRecord) -> torch.Tensor:
+        pin = self.placement.pin_host and record.onload_device.type != "cpu"
+        return self.placement.disk.store.read_tensor(
+            str(record.rid), record.shape, record.dtype, pin=pin
+        )
 
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
         onload = self.transfers.onload
@@ -417,7 +383,7 @@ class CacheCore:
                 for key, entry in batch.items()
                 if input_names is None or key in input_names
             ]
-            loads = self._start_loads(entries)
+            loads = reads.plan(self.placement, _records_in(entries))
         self._finish_loads(loads, by_reader=True, asked=True)
 
     # ------------------------------------------------------------- reporting
@@ -509,11 +475,5 @@ class CacheCore:
                 disk.store.remove()
 
 
-class _Loads:
-    """The records one fetch needs: found in memory, to read, or being read by another."""
-
-    def __init__(self) -> None:
-        self.found: dict[int, torch.Tensor] = {}
-        self.held: list[TensorRecord] = []
-        self.to_read: list[TensorRecord] = []
-        self.to_wait: list[tuple[TensorRecord, Future]] = []
+def _records_in(entries: list[tuple[str, Entry]]) -> list[TensorRecord]:
+    return [record for _, entry in entries for record in _records_of(entry)]
