@@ -83,7 +83,10 @@ class CacheCore:
         disk = None
         if disk_dir is not None:
             disk = DiskTier(
-                config.disk_bytes, lambda: Store.create(disk_dir, direct_io=config.direct_io)
+                config.disk_bytes,
+                lambda: Store.create(
+                    disk_dir, direct_io=config.direct_io, writers=config.io_threads
+                ),
             )
         self.transfers = Transfers()
         self.placement = Placement(
@@ -346,8 +349,9 @@ class CacheCore:
             for record in loads.to_read:
                 record.loading = None
                 if record.rid in loads.read:
+                    promote = not self._maps(record)
                     self.placement.read_done(
-                        record, loads.read[record.rid], promote=True, asked=asked
+                        record, loads.read[record.rid], promote=promote, asked=asked
                     )
             self.placement.release(loads.held)
             self._submit_writes()
@@ -357,10 +361,14 @@ class CacheCore:
             raise error
         return {**loads.found, **loads.read}
 
+    def _maps(self, record: TensorRecord) -> bool:
+        """read_mode "mmap": a value for the CPU is mapped, not read (nor promoted)."""
+        return self.config.read_mode == "mmap" and record.onload_device.type == "cpu"
+
     def _read_record(self, record: TensorRecord) -> torch.Tensor:
         pin = self.placement.pin_host and record.onload_device.type != "cpu"
         return self.placement.disk.store.read_tensor(
-            str(record.rid), record.shape, record.dtype, pin=pin
+            str(record.rid), record.shape, record.dtype, pin=pin, mapped=self._maps(record)
         )
 
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
@@ -471,6 +479,7 @@ class CacheCore:
             disk = self.placement.disk
             if self.config.keep_store:
                 persist(self.placement, self._batches)
+                disk.store.close()
             elif disk is not None and disk.has_store:
                 disk.store.remove()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 import socket
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from . import dtypes
+from . import chunkio, dtypes
 from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 
 __all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "Store"]
@@ -88,55 +89,65 @@ def chunk_name(ndim: int) -> str:
     return ".".join(["c"] + ["0"] * ndim)
 
 
-def _write_file(path: Path, data: bytes | memoryview, durable: bool) -> None:
-    """Write ``data`` to ``path`` atomically: a .partial name renamed into place."""
-    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
 def _write_json(path: Path, value: dict, durable: bool = False) -> None:
-    _write_file(path, json.dumps(value, indent=1).encode(), durable)
+    text = bytearray(json.dumps(value, indent=1).encode())
+    chunkio.write_file(
+        path, torch.frombuffer(text, dtype=torch.uint8), direct=False, staging=None, durable=durable
+    )
 
 
 def _group(attributes: dict | None = None) -> dict:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a CPU tensor in logical order (a copy only if it is not contiguous)."""
-    return memoryview(dtypes.byte_view(tensor.contiguous()).numpy()).cast("B")
+STAGING_BYTES = 8 * 2**20  # per buffer: smaller pieces lose the disk's queue depth
 
 
 class Store:
-    """One cache's directory of tensors and batch structures (not thread-safe by itself)."""
+    """One cache's directory of tensors and batch structures.
 
-    def __init__(self, path: Path, *, direct_io: bool | str = False) -> None:
+    Tensor reads and writes may run on several threads at once (each touches only its
+    own array's files); creating, removing and batch structures are the owner's.
+
+    :param direct: chunk files are read and written with O_DIRECT
+    :param staging: page-aligned buffers for direct writes of unaligned tensors
+    """
+
+    def __init__(
+        self, path: Path, *, direct: bool = False, staging: chunkio.StagingBuffers | None = None
+    ) -> None:
         self.path = path
-        self.direct_io = direct_io
+        self.direct = direct
+        self._staging = staging
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, parent: str | os.PathLike[str], *, direct_io: bool | str = False) -> Store:
-        """Make a new private store directory under ``parent``."""
+    def create(
+        cls, parent: str | os.PathLike[str], *, direct_io: bool | str = False, writers: int = 1
+    ) -> Store:
+        """Make a new private store directory under ``parent``.
+
+        ``direct_io`` is True, False or "auto" (O_DIRECT where the filesystem takes it);
+        ``writers`` is how many threads may write at once (one staging buffer each).
+        """
         parent = Path(parent)
         try:
             parent.mkdir(parents=True, exist_ok=True)
+            direct = _resolve_direct_io(parent, direct_io)
             path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             path.mkdir(mode=0o700)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
-            store = cls(path, direct_io=direct_io)
+            staging = chunkio.StagingBuffers(writers, STAGING_BYTES) if direct else None
+            store = cls(path, direct=direct, staging=staging)
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
             # The root's metadata last: until it exists the directory is no store.
             store.write_root_attributes(complete=False, num_batches=0)
+        except StoreError:
+            raise
         except OSError as error:
             if "path" in locals():
                 shutil.rmtree(path, ignore_errors=True)
@@ -175,7 +186,13 @@ class Store:
         _write_json(self.path / "zarr.json", _group({ATTRS_KEY: state}), durable)
 
     def remove(self) -> None:
+        self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Free the staging buffers (the files stay)."""
+        if self._staging is not None:
+            self._staging.close()
 
     # ------------------------------------------------------------- tensors
 
@@ -183,12 +200,18 @@ class Store:
         return self.path / "tensors" / name
 
     def write_tensor(self, name: str, tensor: torch.Tensor, *, durable: bool = False) -> int:
-        """Store a contiguous CPU tensor as array ``tensors/<name>``; return bytes written."""
+        """Store a CPU tensor as array ``tensors/<name>``; return bytes written."""
         directory = self._array_dir(name)
         try:
             directory.mkdir(exist_ok=True)
             if tensor.numel():
-                _write_file(directory / chunk_name(tensor.dim()), _tensor_bytes(tensor), durable)
+                chunkio.write_file(
+                    directory / chunk_name(tensor.dim()),
+                    dtypes.byte_view(tensor.contiguous()),
+                    direct=self.direct,
+                    staging=self._staging,
+                    durable=durable,
+                )
             _write_json(
                 directory / "zarr.json", array_metadata(tuple(tensor.shape), tensor.dtype), durable
             )
@@ -202,28 +225,40 @@ class Store:
         return tensor.nbytes
 
     def read_tensor(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        *,
+        pin: bool = False,
+        mapped: bool = False,
     ) -> torch.Tensor:
-        """Read array ``tensors/<name>`` into a new CPU tensor, checking its size."""
-        raw = torch.empty(shape, dtype=dtypes.raw_dtype(dtype), pin_memory=pin)
-        if raw.numel():
-            path = self._array_dir(name) / chunk_name(len(shape))
-            try:
-                with open(path, "rb", buffering=0) as handle:
-                    got = handle.readinto(_tensor_bytes(raw))
-                    extra = handle.read(1)
-            except FileNotFoundError:
-                raise StoreCorruptError(f"tensor {name}: chunk file {path} is missing") from None
-            except OSError as error:
-                raise StoreError(
-                    error.errno, f"cannot read tensor {name} from {path}: {error.strerror}"
-                ) from error
-            if got != raw.nbytes or extra:
-                raise StoreCorruptError(
-                    f"tensor {name}: chunk file {path} holds "
-                    f"{'more than ' if extra else ''}{got} bytes, expected {raw.nbytes}"
+        """Read array ``tensors/<name>`` into a new CPU tensor, checking its size.
+
+        ``pin`` reads into pinned memory (for a copy to an accelerator); ``mapped``
+        maps the chunk file instead (zero-copy, read-only use, through the page cache).
+        """
+        nbytes = math.prod(shape) * dtype.itemsize
+        path = self._array_dir(name) / chunk_name(len(shape))
+        try:
+            if nbytes == 0:
+                raw = torch.empty(0, dtype=torch.uint8)
+            elif mapped:
+                raw = chunkio.map_file(path, nbytes)
+            else:
+                raw = (
+                    chunkio.aligned_empty(nbytes, pin=pin)
+                    if self.direct
+                    else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
                 )
-        return raw.view(dtype)
+                chunkio.read_file(path, raw, direct=self.direct)
+        except StoreCorruptError as error:
+            raise StoreCorruptError(f"tensor {name}: {error}") from None
+        except OSError as error:
+            raise StoreError(
+                error.errno, f"cannot read tensor {name} from {path}: {error.strerror}"
+            ) from error
+        return raw.view(dtypes.raw_dtype(dtype)).view(shape).view(dtype)
 
     def delete_tensor(self, name: str) -> None:
         shutil.rmtree(self._array_dir(name), ignore_errors=True)
@@ -242,6 +277,18 @@ class Store:
             return json.loads(path.read_text())["attributes"][ATTRS_KEY]["entries"]
         except FileNotFoundError:
             return {}
+
+
+def _resolve_direct_io(parent: Path, direct_io: bool | str) -> bool:
+    if direct_io is False:
+        return False
+    supported = chunkio.direct_io_supported(parent)
+    if direct_io is True and not supported:
+        raise StoreError(
+            f"direct_io = true, but the filesystem at {parent} refuses O_DIRECT; "
+            'set direct_io = "auto" (buffered I/O there) or false'
+        )
+    return supported
 
 
 def read_root_attributes(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The three placements every cache test runs in."""
+"""The placements and I/O modes every cache test runs in."""
 
 from __future__ import annotations
 
@@ -15,19 +15,37 @@ PLACEMENTS = {
     "inline": dict(host_bytes=0),
 }
 
+# How spilled values travel: each mode changes one setting from the defaults (O_DIRECT
+# where the filesystem takes it, copy reads, scan eviction, prefetch 2). Only placements
+# that spill run them all; "ram" touches no disk, so the modes would be the same test.
+MODES = {
+    "direct": dict(direct_io=True),
+    "buffered": dict(direct_io=False),
+    "mmap": dict(read_mode="mmap"),
+    "lru": dict(eviction="lru"),
+    "no-prefetch": dict(prefetch_depth=0),
+    "one-thread": dict(io_threads=1, write_behind_bytes=0),
+}
 
-@pytest.fixture(params=sorted(PLACEMENTS))
-def placement(request) -> str:
-    return request.param
+
+def pytest_generate_tests(metafunc):
+    if "placement" in metafunc.fixturenames:
+        combos = [("ram", "direct")] + [
+            (placement, mode)
+            for placement in sorted(PLACEMENTS)
+            if placement != "ram"
+            for mode in MODES
+        ]
+        metafunc.parametrize(("placement", "mode"), combos, ids=[f"{p}-{m}" for p, m in combos])
 
 
 @pytest.fixture
-def make_cache(placement, tmp_path):
-    """Build caches in the current placement; every one is closed after the test."""
+def make_cache(placement, mode, tmp_path):
+    """Build caches in the current placement and mode; every one is closed after the test."""
     caches: list[IntermediatesCache] = []
 
     def make(num_batches: int = 2, offload_device="cpu", **overrides) -> IntermediatesCache:
-        settings = dict(PLACEMENTS[placement])
+        settings = {**PLACEMENTS[placement], **MODES[mode]}
         if settings.get("disk_path", "auto") == "auto":
             settings["disk_path"] = str(tmp_path / "spill")
         settings.update(overrides)

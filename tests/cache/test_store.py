@@ -10,8 +10,8 @@ import pytest
 import torch
 import zarr
 
-from spill_testing import ALL_DTYPES, bits, random_tensor
-from spillcache import CacheConfig, ConfigError, IntermediatesCache
+from spill_testing import ALL_DTYPES, assert_same, bits, random_tensor
+from spillcache import CacheConfig, ConfigError, IntermediatesCache, StoreError, chunkio
 from spillcache.dtypes import dtype_name
 
 
@@ -97,3 +97,50 @@ def test_keys_never_become_paths(tmp_path):
 def test_keep_store_without_a_disk_tier_is_refused():
     with pytest.raises(ConfigError, match="disk_path"):
         IntermediatesCache(None, config=CacheConfig(keep_store=True, disk_path=None))
+
+
+def _spill_one(config: CacheConfig) -> IntermediatesCache:
+    cache = IntermediatesCache.empty(1, config=config)
+    cache.update(0, {"h": random_tensor(torch.float32, (64, 64))})
+    return cache
+
+
+def test_direct_io_auto_falls_back_to_buffered_where_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunkio, "direct_io_supported", lambda directory: False)
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    with _spill_one(config) as cache:
+        assert cache._core.placement.disk.store.direct is False
+        cache.flush()
+        assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, (64, 64)))
+
+
+def test_direct_io_auto_uses_o_direct_where_allowed(tmp_path):
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    with _spill_one(config) as cache:
+        assert cache._core.placement.disk.store.direct is chunkio.direct_io_supported(tmp_path)
+
+
+def test_direct_io_true_where_refused_is_a_clear_error_and_stores_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunkio, "direct_io_supported", lambda directory: False)
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), direct_io=True)
+    with IntermediatesCache.empty(1, config=config) as cache:
+        with pytest.raises(StoreError, match=r'refuses O_DIRECT; set direct_io = "auto"'):
+            cache.update(0, {"h": random_tensor(torch.float32, (64, 64))})
+        assert cache.fetch(0) == {}
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_mmap_reads_are_zero_copy_and_not_promoted(tmp_path):
+    config = CacheConfig(
+        host_bytes="1MiB", inline_bytes=0, disk_path=str(tmp_path), read_mode="mmap"
+    )
+    with IntermediatesCache.empty(2, config=config) as cache:
+        big = random_tensor(torch.bfloat16, (1024, 1024))  # 2 MiB: does not fit the host tier
+        cache.update(0, {"h": big})
+        cache.flush()
+        got = cache.fetch(0)["h"]
+        assert_same(got, big)
+        assert cache.stats()["disk"]["hits"] == 1
+        assert cache.stats()["host"]["bytes"] == 0  # the page cache holds it, not the host tier
+        cache.delete(0)  # the file goes; the mapping stays valid
+        assert_same(got, big)
