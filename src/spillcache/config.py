@@ -144,6 +144,8 @@ class CacheConfig:
       (zero-copy, for CPU model devices whose caller only reads them).
     - ``write_behind_bytes``: bytes of spilled values that may wait in RAM for their
       disk write; ``update`` waits (backpressure) while more are in flight.
+    - ``read_buffer_bytes``: memory kept for reading spilled values back, reused once
+      the caller no longer holds a value read into it (0: allocate every read).
     - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).
     """
 
@@ -158,6 +160,7 @@ class CacheConfig:
     direct_io: bool | str = AUTO
     read_mode: str = "copy"
     write_behind_bytes: int = 256 * 2**20
+    read_buffer_bytes: int = 256 * 2**20
     io_threads: int = 2
 
     def __post_init__(self) -> None:
@@ -182,6 +185,7 @@ class CacheConfig:
         else:
             self._set("direct_io", AUTO)
         self._set("write_behind_bytes", parse_size("write_behind_bytes", self.write_behind_bytes))
+        self._set("read_buffer_bytes", parse_size("read_buffer_bytes", self.read_buffer_bytes))
         self._set("io_threads", _parse_count("io_threads", self.io_threads))
         if self.io_threads < 1:
             raise ConfigError("io_threads: must be 1 or more, got 0")

@@ -85,7 +85,10 @@ class CacheCore:
             disk = DiskTier(
                 config.disk_bytes,
                 lambda: Store.create(
-                    disk_dir, direct_io=config.direct_io, writers=config.io_threads
+                    disk_dir,
+                    direct_io=config.direct_io,
+                    writers=config.io_threads,
+                    read_buffer_bytes=config.read_buffer_bytes,
                 ),
             )
         self.transfers = Transfers()

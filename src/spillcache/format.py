@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import chunkio, dtypes
+from .buffers import BufferPool
 from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 
 __all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "Store"]
@@ -111,25 +112,38 @@ class Store:
 
     :param direct: chunk files are read and written with O_DIRECT
     :param staging: page-aligned buffers for direct writes of unaligned tensors
+    :param buffers: where reads get their memory (reused once nobody holds it)
     """
 
     def __init__(
-        self, path: Path, *, direct: bool = False, staging: chunkio.StagingBuffers | None = None
+        self,
+        path: Path,
+        *,
+        direct: bool = False,
+        staging: chunkio.StagingBuffers | None = None,
+        buffers: BufferPool | None = None,
     ) -> None:
         self.path = path
         self.direct = direct
         self._staging = staging
+        self._buffers = buffers or BufferPool(0)
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
     def create(
-        cls, parent: str | os.PathLike[str], *, direct_io: bool | str = False, writers: int = 1
+        cls,
+        parent: str | os.PathLike[str],
+        *,
+        direct_io: bool | str = False,
+        writers: int = 1,
+        read_buffer_bytes: int = 0,
     ) -> Store:
         """Make a new private store directory under ``parent``.
 
         ``direct_io`` is True, False or "auto" (O_DIRECT where the filesystem takes it);
-        ``writers`` is how many threads may write at once (one staging buffer each).
+        ``writers`` is how many threads may write at once (one staging buffer each);
+        ``read_buffer_bytes`` bounds the memory kept for reuse by reads.
         """
         parent = Path(parent)
         try:
@@ -140,7 +154,7 @@ class Store:
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
             staging = chunkio.StagingBuffers(writers, STAGING_BYTES) if direct else None
-            store = cls(path, direct=direct, staging=staging)
+            store = cls(path, direct=direct, staging=staging, buffers=BufferPool(read_buffer_bytes))
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
@@ -190,9 +204,10 @@ class Store:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def close(self) -> None:
-        """Free the staging buffers (the files stay)."""
+        """Free the staging and read buffers (the files stay)."""
         if self._staging is not None:
             self._staging.close()
+        self._buffers.clear()
 
     # ------------------------------------------------------------- tensors
 
@@ -246,11 +261,7 @@ class Store:
             elif mapped:
                 raw = chunkio.map_file(path, nbytes)
             else:
-                raw = (
-                    chunkio.aligned_empty(nbytes, pin=pin)
-                    if self.direct
-                    else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-                )
+                raw = self._buffers.take(nbytes, pin=pin)
                 chunkio.read_file(path, raw, direct=self.direct)
         except StoreCorruptError as error:
             raise StoreCorruptError(f"tensor {name}: {error}") from None

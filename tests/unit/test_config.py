@@ -112,6 +112,7 @@ def test_defaults():
     assert config.direct_io == "auto"
     assert config.read_mode == "copy"
     assert config.write_behind_bytes == 256 * 2**20
+    assert config.read_buffer_bytes == 256 * 2**20
     assert config.io_threads == 2
 
 
@@ -172,6 +173,7 @@ def test_disk_bytes_none_means_unlimited(value):
         (dict(direct_io="sometimes"), ConfigError, r"^direct_io: expected true or false"),
         (dict(write_behind_bytes="-1MiB"), ConfigError, r"^write_behind_bytes: cannot read"),
         (dict(io_threads=0), ConfigError, r"^io_threads: must be 1 or more"),
+        (dict(read_buffer_bytes="much"), ConfigError, r"^read_buffer_bytes: cannot read"),
         (dict(io_threads="two"), ConfigError, r"^io_threads: expected a whole number"),
         (dict(prefetch_depth=-1), ConfigError, r"^prefetch_depth: must be 0 or more, got -1"),
         (dict(prefetch_depth="-3"), ConfigError, r"^prefetch_depth: must be 0 or more"),
