@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import platform
 import statistics
@@ -20,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
 import torch
+
+from spillcache.chunkio import aligned_empty
 
 ALIGN = 4096
 GB = 1e9
@@ -42,23 +44,22 @@ def drop_page_cache() -> bool:
     return _write_proc("/proc/sys/vm/drop_caches", "3\n")
 
 
-_BUFFERS: dict[int, mmap.mmap] = {}
+_BUFFERS: dict[int, torch.Tensor] = {}
 
 
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """Page-aligned memory (anonymous mmap), as O_DIRECT requires: one per size, made and
-    touched on first use and kept. O_DIRECT speed here follows the buffer's physical
-    contiguity (a virtio request takes at most 254 contiguous runs), and memory taken
-    right after the page cache is dropped is the most scattered: the raw limit must not
-    be measured with a worse buffer than the one it is compared with."""
+def aligned_buffer(nbytes: int):
+    """Page-aligned memory, as O_DIRECT requires: one per size, made and touched on first
+    use and kept. O_DIRECT speed here follows the buffer's physical contiguity (a virtio
+    request takes at most 254 contiguous runs), so the raw limit uses the same huge-page
+    memory as the cache's reads (chunkio.aligned_empty): a luckily contiguous or an
+    unluckily scattered buffer would move the limit by up to 2x."""
     size = (nbytes + ALIGN - 1) // ALIGN * ALIGN
     if size not in _BUFFERS:
-        buffer = mmap.mmap(-1, size)
-        block = os.urandom(1 << 20)
-        for offset in range(0, size, len(block)):
-            buffer[offset : offset + len(block)] = block[: size - offset]
+        buffer = aligned_empty(size)
+        random_block = numpy.frombuffer(os.urandom(1 << 20), dtype=numpy.uint8)
+        buffer.numpy()[:] = numpy.resize(random_block, size)  # one thread, in order
         _BUFFERS[size] = buffer
-    return _BUFFERS[size]
+    return _BUFFERS[size].numpy()
 
 
 def raw_direct_write(directory: Path, file_bytes: int, count: int) -> float:

@@ -31,7 +31,8 @@ def cache_round(directory: Path, tensors: list[torch.Tensor]) -> tuple[float, fl
         start = time.perf_counter()
         for index, tensor in enumerate(tensors):
             cache.update(index, {"hidden": tensor})
-        os.sync()  # the bytes are on disk, not only in the page cache
+        cache.flush()  # update does not wait for the disk: the background writes end here
+        os.sync()  # and the bytes are on disk, not only in the page cache
         write = time.perf_counter() - start
         drop_page_cache()
         start = time.perf_counter()

@@ -30,6 +30,7 @@ import torch
 from .errors import StoreCorruptError
 
 __all__ = [
+    "HUGE_PAGE",
     "PAGE",
     "StagingBuffers",
     "aligned_empty",
@@ -62,12 +63,25 @@ def _check_bytes(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} must be on the CPU, not {tensor.device}")
 
 
+# Transparent huge pages: 2 MiB of physically contiguous memory each.
+HUGE_PAGE = 2 * 2**20
+
+
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     """A 1-D uint8 CPU tensor of ``nbytes`` whose address is a multiple of PAGE.
 
-    torch's CPU allocator only promises 64-byte alignment, so this over-allocates by a
-    page and slices. The storage runs on to (at least) the next PAGE multiple past the
-    end, so a whole-page O_DIRECT read into it never touches memory it does not own.
+    The storage runs on to (at least) the next PAGE multiple past the end, so a
+    whole-page O_DIRECT read into it never touches memory it does not own.
+
+    From 2 MiB up (and not pinned) the memory is its own anonymous mapping, aligned to
+    and advised for transparent huge pages. O_DIRECT speed here follows the physical
+    contiguity of the buffer (a virtio request takes at most 254 contiguous runs, up to
+    4 MiB): 4 KiB pages from fragmented free lists cap requests near 0.5-1.5 MiB and
+    cold reads near 0.4x of the device, 2 MiB pages reach 4 MiB requests and ~1x.
+    Where huge pages are off, the advice is ignored and the buffer is merely slower.
+    The mapping is returned to the system when the tensor is freed (no malloc arena
+    keeps it). Smaller or pinned buffers come from torch's allocator, over-allocated
+    by a page and sliced (it only promises 64-byte alignment).
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
@@ -75,8 +89,19 @@ def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
         raise RuntimeError(
             "pin=True needs CUDA (pinned memory only helps GPU copies); pass pin=False"
         )
-    raw = torch.empty(_round_up(nbytes) + PAGE, dtype=torch.uint8, pin_memory=pin)
-    offset = -raw.data_ptr() % PAGE
+    if pin or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        raw = torch.empty(_round_up(nbytes) + PAGE, dtype=torch.uint8, pin_memory=pin)
+        offset = -raw.data_ptr() % PAGE
+        return raw[offset : offset + nbytes]
+    # Private: Python's default for anonymous maps is MAP_SHARED, which is shmem, where
+    # huge pages follow shmem_enabled (usually "never"). HUGE_PAGE of slack aligns the start.
+    mapping = mmap.mmap(
+        -1, _round_up(nbytes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    )
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
+    offset = -raw.data_ptr() % HUGE_PAGE
+    # Only whole huge pages inside the buffer: a touched tail must not cost 2 MiB.
+    mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes - nbytes % HUGE_PAGE)
     return raw[offset : offset + nbytes]
 
 

@@ -161,7 +161,7 @@ class CacheConfig:
     read_mode: str = "copy"
     write_behind_bytes: int = 256 * 2**20
     read_buffer_bytes: int = 256 * 2**20
-    io_threads: int = 2
+    io_threads: int = 3
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes"):

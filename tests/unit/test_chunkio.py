@@ -546,3 +546,31 @@ def test_module_starts_no_threads_and_does_not_import_zarr():
     names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     assert "Condition" in names
     assert not names & {"Thread", "ThreadPoolExecutor", "Lock", "RLock", "start_new_thread"}
+
+
+def _smaps_entry(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds ``address``."""
+    fields: dict[str, str] = {}
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside:
+                name, _, value = line.partition(":")
+                fields[name] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux smaps")
+def test_large_buffers_are_huge_page_aligned_and_advised():
+    buffer = chunkio.aligned_empty(4 * chunkio.HUGE_PAGE + 123)
+    assert buffer.data_ptr() % chunkio.HUGE_PAGE == 0
+    fields = _smaps_entry(buffer.data_ptr())
+    flags = fields.get("VmFlags", "").split()
+    assert "hg" in flags, flags  # MADV_HUGEPAGE
+    assert "sh" not in flags, flags  # private: shared anonymous memory is shmem, no THP
+    small = chunkio.aligned_empty(chunkio.HUGE_PAGE - 1)
+    assert small.data_ptr() % chunkio.PAGE == 0

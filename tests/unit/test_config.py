@@ -113,7 +113,7 @@ def test_defaults():
     assert config.read_mode == "copy"
     assert config.write_behind_bytes == 256 * 2**20
     assert config.read_buffer_bytes == 256 * 2**20
-    assert config.io_threads == 2
+    assert config.io_threads == 3
 
 
 def test_sizes_are_normalised_on_every_size_field():
