@@ -125,6 +125,8 @@ def run_mode(mode: str, args, base, biases, spill_dir: Path) -> tuple[list[dict]
                     disk_path=str(spill_dir),
                     inline_bytes=0,
                     prefetch_depth=args.prefetch_depth,
+                    io_threads=args.io_threads,
+                    write_behind_bytes=args.write_behind,
                     eviction=policy,
                 )
             except ValueError as error:  # a policy this version lacks
@@ -221,6 +223,8 @@ def main() -> None:
     parser.add_argument("--compute-ms", default="auto", help="covered mode (auto: 1.2x raw I/O)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the compute")
     parser.add_argument("--prefetch-depth", type=int, default=2)
+    parser.add_argument("--io-threads", type=int, default=CacheConfig.io_threads)
+    parser.add_argument("--write-behind", default=CacheConfig.write_behind_bytes)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration")
     parser.add_argument("--raw-runs", type=int, default=3)
     parser.add_argument("--dir", default=None, help="directory on the disk to spill to")

@@ -108,6 +108,7 @@ class CacheCore:
         self._batches: list[dict[str, Entry]] = []
         self._generations: list[int] = []
         self._write_errors: list[StoreError] = []  # not yet raised to the caller
+        self._deleting: set[str] = set()  # arrays whose background deletion is not done
         self._stall_seconds = 0.0
         self._closed = False
         self.io = IOPool("spillcache-io", config.io_threads)
@@ -144,15 +145,27 @@ class CacheCore:
     # ---------------------------------------------------------- write-behind
 
     def _submit_writes(self) -> None:
-        """Hand the writes that placement queued to the I/O pool (lock held)."""
+        """Hand the writes and deletions placement queued to the I/O pool (lock held).
+
+        Deleting a chunk file (freeing its extents) takes milliseconds: not on the
+        caller's thread, and not under the lock.
+        """
         for record, tensor in self.placement.take_writes():
             self.io.submit(WRITE, self._write, record, tensor)
+        for name in self.placement.take_deletions():
+            self._deleting.add(name)
+            self.io.submit(WRITE, self._delete, name)
+
+    def _delete(self, name: str) -> None:
+        self.placement.disk.store.delete_tensor(name)
+        with self._lock:
+            self._deleting.discard(name)
 
     def _write(self, record: TensorRecord, tensor: torch.Tensor) -> None:
         """A background write: the file outside the lock, the bookkeeping inside it."""
         error: BaseException | None = None
         try:
-            self.placement.disk.store.write_tensor(str(record.rid), tensor)
+            self.placement.disk.store.write_tensor(record.array, tensor)
         except Exception as caught:  # reported to the caller, never lost on this thread
             error = caught
         with self._lock:
@@ -371,7 +384,7 @@ class CacheCore:
     def _read_record(self, record: TensorRecord) -> torch.Tensor:
         pin = self.placement.pin_host and record.onload_device.type != "cpu"
         return self.placement.disk.store.read_tensor(
-            str(record.rid), record.shape, record.dtype, pin=pin, mapped=self._maps(record)
+            record.array, record.shape, record.dtype, pin=pin, mapped=self._maps(record)
         )
 
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
@@ -481,6 +494,9 @@ class CacheCore:
         with self._lock:
             disk = self.placement.disk
             if self.config.keep_store:
+                # Deletions the pool did not get to: a kept store holds no stray arrays.
+                for name in self._deleting | set(self.placement.take_deletions()):
+                    disk.store.delete_tensor(name)
                 persist(self.placement, self._batches)
                 disk.store.close()
             elif disk is not None and disk.has_store:

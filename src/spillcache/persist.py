@@ -34,7 +34,7 @@ def _describe_leaf(
 ) -> dict:
     """JSON for one tensor leaf, writing inline tensors as arrays of their own."""
     if isinstance(leaf, TensorRecord):
-        name, device, grad = str(leaf.rid), leaf.onload_device, leaf.requires_grad
+        name, device, grad = leaf.array, leaf.onload_device, leaf.requires_grad
     elif not dtypes.is_tierable(leaf.tensor):
         return {
             "array": None,

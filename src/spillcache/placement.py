@@ -57,6 +57,8 @@ class TensorRecord:
     loading: Future | None = None  # a disk read in flight; others wait on it
     alive: bool = True
     identity: int = 0  # id() of the tensor it was stored from, for sharing
+    array: str = ""  # the store array holding its disk copy (a new name for every write)
+    disk_writes: int = 0
     write_error: BaseException | None = field(default=None, repr=False)
 
 
@@ -103,6 +105,8 @@ class Placement:
         self.unwritten_bytes = 0
         self.writes_in_flight = 0  # queued or running
         self._queued: list[TensorRecord] = []
+        # Arrays of disk copies no longer wanted; the cache deletes them in the background.
+        self._doomed: list[str] = []
         self.counters: Counter[str] = Counter()
 
     def _memory_tier(self, name: str) -> MemoryTier:
@@ -257,11 +261,29 @@ class Placement:
             )
         self._make_disk_room(record.nbytes)
         self.disk.reserve(record.rid, record.nbytes)
+        record.array = self._next_array_name(record)
         self.pending[record.rid] = tensor
         self.pending_bytes += record.nbytes
         self.writes_in_flight += 1
         record.write_state = QUEUED
         self._queued.append(record)
+
+    @staticmethod
+    def _next_array_name(record: TensorRecord) -> str:
+        # A fresh name per write: the deletion of an older copy (queued in the
+        # background) can then never remove a newer one.
+        record.disk_writes += 1
+        return str(record.rid) if record.disk_writes == 1 else f"{record.rid}.{record.disk_writes}"
+
+    def _drop_disk_copy(self, record: TensorRecord) -> None:
+        self.disk.unreserve(record.rid)
+        self._doomed.append(record.array)
+        record.on_disk = False
+
+    def take_deletions(self) -> list[str]:
+        """Arrays to delete since the last call, now the caller's to delete."""
+        doomed, self._doomed = self._doomed, []
+        return doomed
 
     def _make_disk_room(self, nbytes: int) -> None:
         disk = self.disk
@@ -276,8 +298,7 @@ class Placement:
             )
         # Drop disk copies of records that are also in memory: they are only copies.
         for rid in clean:
-            disk.pop(rid)
-            self._records[rid].on_disk = False
+            self._drop_disk_copy(self._records[rid])
             if disk.has_room(nbytes):
                 return
 
@@ -306,8 +327,7 @@ class Placement:
             record.on_disk = True
             self.counters["disk.bytes_written"] += record.nbytes
             if not record.alive:
-                self.disk.pop(record.rid)
-                record.on_disk = False
+                self._drop_disk_copy(record)
             return False
         self.disk.unreserve(record.rid)
         if not record.alive:
@@ -393,8 +413,7 @@ class Placement:
             self._drop_pending(record)
             self.unwritten_bytes -= record.nbytes
         elif record.write_state is None and record.on_disk:
-            self.disk.pop(record.rid)
-            record.on_disk = False
+            self._drop_disk_copy(record)
         # WRITING: write_done deletes the file once the write is over.
         self._records.pop(record.rid, None)
         found = self._identity.get(record.identity)
@@ -430,7 +449,11 @@ class Placement:
                 tensor = self._memory_tier(record.resident).get(record.rid)
             if record.rid in self.disk:
                 self.disk.unreserve(record.rid)
-            self.disk.put(record.rid, self._host_copy(tensor).contiguous(), durable=durable)
+            record.array = self._next_array_name(record)
+            self.disk.reserve(record.rid, record.nbytes)
+            self.disk.store.write_tensor(
+                record.array, self._host_copy(tensor).contiguous(), durable=durable
+            )
             record.on_disk = True
             if record.rid in self.pending:
                 del self.pending[record.rid]

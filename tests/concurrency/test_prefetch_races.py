@@ -79,7 +79,7 @@ def test_update_does_not_wait_for_a_read_in_flight(tmp_path, monkeypatch):
 def test_delete_during_a_read_keeps_the_file_until_the_read_is_done(tmp_path, monkeypatch):
     with make(tmp_path, 2, prefetch_depth=1) as cache:
         record = cache._core._batches[1]["h"].leaves[0]
-        array = cache._core.placement.disk.store.path / "tensors" / str(record.rid)
+        array = cache._core.placement.disk.store.path / "tensors" / record.array
         blocked = BlockedReads(cache, monkeypatch)
         future = cache._core.submit_fetch(1, None)
         assert blocked.reading.wait(timeout=30)
@@ -89,6 +89,7 @@ def test_delete_during_a_read_keeps_the_file_until_the_read_is_done(tmp_path, mo
         blocked.release.set()
         _, values, _ = future.result(timeout=30)
         assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
+        cache._core.io.wait_idle()  # files are deleted in the background
         assert not array.exists(), "the last holder gone, the file goes too"
         assert cache.stats()["disk"]["bytes"] == 8 * 32 * 32  # batch 0 only
 

@@ -120,4 +120,4 @@ def test_keep_store_waits_for_writes_before_completing_the_store(tmp_path, monke
     store = Store.open(cache.store_path)
     for index, value in enumerate(values):
         record = cache._core._batches[index]["h"].leaves[0]
-        assert_same(store.read_tensor(str(record.rid), tuple(SHAPE), torch.float32), value)
+        assert_same(store.read_tensor(record.array, tuple(SHAPE), torch.float32), value)

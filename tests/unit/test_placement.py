@@ -73,11 +73,13 @@ class World:
         for record, tensor in self.p.take_writes():
             error = None
             try:
-                self.p.disk.store.write_tensor(str(record.rid), tensor)
+                self.p.disk.store.write_tensor(record.array, tensor)
             except StoreError as caught:
                 error = caught
             if self.p.write_done(record, error):
                 self.failed_writes.append(record)
+        for name in self.p.take_deletions():
+            self.p.disk.store.delete_tensor(name)
 
     def admit(self, *tensors: torch.Tensor) -> list[TensorRecord]:
         try:
@@ -92,7 +94,7 @@ class World:
     def load(self, record: TensorRecord, *, budgets: bool = True) -> torch.Tensor:
         got = self.p.begin_load(record)
         if got is None:
-            got = self.p.disk.get(record.rid, record.shape, record.dtype)
+            got = self.p.disk.store.read_tensor(record.array, record.shape, record.dtype)
             self.p.read_done(record, got, promote=True)
             self.drain()
         got = dtypes.onload(got, record.onload_device, record.requires_grad)
@@ -103,6 +105,7 @@ class World:
 
     def release(self, *records: TensorRecord) -> None:
         self.p.release(list(records))
+        self.drain()
         for record in records:
             if record.refs == 0:
                 self.live.pop(record.rid, None)
@@ -330,7 +333,7 @@ def test_persist_gives_every_record_a_disk_copy(tmp_path):
     assert array_dirs(world.p) == {str(r.rid) for r in records}
     store = Store.open(world.p.disk.store.path)
     for record, want in world.live.values():
-        assert same_bits(store.read_tensor(str(record.rid), record.shape, record.dtype), want)
+        assert same_bits(store.read_tensor(record.array, record.shape, record.dtype), want)
     assert [r.resident for r in records].count("host") == 3
     world.check_all_loadable(budgets=False)
 
@@ -358,3 +361,17 @@ def test_capacity_error_keeps_clean_disk_copies(tmp_path):
         world.admit(value(5, nbytes=3 * SIZE))
     world.check()
     assert a.on_disk
+
+
+def test_a_record_written_again_gets_a_new_array_so_old_deletions_cannot_hit_it(tmp_path):
+    world = World(make(tmp_path, host=2 * SIZE, disk=2 * SIZE))
+    a, b, c = world.admit(value(0), value(1), value(2))
+    world.load(a)  # a promoted, clean copy kept
+    first_array = a.array
+    world.admit(value(3))  # c's spill drops a's clean copy; its array is deleted
+    assert not a.on_disk and first_array not in array_dirs(world.p)
+    world.release(b)  # room on disk again
+    world.admit(value(4))  # a (least recently used) is spilled again
+    assert a.on_disk and a.array != first_array and a.array.startswith(f"{a.rid}.")
+    assert a.array in array_dirs(world.p) and first_array not in array_dirs(world.p)
+    world.check_all_loadable()

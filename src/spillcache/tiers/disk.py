@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from ..format import Store
 from .budget import BudgetedTier
 
@@ -16,7 +14,8 @@ class DiskTier(BudgetedTier[int]):
     """Sizes of the tensors it holds in one store, by record id (``None`` budget: no limit).
 
     A tensor's bytes are *reserved* when its background write is queued, so the budget
-    holds while writes are in flight; the write itself runs elsewhere (``write``).
+    holds while writes are in flight; writing, reading and deleting the files is the
+    cache's (through ``store``), on its I/O threads.
     ``open_store`` is called the first time room is reserved, so a cache whose values
     all fit in memory never touches the disk.
     """
@@ -47,23 +46,3 @@ class DiskTier(BudgetedTier[int]):
     def unreserve(self, rid: int) -> None:
         """Forget a reservation whose file was never written."""
         self._remove(rid, self._items[rid])
-
-    def put(self, rid: int, tensor: torch.Tensor, *, durable: bool = False) -> None:
-        """Write a contiguous CPU tensor now; on error nothing is recorded and no file is left."""
-        self.reserve(rid, tensor.nbytes)
-        try:
-            self.store.write_tensor(str(rid), tensor, durable=durable)
-        except BaseException:
-            self.unreserve(rid)
-            raise
-
-    def get(
-        self, rid: int, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False
-    ) -> torch.Tensor:
-        if rid not in self:
-            raise KeyError(f"record {rid} is not in the disk tier")
-        return self.store.read_tensor(str(rid), shape, dtype, pin=pin)
-
-    def pop(self, rid: int) -> None:
-        self.unreserve(rid)
-        self.store.delete_tensor(str(rid))
