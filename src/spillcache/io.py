@@ -62,6 +62,9 @@ class IOPool:
                 if future.set_running_or_notify_cancel():
                     self._call(future, fn, args)
             finally:
+                # Drop the job before waiting for the next one: its arguments (a tensor
+                # being written, say) must not stay alive while this thread is idle.
+                future = fn = args = None
                 self._queue.task_done()
 
     @staticmethod

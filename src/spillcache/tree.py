@@ -55,44 +55,52 @@ def flatten(value: Any, onload_device: torch.device | None = None) -> Flat:
     """
     tensors: list[TensorLeaf] = []
     opaques: list[Any] = []
-
-    def visit(node: Any, onload: torch.device | None) -> tuple:
-        if isinstance(node, IntermediateValue):
-            return visit(node.value, node.device if node.device is not None else onload)
-        if isinstance(node, torch.Tensor):
-            tensors.append(TensorLeaf(node, onload if onload is not None else node.device))
-            return ("tensor", len(tensors) - 1)
-        if isinstance(node, _PRIMITIVES):
-            return ("value", node)
-        if isinstance(node, torch.dtype):
-            return ("dtype", node)
-        if isinstance(node, torch.device):
-            return ("device", node)
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            items = [
-                (f.name, visit(getattr(node, f.name), onload)) for f in dataclasses.fields(node)
-            ]
-            return ("dataclass", type(node), items)
-        if isinstance(node, tuple):
-            cls = type(node) if type(node) is not tuple and hasattr(node, "_fields") else None
-            if type(node) is tuple or cls is not None:
-                return ("tuple", cls, [visit(item, onload) for item in node])
-        if type(node) is list:
-            return ("list", [visit(item, onload) for item in node])
-        if type(node) in (dict, OrderedDict):
-            cls = None if type(node) is dict else OrderedDict
-            items = [(visit(k, onload), visit(v, onload)) for k, v in node.items()]
-            return ("dict", cls, items)
-        warnings.warn(
-            f"spillcache cannot offload values of type {type(node).__qualname__}; "
-            "keeping this one as it is, in RAM",
-            stacklevel=4,
-        )
-        opaques.append(node)
-        return ("opaque", len(opaques) - 1)
-
-    spec = visit(value, onload_device)
+    spec = _visit(value, onload_device, tensors, opaques)
     return Flat(spec, tensors, opaques)
+
+
+def _visit(node: Any, onload: torch.device | None, tensors: list, opaques: list) -> tuple:
+    # A module-level function, not a closure: a recursive closure is a reference cycle
+    # (function -> cell -> function) that would keep every tensor it saw alive until
+    # the cyclic garbage collector happens to run.
+    if isinstance(node, IntermediateValue):
+        device = node.device if node.device is not None else onload
+        return _visit(node.value, device, tensors, opaques)
+    if isinstance(node, torch.Tensor):
+        tensors.append(TensorLeaf(node, onload if onload is not None else node.device))
+        return ("tensor", len(tensors) - 1)
+    if isinstance(node, _PRIMITIVES):
+        return ("value", node)
+    if isinstance(node, torch.dtype):
+        return ("dtype", node)
+    if isinstance(node, torch.device):
+        return ("device", node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        items = [
+            (f.name, _visit(getattr(node, f.name), onload, tensors, opaques))
+            for f in dataclasses.fields(node)
+        ]
+        return ("dataclass", type(node), items)
+    if isinstance(node, tuple):
+        cls = type(node) if type(node) is not tuple and hasattr(node, "_fields") else None
+        if type(node) is tuple or cls is not None:
+            return ("tuple", cls, [_visit(item, onload, tensors, opaques) for item in node])
+    if type(node) is list:
+        return ("list", [_visit(item, onload, tensors, opaques) for item in node])
+    if type(node) in (dict, OrderedDict):
+        cls = None if type(node) is dict else OrderedDict
+        items = [
+            (_visit(k, onload, tensors, opaques), _visit(v, onload, tensors, opaques))
+            for k, v in node.items()
+        ]
+        return ("dict", cls, items)
+    warnings.warn(
+        f"spillcache cannot offload values of type {type(node).__qualname__}; "
+        "keeping this one as it is, in RAM",
+        stacklevel=4,
+    )
+    opaques.append(node)
+    return ("opaque", len(opaques) - 1)
 
 
 def unflatten(spec: tuple, tensors: list[Any], opaques: list[Any]) -> Any:

@@ -3,7 +3,9 @@ buffer meanwhile; updates wait when the buffer budget is spent. Forced with Even
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import torch
 
@@ -121,3 +123,22 @@ def test_keep_store_waits_for_writes_before_completing_the_store(tmp_path, monke
     for index, value in enumerate(values):
         record = cache._core._batches[index]["h"].leaves[0]
         assert_same(store.read_tensor(record.array, tuple(SHAPE), torch.float32), value)
+
+
+def test_regression_a_written_value_is_freed_without_waiting_for_the_cyclic_gc(tmp_path):
+    """flatten() used a recursive closure: a reference cycle that kept every tensor of
+    an update alive until the cyclic garbage collector ran, so RSS grew far past the
+    budgets; and an idle I/O thread kept its last job's tensor."""
+    gc.disable()
+    try:
+        with make(tmp_path) as cache:
+            value = random_tensor(torch.float32, SHAPE, 0)
+            alive = weakref.ref(value)
+            cache.update(0, {"h": (value, {"again": value})})
+            del value
+            cache.flush()
+            cache._core.io.wait_idle()
+            assert alive() is None, "the cache (or a thread) still holds the written value"
+            assert_same(cache.fetch(0)["h"][0], random_tensor(torch.float32, SHAPE, 0))
+    finally:
+        gc.enable()
