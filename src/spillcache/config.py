@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,13 @@ def _parse_count(field_name: str, value: Any) -> int:
     return value
 
 
+def _auto_or(value: Any, parse: Callable[[Any], Any]) -> Any:
+    """``AUTO`` where the value says "auto" (any case), else the parsed value."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return parse(value)
+
+
 def _parse_choice(field_name: str, value: Any, choices: tuple[str, ...], noun: str) -> str:
     if isinstance(value, str) and value.strip().lower() in choices:
         return value.strip().lower()
@@ -165,11 +173,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes"):
-            value = getattr(self, name)
-            if not (isinstance(value, str) and value.strip().lower() == AUTO):
-                self._set(name, parse_size(name, value))
-            else:
-                self._set(name, AUTO)
+            self._set(name, _auto_or(getattr(self, name), lambda v, n=name: parse_size(n, v)))
         self._set("disk_path", self._checked_disk_path(self.disk_path))
         if self.disk_bytes is not None and not _is_none_text(self.disk_bytes):
             self._set("disk_bytes", parse_size("disk_bytes", self.disk_bytes))
@@ -180,10 +184,7 @@ class CacheConfig:
         self._set("keep_store", _parse_bool("keep_store", self.keep_store))
         self._set("eviction", _parse_choice("eviction", self.eviction, EVICTION_POLICIES, "policy"))
         self._set("read_mode", _parse_choice("read_mode", self.read_mode, READ_MODES, "mode"))
-        if not (isinstance(self.direct_io, str) and self.direct_io.strip().lower() == AUTO):
-            self._set("direct_io", _parse_bool("direct_io", self.direct_io))
-        else:
-            self._set("direct_io", AUTO)
+        self._set("direct_io", _auto_or(self.direct_io, lambda v: _parse_bool("direct_io", v)))
         self._set("write_behind_bytes", parse_size("write_behind_bytes", self.write_behind_bytes))
         self._set("read_buffer_bytes", parse_size("read_buffer_bytes", self.read_buffer_bytes))
         self._set("io_threads", _parse_count("io_threads", self.io_threads))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import dtypes, reads
+from . import dtypes, reads, stats
 from .config import AUTO, CacheConfig
 from .entries import Entry, InlineTensor
 from .entries import records_of as _records_of
@@ -430,42 +430,12 @@ class CacheCore:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            placement = self.placement
-            counters = placement.counters
-            disk = placement.disk
-
-            def tier(name: str, nbytes: int, budget: int | None) -> dict[str, Any]:
-                return {
-                    "bytes": nbytes,
-                    "budget": budget,
-                    **{
-                        counter: counters[f"{name}.{counter}"]
-                        for counter in ("hits", "misses", "bytes_read", "bytes_written")
-                    },
-                    "evictions": counters[f"{name}.evictions"],
-                }
-
-            return {
-                "device": tier("device", placement.device.nbytes, placement.device.budget),
-                "host": tier("host", placement.host.nbytes, placement.host.budget),
-                # no disk tier can hold nothing; None is "no limit but the disk"
-                "disk": {
-                    **tier(
-                        "disk",
-                        disk.nbytes if disk is not None else 0,
-                        disk.budget if disk is not None else 0,
-                    ),
-                    "path": self._store_path_locked(),
-                },
-                "write_behind": {
-                    "bytes": placement.pending_bytes,
-                    "budget": self.config.write_behind_bytes,
-                    "writes": placement.writes_in_flight,
-                    "hits": counters["write_behind.hits"],
-                    "unwritten_bytes": placement.unwritten_bytes,
-                },
-                "stall_seconds": self._stall_seconds,
-            }
+            return stats.report(
+                self.placement,
+                write_behind_budget=self.config.write_behind_bytes,
+                store_path=self._store_path_locked(),
+                stall_seconds=self._stall_seconds,
+            )
 
     def store_path(self) -> str | None:
         with self._lock:
