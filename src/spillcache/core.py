@@ -166,7 +166,7 @@ class CacheCore:
         error: BaseException | None = None
         try:
             self.placement.disk.store.write_tensor(record.array, tensor)
-        except Exception as caught:  # reported to the caller, never lost on this thread
+        except BaseException as caught:  # reported to the caller, never lost on this thread
             error = caught
         with self._lock:
             if self.placement.write_done(record, error):
@@ -324,11 +324,7 @@ class CacheCore:
             if by_reader:
                 self.placement.reached(index, len(self._batches))
             generation = self._generations[index]
-            entries = [
-                (key, entry)
-                for key, entry in self._batches[index].items()
-                if input_names is None or key in input_names
-            ]
+            entries = _selected(self._batches[index], input_names)
             loads = reads.plan(self.placement, _records_in(entries))
         tensors = self._finish_loads(loads, by_reader=by_reader)
         ready = Ready()
@@ -401,12 +397,7 @@ class CacheCore:
         """Bring a batch's spilled values up to the host tier ahead of use."""
         with self._lock:
             self._check_open()
-            batch = self._batches[self._index(batch_index)]
-            entries = [
-                (key, entry)
-                for key, entry in batch.items()
-                if input_names is None or key in input_names
-            ]
+            entries = _selected(self._batches[self._index(batch_index)], input_names)
             loads = reads.plan(self.placement, _records_in(entries))
         self._finish_loads(loads, by_reader=True, asked=True)
 
@@ -475,3 +466,8 @@ class CacheCore:
 
 def _records_in(entries: list[tuple[str, Entry]]) -> list[TensorRecord]:
     return [record for _, entry in entries for record in _records_of(entry)]
+
+
+def _selected(batch: dict[str, Entry], names: Collection[str] | None) -> list[tuple[str, Entry]]:
+    """The batch's entries named in ``names`` (all with None; absent names skipped)."""
+    return [(key, entry) for key, entry in batch.items() if names is None or key in names]
