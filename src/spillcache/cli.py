@@ -1,11 +1,20 @@
-"""The ``spillcache`` command. Uses the public API only."""
+"""The ``spillcache`` command. Uses the public API and the store format only.
+
+Every subcommand prints aligned tables for people (``--json`` for scripts where a
+script would want it) and exits 0; a problem is one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
-from .config import CacheConfig, parse_size
+from . import format as store_format
+from .config import AUTO, CacheConfig, parse_size
 from .errors import SpillCacheError
 
 __all__ = ["main"]
@@ -16,6 +25,98 @@ def _format_bytes(nbytes: int) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
     return f"{nbytes} B"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _config(args: argparse.Namespace) -> int:
+    config, sources = CacheConfig.explain(file=args.file)
+    values = {name: getattr(config, name) for name in CacheConfig.field_names()}
+    if args.json:
+        print(
+            json.dumps({name: {"value": values[name], "source": sources[name]} for name in values})
+        )
+        return 0
+    rows = [["setting", "value", "from"]]
+    for name, value in values.items():
+        shown = (
+            "none"
+            if value is None
+            else str(value).lower()
+            if isinstance(value, bool)
+            else str(value)
+        )
+        if isinstance(value, int) and not isinstance(value, bool) and name.endswith("_bytes"):
+            shown = f"{value} ({_format_bytes(value)})"
+        rows.append([name, shown, sources[name]])
+    print(_table(rows))
+    return 0
+
+
+def _stores_dir(args: argparse.Namespace) -> Path:
+    if args.dir is not None:
+        return Path(args.dir)
+    disk_path = CacheConfig.from_env().disk_path
+    return Path(tempfile.gettempdir() if disk_path in (AUTO, None) else disk_path)
+
+
+def _store_rows(directory: Path) -> list[dict]:
+    rows = []
+    for path in store_format.find_stores(directory):
+        attributes = store_format.read_root_attributes(path)
+        rows.append(
+            {
+                "path": str(path),
+                "bytes": store_format.store_bytes(path),
+                "pid": attributes.get("pid"),
+                "alive": store_format.owner_alive(attributes),
+                "complete": bool(attributes.get("complete")),
+            }
+        )
+    return rows
+
+
+def _alive_text(alive: bool | None) -> str:
+    return {True: "alive", False: "dead", None: "unknown"}[alive]
+
+
+def _du(args: argparse.Namespace) -> int:
+    rows = _store_rows(_stores_dir(args))
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = [["store", "size", "pid", "process", "state"]]
+    for row in rows:
+        state = "complete" if row["complete"] else "in use or left by a crash"
+        table.append(
+            [row["path"], _format_bytes(row["bytes"]), str(row["pid"]),
+             _alive_text(row["alive"]), state]
+        )  # fmt: skip
+    table.append(["total", _format_bytes(sum(r["bytes"] for r in rows)), "", "", ""])
+    print(_table(table))
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    rows = _store_rows(_stores_dir(args))
+    # Only stores whose process is known to be dead; kept (complete) stores only with --all.
+    doomed = [r for r in rows if r["alive"] is False and (args.all or not r["complete"])]
+    verb = "removed" if args.yes else "would remove"
+    for row in doomed:
+        if args.yes:
+            shutil.rmtree(row["path"], ignore_errors=True)
+        print(f"{verb} {row['path']} ({_format_bytes(row['bytes'])}, pid {row['pid']} is dead)")
+    freed = _format_bytes(sum(r["bytes"] for r in doomed))
+    print(f"{verb} {len(doomed)} of {len(rows)} stores, {freed}")
+    if doomed and not args.yes:
+        print("dry run: pass --yes to delete them")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="a TOML config file")
     demo.add_argument("--keep-store", action="store_true", help="keep the store after the run")
     demo.set_defaults(run=_demo)
+
+    config = commands.add_parser(
+        "config", help="print the effective configuration and where each value comes from"
+    )
+    config.add_argument("--file", help="a TOML config file (instead of $SPILLCACHE_CONFIG)")
+    config.add_argument("--json", action="store_true")
+    config.set_defaults(run=_config)
+
+    du = commands.add_parser("du", help="list stores with their size and owner process")
+    du.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")
+    du.add_argument("--json", action="store_true")
+    du.set_defaults(run=_du)
+
+    gc = commands.add_parser("gc", help="remove stores whose process is dead (dry run)")
+    gc.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")
+    gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
+    gc.add_argument(
+        "--all", action="store_true", help="also kept (complete) stores of dead processes"
+    )
+    gc.set_defaults(run=_gc)
     return parser
 
 

@@ -105,6 +105,16 @@ def _parse_count(field_name: str, value: Any) -> int:
     return value
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+
+
 def _auto_or(value: Any, parse: Callable[[Any], Any]) -> Any:
     """``AUTO`` where the value says "auto" (any case), else the parsed value."""
     if isinstance(value, str) and value.strip().lower() == AUTO:
@@ -223,29 +233,38 @@ class CacheConfig:
                 f"{source}: unknown setting(s) {', '.join(map(repr, unknown))}; "
                 f"known settings are {', '.join(cls.field_names())}"
             )
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as error:  # say where the bad value was written
+            raise ConfigError(f"{source}: {error}") from None
+        except TypeError as error:
+            raise TypeError(f"{source}: {error}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> CacheConfig:
         """Read a TOML file whose top-level keys are field names."""
         path = Path(path)
-        try:
-            with path.open("rb") as handle:
-                values = tomllib.load(handle)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML ({error})") from None
-        return cls.from_mapping(values, source=str(path))
+        return cls.from_mapping(_read_toml(path), source=str(path))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> CacheConfig:
         """Defaults, then the TOML file named by SPILLCACHE_CONFIG, then SPILLCACHE_<FIELD>."""
+        return cls.explain(environ)[0]
+
+    @classmethod
+    def explain(
+        cls, environ: dict[str, str] | None = None, file: str | os.PathLike[str] | None = None
+    ) -> tuple[CacheConfig, dict[str, str]]:
+        """``from_env()`` and where each field's value came from ("default", the file's
+        path, or the variable's name). ``file`` stands in for ``SPILLCACHE_CONFIG``."""
         environ = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
-        config_file = environ.pop(ENV_CONFIG_FILE, "").strip()
+        sources = dict.fromkeys(cls.field_names(), "default")
+        config_file = environ.pop(ENV_CONFIG_FILE, "").strip() if file is None else str(file)
         if config_file:
-            values.update(dataclasses.asdict(cls.from_file(config_file)))
+            cls.from_file(config_file)  # checks the file as a whole first
+            values.update(_read_toml(Path(config_file)))
+            sources.update(dict.fromkeys(values, config_file))
         for name, text in environ.items():
             if not name.startswith(ENV_PREFIX):
                 continue
@@ -257,7 +276,8 @@ class CacheConfig:
                     f"{ENV_CONFIG_FILE}, {known}"
                 )
             values[field_name] = text
-        return cls(**values)
+            sources[field_name] = name
+        return cls(**values), sources
 
     def replace(self, **changes: Any) -> CacheConfig:
         """A copy with some fields changed (validated like a new config)."""

@@ -38,7 +38,15 @@ from . import chunkio, dtypes
 from .buffers import BufferPool
 from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 
-__all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "Store"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Store",
+    "find_stores",
+    "owner_alive",
+    "read_root_attributes",
+    "store_bytes",
+]
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -317,3 +325,48 @@ def read_root_attributes(path: Path) -> dict:
     if not isinstance(attributes, dict):
         raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)")
     return attributes
+
+
+# ------------------------------------------------------------------ finding stores
+
+
+def find_stores(directory: str | os.PathLike[str]) -> list[Path]:
+    """The spillcache stores directly under ``directory`` (any format version), by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StoreNotFoundError(f"no directory {directory}")
+    found = []
+    for path in sorted(directory.glob(f"{STORE_PREFIX}*")):
+        try:
+            read_root_attributes(path)
+        except StoreError:
+            continue  # not a store, or one being created right now
+        found.append(path)
+    return found
+
+
+def store_bytes(path: Path) -> int:
+    """Bytes of every file in the store (what deleting it frees)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass  # deleted by its cache meanwhile
+    return total
+
+
+def owner_alive(attributes: dict) -> bool | None:
+    """Whether the process that wrote the store still runs: None when it is on another
+    host (or unknown), so that nothing treats it as dead."""
+    pid = attributes.get("pid")
+    if attributes.get("hostname") != socket.gethostname() or type(pid) is not int:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -277,9 +278,13 @@ def test_from_file_invalid_toml(tmp_path):
         CacheConfig.from_file(path)
 
 
-def test_from_file_invalid_value_names_the_field(tmp_path):
-    with pytest.raises(ConfigError, match="^eviction: unknown policy 'fifo'"):
-        CacheConfig.from_file(_write(tmp_path, 'eviction = "fifo"\n'))
+def test_from_file_invalid_value_names_the_file_and_the_field(tmp_path):
+    path = _write(tmp_path, 'eviction = "fifo"\n')
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: eviction: unknown policy"):
+        CacheConfig.from_file(path)
+    path = _write(tmp_path, "prefetch_depth = 1.5\n")
+    with pytest.raises(TypeError, match=f"^{re.escape(str(path))}: prefetch_depth: expected"):
+        CacheConfig.from_file(path)
 
 
 def test_from_file_missing(tmp_path):

@@ -1,0 +1,162 @@
+"""The ``spillcache`` console script, run as a user runs it, on real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from spillcache import CacheConfig, IntermediatesCache
+
+SCRIPT = [sys.executable, "-m", "spillcache"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SPILLCACHE_")}
+    environ.update(env or {})
+    return subprocess.run(
+        [*SCRIPT, *args], capture_output=True, text=True, timeout=120, env=environ
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_shows_each_value_and_where_it_came_from(tmp_path):
+    file = tmp_path / "spill.toml"
+    file.write_text('host_bytes = "2GiB"\neviction = "lru"\n')
+    done = run("config", env={"SPILLCACHE_CONFIG": str(file), "SPILLCACHE_EVICTION": "scan"})
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    assert lines["host_bytes"][1:] == ["2147483648", "(2.0", "GiB)", str(file)]
+    assert lines["eviction"][1:] == ["scan", "SPILLCACHE_EVICTION"]  # the variable wins
+    assert lines["io_threads"][1:] == [str(CacheConfig.io_threads), "default"]
+    assert set(lines) == set(CacheConfig.field_names())
+
+
+def test_config_json_and_file_option(tmp_path):
+    file = tmp_path / "other.toml"
+    file.write_text("prefetch_depth = 5\n")
+    done = run("config", "--file", str(file), "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["prefetch_depth"] == {"value": 5, "source": str(file)}
+    assert figures["disk_bytes"] == {"value": None, "source": "default"}
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("host_bytes = 'lots'\n", ["host_bytes", "'lots'"]),
+        ("hots_bytes = 1\n", ["unknown setting", "'hots_bytes'"]),
+        ("host_bytes = \n", ["not valid TOML"]),
+    ],
+)
+def test_config_invalid_file_is_one_clear_line(tmp_path, text, needles):
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    one_line_error(run("config", "--file", str(file)), str(file), *needles)
+
+
+def test_config_missing_file_and_bad_variable():
+    one_line_error(run("config", "--file", "/no/such.toml"), "/no/such.toml", "does not exist")
+    one_line_error(run("config", env={"SPILLCACHE_HOST_BYTE": "1"}), "SPILLCACHE_HOST_BYTE")
+
+
+# ------------------------------------------------------------------ du and gc
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    from spillcache import CacheConfig, IntermediatesCache
+    keep = sys.argv[2] == "keep"
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=sys.argv[1], keep_store=keep)
+    cache = IntermediatesCache([{"h": torch.ones(64, 64)}], config=config)
+    cache.flush()
+    print(cache.store_path, flush=True)
+    if keep:
+        cache.close()
+    else:
+        sys.stdin.read()  # until killed
+    """
+)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """Three stores: a live one (this process), one left by a process killed with
+    SIGKILL, and a kept (complete) one of a process that exited."""
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    live = IntermediatesCache([{"h": torch.ones(64, 64)}], config=config)
+    live.flush()
+    killed = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), "crash"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    crashed = killed.stdout.readline().strip()  # the store exists once this line comes
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    kept = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path), "keep"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.strip()  # fmt: skip
+    yield {"live": live.store_path, "crashed": crashed, "kept": kept, "dir": str(tmp_path)}
+    live.close()
+
+
+def test_du_lists_every_store_with_size_owner_and_state(stores):
+    done = run("du", stores["dir"], "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {row["path"]: row for row in json.loads(done.stdout)}
+    assert set(rows) == {stores["live"], stores["crashed"], stores["kept"]}
+    assert rows[stores["live"]]["alive"] is True and rows[stores["live"]]["pid"] == os.getpid()
+    assert rows[stores["crashed"]]["alive"] is False
+    assert rows[stores["crashed"]]["complete"] is False
+    assert rows[stores["kept"]]["alive"] is False and rows[stores["kept"]]["complete"] is True
+    assert all(row["bytes"] >= 64 * 64 * 4 for row in rows.values())
+    table = run("du", stores["dir"])
+    assert table.returncode == 0
+    assert "alive" in table.stdout and "dead" in table.stdout and "total" in table.stdout
+    assert "KiB" in table.stdout
+
+
+def test_gc_is_a_dry_run_by_default_and_never_touches_a_live_store(stores):
+    dry = run("gc", stores["dir"])
+    assert dry.returncode == 0, dry.stderr
+    assert f"would remove {stores['crashed']}" in dry.stdout and "--yes" in dry.stdout
+    assert stores["kept"] not in dry.stdout and stores["live"] not in dry.stdout
+    assert os.path.exists(stores["crashed"])
+    done = run("gc", stores["dir"], "--yes")
+    assert done.returncode == 0, done.stderr
+    assert f"removed {stores['crashed']}" in done.stdout
+    assert not os.path.exists(stores["crashed"])
+    assert os.path.exists(stores["kept"]) and os.path.exists(stores["live"])
+    everything = run("gc", stores["dir"], "--yes", "--all")
+    assert f"removed {stores['kept']}" in everything.stdout
+    assert not os.path.exists(stores["kept"]) and os.path.exists(stores["live"])
+
+
+def test_du_and_gc_of_a_missing_directory_are_one_clear_line(tmp_path):
+    one_line_error(run("du", str(tmp_path / "nope")), "no directory", "nope")
+    one_line_error(run("gc", str(tmp_path / "nope")), "no directory", "nope")
+
+
+def test_du_defaults_to_the_configured_disk_path(tmp_path):
+    done = run("du", env={"SPILLCACHE_DISK_PATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split()[:3] == ["total", "0", "B"]
