@@ -119,6 +119,45 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .summary import summarize
+
+    info = summarize(args.path)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    if info["complete"]:
+        state = "complete (kept when its cache closed)"
+    elif info["owner_alive"] is False:
+        state = "incomplete: left by a run that did not close (its process is gone)"
+    else:
+        state = "incomplete: its cache is still open (or its process is on another host)"
+    owner = f"pid {info['pid']} on {info['hostname']} ({_alive_text(info['owner_alive'])})"
+    rows = [
+        ["store", info["path"]],
+        ["format", f"version {info['format_version']}"],
+        ["state", state],
+        ["owner", owner],
+        ["written", f"{info['written']} by torch {info['torch_version']}"],
+        ["batches", "not recorded" if info["batches"] is None else str(info["batches"])],
+        ["arrays", f"{info['arrays']}, {_format_bytes(info['bytes'])}"],
+    ]
+    print(_table(rows))
+    if not info["keys"]:
+        print("\nno keys recorded: a store records its batches' structures when it is kept")
+        return 0
+    table = [["key", "shapes", "dtypes", "bytes", "batches"]]
+    for key, entry in info["keys"].items():
+        shapes = "; ".join(str(tuple(t["shape"])) for t in entry["tensors"]) or "-"
+        kinds = ", ".join(dict.fromkeys(t["dtype"] for t in entry["tensors"])) or "-"
+        table.append(
+            [repr(key), shapes, kinds, _format_bytes(entry["bytes"]), str(entry["batches"])]
+        )
+    print()
+    print(_table(table))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -173,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--file", help="a TOML config file (instead of $SPILLCACHE_CONFIG)")
     config.add_argument("--json", action="store_true")
     config.set_defaults(run=_config)
+
+    inspect = commands.add_parser("inspect", help="summarize a store: state, arrays, keys")
+    inspect.add_argument("path", help="a store directory (spillcache-<pid>-<id>)")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=_inspect)
 
     du = commands.add_parser("du", help="list stores with their size and owner process")
     du.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")

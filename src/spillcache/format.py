@@ -282,6 +282,24 @@ class Store:
     def delete_tensor(self, name: str) -> None:
         shutil.rmtree(self._array_dir(name), ignore_errors=True)
 
+    def array_names(self) -> list[str]:
+        """Every complete array in the store (an array's zarr.json is written last)."""
+        tensors = self.path / "tensors"
+        return sorted(p.parent.name for p in tensors.glob("*/zarr.json"))
+
+    def array_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and torch dtype an array holds, from its metadata."""
+        path = self._array_dir(name) / "zarr.json"
+        try:
+            metadata = json.loads(path.read_text())
+            return tuple(metadata["shape"]), dtypes.dtype_from_name(
+                metadata["attributes"][ATTRS_KEY]["torch_dtype"]
+            )
+        except FileNotFoundError:
+            raise StoreCorruptError(f"array {name}: {path} is missing") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreCorruptError(f"array {name}: unreadable metadata in {path}") from error
+
     # ------------------------------------------------------------- batches
 
     def write_batch(self, index: int, entries: dict[str, dict], *, durable: bool = False) -> None:

@@ -160,3 +160,47 @@ def test_du_defaults_to_the_configured_disk_path(tmp_path):
     done = run("du", env={"SPILLCACHE_DISK_PATH": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].split()[:3] == ["total", "0", "B"]
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def test_inspect_a_kept_store_shows_its_keys(tmp_path):
+    config = CacheConfig(host_bytes=0, disk_path=str(tmp_path), keep_store=True)
+    batches = [{"h": torch.ones(4, 64, 64), "pos": (torch.arange(300), 3)} for _ in range(3)]
+    cache = IntermediatesCache(batches, config=config)
+    path = cache.store_path
+    cache.close()
+    info = json.loads(run("inspect", path, "--json").stdout)
+    assert info["complete"] is True and info["batches"] == 3 and info["format_version"] == 1
+    assert info["keys"]["h"] == {
+        "batches": 3,
+        "bytes": 3 * 4 * 64 * 64 * 4,
+        "tensors": [{"shape": [4, 64, 64], "dtype": "float32"}],
+    }
+    assert info["keys"]["pos"]["tensors"] == [{"shape": [300], "dtype": "int64"}]
+    assert info["bytes"] == 3 * (4 * 64 * 64 * 4 + 300 * 8)
+    done = run("inspect", path)
+    assert done.returncode == 0, done.stderr
+    assert "complete (kept when its cache closed)" in done.stdout
+    assert "'h'" in done.stdout and "(4, 64, 64)" in done.stdout and "192.0 KiB" in done.stdout
+
+
+def test_inspect_a_store_left_by_a_killed_process(stores):
+    info = json.loads(run("inspect", stores["crashed"], "--json").stdout)
+    assert info["complete"] is False and info["owner_alive"] is False
+    assert info["arrays"] == 1 and info["bytes"] == 64 * 64 * 4 and info["keys"] == {}
+    done = run("inspect", stores["crashed"])
+    assert "left by a run that did not close" in done.stdout
+    assert "no keys recorded" in done.stdout
+
+
+def test_inspect_errors_are_one_clear_line(tmp_path, stores):
+    one_line_error(run("inspect", str(tmp_path / "nope")), "no store at", "does not exist")
+    one_line_error(run("inspect", str(tmp_path)), "is not a spillcache store")
+    root = os.path.join(stores["kept"], "zarr.json")
+    metadata = json.loads(open(root).read())
+    metadata["attributes"]["spillcache"]["format_version"] = 99
+    with open(root, "w") as handle:
+        json.dump(metadata, handle)
+    one_line_error(run("inspect", stores["kept"]), "version 99", "reads version(s) 1")
