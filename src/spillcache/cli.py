@@ -7,14 +7,19 @@ script would want it) and exits 0; a problem is one line on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from . import format as store_format
 from .config import AUTO, CacheConfig, parse_size
+from .dtypes import dtype_name
 from .errors import SpillCacheError
 
 __all__ = ["main"]
@@ -158,6 +163,82 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(value: Any, indent: str, tensors: list) -> list[str]:
+    """Lines describing a value's structure; its tensors are numbered and collected."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return [f"tensor #{len(tensors) - 1} {tuple(value.shape)} {dtype_name(value.dtype)}"]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        head = type(value).__name__
+    elif isinstance(value, dict):
+        items, head = list(value.items()), "dict"
+    elif isinstance(value, (list, tuple)):
+        items, head = list(enumerate(value)), type(value).__name__
+    else:
+        return [repr(value)]
+    lines = [head]
+    for name, child in items:
+        child_lines = _describe(child, indent + "  ", tensors)
+        lines.append(f"{indent}  {name!r}: {child_lines[0]}")
+        lines.extend(child_lines[1:])
+    return lines
+
+
+def _export(tensor: torch.Tensor, path: Path) -> str:
+    if path.suffix == ".pt":
+        torch.save(tensor.clone(), path)
+        return f"wrote {path} (torch.save, {dtype_name(tensor.dtype)})"
+    if path.suffix != ".npy":
+        raise ValueError(f"--export: {path.name} must end in .pt or .npy")
+    import numpy
+
+    try:
+        array = tensor.numpy()
+        note = ""
+    except TypeError:  # numpy has no such type: float ones widen exactly to float32
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"--export: numpy has no {dtype_name(tensor.dtype)}; export to a .pt file"
+            ) from None
+        array, note = tensor.float().numpy(), f", widened exactly from {dtype_name(tensor.dtype)}"
+    numpy.save(path, array)
+    return f"wrote {path} (numpy {array.dtype}{note})"
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .summary import load_value, tensor_stats
+
+    value = load_value(args.path, args.batch, args.key)
+    tensors: list[torch.Tensor] = []
+    lines = _describe(value, "", tensors)
+    stats = [tensor_stats(tensor) for tensor in tensors]
+    if args.json:
+        print(json.dumps({"structure": lines, "tensors": stats}))
+    else:
+        print("\n".join(lines))
+        for index, figures in enumerate(stats):
+            shown = ", ".join(
+                f"{name} {value:.6g}" if isinstance(value, float) else f"{name} {value}"
+                for name, value in figures.items()
+            )
+            print(f"tensor #{index}: {shown}")
+    if args.export:
+        if len(tensors) != 1 and args.leaf is None:
+            raise ValueError(
+                f"--export: the value holds {len(tensors)} tensors; pick one with --leaf N"
+            )
+        leaf = args.leaf or 0
+        if not 0 <= leaf < len(tensors):
+            raise ValueError(
+                f"--leaf: {leaf} is not a tensor of this value (0..{len(tensors) - 1})"
+            )
+        print(
+            _export(tensors[leaf], Path(args.export)), file=sys.stderr if args.json else sys.stdout
+        )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -218,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=_inspect)
 
+    show = commands.add_parser("show", help="one value of a kept store: structure, statistics")
+    show.add_argument("path", help="a kept store directory")
+    show.add_argument("batch", type=int)
+    show.add_argument("key")
+    show.add_argument("--export", help="write the tensor to a .pt or .npy file")
+    show.add_argument("--leaf", type=int, help="which tensor of the value to export")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_show)
+
     du = commands.add_parser("du", help="list stores with their size and owner process")
     du.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")
     du.add_argument("--json", action="store_true")
@@ -237,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (SpillCacheError, OSError, ValueError, TypeError) as error:
-        print(f"spillcache {args.command}: {error}", file=sys.stderr)
+    except (SpillCacheError, OSError, ValueError, TypeError, KeyError, IndexError) as error:
+        # A KeyError's str() is the repr of its message: print the message itself.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"spillcache {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import format as store_format
-from .dtypes import dtype_name
+import torch
 
-__all__ = ["summarize"]
+from . import format as store_format
+from .dtypes import RAW_DTYPES, dtype_name
+from .tree import spec_from_json, unflatten
+
+__all__ = ["load_value", "summarize", "tensor_stats"]
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -60,3 +63,64 @@ def _arrays_in(spec: dict) -> Iterator[str]:
             yield from _arrays_in(part)
     for _, child in spec.get("fields", []):
         yield from _arrays_in(child)
+
+
+def load_value(path: str | Path, batch: int, key: str) -> Any:
+    """One value of a kept store, rebuilt from its stored structure (tensors on the CPU;
+    a tensor the store does not hold comes back as None)."""
+    store = store_format.Store.open(path)
+    attributes = store_format.read_root_attributes(store.path)
+    if not attributes.get("complete"):
+        raise store_format.StoreFormatError(
+            f"{store.path} records no batch structures (its run did not close with "
+            "keep_store); `spillcache inspect` lists its arrays"
+        )
+    count = attributes.get("num_batches", 0)
+    if not 0 <= batch < count:
+        raise IndexError(f"batch {batch} is out of range: the store has {count} batches")
+    entries = store.read_batch(batch)
+    if key not in entries:
+        raise KeyError(f"batch {batch} has no key {key!r}; it has {sorted(entries)}")
+    tensors: list[Any] = []
+
+    def tensor_leaf(node: dict) -> int:
+        array = node.get("array")
+        if array:
+            name = array.removeprefix("tensors/")
+            shape, dtype = store.array_info(name)
+            tensors.append(store.read_tensor(name, shape, dtype))
+        else:
+            tensors.append(None)
+        return len(tensors) - 1
+
+    spec = spec_from_json(entries[key], tensor_leaf)
+    return unflatten(spec, tensors, [])
+
+
+def tensor_stats(tensor: torch.Tensor) -> dict[str, Any]:
+    """min, max, mean, std, and NaN/inf counts, computed in float64 ("of": values, the
+    magnitudes of complex values, or the raw bits of types with no arithmetic)."""
+    values, of = tensor.detach(), "values"
+    if values.is_complex():
+        values, of = values.abs(), "magnitudes"
+    try:
+        values = values.to(torch.float64)
+    except (RuntimeError, NotImplementedError):  # bits*, int1..int7, float4: no casts
+        values = values.view(RAW_DTYPES[values.dtype.itemsize]).to(torch.float64)
+        of = "raw bits"
+    values = values.reshape(-1)
+    finite = values[torch.isfinite(values)]
+    figures: dict[str, Any] = {
+        "of": of,
+        "count": values.numel(),
+        "nan": int(torch.isnan(values).sum()),
+        "inf": int(torch.isinf(values).sum()),
+    }
+    if finite.numel():
+        figures.update(
+            min=finite.min().item(),
+            max=finite.max().item(),
+            mean=finite.mean().item(),
+            std=finite.std(unbiased=False).item(),
+        )
+    return figures

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy
 import pytest
 import torch
 
+from spill_testing import assert_same
 from spillcache import CacheConfig, IntermediatesCache
 
 SCRIPT = [sys.executable, "-m", "spillcache"]
@@ -204,3 +206,62 @@ def test_inspect_errors_are_one_clear_line(tmp_path, stores):
     with open(root, "w") as handle:
         json.dump(metadata, handle)
     one_line_error(run("inspect", stores["kept"]), "version 99", "reads version(s) 1")
+
+
+# ------------------------------------------------------------------ show
+
+
+@pytest.fixture
+def kept_store(tmp_path):
+    """A kept store: batch 0 has a bf16 tensor with a NaN and an inf, and a nested value."""
+    hidden = torch.tensor([[1.0, float("nan")], [float("inf"), 3.0]]).to(torch.bfloat16)
+    batches = [
+        {"h": hidden, "pos": (torch.arange(3), 3, {"m": None}), "pair": (hidden, hidden * 2)}
+    ]
+    config = CacheConfig(host_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True)
+    cache = IntermediatesCache(batches, config=config)
+    cache.close()  # the values are small (inline): the store is made when it is kept
+    return cache.store_path, hidden
+
+
+def test_show_prints_structure_and_statistics(kept_store):
+    path, _ = kept_store
+    done = run("show", path, "0", "h", "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["structure"] == ["tensor #0 (2, 2) bfloat16"]
+    assert figures["tensors"] == [
+        {"of": "values", "count": 4, "nan": 1, "inf": 1, "min": 1.0, "max": 3.0,
+         "mean": 2.0, "std": 1.0}
+    ]  # fmt: skip
+    nested = run("show", path, "0", "pos")
+    assert nested.returncode == 0, nested.stderr
+    assert nested.stdout.splitlines()[:5] == [
+        "tuple", "  0: tensor #0 (3,) int64", "  1: 3", "  2: dict", "    'm': None"
+    ]  # fmt: skip
+
+
+def test_show_exports_a_tensor_bit_for_bit(kept_store, tmp_path):
+    path, hidden = kept_store
+    done = run("show", path, "0", "h", "--export", str(tmp_path / "h.pt"))
+    assert done.returncode == 0, done.stderr
+    assert_same(torch.load(tmp_path / "h.pt"), hidden)
+    done = run("show", path, "0", "h", "--export", str(tmp_path / "h.npy"))
+    assert "widened exactly from bfloat16" in done.stdout
+    assert torch.equal(
+        torch.from_numpy(numpy.load(tmp_path / "h.npy")).to(torch.bfloat16).view(torch.int16),
+        hidden.view(torch.int16),
+    )
+    done = run("show", path, "0", "pair", "--leaf", "1", "--export", str(tmp_path / "p.pt"))
+    assert done.returncode == 0, done.stderr
+    assert_same(torch.load(tmp_path / "p.pt"), hidden * 2)
+
+
+def test_show_errors_are_one_clear_line(kept_store, stores, tmp_path):
+    path, _ = kept_store
+    one_line_error(run("show", path, "0", "nope"), "no key 'nope'", "'h'")
+    one_line_error(run("show", path, "7", "h"), "batch 7 is out of range", "1 batches")
+    one_line_error(run("show", path, "0", "pair", "--export", "x.pt"), "2 tensors", "--leaf")
+    one_line_error(run("show", path, "0", "h", "--export", str(tmp_path / "h.csv")), ".pt or .npy")
+    one_line_error(run("show", stores["crashed"], "0", "h"), "records no batch structures")
+    one_line_error(run("show", str(tmp_path / "nope"), "0", "h"), "no store at")
