@@ -242,7 +242,9 @@ def _bounce(staging: StagingBuffers | None, nbytes: int) -> Iterator[torch.Tenso
         yield aligned_empty(min(_round_up(nbytes), 8 << 20))
 
 
-def _write_direct(fd: int, data: torch.Tensor, staging: StagingBuffers | None) -> None:
+def _write_direct(
+    fd: int, data: torch.Tensor, staging: StagingBuffers | None, trailer: bytes
+) -> None:
     nbytes = data.numel()
     whole = nbytes - nbytes % PAGE
     source = memoryview(data.numpy())
@@ -260,15 +262,16 @@ def _write_direct(fd: int, data: torch.Tensor, staging: StagingBuffers | None) -
                 piece = min(len(staged), whole - offset)
                 staged[:piece] = source[offset : offset + piece]
                 _pwrite_all(fd, staged[:piece], offset, direct=True)
-    if whole < nbytes:
-        # The last partial page is written buffered: clear O_DIRECT on this descriptor and
-        # write the < PAGE remaining bytes from the source. The alternative, a zero-padded
-        # direct page and ftruncate(nbytes), makes ext4 read that block back from disk
+    if whole < nbytes or trailer:
+        # The last partial page (and the trailer) is written buffered: clear O_DIRECT on
+        # this descriptor and write the < PAGE remaining bytes from the source. The
+        # alternative, a zero-padded direct page and ftruncate(nbytes), makes ext4 read
+        # that block back from disk
         # (synchronously) to zero its end: one extra disk read per file, measured at
         # ~0.2 ms per 16 MiB file. The one dirty page is flushed by writeback or fsync, and
         # a later O_DIRECT read of the file writes it back first, so readers see it.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        _pwrite_all(fd, source[whole:], whole, direct=False)
+        _pwrite_all(fd, memoryview(bytes(source[whole:]) + trailer), whole, direct=False)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -286,8 +289,10 @@ def write_file(
     direct: bool,
     staging: StagingBuffers | None,
     durable: bool = False,
+    trailer: bytes = b"",
 ) -> None:
-    """Write the bytes of ``data`` (1-D contiguous uint8, CPU) to ``path`` atomically.
+    """Write the bytes of ``data`` (1-D contiguous uint8, CPU), then ``trailer`` (a
+    checksum, say), to ``path`` atomically.
 
     The bytes go to ``<name>.<random>.partial`` beside ``path`` and are renamed into
     place; on any error the partial file is removed, ``path`` keeps what it held, and
@@ -302,9 +307,10 @@ def write_file(
     try:
         try:
             if direct:
-                _write_direct(fd, data, staging)
+                _write_direct(fd, data, staging, trailer)
             else:
                 _pwrite_all(fd, memoryview(data.numpy()), 0, direct=False)
+                _pwrite_all(fd, memoryview(trailer), data.numel(), direct=False)
             if durable:
                 os.fsync(fd)
         finally:
@@ -337,31 +343,36 @@ def _shrank(path: Path, got: int, nbytes: int) -> StoreCorruptError:
     return StoreCorruptError(f"chunk file {path} ended after {got} bytes, expected {nbytes}")
 
 
-def _read_direct(fd: int, out: torch.Tensor, path: Path) -> None:
+def _read_direct(fd: int, out: torch.Tensor, path: Path, trailer: int) -> bytes:
     nbytes = out.numel()
+    total = nbytes + trailer
     whole = nbytes - nbytes % PAGE
     view = memoryview(out.numpy())
-    # The last partial page lands in a page of its own, not in ``out``'s storage past its
-    # end: ``out`` may be a view whose next bytes belong to someone else. One preadv
-    # fills both, and the kernel stops it at EOF.
-    tail = aligned_empty(PAGE) if whole < nbytes else None
+    # The last partial page (and the trailer) lands in pages of its own, not in ``out``'s
+    # storage past its end: ``out`` may be a view whose next bytes belong to someone
+    # else. One preadv fills both, and the kernel stops it at EOF.
+    tail = aligned_empty(_round_up(total - whole)) if whole < total else None
     position = 0
-    while position < nbytes:
+    while position < total:
         buffers = [view[position:whole]] if position < whole else []
         if tail is not None:
             buffers.append(memoryview(tail.numpy()))
         end = position + os.preadv(fd, buffers, position)
-        if end >= nbytes:
+        if end >= total:
             break
         if end == position or end % PAGE:  # EOF before the size fstat reported
-            raise _shrank(path, end, nbytes)
+            raise _shrank(path, end, total)
         position = end
-    if tail is not None:
-        view[whole:] = memoryview(tail.numpy())[: nbytes - whole]
+    if tail is None:
+        return b""
+    tail_bytes = memoryview(tail.numpy())
+    view[whole:] = tail_bytes[: nbytes - whole]
+    return bytes(tail_bytes[nbytes - whole : total - whole])
 
 
-def read_file(path: Path, out: torch.Tensor, *, direct: bool) -> None:
-    """Fill ``out`` (1-D uint8, CPU) with the bytes of ``path``, which must be that long.
+def read_file(path: Path, out: torch.Tensor, *, direct: bool, trailer: int = 0) -> bytes:
+    """Fill ``out`` (1-D uint8, CPU) with the bytes of ``path``, which must hold exactly
+    that many plus ``trailer`` bytes; return the trailer's bytes.
 
     A missing, shorter or longer file raises StoreCorruptError naming the path and the
     sizes. With ``direct``, ``out`` must start on a PAGE boundary (use aligned_empty or
@@ -375,18 +386,21 @@ def read_file(path: Path, out: torch.Tensor, *, direct: bool) -> None:
             f"read_file(direct=True) needs a {PAGE}-byte aligned tensor; "
             "allocate it with chunkio.aligned_empty"
         )
-    fd = _open_checked(path, nbytes, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    fd = _open_checked(path, nbytes + trailer, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     try:
         if direct:
-            _read_direct(fd, out, path)
-            return
+            return _read_direct(fd, out, path, trailer)
         view = memoryview(out.numpy())
         done = 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], done)  # readinto: no bytes object
             if got == 0:
-                raise _shrank(path, done, nbytes)
+                raise _shrank(path, done, nbytes + trailer)
             done += got
+        tail = os.pread(fd, trailer, nbytes) if trailer else b""
+        if len(tail) != trailer:
+            raise _shrank(path, nbytes + len(tail), nbytes + trailer)
+        return tail
     finally:
         os.close(fd)
 

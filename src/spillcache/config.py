@@ -165,6 +165,8 @@ class CacheConfig:
     - ``read_buffer_bytes``: memory kept for reading spilled values back, reused once
       the caller no longer holds a value read into it (0: allocate every read).
     - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).
+    - ``checksum``: store a CRC32C with every chunk (zarr's crc32c codec) and check it
+      on every read, so a damaged chunk is an error instead of wrong data.
     """
 
     device_bytes: int | str = AUTO
@@ -180,6 +182,7 @@ class CacheConfig:
     write_behind_bytes: int = 256 * 2**20
     read_buffer_bytes: int = 256 * 2**20
     io_threads: int = 3
+    checksum: bool = False
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes"):
@@ -192,6 +195,7 @@ class CacheConfig:
         self._set("inline_bytes", parse_size("inline_bytes", self.inline_bytes))
         self._set("prefetch_depth", _parse_count("prefetch_depth", self.prefetch_depth))
         self._set("keep_store", _parse_bool("keep_store", self.keep_store))
+        self._set("checksum", _parse_bool("checksum", self.checksum))
         self._set("eviction", _parse_choice("eviction", self.eviction, EVICTION_POLICIES, "policy"))
         self._set("read_mode", _parse_choice("read_mode", self.read_mode, READ_MODES, "mode"))
         self._set("direct_io", _auto_or(self.direct_io, lambda v: _parse_bool("direct_io", v)))

@@ -22,7 +22,7 @@ from . import dtypes, reads, stats
 from .config import AUTO, CacheConfig
 from .entries import Entry, InlineTensor
 from .entries import records_of as _records_of
-from .errors import CacheClosedError, ConfigError, StoreError
+from .errors import CacheClosedError, ConfigError, StoreCorruptError, StoreError
 from .format import Store
 from .io import READ, WRITE, IOPool
 from .persist import persist
@@ -89,6 +89,7 @@ class CacheCore:
                     direct_io=config.direct_io,
                     writers=config.io_threads,
                     read_buffer_bytes=config.read_buffer_bytes,
+                    checksum=config.checksum,
                 ),
             )
         self.transfers = Transfers()
@@ -379,9 +380,12 @@ class CacheCore:
 
     def _read_record(self, record: TensorRecord) -> torch.Tensor:
         pin = self.placement.pin_host and record.onload_device.type != "cpu"
-        return self.placement.disk.store.read_tensor(
-            record.array, record.shape, record.dtype, pin=pin, mapped=self._maps(record)
-        )
+        try:
+            return self.placement.disk.store.read_tensor(
+                record.array, record.shape, record.dtype, pin=pin, mapped=self._maps(record)
+            )
+        except StoreCorruptError as error:  # name the entry, not just the file
+            raise StoreCorruptError(f"{record.label}: {error}") from None
 
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
         onload = self.transfers.onload

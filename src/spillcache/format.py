@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import torch
 
 from . import chunkio, dtypes
@@ -69,8 +70,12 @@ def _fill_value(data_type: str) -> Any:
     return 0
 
 
-def array_metadata(shape: tuple[int, ...], dtype: torch.dtype) -> dict:
-    """zarr v3 metadata for one tensor stored as a single uncompressed chunk."""
+CRC32C_CODEC = {"name": "crc32c"}
+
+
+def array_metadata(shape: tuple[int, ...], dtype: torch.dtype, checksum: bool = False) -> dict:
+    """zarr v3 metadata for one tensor stored as a single uncompressed chunk (with a
+    CRC32C of the chunk appended, zarr's ``crc32c`` codec, when ``checksum``)."""
     data_type = dtypes.storage_dtype_name(dtype)
     bytes_codec: dict[str, Any] = {"name": "bytes"}
     if dtype.itemsize > 1:
@@ -88,7 +93,7 @@ def array_metadata(shape: tuple[int, ...], dtype: torch.dtype) -> dict:
         # "." keeps the chunk a single file beside zarr.json: no directory per dimension.
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": _fill_value(data_type),
-        "codecs": [bytes_codec],
+        "codecs": [bytes_codec, CRC32C_CODEC] if checksum else [bytes_codec],
         "attributes": {ATTRS_KEY: {"torch_dtype": dtypes.dtype_name(dtype)}},
     }
 
@@ -130,9 +135,11 @@ class Store:
         direct: bool = False,
         staging: chunkio.StagingBuffers | None = None,
         buffers: BufferPool | None = None,
+        checksum: bool = False,
     ) -> None:
         self.path = path
         self.direct = direct
+        self.checksum = checksum
         self._staging = staging
         self._buffers = buffers or BufferPool(0)
 
@@ -146,6 +153,7 @@ class Store:
         direct_io: bool | str = False,
         writers: int = 1,
         read_buffer_bytes: int = 0,
+        checksum: bool = False,
     ) -> Store:
         """Make a new private store directory under ``parent``.
 
@@ -162,7 +170,8 @@ class Store:
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
             staging = chunkio.StagingBuffers(writers, STAGING_BYTES) if direct else None
-            store = cls(path, direct=direct, staging=staging, buffers=BufferPool(read_buffer_bytes))
+            buffers = BufferPool(read_buffer_bytes)
+            store = cls(path, direct=direct, staging=staging, buffers=buffers, checksum=checksum)
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
@@ -228,16 +237,17 @@ class Store:
         try:
             directory.mkdir(exist_ok=True)
             if tensor.numel():
+                data = dtypes.byte_view(tensor.contiguous())
                 chunkio.write_file(
                     directory / chunk_name(tensor.dim()),
-                    dtypes.byte_view(tensor.contiguous()),
+                    data,
                     direct=self.direct,
                     staging=self._staging,
                     durable=durable,
+                    trailer=_crc32c(data) if self.checksum else b"",
                 )
-            _write_json(
-                directory / "zarr.json", array_metadata(tuple(tensor.shape), tensor.dtype), durable
-            )
+            metadata = array_metadata(tuple(tensor.shape), tensor.dtype, self.checksum)
+            _write_json(directory / "zarr.json", metadata, durable)
         except OSError as error:
             shutil.rmtree(directory, ignore_errors=True)
             raise StoreError(
@@ -255,22 +265,31 @@ class Store:
         *,
         pin: bool = False,
         mapped: bool = False,
+        checksum: bool | None = None,
     ) -> torch.Tensor:
-        """Read array ``tensors/<name>`` into a new CPU tensor, checking its size.
+        """Read array ``tensors/<name>`` into a new CPU tensor, checking its size (and its
+        CRC32C where the store keeps one: ``checksum``, default the store's own setting).
 
         ``pin`` reads into pinned memory (for a copy to an accelerator); ``mapped``
         maps the chunk file instead (zero-copy, read-only use, through the page cache).
         """
         nbytes = math.prod(shape) * dtype.itemsize
         path = self._array_dir(name) / chunk_name(len(shape))
+        trailer = 4 if (self.checksum if checksum is None else checksum) else 0
         try:
             if nbytes == 0:
                 raw = torch.empty(0, dtype=torch.uint8)
             elif mapped:
-                raw = chunkio.map_file(path, nbytes)
+                mapping = chunkio.map_file(path, nbytes + trailer)
+                raw, stored = mapping[:nbytes], bytes(mapping[nbytes:].numpy())
             else:
                 raw = self._buffers.take(nbytes, pin=pin)
-                chunkio.read_file(path, raw, direct=self.direct)
+                stored = chunkio.read_file(path, raw, direct=self.direct, trailer=trailer)
+            if nbytes and trailer and stored != _crc32c(raw):
+                raise StoreCorruptError(
+                    f"chunk file {path} fails its CRC32C check: its bytes changed after "
+                    "they were written"
+                )
         except StoreCorruptError as error:
             raise StoreCorruptError(f"tensor {name}: {error}") from None
         except OSError as error:
@@ -287,13 +306,16 @@ class Store:
         tensors = self.path / "tensors"
         return sorted(p.parent.name for p in tensors.glob("*/zarr.json"))
 
-    def array_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """The shape and torch dtype an array holds, from its metadata."""
+    def array_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype, bool]:
+        """The shape and torch dtype an array holds, and whether its chunk carries a
+        CRC32C, from its metadata."""
         path = self._array_dir(name) / "zarr.json"
         try:
             metadata = json.loads(path.read_text())
-            return tuple(metadata["shape"]), dtypes.dtype_from_name(
-                metadata["attributes"][ATTRS_KEY]["torch_dtype"]
+            return (
+                tuple(metadata["shape"]),
+                dtypes.dtype_from_name(metadata["attributes"][ATTRS_KEY]["torch_dtype"]),
+                CRC32C_CODEC in metadata["codecs"],
             )
         except FileNotFoundError:
             raise StoreCorruptError(f"array {name}: {path} is missing") from None
@@ -314,6 +336,11 @@ class Store:
             return json.loads(path.read_text())["attributes"][ATTRS_KEY]["entries"]
         except FileNotFoundError:
             return {}
+
+
+def _crc32c(data: torch.Tensor) -> bytes:
+    """zarr's crc32c codec: CRC-32C of the chunk's bytes, 4 bytes little-endian."""
+    return google_crc32c.value(data.numpy()).to_bytes(4, "little")
 
 
 def _resolve_direct_io(parent: Path, direct_io: bool | str) -> bool:

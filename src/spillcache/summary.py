@@ -23,7 +23,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     attributes = store_format.read_root_attributes(store.path)
     arrays = {}
     for name in store.array_names():
-        shape, dtype = store.array_info(name)
+        shape, dtype, _ = store.array_info(name)
         arrays[name] = (shape, dtype, math.prod(shape) * dtype.itemsize)
     batches = attributes.get("num_batches", 0) if attributes.get("complete") else 0
     keys: dict[str, dict[str, Any]] = {}
@@ -87,8 +87,8 @@ def load_value(path: str | Path, batch: int, key: str) -> Any:
         array = node.get("array")
         if array:
             name = array.removeprefix("tensors/")
-            shape, dtype = store.array_info(name)
-            tensors.append(store.read_tensor(name, shape, dtype))
+            shape, dtype, checksum = store.array_info(name)
+            tensors.append(store.read_tensor(name, shape, dtype, checksum=checksum))
         else:
             tensors.append(None)
         return len(tensors) - 1

@@ -25,6 +25,7 @@ MODES = {
     "lru": dict(eviction="lru"),
     "no-prefetch": dict(prefetch_depth=0),
     "one-thread": dict(io_threads=1, write_behind_bytes=0),
+    "checksum": dict(checksum=True),
 }
 
 

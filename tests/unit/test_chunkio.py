@@ -574,3 +574,18 @@ def test_large_buffers_are_huge_page_aligned_and_advised():
     assert "sh" not in flags, flags  # private: shared anonymous memory is shmem, no THP
     small = chunkio.aligned_empty(chunkio.HUGE_PAGE - 1)
     assert small.data_ptr() % chunkio.PAGE == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("nbytes", [0, 1, 4094, 4096, 2 * 4096 - 2, 3 * 4096 + 5])
+def test_a_trailer_is_written_after_the_data_and_read_back(tmp_path, direct, nbytes):
+    data = chunkio.aligned_empty(nbytes)
+    data.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    path = tmp_path / "chunk"
+    chunkio.write_file(path, data, direct=direct, staging=None, trailer=b"\x01\x02\x03\x04")
+    assert path.stat().st_size == nbytes + 4
+    out = chunkio.aligned_empty(nbytes)
+    assert chunkio.read_file(path, out, direct=direct, trailer=4) == b"\x01\x02\x03\x04"
+    assert torch.equal(out, data)
+    with pytest.raises(StoreCorruptError, match=f"holds {nbytes + 4} bytes, expected {nbytes}"):
+        chunkio.read_file(path, out, direct=direct)  # read as if it had no trailer
