@@ -239,6 +239,23 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .summary import verify
+
+    report = verify(args.path)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for bad in report["bad"]:
+            where = "; ".join(bad["used_by"]) or "no recorded key"
+            print(f"BAD {bad['array']} ({where}): {bad['error']}")
+        checked = f"{report['arrays']} arrays checked, {report['checksummed']} with a CRC32C"
+        if report["arrays"] and not report["checksummed"]:
+            checked += " (sizes only: the store was written without checksum = true)"
+        print(f"{checked}; {len(report['bad'])} bad")
+    return 1 if report["bad"] else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -307,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--leaf", type=int, help="which tensor of the value to export")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=_show)
+
+    verify = commands.add_parser(
+        "verify", help="read every chunk and check it (exit 1 if any is damaged)"
+    )
+    verify.add_argument("path", help="a store directory")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=_verify)
 
     du = commands.add_parser("du", help="list stores with their size and owner process")
     du.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")

@@ -13,7 +13,7 @@ from . import format as store_format
 from .dtypes import RAW_DTYPES, dtype_name
 from .tree import spec_from_json, unflatten
 
-__all__ = ["load_value", "summarize", "tensor_stats"]
+__all__ = ["load_value", "summarize", "tensor_stats", "verify"]
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -124,3 +124,32 @@ def tensor_stats(tensor: torch.Tensor) -> dict[str, Any]:
             std=finite.std(unbiased=False).item(),
         )
     return figures
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Read every array of a store, checking its size and (where it has one) its CRC32C.
+
+    Returns how many arrays were checked, how many carry a checksum, and the bad ones:
+    ``{"array", "used_by", "error"}``, where ``used_by`` names the batches and keys
+    that refer to the array (known for kept stores only).
+    """
+    store = store_format.Store.open(path)
+    attributes = store_format.read_root_attributes(store.path)
+    used_by: dict[str, list[str]] = {}
+    if attributes.get("complete"):
+        for index in range(attributes.get("num_batches", 0)):
+            for key, spec in store.read_batch(index).items():
+                for array in _arrays_in(spec):
+                    used_by.setdefault(array.removeprefix("tensors/"), []).append(
+                        f"batch {index}, key {key!r}"
+                    )
+    bad, checksummed = [], 0
+    names = store.array_names()
+    for name in names:
+        try:
+            shape, dtype, checksum = store.array_info(name)
+            checksummed += checksum
+            store.read_tensor(name, shape, dtype, checksum=checksum)
+        except store_format.StoreError as error:
+            bad.append({"array": name, "used_by": used_by.get(name, []), "error": str(error)})
+    return {"path": str(store.path), "arrays": len(names), "checksummed": checksummed, "bad": bad}

@@ -265,3 +265,48 @@ def test_show_errors_are_one_clear_line(kept_store, stores, tmp_path):
     one_line_error(run("show", path, "0", "h", "--export", str(tmp_path / "h.csv")), ".pt or .npy")
     one_line_error(run("show", stores["crashed"], "0", "h"), "records no batch structures")
     one_line_error(run("show", str(tmp_path / "nope"), "0", "h"), "no store at")
+
+
+# ------------------------------------------------------------------ verify
+
+
+@pytest.fixture
+def checksummed(tmp_path):
+    config = CacheConfig(
+        host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True,
+        checksum=True,
+    )  # fmt: skip
+    cache = IntermediatesCache([{"h": torch.ones(64, 64), "g": torch.zeros(8)}], config=config)
+    cache.close()
+    return cache.store_path, cache._core._batches[0]["h"].leaves[0].array
+
+
+def test_verify_a_sound_store(checksummed):
+    path, _ = checksummed
+    done = run("verify", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2 arrays checked, 2 with a CRC32C; 0 bad"
+
+
+def test_verify_names_a_flipped_and_a_truncated_chunk_and_fails(checksummed):
+    path, name = checksummed
+    chunk = os.path.join(path, "tensors", name, "c.0.0")
+    with open(chunk, "r+b") as handle:
+        handle.seek(10)
+        handle.write(b"\xff")
+    done = run("verify", path)
+    assert done.returncode == 1
+    assert f"BAD {name} (batch 0, key 'h'):" in done.stdout and "CRC32C" in done.stdout
+    assert done.stdout.splitlines()[-1] == "2 arrays checked, 2 with a CRC32C; 1 bad"
+    with open(chunk, "r+b") as handle:
+        handle.truncate(100)
+    report = json.loads(run("verify", path, "--json").stdout)
+    assert [bad["array"] for bad in report["bad"]] == [name]
+    assert "holds 100 bytes" in report["bad"][0]["error"]
+
+
+def test_verify_without_checksums_checks_sizes(stores):
+    done = run("verify", stores["crashed"])
+    assert done.returncode == 0, done.stderr
+    assert "sizes only" in done.stdout
+    one_line_error(run("verify", "/no/such/store"), "no store at")
