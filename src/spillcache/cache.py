@@ -44,12 +44,15 @@ class IntermediatesCache:
                 "CacheConfig(...), CacheConfig.from_file(path) or CacheConfig.from_env()"
             )
         self.offload_device = resolve_offload_device(offload_device)
-        self._core = CacheCore(config or CacheConfig.from_env(), self.offload_device)
-        # Runs on close(), on garbage collection and at interpreter exit, whichever
-        # comes first: callers such as llm-compressor never call close().
-        self._finalizer = weakref.finalize(self, self._core.close)
+        self._start(CacheCore(config or CacheConfig.from_env(), self.offload_device))
         for values in batch_intermediates or []:
             self._core.append(values)
+
+    def _start(self, core: CacheCore) -> None:
+        self._core = core
+        # Runs on close(), on garbage collection and at interpreter exit, whichever
+        # comes first: callers such as llm-compressor never call close().
+        self._finalizer = weakref.finalize(self, core.close)
 
     # -------------------------------------------------------------- builders
 
@@ -83,6 +86,20 @@ class IntermediatesCache:
                     f"{type(batch).__name__}; wrap the dataset to yield dicts"
                 )
             cache._core.append(batch, onload_device=model_device)
+        return cache
+
+    @classmethod
+    def open(cls, path: str, config: CacheConfig | None = None) -> IntermediatesCache:
+        """Reopen a store kept by a cache with ``keep_store = true``: the same batches,
+        keys and values, read-write; values come back on the devices they were stored
+        from (the CPU where that device is absent). The store is kept (and marked
+        complete again) when this cache closes. Refuses an incomplete store and a format
+        version this spillcache does not know; never runs code from the store."""
+        from .reopen import reopen
+
+        cache = cls.__new__(cls)
+        cache.offload_device = torch.device("cpu")
+        cache._start(reopen(path, config or CacheConfig.from_env()))
         return cache
 
     # ------------------------------------------------------------ documented

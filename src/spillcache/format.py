@@ -164,24 +164,21 @@ class Store:
         parent = Path(parent)
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            direct = _resolve_direct_io(parent, direct_io)
             path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             path.mkdir(mode=0o700)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
-            staging = chunkio.StagingBuffers(writers, STAGING_BYTES) if direct else None
-            buffers = BufferPool(read_buffer_bytes)
-            store = cls(path, direct=direct, staging=staging, buffers=buffers, checksum=checksum)
+            store = cls._configured(path, direct_io, writers, read_buffer_bytes, checksum)
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
             # The root's metadata last: until it exists the directory is no store.
             store.write_root_attributes(complete=False, num_batches=0)
-        except StoreError:
-            raise
-        except OSError as error:
+        except OSError as error:  # StoreError included: nothing half-made stays behind
             if "path" in locals():
                 shutil.rmtree(path, ignore_errors=True)
+            if isinstance(error, StoreError):
+                raise
             raise StoreError(
                 error.errno,
                 f"cannot create a store under {str(parent)!r} ({error.strerror}); "
@@ -190,8 +187,28 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Store:
-        """Open an existing store, checking that it is one and that its version is known."""
+    def _configured(
+        cls, path: Path, direct_io: bool | str, writers: int, buffer_bytes: int, checksum: bool
+    ) -> Store:
+        direct = _resolve_direct_io(path.parent, direct_io)
+        staging = chunkio.StagingBuffers(writers, STAGING_BYTES) if direct else None
+        buffers = BufferPool(buffer_bytes)
+        return cls(path, direct=direct, staging=staging, buffers=buffers, checksum=checksum)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        direct_io: bool | str = False,
+        writers: int = 1,
+        read_buffer_bytes: int = 0,
+    ) -> Store:
+        """Open an existing store, checking that it is one and that its version is known.
+
+        Its arrays' checksum setting is the store's own (from their metadata); the other
+        settings are as for ``create``.
+        """
         path = Path(path)
         attributes = read_root_attributes(path)
         version = attributes.get("format_version")
@@ -200,7 +217,10 @@ class Store:
                 f"{path} has store format version {version!r}; this spillcache reads "
                 f"version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade spillcache"
             )
-        return cls(path)
+        store = cls._configured(path, direct_io, writers, read_buffer_bytes, False)
+        names = store.array_names()
+        store.checksum = bool(names) and store.array_info(names[0])[2]
+        return store
 
     def write_root_attributes(
         self, *, complete: bool, num_batches: int, durable: bool = False
@@ -355,8 +375,9 @@ def _resolve_direct_io(parent: Path, direct_io: bool | str) -> bool:
     return supported
 
 
-def read_root_attributes(path: Path) -> dict:
+def read_root_attributes(path: str | os.PathLike[str]) -> dict:
     """The spillcache attributes of the store at ``path``, or a clear error."""
+    path = Path(path)
     if not path.exists():
         raise StoreNotFoundError(f"no store at {path}: the path does not exist")
     if not path.is_dir():

@@ -19,7 +19,8 @@ def persist(placement: Placement, batches: list[dict[str, Entry]]) -> None:
     root's ``complete`` flag last: a store marked complete holds everything."""
     store = placement.disk.store
     placement.persist(durable=True)
-    inline_names = (f"i{n}" for n in itertools.count())
+    taken = set(store.array_names())  # a reopened store already has some "i<n>"
+    inline_names = (name for n in itertools.count() if (name := f"i{n}") not in taken)
     for index, batch in enumerate(batches):
         entries = {}
         for key, entry in batch.items():

@@ -18,6 +18,7 @@ Not thread-safe: the cache calls it with its lock held.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -176,6 +177,42 @@ class Placement:
         self._records[record.rid] = record
         self._identity[id(tensor)] = (weakref.ref(tensor), record)
         return record
+
+    def adopt(
+        self,
+        array: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        onload_device: torch.device,
+        requires_grad: bool,
+        *,
+        batch: int,
+        label: str,
+    ) -> TensorRecord:
+        """A record for an array already in the store (a reopened cache); no reference
+        yet (``hold`` one per use). Its disk bytes count against the disk budget."""
+        record = TensorRecord(
+            rid=self._next_rid,
+            shape=shape,
+            dtype=dtype,
+            nbytes=math.prod(shape) * dtype.itemsize,
+            onload_device=onload_device,
+            requires_grad=requires_grad,
+            batch=batch,
+            label=label,
+            on_disk=True,
+            array=array,
+            disk_writes=1,  # a later write gets "<rid>.2", never an existing name
+        )
+        self._next_rid += 1
+        self._records[record.rid] = record
+        self.disk.reserve(record.rid, record.nbytes)
+        return record
+
+    def skip_record_ids(self, names: list[str]) -> None:
+        """New records must not be named like arrays already in the store."""
+        taken = [int(name.split(".")[0]) for name in names if name.split(".")[0].isdigit()]
+        self._next_rid = max([self._next_rid, *(number + 1 for number in taken)])
 
     def _wants_device_tier(self, tensor: torch.Tensor) -> bool:
         if self.device.budget == 0:

@@ -37,6 +37,10 @@ class DiskTier(BudgetedTier[int]):
     def has_store(self) -> bool:
         return self._store is not None
 
+    def attach(self, store: Store) -> None:
+        """Use an existing store (a reopened cache's) instead of creating one."""
+        self._store = store
+
     def reserve(self, rid: int, nbytes: int) -> None:
         """Count ``nbytes`` for a tensor whose file is about to be written."""
         if self._store is None:  # created now, under the caller's lock, not by a write thread
