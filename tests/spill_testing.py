@@ -58,3 +58,15 @@ def tensor_variants(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor
         "scalar": random_tensor(dtype, (), seed + 1),
         "empty": random_tensor(dtype, (0, 5), seed + 2),
     }
+
+
+def console_script() -> str:
+    """The installed ``spillcache`` command (pip puts it beside this interpreter)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).with_name("spillcache")
+    found = str(beside) if beside.exists() else shutil.which("spillcache")
+    assert found, "the spillcache console script is not installed: pip install -e ."
+    return found

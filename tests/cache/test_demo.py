@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
+
+from spill_testing import console_script
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "spillcache", *args]
+    command = [console_script(), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

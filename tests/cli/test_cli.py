@@ -13,10 +13,10 @@ import numpy
 import pytest
 import torch
 
-from spill_testing import assert_same
+from spill_testing import assert_same, console_script
 from spillcache import CacheConfig, IntermediatesCache
 
-SCRIPT = [sys.executable, "-m", "spillcache"]
+SCRIPT = [console_script()]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,12 +6,12 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from spill_testing import console_script
 from spillcache import CacheConfig, IntermediatesCache
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
@@ -63,7 +63,7 @@ def test_cli_example(world, command, shown):
         data[0] ^= 0xFF
         chunk.write_bytes(bytes(data))
     done = subprocess.run(
-        [sys.executable, "-m", "spillcache", *argv[1:]],
+        [console_script(), *argv[1:]],
         capture_output=True, text=True, timeout=120, cwd=world["cwd"], env=environ,
     )  # fmt: skip
     expected = 2 if shown[0].startswith("spillcache ") else 1 if shown[0].startswith("BAD") else 0
