@@ -53,13 +53,14 @@ def test_iter_prefetch_onto_the_gpu_is_bit_exact(tmp_path, host_bytes):
 
 
 def test_spilled_values_for_the_gpu_are_read_into_pinned_memory(tmp_path):
-    config = CacheConfig(host_bytes="8MiB", inline_bytes=0, disk_path=str(tmp_path))
-    with IntermediatesCache.empty(4, "cpu", config=config) as cache:
-        for index in range(4):
-            cache.update(index, {"h": torch.randn(1024, 1024, device=CUDA)})  # 4 MiB each
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    with IntermediatesCache.empty(2, "cpu", config=config) as cache:
+        values = [torch.randn(1024, 1024, device=CUDA) for _ in range(2)]
+        for index, value in enumerate(values):
+            cache.update(index, {"h": value})
         cache.flush()
-        for index in range(4):
-            cache.fetch(index)
-        host = cache._core.placement.host
-        assert len(host) >= 1
-        assert all(host.get(rid).is_pinned() for rid in host)
+        record = cache._core._batches[0]["h"].leaves[0]
+        assert record.resident is None and record.on_disk
+        read = cache._core._read_record(record)  # the disk read a fetch does
+        assert read.is_pinned() and read.device.type == "cpu"
+        assert_same(cache.fetch(0)["h"], values[0])
