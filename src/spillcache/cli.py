@@ -273,6 +273,7 @@ def _demo(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         layers=args.layers,
         config=config,
+        progress=True,
     )
     stats = result.stats
     host, disk = stats["host"], stats["disk"]
