@@ -49,19 +49,20 @@ def _config(args: argparse.Namespace) -> int:
         )
         return 0
     rows = [["setting", "value", "from"]]
-    for name, value in values.items():
-        shown = (
-            "none"
-            if value is None
-            else str(value).lower()
-            if isinstance(value, bool)
-            else str(value)
-        )
-        if isinstance(value, int) and not isinstance(value, bool) and name.endswith("_bytes"):
-            shown = f"{value} ({_format_bytes(value)})"
-        rows.append([name, shown, sources[name]])
+    rows += [[name, _setting_text(name, value), sources[name]] for name, value in values.items()]
     print(_table(rows))
     return 0
+
+
+def _setting_text(name: str, value: Any) -> str:
+    """A setting as a config file would spell it; sizes with a readable unit too."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and name.endswith("_bytes"):
+        return f"{value} ({_format_bytes(value)})"
+    return str(value)
 
 
 def _stores_dir(args: argparse.Namespace) -> Path:

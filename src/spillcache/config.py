@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .policy import POLICIES
 
 __all__ = ["AUTO", "CacheConfig", "parse_size"]
 
 AUTO = "auto"
-EVICTION_POLICIES = ("scan", "lru")
+EVICTION_POLICIES = tuple(POLICIES)
 READ_MODES = ("copy", "mmap")
 ENV_PREFIX = "SPILLCACHE_"
 ENV_CONFIG_FILE = "SPILLCACHE_CONFIG"
@@ -266,8 +267,8 @@ class CacheConfig:
         sources = dict.fromkeys(cls.field_names(), "default")
         config_file = environ.pop(ENV_CONFIG_FILE, "").strip() if file is None else str(file)
         if config_file:
-            cls.from_file(config_file)  # checks the file as a whole first
             values.update(_read_toml(Path(config_file)))
+            cls.from_mapping(values, source=config_file)  # the file checked on its own first
             sources.update(dict.fromkeys(values, config_file))
         for name, text in environ.items():
             if not name.startswith(ENV_PREFIX):

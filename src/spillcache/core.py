@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -187,19 +187,22 @@ class CacheCore:
         placement = self.placement
         if placement.pending_bytes <= budget:
             return
-        start = time.perf_counter()
-        self._write_finished.wait_for(lambda: self._closed or placement.pending_bytes <= budget)
-        self._stall_seconds += time.perf_counter() - start
+        self._wait_for_writes(lambda: self._closed or placement.pending_bytes <= budget)
         self._check_open()
+
+    def _wait_for_writes(self, done: Callable[[], bool]) -> None:
+        """Lock held (released while waiting): wait until ``done()``, re-checked after
+        each finished background write; the wait is the caller's stall."""
+        start = time.perf_counter()
+        self._write_finished.wait_for(done)
+        self._stall_seconds += time.perf_counter() - start
 
     def flush(self) -> None:
         """Wait for every background write; raise the first write error not yet raised."""
         with self._lock:
             if self._closed:
                 raise CacheClosedError("this cache is closed")
-            start = time.perf_counter()
-            self._write_finished.wait_for(lambda: self.placement.writes_in_flight == 0)
-            self._stall_seconds += time.perf_counter() - start
+            self._wait_for_writes(lambda: self.placement.writes_in_flight == 0)
             if self._write_errors:
                 raise self._write_errors.pop(0)
 

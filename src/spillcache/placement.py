@@ -480,9 +480,8 @@ class Placement:
         for record in list(self._records.values()):
             if record.on_disk and record.write_state is None:
                 continue
-            if record.rid in self.pending:
-                tensor = self.pending[record.rid]
-            else:
+            tensor = self.pending.pop(record.rid, None)
+            if tensor is None:
                 tensor = self._memory_tier(record.resident).get(record.rid)
             if record.rid in self.disk:
                 self.disk.unreserve(record.rid)
@@ -492,8 +491,6 @@ class Placement:
                 record.array, self._host_copy(tensor).contiguous(), durable=durable
             )
             record.on_disk = True
-            if record.rid in self.pending:
-                del self.pending[record.rid]
             record.write_state = None
         self._queued.clear()
         self.pending_bytes = self.unwritten_bytes = self.writes_in_flight = 0

@@ -114,7 +114,8 @@ class ScanPolicy:
         return iter([rid for batch in worth for rid in self._by_batch[batch]])
 
 
-POLICIES = {policy.name: policy for policy in (LRUPolicy, ScanPolicy)}
+# The default first: config lists the choices in this order.
+POLICIES = {policy.name: policy for policy in (ScanPolicy, LRUPolicy)}
 
 
 def make_policy(name: str) -> LRUPolicy | ScanPolicy:
