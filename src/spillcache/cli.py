@@ -74,8 +74,7 @@ def _stores_dir(args: argparse.Namespace) -> Path:
 
 def _store_rows(directory: Path) -> list[dict]:
     rows = []
-    for path in store_format.find_stores(directory):
-        attributes = store_format.read_root_attributes(path)
+    for path, attributes in store_format.find_stores(directory).items():
         rows.append(
             {
                 "path": str(path),

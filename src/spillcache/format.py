@@ -140,6 +140,7 @@ class Store:
         self.path = path
         self.direct = direct
         self.checksum = checksum
+        self.attributes: dict = {}  # the root's spillcache attributes, as ``open`` read them
         self._staging = staging
         self._buffers = buffers or BufferPool(0)
 
@@ -218,6 +219,7 @@ class Store:
                 f"version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade spillcache"
             )
         store = cls._configured(path, direct_io, writers, read_buffer_bytes, False)
+        store.attributes = attributes
         names = store.array_names()
         store.checksum = bool(names) and store.array_info(names[0])[2]
         return store
@@ -396,18 +398,18 @@ def read_root_attributes(path: str | os.PathLike[str]) -> dict:
 # ------------------------------------------------------------------ finding stores
 
 
-def find_stores(directory: str | os.PathLike[str]) -> list[Path]:
-    """The spillcache stores directly under ``directory`` (any format version), by name."""
+def find_stores(directory: str | os.PathLike[str]) -> dict[Path, dict]:
+    """The spillcache stores directly under ``directory`` (any format version), by name,
+    each with its root attributes."""
     directory = Path(directory)
     if not directory.is_dir():
         raise StoreNotFoundError(f"no directory {directory}")
-    found = []
+    found = {}
     for path in sorted(directory.glob(f"{STORE_PREFIX}*")):
         try:
-            read_root_attributes(path)
+            found[path] = read_root_attributes(path)
         except StoreError:
             continue  # not a store, or one being created right now
-        found.append(path)
     return found
 
 

@@ -16,7 +16,7 @@ from .config import CacheConfig
 from .core import CacheCore
 from .entries import Entry
 from .errors import StoreFormatError
-from .format import Store, read_root_attributes
+from .format import Store
 from .placement import Placement, TensorRecord
 from .tree import spec_from_json
 
@@ -33,7 +33,7 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
         writers=config.io_threads,
         read_buffer_bytes=config.read_buffer_bytes,
     )
-    attributes = read_root_attributes(store.path)
+    attributes = store.attributes
     if not attributes.get("complete"):
         raise StoreFormatError(
             f"{store.path} is not complete: its run did not close with keep_store = true, "

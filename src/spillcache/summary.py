@@ -20,22 +20,20 @@ def summarize(path: str | Path) -> dict[str, Any]:
     """A store's state, arrays and (when it was kept) keys; raises StoreError if ``path``
     is not a store this spillcache can read."""
     store = store_format.Store.open(path)
-    attributes = store_format.read_root_attributes(store.path)
+    attributes = store.attributes
     arrays = {}
     for name in store.array_names():
         shape, dtype, _ = store.array_info(name)
         arrays[name] = (shape, dtype, math.prod(shape) * dtype.itemsize)
-    batches = attributes.get("num_batches", 0) if attributes.get("complete") else 0
     keys: dict[str, dict[str, Any]] = {}
-    for index in range(batches):
-        for key, spec in store.read_batch(index).items():
-            entry = keys.setdefault(key, {"batches": 0, "bytes": 0, "tensors": []})
-            entry["batches"] += 1
-            for array in _arrays_in(spec):
-                shape, dtype, nbytes = arrays[array.removeprefix("tensors/")]
-                entry["bytes"] += nbytes
-                if entry["batches"] == 1:
-                    entry["tensors"].append({"shape": list(shape), "dtype": dtype_name(dtype)})
+    for _, key, spec in _recorded_entries(store):
+        entry = keys.setdefault(key, {"batches": 0, "bytes": 0, "tensors": []})
+        entry["batches"] += 1
+        for array in _arrays_in(spec):
+            shape, dtype, nbytes = arrays[array]
+            entry["bytes"] += nbytes
+            if entry["batches"] == 1:
+                entry["tensors"].append({"shape": list(shape), "dtype": dtype_name(dtype)})
     return {
         "path": str(store.path),
         "format_version": attributes.get("format_version"),
@@ -52,11 +50,21 @@ def summarize(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _recorded_entries(store: store_format.Store) -> Iterator[tuple[int, str, dict]]:
+    """(batch, key, stored structure) of every entry a kept store records (none for a
+    store whose run did not close)."""
+    if not store.attributes.get("complete"):
+        return
+    for index in range(store.attributes.get("num_batches", 0)):
+        for key, spec in store.read_batch(index).items():
+            yield index, key, spec
+
+
 def _arrays_in(spec: dict) -> Iterator[str]:
-    """The array paths a stored structure refers to, in order."""
+    """The names of the arrays a stored structure refers to, in order."""
     if spec.get("type") == "tensor":
         if spec.get("array"):
-            yield spec["array"]
+            yield spec["array"].removeprefix("tensors/")
         return
     for item in spec.get("items", []):
         for part in item if isinstance(item, list) else [item]:
@@ -69,7 +77,7 @@ def load_value(path: str | Path, batch: int, key: str) -> Any:
     """One value of a kept store, rebuilt from its stored structure (tensors on the CPU;
     a tensor the store does not hold comes back as None)."""
     store = store_format.Store.open(path)
-    attributes = store_format.read_root_attributes(store.path)
+    attributes = store.attributes
     if not attributes.get("complete"):
         raise store_format.StoreFormatError(
             f"{store.path} records no batch structures (its run did not close with "
@@ -134,15 +142,10 @@ def verify(path: str | Path) -> dict[str, Any]:
     that refer to the array (known for kept stores only).
     """
     store = store_format.Store.open(path)
-    attributes = store_format.read_root_attributes(store.path)
     used_by: dict[str, list[str]] = {}
-    if attributes.get("complete"):
-        for index in range(attributes.get("num_batches", 0)):
-            for key, spec in store.read_batch(index).items():
-                for array in _arrays_in(spec):
-                    used_by.setdefault(array.removeprefix("tensors/"), []).append(
-                        f"batch {index}, key {key!r}"
-                    )
+    for index, key, spec in _recorded_entries(store):
+        for array in _arrays_in(spec):
+            used_by.setdefault(array, []).append(f"batch {index}, key {key!r}")
     bad, checksummed = [], 0
     names = store.array_names()
     for name in names:
