@@ -6,7 +6,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Collection, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
@@ -29,8 +29,13 @@ class IntermediatesCache:
     :param batch_intermediates: batches to start with, each a dict of name -> value
         (values may be wrapped in :class:`IntermediateValue`, as the stock cache stores them)
     :param offload_device: ``"cpu"`` (the default), ``None``, or an accelerator
-    :param config: budgets and paths; default ``CacheConfig.from_env()``
+    :param config: budgets and paths; default ``default_config``, else ``CacheConfig.from_env()``
     """
+
+    #: The config of a cache built without one. None: ``CacheConfig.from_env()``, read
+    #: when each cache is built. The llm-compressor integration binds a subclass that
+    #: sets it, because llm-compressor builds its caches without a config.
+    default_config: ClassVar[CacheConfig | None] = None
 
     def __init__(
         self,
@@ -44,7 +49,7 @@ class IntermediatesCache:
                 "CacheConfig(...), CacheConfig.from_file(path) or CacheConfig.from_env()"
             )
         self.offload_device = resolve_offload_device(offload_device)
-        self._start(CacheCore(config or CacheConfig.from_env(), self.offload_device))
+        self._start(CacheCore(config or self._config_for_new_cache(), self.offload_device))
         for values in batch_intermediates or []:
             self._core.append(values)
 
@@ -53,6 +58,10 @@ class IntermediatesCache:
         # Runs on close(), on garbage collection and at interpreter exit, whichever
         # comes first: callers such as llm-compressor never call close().
         self._finalizer = weakref.finalize(self, core.close)
+
+    @classmethod
+    def _config_for_new_cache(cls) -> CacheConfig:
+        return cls.default_config or CacheConfig.from_env()
 
     # -------------------------------------------------------------- builders
 
@@ -99,7 +108,7 @@ class IntermediatesCache:
 
         cache = cls.__new__(cls)
         cache.offload_device = torch.device("cpu")
-        cache._start(reopen(path, config or CacheConfig.from_env()))
+        cache._start(reopen(path, config or cls._config_for_new_cache()))
         return cache
 
     # ------------------------------------------------------------ documented

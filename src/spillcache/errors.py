@@ -7,6 +7,7 @@ same kind of trouble, so code written for the stock cache keeps working::
     ├── ConfigError (ValueError)           a config value, file or variable is invalid
     ├── CapacityError (MemoryError)        no tier has room for a value; nothing was stored
     ├── CacheClosedError (RuntimeError)    the cache was used after close()
+    ├── IntegrationError (RuntimeError)    llm-compressor is missing, or already switched over
     └── StoreError (OSError)               the disk tier could not do its job
         ├── StoreNotFoundError (FileNotFoundError)   no store at that path
         ├── StoreFormatError                         not a spillcache store, or an unknown version
@@ -23,6 +24,7 @@ __all__ = [
     "CacheClosedError",
     "CapacityError",
     "ConfigError",
+    "IntegrationError",
     "SpillCacheError",
     "StoreCorruptError",
     "StoreError",
@@ -45,6 +47,11 @@ class CapacityError(SpillCacheError, MemoryError):
 
 class CacheClosedError(SpillCacheError, RuntimeError):
     """The cache was used after ``close()``."""
+
+
+class IntegrationError(SpillCacheError, RuntimeError):
+    """llm-compressor cannot be switched over to spillcache (not installed, an
+    unsupported version, or already switched over)."""
 
 
 class StoreError(SpillCacheError, OSError):

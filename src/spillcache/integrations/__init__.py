@@ -1,0 +1,1 @@
+"""Integrations with the frameworks spillcache is a drop-in for (each an optional extra)."""

@@ -1,0 +1,89 @@
+"""llm-compressor's ``oneshot`` with its own cache and with spillcache: same weights.
+
+A tiny Llama goes through the sequential pipeline with a GPTQ and an AWQ recipe, once
+with the stock cache (the reference) and then with spillcache under a host budget far
+below the activations, so most of them live on disk, with and without prefetch. Every
+resulting tensor must match the reference bit for bit, and every store must be gone
+afterwards although llm-compressor never closes its caches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip(
+    "llmcompressor",
+    reason="llm-compressor is not installed: pip install -e '.[llmcompressor]'",
+)
+
+from spill_testing import assert_same  # noqa: E402
+from spillcache import CacheConfig  # noqa: E402
+from spillcache.integrations import llmcompressor as integration  # noqa: E402
+from tiny_llama import (  # noqa: E402
+    calibrate,
+    hidden_state_bytes,
+    stock_pin_memory_without_accelerator,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def gptq_recipe():
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+
+
+def awq_recipe():
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return [
+        AWQModifier(),
+        QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+    ]
+
+
+RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe}
+
+
+@pytest.fixture(scope="module")
+def stock_weights(tmp_path_factory):
+    """The reference: each recipe calibrated with llm-compressor's own cache."""
+    weights = {}
+    for name, recipe in RECIPES.items():
+        with stock_pin_memory_without_accelerator():
+            weights[name] = calibrate(tmp_path_factory.mktemp(name), recipe(), prefetch=False)
+    return weights
+
+
+def small_host_config(spill_dir) -> CacheConfig:
+    # An eighth of one layer's hidden states: nearly every batch lives on disk.
+    return CacheConfig(
+        host_bytes=hidden_state_bytes() // 8,
+        inline_bytes=1024,
+        disk_path=str(spill_dir),
+    )
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_spillcache_gives_the_stock_weights_bit_for_bit(recipe, prefetch, stock_weights, tmp_path):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    with integration.enable(small_host_config(spill_dir)) as switch:
+        weights = calibrate(tmp_path / "model", RECIPES[recipe](), prefetch=prefetch)
+    totals = switch.stats()
+
+    reference = stock_weights[recipe]
+    assert sorted(weights) == sorted(reference)
+    for name, tensor in reference.items():
+        assert_same(weights[name], tensor)
+
+    assert totals["caches"] >= 1 and totals["open"] == 0, totals
+    # Most values were read back from disk, not from the host tier.
+    assert totals["disk"]["bytes_written"] >= hidden_state_bytes(), totals
+    assert totals["disk"]["hits"] > totals["host"]["hits"], totals
+    assert os.listdir(spill_dir) == [], "a store outlived its cache"

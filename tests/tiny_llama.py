@@ -1,0 +1,109 @@
+"""A tiny Llama and the pieces llm-compressor's ``oneshot`` needs, built offline.
+
+Nothing is downloaded: the model has random weights from a seed, its config is saved to
+a temporary directory (``oneshot`` reads the config back from ``name_or_path``), the
+tokenizer is a word-level vocabulary built in memory, and the calibration samples are
+random token ids. Import only after ``pytest.importorskip("llmcompressor")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 256
+HIDDEN = 128  # W4A16's quantization groups are 128 columns wide
+SAMPLES = 16
+SEQ_LEN = 32
+
+
+def tiny_llama(config_dir: Path, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * SEQ_LEN,
+    )
+    config.save_pretrained(config_dir)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.config._name_or_path = str(config_dir)
+    return model
+
+
+def in_memory_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {f"w{i}": i for i in range(VOCAB - len(specials))}
+    vocab.update({token: VOCAB - len(specials) + i for i, token in enumerate(specials)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def calibration_samples(seed: int = 1) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB - 4, (SAMPLES, SEQ_LEN), generator=generator)
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * SEQ_LEN] * SAMPLES}
+    )
+
+
+def hidden_state_bytes() -> int:
+    """Bytes of one layer's hidden states over all samples (float32)."""
+    return SAMPLES * SEQ_LEN * HIDDEN * 4
+
+
+def calibrate(config_dir: Path, recipe: Any, *, prefetch: bool) -> dict[str, torch.Tensor]:
+    """Run ``oneshot`` with the sequential pipeline; the calibrated state dict."""
+    from llmcompressor import oneshot
+
+    model = oneshot(
+        model=tiny_llama(config_dir),
+        processor=in_memory_tokenizer(),
+        dataset=calibration_samples(),
+        recipe=recipe,
+        pipeline="sequential",
+        num_calibration_samples=SAMPLES,
+        max_seq_length=SEQ_LEN,
+        shuffle_calibration_samples=False,
+        sequential_prefetch=prefetch,
+    )
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    del model
+    gc.collect()  # llm-compressor never closes its caches: collecting them frees their files
+    return state
+
+
+@contextlib.contextmanager
+def stock_pin_memory_without_accelerator() -> Iterator[None]:
+    """The stock cache's ``pin_memory`` raises without an accelerator ("Cannot access
+    accelerator device"); pinning changes where bytes live, never their values, so the
+    stock reference run skips it on a machine that has none."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original: Callable[..., None] = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
