@@ -87,3 +87,25 @@ def test_spillcache_gives_the_stock_weights_bit_for_bit(recipe, prefetch, stock_
     assert totals["disk"]["bytes_written"] >= hidden_state_bytes(), totals
     assert totals["disk"]["hits"] > totals["host"]["hits"], totals
     assert os.listdir(spill_dir) == [], "a store outlived its cache"
+
+
+def test_the_docs_inspect_example_is_what_a_kept_store_shows(tmp_path):
+    """docs/llmcompressor.md shows `spillcache inspect` of this very run's store."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from spill_testing import console_script
+
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    config = small_host_config(spill_dir).replace(keep_store=True)
+    with integration.enable(config):
+        calibrate(tmp_path / "model", gptq_recipe(), prefetch=True)
+    (store,) = spill_dir.iterdir()
+    shown = subprocess.run(
+        [console_script(), "inspect", str(store)], capture_output=True, text=True, check=True
+    ).stdout
+    page = (Path(__file__).resolve().parents[2] / "docs" / "llmcompressor.md").read_text()
+    (example,) = re.findall(r"```console\n\$ spillcache inspect .*?\n\.\.\.\n(.*?)```", page, re.S)
+    assert example.strip() in shown

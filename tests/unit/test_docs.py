@@ -47,3 +47,12 @@ def test_analysis_example_reads_a_kept_store(tmp_path, capsys):
     assert printed[0] == "1 True"
     assert printed[1].startswith("torch.Size([2, 16, 32]) torch.bfloat16 ")
     assert float(printed[1].split()[-1]) == hidden.float().abs().max().item()
+
+
+def test_llmcompressor_page_examples_compile_and_parse(tmp_path):
+    for code in blocks("llmcompressor.md", "python"):
+        compile(code, "llmcompressor.md", "exec")  # they call oneshot: tests/integration runs it
+    (toml,) = blocks("llmcompressor.md", "toml")
+    path = tmp_path / "spill.toml"
+    path.write_text(toml.replace("/nvme/spill", str(tmp_path)))
+    assert CacheConfig.from_file(path).host_bytes == 4 * 2**30
