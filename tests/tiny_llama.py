@@ -25,15 +25,22 @@ SAMPLES = 16
 SEQ_LEN = 32
 
 
-def tiny_llama(config_dir: Path, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    config_dir: Path,
+    seed: int = 0,
+    *,
+    hidden: int = HIDDEN,
+    layers: int = 2,
+    seq_len: int = SEQ_LEN,
+) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2 * SEQ_LEN,
+        max_position_embeddings=2 * seq_len,
     )
     config.save_pretrained(config_dir)
     torch.manual_seed(seed)
@@ -57,31 +64,42 @@ def in_memory_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def calibration_samples(seed: int = 1) -> Dataset:
+def calibration_samples(
+    seed: int = 1, *, samples: int = SAMPLES, seq_len: int = SEQ_LEN
+) -> Dataset:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 4, (SAMPLES, SEQ_LEN), generator=generator)
+    ids = torch.randint(0, VOCAB - 4, (samples, seq_len), generator=generator)
     return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": [[1] * SEQ_LEN] * SAMPLES}
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * samples}
     )
 
 
-def hidden_state_bytes() -> int:
+def hidden_state_bytes(samples: int = SAMPLES, seq_len: int = SEQ_LEN, hidden: int = HIDDEN) -> int:
     """Bytes of one layer's hidden states over all samples (float32)."""
-    return SAMPLES * SEQ_LEN * HIDDEN * 4
+    return samples * seq_len * hidden * 4
 
 
-def calibrate(config_dir: Path, recipe: Any, *, prefetch: bool) -> dict[str, torch.Tensor]:
+def calibrate(
+    config_dir: Path,
+    recipe: Any,
+    *,
+    prefetch: bool,
+    hidden: int = HIDDEN,
+    layers: int = 2,
+    samples: int = SAMPLES,
+    seq_len: int = SEQ_LEN,
+) -> dict[str, torch.Tensor]:
     """Run ``oneshot`` with the sequential pipeline; the calibrated state dict."""
     from llmcompressor import oneshot
 
     model = oneshot(
-        model=tiny_llama(config_dir),
+        model=tiny_llama(config_dir, hidden=hidden, layers=layers, seq_len=seq_len),
         processor=in_memory_tokenizer(),
-        dataset=calibration_samples(),
+        dataset=calibration_samples(samples=samples, seq_len=seq_len),
         recipe=recipe,
         pipeline="sequential",
-        num_calibration_samples=SAMPLES,
-        max_seq_length=SEQ_LEN,
+        num_calibration_samples=samples,
+        max_seq_length=seq_len,
         shuffle_calibration_samples=False,
         sequential_prefetch=prefetch,
     )
