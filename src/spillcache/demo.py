@@ -4,14 +4,19 @@ cached activations spill to disk.
 Uses the public API only. A model of ``layers`` pre-norm decoder blocks (causal
 self-attention and a gated MLP) is built with random weights from a seed: nothing is
 downloaded. As llm-compressor's sequential pipeline does, each block gets a calibration
-pass (hooks accumulate the GPTQ statistic X^T X of every linear layer's input) and a
-propagation pass (the block's output becomes the next block's input; the consumed input
-is deleted). The same run with everything in RAM gives the reference, and every
-statistic must match bit for bit.
+pass (hooks accumulate the GPTQ statistic X^T X of every linear layer's input, in
+float32 as GPTQ does) and a propagation pass (the block's output becomes the next
+block's input; the consumed input is deleted). Every batch caches its hidden state and
+its causal mask, as the pipeline caches a layer's inputs. The same run with everything
+in RAM gives the reference, and every statistic must match bit for bit.
+
+Inputs are made batch by batch from the seed as the cache is filled: outside its cache,
+a run holds only the batches it is working on, never all the activations.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +28,38 @@ from tqdm import tqdm
 from .cache import IntermediatesCache
 from .config import CacheConfig
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = [
+    "DEFAULT_SIZES",
+    "DemoResult",
+    "DemoRun",
+    "activation_bytes",
+    "calibrate",
+    "identical",
+    "reference_config",
+    "run_demo",
+]
+
+VOCAB = 1000
+
+# The defaults of `spillcache demo`: 512 samples of 256 tokens at hidden size 256 cache
+# 128 MiB of float32 hidden states and 32 MiB of causal masks. The default host budget,
+# a quarter of that (40 MiB), leaves three quarters of every pass on disk, so the disk
+# tier does real work: about 0.3 GiB written and 0.6 GiB read back. On the project's
+# 2-core machine the whole command (all in RAM, then the spilling run) takes 20-30 s
+# (22 s and 29 s measured), nearly all of it the model's float32 matmuls: time grows
+# linearly with samples x layers. Three layers are the fewest that rewrite every cached
+# hidden state twice. (The tests pass small sizes.)
+DEFAULT_SIZES = {"samples": 512, "seq_len": 256, "hidden": 256, "layers": 3}
+
+
+@dataclass
+class DemoRun:
+    """One calibration: every linear layer's X^T X, the cache's stats() at the end, and
+    the wall time (filling the cache included: it is the pipeline's first step)."""
+
+    hessians: dict[str, torch.Tensor]
+    stats: dict
+    seconds: float
 
 
 @dataclass
@@ -43,6 +79,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def heads_for(hidden: int) -> int:
+    """Heads of width 64 where ``hidden`` is a multiple of 64; else one head."""
+    return hidden // 64 if hidden % 64 == 0 else 1
 
 
 class DecoderBlock(nn.Module):
@@ -76,90 +117,148 @@ class DecoderBlock(nn.Module):
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def activation_bytes(samples: int, seq_len: int, hidden: int) -> int:
+    """Bytes the demo caches: per sample a float32 hidden state and a bool causal mask."""
+    return samples * (seq_len * hidden * 4 + seq_len * seq_len)
+
+
+def reference_config(cached_bytes: int) -> CacheConfig:
+    """Everything in RAM, no disk tier: the run every other is checked against."""
+    return CacheConfig(host_bytes=4 * cached_bytes + 2**20, disk_path=None)
+
+
 def _model(layers: int, hidden: int, seed: int) -> tuple[nn.Embedding, list[DecoderBlock]]:
     torch.manual_seed(seed)
-    embed = nn.Embedding(1000, hidden)
-    blocks = [DecoderBlock(hidden, heads=max(1, hidden // 64)) for _ in range(layers)]
+    embed = nn.Embedding(VOCAB, hidden)
+    blocks = [DecoderBlock(hidden, heads_for(hidden)) for _ in range(layers)]
     return embed, blocks
 
 
-def _calibrate(
-    cache: IntermediatesCache, blocks: list[DecoderBlock], progress: bool
+def _batch(embed: nn.Embedding, seq_len: int, seed: int, index: int) -> dict:
+    """Sample ``index``'s inputs, the same whenever they are made."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    tokens = torch.randint(0, VOCAB, (1, seq_len), generator=generator)
+    causal_mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return {"hidden": embed(tokens), "causal_mask": causal_mask, "position": index}
+
+
+def _pipeline(
+    cache: IntermediatesCache, blocks: list[DecoderBlock], progress: bool, label: str
 ) -> dict[str, torch.Tensor]:
-    """The sequential pipeline's loop; returns every linear layer's X^T X (float64)."""
+    """The sequential pipeline's loop; returns every linear layer's X^T X."""
     hessians: dict[str, torch.Tensor] = {}
     names = ["hidden", "causal_mask"]
-    with torch.no_grad():
-        for index, block in enumerate(blocks):
-            handles = []
-            for name, module in block.named_modules():
-                if isinstance(module, nn.Linear):
-                    key = f"layers.{index}.{name}"
-                    hessians[key] = torch.zeros(
-                        module.in_features, module.in_features, dtype=torch.float64
-                    )
+    for index, block in enumerate(blocks):
+        handles = []
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                key = f"layers.{index}.{name}"
+                hessians[key] = torch.zeros(module.in_features, module.in_features)
 
-                    def accumulate(_, inputs, __, key=key):
-                        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-                        hessians[key] += x.T @ x
+                def accumulate(_, inputs, __, key=key):
+                    x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                    hessians[key].addmm_(x.T, x)
 
-                    handles.append(module.register_forward_hook(accumulate))
-            bar = dict(total=len(cache), leave=False, disable=not progress)
-            for inputs in tqdm(cache.iter_prefetch(names), desc=f"layer {index} calibrate", **bar):
-                block(inputs["hidden"], inputs["causal_mask"])
-            for handle in handles:
-                handle.remove()
-            if index == len(blocks) - 1:
-                break
-            batches = tqdm(cache.iter_prefetch(names), desc=f"layer {index} propagate", **bar)
-            for batch_index, inputs in enumerate(batches):
-                output = block(inputs["hidden"], inputs["causal_mask"])
-                del inputs
-                cache.delete(batch_index, ["hidden"])
-                cache.update(batch_index, {"hidden": output})
+                handles.append(module.register_forward_hook(accumulate))
+        bar = dict(total=len(cache), leave=False, disable=not progress)
+        for inputs in tqdm(
+            cache.iter_prefetch(names), desc=f"{label}layer {index} calibrate", **bar
+        ):
+            block(inputs["hidden"], inputs["causal_mask"])
+        for handle in handles:
+            handle.remove()
+        if index == len(blocks) - 1:
+            break
+        batches = tqdm(cache.iter_prefetch(names), desc=f"{label}layer {index} propagate", **bar)
+        for batch_index, inputs in enumerate(batches):
+            output = block(inputs["hidden"], inputs["causal_mask"])
+            del inputs
+            cache.delete(batch_index, ["hidden"])
+            cache.update(batch_index, {"hidden": output})
     return hessians
+
+
+def calibrate(
+    config: CacheConfig,
+    *,
+    samples: int,
+    seq_len: int,
+    hidden: int,
+    layers: int,
+    seed: int = 0,
+    progress: bool = False,
+    label: str = "",
+) -> DemoRun:
+    """One timed calibration through a cache built with ``config``: fill, then the
+    pipeline's passes. The model and the inputs depend on the sizes and ``seed`` only.
+    ``label`` prefixes the progress bars."""
+    _check_sizes(samples=samples, seq_len=seq_len, hidden=hidden, layers=layers)
+    embed, blocks = _model(layers, hidden, seed)
+    with torch.no_grad():
+        # Untimed: torch's lazy set-up would otherwise land on whichever run is first.
+        warm = _batch(embed, seq_len, seed, 0)
+        blocks[0](warm["hidden"], warm["causal_mask"])
+        del warm
+        gc.collect()
+        start = time.perf_counter()
+        with IntermediatesCache.empty(samples, offload_device="cpu", config=config) as cache:
+            fill = tqdm(
+                range(samples), desc=f"{label}fill the cache", leave=False, disable=not progress
+            )
+            for index in fill:
+                cache.update(index, _batch(embed, seq_len, seed, index))
+            hessians = _pipeline(cache, blocks, progress, label)
+            stats = cache.stats()
+        seconds = time.perf_counter() - start
+    return DemoRun(hessians, stats, seconds)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same keys, and every tensor equal bit for bit (dtype, shape and bits)."""
+    return a.keys() == b.keys() and all(
+        a[key].dtype == b[key].dtype
+        and a[key].shape == b[key].shape
+        and torch.equal(_bits(a[key]), _bits(b[key]))
+        for key in a
+    )
 
 
 def run_demo(
     *,
-    samples: int = 32,
-    seq_len: int = 256,
-    hidden: int = 256,
-    layers: int = 4,
+    samples: int = DEFAULT_SIZES["samples"],
+    seq_len: int = DEFAULT_SIZES["seq_len"],
+    hidden: int = DEFAULT_SIZES["hidden"],
+    layers: int = DEFAULT_SIZES["layers"],
     config: CacheConfig | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> DemoResult:
-    """Calibrate once all in RAM and once through ``config``; compare the statistics."""
-    embed, blocks = _model(layers, hidden, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    causal_mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    with torch.no_grad():
-        batches = [
-            {
-                "hidden": embed(torch.randint(0, 1000, (1, seq_len), generator=generator)),
-                "causal_mask": causal_mask,
-                "position": index,
-            }
-            for index in range(samples)
-        ]
-    cached_bytes = sum(batch["hidden"].nbytes for batch in batches)
+    """Calibrate once all in RAM and once through ``config``; compare the statistics.
 
-    start = time.perf_counter()
-    in_ram = CacheConfig(host_bytes=4 * cached_bytes + 2**20, disk_path=None)
-    with IntermediatesCache([dict(b) for b in batches], config=in_ram) as reference_cache:
-        reference = _calibrate(reference_cache, blocks, progress)
-    reference_seconds = time.perf_counter() - start
-
+    ``config`` None: the defaults with a host budget of a quarter of the activations.
+    """
+    cached_bytes = activation_bytes(samples, seq_len, hidden)
+    sizes = dict(samples=samples, seq_len=seq_len, hidden=hidden, layers=layers, seed=seed)
+    reference = calibrate(
+        reference_config(cached_bytes), progress=progress, label="all in RAM: ", **sizes
+    )
     if config is None:
         config = CacheConfig(host_bytes=cached_bytes // 4)
-    start = time.perf_counter()
-    with IntermediatesCache([dict(b) for b in batches], config=config) as cache:
-        result = _calibrate(cache, blocks, progress)
-        stats = cache.stats()
-    wall_seconds = time.perf_counter() - start
-
-    identical = reference.keys() == result.keys() and all(
-        torch.equal(reference[key], result[key]) for key in reference
+    result = calibrate(config, progress=progress, label="spilling: ", **sizes)
+    return DemoResult(
+        cached_bytes=cached_bytes,
+        wall_seconds=result.seconds,
+        reference_seconds=reference.seconds,
+        stats=result.stats,
+        identical=identical(reference.hessians, result.hessians),
     )
-    return DemoResult(cached_bytes, wall_seconds, reference_seconds, stats, identical)

@@ -1,10 +1,23 @@
-"""The README's main-job command, run as a user runs it."""
+"""``spillcache demo``: the README's main job, its summary and its options.
+
+One run goes through the installed console script, as a user runs it; the rest call
+``cli.main`` in this process with small sizes, so these tests take a few seconds.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from spill_testing import console_script
+from spillcache import cli, demo
+
+SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -12,24 +25,173 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def test_demo_spills_and_matches_the_all_in_ram_run(tmp_path):
-    # 64 KiB per activation: above the default inline_bytes, so each one is tiered.
-    sizes = "--samples 8 --seq-len 128 --hidden 128 --layers 3 --host-bytes 128KiB".split()
-    done = run("demo", *sizes)
+@pytest.fixture(autouse=True)
+def environment(monkeypatch, tmp_path):
+    """No SPILLCACHE_* setting of the caller's leaks in; stores go to tmp_path."""
+    for name in [name for name in os.environ if name.startswith("SPILLCACHE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SPILLCACHE_DISK_PATH", str(tmp_path))
+
+
+def tier_table(stdout: str) -> dict[str, list[str]]:
+    """The summary's per-tier rows, by tier name: hits, misses, held, budget."""
+    lines = stdout.splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.split()[:3] == ["tier", "hits", "misses"]
+    )
+    rows = {}
+    for line in lines[start + 1 :]:
+        if not line or line.startswith("("):
+            break
+        name, hits, misses, rest = re.match(r"(\S+)\s+(\S+)\s+(\S+)\s+(.*)", line).groups()
+        rows[name] = [hits, misses, *re.split(r"\s{2,}", rest)]
+    return rows
+
+
+def summary_value(stdout: str, name: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith(name))
+    return line.split(" : ", 1)[1]
+
+
+def test_demo_spills_and_matches_the_all_in_ram_run():
+    # 64 KiB per hidden state: not below the default inline_bytes, so each one is tiered.
+    done = run("demo", *SMALL, "--host-bytes", "128KiB")
     assert done.returncode == 0, done.stderr
     assert "bit for bit: yes" in done.stdout
-    written = next(line for line in done.stdout.splitlines() if line.startswith("written to disk"))
-    assert not written.endswith(" 0 B"), done.stdout
+    assert summary_value(done.stdout, "written to disk") != "0 B", done.stdout
+    assert summary_value(done.stdout, "host budget").startswith("128.0 KiB")
+    assert set(tier_table(done.stdout)) == {"device", "host", "write-behind", "disk"}
 
 
-def test_demo_bad_size_is_one_clear_line():
-    done = run("demo", "--host-bytes", "lots")
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0
-    assert "--host-bytes" in done.stderr and "'lots'" in done.stderr
+def test_summary_shows_each_tiers_hits_and_misses_from_stats(monkeypatch, capsys):
+    results = []
+
+    def recorded(**kwargs):
+        results.append(run_demo(**kwargs))
+        return results[-1]
+
+    run_demo = demo.run_demo
+    monkeypatch.setattr(demo, "run_demo", recorded)
+    assert cli.main(["demo", *SMALL, "--host-bytes", "128KiB"]) == 0
+    out = capsys.readouterr().out
+    (result,) = results
+    stats = result.stats
+    table = tier_table(out)
+    for name in ("device", "host", "disk"):
+        assert table[name][:2] == [str(stats[name]["hits"]), str(stats[name]["misses"])]
+        assert table[name][2] == cli._format_bytes(stats[name]["bytes"])
+    assert table["write-behind"][:2] == [str(stats["write_behind"]["hits"]), "-"]
+    assert table["host"][3] == "128.0 KiB" and table["disk"][3] == "no limit"
+    # Figures of this run, not made up: every read of a hidden state (64 KiB, tiered; the
+    # 16 KiB masks stay inline) is a host hit or miss, 5 passes of 8 batches for 3 layers,
+    # and every host miss is served by the write-behind area or the disk.
+    host, disk = stats["host"], stats["disk"]
+    assert host["hits"] + host["misses"] == 8 * (2 * 3 - 1)
+    assert host["misses"] == stats["write_behind"]["hits"] + disk["hits"] > 0
+    assert summary_value(out, "read from disk") == cli._format_bytes(disk["bytes_read"])
+    assert summary_value(out, "written to disk") == cli._format_bytes(disk["bytes_written"])
+    assert summary_value(out, "stalled on I/O") == f"{stats['stall_seconds']:.2f} s"
+    wall = summary_value(out, "wall time")
+    assert wall.startswith(f"{result.wall_seconds:.2f} s (all in RAM: ")
+    assert f"{result.reference_seconds:.2f} s" in wall
+    assert result.identical and out.rstrip().endswith("bit for bit: yes")
 
 
-def test_demo_missing_config_file_is_one_clear_line(tmp_path):
-    done = run("demo", "--config", str(tmp_path / "nope.toml"))
-    assert done.returncode == 2
-    assert "nope.toml" in done.stderr and "Traceback" not in done.stderr
+def test_keep_store_prints_the_kept_stores_path(capsys, tmp_path):
+    assert cli.main(["demo", *SMALL, "--host-bytes", "0", "--keep-store"]) == 0
+    path = Path(summary_value(capsys.readouterr().out, "store kept at"))
+    assert path.parent == tmp_path and path.is_dir()
+
+
+def test_a_host_budget_above_the_activations_spills_nothing(capsys):
+    assert cli.main(["demo", *SMALL, "--host-bytes", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert summary_value(out, "written to disk") == "0 B"
+    assert tier_table(out)["disk"][:2] == ["0", "0"]
+
+
+def test_default_host_budget_is_a_quarter_of_the_activations(capsys):
+    assert cli.main(["demo", *SMALL]) == 0
+    quarter = demo.activation_bytes(8, 128, 128) // 4
+    out = capsys.readouterr().out
+    assert (
+        summary_value(out, "host budget")
+        == f"{cli._format_bytes(quarter)} (25% of the activations)"
+    )
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--hidden", "--layers"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_size_below_one_is_one_clear_line(flag, value, capsys):
+    assert cli.main(["demo", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"spillcache demo: {flag}: must be at least 1, got {value}\n"
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--hidden", "--layers"])
+def test_a_size_that_is_not_a_whole_number_is_refused_by_name(flag, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", flag, "1.5"])
+    assert exit.value.code == 2
+    assert f"argument {flag}: invalid int value: '1.5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["lots", "-1MiB"])
+def test_demo_bad_host_bytes_is_one_clear_line(value, capsys):
+    assert cli.main(["demo", f"--host-bytes={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host-bytes" in err and repr(value) in err
+
+
+def test_demo_missing_config_file_is_one_clear_line(tmp_path, capsys):
+    assert cli.main(["demo", "--config", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.toml" in err
+
+
+def test_demo_invalid_config_file_is_one_clear_line(tmp_path, capsys):
+    file = tmp_path / "spill.toml"
+    file.write_text('eviction = "fifo"\n')
+    assert cli.main(["demo", "--config", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "spill.toml" in err and "eviction" in err
+
+
+def test_the_config_files_host_budget_is_used(tmp_path, capsys):
+    file = tmp_path / "spill.toml"
+    file.write_text('host_bytes = "96KiB"\n')
+    assert cli.main(["demo", *SMALL, "--config", str(file)]) == 0
+    assert summary_value(capsys.readouterr().out, "host budget").startswith("96.0 KiB")
+
+
+def test_run_demo_refuses_sizes_below_one():
+    with pytest.raises(ValueError, match="samples must be a whole number >= 1, got 0"):
+        demo.run_demo(samples=0)
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    commands = next(
+        action
+        for action in cli.build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    return commands.choices["demo"]
+
+
+def test_every_demo_option_says_what_it_is_and_its_default():
+    parser = demo_parser()
+    options = [action for action in parser._actions if action.dest != "help"]
+    assert {action.dest for action in options} == {
+        "samples", "seq_len", "hidden", "layers", "host_bytes", "config", "keep_store",
+    }  # fmt: skip
+    for action in options:
+        assert action.help and "default" in action.help, action.dest
+    sizes = {key: parser.get_default(key) for key in demo.DEFAULT_SIZES}
+    assert sizes == demo.DEFAULT_SIZES
+    # The description's figure is the defaults' own.
+    cached = cli._format_bytes(
+        demo.activation_bytes(**{k: v for k, v in sizes.items() if k != "layers"})
+    )
+    assert f"The defaults cache {cached.replace('.0 ', ' ')}" in " ".join(
+        parser.description.split()
+    )
