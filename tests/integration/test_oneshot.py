@@ -82,7 +82,9 @@ def test_spillcache_gives_the_stock_weights_bit_for_bit(recipe, prefetch, stock_
     for name, tensor in reference.items():
         assert_same(weights[name], tensor)
 
-    assert totals["caches"] >= 1 and totals["open"] == 0, totals
+    # GPTQ: the pipeline's one cache; AWQ adds one per parent module it replays.
+    assert totals["caches"] == 1 if recipe == "gptq" else totals["caches"] > 1, totals
+    assert totals["open"] == 0, totals
     # Most values were read back from disk, not from the host tier.
     assert totals["disk"]["bytes_written"] >= hidden_state_bytes(), totals
     assert totals["disk"]["hits"] > totals["host"]["hits"], totals

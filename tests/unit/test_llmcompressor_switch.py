@@ -4,9 +4,12 @@ the class by name). The real package is exercised in tests/integration."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import sys
+import threading
+import types
 import warnings
 
 import pytest
@@ -185,3 +188,120 @@ def test_switch_disable_is_idempotent_and_spares_a_later_switch(fake_llmcompress
         integration.disable()
         integration.disable()
     assert integration.active() is None
+
+
+def test_a_cache_closed_then_collected_counts_once(fake_llmcompressor, tmp_path):
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    with integration.enable(config) as switch:
+        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1)
+        cache.update(0, {"hidden": torch.arange(16.0)})
+        cache.flush()
+        cache.close()
+        del cache
+        gc.collect()
+        totals = switch.stats()
+    assert (totals["caches"], totals["open"]) == (1, 0)
+    assert totals["disk"]["bytes_written"] == 16 * 4
+
+
+def test_stats_survives_a_collection_that_closes_a_cache_inside_it(
+    fake_llmcompressor, tmp_path, monkeypatch
+):
+    """The collector may run a cache's finalizer on the thread that is inside stats()."""
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    switch = integration.enable(config)
+    cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1)
+    cache.update(0, {"hidden": torch.arange(8.0)})
+    cache.flush()
+    cache.cycle = cache  # only the cyclic collector frees it
+    del cache
+    copy_totals = integration._copy_totals
+
+    def collect_then_copy(totals):
+        gc.collect()  # the finalizer runs here, with the switch's lock held
+        return copy_totals(totals)
+
+    monkeypatch.setattr(integration, "_copy_totals", collect_then_copy)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(switch.stats()), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "stats() deadlocked on a finalizer"
+    assert results[0]["open"] == 0
+    monkeypatch.setattr(integration, "_copy_totals", copy_totals)
+    assert switch.stats()["disk"]["bytes_written"] == 8 * 4  # settled by the next call
+
+
+def test_enable_waits_for_another_thread_importing_the_cache_module(
+    fake_llmcompressor, monkeypatch
+):
+    gate_module = f"{fake_llmcompressor.package}_gate"
+    gate = types.ModuleType(gate_module)
+    gate.importing, gate.release = threading.Event(), threading.Event()
+    monkeypatch.setitem(sys.modules, gate_module, gate)
+    (fake_llmcompressor.root / "pipelines" / "cache.py").write_text(
+        f"import {gate_module} as gate\ngate.importing.set()\ngate.release.wait()\n" + STOCK
+    )
+    importer = threading.Thread(target=fake_llmcompressor, args=("pipelines.cache",))
+    importer.start()
+    assert gate.importing.wait(timeout=60)
+    # enable() must wait for that import; release it once enable() is about to wait.
+    real_import_module = importlib.import_module
+
+    def import_module(name, *args):
+        gate.release.set()
+        return real_import_module(name, *args)
+
+    monkeypatch.setattr(integration.importlib, "import_module", import_module)
+    switch = integration.enable()
+    importer.join(timeout=60)
+    assert gate.release.is_set(), "enable() did not notice the import in progress"
+    assert fake_llmcompressor("pipelines.cache").IntermediatesCache is switch.cache_class
+
+
+def test_another_finder_that_asks_every_finder_does_not_recurse(fake_llmcompressor):
+    class AskingFinder:
+        def find_spec(self, fullname, path, target=None):
+            for finder in list(sys.meta_path):
+                if finder is not self and hasattr(finder, "find_spec"):
+                    spec = finder.find_spec(fullname, path, target)
+                    if spec is not None:
+                        return spec
+            return None
+
+    with integration.enable() as switch:
+        other = AskingFinder()
+        sys.meta_path.insert(0, other)
+        try:
+            module = fake_llmcompressor("pipelines.cache")
+        finally:
+            sys.meta_path.remove(other)
+        assert module.IntermediatesCache is switch.cache_class
+
+
+def test_a_replaced_class_is_refused_and_nothing_is_switched(fake_llmcompressor):
+    stock = fake_llmcompressor("pipelines.sequential.pipeline").IntermediatesCache
+    fake_llmcompressor("pipelines.cache").IntermediatesCache = type("IntermediatesCache", (), {})
+    with pytest.raises(IntegrationError, match="another tool has replaced it"):
+        integration.enable()
+    assert integration.active() is None
+    assert integration._FINDER not in sys.meta_path
+    assert fake_llmcompressor("pipelines.sequential.pipeline").IntermediatesCache is stock
+
+
+def test_a_reloaded_cache_module_is_still_switched_everywhere(fake_llmcompressor):
+    stock_modules = bound_classes(fake_llmcompressor)
+    importlib.reload(fake_llmcompressor("pipelines.cache"))  # a new stock class object
+    assert fake_llmcompressor("pipelines.cache").IntermediatesCache is not stock_modules[0]
+    with integration.enable() as switch:
+        assert bound_classes(fake_llmcompressor) == [switch.cache_class] * 3
+    restored = bound_classes(fake_llmcompressor)
+    assert not any(issubclass(cls, SpillcacheIntermediatesCache) for cls in restored)
+
+
+def test_entries_of_sys_modules_that_are_not_modules_are_skipped(fake_llmcompressor, monkeypatch):
+    fake_llmcompressor("pipelines.cache")
+    monkeypatch.setitem(sys.modules, f"{fake_llmcompressor.package}.placeholder", None)
+    monkeypatch.setitem(sys.modules, f"{fake_llmcompressor.package}.odd", 42)
+    with integration.enable() as switch:
+        assert fake_llmcompressor("pipelines.cache").IntermediatesCache is switch.cache_class

@@ -23,10 +23,12 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import os
+import queue
 import sys
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -62,7 +64,8 @@ def enable(
     :param fields: config fields to override, e.g. ``host_bytes="16GiB"``.
     :returns: a :class:`CacheSwitch`; use it as a context manager to switch back on exit.
     :raises IntegrationError: llm-compressor is not installed, its cache module has no
-        ``IntermediatesCache``, or spillcache is already enabled.
+        ``IntermediatesCache`` (or another tool replaced it), or spillcache is already
+        enabled. Nothing is switched then.
     :raises ConfigError: a config field or file is invalid (nothing is switched).
     """
     global _active
@@ -72,6 +75,7 @@ def enable(
             f"llm-compressor is not installed (no '{PACKAGE}' package); install it with "
             "pip install 'spillcache[llmcompressor]'"
         )
+    _wait_for_an_import_in_progress()
     with _lock:
         if _active is not None:
             raise IntegrationError(
@@ -82,10 +86,17 @@ def enable(
         cache_module = sys.modules.get(CACHE_MODULE)
         if cache_module is not None:
             _remember_stock_class(cache_module, during_import=False)
-        _active = switch
-        _rebind_everywhere(_stock_class, switch.cache_class)
+        replaced = _rebind_everywhere(_is_stock, switch.cache_class)
+        try:
+            if cache_module is not None:
+                _check_bound(cache_module, switch.cache_class)
+        except BaseException:
+            for namespace, old in replaced:  # nothing half-switched
+                namespace[CLASS_NAME] = old
+            raise
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
+        _active = switch
     return switch
 
 
@@ -93,12 +104,9 @@ def disable() -> None:
     """Put llm-compressor's own class back everywhere. Does nothing when not enabled."""
     global _active
     with _lock:
-        if _active is None:
-            return
-        if _FINDER in sys.meta_path:
-            sys.meta_path.remove(_FINDER)
-        _rebind_everywhere(_active.cache_class, _stock_class)
-        _active = None
+        if _active is not None:
+            _switch_back()
+            _active = None
 
 
 def active() -> CacheSwitch | None:
@@ -115,9 +123,13 @@ class CacheSwitch:
         self.config = config
         self.cache_class = _bind(config, self)
         self._lock = threading.Lock()
-        self._caches_built = 0  # the counters below are guarded by _lock
-        self._open_cores: set[CacheCore] = set()
+        self._caches_built = 0  # this, _open and _closed_totals are guarded by _lock
+        self._open: dict[int, weakref.ref[CacheCore]] = {}
         self._closed_totals = _zero_totals()
+        # A cache's figures arrive from its finalizer, which runs wherever the garbage
+        # collector does: possibly on a thread inside stats() holding _lock. So the
+        # finalizer only queues them (SimpleQueue.put is reentrant); lock holders settle.
+        self._closed_figures: queue.SimpleQueue[tuple[int, dict[str, Any]]] = queue.SimpleQueue()
 
     def disable(self) -> None:
         """Switch back to llm-compressor's own cache (if this switch is still in force)."""
@@ -137,26 +149,36 @@ class CacheSwitch:
         and ``stall_seconds``. A cache counts from the moment it is built; llm-compressor
         never closes its caches, so one is closed when it is garbage-collected."""
         with self._lock:
+            self._settle_closed()
             totals = _copy_totals(self._closed_totals)
-            open_cores = list(self._open_cores)
+            open_cores = [core for ref in self._open.values() if (core := ref()) is not None]
             built = self._caches_built
         for core in open_cores:  # outside our lock: a core's stats take the core's lock
             _add_stats(totals, core.stats())
         return {"caches": built, "open": len(open_cores), **totals}
 
-    def _track(self, cache: SpillcacheIntermediatesCache, core: CacheCore) -> None:
+    def _track(self, core: CacheCore) -> int:
+        """Count a new cache's core; the token its close reports with."""
         with self._lock:
+            self._settle_closed()
             self._caches_built += 1
-            self._open_cores.add(core)
-        # llm-compressor never calls close(): the figures are taken when it collects them.
-        weakref.finalize(cache, self._closed, core)
+            token = self._caches_built
+            # Weak: a closed cache's core (and its tensors) must not wait for stats().
+            self._open[token] = weakref.ref(core)
+        return token
 
-    def _closed(self, core: CacheCore) -> None:
-        core.close()  # idempotent: the figures below are final only once it is closed
-        figures = core.stats()
-        with self._lock:
-            if core in self._open_cores:
-                self._open_cores.discard(core)
+    def _closed(self, token: int, core: CacheCore) -> None:
+        core.close()  # idempotent: the figures are final only once it is closed
+        self._closed_figures.put((token, core.stats()))
+
+    def _settle_closed(self) -> None:
+        """_lock held: move the figures of closed caches into the totals."""
+        while True:
+            try:
+                token, figures = self._closed_figures.get_nowait()
+            except queue.Empty:
+                return
+            if self._open.pop(token, None) is not None:
                 _add_stats(self._closed_totals, figures)
 
     def __repr__(self) -> str:
@@ -189,23 +211,40 @@ def _bind(config: CacheConfig | None, switch: CacheSwitch) -> type[SpillcacheInt
     class IntermediatesCache(SpillcacheIntermediatesCache):
         __doc__ = SpillcacheIntermediatesCache.__doc__
         default_config = config
+        spillcache_switch = switch
 
         def _start(self, core: CacheCore) -> None:
             super()._start(core)
-            switch._track(self, core)
+            token = switch._track(core)
+            # llm-compressor never calls close(): then the garbage collector reports.
+            self._report_close = weakref.finalize(self, switch._closed, token, core)
 
         def close(self) -> None:
             super().close()
-            switch._closed(self._core)
+            self._report_close()  # runs once: the collector will not report again
 
     IntermediatesCache.__qualname__ = "IntermediatesCache"
     return IntermediatesCache
 
 
+def _is_stock(value: object) -> bool:
+    """llm-compressor's own class, also after its module was reloaded."""
+    return (
+        isinstance(value, type)
+        and not issubclass(value, SpillcacheIntermediatesCache)
+        and value.__module__ == CACHE_MODULE
+        and value.__qualname__ == CLASS_NAME
+    )
+
+
+def _is_switched(value: object) -> bool:
+    return isinstance(value, type) and getattr(value, "spillcache_switch", None) is not None
+
+
 def _remember_stock_class(cache_module: ModuleType, *, during_import: bool) -> None:
     global _stock_class
     found = vars(cache_module).get(CLASS_NAME)
-    if isinstance(found, type) and not issubclass(found, SpillcacheIntermediatesCache):
+    if _is_stock(found):
         _stock_class = found
         return
     if found is None:
@@ -220,16 +259,49 @@ def _remember_stock_class(cache_module: ModuleType, *, during_import: bool) -> N
         raise IntegrationError(message)
 
 
-def _rebind_everywhere(old: type | None, new: type | None) -> None:
-    """Replace ``old`` by ``new`` wherever an imported llm-compressor module binds it."""
-    if old is None or new is None:
-        return
+def _check_bound(cache_module: ModuleType, cache_class: type) -> None:
+    found = vars(cache_module).get(CLASS_NAME)
+    if found is not cache_class:
+        raise IntegrationError(
+            f"{CACHE_MODULE}.{CLASS_NAME} is {found!r}, not llm-compressor's own class: "
+            "another tool has replaced it; undo that before enabling spillcache"
+        )
+
+
+def _rebind_everywhere(
+    replace: Callable[[object], bool], new: type
+) -> list[tuple[dict[str, Any], object]]:
+    """Bind ``new`` wherever an imported llm-compressor module binds a class ``replace``
+    accepts; the (namespace, old class) pairs it changed."""
+    replaced = []
     for name, module in list(sys.modules.items()):
-        if module is None or not (name == PACKAGE or name.startswith(PACKAGE + ".")):
+        if not (name == PACKAGE or name.startswith(PACKAGE + ".")):
             continue
-        namespace = vars(module)  # not getattr: a module __getattr__ could import things
-        if namespace.get(CLASS_NAME) is old:
+        # Not getattr: a module __getattr__ could import things. Some entries are no modules.
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict) and replace(old := namespace.get(CLASS_NAME)):
             namespace[CLASS_NAME] = new
+            replaced.append((namespace, old))
+    return replaced
+
+
+def _switch_back() -> None:
+    """_lock held: the stock class everywhere a switch's class is bound; no import hook."""
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+    cache_module = sys.modules.get(CACHE_MODULE)
+    current = vars(cache_module).get(CLASS_NAME) if cache_module is not None else None
+    stock = current if _is_stock(current) else _stock_class
+    if stock is not None:
+        _rebind_everywhere(_is_switched, stock)
+
+
+def _wait_for_an_import_in_progress() -> None:
+    """If another thread is importing the cache module, let it finish first (outside
+    _lock: that import takes _lock when it rebinds), so its class can be rebound."""
+    module = sys.modules.get(CACHE_MODULE)
+    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        importlib.import_module(CACHE_MODULE)  # blocks on the module's import lock
 
 
 def _rebind_after_import(cache_module: ModuleType) -> None:
@@ -237,7 +309,7 @@ def _rebind_after_import(cache_module: ModuleType) -> None:
         if _active is None:
             return
         _remember_stock_class(cache_module, during_import=True)
-        if vars(cache_module).get(CLASS_NAME) is _stock_class and _stock_class is not None:
+        if _is_stock(vars(cache_module).get(CLASS_NAME)):
             vars(cache_module)[CLASS_NAME] = _active.cache_class
 
 
@@ -261,20 +333,29 @@ class _RebindingLoader(importlib.abc.Loader):
 class _CacheModuleFinder(importlib.abc.MetaPathFinder):
     """Finds llm-compressor's cache module with the other finders and wraps its loader."""
 
+    def __init__(self) -> None:
+        # Set while this thread asks the other finders: one of them may ask every
+        # finder in turn too (as this one does), which would ask this one again.
+        self._asking = threading.local()
+
     def find_spec(
         self, fullname: str, path: Any, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != CACHE_MODULE:
+        if fullname != CACHE_MODULE or getattr(self._asking, "active", False):
             return None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _RebindingLoader(spec.loader)
-                return spec
-        return None
+        self._asking.active = True
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and not isinstance(spec.loader, _RebindingLoader):
+                        spec.loader = _RebindingLoader(spec.loader)
+                    return spec
+            return None
+        finally:
+            self._asking.active = False
 
 
 _FINDER = _CacheModuleFinder()
