@@ -6,13 +6,14 @@ W4A16 recipe, first with its own cache (everything in RAM: the limit), then thro
 ``spillcache.integrations.llmcompressor.enable`` with host budgets of a fraction of what
 the pipeline caches, prefetch on. Each run's weights are checked bit for bit against
 the stock run's; the figures are the median of --repeats runs (interleaved).
+``--recipe awq`` runs AWQ + W4A16 instead (its caches are replayed once per grid point).
 
 What the pipeline caches is measured, not estimated: an untimed first stock run keeps
 its cache and asks it (the stock ``size()``) what it holds once the run is over, which
 is the last layer's inputs: hidden states, masks, position embeddings, for every sample.
 
-    python bench/llmcompressor_oneshot.py [--hidden 512] [--layers 4] [--samples 64]
-        [--seq-len 512] [--host-fractions 0.5,0.25,0.0625] [--repeats 3] [--dir PATH]
+    python bench/llmcompressor_oneshot.py [--recipe gptq|awq] [--hidden 512] [--layers 4]
+        [--samples 64] [--seq-len 512] [--host-fractions 0.5,0.25,0.0625] [--repeats 3] [--dir PATH]
 
 Needs the extra: pip install -e '.[llmcompressor]'.
 """
@@ -31,13 +32,26 @@ from common import drop_page_cache, machine, median, ratio, report  # noqa: E402
 from spill_testing import bits  # noqa: E402
 from spillcache import CacheConfig  # noqa: E402
 from spillcache.integrations.llmcompressor import enable  # noqa: E402
-from tiny_llama import calibrate  # noqa: E402
+from tiny_llama import calibrate, stock_pin_memory_without_accelerator  # noqa: E402
 
 
 def gptq_recipe():
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+
+
+def awq_recipe():
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return [
+        AWQModifier(),
+        QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+    ]
+
+
+RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe}
 
 
 def same_bits(left: dict, right: dict) -> bool:
@@ -52,13 +66,16 @@ COLD = {"every run": True}  # set False when the page cache could not be dropped
 
 def run(args, work: Path, config: CacheConfig | None) -> tuple[float, dict, dict | None]:
     COLD["every run"] &= drop_page_cache()
+    recipe = RECIPES[args.recipe]
     sizes = dict(hidden=args.hidden, layers=args.layers, samples=args.samples, seq_len=args.seq_len)
     start = time.perf_counter()
     if config is None:
-        weights = calibrate(Path(tempfile.mkdtemp(dir=work)), gptq_recipe(), prefetch=True, **sizes)
+        # Without an accelerator the stock pin_memory raises (AWQ calls it); skip it there.
+        with stock_pin_memory_without_accelerator():
+            weights = calibrate(Path(tempfile.mkdtemp(dir=work)), recipe(), prefetch=True, **sizes)
         return time.perf_counter() - start, weights, None
     with enable(config) as switch:
-        weights = calibrate(Path(tempfile.mkdtemp(dir=work)), gptq_recipe(), prefetch=True, **sizes)
+        weights = calibrate(Path(tempfile.mkdtemp(dir=work)), recipe(), prefetch=True, **sizes)
     return time.perf_counter() - start, weights, switch.stats()
 
 
@@ -83,6 +100,7 @@ def stock_cached_bytes(args, work: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="gptq")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--samples", type=int, default=64)
@@ -138,7 +156,7 @@ def main() -> None:
     for name, value in setting.items():
         print(f"{name}: {value}")
     report(
-        "llm-compressor oneshot (GPTQ W4A16, sequential, prefetch): stock vs spillcache",
+        f"llm-compressor oneshot ({args.recipe} W4A16, sequential, prefetch): stock vs spillcache",
         rows,
         setting,
     )
