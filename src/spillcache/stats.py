@@ -6,9 +6,11 @@ from typing import Any
 
 from .placement import Placement
 
-__all__ = ["report"]
+__all__ = ["TIERS", "TIER_COUNTERS", "report"]
 
-_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "evictions")
+TIERS = ("device", "host", "disk")
+# What report() gives for each of TIERS (besides bytes held and budget).
+TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "evictions")
 
 
 def report(
@@ -24,7 +26,7 @@ def report(
     disk = placement.disk
 
     def tier(name: str, nbytes: int, budget: int | None) -> dict[str, Any]:
-        figures = {counter: counters[f"{name}.{counter}"] for counter in _COUNTERS}
+        figures = {counter: counters[f"{name}.{counter}"] for counter in TIER_COUNTERS}
         return {"bytes": nbytes, "budget": budget, **figures}
 
     return {

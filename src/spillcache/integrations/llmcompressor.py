@@ -36,15 +36,13 @@ from ..cache import IntermediatesCache as SpillcacheIntermediatesCache
 from ..config import CacheConfig
 from ..core import CacheCore
 from ..errors import IntegrationError
+from ..stats import TIER_COUNTERS, TIERS
 
 __all__ = ["CacheSwitch", "active", "disable", "enable"]
 
 PACKAGE = "llmcompressor"
 CACHE_MODULE = "llmcompressor.pipelines.cache"
 CLASS_NAME = "IntermediatesCache"
-
-_TIERS = ("device", "host", "disk")
-_TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "evictions")
 
 # Reentrant: rebinding runs inside an import, and an import may happen while enable()
 # or disable() hold the lock (a module's attribute read can import lazily).
@@ -366,20 +364,20 @@ _FINDER = _CacheModuleFinder()
 
 def _zero_totals() -> dict[str, Any]:
     return {
-        **{tier: dict.fromkeys(_TIER_COUNTERS, 0) for tier in _TIERS},
+        **{tier: dict.fromkeys(TIER_COUNTERS, 0) for tier in TIERS},
         "stall_seconds": 0.0,
     }
 
 
 def _copy_totals(totals: dict[str, Any]) -> dict[str, Any]:
     return {
-        **{tier: dict(totals[tier]) for tier in _TIERS},
+        **{tier: dict(totals[tier]) for tier in TIERS},
         "stall_seconds": totals["stall_seconds"],
     }
 
 
 def _add_stats(totals: dict[str, Any], figures: dict[str, Any]) -> None:
-    for tier in _TIERS:
-        for counter in _TIER_COUNTERS:
+    for tier in TIERS:
+        for counter in TIER_COUNTERS:
             totals[tier][counter] += figures[tier][counter]
     totals["stall_seconds"] += figures["stall_seconds"]
