@@ -29,37 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import drop_page_cache, machine, median, ratio, report  # noqa: E402
-from spill_testing import bits  # noqa: E402
 from spillcache import CacheConfig  # noqa: E402
+from spillcache.demo import identical  # noqa: E402
 from spillcache.integrations.llmcompressor import enable  # noqa: E402
-from tiny_llama import calibrate, stock_pin_memory_without_accelerator  # noqa: E402
-
-
-def gptq_recipe():
-    from llmcompressor.modifiers.quantization import GPTQModifier
-
-    return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-
-
-def awq_recipe():
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
-
-    return [
-        AWQModifier(),
-        QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
-    ]
-
-
-RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe}
-
-
-def same_bits(left: dict, right: dict) -> bool:
-    return sorted(left) == sorted(right) and all(
-        left[name].dtype == right[name].dtype and bits(left[name]) == bits(right[name])
-        for name in left
-    )
-
+from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator  # noqa: E402
 
 COLD = {"every run": True}  # set False when the page cache could not be dropped (not root)
 
@@ -142,7 +115,7 @@ def main() -> None:
                 "disk wr MiB": 0 if totals is None else totals["disk"]["bytes_written"] / 2**20,
                 "disk rd MiB": 0 if totals is None else totals["disk"]["bytes_read"] / 2**20,
                 "stall s": 0 if totals is None else totals["stall_seconds"],
-                "bit-exact": same_bits(weights, reference),
+                "bit-exact": identical(weights, reference),
             }
         )
     setting = {

@@ -109,6 +109,26 @@ def calibrate(
     return state
 
 
+def gptq_recipe() -> Any:
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+
+
+def awq_recipe() -> Any:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return [
+        AWQModifier(),
+        QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+    ]
+
+
+# The recipes the integration tests and bench/llmcompressor_oneshot.py run, by name.
+RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe}
+
+
 @contextlib.contextmanager
 def stock_pin_memory_without_accelerator() -> Iterator[None]:
     """The stock cache's ``pin_memory`` raises without an accelerator ("Cannot access

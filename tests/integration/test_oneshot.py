@@ -22,31 +22,14 @@ from spill_testing import assert_same  # noqa: E402
 from spillcache import CacheConfig  # noqa: E402
 from spillcache.integrations import llmcompressor as integration  # noqa: E402
 from tiny_llama import (  # noqa: E402
+    RECIPES,
     calibrate,
+    gptq_recipe,
     hidden_state_bytes,
     stock_pin_memory_without_accelerator,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def gptq_recipe():
-    from llmcompressor.modifiers.quantization import GPTQModifier
-
-    return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-
-
-def awq_recipe():
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
-
-    return [
-        AWQModifier(),
-        QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
-    ]
-
-
-RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe}
 
 
 @pytest.fixture(scope="module")
