@@ -256,17 +256,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if report["bad"] else 0
 
 
+# The demo's size options: flag, the size it sets (demo.DEFAULT_SIZES key), help.
+_DEMO_SIZE_OPTIONS = (
+    ("--samples", "samples", "calibration samples, one batch each"),
+    ("--seq-len", "seq_len", "tokens per sample"),
+    ("--hidden", "hidden", "hidden size; heads of 64 where it is a multiple of 64"),
+    ("--layers", "layers", "decoder blocks, calibrated one after another"),
+)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import activation_bytes, run_demo
 
-    for flag, value in (
-        ("--samples", args.samples),
-        ("--seq-len", args.seq_len),
-        ("--hidden", args.hidden),
-        ("--layers", args.layers),
-    ):
-        if value < 1:
-            raise ValueError(f"{flag}: must be at least 1, got {value}")
+    for flag, size, _ in _DEMO_SIZE_OPTIONS:
+        if getattr(args, size) < 1:
+            raise ValueError(f"{flag}: must be at least 1, got {getattr(args, size)}")
     config = CacheConfig.from_file(args.config) if args.config else CacheConfig.from_env()
     changes = {"keep_store": True} if args.keep_store else {}
     if args.host_bytes is not None:
@@ -352,34 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         "mask (seq-len x seq-len B). The defaults cache 160 MiB, four times the default host "
         "budget; the whole run takes 20-30 s on 2 CPU cores.",
     )
-    demo.add_argument(
-        "--samples",
-        type=int,
-        default=DEFAULT_SIZES["samples"],
-        metavar="N",
-        help="calibration samples, one batch each (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--seq-len",
-        type=int,
-        default=DEFAULT_SIZES["seq_len"],
-        metavar="N",
-        help="tokens per sample (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--hidden",
-        type=int,
-        default=DEFAULT_SIZES["hidden"],
-        metavar="N",
-        help="hidden size; heads of 64 where it is a multiple of 64 (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--layers",
-        type=int,
-        default=DEFAULT_SIZES["layers"],
-        metavar="N",
-        help="decoder blocks, calibrated one after another (default: %(default)s)",
-    )
+    for flag, size, help_text in _DEMO_SIZE_OPTIONS:
+        demo.add_argument(
+            flag,
+            type=int,
+            default=DEFAULT_SIZES[size],
+            metavar="N",
+            help=f"{help_text} (default: %(default)s)",
+        )
     demo.add_argument(
         "--host-bytes",
         metavar="SIZE",
