@@ -294,9 +294,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_summary(args: argparse.Namespace, result: Any) -> str:
     """The demo's figures, every one from the run (stats() and the two timings)."""
+    from .demo import hidden_state_bytes
+
     stats = result.stats
     host, disk = stats["host"], stats["disk"]
-    hidden = args.samples * args.seq_len * args.hidden * 4
+    hidden = hidden_state_bytes(args.samples, args.seq_len, args.hidden)
     masks = result.cached_bytes - hidden
     share = f"{host['budget'] / result.cached_bytes:.0%} of the activations"
     wall, reference = result.wall_seconds, result.reference_seconds

@@ -33,6 +33,7 @@ __all__ = [
     "DemoResult",
     "DemoRun",
     "activation_bytes",
+    "hidden_state_bytes",
     "calibrate",
     "identical",
     "reference_config",
@@ -123,9 +124,14 @@ def _check_sizes(**sizes: int) -> None:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+def hidden_state_bytes(samples: int, seq_len: int, hidden: int) -> int:
+    """Bytes of the demo's float32 hidden states, over all samples."""
+    return samples * seq_len * hidden * 4
+
+
 def activation_bytes(samples: int, seq_len: int, hidden: int) -> int:
     """Bytes the demo caches: per sample a float32 hidden state and a bool causal mask."""
-    return samples * (seq_len * hidden * 4 + seq_len * seq_len)
+    return hidden_state_bytes(samples, seq_len, hidden) + samples * seq_len * seq_len
 
 
 def reference_config(cached_bytes: int) -> CacheConfig:
