@@ -8,12 +8,18 @@ the pipeline caches, prefetch on. Each run's weights are checked bit for bit aga
 the stock run's; the figures are the median of --repeats runs (interleaved).
 ``--recipe awq`` runs AWQ + W4A16 instead (its caches are replayed once per grid point).
 
+Every run is a process of its own, so that its peak RSS (VmHWM) is its own: a
+spillcache budget is what the process holds, and this is where that is checked against
+the stock cache. For spillcache runs the table also gives the peak of the host tier
+over all the caches llm-compressor built (they share one budget: AWQ builds several).
+
 What the pipeline caches is measured, not estimated: an untimed first stock run keeps
 its cache and asks it (the stock ``size()``) what it holds once the run is over, which
 is the last layer's inputs: hidden states, masks, position embeddings, for every sample.
 
     python bench/llmcompressor_oneshot.py [--recipe gptq|awq] [--hidden 512] [--layers 4]
-        [--samples 64] [--seq-len 512] [--host-fractions 0.5,0.25,0.0625] [--repeats 3] [--dir PATH]
+        [--samples 64] [--seq-len 512] [--host-fractions 0.5,0.25,0.0625] [--repeats 3]
+        [--dir PATH] [--wall-limit 1.10]
 
 Needs the extra: pip install -e '.[llmcompressor]'.
 """
@@ -21,6 +27,8 @@ Needs the extra: pip install -e '.[llmcompressor]'.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +36,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from common import drop_page_cache, machine, median, ratio, report  # noqa: E402
-from spillcache import CacheConfig  # noqa: E402
+import torch  # noqa: E402
+
+from common import (  # noqa: E402
+    drop_page_cache,
+    machine,
+    median,
+    proc_status,
+    ratio,
+    report,
+    verdict,
+)
+from spillcache import CacheConfig, IntermediatesCache  # noqa: E402
 from spillcache.demo import identical  # noqa: E402
 from spillcache.integrations.llmcompressor import enable  # noqa: E402
 from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator  # noqa: E402
@@ -38,7 +56,7 @@ COLD = {"every run": True}  # set False when the page cache could not be dropped
 
 
 def run(args, work: Path, config: CacheConfig | None) -> tuple[float, dict, dict | None]:
-    COLD["every run"] &= drop_page_cache()
+    """One oneshot run in this process: wall seconds, weights, spillcache's totals."""
     recipe = RECIPES[args.recipe]
     sizes = dict(hidden=args.hidden, layers=args.layers, samples=args.samples, seq_len=args.seq_len)
     start = time.perf_counter()
@@ -47,9 +65,43 @@ def run(args, work: Path, config: CacheConfig | None) -> tuple[float, dict, dict
         with stock_pin_memory_without_accelerator():
             weights = calibrate(Path(tempfile.mkdtemp(dir=work)), recipe(), prefetch=True, **sizes)
         return time.perf_counter() - start, weights, None
-    with enable(config) as switch:
+    # A cache of the same config open all run: it keeps the shared pool (and its peak
+    # figures) alive across the caches llm-compressor builds and drops.
+    with enable(config) as switch, IntermediatesCache(config=config) as witness:
         weights = calibrate(Path(tempfile.mkdtemp(dir=work)), recipe(), prefetch=True, **sizes)
-    return time.perf_counter() - start, weights, switch.stats()
+        pool = witness.stats()["pool"]
+    totals = switch.stats()
+    totals["host_peak"] = pool["host"]["peak_bytes"]
+    return time.perf_counter() - start, weights, totals
+
+
+def child(args, work: Path) -> None:
+    """--child: one run; its figures as JSON on stdout, its weights in a file."""
+    plan = json.loads(args.child)
+    config = None if plan["host_bytes"] is None else CacheConfig(**plan)
+    wall, weights, totals = run(args, work, config)
+    weights_file = Path(tempfile.mkdtemp(dir=work)) / "weights.pt"
+    torch.save(weights, weights_file)
+    peak = proc_status()["VmHWM"]
+    print(
+        json.dumps({"wall": wall, "peak_rss": peak, "totals": totals, "weights": str(weights_file)})
+    )
+
+
+def run_in_child(
+    args, work: Path, config: CacheConfig | None
+) -> tuple[float, int, dict, dict | None]:
+    COLD["every run"] &= drop_page_cache()
+    plan = {"host_bytes": None} if config is None else {
+        "host_bytes": config.host_bytes, "disk_path": config.disk_path
+    }  # fmt: skip
+    command = [sys.executable, __file__, "--child", json.dumps(plan)] + args.passed
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"a run failed:\n{done.stderr[-4000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    weights = torch.load(figures["weights"])
+    return figures["wall"], figures["peak_rss"], weights, figures["totals"]
 
 
 def stock_cached_bytes(args, work: Path) -> int:
@@ -81,10 +133,19 @@ def main() -> None:
     parser.add_argument("--host-fractions", default="0.5,0.25,0.0625")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--wall-limit", type=float, default=1.10)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args, Path(args.work))
+        return
     work = Path(tempfile.mkdtemp(prefix="oneshot-bench-", dir=args.dir))
     spill = work / "spill"
     spill.mkdir()
+    sizes = ["--hidden", args.hidden, "--layers", args.layers, "--samples", args.samples]
+    args.passed = [str(v) for v in [*sizes, "--seq-len", args.seq_len, "--recipe", args.recipe]]
+    args.passed += ["--work", str(work)]
 
     def config(host_bytes: int) -> CacheConfig:
         return CacheConfig(host_bytes=host_bytes, disk_path=str(spill))
@@ -95,23 +156,34 @@ def main() -> None:
         (f"spillcache host {f:g}", config(int(f * cached_per_layer))) for f in fractions
     ]
     walls: dict[str, list[float]] = {name: [] for name, _ in plans}
+    peaks: dict[str, list[int]] = {name: [] for name, _ in plans}
     last: dict[str, tuple[dict, dict | None]] = {}
     for _ in range(args.repeats):
         for name, plan in plans:
-            wall, weights, totals = run(args, work, plan)
+            wall, peak, weights, totals = run_in_child(args, work, plan)
             walls[name].append(wall)
+            peaks[name].append(peak)
             last[name] = (weights, totals)
     reference = last["stock (all in RAM)"][0]
     stock_wall = median(walls["stock (all in RAM)"])
+    stock_peak = median(peaks["stock (all in RAM)"])
     rows = []
     for name, plan in plans:
         weights, totals = last[name]
+        wall_ratio = ratio(median(walls[name]), stock_wall)
         rows.append(
             {
                 "run": name,
                 "host MiB": "-" if plan is None else plan.host_bytes / 2**20,
+                "host peak MiB": "-" if totals is None else totals["host_peak"] / 2**20,
+                "peak RSS MiB": median(peaks[name]) / 2**20,
+                "RSS x stock": ratio(median(peaks[name]), stock_peak),
                 "wall s": median(walls[name]),
-                "x stock": ratio(median(walls[name]), stock_wall),
+                "x stock": wall_ratio,
+                f"<= {args.wall_limit:g}": "-"
+                if plan is None
+                else verdict(wall_ratio, args.wall_limit),
+                "caches": "-" if totals is None else totals["caches"],
                 "disk wr MiB": 0 if totals is None else totals["disk"]["bytes_written"] / 2**20,
                 "disk rd MiB": 0 if totals is None else totals["disk"]["bytes_read"] / 2**20,
                 "stall s": 0 if totals is None else totals["stall_seconds"],
@@ -124,6 +196,7 @@ def main() -> None:
         "samples x seq_len": f"{args.samples} x {args.seq_len}",
         "cached at once (stock size())": f"{cached_per_layer / 2**20:.1f} MiB",
         "repeats": args.repeats,
+        "each run": "a process of its own (peak RSS is VmHWM at its end)",
         "page cache dropped before each run": "yes" if COLD["every run"] else "no (not root)",
     }
     for name, value in setting.items():

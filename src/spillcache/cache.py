@@ -57,7 +57,7 @@ class IntermediatesCache:
         self._core = core
         # Runs on close(), on garbage collection and at interpreter exit, whichever
         # comes first: callers such as llm-compressor never call close().
-        self._finalizer = weakref.finalize(self, core.close)
+        self._finalizer = weakref.finalize(self, core.close_collected)
 
     @classmethod
     def _config_for_new_cache(cls) -> CacheConfig:
@@ -200,7 +200,8 @@ class IntermediatesCache:
 
     def close(self) -> None:
         """Join background threads and delete the store (or, with keep_store, complete it)."""
-        self._finalizer()
+        if self._finalizer.detach() is not None:  # not closed yet (here or by collection)
+            self._core.close()
 
     def __enter__(self) -> IntermediatesCache:
         return self

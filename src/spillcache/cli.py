@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +44,57 @@ def _table(rows: list[list[str]]) -> str:
 def _config(args: argparse.Namespace) -> int:
     config, sources = CacheConfig.explain(file=args.file)
     values = {name: getattr(config, name) for name in CacheConfig.field_names()}
+    resolved = _resolved_here(config)
     if args.json:
-        print(
-            json.dumps({name: {"value": values[name], "source": sources[name]} for name in values})
-        )
+        figures = {name: {"value": values[name], "source": sources[name]} for name in values}
+        for name, (extra, _) in resolved.items():
+            figures[name].update(extra)
+        print(json.dumps(figures))
         return 0
     rows = [["setting", "value", "from"]]
-    rows += [[name, _setting_text(name, value), sources[name]] for name, value in values.items()]
+    for name, value in values.items():
+        text = _setting_text(name, value)
+        if name in resolved:  # "512 (512 B)" -> "512 (512 B for the node: ...)"
+            note = resolved[name][1]
+            text = f"{text[:-1]} {note})" if text.endswith(")") else f"{text} ({note})"
+        rows.append([name, text, sources[name]])
     print(_table(rows))
     return 0
+
+
+def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
+    """What "auto" and node-wide settings come to in this process: setting -> (keys for
+    --json, a note for people), for the settings where the value used differs."""
+    from . import ranks
+
+    info = ranks.rank_info()
+    budgets = ranks.process_budgets(config)
+    here: dict[str, tuple[dict, str]] = {}
+    for name in ranks.NODE_SIZES:
+        value, used = getattr(config, name), getattr(budgets, name)
+        if value == AUTO:
+            whose = "this process" if info is None else "this rank"
+            share = "" if info is None else f" over {info.local_world_size} local ranks"
+            note = f"= {_format_bytes(used)} for {whose}: half the available RAM{share}"
+            here[name] = ({"resolved": used}, note)
+        elif used != value:
+            note = f"for the node: {_format_bytes(used)} for each of its {budgets.shares} ranks"
+            here[name] = ({"resolved": used}, note)
+    if config.disk_path is not None:
+        disk_dirs = _disk_dirs(config.disk_path)
+        parents = [str(ranks.store_parent(disk_dir)) for disk_dir in disk_dirs]
+        notes = [f"= {disk_dirs[0]}"] if config.disk_path == AUTO else []
+        notes += [] if info is None else [f"this rank's stores in {', '.join(parents)}"]
+        if notes:
+            resolved = parents[0] if len(parents) == 1 else parents
+            here["disk_path"] = ({"resolved": resolved}, "; ".join(notes))
+    if info is not None:
+        here["budget_scope"] = (
+            {"rank": dataclasses.asdict(info)},
+            f"rank {info.rank} of {info.world_size}, {info.local_world_size} on this node, "
+            f"run {info.run_id}",
+        )
+    return here
 
 
 def _setting_text(name: str, value: Any) -> str:
@@ -62,54 +105,107 @@ def _setting_text(name: str, value: Any) -> str:
         return str(value).lower()
     if isinstance(value, int) and name.endswith("_bytes"):
         return f"{value} ({_format_bytes(value)})"
+    if isinstance(value, tuple):  # disk_path: one directory per drive
+        return json.dumps(list(value))
     return str(value)
 
 
-def _stores_dir(args: argparse.Namespace) -> Path:
+def _disk_dirs(disk_path: str | tuple[str, ...] | None) -> list[str]:
+    """The directories a disk_path setting names ("auto" and None: the temp directory)."""
+    if disk_path in (AUTO, None):
+        return [tempfile.gettempdir()]
+    return [disk_path] if isinstance(disk_path, str) else list(disk_path)
+
+
+def _stores_dirs(args: argparse.Namespace) -> list[Path]:
+    """DIR, else the configured disk_path's directories (one per drive)."""
     if args.dir is not None:
-        return Path(args.dir)
-    disk_path = CacheConfig.from_env().disk_path
-    return Path(tempfile.gettempdir() if disk_path in (AUTO, None) else disk_path)
+        return [Path(args.dir)]
+    return [Path(d) for d in _disk_dirs(CacheConfig.from_env().disk_path)]
 
 
-def _store_rows(directory: Path) -> list[dict]:
-    rows = []
-    for path, attributes in store_format.find_stores(directory).items():
-        rows.append(
-            {
-                "path": str(path),
-                "bytes": store_format.store_bytes(path),
-                "pid": attributes.get("pid"),
-                "alive": store_format.owner_alive(attributes),
-                "complete": bool(attributes.get("complete")),
-            }
-        )
-    return rows
+def _store_row(path: Path, attributes: dict, run: Path | None = None, rank: int | None = None):
+    return {
+        "path": str(path),
+        "bytes": store_format.store_bytes(path),
+        "pid": attributes.get("pid"),
+        "alive": store_format.owner_alive(attributes),
+        "complete": bool(attributes.get("complete")),
+        "run": None if run is None else str(run),
+        "rank": rank,
+    }
+
+
+def _survey(directories: list[Path]) -> tuple[list[dict], dict[Path, dict[int, Path]]]:
+    """Every store under ``directories``: directly in one, and in the rank directories
+    of the run directories in one (or of one itself, if it is one); and the runs."""
+    rows, runs = [], {}
+    for directory in directories:
+        stores = store_format.find_stores(directory)  # first: a missing directory is an error
+        rows += [_store_row(path, attributes) for path, attributes in stores.items()]
+        runs.update(store_format.find_runs(directory))
+    for run_dir, ranks in runs.items():
+        for rank, rank_dir in ranks.items():
+            for path, attributes in store_format.find_stores(rank_dir).items():
+                rows.append(_store_row(path, attributes, run_dir, rank))
+    return rows, runs
 
 
 def _alive_text(alive: bool | None) -> str:
     return {True: "alive", False: "dead", None: "unknown"}[alive]
 
 
+def _owner_counts(rows: list[dict]) -> str:
+    """How many stores' owner processes are in each state ("1 alive, 2 dead")."""
+    counts = Counter(_alive_text(row["alive"]) for row in rows)
+    return ", ".join(f"{counts[w]} {w}" for w in ("alive", "dead", "unknown") if counts[w])
+
+
+def _owners(rows: list[dict]) -> str:
+    """The processes owning these stores ("pid 4242 alive, pid 977 dead")."""
+    owners = dict.fromkeys(f"pid {row['pid']} {_alive_text(row['alive'])}" for row in rows)
+    return ", ".join(owners) or "-"
+
+
 def _du(args: argparse.Namespace) -> int:
-    rows = _store_rows(_stores_dir(args))
+    rows, runs = _survey(_stores_dirs(args))
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = [["store", "size", "pid", "process", "state"]]
-    for row in rows:
-        state = "complete" if row["complete"] else "in use or left by a crash"
-        table.append(
-            [row["path"], _format_bytes(row["bytes"]), str(row["pid"]),
-             _alive_text(row["alive"]), state]
-        )  # fmt: skip
-    table.append(["total", _format_bytes(sum(r["bytes"] for r in rows)), "", "", ""])
-    print(_table(table))
+    total = _format_bytes(sum(r["bytes"] for r in rows))
+    blocks = []
+    plain = [row for row in rows if row["run"] is None]
+    if plain or not runs:
+        table = [["store", "size", "pid", "process", "state"]]
+        for row in plain:
+            state = "complete" if row["complete"] else "in use or left by a crash"
+            table.append(
+                [row["path"], _format_bytes(row["bytes"]), str(row["pid"]),
+                 _alive_text(row["alive"]), state]
+            )  # fmt: skip
+        if not runs:
+            table.append(["total", total, "", "", ""])
+        blocks.append(_table(table))
+    for run_dir, ranks in runs.items():
+        in_run = [row for row in rows if row["run"] == str(run_dir)]
+        table = [["rank", "stores", "size", "owners"]]
+        for rank in ranks:
+            mine = [row for row in in_run if row["rank"] == rank]
+            size = _format_bytes(sum(r["bytes"] for r in mine))
+            table.append([str(rank), str(len(mine)), size, _owners(mine)])
+        size = _format_bytes(sum(r["bytes"] for r in in_run))
+        table.append(["total", str(len(in_run)), size, _owner_counts(in_run) or "-"])
+        counted = f"{len(ranks)} rank{'s' if len(ranks) != 1 else ''}"
+        blocks.append(f"run {run_dir} ({counted})\n{_table(table)}")
+    if runs:
+        runs_text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
+        blocks.append(f"total {total} in {len(rows)} stores ({runs_text})")
+    print("\n\n".join(blocks))
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    rows = _store_rows(_stores_dir(args))
+    rows, runs = _survey(_stores_dirs(args))
     # Only stores whose process is known to be dead; kept (complete) stores only with --all.
     doomed = [r for r in rows if r["alive"] is False and (args.all or not r["complete"])]
     verb = "removed" if args.yes else "would remove"
@@ -117,9 +213,25 @@ def _gc(args: argparse.Namespace) -> int:
         if args.yes:
             shutil.rmtree(row["path"], ignore_errors=True)
         print(f"{verb} {row['path']} ({_format_bytes(row['bytes'])}, pid {row['pid']} is dead)")
+    # Then the rank directories this leaves empty, and a run directory with none left
+    # (rmdir only: a directory holding anything, such as a live rank's store, stays).
+    gone = {row["path"] for row in doomed}
+    emptied: list[Path] = []
+    for run_dir, ranks in runs.items():
+        for rank_dir in ranks.values():
+            if args.yes:
+                emptied += store_format.remove_empty_dirs(rank_dir, stop=run_dir.parent)
+            elif all(str(entry) in gone for entry in rank_dir.iterdir()):
+                emptied.append(rank_dir)
+        if not args.yes and all(rank_dir in emptied for rank_dir in ranks.values()):
+            emptied.append(run_dir)
+    for directory in emptied:
+        print(f"{verb} empty directory {directory}")
     freed = _format_bytes(sum(r["bytes"] for r in doomed))
-    print(f"{verb} {len(doomed)} of {len(rows)} stores, {freed}")
-    if doomed and not args.yes:
+    plural = "directory" if len(emptied) == 1 else "directories"
+    directories = f" and {len(emptied)} empty {plural}" if emptied else ""
+    print(f"{verb} {len(doomed)} of {len(rows)} stores, {freed}{directories}")
+    if (doomed or emptied) and not args.yes:
         print("dry run: pass --yes to delete them")
     return 0
 
@@ -127,6 +239,9 @@ def _gc(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .summary import summarize
 
+    ranks = store_format.rank_dirs(args.path)
+    if ranks:
+        return _inspect_run(args, Path(args.path), ranks)
     info = summarize(args.path)
     if args.json:
         print(json.dumps(info))
@@ -158,6 +273,58 @@ def _inspect(args: argparse.Namespace) -> int:
         table.append(
             [repr(key), shapes, kinds, _format_bytes(entry["bytes"]), str(entry["batches"])]
         )
+    print()
+    print(_table(table))
+    return 0
+
+
+def _store_state(info: dict) -> str:
+    if info["complete"]:
+        return "complete"
+    alive = info["owner_alive"]
+    return {True: "open", False: "left by a crash", None: "open on another host?"}[alive]
+
+
+def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]) -> int:
+    """A run directory: each rank's stores (state, owner, arrays, bytes) and totals."""
+    from .summary import summarize
+
+    listing = []
+    for rank, rank_dir in ranks.items():
+        stores = []
+        for path in store_format.find_stores(rank_dir):
+            try:
+                stores.append(summarize(path))
+            except SpillCacheError as error:  # a store of another version: say so, go on
+                stores.append({"path": str(path), "error": str(error)})
+        listing.append({"rank": rank, "dir": str(rank_dir), "stores": stores})
+    readable = [info for entry in listing for info in entry["stores"] if "error" not in info]
+    count = sum(len(entry["stores"]) for entry in listing)
+    arrays, nbytes = sum(i["arrays"] for i in readable), sum(i["bytes"] for i in readable)
+    if args.json:
+        summary = {"run": str(run_dir), "ranks": listing, "stores": count}
+        print(json.dumps({**summary, "arrays": arrays, "bytes": nbytes}))
+        return 0
+    print(_table([
+        ["run", str(run_dir)],
+        ["ranks", f"{len(ranks)} ({', '.join(map(str, ranks))})"],
+        ["stores", f"{count}, {arrays} arrays, {_format_bytes(nbytes)}"],
+    ]))  # fmt: skip
+    table = [["rank", "store", "state", "owner", "arrays", "bytes"]]
+    for entry in listing:
+        if not entry["stores"]:
+            table.append([str(entry["rank"]), "-", "no store", "", "", ""])
+        for info in entry["stores"]:
+            name = Path(info["path"]).name
+            if "error" in info:
+                table.append([str(entry["rank"]), name, f"unreadable: {info['error']}", "", "", ""])
+                continue
+            owner = f"pid {info['pid']} ({_alive_text(info['owner_alive'])})"
+            table.append(
+                [str(entry["rank"]), name, _store_state(info), owner, str(info["arrays"]),
+                 _format_bytes(info["bytes"])]
+            )  # fmt: skip
+    table.append(["total", f"{count} stores", "", "", str(arrays), _format_bytes(nbytes)])
     print()
     print(_table(table))
     return 0
@@ -393,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(run=_config)
 
     inspect = commands.add_parser("inspect", help="summarize a store: state, arrays, keys")
-    inspect.add_argument("path", help="a store directory (spillcache-<pid>-<id>)")
+    inspect.add_argument(
+        "path", help="a store directory (spillcache-<pid>-<id>), or a run directory (torchrun)"
+    )
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=_inspect)
 

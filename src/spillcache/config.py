@@ -26,6 +26,7 @@ __all__ = ["AUTO", "CacheConfig", "parse_size"]
 AUTO = "auto"
 EVICTION_POLICIES = tuple(POLICIES)
 READ_MODES = ("copy", "mmap")
+BUDGET_SCOPES = ("node", "rank")
 ENV_PREFIX = "SPILLCACHE_"
 ENV_CONFIG_FILE = "SPILLCACHE_CONFIG"
 
@@ -148,7 +149,9 @@ class CacheConfig:
     - ``host_bytes``: budget of the host (CPU RAM) tier. ``"auto"`` is half of the
       RAM available when the cache is created.
     - ``disk_path``: directory in which each cache creates its store; ``None`` turns
-      the disk tier off. ``"auto"`` is the system temp directory (``$TMPDIR``).
+      the disk tier off. ``"auto"`` is the system temp directory (``$TMPDIR``). A list
+      of directories (one per drive; ``SPILLCACHE_DISK_PATH`` separates them with
+      ``os.pathsep``) spreads arrays over them, most free space first.
     - ``disk_bytes``: budget of the disk tier; ``None`` means no limit but the disk.
     - ``inline_bytes``: tensors smaller than this stay in RAM with their entry's
       structure and never get a file of their own (0 tiers every tensor).
@@ -168,11 +171,16 @@ class CacheConfig:
     - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).
     - ``checksum``: store a CRC32C with every chunk (zarr's crc32c codec) and check it
       on every read, so a damaged chunk is an error instead of wrong data.
+    - ``budget_scope``: under torchrun, whether the explicit sizes ``host_bytes``,
+      ``write_behind_bytes``, ``read_buffer_bytes`` and ``disk_bytes`` are for the whole
+      node (``"node"``, the default: each rank gets its share, see ``ranks.py``) or for
+      each rank (``"rank"``). ``device_bytes`` is always per GPU; outside torchrun the
+      scope changes nothing.
     """
 
     device_bytes: int | str = AUTO
     host_bytes: int | str = AUTO
-    disk_path: str | None = AUTO
+    disk_path: str | tuple[str, ...] | None = AUTO
     disk_bytes: int | None = None
     inline_bytes: int = 64 * 1024
     prefetch_depth: int = 2
@@ -184,6 +192,7 @@ class CacheConfig:
     read_buffer_bytes: int = 256 * 2**20
     io_threads: int = 3
     checksum: bool = False
+    budget_scope: str = "node"
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes"):
@@ -199,6 +208,10 @@ class CacheConfig:
         self._set("checksum", _parse_bool("checksum", self.checksum))
         self._set("eviction", _parse_choice("eviction", self.eviction, EVICTION_POLICIES, "policy"))
         self._set("read_mode", _parse_choice("read_mode", self.read_mode, READ_MODES, "mode"))
+        self._set(
+            "budget_scope",
+            _parse_choice("budget_scope", self.budget_scope, BUDGET_SCOPES, "scope"),
+        )
         self._set("direct_io", _auto_or(self.direct_io, lambda v: _parse_bool("direct_io", v)))
         self._set("write_behind_bytes", parse_size("write_behind_bytes", self.write_behind_bytes))
         self._set("read_buffer_bytes", parse_size("read_buffer_bytes", self.read_buffer_bytes))
@@ -212,16 +225,30 @@ class CacheConfig:
         object.__setattr__(self, name, value)
 
     @staticmethod
-    def _checked_disk_path(value: Any) -> str | None:
+    def _checked_disk_path(value: Any) -> str | tuple[str, ...] | None:
+        """One directory (a str), several (a tuple: one per drive), "auto" or None."""
+        if isinstance(value, (list, tuple)):
+            paths = [CacheConfig._one_disk_path(item, listed=True) for item in value]
+            if not paths:
+                raise ConfigError("disk_path: the list is empty; give at least one directory")
+            if len(set(map(os.path.realpath, paths))) < len(paths):
+                raise ConfigError(f"disk_path: {paths} names a directory twice")
+            return paths[0] if len(paths) == 1 else tuple(paths)
         if value is None or _is_none_text(value):
             return None
+        path = CacheConfig._one_disk_path(value, listed=False)
+        return AUTO if path.strip().lower() == AUTO else path
+
+    @staticmethod
+    def _one_disk_path(value: Any, *, listed: bool) -> str:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (listed and not value.strip()):
             raise TypeError(
-                f"disk_path: expected a directory path, 'auto' or None, got {type(value).__name__}"
+                "disk_path: expected a directory path, a list of them (one per drive), "
+                f"'auto' or None, got {value!r}"
             )
-        return AUTO if value.strip().lower() == AUTO else value
+        return value
 
     # ----------------------------------------------------------------- builders
 
@@ -280,7 +307,10 @@ class CacheConfig:
                     f"environment: unknown variable {name}; known variables are "
                     f"{ENV_CONFIG_FILE}, {known}"
                 )
-            values[field_name] = text
+            if field_name == "disk_path" and os.pathsep in text:  # one per drive, as in PATH
+                values[field_name] = text.split(os.pathsep)
+            else:
+                values[field_name] = text
             sources[field_name] = name
         return cls(**values), sources
 

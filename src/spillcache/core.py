@@ -7,14 +7,13 @@ public ``IntermediatesCache`` object.
 
 from __future__ import annotations
 
+import concurrent.futures
 import operator
-import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,15 +21,14 @@ from . import dtypes, reads, stats
 from .config import AUTO, CacheConfig
 from .entries import Entry, InlineTensor
 from .entries import records_of as _records_of
-from .errors import CacheClosedError, ConfigError, StoreCorruptError, StoreError
-from .format import Store
-from .io import READ, WRITE, IOPool
+from .errors import CacheClosedError, ConfigError, StoreCorruptError
+from .io import READ, WRITE
 from .persist import persist
-from .placement import Placement, TensorRecord
-from .sysinfo import RAM_BACKED, available_ram, filesystem_type
-from .tiers import DiskTier
-from .transfers import Ready, Transfers
-from .tree import flatten, unflatten
+from .placement import TensorRecord
+from .pool import pool_for
+from .tenants import Tenant
+from .transfers import Ready
+from .tree import Flat, TensorLeaf, flatten, unflatten
 
 __all__ = ["CacheCore", "resolve_offload_device"]
 
@@ -59,60 +57,36 @@ class CacheCore:
     """
 
     def __init__(self, config: CacheConfig, offload_device: torch.device | None) -> None:
+        if config.keep_store and config.disk_path is None:
+            raise ConfigError("keep_store: there is no disk tier to keep; set disk_path too")
+        if config.keep_store and isinstance(config.disk_path, tuple):
+            raise ConfigError(
+                "keep_store: a kept store lives in one directory, but disk_path lists "
+                f"{len(config.disk_path)}; set disk_path to one directory to keep stores"
+            )
         self.config = config
         self.offload_device = offload_device
         accelerator = offload_device if offload_device and offload_device.type != "cpu" else None
-        device_budget = config.device_bytes
-        if device_budget == AUTO:
-            device_budget = 0 if offload_device is not None and accelerator is None else None
-        host_budget = config.host_bytes
-        if host_budget == AUTO:
-            host_budget = available_ram() // 2
-        disk_dir = config.disk_path
-        if disk_dir == AUTO:
-            disk_dir = tempfile.gettempdir()
-        if disk_dir is not None and filesystem_type(disk_dir) in RAM_BACKED:
-            warnings.warn(
-                f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
-                f"({filesystem_type(disk_dir)}): spilled values still use RAM. Set disk_path "
-                "(or SPILLCACHE_DISK_PATH) to a directory on a local disk",
-                stacklevel=4,
-            )
-        if config.keep_store and disk_dir is None:
-            raise ConfigError("keep_store: there is no disk tier to keep; set disk_path too")
-        disk = None
-        if disk_dir is not None:
-            disk = DiskTier(
-                config.disk_bytes,
-                lambda: Store.create(
-                    disk_dir,
-                    direct_io=config.direct_io,
-                    writers=config.io_threads,
-                    read_buffer_bytes=config.read_buffer_bytes,
-                    checksum=config.checksum,
-                ),
-            )
-        self.transfers = Transfers()
-        self.placement = Placement(
-            device_budget=device_budget,
+        # device_bytes = "auto" keeps no values on an accelerator when offloading to the
+        # CPU (the stock behaviour), and leaves them where they are otherwise.
+        offloads_to_cpu = offload_device is not None and accelerator is None
+        self.pool = pool_for(config)
+        self._lock = self.pool.lock
+        self.placement = self.pool.placement
+        self.io = self.pool.io
+        self.transfers = self.pool.transfers
+        tenant = Tenant(
+            self.pool.store_maker(),
+            config.eviction,
             device_target=accelerator,
-            host_budget=host_budget,
-            disk=disk,
-            eviction=config.eviction,
-            pin_host=torch.cuda.is_available(),
-            write_behind_budget=config.write_behind_bytes,
-            transfers=self.transfers,
+            device_tier=not (config.device_bytes == AUTO and offloads_to_cpu),
         )
-        self._lock = threading.Lock()
-        # Notified whenever a background write finishes (backpressure, flush, close).
-        self._write_finished = threading.Condition(self._lock)
+        with self._lock:
+            self.tenant = self.placement.add_tenant(tenant)
         self._batches: list[dict[str, Entry]] = []
         self._generations: list[int] = []
-        self._write_errors: list[StoreError] = []  # not yet raised to the caller
-        self._deleting: set[str] = set()  # arrays whose background deletion is not done
         self._stall_seconds = 0.0
         self._closed = False
-        self.io = IOPool("spillcache-io", config.io_threads)
 
     # --------------------------------------------------------------- helpers
 
@@ -121,8 +95,8 @@ class CacheCore:
             raise CacheClosedError(
                 "this cache is closed; create a new one (or reopen a kept store)"
             )
-        if self._write_errors:
-            raise self._write_errors.pop(0)
+        if self.tenant.write_errors:
+            raise self.tenant.write_errors.pop(0)
 
     def _index(self, batch_index: Any) -> int:
         index = operator.index(batch_index)
@@ -146,44 +120,12 @@ class CacheCore:
     # ---------------------------------------------------------- write-behind
 
     def _submit_writes(self) -> None:
-        """Hand the writes and deletions placement queued to the I/O pool (lock held).
-
-        Deleting a chunk file (freeing its extents) takes milliseconds: not on the
-        caller's thread, and not under the lock.
-        """
-        for record, tensor in self.placement.take_writes():
-            self.io.submit(WRITE, self._write, record, tensor)
-        for name in self.placement.take_deletions():
-            self._deleting.add(name)
-            self.io.submit(WRITE, self._delete, name)
-
-    def _delete(self, name: str) -> None:
-        self.placement.disk.store.delete_tensor(name)
-        with self._lock:
-            self._deleting.discard(name)
-
-    def _write(self, record: TensorRecord, tensor: torch.Tensor) -> None:
-        """A background write: the file outside the lock, the bookkeeping inside it."""
-        error: BaseException | None = None
-        try:
-            self.placement.disk.store.write_tensor(record.array, tensor)
-        except BaseException as caught:  # reported to the caller, never lost on this thread
-            error = caught
-        with self._lock:
-            if self.placement.write_done(record, error):
-                self._write_errors.append(
-                    StoreError(
-                        getattr(error, "errno", None),
-                        f"writing {record.label} ({record.nbytes} bytes) to disk failed: "
-                        f"{error}. The value stays readable from RAM; free space under "
-                        "disk_path (or set disk_path elsewhere) for later values",
-                    )
-                )
-            self._write_finished.notify_all()
+        """Hand the disk writes and deletions queued meanwhile to the I/O threads."""
+        self.pool.submit_queued_io()
 
     def _wait_for_write_room(self) -> None:
         """Backpressure: wait (lock held, released while waiting) until write-behind has room."""
-        budget = self.config.write_behind_bytes
+        budget = self.pool.budgets.write_behind_bytes
         placement = self.placement
         if placement.pending_bytes <= budget:
             return
@@ -194,7 +136,7 @@ class CacheCore:
         """Lock held (released while waiting): wait until ``done()``, re-checked after
         each finished background write; the wait is the caller's stall."""
         start = time.perf_counter()
-        self._write_finished.wait_for(done)
+        self.pool.write_finished.wait_for(done)
         self._stall_seconds += time.perf_counter() - start
 
     def flush(self) -> None:
@@ -202,9 +144,9 @@ class CacheCore:
         with self._lock:
             if self._closed:
                 raise CacheClosedError("this cache is closed")
-            self._wait_for_writes(lambda: self.placement.writes_in_flight == 0)
-            if self._write_errors:
-                raise self._write_errors.pop(0)
+            self._wait_for_writes(lambda: self.tenant.writes_in_flight == 0)
+            if self.tenant.write_errors:
+                raise self.tenant.write_errors.pop(0)
 
     # ----------------------------------------------------------------- write
 
@@ -213,6 +155,7 @@ class CacheCore:
         with self._lock:
             self._batches.extend(batches)
             self._generations.extend(0 for _ in batches)
+            self.placement.tenants.resized(self.tenant, len(self._batches))
 
     def num_batches(self) -> int:
         with self._lock:
@@ -223,67 +166,97 @@ class CacheCore:
             self._check_open()
             self._batches.extend({} for _ in range(count))
             self._generations.extend(0 for _ in range(count))
+            self.placement.tenants.resized(self.tenant, len(self._batches))
 
     def append(self, values: dict[str, Any], onload_device: torch.device | None = None) -> int:
         """Store ``values`` as a new last batch; on error the cache is unchanged."""
+        prepared = self._prepare(values, onload_device)
         with self._lock:
             self._check_open()
             self._wait_for_write_room()
             self._batches.append({})
             self._generations.append(0)
+            self.placement.tenants.resized(self.tenant, len(self._batches))
             try:
-                self._update_locked(len(self._batches) - 1, values, onload_device)
+                self._store_prepared(len(self._batches) - 1, prepared)
             except BaseException:
                 self._batches.pop()
                 self._generations.pop()
+                self.placement.tenants.resized(self.tenant, len(self._batches))
                 raise
             finally:
                 self._submit_writes()
             return len(self._batches) - 1
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
+        prepared = self._prepare(values, None)
         with self._lock:
             self._check_open()
             index = self._index(batch_index)
             self._wait_for_write_room()
             try:
-                self._update_locked(index, values, None)
+                self._store_prepared(index, prepared)
             finally:
                 self._submit_writes()
 
-    def _update_locked(self, index: int, values: Any, onload_device: torch.device | None) -> None:
+    def _prepare(self, values: Any, onload_device: torch.device | None) -> list[_Prepared]:
+        """Everything about storing ``values`` that needs no lock: checking them,
+        flattening them, and their copies off the accelerator (and compact copies of
+        views), so that a slow device-to-host transfer holds up no other thread."""
         if not isinstance(values, dict):
             raise TypeError(f"values must be a dict of name -> value, got {type(values).__name__}")
         for key in values:
             if not isinstance(key, str):
                 raise TypeError(f"keys must be str, got {key!r} ({type(key).__name__})")
-        flats = {key: flatten(value, onload_device) for key, value in values.items()}
-        tiered = {
-            key: [self._is_tiered(leaf.tensor) for leaf in flat.tensors]
-            for key, flat in flats.items()
-        }
-        to_admit, labels = [], []
-        for key, flat in flats.items():
-            for leaf, is_tiered in zip(flat.tensors, tiered[key], strict=True):
-                if is_tiered:
-                    to_admit.append((leaf.tensor, leaf.onload_device))
-                    labels.append(f"batch {index}, key {key!r}")
-        records = iter(self.placement.admit(to_admit, batch=index, labels=labels))
+        prepared = []
+        for key, value in values.items():
+            flat = flatten(value, onload_device)
+            leaves = []
+            for leaf in flat.tensors:
+                if self._is_tiered(leaf.tensor):
+                    leaves.append((leaf, self._offload_tiered(leaf.tensor), True))
+                else:
+                    leaves.append((leaf, self._offload_inline(leaf.tensor), False))
+            prepared.append(_Prepared(key, flat, leaves))
+        return prepared
+
+    def _offload_tiered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What placement stores of a tiered tensor: the tensor itself where it may stay
+        in the device tier, else its compact host copy (itself if it is one already)."""
+        tenant = self.tenant
+        if self.placement.device.budget != 0 and tenant.device_tier:
+            if tenant.device_target is not None or tensor.device.type != "cpu":
+                return tensor.detach()
+        return self.transfers.to_host(tensor.detach(), pin=self.placement.pin_host)
+
+    def _store_prepared(self, index: int, prepared: list[_Prepared]) -> None:
+        """Lock held: place the prepared values in batch ``index``; all or nothing."""
+        to_admit, originals, labels = [], [], []
+        for item in prepared:
+            for leaf, offloaded, tiered in item.leaves:
+                if tiered:
+                    to_admit.append((offloaded, leaf.onload_device))
+                    originals.append(leaf.tensor)
+                    labels.append(f"batch {index}, key {item.key!r}")
+        self.placement.tenants.used(self.tenant)
+        records = iter(
+            self.placement.admit(
+                to_admit, tenant=self.tenant, batch=index, labels=labels, originals=originals
+            )
+        )
         batch = self._batches[index]
         replaced: list[TensorRecord] = []
-        for key, flat in flats.items():
+        for item in prepared:
             leaves: list[TensorRecord | InlineTensor] = []
-            for leaf, is_tiered in zip(flat.tensors, tiered[key], strict=True):
-                if is_tiered:
+            for leaf, offloaded, tiered in item.leaves:
+                if tiered:
                     leaves.append(next(records))
                 else:
-                    offloaded = self._offload_inline(leaf.tensor)
-                    leaves.append(
-                        InlineTensor(offloaded, leaf.onload_device, leaf.tensor.requires_grad)
-                    )
-            if key in batch:
-                replaced.extend(_records_of(batch[key]))
-            batch[key] = Entry(flat.spec, leaves, flat.opaques)
+                    requires_grad = leaf.tensor.requires_grad
+                    leaves.append(InlineTensor(offloaded, leaf.onload_device, requires_grad))
+            if item.key in batch:
+                replaced.extend(_records_of(batch[item.key]))
+            batch[item.key] = Entry(item.flat.spec, leaves, item.flat.opaques)
         self.placement.release(replaced)
         self._generations[index] += 1
 
@@ -332,7 +305,7 @@ class CacheCore:
             self._check_open()
             index = self._index(batch_index)
             if by_reader:
-                self.placement.reached(index, len(self._batches))
+                self.placement.tenants.reached(self.tenant, index, len(self._batches))
             generation = self._generations[index]
             entries = _selected(self._batches[index], input_names)
             loads = reads.plan(self.placement, _records_in(entries))
@@ -345,14 +318,21 @@ class CacheCore:
     def mark_read(self, batch_index: int) -> None:
         """The caller took a prefetched batch: the scan policy's position moves to it."""
         with self._lock:
-            self.placement.reached(self._index(batch_index), len(self._batches))
+            self.placement.tenants.reached(
+                self.tenant, self._index(batch_index), len(self._batches)
+            )
 
     def generation(self, batch_index: int) -> int:
         with self._lock:
             return self._generations[self._index(batch_index)]
 
     def submit_fetch(self, batch_index: int, input_names: Collection[str] | None) -> Future:
-        return self.io.submit(READ, self._prefetch, batch_index, input_names)
+        with self._lock:
+            self._check_open()
+            lane = batch_index % self.io.lanes  # consecutive batches: another drive's queue
+            job = self.io.submit(READ, self._prefetch, batch_index, input_names, lane=lane)
+            self.tenant.track(job)  # closing waits for it
+            return job
 
     def _prefetch(self, batch_index: int, input_names: Collection[str] | None) -> tuple:
         return self.fetch_versioned(batch_index, input_names, by_reader=False)
@@ -390,7 +370,7 @@ class CacheCore:
     def _read_record(self, record: TensorRecord) -> torch.Tensor:
         pin = self.placement.pin_host and record.onload_device.type != "cpu"
         try:
-            return self.placement.disk.store.read_tensor(
+            return record.tenant.store_on(record.disk).read_tensor(
                 record.array, record.shape, record.dtype, pin=pin, mapped=self._maps(record)
             )
         except StoreCorruptError as error:  # name the entry, not just the file
@@ -418,7 +398,7 @@ class CacheCore:
 
     def size(self) -> dict[torch.device, int]:
         with self._lock:
-            sizes = self.placement.memory_by_device()
+            sizes = stats.memory_by_device(self.placement, self.tenant)
             seen: set[int] = set()
             for batch in self._batches:
                 for entry in batch.values():
@@ -436,9 +416,12 @@ class CacheCore:
         with self._lock:
             return stats.report(
                 self.placement,
-                write_behind_budget=self.config.write_behind_bytes,
+                self.tenant,
+                write_behind_budget=self.pool.budgets.write_behind_bytes,
                 store_path=self._store_path_locked(),
                 stall_seconds=self._stall_seconds,
+                pool=self.pool.totals(),
+                disk_dirs=self.pool.disk_dirs,
             )
 
     def store_path(self) -> str | None:
@@ -446,35 +429,80 @@ class CacheCore:
             return self._store_path_locked()
 
     def _store_path_locked(self) -> str | None:
-        disk = self.placement.disk
-        return str(disk.store.path) if disk is not None and disk.has_store else None
+        return str(self.tenant.store.path) if self.tenant.has_store else None
 
     # -------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Finish or cancel background work; keep (complete) or delete the store.
+        """Finish or cancel background work; keep (complete) or delete the store; give
+        the cache's share of the pool back.
 
         Safe to call twice, and from a garbage-collection finalizer on any thread.
         """
+        tenant = self.tenant
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._write_finished.notify_all()
+            self.pool.write_finished.notify_all()
             if self.config.keep_store and not self.io.on_pool_thread():
                 # Every value goes into the kept store: let queued writes finish first.
-                self._write_finished.wait_for(lambda: self.placement.writes_in_flight == 0)
-        self.io.close()
-        with self._lock:
-            disk = self.placement.disk
+                self.pool.write_finished.wait_for(lambda: tenant.writes_in_flight == 0)
             if self.config.keep_store:
+                tenant.closed = True  # no other cache evicts its values any more
+            else:
+                self.placement.release_tenant(tenant)  # its share back to the pool now
+            jobs = tenant.take_jobs()
+        self._end_jobs(jobs)
+        with self._lock:
+            if self.config.keep_store:
+                store = tenant.store
                 # Deletions the pool did not get to: a kept store holds no stray arrays.
-                for name in self._deleting | set(self.placement.take_deletions()):
-                    disk.store.delete_tensor(name)
-                persist(self.placement, self._batches)
-                disk.store.close()
-            elif disk is not None and disk.has_store:
-                disk.store.remove()
+                taken = self.placement.take_deletions(tenant)
+                doomed = tenant.deleting | {name for _, _, name in taken}
+                for name in doomed:
+                    store.delete_tensor(name)
+                persist(self.placement, tenant, self._batches)
+            self.placement.remove_tenant(tenant)
+        if tenant.has_store:
+            if self.config.keep_store:
+                tenant.store.close()
+            else:
+                self.pool.remove_stores(tenant)
+        self.pool.leave()
+
+    def close_collected(self) -> None:
+        """The finalizer's close, for a cache garbage-collected (or left at exit).
+
+        The collector runs wherever an allocation triggers it, possibly inside another
+        cache's operation on this very thread, with the pool's lock held: closing here
+        would then wait for that lock forever. So a cache collected while the lock is
+        taken is closed on one of the pool's threads instead, as soon as the lock is free.
+        """
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            self.close()
+            return
+        try:
+            self.io.submit(WRITE, self.close)
+        except RuntimeError:  # the pool is closed: interpreter exit; nothing else runs
+            self.close()
+
+    def _end_jobs(self, jobs: list[Future]) -> None:
+        """Cancel the cache's queued background work and wait for what already runs
+        (lock not held), so that nothing writes into its store after this."""
+        current = self.io.current_job()  # a finalizer may run on a pool thread, in a job
+        running = [job for job in jobs if job is not current and not job.cancel()]
+        concurrent.futures.wait(running)
+
+
+class _Prepared(NamedTuple):
+    """One key's value, ready to store: its flattened form, and per tensor leaf its
+    offloaded copy (made before the lock) and whether it is tiered."""
+
+    key: str
+    flat: Flat
+    leaves: list[tuple[TensorLeaf, torch.Tensor, bool]]
 
 
 def _records_in(entries: list[tuple[str, Entry]]) -> list[TensorRecord]:

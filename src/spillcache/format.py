@@ -9,6 +9,9 @@ A store is a zarr v3 hierarchy on the local filesystem::
     <store>/batches/zarr.json           group
     <store>/batches/<index>/zarr.json   group; attributes["spillcache"]["entries"]: structures
 
+Stores are made directly under ``disk_path``, or, for rank R of a torchrun job, under
+``<disk_path>/<run>/rank<R>/`` (a *run directory* holds ``rank<R>`` directories only).
+
 The hot path writes and reads chunk files itself rather than through zarr-python
 (whose per-array overhead is milliseconds), and the result stays plain zarr: any
 zarr v3 reader opens the store. User keys never become paths: they live only as JSON
@@ -25,9 +28,11 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,16 +47,23 @@ from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFou
 __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
+    "SharedBuffers",
     "Store",
+    "find_runs",
     "find_stores",
     "owner_alive",
+    "rank_dirs",
     "read_root_attributes",
+    "remove_empty_dirs",
+    "run_store_parent",
     "store_bytes",
 ]
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 STORE_PREFIX = "spillcache-"
+RANK_PREFIX = "rank"
+_RANK_NAME = re.compile(rf"{RANK_PREFIX}(0|[1-9][0-9]*)")
 ATTRS_KEY = "spillcache"
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -117,6 +129,30 @@ def _group(attributes: dict | None = None) -> dict:
 STAGING_BYTES = 8 * 2**20  # per buffer: smaller pieces lose the disk's queue depth
 
 
+class SharedBuffers:
+    """Buffers that the stores of several caches share: one read-buffer pool, and one
+    set of staging buffers for direct writes (made when a store first needs them).
+    Thread-safe; ``close`` frees them once no store uses them."""
+
+    def __init__(self, read_buffer_bytes: int) -> None:
+        self.reads = BufferPool(read_buffer_bytes)
+        self._lock = threading.Lock()
+        self._staging: chunkio.StagingBuffers | None = None
+
+    def staging(self, writers: int) -> chunkio.StagingBuffers:
+        with self._lock:
+            if self._staging is None:
+                self._staging = chunkio.StagingBuffers(writers, STAGING_BYTES)
+            return self._staging
+
+    def close(self) -> None:
+        with self._lock:
+            staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.close()
+        self.reads.clear()
+
+
 class Store:
     """One cache's directory of tensors and batch structures.
 
@@ -143,6 +179,7 @@ class Store:
         self.attributes: dict = {}  # the root's spillcache attributes, as ``open`` read them
         self._staging = staging
         self._buffers = buffers or BufferPool(0)
+        self._owns_buffers = True  # False: shared with other stores (SharedBuffers)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -155,21 +192,30 @@ class Store:
         writers: int = 1,
         read_buffer_bytes: int = 0,
         checksum: bool = False,
+        shared: SharedBuffers | None = None,
     ) -> Store:
         """Make a new private store directory under ``parent``.
 
         ``direct_io`` is True, False or "auto" (O_DIRECT where the filesystem takes it);
         ``writers`` is how many threads may write at once (one staging buffer each);
-        ``read_buffer_bytes`` bounds the memory kept for reuse by reads.
+        ``read_buffer_bytes`` bounds the memory kept for reuse by reads. With
+        ``shared``, the store uses those buffers (several caches' stores share them)
+        instead of making its own, and leaves them alone when it closes.
         """
         parent = Path(parent)
         try:
-            parent.mkdir(parents=True, exist_ok=True)
             path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            path.mkdir(mode=0o700)
+            _make_store_dir(path)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
-            store = cls._configured(path, direct_io, writers, read_buffer_bytes, checksum)
+            if shared is not None:
+                direct = _resolve_direct_io(parent, direct_io)
+                staging = shared.staging(writers) if direct else None
+                store = cls(path, direct=direct, staging=staging, checksum=checksum)
+                store._buffers = shared.reads
+                store._owns_buffers = False
+            else:
+                store = cls._configured(path, direct_io, writers, read_buffer_bytes, checksum)
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
@@ -243,7 +289,9 @@ class Store:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def close(self) -> None:
-        """Free the staging and read buffers (the files stay)."""
+        """Free the staging and read buffers (the files stay), unless they are shared."""
+        if not self._owns_buffers:
+            return
         if self._staging is not None:
             self._staging.close()
         self._buffers.clear()
@@ -395,6 +443,20 @@ def read_root_attributes(path: str | os.PathLike[str]) -> dict:
     return attributes
 
 
+def _make_store_dir(path: Path, attempts: int = 3) -> None:
+    """mkdir ``path`` (mode 0700) and its parents. An empty run or rank directory may be
+    removed (by ``spillcache gc`` or another rank's ``remove_empty_dirs``) between making
+    the parent and the store: then the parent is made again."""
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+
+
 # ------------------------------------------------------------------ finding stores
 
 
@@ -411,6 +473,65 @@ def find_stores(directory: str | os.PathLike[str]) -> dict[Path, dict]:
         except StoreError:
             continue  # not a store, or one being created right now
     return found
+
+
+# Run directories (torchrun): every rank's stores under <disk_path>/<run>/rank<R>/.
+
+
+def run_store_parent(disk_dir: str | os.PathLike[str], run_id: str, rank: int) -> Path:
+    """Where rank ``rank`` of run ``run_id`` creates its stores (``run_id`` is already a
+    safe directory name: see ``ranks.run_id``)."""
+    return Path(disk_dir) / run_id / f"{RANK_PREFIX}{rank}"
+
+
+def rank_dirs(directory: str | os.PathLike[str]) -> dict[int, Path]:
+    """The ``rank<R>`` directories of a run directory, by rank; ``{}`` if ``directory``
+    is no run directory: one is a directory holding ``rank<R>`` directories and nothing
+    else (so that no other directory, in the temp directory say, is taken for one)."""
+    found: dict[int, Path] = {}
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                match = _RANK_NAME.fullmatch(entry.name)
+                if match is None or not entry.is_dir(follow_symlinks=False):
+                    return {}
+                found[int(match.group(1))] = Path(entry.path)
+    except OSError:  # gone, not a directory, or not ours to read
+        return {}
+    return dict(sorted(found.items()))
+
+
+def find_runs(directory: str | os.PathLike[str]) -> dict[Path, dict[int, Path]]:
+    """The run directories at ``directory`` itself or directly under it, each with its
+    rank directories (``find_stores`` lists a rank directory's stores)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StoreNotFoundError(f"no directory {directory}")
+    own = rank_dirs(directory)
+    if own:
+        return {directory: own}
+    runs = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() and not path.is_symlink() and (ranks := rank_dirs(path)):
+            runs[path] = ranks
+    return runs
+
+
+def remove_empty_dirs(path: str | os.PathLike[str], stop: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``path`` and then its parents while they are empty, never ``stop`` or a
+    directory outside it (rmdir only: nothing that holds a file or a store goes). For
+    a rank directory and its run directory once their last store is gone; returns the
+    directories removed."""
+    path, stop = Path(path), Path(stop)
+    removed = []
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (another rank's store, one being made), or gone
+            break
+        removed.append(path)
+        path = path.parent
+    return removed
 
 
 def store_bytes(path: Path) -> int:

@@ -9,16 +9,17 @@ from . import dtypes
 from .entries import Entry, InlineTensor
 from .format import Store
 from .placement import Placement, TensorRecord
+from .tenants import Tenant
 from .tree import spec_to_json
 
 __all__ = ["persist"]
 
 
-def persist(placement: Placement, batches: list[dict[str, Entry]]) -> None:
-    """Every tensor (from every tier) and every batch's structure, durably, then the
-    root's ``complete`` flag last: a store marked complete holds everything."""
-    store = placement.disk.store
-    placement.persist(durable=True)
+def persist(placement: Placement, tenant: Tenant, batches: list[dict[str, Entry]]) -> None:
+    """Every tensor of the cache (from every tier) and every batch's structure, durably,
+    then the root's ``complete`` flag last: a store marked complete holds everything."""
+    store = tenant.store
+    placement.persist(tenant, durable=True)
     taken = set(store.array_names())  # a reopened store already has some "i<n>"
     inline_names = (name for n in itertools.count() if (name := f"i{n}") not in taken)
     for index, batch in enumerate(batches):

@@ -29,7 +29,7 @@ import torch
 
 from . import dtypes
 from .errors import CapacityError, StoreError
-from .policy import make_policy
+from .tenants import Tenant, Tenants
 from .tiers import DiskTier, MemoryTier
 from .transfers import Transfers
 
@@ -58,17 +58,18 @@ class TensorRecord:
     loading: Future | None = None  # a disk read in flight; others wait on it
     alive: bool = True
     identity: int = 0  # id() of the tensor it was stored from, for sharing
+    tenant: Tenant | None = field(default=None, repr=False)  # the cache it belongs to
     array: str = ""  # the store array holding its disk copy (a new name for every write)
+    disk: int = 0  # which of the disk directories that array is on
     disk_writes: int = 0
     write_error: BaseException | None = field(default=None, repr=False)
 
 
 class Placement:
-    """Places tensors in the device, host and disk tiers within their budgets.
+    """Places tensors of one or more caches (``Tenant``s) in the device, host and disk
+    tiers within budgets they share.
 
     :param device_budget: bytes allowed on accelerators (``None``: no limit)
-    :param device_target: accelerator that device-tier values are moved to, or
-        ``None`` to keep them on their own device
     :param host_budget: bytes allowed in host RAM (``None``: no limit)
     :param disk: the disk tier, or ``None`` for none
     :param pin_host: allocate host copies in pinned memory (an accelerator is present)
@@ -81,7 +82,6 @@ class Placement:
         self,
         *,
         device_budget: int | None,
-        device_target: torch.device | None,
         host_budget: int | None,
         disk: DiskTier | None,
         eviction: str,
@@ -92,13 +92,14 @@ class Placement:
         self.device = MemoryTier("device", device_budget)
         self.host = MemoryTier("host", host_budget)
         self.disk = disk
-        self._policies = {"device": make_policy(eviction), "host": make_policy(eviction)}
-        self._device_target = device_target
+        self.eviction = eviction
+        self.tenants = Tenants()
         self.pin_host = pin_host
         self._write_behind_budget = write_behind_budget
         self._transfers = transfers or Transfers()
         self._records: dict[int, TensorRecord] = {}
-        self._identity: dict[int, tuple[weakref.ref, TensorRecord]] = {}
+        # (tenant number, id(tensor)) -> the record it was stored as, for sharing.
+        self._identity: dict[tuple[int, int], tuple[weakref.ref, TensorRecord]] = {}
         self._next_rid = 0
         # Write-behind: values whose disk write is queued, running, or failed.
         self.pending: dict[int, torch.Tensor] = {}
@@ -107,16 +108,53 @@ class Placement:
         self.writes_in_flight = 0  # queued or running
         self._queued: list[TensorRecord] = []
         # Arrays of disk copies no longer wanted; the cache deletes them in the background.
-        self._doomed: list[str] = []
-        self.counters: Counter[str] = Counter()
+        self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
+        self.counters: Counter[str] = Counter()  # totals over every tenant, closed ones too
 
     def _memory_tier(self, name: str) -> MemoryTier:
         return self.device if name == "device" else self.host
 
-    def reached(self, batch: int, num_batches: int) -> None:
-        """The reader took ``batch``: policies that predict the next use learn it here."""
-        for policy in self._policies.values():
-            policy.reached(batch, num_batches)
+    def _count(self, tenant: Tenant, counter: str, amount: int = 1) -> None:
+        tenant.counters[counter] += amount
+        self.counters[counter] += amount
+
+    # --------------------------------------------------------------- tenants
+
+    def add_tenant(self, tenant: Tenant) -> Tenant:
+        self.tenants.add(tenant)
+        return tenant
+
+    def release_tenant(self, tenant: Tenant) -> None:
+        """A cache is closing and its store goes: its values leave every tier now,
+        except those being written (their jobs are still running), and no other cache
+        may evict them any more (no new write starts)."""
+        tenant.closed = True
+        for record in self.records_of(tenant):
+            if record.write_state != WRITING:
+                self._discard(record)
+
+    def remove_tenant(self, tenant: Tenant) -> None:
+        """Forget a closed cache: every record of it leaves every tier, whatever state
+        its write is in (the caller made sure no job of it is still running). Its
+        arrays are not deleted one by one: its store is removed or kept whole."""
+        tenant.closed = True
+        for record in self.records_of(tenant):
+            if record.write_state == WRITING:  # its job was cancelled: no write_done comes
+                del self.pending[record.rid]
+                self.disk.unreserve(record.rid)
+                self._forget_write(record)
+            self._discard(record)
+        self._doomed = [item for item in self._doomed if item[0] is not tenant]
+        self.tenants.remove(tenant)
+
+    def records_of(self, tenant: Tenant) -> list[TensorRecord]:
+        return [record for record in self._records.values() if record.tenant is tenant]
+
+    def memory_copy(self, record: TensorRecord) -> torch.Tensor | None:
+        """The record's value in memory (a tier or the write-behind area), if any."""
+        if record.resident is not None:
+            return self._memory_tier(record.resident).get(record.rid)
+        return self.pending.get(record.rid)
 
     # ----------------------------------------------------------------- admit
 
@@ -124,12 +162,16 @@ class Placement:
         self,
         tensors: Sequence[tuple[torch.Tensor, torch.device]],
         *,
+        tenant: Tenant,
         batch: int = 0,
         labels: Sequence[str] | None = None,
+        originals: Sequence[torch.Tensor] | None = None,
     ) -> list[TensorRecord]:
-        """Store tensors (each with its onload device); one reference per item.
+        """Store tensors of ``tenant`` (each with its onload device); one reference per item.
 
-        A tensor already stored (the same object, still alive) is shared, not copied.
+        ``originals`` are the caller's tensors where ``tensors`` holds copies of them
+        made beforehand (outside the lock). A tensor already stored by this tenant (the
+        same object, still alive) is shared, not stored again.
         All or nothing: if any tensor finds no room, the new records are removed again
         and ``CapacityError`` propagates. Records that were moved down a tier to make
         room stay moved; their values are unchanged.
@@ -138,10 +180,11 @@ class Placement:
         created: list[TensorRecord] = []
         try:
             for index, (tensor, onload_device) in enumerate(tensors):
-                record = self._lookup(tensor)
+                original = tensor if originals is None else originals[index]
+                record = self._lookup(tenant, original)
                 if record is None:
                     label = labels[index] if labels is not None else f"tensor {self._next_rid}"
-                    record = self._new_record(tensor, onload_device, batch, label)
+                    record = self._new_record(tenant, original, onload_device, batch, label)
                     created.append(record)
                     self._place_new(record, tensor.detach())
                 records.append(record)
@@ -153,14 +196,19 @@ class Placement:
             record.refs += 1
         return records
 
-    def _lookup(self, tensor: torch.Tensor) -> TensorRecord | None:
-        found = self._identity.get(id(tensor))
+    def _lookup(self, tenant: Tenant, tensor: torch.Tensor) -> TensorRecord | None:
+        found = self._identity.get((tenant.number, id(tensor)))
         if found is not None and found[0]() is tensor:
             return found[1]
         return None
 
     def _new_record(
-        self, tensor: torch.Tensor, onload_device: torch.device, batch: int, label: str
+        self,
+        tenant: Tenant,
+        tensor: torch.Tensor,
+        onload_device: torch.device,
+        batch: int,
+        label: str,
     ) -> TensorRecord:
         record = TensorRecord(
             rid=self._next_rid,
@@ -172,10 +220,11 @@ class Placement:
             batch=batch,
             label=label,
             identity=id(tensor),
+            tenant=tenant,
         )
         self._next_rid += 1
         self._records[record.rid] = record
-        self._identity[id(tensor)] = (weakref.ref(tensor), record)
+        self._identity[(tenant.number, id(tensor))] = (weakref.ref(tensor), record)
         return record
 
     def adopt(
@@ -186,10 +235,11 @@ class Placement:
         onload_device: torch.device,
         requires_grad: bool,
         *,
+        tenant: Tenant,
         batch: int,
         label: str,
     ) -> TensorRecord:
-        """A record for an array already in the store (a reopened cache); no reference
+        """A record for an array already in the tenant's store (a reopened cache); no reference
         yet (``hold`` one per use). Its disk bytes count against the disk budget."""
         record = TensorRecord(
             rid=self._next_rid,
@@ -203,6 +253,7 @@ class Placement:
             on_disk=True,
             array=array,
             disk_writes=1,  # a later write gets "<rid>.2", never an existing name
+            tenant=tenant,
         )
         self._next_rid += 1
         self._records[record.rid] = record
@@ -214,14 +265,15 @@ class Placement:
         taken = [int(name.split(".")[0]) for name in names if name.split(".")[0].isdigit()]
         self._next_rid = max([self._next_rid, *(number + 1 for number in taken)])
 
-    def _wants_device_tier(self, tensor: torch.Tensor) -> bool:
-        if self.device.budget == 0:
+    def _wants_device_tier(self, tenant: Tenant, tensor: torch.Tensor) -> bool:
+        if self.device.budget == 0 or not tenant.device_tier:
             return False
-        return self._device_target is not None or tensor.device.type != "cpu"
+        return tenant.device_target is not None or tensor.device.type != "cpu"
 
     def _place_new(self, record: TensorRecord, tensor: torch.Tensor) -> None:
-        if self._wants_device_tier(tensor) and self._make_room(self.device, record):
-            target = self._device_target or tensor.device
+        tenant = record.tenant
+        if self._wants_device_tier(tenant, tensor) and self._make_room(self.device, record):
+            target = tenant.device_target or tensor.device
             self._put_memory(self.device, record, dtypes.move(tensor, target))
             return
         if self._make_room(self.host, record):
@@ -234,17 +286,16 @@ class Placement:
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
         tier.put(record.rid, tensor)
-        self._policies[tier.name].insert(record.rid, record.batch)
+        record.tenant.policies[tier.name].insert(record.rid, record.batch)
         record.resident = tier.name
-        self.counters[f"{tier.name}.bytes_written"] += record.nbytes
+        self._count(record.tenant, f"{tier.name}.bytes_written", record.nbytes)
 
     # ------------------------------------------------------------- eviction
 
     def _make_room(self, tier: MemoryTier, record: TensorRecord, *, reading: bool = False) -> bool:
         """Move victims down until ``record`` fits; False if it cannot or should not.
 
-        The policy names the victims worth evicting for this record (none, for the
-        scan policy, when the record's next use is the furthest). A read promotes only
+        The victims come from ``Tenants.victims``, across caches. A read promotes only
         where the policy allows it, and never pushes the write-behind area past its
         budget: a read must not make memory grow.
         """
@@ -253,11 +304,10 @@ class Placement:
             return False
         if tier.has_room(nbytes):
             return True
-        policy = self._policies[tier.name]
-        if reading and not policy.promotes_by_eviction:
-            return False
         try:
-            for rid in policy.victims(record.batch):
+            for rid in self.tenants.victims(
+                tier.name, record.tenant, record.batch, reading=reading
+            ):
                 if tier.has_room(nbytes):
                     break
                 victim = self._records[rid]
@@ -284,24 +334,28 @@ class Placement:
         elif not record.on_disk and record.write_state is None:
             self._spill(record, self._host_copy(tensor))
         tier.pop(record.rid)
-        self._policies[tier.name].remove(record.rid)
+        record.tenant.policies[tier.name].remove(record.rid)
         if record.resident == tier.name:
             record.resident = None
-        self.counters[f"{tier.name}.evictions"] += 1
+        self._count(record.tenant, f"{tier.name}.evictions")
 
     def _spill(self, record: TensorRecord, tensor: torch.Tensor) -> None:
         """Put a value in the write-behind area and queue its disk write."""
-        if self.disk is None:
+        if self.disk is None or not record.tenant.has_disk:
             raise CapacityError(
                 f"no room for {record.nbytes} bytes: the host tier is full and there is no "
                 "disk tier; raise host_bytes or set disk_path"
             )
         self._make_disk_room(record.nbytes)
-        self.disk.reserve(record.rid, record.nbytes)
+        record.disk = self.disk.choose()
+        # The store is made now, under the caller's lock, not by two write threads.
+        record.tenant.open_store(record.disk)
+        self.disk.reserve(record.rid, record.nbytes, record.disk)
         record.array = self._next_array_name(record)
         self.pending[record.rid] = tensor
         self.pending_bytes += record.nbytes
         self.writes_in_flight += 1
+        record.tenant.writes_in_flight += 1
         record.write_state = QUEUED
         self._queued.append(record)
 
@@ -314,13 +368,15 @@ class Placement:
 
     def _drop_disk_copy(self, record: TensorRecord) -> None:
         self.disk.unreserve(record.rid)
-        self._doomed.append(record.array)
+        self._doomed.append((record.tenant, record.disk, record.array))
         record.on_disk = False
 
-    def take_deletions(self) -> list[str]:
-        """Arrays to delete since the last call, now the caller's to delete."""
-        doomed, self._doomed = self._doomed, []
-        return doomed
+    def take_deletions(self, tenant: Tenant | None = None) -> list[tuple[Tenant, int, str]]:
+        """Arrays to delete since the last call, as (cache, disk, array), of ``tenant``
+        only if given; now the caller's to delete."""
+        taken = [item for item in self._doomed if tenant in (None, item[0])]
+        self._doomed = [item for item in self._doomed if item not in taken]
+        return taken
 
     def _make_disk_room(self, nbytes: int) -> None:
         disk = self.disk
@@ -358,11 +414,12 @@ class Placement:
             return False  # persisted meanwhile: nothing waits on this one
         self.pending_bytes -= record.nbytes
         self.writes_in_flight -= 1
+        record.tenant.writes_in_flight -= 1
         if error is None:
             del self.pending[record.rid]
             record.write_state = None
             record.on_disk = True
-            self.counters["disk.bytes_written"] += record.nbytes
+            self._count(record.tenant, "disk.bytes_written", record.nbytes)
             if not record.alive:
                 self._drop_disk_copy(record)
             return False
@@ -381,25 +438,26 @@ class Placement:
 
     def begin_load(self, record: TensorRecord) -> torch.Tensor | None:
         """The record's value if it is in memory (not yet onloaded); None: read it from disk."""
+        tenant = record.tenant
         if record.resident is not None:
             tier = self._memory_tier(record.resident)
-            self._policies[tier.name].touch(record.rid)
+            tenant.policies[tier.name].touch(record.rid)
             self._count_hit(tier.name, record)
             return tier.get(record.rid)
-        self.counters["host.misses"] += 1
+        self._count(tenant, "host.misses")
         if record.onload_device.type != "cpu":
-            self.counters["device.misses"] += 1
+            self._count(tenant, "device.misses")
         if record.rid in self.pending:
             # Read-your-writes: served from RAM, though the host tier no longer holds it.
-            self.counters["write_behind.hits"] += 1
+            self._count(tenant, "write_behind.hits")
             return self.pending[record.rid]
         return None
 
     def _count_hit(self, tier_name: str, record: TensorRecord) -> None:
-        self.counters[f"{tier_name}.hits"] += 1
-        self.counters[f"{tier_name}.bytes_read"] += record.nbytes
+        self._count(record.tenant, f"{tier_name}.hits")
+        self._count(record.tenant, f"{tier_name}.bytes_read", record.nbytes)
         if tier_name == "host" and record.onload_device.type != "cpu":
-            self.counters["device.misses"] += 1
+            self._count(record.tenant, "device.misses")
 
     def read_done(
         self, record: TensorRecord, tensor: torch.Tensor, *, promote: bool, asked: bool = False
@@ -409,8 +467,8 @@ class Placement:
         A plain read promotes where the policy allows it; one the caller ``asked`` for
         (``pin_memory``) may evict like a new value would.
         """
-        self.counters["disk.hits"] += 1
-        self.counters["disk.bytes_read"] += record.nbytes
+        self._count(record.tenant, "disk.hits")
+        self._count(record.tenant, "disk.bytes_read", record.nbytes)
         if not promote or not record.alive or record.resident is not None:
             return
         try:
@@ -438,59 +496,55 @@ class Placement:
         record.alive = False
         if record.resident is not None:
             self._memory_tier(record.resident).pop(record.rid)
-            self._policies[record.resident].remove(record.rid)
+            record.tenant.policies[record.resident].remove(record.rid)
             record.resident = None
-        if record.write_state == QUEUED:
-            self._queued.remove(record)
-            self._drop_pending(record)
-            self.pending_bytes -= record.nbytes
-            self.writes_in_flight -= 1
-            self.disk.unreserve(record.rid)
-        elif record.write_state == FAILED:
-            self._drop_pending(record)
-            self.unwritten_bytes -= record.nbytes
+        if record.write_state in (QUEUED, FAILED):
+            if record.write_state == QUEUED:  # failed writes gave their reservation back
+                self.disk.unreserve(record.rid)
+            del self.pending[record.rid]
+            self._forget_write(record)
         elif record.write_state is None and record.on_disk:
             self._drop_disk_copy(record)
         # WRITING: write_done deletes the file once the write is over.
         self._records.pop(record.rid, None)
-        found = self._identity.get(record.identity)
+        key = (record.tenant.number, record.identity)
+        found = self._identity.get(key)
         if found is not None and found[1] is record:
-            del self._identity[record.identity]
-
-    def _drop_pending(self, record: TensorRecord) -> None:
-        del self.pending[record.rid]
-        record.write_state = None
+            del self._identity[key]
 
     # ------------------------------------------------------------ reporting
 
-    def memory_by_device(self) -> dict[torch.device, int]:
-        sizes = self.device.bytes_by_device()
-        for device, nbytes in self.host.bytes_by_device().items():
-            sizes[device] = sizes.get(device, 0) + nbytes
-        for tensor in self.pending.values():
-            sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
-        return sizes
+    def persist(self, tenant: Tenant, *, durable: bool) -> None:
+        """Give every record of ``tenant`` a disk copy (for keep_store), whatever
+        disk_bytes says.
 
-    def persist(self, *, durable: bool) -> None:
-        """Give every record a disk copy (for keep_store), whatever disk_bytes says.
-
-        Runs after the background writes were waited for (or cancelled); a write that
-        is still marked pending is simply written again, atomically.
+        Runs after the tenant's background writes were waited for (or cancelled); a
+        write that is still marked pending is simply written again, atomically.
         """
-        for record in list(self._records.values()):
+        store = tenant.store
+        for record in self.records_of(tenant):
             if record.on_disk and record.write_state is None:
                 continue
             tensor = self.pending.pop(record.rid, None)
             if tensor is None:
                 tensor = self._memory_tier(record.resident).get(record.rid)
+            self._forget_write(record)
             if record.rid in self.disk:
                 self.disk.unreserve(record.rid)
             record.array = self._next_array_name(record)
+            record.disk = 0  # a kept store is on one disk (keep_store needs one disk_path)
             self.disk.reserve(record.rid, record.nbytes)
-            self.disk.store.write_tensor(
-                record.array, self._host_copy(tensor).contiguous(), durable=durable
-            )
+            store.write_tensor(record.array, self._host_copy(tensor).contiguous(), durable=durable)
             record.on_disk = True
-            record.write_state = None
-        self._queued.clear()
-        self.pending_bytes = self.unwritten_bytes = self.writes_in_flight = 0
+
+    def _forget_write(self, record: TensorRecord) -> None:
+        """The record's pending write will not be reported back: undo its counts."""
+        if record.write_state in (QUEUED, WRITING):
+            if record.write_state == QUEUED:
+                self._queued.remove(record)
+            self.pending_bytes -= record.nbytes
+            self.writes_in_flight -= 1
+            record.tenant.writes_in_flight -= 1
+        elif record.write_state == FAILED:
+            self.unwritten_bytes -= record.nbytes
+        record.write_state = None

@@ -21,10 +21,15 @@ Two policies:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-__all__ = ["POLICIES", "LRUPolicy", "ScanPolicy", "make_policy"]
+__all__ = ["POLICIES", "LRUPolicy", "ScanPolicy", "make_policy", "merged_victims"]
+
+# One clock for every LRU policy of the process: recency is comparable across caches.
+_lru_clock = itertools.count()
 
 
 class LRUPolicy:
@@ -34,7 +39,7 @@ class LRUPolicy:
     promotes_by_eviction = True
 
     def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()
+        self._order: OrderedDict[int, int] = OrderedDict()  # rid -> tick of its last use
 
     def __contains__(self, rid: int) -> bool:
         return rid in self._order
@@ -43,11 +48,12 @@ class LRUPolicy:
         return len(self._order)
 
     def insert(self, rid: int, batch: int = 0) -> None:
-        self._order[rid] = None
+        self._order[rid] = next(_lru_clock)
         self._order.move_to_end(rid)
 
     def touch(self, rid: int) -> None:
         if rid in self._order:
+            self._order[rid] = next(_lru_clock)
             self._order.move_to_end(rid)
 
     def remove(self, rid: int) -> None:
@@ -56,9 +62,21 @@ class LRUPolicy:
     def reached(self, batch: int, num_batches: int) -> None:
         """LRU learns the order from touches alone."""
 
+    def resized(self, num_batches: int) -> None:
+        """LRU does not need to know how many batches there are."""
+
     def victims(self, for_batch: int | None = None) -> Iterator[int]:
         # A snapshot: the caller evicts while iterating.
         return iter(list(self._order))
+
+    def scored(self) -> list[tuple[float, int]]:
+        """(score, rid), first victim first; scores compare across policies of one
+        kind (higher: evict sooner). Here: the older the last use, the higher."""
+        return [(-tick, rid) for rid, tick in self._order.items()]
+
+    def bypass_score(self, for_batch: int) -> float:
+        """A newcomer of ``for_batch`` may evict only records scoring above this."""
+        return float("-inf")
 
 
 class ScanPolicy:
@@ -82,6 +100,7 @@ class ScanPolicy:
 
     def insert(self, rid: int, batch: int = 0) -> None:
         self.remove(rid)
+        self._num_batches = max(self._num_batches, batch + 1)
         self._batch_of[rid] = batch
         self._by_batch.setdefault(batch, {})[rid] = None
 
@@ -101,6 +120,10 @@ class ScanPolicy:
         self._position = batch
         self._num_batches = num_batches
 
+    def resized(self, num_batches: int) -> None:
+        """The cache now has ``num_batches`` batches (the reader has not moved)."""
+        self._num_batches = num_batches
+
     def distance(self, batch: int) -> int:
         """Reads until ``batch`` is read next: 1 for the next batch, N for the one just read."""
         count = max(self._num_batches, batch + 1, self._position + 1, 1)
@@ -112,6 +135,32 @@ class ScanPolicy:
         order = sorted(self._by_batch, key=self.distance, reverse=True)
         worth = [batch for batch in order if self.distance(batch) > limit]
         return iter([rid for batch in worth for rid in self._by_batch[batch]])
+
+    def _cycle_fraction(self, batch: int) -> float:
+        # Distances of caches with different batch counts compare as fractions of a pass.
+        return self.distance(batch) / max(self._num_batches, self._position + 1, 1)
+
+    def scored(self) -> list[tuple[float, int]]:
+        """(score, rid), first victim first; scores compare across scan policies
+        (higher: evict sooner). Here: how far into a pass the next use is."""
+        order = sorted(self._by_batch, key=self.distance, reverse=True)
+        return [
+            (self._cycle_fraction(batch), rid) for batch in order for rid in self._by_batch[batch]
+        ]
+
+    def bypass_score(self, for_batch: int) -> float:
+        """A newcomer of ``for_batch`` may evict only records needed later than itself."""
+        return self._cycle_fraction(for_batch)
+
+
+def merged_victims(
+    policies: Iterable[LRUPolicy | ScanPolicy], limit: float = float("-inf")
+) -> Iterator[int]:
+    """Victims over several caches' policies of one kind, first victim first: the
+    record whose score is highest wherever it lives (only those scoring above
+    ``limit``). A snapshot, safe to evict from while iterating."""
+    ranked = heapq.merge(*(policy.scored() for policy in policies), key=lambda s: -s[0])
+    return iter([rid for score, rid in ranked if score > limit])
 
 
 # The default first: config lists the choices in this order.

@@ -17,7 +17,7 @@ from .core import CacheCore
 from .entries import Entry
 from .errors import StoreFormatError
 from .format import Store
-from .placement import Placement, TensorRecord
+from .placement import TensorRecord
 from .tree import spec_from_json
 
 __all__ = ["reopen"]
@@ -42,14 +42,14 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
     kept = config.replace(disk_path=str(store.path.parent), keep_store=True)
     core = CacheCore(kept, CPU)
     placement = core.placement
-    placement.disk.attach(store)
+    core.tenant.attach(store)
     placement.skip_record_ids(store.array_names())
     records: dict[str, TensorRecord] = {}
     batches = []
     for index in range(attributes.get("num_batches", 0)):
         batches.append(
             {
-                key: _entry(store, placement, records, node, index, key)
+                key: _entry(store, core, records, node, index, key)
                 for key, node in store.read_batch(index).items()
             }
         )
@@ -61,7 +61,7 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
 
 def _entry(
     store: Store,
-    placement: Placement,
+    core: CacheCore,
     records: dict[str, TensorRecord],
     node: dict,
     batch: int,
@@ -74,17 +74,18 @@ def _entry(
         record = records.get(name)
         if record is None:
             shape, dtype, _ = store.array_info(name)
-            record = placement.adopt(
+            record = core.placement.adopt(
                 name,
                 shape,
                 dtype,
                 _device(tensor_node.get("device", "cpu")),
                 bool(tensor_node.get("requires_grad", False)),
+                tenant=core.tenant,
                 batch=batch,
                 label=f"batch {batch}, key {key!r}",
             )
             records[name] = record
-        placement.hold(record)
+        core.placement.hold(record)
         leaves.append(record)
         return len(leaves) - 1
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .placement import Placement
+import torch
 
-__all__ = ["TIERS", "TIER_COUNTERS", "report"]
+from .placement import FAILED, QUEUED, WRITING, Placement
+from .tenants import Tenant
+
+__all__ = ["TIERS", "TIER_COUNTERS", "memory_by_device", "report"]
 
 TIERS = ("device", "host", "disk")
 # What report() gives for each of TIERS (besides bytes held and budget).
@@ -15,38 +18,76 @@ TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "evictions")
 
 def report(
     placement: Placement,
+    tenant: Tenant,
     *,
     write_behind_budget: int,
     store_path: str | None,
     stall_seconds: float,
+    pool: dict[str, Any],
+    disk_dirs: list[str],
 ) -> dict[str, Any]:
-    """Per tier: bytes held, budget, hits, misses, bytes read and written, evictions;
-    the write-behind area; and the time the caller waited for I/O."""
-    counters = placement.counters
+    """One cache's figures. Per tier: its bytes held, the budget (the pool's, shared by
+    every cache of its config), hits, misses, bytes read and written, evictions; the
+    write-behind area; the time the caller waited for I/O; and under ``"pool"`` the
+    pool's totals over every cache (``pool["caches"]``: how many share it)."""
+    counters = tenant.counters
     disk = placement.disk
+    share = _share(placement, tenant)
 
     def tier(name: str, nbytes: int, budget: int | None) -> dict[str, Any]:
         figures = {counter: counters[f"{name}.{counter}"] for counter in TIER_COUNTERS}
         return {"bytes": nbytes, "budget": budget, **figures}
 
     return {
-        "device": tier("device", placement.device.nbytes, placement.device.budget),
-        "host": tier("host", placement.host.nbytes, placement.host.budget),
+        # A cache offloading to the CPU with device_bytes = "auto" keeps nothing there.
+        "device": tier(
+            "device", share["device"], placement.device.budget if tenant.device_tier else 0
+        ),
+        "host": tier("host", share["host"], placement.host.budget),
         # No disk tier can hold nothing (budget 0); None is "no limit but the disk".
         "disk": {
-            **tier(
-                "disk",
-                disk.nbytes if disk is not None else 0,
-                disk.budget if disk is not None else 0,
-            ),
+            **tier("disk", share["disk"], disk.budget if disk is not None else 0),
             "path": store_path,
+            # Per disk directory (disk_path may list several): this cache's bytes there.
+            "disks": [
+                {"path": str(path), "bytes": nbytes}
+                for path, nbytes in zip(disk_dirs, share["disks"], strict=True)
+            ],
         },
         "write_behind": {
-            "bytes": placement.pending_bytes,
+            "bytes": share["write_behind"],
             "budget": write_behind_budget,
-            "writes": placement.writes_in_flight,
+            "writes": tenant.writes_in_flight,
             "hits": counters["write_behind.hits"],
-            "unwritten_bytes": placement.unwritten_bytes,
+            "unwritten_bytes": share["unwritten"],
         },
         "stall_seconds": stall_seconds,
+        "pool": pool,
     }
+
+
+def _share(placement: Placement, tenant: Tenant) -> dict[str, Any]:
+    """Bytes of one cache's values in each tier and in the write-behind area."""
+    held: dict[str, Any] = dict.fromkeys(("device", "host", "disk", "write_behind", "unwritten"), 0)
+    held["disks"] = [0] * (placement.disk.disks if placement.disk is not None else 0)
+    for record in placement.records_of(tenant):
+        if record.resident is not None:
+            held[record.resident] += record.nbytes
+        if placement.disk is not None and record.rid in placement.disk:
+            held["disk"] += record.nbytes
+            held["disks"][record.disk] += record.nbytes
+        if record.write_state in (QUEUED, WRITING):
+            held["write_behind"] += record.nbytes
+        elif record.write_state == FAILED:
+            held["unwritten"] += record.nbytes
+    return held
+
+
+def memory_by_device(placement: Placement, tenant: Tenant) -> dict[torch.device, int]:
+    """Bytes of one cache's tiered values in memory (tiers and write-behind), by device."""
+    sizes: dict[torch.device, int] = {}
+    for record in placement.records_of(tenant):
+        tensor = placement.memory_copy(record)
+        if tensor is not None:
+            sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
+    return sizes

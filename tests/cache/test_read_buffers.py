@@ -25,6 +25,6 @@ def test_values_held_by_the_caller_survive_later_reads(tmp_path, direct_io):
                 assert_same(batch["h"], values[index])
         assert_same(kept, values[0])
         assert torch.from_numpy(kept_array).view(torch.uint8).numpy().tobytes() == kept_bits
-        pool = cache._core.placement.disk.store._buffers
+        pool = cache._core.tenant.store._buffers
         assert pool.reused > 0, "dropped values' buffers should have been reused"
         assert pool.nbytes <= config.read_buffer_bytes

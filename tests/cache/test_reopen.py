@@ -49,7 +49,7 @@ def test_a_reopened_cache_is_read_write_and_kept_again(tmp_path):
     values = [random_tensor(torch.float32, (128, 128), seed) for seed in range(3)]
     path = kept(tmp_path, [{"h": v, "i": index} for index, v in enumerate(values)], inline_bytes=0)
     cache = IntermediatesCache.open(path, CacheConfig(host_bytes="64KiB"))
-    assert read_root_attributes(cache._core.placement.disk.store.path)["complete"] is False
+    assert read_root_attributes(cache._core.tenant.store.path)["complete"] is False
     replacement = random_tensor(torch.float32, (128, 128), 99)
     cache.update(1, {"h": replacement})
     cache.append({"h": values[0]})

@@ -109,7 +109,7 @@ def test_direct_io_auto_falls_back_to_buffered_where_refused(tmp_path, monkeypat
     monkeypatch.setattr(chunkio, "direct_io_supported", lambda directory: False)
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     with _spill_one(config) as cache:
-        assert cache._core.placement.disk.store.direct is False
+        assert cache._core.tenant.store.direct is False
         cache.flush()
         assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, (64, 64)))
 
@@ -117,7 +117,7 @@ def test_direct_io_auto_falls_back_to_buffered_where_refused(tmp_path, monkeypat
 def test_direct_io_auto_uses_o_direct_where_allowed(tmp_path):
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     with _spill_one(config) as cache:
-        assert cache._core.placement.disk.store.direct is chunkio.direct_io_supported(tmp_path)
+        assert cache._core.tenant.store.direct is chunkio.direct_io_supported(tmp_path)
 
 
 def test_direct_io_true_where_refused_is_a_clear_error_and_stores_nothing(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from spillcache import CacheConfig, IntermediatesCache
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 DOC_STORE = "/nvme/spill/spillcache-28318-a51fab82b091"
 DOC_DIR = "/nvme/spill"
+DOC_RUN = "llama70b-gptq"  # the run directory the page's examples use, under DOC_DIR
 
 
 def examples() -> list[tuple[str, list[str]]]:
@@ -43,6 +44,9 @@ def world(tmp_path_factory):
     )  # fmt: skip
     cache = IntermediatesCache([{"h": hidden, "pos": torch.arange(300)}], config=config)
     cache.close()
+    # A torchrun job's run directory, as the page's run examples show (rank 0's store).
+    rank0 = config.replace(disk_path=str(base / "spill" / DOC_RUN / "rank0"))
+    IntermediatesCache([{"h": torch.ones(8, 64)}], config=rank0).close()
     (base / "spill.toml").write_text("host_bytes = 'lots'\n")
     return {"store": cache.store_path, "dir": str(base / "spill"), "cwd": base,
             "h": cache._core._batches[0]["h"].leaves[0].array}  # fmt: skip

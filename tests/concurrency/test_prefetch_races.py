@@ -79,7 +79,7 @@ def test_update_does_not_wait_for_a_read_in_flight(tmp_path, monkeypatch):
 def test_delete_during_a_read_keeps_the_file_until_the_read_is_done(tmp_path, monkeypatch):
     with make(tmp_path, 2, prefetch_depth=1) as cache:
         record = cache._core._batches[1]["h"].leaves[0]
-        array = cache._core.placement.disk.store.path / "tensors" / record.array
+        array = cache._core.tenant.store.path / "tensors" / record.array
         blocked = BlockedReads(cache, monkeypatch)
         future = cache._core.submit_fetch(1, None)
         assert blocked.reading.wait(timeout=30)

@@ -73,7 +73,7 @@ def test_update_returns_before_the_write_and_reads_come_from_the_buffer(tmp_path
 def test_update_waits_when_the_write_behind_budget_is_spent(tmp_path, monkeypatch):
     with make(tmp_path, write_behind_bytes=NBYTES) as cache:
         spy = SpyCondition(cache._core._lock)
-        cache._core._write_finished = spy
+        cache._core.pool.write_finished = spy
         blocked = BlockedWrites(monkeypatch)
         values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(3)]
         cache.update(0, {"h": values[0]})  # in flight: exactly the budget

@@ -19,7 +19,7 @@ pytest.importorskip(
 )
 
 from spill_testing import assert_same  # noqa: E402
-from spillcache import CacheConfig  # noqa: E402
+from spillcache import CacheConfig, IntermediatesCache  # noqa: E402
 from spillcache.integrations import llmcompressor as integration  # noqa: E402
 from tiny_llama import (  # noqa: E402
     RECIPES,
@@ -94,3 +94,24 @@ def test_the_docs_inspect_example_is_what_a_kept_store_shows(tmp_path):
     page = (Path(__file__).resolve().parents[2] / "docs" / "llmcompressor.md").read_text()
     (example,) = re.findall(r"```console\n\$ spillcache inspect .*?\n\.\.\.\n(.*?)```", page, re.S)
     assert example.strip() in shown
+
+
+def test_awq_caches_share_one_host_budget(stock_weights, tmp_path):
+    """AWQ builds the pipeline's cache and one per mapping parent; with one config they
+    share one host budget (a quarter of one layer's hidden states here), so the host
+    tier over all of them never holds more, and the weights are still the stock ones."""
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    budget = hidden_state_bytes() // 4
+    config = CacheConfig(host_bytes=budget, inline_bytes=1024, disk_path=str(spill_dir))
+    # A cache of the same config kept open all run: the pool, and its peak, outlive
+    # each of llm-compressor's caches.
+    with integration.enable(config) as switch, IntermediatesCache(config=config) as witness:
+        weights = calibrate(tmp_path / "model", RECIPES["awq"](), prefetch=True)
+        pool = witness.stats()["pool"]
+    assert switch.stats()["caches"] > 1
+    assert pool["host"]["budget"] == budget
+    assert budget // 2 < pool["host"]["peak_bytes"] <= budget, pool
+    for name, tensor in stock_weights["awq"].items():
+        assert_same(weights[name], tensor)
+    assert os.listdir(spill_dir) == []

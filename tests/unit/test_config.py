@@ -164,7 +164,10 @@ def test_disk_bytes_none_means_unlimited(value):
         (dict(disk_bytes="1.5B"), ConfigError, r"^disk_bytes: .*not a whole number"),
         (dict(inline_bytes=True), TypeError, r"^inline_bytes: .*bool"),
         (dict(host_bytes=[1]), TypeError, r"^host_bytes: .*got list"),
-        (dict(disk_path=42), TypeError, r"^disk_path: expected a directory path, 'auto' or None"),
+        (dict(disk_path=42), TypeError, r"^disk_path: expected a directory path, a list of them"),
+        (dict(disk_path=[]), ConfigError, r"^disk_path: the list is empty"),
+        (dict(disk_path=["/a", 3]), TypeError, r"^disk_path: expected .* got 3"),
+        (dict(disk_path=["/a", "/b/../a"]), ConfigError, r"names a directory twice"),
         (
             dict(eviction="fifo"),
             ConfigError,

@@ -10,6 +10,7 @@ from spillcache.dtypes import RAW_DTYPES
 from spillcache.errors import CapacityError, StoreError
 from spillcache.format import Store
 from spillcache.placement import Placement, TensorRecord
+from spillcache.tenants import Tenant
 from spillcache.tiers import DiskTier
 
 CPU = torch.device("cpu")
@@ -46,15 +47,17 @@ def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 def make(tmp_path, host: int | None, disk: int | None | bool = None) -> Placement:
     """A CPU-only placement; ``disk=False`` for no disk tier."""
-    tier = None if disk is False else DiskTier(disk, lambda: Store.create(tmp_path / "stores"))
-    return Placement(
+    tier = None if disk is False else DiskTier(disk)
+    placement = Placement(
         device_budget=0,
-        device_target=None,
         host_budget=host,
         disk=tier,
         eviction="lru",
         pin_host=False,
     )
+    opener = None if disk is False else (lambda disk: Store.create(tmp_path / "stores"))
+    placement.add_tenant(Tenant(opener, "lru"))
+    return placement
 
 
 class World:
@@ -66,6 +69,7 @@ class World:
 
     def __init__(self, placement: Placement) -> None:
         self.p = placement
+        self.tenant = placement.tenants[0]
         self.live: dict[int, tuple[TensorRecord, torch.Tensor]] = {}
         self.failed_writes: list[TensorRecord] = []
 
@@ -73,17 +77,17 @@ class World:
         for record, tensor in self.p.take_writes():
             error = None
             try:
-                self.p.disk.store.write_tensor(record.array, tensor)
+                self.tenant.store.write_tensor(record.array, tensor)
             except StoreError as caught:
                 error = caught
             if self.p.write_done(record, error):
                 self.failed_writes.append(record)
-        for name in self.p.take_deletions():
-            self.p.disk.store.delete_tensor(name)
+        for tenant, disk, name in self.p.take_deletions():
+            tenant.store_on(disk).delete_tensor(name)
 
     def admit(self, *tensors: torch.Tensor) -> list[TensorRecord]:
         try:
-            records = self.p.admit([(t, CPU) for t in tensors])
+            records = self.p.admit([(t, CPU) for t in tensors], tenant=self.tenant)
         finally:
             self.drain()
         for record, tensor in zip(records, tensors, strict=True):
@@ -94,7 +98,7 @@ class World:
     def load(self, record: TensorRecord, *, budgets: bool = True) -> torch.Tensor:
         got = self.p.begin_load(record)
         if got is None:
-            got = self.p.disk.store.read_tensor(record.array, record.shape, record.dtype)
+            got = self.tenant.store.read_tensor(record.array, record.shape, record.dtype)
             self.p.read_done(record, got, promote=True)
             self.drain()
         got = dtypes.onload(got, record.onload_device, record.requires_grad)
@@ -139,16 +143,16 @@ def world(tmp_path):
 
 
 def array_dirs(placement: Placement) -> set[str]:
-    if not placement.disk.has_store:
+    if not placement.tenants[0].has_store:
         return set()
-    return {p.name for p in (placement.disk.store.path / "tensors").iterdir() if p.is_dir()}
+    return {p.name for p in (placement.tenants[0].store.path / "tensors").iterdir() if p.is_dir()}
 
 
 def test_fills_host_then_spills_least_recently_used(world):
     a, b, c = world.admit(value(0), value(1), value(2))
     assert [r.resident for r in (a, b, c)] == ["host"] * 3
     assert not any(r.on_disk for r in (a, b, c))
-    assert not world.p.disk.has_store  # all fits in memory: the disk is never touched
+    assert not world.tenant.has_store  # all fits in memory: the disk is never touched
     (d,) = world.admit(value(3))
     assert a.resident is None and a.on_disk  # a was least recently used
     assert (b.resident, c.resident, d.resident) == ("host", "host", "host")
@@ -327,11 +331,11 @@ def test_clean_disk_copies_are_dropped_when_disk_is_tight(tmp_path):
 def test_persist_gives_every_record_a_disk_copy(tmp_path):
     world = World(make(tmp_path, host=3 * SIZE, disk=2 * SIZE))
     records = world.admit(*(value(i) for i in range(4)))
-    world.p.persist(durable=True)
+    world.p.persist(world.tenant, durable=True)
     world.check(budgets=False)  # persist may exceed disk_bytes, by design
     assert all(r.on_disk for r in records)
     assert array_dirs(world.p) == {str(r.rid) for r in records}
-    store = Store.open(world.p.disk.store.path)
+    store = Store.open(world.tenant.store.path)
     for record, want in world.live.values():
         assert same_bits(store.read_tensor(record.array, record.shape, record.dtype), want)
     assert [r.resident for r in records].count("host") == 3

@@ -17,6 +17,7 @@ class BudgetedTier(Generic[Item]):
         self.budget = budget
         self._items: dict[int, Item] = {}
         self._nbytes = 0
+        self.peak = 0  # the most bytes it has held at once
 
     def __contains__(self, rid: int) -> bool:
         return rid in self._items
@@ -43,6 +44,7 @@ class BudgetedTier(Generic[Item]):
             raise KeyError(f"record {rid} is already in the {self.name} tier")
         self._items[rid] = item
         self._nbytes += nbytes
+        self.peak = max(self.peak, self._nbytes)
 
     def _remove(self, rid: int, nbytes: int) -> Item:
         item = self._items.pop(rid)

@@ -1,0 +1,233 @@
+"""One budget for every cache of a process built with one config.
+
+llm-compressor builds several caches at once (AWQ: the pipeline's and one per
+mapping parent). If each took the whole config for itself, a process would hold
+``host_bytes`` once per cache. Instead, caches whose configs are equal share a
+``SharedPool``: one lock, one placement (the host and device tiers, the write-behind
+area and the disk budget, with eviction choosing across caches), one read-buffer
+pool, one set of I/O threads. Each cache is a ``Tenant`` of it. A cache built with a
+different config gets a pool of its own.
+
+The pool is made when the first cache of its config is built and closed (threads
+joined, buffers freed) when the last one closes; a later cache makes a new one.
+
+This is also where a spilled value goes to disk: ``submit_queued_io`` hands the
+writes that placement queued to the I/O threads, and ``_write_to_disk`` writes one
+(outside the lock) and reports back under it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import AUTO, CacheConfig
+from .errors import StoreError
+from .format import SharedBuffers, Store, remove_empty_dirs
+from .io import WRITE, IOPool
+from .placement import Placement, TensorRecord
+from .ranks import process_budgets, store_parent
+from .sysinfo import RAM_BACKED, filesystem_type
+from .tenants import Tenant
+from .tiers import DiskTier
+from .tiers.budget import BudgetedTier
+from .transfers import Transfers
+
+__all__ = ["SharedPool", "pool_for"]
+
+_registry_lock = threading.Lock()
+_pools: dict[CacheConfig, SharedPool] = {}
+
+
+def pool_for(config: CacheConfig) -> SharedPool:
+    """The pool of caches built with ``config`` (a new one if none is open), with one
+    more member counted: call ``leave()`` once when that cache closes."""
+    with _registry_lock:
+        pool = _pools.get(config)
+        if pool is None:
+            pool = _pools[config] = SharedPool(config)
+        pool.members += 1
+        return pool
+
+
+class SharedPool:
+    """What the caches of one config share; see the module docstring.
+
+    Budgets ("auto" resolved here, once) are the process's: the sum over every cache.
+    """
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.members = 0  # caches built on it and not yet closed (guarded by the registry)
+        # This process's share: "auto" resolved, node-wide sizes divided among the
+        # node's ranks under torchrun (ranks.process_budgets).
+        self.budgets = process_budgets(config)
+        # "auto" device budgets depend on each cache's offload device (Tenant.device_tier).
+        device_budget = None if config.device_bytes == AUTO else config.device_bytes
+        self.disk_dirs = _disk_dirs(config)  # one per drive; [] for no disk tier
+        self.lock = threading.Lock()
+        # Notified whenever a background write finishes (backpressure, flush, close).
+        self.write_finished = threading.Condition(self.lock)
+        self.transfers = Transfers()
+        # One lane (queue and threads) per disk: bandwidth adds up across drives.
+        self.io = IOPool("spillcache-io", config.io_threads, lanes=max(1, len(self.disk_dirs)))
+        self.buffers = SharedBuffers(self.budgets.read_buffer_bytes)
+        disk = None
+        if self.disk_dirs:
+            disk = DiskTier(self.budgets.disk_bytes, len(self.disk_dirs), self._free_bytes)
+        self.placement = Placement(
+            device_budget=device_budget,
+            host_budget=self.budgets.host_bytes,
+            disk=disk,
+            eviction=config.eviction,
+            pin_host=torch.cuda.is_available(),
+            write_behind_budget=self.budgets.write_behind_bytes,
+            transfers=self.transfers,
+        )
+
+    def store_maker(self) -> Callable[[int], Store] | None:
+        """A function that makes a new cache's store on disk ``i`` (on its first spill
+        there), or None without a disk tier."""
+        if not self.disk_dirs:
+            return None
+        return self._create_store
+
+    def _free_bytes(self, disk: int) -> int:
+        """Free space where disk ``disk``'s stores go (a directory made on first use:
+        until then, the filesystem of its nearest existing parent)."""
+        path = Path(self.disk_dirs[disk]).absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        # A statvfs reads the filesystem's counters in memory: no disk I/O.
+        stat = os.statvfs(path)
+        return stat.f_bavail * stat.f_frsize
+
+    def _create_store(self, disk: int) -> Store:
+        config = self.config
+        return Store.create(
+            # <disk_path>/<run>/rank<R> under torchrun: one run's stores together
+            store_parent(self.disk_dirs[disk]),
+            direct_io=config.direct_io,
+            writers=config.io_threads * len(self.disk_dirs),  # the threads of every disk
+            read_buffer_bytes=self.budgets.read_buffer_bytes,
+            checksum=config.checksum,
+            shared=self.buffers,
+        )
+
+    def remove_stores(self, tenant: Tenant) -> None:
+        """Delete a cache's stores, and the rank and run directories they leave empty."""
+        for store in tenant.stores:
+            store.remove()
+        for disk_dir in self.disk_dirs:
+            remove_empty_dirs(store_parent(disk_dir), disk_dir)
+
+    def leave(self) -> None:
+        """A member closed; the last one out closes the pool."""
+        with _registry_lock:
+            self.members -= 1
+            if self.members > 0:
+                return
+            if _pools.get(self.config) is self:
+                del _pools[self.config]
+        self.io.close()
+        self.buffers.close()
+
+    # ---------------------------------------------------------- write-behind
+
+    def submit_queued_io(self) -> None:
+        """Hand the writes and deletions placement queued to the I/O threads (lock held).
+
+        Deleting a chunk file (freeing its extents) takes milliseconds: not on the
+        caller's thread, and not under the lock.
+        """
+        placement = self.placement
+        io = self.io
+        for record, tensor in placement.take_writes():
+            job = io.submit(WRITE, self._write_to_disk, record, tensor, lane=record.disk)
+            record.tenant.track(job)
+        for tenant, disk, name in placement.take_deletions():
+            tenant.deleting.add(name)
+            tenant.track(io.submit(WRITE, self._delete_from_disk, tenant, disk, name, lane=disk))
+
+    def _delete_from_disk(self, tenant: Tenant, disk: int, name: str) -> None:
+        tenant.store_on(disk).delete_tensor(name)
+        with self.lock:
+            tenant.deleting.discard(name)
+
+    def _write_to_disk(self, record: TensorRecord, tensor: torch.Tensor) -> None:
+        """A background write: the file outside the lock, the bookkeeping inside it."""
+        error: BaseException | None = None
+        try:
+            record.tenant.store_on(record.disk).write_tensor(record.array, tensor)
+        except BaseException as caught:  # reported to the caller, never lost on this thread
+            error = caught
+        with self.lock:
+            if self.placement.write_done(record, error):
+                record.tenant.write_errors.append(
+                    StoreError(
+                        getattr(error, "errno", None),
+                        f"writing {record.label} ({record.nbytes} bytes) to disk failed: "
+                        f"{error}. The value stays readable from RAM; free space under "
+                        "disk_path (or set disk_path elsewhere) for later values",
+                    )
+                )
+            self.write_finished.notify_all()
+
+    # ------------------------------------------------------------- reporting
+
+    def totals(self) -> dict[str, Any]:
+        """The pool's own figures (lock held): bytes and budgets over every cache."""
+        placement = self.placement
+        disk = placement.disk
+
+        def tier(held: BudgetedTier | None) -> dict[str, int | None]:
+            if held is None:  # no disk tier: it can hold nothing
+                return {"bytes": 0, "budget": 0, "peak_bytes": 0}
+            return {"bytes": held.nbytes, "budget": held.budget, "peak_bytes": held.peak}
+
+        return {
+            "caches": len(placement.tenants),
+            "device": tier(placement.device),
+            "host": tier(placement.host),
+            "disk": {
+                **tier(disk),
+                "disks": [
+                    {"path": path, "bytes": disk.bytes_on[index]}
+                    for index, path in enumerate(self.disk_dirs)
+                ],
+            },
+            "write_behind": {
+                "bytes": placement.pending_bytes,
+                "budget": self.budgets.write_behind_bytes,
+                "unwritten_bytes": placement.unwritten_bytes,
+            },
+            "counters": dict(placement.counters),
+        }
+
+
+def _disk_dirs(config: CacheConfig) -> list[str]:
+    """The disk directories ("auto": the temp directory), warning about RAM-backed ones."""
+    if config.disk_path is None:
+        return []
+    if config.disk_path == AUTO:
+        disk_dirs = [tempfile.gettempdir()]
+    elif isinstance(config.disk_path, str):
+        disk_dirs = [config.disk_path]
+    else:
+        disk_dirs = list(config.disk_path)
+    for disk_dir in disk_dirs:
+        if filesystem_type(disk_dir) in RAM_BACKED:
+            warnings.warn(
+                f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
+                f"({filesystem_type(disk_dir)}): spilled values still use RAM. Set disk_path "
+                "(or SPILLCACHE_DISK_PATH) to a directory on a local disk",
+                stacklevel=5,
+            )
+    return disk_dirs

@@ -1,0 +1,187 @@
+"""One cache's share of a pool: its store, its reader, its counters and its errors.
+
+Caches of one process built with one config share a pool (``spillcache.pool``): one
+host tier, one write-behind area, one read-buffer pool, one set of I/O threads. What
+stays each cache's own is a ``Tenant``: the store its values are written to, the
+eviction policies that know where its reader is, when it was last used (so that a
+cache nobody uses loses its values first), its counters, and the background write
+errors not yet raised to its caller.
+
+Not thread-safe: every field is read and written with the pool's lock held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+import torch
+
+from .format import Store
+from .policy import make_policy, merged_victims
+
+__all__ = ["Tenant", "Tenants"]
+
+_numbers = itertools.count()
+
+
+class Tenant:
+    """One cache in a pool.
+
+    :param open_store: makes the cache's store on disk ``i`` (``open_store(i)``), called
+        the first time one of its values goes to that disk (``None``: no disk tier)
+    :param eviction: the eviction policy's name (``policy.POLICIES``)
+    :param device_target: the accelerator its device-tier values move to, or ``None``
+        to keep them on their own device
+    :param device_tier: whether its values may stay in the device tier at all (not
+        when offloading to the CPU with ``device_bytes = "auto"``: the stock behaviour)
+    """
+
+    def __init__(
+        self,
+        open_store: Callable[[int], Store] | None,
+        eviction: str,
+        *,
+        device_target: torch.device | None = None,
+        device_tier: bool = True,
+    ) -> None:
+        self.number = next(_numbers)
+        self._open_store = open_store
+        self._stores: dict[int, Store] = {}  # by disk (disk_path may list several)
+        self.policies = {"device": make_policy(eviction), "host": make_policy(eviction)}
+        self.device_target = device_target
+        self.device_tier = device_tier
+        self.counters: Counter[str] = Counter()
+        self.last_used = 0  # the pool's clock when the cache was last used
+        self.num_batches = 0
+        self.writes_in_flight = 0  # its values queued or being written
+        self.write_errors: list[BaseException] = []  # not yet raised to its caller
+        self.deleting: set[str] = set()  # arrays whose background deletion is not done
+        # Its work on the pool's threads. Weak: a finished job (a prefetch holds the
+        # values it read) must not be kept alive here, and one queued or running is
+        # held by the pool.
+        self._jobs: weakref.WeakSet[Future] = weakref.WeakSet()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"Tenant({self.number})"
+
+    # ----------------------------------------------------------------- store
+
+    @property
+    def has_disk(self) -> bool:
+        return self._open_store is not None or bool(self._stores)
+
+    def store_on(self, disk: int) -> Store:
+        """The cache's store on ``disk``, made on first use."""
+        if disk not in self._stores:
+            if self._open_store is None:
+                raise RuntimeError("this cache has no disk tier")
+            self._stores[disk] = self._open_store(disk)
+        return self._stores[disk]
+
+    @property
+    def store(self) -> Store:
+        """The store on the first disk: the only one unless disk_path lists several."""
+        return self.store_on(0)
+
+    def open_store(self, disk: int = 0) -> None:
+        """Make the store on ``disk`` now if it does not exist yet."""
+        self.store_on(disk)
+
+    @property
+    def has_store(self) -> bool:
+        return bool(self._stores)
+
+    @property
+    def stores(self) -> list[Store]:
+        """The stores made so far, by disk."""
+        return [self._stores[disk] for disk in sorted(self._stores)]
+
+    def attach(self, store: Store) -> None:
+        """Use an existing store (a reopened cache's) instead of creating one."""
+        self._stores[0] = store
+
+    # ------------------------------------------------------------------ jobs
+
+    def track(self, job: Future) -> None:
+        """Remember work submitted for this cache, so that closing it can wait for it."""
+        self._jobs.add(job)
+
+    def take_jobs(self) -> list[Future]:
+        jobs = [job for job in list(self._jobs) if not job.done()]
+        self._jobs = weakref.WeakSet()
+        return jobs
+
+
+class Tenants:
+    """The caches of one pool, how recently each was used, and which of their values
+    go first when a tier needs room."""
+
+    def __init__(self) -> None:
+        self._members: list[Tenant] = []
+        # Ticks once per use of any cache: how long ago each was used, comparably.
+        self._clock = 0
+
+    def __iter__(self) -> Iterator[Tenant]:
+        return iter(list(self._members))
+
+    def __getitem__(self, index: int) -> Tenant:
+        return self._members[index]
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, tenant: Tenant) -> None:
+        self._members.append(tenant)
+        self.used(tenant)
+
+    def remove(self, tenant: Tenant) -> None:
+        self._members.remove(tenant)
+
+    def used(self, tenant: Tenant) -> None:
+        """A cache was used (fetched from or stored into) now."""
+        self._clock += 1
+        tenant.last_used = self._clock
+
+    def reached(self, tenant: Tenant, batch: int, num_batches: int) -> None:
+        """A cache's reader took ``batch``: its policies learn where the reader is."""
+        self.used(tenant)
+        tenant.num_batches = num_batches
+        for policy in tenant.policies.values():
+            policy.reached(batch, num_batches)
+
+    def resized(self, tenant: Tenant, num_batches: int) -> None:
+        """A cache now has ``num_batches`` batches."""
+        tenant.num_batches = num_batches
+        for policy in tenant.policies.values():
+            policy.resized(num_batches)
+
+    def is_idle(self, tenant: Tenant) -> bool:
+        """Not used for longer than a pass over its batches would take: its next use is
+        further away than that of any cache being worked on."""
+        return self._clock - tenant.last_used > max(tenant.num_batches, 1)
+
+    def victims(self, tier: str, requester: Tenant, batch: int, *, reading: bool) -> Iterator[int]:
+        """Record ids worth evicting from ``tier`` to make room for a value of
+        ``requester``'s batch ``batch``, first victim first.
+
+        First those of caches nobody has used for a while (longest unused first, each
+        in its own policy's order); then, over the caches being worked on, the record
+        the policy would evict first wherever it lives (``scan``: needed furthest into
+        a pass, and only if later than the newcomer; ``lru``: least recently used). A
+        read that the policy does not let evict (``scan``) takes room from idle caches
+        only. Closed caches give nothing: their values are on their way out.
+        """
+        others = [t for t in self._members if t is not requester and not t.closed]
+        idle = sorted((t for t in others if self.is_idle(t)), key=lambda t: t.last_used)
+        for tenant in idle:
+            yield from tenant.policies[tier].victims()
+        own = requester.policies[tier]
+        if reading and not own.promotes_by_eviction:
+            return
+        active = [t.policies[tier] for t in [requester, *others] if t not in idle]
+        yield from merged_victims(active, own.bypass_score(batch))
