@@ -1,8 +1,10 @@
-"""The state of one cache: batches of entries over the tiers, behind one lock.
+"""The state of one cache: batches of entries over the tiers of its pool, behind the
+pool's lock.
 
-``CacheCore`` owns everything a cache holds (entries, tiers, store, worker) and is
+``CacheCore`` owns what a cache holds (its entries, its ``Tenant`` in the pool) and is
 what the garbage-collection finalizer closes, so it must never refer back to the
-public ``IntermediatesCache`` object.
+public ``IntermediatesCache`` object. The tiers, the lock and the I/O threads are its
+``SharedPool``'s, shared with every cache of the same config.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def resolve_offload_device(offload_device: Any) -> torch.device | None:
 
 
 class CacheCore:
-    """Batches of ``key -> Entry`` whose tensors live in a ``Placement``.
+    """Batches of ``key -> Entry`` whose tensors live in its pool's ``Placement``.
 
-    One lock guards all of it. Disk I/O runs outside the lock: writes on the I/O
+    The pool's lock guards all of it. Disk I/O runs outside the lock: writes on the I/O
     pool (write-behind), reads on whichever thread needs the value (the caller, or a
     prefetch job on the pool), with the record held so it cannot be deleted meanwhile.
     """
