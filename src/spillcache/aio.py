@@ -7,10 +7,10 @@ is copied and copies the next while the device writes, so one writer keeps sever
 requests queued all the time. This module is only the system-call binding: no threads,
 no locks, no knowledge of files or formats.
 
-Two costs shape it. ``io_destroy`` waits for an RCU grace period (about 30 ms measured
-on the project's machine), so a context is never made per write: ``context()`` lends one
-from a process-wide free list and takes it back, and a process holds at most as many
-contexts as it ever had writers at once. And a context does not survive ``fork`` (the
+Two costs shape it. ``io_destroy`` waits for an RCU grace period (longer than a whole
+chunk write; docs/benchmarks.md), so a context is never made per write: ``context()``
+lends one from a process-wide free list and takes it back, and a process holds at most
+as many contexts as it ever had writers at once. And a context does not survive ``fork`` (the
 child's are invalid), so the child forgets the list.
 
 Where native AIO is missing (not Linux on x86_64 or aarch64, a seccomp filter that
@@ -86,7 +86,7 @@ _syscall, _NR = _load_syscall()
 
 def _call(name: str, *args) -> int:
     while True:
-        result = _syscall(_NR[name], *args)
+        result = _syscall(ctypes.c_long(_NR[name]), *args)
         if result >= 0:
             return result
         code = ctypes.get_errno()

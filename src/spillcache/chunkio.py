@@ -11,22 +11,28 @@ the memory address, file offset and length of every request must be multiples of
 device's logical block size (else EINVAL): hence the aligned buffers, the staging copies
 and the last partial page written buffered. Every write goes to a ``.partial`` name that
 is renamed into place, so a reader (or a crash) sees the old file or the whole new one.
+
+Staged pieces are queued with native AIO (aio.py) where the kernel has it: a writer
+copies the next piece while the device writes the last ones, instead of leaving the
+device without its requests for every copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from . import aio
 from .errors import StoreCorruptError
 
 __all__ = [
@@ -36,8 +42,10 @@ __all__ = [
     "aligned_empty",
     "direct_io_supported",
     "map_file",
+    "publish",
     "read_file",
     "write_file",
+    "write_partial",
 ]
 
 # O_DIRECT alignment. Logical block sizes are 512 B (this virtio disk, most NVMe
@@ -242,8 +250,126 @@ def _bounce(staging: StagingBuffers | None, nbytes: int) -> Iterator[torch.Tenso
         yield aligned_empty(min(_round_up(nbytes), 8 << 20))
 
 
+# A staging buffer is cut into this many pieces when writes can be queued (aio): each is
+# queued as soon as it is copied, and the thread copies the next while the device writes.
+QUEUED_PIECES = 4
+
+
+def _write_staged(
+    fd: int, source: memoryview, whole: int, buffer: torch.Tensor, alongside: Callable[[], object]
+) -> None:
+    """Write ``source[:whole]`` (whole pages) at offset 0 through the aligned ``buffer``.
+
+    An unaligned source goes through a staging buffer, piece by piece. The copies are
+    memoryview assignments (one memcpy on this thread), not Tensor.copy_: torch splits
+    copy_ over its intra-op threads, which on a few busy cores is several times slower
+    than a plain memcpy. With native AIO the pieces are queued (see
+    ``_write_queued``); without it each is written with pwrite before the next is copied.
+    ``alongside()`` runs once, while the last writes are in flight where they can be.
+    """
+    staged = memoryview(buffer.numpy())
+    piece = max(PAGE, len(staged) // QUEUED_PIECES // PAGE * PAGE)
+    slots = min(len(staged) // piece, aio.DEPTH)
+    if whole > piece and slots > 1:
+        with aio.context() as ctx:
+            if ctx is not None:
+                address = buffer.data_ptr()
+                _write_queued(ctx, fd, source, whole, staged, piece, slots, address, alongside)
+                return
+    for offset in range(0, whole, len(staged)):
+        nbytes = min(len(staged), whole - offset)
+        staged[:nbytes] = source[offset : offset + nbytes]
+        _pwrite_all(fd, staged[:nbytes], offset, direct=True)
+    alongside()
+
+
+def _load_fallocate():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Give a new, empty file its size, with its blocks allocated in one go where the
+    filesystem can (fallocate): one contiguous extent, rather than one allocation per
+    queued piece as the writes land (pieces of several writers interleave on disk, and
+    such files read back slower: docs/benchmarks.md). Elsewhere a sparse file of that
+    size (ftruncate). Running out of space fails here, before any byte is written."""
+    if _fallocate is not None:
+        if _fallocate(fd, 0, 0, nbytes) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EINTR):
+            raise OSError(code, os.strerror(code))
+    os.ftruncate(fd, nbytes)
+
+
+def _write_queued(
+    ctx: aio.Context,
+    fd: int,
+    source: memoryview,
+    whole: int,
+    staged: memoryview,
+    piece: int,
+    slots: int,
+    address: int,
+    alongside: Callable[[], object],
+) -> None:
+    """Copy a piece into a free slot of ``staged``, queue its write, copy the next...
+
+    The thread keeps up to ``slots`` writes queued while it copies, so the device never
+    waits for a memcpy (or for this thread to get a core back). A slot is reused only
+    once its write is done; ``aio.context`` waits for writes still queued if this fails.
+    Once the last piece is queued, ``alongside()`` runs while the device writes.
+    """
+    # ext4 makes a direct write past the end of the file wait for its own completion,
+    # queued or not (an "extending" write). Sized first, the file takes every piece
+    # inside its end.
+    _allocate(fd, whole)
+    free = list(range(slots))[::-1]
+    pieces: dict[int, tuple[int, int]] = {}  # slot -> (file offset, bytes) in flight
+
+    def finished(done: list[tuple[int, int]]) -> None:
+        for slot, result in done:
+            offset, nbytes = pieces.pop(slot)
+            free.append(slot)
+            if result < 0:
+                raise OSError(-result, f"write at offset {offset}: {os.strerror(-result)}")
+            if result < nbytes:  # short: the rest synchronously, from a page boundary
+                resume = result - result % PAGE
+                start = slot * piece
+                _pwrite_all(
+                    fd, staged[start + resume : start + nbytes], offset + resume, direct=True
+                )
+
+    for offset in range(0, whole, piece):
+        if not free:
+            finished(ctx.wait(1))
+        slot = free.pop()
+        nbytes = min(piece, whole - offset)
+        start = slot * piece
+        staged[start : start + nbytes] = source[offset : offset + nbytes]
+        ctx.submit_write(fd, address + start, nbytes, offset, slot)
+        pieces[slot] = (offset, nbytes)
+    alongside()
+    while ctx.in_flight:
+        finished(ctx.wait(ctx.in_flight))
+
+
 def _write_direct(
-    fd: int, data: torch.Tensor, staging: StagingBuffers | None, trailer: bytes
+    fd: int,
+    data: torch.Tensor,
+    staging: StagingBuffers | None,
+    trailer: bytes,
+    alongside: Callable[[], object],
 ) -> None:
     nbytes = data.numel()
     whole = nbytes - nbytes % PAGE
@@ -251,17 +377,12 @@ def _write_direct(
     if data.data_ptr() % PAGE == 0:
         # Zero copy: the whole pages go straight from the tensor's memory to the device.
         _pwrite_all(fd, source[:whole], 0, direct=True)
+        alongside()
     elif whole:
-        # An unaligned source goes through a staging buffer, piece by piece. The copies
-        # are memoryview assignments (one memcpy on this thread), not Tensor.copy_: torch
-        # splits copy_ over its intra-op threads, and on 2 busy cores that ran at ~2 GB/s
-        # against 15-38 GB/s for a plain memcpy.
         with _bounce(staging, whole) as buffer:
-            staged = memoryview(buffer.numpy())
-            for offset in range(0, whole, len(staged)):
-                piece = min(len(staged), whole - offset)
-                staged[:piece] = source[offset : offset + piece]
-                _pwrite_all(fd, staged[:piece], offset, direct=True)
+            _write_staged(fd, source, whole, buffer, alongside)
+    else:
+        alongside()
     if whole < nbytes or trailer:
         # The last partial page (and the trailer) is written buffered: clear O_DIRECT on
         # this descriptor and write the < PAGE remaining bytes from the source. The
@@ -290,6 +411,7 @@ def write_file(
     staging: StagingBuffers | None,
     durable: bool = False,
     trailer: bytes = b"",
+    alongside: Callable[[], object] = lambda: None,
 ) -> None:
     """Write the bytes of ``data`` (1-D contiguous uint8, CPU), then ``trailer`` (a
     checksum, say), to ``path`` atomically.
@@ -299,6 +421,11 @@ def write_file(
     the error propagates. ``direct`` uses O_DIRECT (see direct_io_supported); a source
     that is not PAGE-aligned is copied through a ``staging`` buffer (a temporary one if
     None). ``durable`` fsyncs the file before the rename and the directory after it.
+
+    ``alongside()`` is called once before the rename, while the data's last writes are
+    still in flight where they are queued (direct writes of a staged source with native
+    AIO), else after them: other work (another file's metadata) then costs the device
+    no idle time. An error it raises fails the write like any other.
     """
     _check_bytes(data, "data")
     path = Path(path)
@@ -307,10 +434,11 @@ def write_file(
     try:
         try:
             if direct:
-                _write_direct(fd, data, staging, trailer)
+                _write_direct(fd, data, staging, trailer, alongside)
             else:
                 _pwrite_all(fd, memoryview(data.numpy()), 0, direct=False)
                 _pwrite_all(fd, memoryview(trailer), data.numel(), direct=False)
+                alongside()
             if durable:
                 os.fsync(fd)
         finally:
@@ -321,6 +449,38 @@ def write_file(
         raise
     if durable:
         _fsync_directory(path.parent)
+
+
+def write_partial(path: Path, data: bytes, *, durable: bool = False) -> Path:
+    """Write ``data`` (buffered) under a new ``<name>.<random>.partial`` beside ``path``
+    and return that name, for ``publish`` to rename into place later (a file that must
+    appear only after another one). On error nothing is left behind."""
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial")
+    fd = _open_new(partial, os.O_WRONLY, 0o666)
+    try:
+        try:
+            _pwrite_all(fd, memoryview(data), 0, direct=False)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(partial)
+        raise
+    return partial
+
+
+def publish(partial: Path, path: Path, *, durable: bool = False) -> None:
+    """Rename a ``write_partial`` file into place (then fsync its directory if ``durable``);
+    on error the partial file is removed."""
+    try:
+        os.replace(partial, path)
+    except BaseException:
+        _unlink_quietly(partial)
+        raise
+    if durable:
+        _fsync_directory(Path(path).parent)
 
 
 def _open_checked(path: Path, nbytes: int, flags: int) -> int:

@@ -25,6 +25,7 @@ an array.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -108,6 +109,12 @@ def array_metadata(shape: tuple[int, ...], dtype: torch.dtype, checksum: bool = 
         "codecs": [bytes_codec, CRC32C_CODEC] if checksum else [bytes_codec],
         "attributes": {ATTRS_KEY: {"torch_dtype": dtypes.dtype_name(dtype)}},
     }
+
+
+@functools.lru_cache(maxsize=256)
+def _array_metadata_text(shape: tuple[int, ...], dtype: torch.dtype, checksum: bool) -> bytes:
+    """An array's zarr.json, encoded (the same for every tensor of a shape and dtype)."""
+    return json.dumps(array_metadata(shape, dtype, checksum), indent=1).encode()
 
 
 def chunk_name(ndim: int) -> str:
@@ -304,10 +311,19 @@ class Store:
     def write_tensor(self, name: str, tensor: torch.Tensor, *, durable: bool = False) -> int:
         """Store a CPU tensor as array ``tensors/<name>``; return bytes written."""
         directory = self._array_dir(name)
+        metadata_path = directory / "zarr.json"
+        metadata = _array_metadata_text(tuple(tensor.shape), tensor.dtype, self.checksum)
+        partial: list[Path] = []  # zarr.json under its .partial name, once written
+
+        def write_metadata() -> None:
+            partial.append(chunkio.write_partial(metadata_path, metadata, durable=durable))
+
         try:
             directory.mkdir(exist_ok=True)
             if tensor.numel():
                 data = dtypes.byte_view(tensor.contiguous())
+                # zarr.json is written while the chunk's last pieces are still on their
+                # way to the device, and renamed into place after the chunk.
                 chunkio.write_file(
                     directory / chunk_name(tensor.dim()),
                     data,
@@ -315,9 +331,11 @@ class Store:
                     staging=self._staging,
                     durable=durable,
                     trailer=_crc32c(data) if self.checksum else b"",
+                    alongside=write_metadata,
                 )
-            metadata = array_metadata(tuple(tensor.shape), tensor.dtype, self.checksum)
-            _write_json(directory / "zarr.json", metadata, durable)
+            else:
+                write_metadata()
+            chunkio.publish(partial[0], metadata_path, durable=durable)
         except OSError as error:
             shutil.rmtree(directory, ignore_errors=True)
             raise StoreError(

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spill_testing import bits, random_tensor
-from spillcache import chunkio
+from spillcache import aio, chunkio
 from spillcache.chunkio import (
     PAGE,
     StagingBuffers,
@@ -147,6 +147,7 @@ def test_only_unaligned_sources_are_staged(tmp_path, staging, monkeypatch):
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
 def test_whole_pages_go_direct_and_the_tail_buffered(tmp_path, monkeypatch, aligned):
+    monkeypatch.setattr(aio, "available", lambda: False)  # staged pieces: one pwrite each
     writes = []
     real_pwrite = os.pwrite
 
@@ -589,3 +590,265 @@ def test_a_trailer_is_written_after_the_data_and_read_back(tmp_path, direct, nby
     assert torch.equal(out, data)
     with pytest.raises(StoreCorruptError, match=f"holds {nbytes + 4} bytes, expected {nbytes}"):
         chunkio.read_file(path, out, direct=direct)  # read as if it had no trailer
+
+
+# ------------------------------------------- queued (native AIO) staged writes
+
+
+def _aio_works() -> bool:
+    with aio.context() as ctx:  # a seccomp filter may refuse io_setup itself
+        return ctx is not None
+
+
+needs_aio = pytest.mark.skipif(not _aio_works(), reason="no native AIO here")
+
+
+class QueueSpy:
+    """Records what the AIO contexts did: the most writes queued at once, and each
+    submitted write's (offset, bytes)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.most_in_flight = 0
+        self.submitted: list[tuple[int, int]] = []
+        real_submit = aio.Context.submit_write
+        spy = self
+
+        def submit_write(ctx, fd, address, nbytes, offset, tag):
+            real_submit(ctx, fd, address, nbytes, offset, tag)
+            spy.submitted.append((offset, nbytes))
+            spy.most_in_flight = max(spy.most_in_flight, ctx.in_flight)
+
+        monkeypatch.setattr(aio.Context, "submit_write", submit_write)
+
+
+@needs_aio
+@pytest.mark.parametrize("nbytes", [3 * STAGING_SIZE + 123, 8 * PAGE, (3 << 20) + 7])
+def test_staged_pieces_are_queued_while_the_next_is_copied(tmp_path, staging, monkeypatch, nbytes):
+    spy = QueueSpy(monkeypatch)
+    writes = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd, data, offset):
+        writes.append((offset, len(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    data = payload(nbytes, aligned=False, seed=nbytes)
+    write_file(tmp_path / "c", data, direct=True, staging=staging)
+    whole = nbytes - nbytes % PAGE
+    piece = STAGING_SIZE // chunkio.QUEUED_PIECES
+    # Every whole page went through the queue, a piece of the staging buffer at a time,
+    # with several pieces in flight at once; only the partial last page was a pwrite.
+    assert sorted(spy.submitted) == [(o, min(piece, whole - o)) for o in range(0, whole, piece)]
+    assert spy.most_in_flight == chunkio.QUEUED_PIECES
+    assert writes == ([(whole, nbytes - whole, False)] if nbytes > whole else [])
+    assert (tmp_path / "c").read_bytes() == bits(data)
+    assert leftovers(tmp_path) == [] and staging.available == 2
+
+
+@needs_aio
+def test_a_failed_queued_write_fails_the_file_after_the_rest_are_done(
+    tmp_path, staging, monkeypatch
+):
+    real_wait = aio.Context.wait
+    seen = []
+
+    def failing_wait(ctx, least=1):
+        done = real_wait(ctx, least)
+        if not seen and done:
+            seen.append(ctx)
+            tag, _ = done[0]
+            done[0] = (tag, -errno.ENOSPC)
+        return done
+
+    monkeypatch.setattr(aio.Context, "wait", failing_wait)
+    with pytest.raises(OSError) as raised:
+        write_file(tmp_path / "c", payload(9 * PAGE, aligned=False), direct=True, staging=staging)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # no partial file, no chunk
+    assert staging.available == 2
+    (ctx,) = seen
+    assert ctx.in_flight == 0  # waited for before the staging buffer went back
+    assert ctx in aio._idle  # and the context was lent out again, empty
+
+
+@needs_aio
+def test_a_short_queued_write_resumes_inside_its_piece(tmp_path, monkeypatch):
+    real_wait = aio.Context.wait
+    short = []
+
+    def short_wait(ctx, least=1):
+        done = real_wait(ctx, least)
+        if not short and done:
+            tag, result = done[0]
+            short.append(result)
+            done[0] = (tag, PAGE + 100)
+        return done
+
+    rewrites = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd, data, offset):
+        rewrites.append((offset % (4 * PAGE), len(data)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(aio.Context, "wait", short_wait)
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    data = payload(64 * PAGE, aligned=False, seed=6)
+    with StagingBuffers(1, 16 * PAGE) as staging:  # pieces of 4 pages
+        write_file(tmp_path / "c", data, direct=True, staging=staging)
+    assert short == [4 * PAGE]
+    # The rest of the short piece was written again from the page the device stopped in.
+    assert rewrites == [(PAGE, 3 * PAGE)]
+    assert (tmp_path / "c").read_bytes() == bits(data)
+
+
+def test_without_native_aio_staged_pieces_are_written_one_by_one(tmp_path, staging, monkeypatch):
+    monkeypatch.setattr(aio, "available", lambda: False)
+    made = []
+    monkeypatch.setattr(aio, "Context", lambda: made.append(1))
+    data = payload(3 * STAGING_SIZE + 123, aligned=False, seed=8)
+    write_file(tmp_path / "c", data, direct=True, staging=staging)
+    assert made == []
+    assert (tmp_path / "c").read_bytes() == bits(data)
+
+
+# ------------------------------------------------------------- alongside
+
+
+@pytest.mark.parametrize(
+    "direct, aligned, nbytes",
+    [
+        (True, False, 3 * STAGING_SIZE + 123),  # staged, queued where AIO is
+        (True, False, PAGE + 5),  # staged, one piece
+        (True, True, 3 * PAGE + 5),  # zero copy
+        (True, False, 100),  # no whole page
+        (False, False, 3 * PAGE + 5),  # buffered
+    ],
+)
+def test_alongside_runs_once_before_the_rename(tmp_path, staging, direct, aligned, nbytes):
+    path = tmp_path / "c"
+    calls = []
+
+    def alongside():
+        calls.append((path.exists(), len(leftovers(tmp_path))))
+
+    data = payload(nbytes, aligned=aligned)
+    write_file(path, data, direct=direct, staging=staging, alongside=alongside)
+    assert calls == [(False, 1)]  # once, while only the partial file existed
+    assert path.read_bytes() == bits(data)
+
+
+@needs_aio
+def test_alongside_runs_while_the_last_pieces_are_in_flight(tmp_path, staging, monkeypatch):
+    queued = []
+    real_wait = aio.Context.wait
+    contexts = []
+
+    def remembering_wait(ctx, least=1):
+        contexts.append(ctx)
+        return real_wait(ctx, least)
+
+    monkeypatch.setattr(aio.Context, "wait", remembering_wait)
+
+    def alongside():
+        queued.append(contexts[-1].in_flight if contexts else None)
+
+    write_file(
+        tmp_path / "c",
+        payload(3 * STAGING_SIZE, aligned=False),
+        direct=True,
+        staging=staging,
+        alongside=alongside,
+    )
+    assert queued and queued[0] > 0
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+def test_an_error_alongside_fails_the_write(tmp_path, staging, aligned):
+    def alongside():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_file(
+            tmp_path / "c",
+            payload(3 * STAGING_SIZE, aligned=aligned),
+            direct=True,
+            staging=staging,
+            alongside=alongside,
+        )
+    assert list(tmp_path.iterdir()) == []
+    assert staging.available == 2
+
+
+# -------------------------------------------------- write_partial, publish
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_write_partial_then_publish(tmp_path, monkeypatch, durable):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / "zarr.json"
+    partial = chunkio.write_partial(path, b'{"a": 1}', durable=durable)
+    assert partial.parent == tmp_path and partial.name.startswith("zarr.json.")
+    assert partial.name.endswith(".partial") and partial.read_bytes() == b'{"a": 1}'
+    assert not path.exists()
+    chunkio.publish(partial, path, durable=durable)
+    assert path.read_bytes() == b'{"a": 1}' and leftovers(tmp_path) == []
+    assert len(synced) == (2 if durable else 0)  # the file, then its directory
+
+
+def test_failed_write_partial_and_publish_leave_nothing(tmp_path, monkeypatch):
+    def failing(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(OSError):
+        chunkio.write_partial(tmp_path / "zarr.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    partial = chunkio.write_partial(tmp_path / "zarr.json", b"{}")
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        chunkio.publish(partial, tmp_path / "zarr.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_aio
+def test_a_queued_write_allocates_the_whole_file_first(tmp_path, staging, monkeypatch):
+    calls = []
+    real = chunkio._fallocate
+
+    def spying(fd, mode, offset, length):
+        calls.append((mode, offset, length, os.fstat(fd).st_size))
+        return real(fd, mode, offset, length)
+
+    monkeypatch.setattr(chunkio, "_fallocate", spying)
+    data = payload(3 * STAGING_SIZE + 123, aligned=False, seed=11)
+    write_file(tmp_path / "c", data, direct=True, staging=staging)
+    whole = data.numel() - data.numel() % PAGE
+    assert calls == [(0, 0, whole, 0)]  # once, on the empty file, before any piece
+    assert (tmp_path / "c").read_bytes() == bits(data)
+
+
+@needs_aio
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOSPC])
+def test_allocation_refused_or_out_of_space(tmp_path, staging, monkeypatch, code):
+    import ctypes
+
+    def refusing(fd, mode, offset, length):
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(chunkio, "_fallocate", refusing)
+    data = payload(3 * STAGING_SIZE + 123, aligned=False, seed=12)
+    if code == errno.EOPNOTSUPP:  # a filesystem without fallocate: a sparse file instead
+        write_file(tmp_path / "c", data, direct=True, staging=staging)
+        assert (tmp_path / "c").read_bytes() == bits(data)
+    else:
+        with pytest.raises(OSError) as raised:
+            write_file(tmp_path / "c", data, direct=True, staging=staging)
+        assert raised.value.errno == errno.ENOSPC
+        assert list(tmp_path.iterdir()) == []
+    assert staging.available == 2

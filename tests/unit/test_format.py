@@ -144,6 +144,44 @@ def test_delete_tensor_removes_its_files(store):
     store.delete_tensor("never-written")  # harmless
 
 
+def test_zarr_json_is_written_during_the_chunk_write_and_renamed_after_it(tmp_path, monkeypatch):
+    store = Store.create(tmp_path / "parent", direct_io=True, writers=1)
+    events = []
+    real_write_partial, real_replace = fmt.chunkio.write_partial, os.replace
+
+    def write_partial(path, data, *, durable=False):
+        # The chunk is still a .partial file: its bytes are on their way, not in place.
+        chunk = [p.name for p in path.parent.iterdir() if p.name.startswith("c.")]
+        events.append(("metadata written", chunk))
+        return real_write_partial(path, data, durable=durable)
+
+    def replace(src, dst):
+        events.append(("renamed", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fmt.chunkio, "write_partial", write_partial)
+    monkeypatch.setattr(os, "replace", replace)
+    tensor = random_tensor(torch.float32, (64, 1024 + 1))  # staged: not page-aligned
+    store.write_tensor("t", tensor)
+    (written,) = [e for e in events if e[0] == "metadata written"]
+    assert len(written[1]) == 1 and written[1][0].endswith(".partial")
+    assert [e for e in events if e[0] == "renamed"] == [
+        ("renamed", "c.0.0"),
+        ("renamed", "zarr.json"),
+    ]
+    monkeypatch.undo()
+    assert_same_bits(store.read_tensor("t", (64, 1025), torch.float32), tensor)
+    assert json.loads((store.path / "tensors" / "t" / "zarr.json").read_text()) == (
+        fmt.array_metadata((64, 1025), torch.float32)
+    )
+
+
+def test_empty_tensor_gets_its_metadata_and_no_chunk(store):
+    store.write_tensor("e", torch.empty(0, 3))
+    assert sorted(p.name for p in (store.path / "tensors" / "e").iterdir()) == ["zarr.json"]
+    assert store.read_tensor("e", (0, 3), torch.float32).shape == (0, 3)
+
+
 # ------------------------------------------------------------ write errors
 
 
