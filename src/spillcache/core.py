@@ -450,9 +450,8 @@ class CacheCore:
             if self.config.keep_store and not self.io.on_pool_thread():
                 # Every value goes into the kept store: let queued writes finish first.
                 self.pool.write_finished.wait_for(lambda: tenant.writes_in_flight == 0)
-            if self.config.keep_store:
-                tenant.closed = True  # no other cache evicts its values any more
-            else:
+            tenant.closed = True  # no other cache evicts its values any more
+            if not self.config.keep_store:
                 self.placement.release_tenant(tenant)  # its share back to the pool now
             jobs = tenant.take_jobs()
         self._end_jobs(jobs)

@@ -125,10 +125,9 @@ class Placement:
         return tenant
 
     def release_tenant(self, tenant: Tenant) -> None:
-        """A cache is closing and its store goes: its values leave every tier now,
-        except those being written (their jobs are still running), and no other cache
-        may evict them any more (no new write starts)."""
-        tenant.closed = True
+        """A closing cache (``tenant.closed`` set, so no other cache evicts its values
+        and no new write of them starts) whose store goes: its values leave every tier
+        now, except those being written (their jobs are still running)."""
         for record in self.records_of(tenant):
             if record.write_state != WRITING:
                 self._discard(record)
@@ -137,7 +136,6 @@ class Placement:
         """Forget a closed cache: every record of it leaves every tier, whatever state
         its write is in (the caller made sure no job of it is still running). Its
         arrays are not deleted one by one: its store is removed or kept whole."""
-        tenant.closed = True
         for record in self.records_of(tenant):
             if record.write_state == WRITING:  # its job was cancelled: no write_done comes
                 del self.pending[record.rid]
