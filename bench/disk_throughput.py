@@ -142,6 +142,15 @@ def raw_round(directory: Path, file_bytes: int, count: int, threads: int) -> dic
     return {"write": write, "read": read, "watch": {"write": cpu_write, "read": cpu_read}}
 
 
+def aligned_text(tensors: list[torch.Tensor]) -> str:
+    """Where torch put the tensors: page-aligned ones are written without the staging
+    copy (torch aligns large tensors to pages with THP_MEM_ALLOC_ENABLE=1)."""
+    offsets = sorted({t.data_ptr() % 4096 for t in tensors})
+    where = "page-aligned" if offsets == [0] else f"{offsets[0]} bytes into a page"
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    return f"{where} (THP_MEM_ALLOC_ENABLE={thp})"
+
+
 def raw_name(threads: int) -> str:
     return f"raw {threads} thread{'s' if threads > 1 else ''}"
 
@@ -281,8 +290,9 @@ def main() -> None:
         f"\n{count} tensors x {tensor_bytes >> 20} MiB = {total / GB:.2f} GB, median of "
         f"{args.runs} interleaved runs, {reads} page cache for reads; raw limit = the "
         f"better of {' and '.join(raw_names)} per direction; the cache with io_threads = "
-        f"{args.io_threads}, prefetch_depth = {args.prefetch_depth}; CPU: cores used by "
-        "this process / by all others during the write / read (median)\n"
+        f"{args.io_threads}, prefetch_depth = {args.prefetch_depth}; the tensors start "
+        f"{aligned_text(tensors)}; CPU: cores used by this process / by all others during "
+        "the write / read (median)\n"
     )
     report(
         "disk_throughput",
