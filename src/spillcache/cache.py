@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm import tqdm
 
+from . import cleanup
 from .config import CacheConfig
 from .core import CacheCore, resolve_offload_device
 
@@ -58,6 +59,7 @@ class IntermediatesCache:
         # Runs on close(), on garbage collection and at interpreter exit, whichever
         # comes first: callers such as llm-compressor never call close().
         self._finalizer = weakref.finalize(self, core.close_collected)
+        cleanup.on_new_cache(core.config, core.pool.disk_dirs)  # signal handlers, sweep
 
     @classmethod
     def _config_for_new_cache(cls) -> CacheConfig:
@@ -102,8 +104,15 @@ class IntermediatesCache:
         """Reopen a store kept by a cache with ``keep_store = true``: the same batches,
         keys and values, read-write; values come back on the devices they were stored
         from (the CPU where that device is absent). The store is kept (and marked
-        complete again) when this cache closes. Refuses an incomplete store and a format
-        version this spillcache does not know; never runs code from the store."""
+        complete again) when this cache closes.
+
+        A store whose process died before closing it (SIGKILL, a power cut) opens with
+        every entry its last ``flush()`` recorded, bit for bit; what was written after
+        that flush is dropped and removed, and a warning says what. Refuses a store whose
+        process still runs (it is that cache's), a damaged store (``StoreCorruptError``
+        naming the batch and key) and a format version this spillcache does not know.
+        Never runs code from the store: dataclasses and namedtuples it names are rebuilt
+        field by field, without calling their constructors."""
         from .reopen import reopen
 
         cache = cls.__new__(cls)

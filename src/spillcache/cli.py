@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -21,7 +20,7 @@ import torch
 from . import format as store_format
 from .config import AUTO, CacheConfig, parse_size
 from .dtypes import dtype_name
-from .errors import SpillCacheError
+from .errors import SpillCacheError, StoreCorruptError
 
 __all__ = ["main"]
 
@@ -205,39 +204,15 @@ def _du(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    rows, runs = _survey(_stores_dirs(args))
-    # Only stores whose process is known to be dead; kept (complete) stores only with --all.
-    doomed = [r for r in rows if r["alive"] is False and (args.all or not r["complete"])]
-    verb = "removed" if args.yes else "would remove"
-    for row in doomed:
-        if args.yes:
-            shutil.rmtree(row["path"], ignore_errors=True)
-        print(f"{verb} {row['path']} ({_format_bytes(row['bytes'])}, pid {row['pid']} is dead)")
-    # Then the rank directories this leaves empty, and a run directory with none left
-    # (rmdir only: a directory holding anything, such as a live rank's store, stays).
-    gone = {row["path"] for row in doomed}
-    emptied: list[Path] = []
-    for run_dir, ranks in runs.items():
-        for rank_dir in ranks.values():
-            if args.yes:
-                emptied += store_format.remove_empty_dirs(rank_dir, stop=run_dir.parent)
-            elif all(str(entry) in gone for entry in rank_dir.iterdir()):
-                emptied.append(rank_dir)
-        if not args.yes and all(rank_dir in emptied for rank_dir in ranks.values()):
-            emptied.append(run_dir)
-    for directory in emptied:
-        print(f"{verb} empty directory {directory}")
-    freed = _format_bytes(sum(r["bytes"] for r in doomed))
-    plural = "directory" if len(emptied) == 1 else "directories"
-    directories = f" and {len(emptied)} empty {plural}" if emptied else ""
-    print(f"{verb} {len(doomed)} of {len(rows)} stores, {freed}{directories}")
-    if (doomed or emptied) and not args.yes:
-        print("dry run: pass --yes to delete them")
+    from .leftovers import collect_garbage
+
+    for line in collect_garbage(*_survey(_stores_dirs(args)), remove=args.yes, everything=args.all):
+        print(line)
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .summary import summarize
+    from .summary import report_damage, state_text, summarize
 
     ranks = store_format.rank_dirs(args.path)
     if ranks:
@@ -245,18 +220,12 @@ def _inspect(args: argparse.Namespace) -> int:
     info = summarize(args.path)
     if args.json:
         print(json.dumps(info))
-        return 0
-    if info["complete"]:
-        state = "complete (kept when its cache closed)"
-    elif info["owner_alive"] is False:
-        state = "incomplete: left by a run that did not close (its process is gone)"
-    else:
-        state = "incomplete: its cache is still open (or its process is on another host)"
+        return 1 if info["problems"] else 0
     owner = f"pid {info['pid']} on {info['hostname']} ({_alive_text(info['owner_alive'])})"
     rows = [
         ["store", info["path"]],
         ["format", f"version {info['format_version']}"],
-        ["state", state],
+        ["state", state_text(info)],
         ["owner", owner],
         ["written", f"{info['written']} by torch {info['torch_version']}"],
         ["batches", "not recorded" if info["batches"] is None else str(info["batches"])],
@@ -264,8 +233,8 @@ def _inspect(args: argparse.Namespace) -> int:
     ]
     print(_table(rows))
     if not info["keys"]:
-        print("\nno keys recorded: a store records its batches' structures when it is kept")
-        return 0
+        print("\nno keys recorded: a kept store records its batches on close and flush()")
+        return report_damage("inspect", info["problems"])
     table = [["key", "shapes", "dtypes", "bytes", "batches"]]
     for key, entry in info["keys"].items():
         shapes = "; ".join(str(tuple(t["shape"])) for t in entry["tensors"]) or "-"
@@ -275,10 +244,12 @@ def _inspect(args: argparse.Namespace) -> int:
         )
     print()
     print(_table(table))
-    return 0
+    return report_damage("inspect", info["problems"])
 
 
 def _store_state(info: dict) -> str:
+    if problems := len(info["problems"]):
+        return f"damaged ({problems} problem{'s' * (problems > 1)}: inspect the store)"
     if info["complete"]:
         return "complete"
     alive = info["owner_alive"]
@@ -301,10 +272,11 @@ def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]
     readable = [info for entry in listing for info in entry["stores"] if "error" not in info]
     count = sum(len(entry["stores"]) for entry in listing)
     arrays, nbytes = sum(i["arrays"] for i in readable), sum(i["bytes"] for i in readable)
+    damaged = 1 if any(info.get("problems") for info in readable) else 0
     if args.json:
         summary = {"run": str(run_dir), "ranks": listing, "stores": count}
         print(json.dumps({**summary, "arrays": arrays, "bytes": nbytes}))
-        return 0
+        return damaged
     print(_table([
         ["run", str(run_dir)],
         ["ranks", f"{len(ranks)} ({', '.join(map(str, ranks))})"],
@@ -327,7 +299,7 @@ def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]
     table.append(["total", f"{count} stores", "", "", str(arrays), _format_bytes(nbytes)])
     print()
     print(_table(table))
-    return 0
+    return damaged
 
 
 def _describe(value: Any, indent: str, tensors: list) -> list[str]:
@@ -374,9 +346,12 @@ def _export(tensor: torch.Tensor, path: Path) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .summary import load_value, tensor_stats
+    from .summary import load_value, report_damage, tensor_stats
 
-    value = load_value(args.path, args.batch, args.key)
+    try:
+        value = load_value(args.path, args.batch, args.key)
+    except StoreCorruptError as error:
+        return report_damage("show", [str(error)])
     tensors: list[torch.Tensor] = []
     lines = _describe(value, "", tensors)
     stats = [tensor_stats(tensor) for tensor in tensors]
@@ -407,20 +382,25 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .leftovers import verify_lines
     from .summary import verify
 
     report = verify(args.path)
     if args.json:
         print(json.dumps(report))
     else:
+        for problem in report["problems"]:  # not one array's: a structure, the root
+            print(f"BAD {problem}")
         for bad in report["bad"]:
             where = "; ".join(bad["used_by"]) or "no recorded key"
             print(f"BAD {bad['array']} ({where}): {bad['error']}")
+        for line in verify_lines(report["orphans"]):  # leftovers: not damage
+            print(line)
         checked = f"{report['arrays']} arrays checked, {report['checksummed']} with a CRC32C"
         if report["arrays"] and not report["checksummed"]:
             checked += " (sizes only: the store was written without checksum = true)"
-        print(f"{checked}; {len(report['bad'])} bad")
-    return 1 if report["bad"] else 0
+        print(f"{checked}; {len(report['bad']) + len(report['problems'])} bad")
+    return 1 if report["bad"] or report["problems"] else 0
 
 
 # The demo's size options: flag, the size it sets (demo.DEFAULT_SIZES key), help.

@@ -176,6 +176,13 @@ class CacheConfig:
       node (``"node"``, the default: each rank gets its share, see ``ranks.py``) or for
       each rank (``"rank"``). ``device_bytes`` is always per GPU; outside torchrun the
       scope changes nothing.
+    - ``remove_stores_on_signal``: on SIGTERM, SIGHUP (and SIGINT where its action is
+      the default one, not Python's KeyboardInterrupt) remove this process's stores
+      that are not kept, then end as the signal would have (handlers installed once,
+      from the main thread, when the first cache with a disk tier is built there).
+    - ``remove_dead_stores``: a new cache removes the stores under its ``disk_path``
+      (and its run directories) that were not kept and whose process on this host is
+      dead, once per directory per process, logging one warning with what it freed.
     """
 
     device_bytes: int | str = AUTO
@@ -193,6 +200,8 @@ class CacheConfig:
     io_threads: int = 3
     checksum: bool = False
     budget_scope: str = "node"
+    remove_stores_on_signal: bool = True
+    remove_dead_stores: bool = True
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes"):
@@ -206,6 +215,8 @@ class CacheConfig:
         self._set("prefetch_depth", _parse_count("prefetch_depth", self.prefetch_depth))
         self._set("keep_store", _parse_bool("keep_store", self.keep_store))
         self._set("checksum", _parse_bool("checksum", self.checksum))
+        for name in ("remove_stores_on_signal", "remove_dead_stores"):
+            self._set(name, _parse_bool(name, getattr(self, name)))
         self._set("eviction", _parse_choice("eviction", self.eviction, EVICTION_POLICIES, "policy"))
         self._set("read_mode", _parse_choice("read_mode", self.read_mode, READ_MODES, "mode"))
         self._set(

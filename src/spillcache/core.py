@@ -23,9 +23,10 @@ from . import dtypes, reads, stats
 from .config import AUTO, CacheConfig
 from .entries import Entry, InlineTensor
 from .entries import records_of as _records_of
-from .errors import CacheClosedError, ConfigError, StoreCorruptError
+from .errors import CacheClosedError, ConfigError, StoreError
+from .failures import naming, write_report
 from .io import READ, WRITE
-from .persist import persist
+from .persist import make_durable, persist
 from .placement import TensorRecord
 from .pool import pool_for
 from .tenants import Tenant
@@ -92,13 +93,20 @@ class CacheCore:
 
     # --------------------------------------------------------------- helpers
 
-    def _check_open(self) -> None:
+    def _check_open(self, *, report: bool = True) -> None:
+        """Lock held: refuse a closed cache; ``report`` background writes that failed
+        since the last report (one error for all of them, before the call does anything)."""
         if self._closed:
             raise CacheClosedError(
                 "this cache is closed; create a new one (or reopen a kept store)"
             )
-        if self.tenant.write_errors:
-            raise self.tenant.write_errors.pop(0)
+        if report:
+            self._report_write_failures()
+
+    def _report_write_failures(self) -> None:
+        failures = self.tenant.take_write_failures()
+        if failures:
+            raise write_report(failures, self.pool.disk_dirs)
 
     def _index(self, batch_index: Any) -> int:
         index = operator.index(batch_index)
@@ -142,13 +150,14 @@ class CacheCore:
         self._stall_seconds += time.perf_counter() - start
 
     def flush(self) -> None:
-        """Wait for every background write; raise the first write error not yet raised."""
+        """Wait for every background write; report those that failed since the last report."""
         with self._lock:
             if self._closed:
                 raise CacheClosedError("this cache is closed")
             self._wait_for_writes(lambda: self.tenant.writes_in_flight == 0)
-            if self.tenant.write_errors:
-                raise self.tenant.write_errors.pop(0)
+            self._report_write_failures()
+        if self.config.keep_store:  # the kept store records everything stored so far
+            make_durable(self.pool, self.tenant, self._batches)
 
     # ----------------------------------------------------------------- write
 
@@ -173,9 +182,11 @@ class CacheCore:
     def append(self, values: dict[str, Any], onload_device: torch.device | None = None) -> int:
         """Store ``values`` as a new last batch; on error the cache is unchanged."""
         prepared = self._prepare(values, onload_device)
+        readings = self.pool.read_free_space() if _tiered(prepared) else None
         with self._lock:
             self._check_open()
             self._wait_for_write_room()
+            self.pool.observe_free_space(readings)
             self._batches.append({})
             self._generations.append(0)
             self.placement.tenants.resized(self.tenant, len(self._batches))
@@ -192,10 +203,12 @@ class CacheCore:
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
         prepared = self._prepare(values, None)
+        readings = self.pool.read_free_space() if _tiered(prepared) else None
         with self._lock:
             self._check_open()
             index = self._index(batch_index)
             self._wait_for_write_room()
+            self.pool.observe_free_space(readings)
             try:
                 self._store_prepared(index, prepared)
             finally:
@@ -233,17 +246,23 @@ class CacheCore:
 
     def _store_prepared(self, index: int, prepared: list[_Prepared]) -> None:
         """Lock held: place the prepared values in batch ``index``; all or nothing."""
-        to_admit, originals, labels = [], [], []
+        to_admit, originals, labels, keys = [], [], [], []
         for item in prepared:
             for leaf, offloaded, tiered in item.leaves:
                 if tiered:
                     to_admit.append((offloaded, leaf.onload_device))
                     originals.append(leaf.tensor)
                     labels.append(f"batch {index}, key {item.key!r}")
+                    keys.append(item.key)
         self.placement.tenants.used(self.tenant)
         records = iter(
             self.placement.admit(
-                to_admit, tenant=self.tenant, batch=index, labels=labels, originals=originals
+                to_admit,
+                tenant=self.tenant,
+                batch=index,
+                labels=labels,
+                originals=originals,
+                keys=keys,
             )
         )
         batch = self._batches[index]
@@ -304,7 +323,7 @@ class CacheCore:
         onload on a side stream.
         """
         with self._lock:
-            self._check_open()
+            self._check_open(report=by_reader)  # a prefetch job would lose the report
             index = self._index(batch_index)
             if by_reader:
                 self.placement.tenants.reached(self.tenant, index, len(self._batches))
@@ -375,8 +394,8 @@ class CacheCore:
             return record.tenant.store_on(record.disk).read_tensor(
                 record.array, record.shape, record.dtype, pin=pin, mapped=self._maps(record)
             )
-        except StoreCorruptError as error:  # name the entry, not just the file
-            raise StoreCorruptError(f"{record.label}: {error}") from None
+        except StoreError as error:  # name the entry, not just the file
+            raise naming(error, record.label) from None
 
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
         onload = self.transfers.onload
@@ -455,22 +474,29 @@ class CacheCore:
                 self.placement.release_tenant(tenant)  # its share back to the pool now
             jobs = tenant.take_jobs()
         self._end_jobs(jobs)
-        with self._lock:
-            if self.config.keep_store:
-                store = tenant.store
-                # Deletions the pool did not get to: a kept store holds no stray arrays.
-                taken = self.placement.take_deletions(tenant)
-                doomed = tenant.deleting | {name for _, _, name in taken}
-                for name in doomed:
-                    store.delete_tensor(name)
-                persist(self.placement, tenant, self._batches)
-            self.placement.remove_tenant(tenant)
-        if tenant.has_store:
-            if self.config.keep_store:
-                tenant.store.close()
-            else:
-                self.pool.remove_stores(tenant)
-        self.pool.leave()
+        try:  # a kept store that cannot be completed still gives the pool its share back
+            with self._lock:
+                try:
+                    if self.config.keep_store:
+                        tenant.open_store()  # a kept store exists even if nothing spilled
+                        # Deletions the pool did not get to: a kept store holds no stray
+                        # arrays (deleted once structures that do not name them are on disk).
+                        taken = self.placement.take_deletions(tenant)
+                        doomed = tenant.deleting | {name for _, _, name in taken}
+                        persist(self.pool, tenant, self._batches, doomed)
+                except StoreError as error:
+                    where = tenant.store.path if tenant.has_store else self.pool.disk_dirs[0]
+                    note = "the store stays, not marked complete"
+                    raise naming(error, f"completing the kept store {where}", note) from None
+                finally:
+                    self.placement.remove_tenant(tenant)
+        finally:
+            if tenant.has_store:
+                if self.config.keep_store:
+                    tenant.store.close()
+                else:
+                    self.pool.remove_stores(tenant)
+            self.pool.leave()
 
     def close_collected(self) -> None:
         """The finalizer's close, for a cache garbage-collected (or left at exit).
@@ -504,6 +530,11 @@ class _Prepared(NamedTuple):
     key: str
     flat: Flat
     leaves: list[tuple[TensorLeaf, torch.Tensor, bool]]
+
+
+def _tiered(prepared: list[_Prepared]) -> bool:
+    """Whether storing ``prepared`` may spill (else no disk's free space is needed)."""
+    return any(tiered for item in prepared for *_, tiered in item.leaves)
 
 
 def _records_in(entries: list[tuple[str, Entry]]) -> list[TensorRecord]:

@@ -9,6 +9,7 @@ same kind of trouble, so code written for the stock cache keeps working::
     ├── CacheClosedError (RuntimeError)    the cache was used after close()
     ├── IntegrationError (RuntimeError)    llm-compressor is missing, or already switched over
     └── StoreError (OSError)               the disk tier could not do its job
+        ├── DiskFullError                            no room on disk (errno ENOSPC)
         ├── StoreNotFoundError (FileNotFoundError)   no store at that path
         ├── StoreFormatError                         not a spillcache store, or an unknown version
         └── StoreCorruptError                        a chunk on disk is missing or damaged
@@ -20,10 +21,13 @@ deleting an absent key a plain ``KeyError``, as with the stock cache.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "CacheClosedError",
     "CapacityError",
     "ConfigError",
+    "DiskFullError",
     "IntegrationError",
     "SpillCacheError",
     "StoreCorruptError",
@@ -42,7 +46,8 @@ class ConfigError(SpillCacheError, ValueError):
 
 
 class CapacityError(SpillCacheError, MemoryError):
-    """No tier has room for a value; the cache is left exactly as it was."""
+    """No tier has room for a value; the cache is left as it was (the update or append
+    that raised it stored nothing, and values moved to make room are moved back)."""
 
 
 class CacheClosedError(SpillCacheError, RuntimeError):
@@ -56,6 +61,19 @@ class IntegrationError(SpillCacheError, RuntimeError):
 
 class StoreError(SpillCacheError, OSError):
     """The disk tier could not read or write its store."""
+
+
+class DiskFullError(StoreError):
+    """A disk under ``disk_path`` has no room for a value that must spill (``errno`` is
+    ENOSPC). Raised by ``update``/``append`` before they store anything (the cache is
+    left as it was), or by a later call reporting background writes that failed for
+    lack of space (their values stay readable from RAM)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __reduce__(self):  # pickles (to another process) with the one argument it takes
+        return type(self), (self.strerror,)
 
 
 class StoreNotFoundError(StoreError, FileNotFoundError):

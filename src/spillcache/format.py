@@ -24,6 +24,7 @@ an array.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -41,9 +42,10 @@ from typing import Any
 import google_crc32c
 import torch
 
-from . import chunkio, dtypes
+from . import chunkio, dtypes, failures, owners
 from .buffers import BufferPool
 from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
+from .small_files import read_small_file
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +65,7 @@ __all__ = [
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 STORE_PREFIX = "spillcache-"
+_ROOT_BYTES = 1 << 20  # a root zarr.json is a few hundred bytes
 RANK_PREFIX = "rank"
 _RANK_NAME = re.compile(rf"{RANK_PREFIX}(0|[1-9][0-9]*)")
 ATTRS_KEY = "spillcache"
@@ -111,10 +114,25 @@ def array_metadata(shape: tuple[int, ...], dtype: torch.dtype, checksum: bool = 
     }
 
 
+def _array_metadata_text(
+    shape: tuple[int, ...], dtype: torch.dtype, checksum: bool, owner: tuple[int, str] | None
+) -> bytes:
+    """An array's zarr.json, encoded, with the (batch, key) it was stored under."""
+    head, tail = _array_metadata_parts(shape, dtype, checksum)
+    if owner is None:
+        return head + tail
+    batch, key = owner
+    return head + b',\n   "batch": %d,\n   "key": %s' % (batch, json.dumps(key).encode()) + tail
+
+
 @functools.lru_cache(maxsize=256)
-def _array_metadata_text(shape: tuple[int, ...], dtype: torch.dtype, checksum: bool) -> bytes:
-    """An array's zarr.json, encoded (the same for every tensor of a shape and dtype)."""
-    return json.dumps(array_metadata(shape, dtype, checksum), indent=1).encode()
+def _array_metadata_parts(shape: tuple, dtype: torch.dtype, checksum: bool) -> tuple[bytes, bytes]:
+    """An array's zarr.json (the same for every tensor of a shape and dtype), split
+    after its torch_dtype: where the owner goes."""
+    text = json.dumps(array_metadata(shape, dtype, checksum), indent=1).encode()
+    marker = b'"torch_dtype": ' + json.dumps(dtypes.dtype_name(dtype)).encode()
+    cut = text.rindex(marker) + len(marker)
+    return text[:cut], text[cut:]
 
 
 def chunk_name(ndim: int) -> str:
@@ -188,6 +206,8 @@ class Store:
         self._buffers = buffers or BufferPool(0)
         self._owns_buffers = True  # False: shared with other stores (SharedBuffers)
 
+    keep = False  # made for keep_store: no signal, sweep or plain gc removes it
+
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
@@ -200,6 +220,7 @@ class Store:
         read_buffer_bytes: int = 0,
         checksum: bool = False,
         shared: SharedBuffers | None = None,
+        keep: bool = False,
     ) -> Store:
         """Make a new private store directory under ``parent``.
 
@@ -207,12 +228,14 @@ class Store:
         ``writers`` is how many threads may write at once (one staging buffer each);
         ``read_buffer_bytes`` bounds the memory kept for reuse by reads. With
         ``shared``, the store uses those buffers (several caches' stores share them)
-        instead of making its own, and leaves them alone when it closes.
+        instead of making its own (left alone on close). Unless ``keep``, a signal removes it.
         """
         parent = Path(parent)
         try:
             path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             _make_store_dir(path)
+            if not keep:
+                owners.register(path)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
             if shared is not None:
@@ -223,6 +246,7 @@ class Store:
                 store._owns_buffers = False
             else:
                 store = cls._configured(path, direct_io, writers, read_buffer_bytes, checksum)
+            store.keep = keep
             for group in ("tensors", "batches"):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
@@ -260,8 +284,9 @@ class Store:
     ) -> Store:
         """Open an existing store, checking that it is one and that its version is known.
 
-        Its arrays' checksum setting is the store's own (from their metadata); the other
-        settings are as for ``create``.
+        Its arrays' checksum setting is left False: read each array's from its checked
+        metadata (``store_checks.read_array``; reopening sets the store's from them). The
+        other settings are as for ``create``.
         """
         path = Path(path)
         attributes = read_root_attributes(path)
@@ -273,12 +298,10 @@ class Store:
             )
         store = cls._configured(path, direct_io, writers, read_buffer_bytes, False)
         store.attributes = attributes
-        names = store.array_names()
-        store.checksum = bool(names) and store.array_info(names[0])[2]
         return store
 
     def write_root_attributes(
-        self, *, complete: bool, num_batches: int, durable: bool = False
+        self, *, complete: bool, num_batches: int, durable: bool = False, flush: int | None = None
     ) -> None:
         state = {
             "format_version": FORMAT_VERSION,
@@ -288,12 +311,17 @@ class Store:
             "hostname": socket.gethostname(),
             "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
+            "keep": complete or self.keep or any(map(self.attributes.get, ("keep", "complete"))),
+            **owners.identity(),  # start time, boot and pid namespace: pid reuse shows
         }
+        if flush is not None:  # the last flush (or close) whose structures are all written
+            state["flush"] = flush
         _write_json(self.path / "zarr.json", _group({ATTRS_KEY: state}), durable)
 
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+        owners.unregister(self.path)
 
     def close(self) -> None:
         """Free the staging and read buffers (the files stay), unless they are shared."""
@@ -308,11 +336,21 @@ class Store:
     def _array_dir(self, name: str) -> Path:
         return self.path / "tensors" / name
 
-    def write_tensor(self, name: str, tensor: torch.Tensor, *, durable: bool = False) -> int:
-        """Store a CPU tensor as array ``tensors/<name>``; return bytes written."""
+    def write_tensor(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        *,
+        durable: bool = False,
+        owner: tuple[int, str] | None = None,
+    ) -> int:
+        """Store a CPU tensor as array ``tensors/<name>``; return bytes written.
+        ``owner``: the (batch, key) it was stored under, recorded in its attributes so
+        that the array says what it is even where no batch structure names it."""
         directory = self._array_dir(name)
         metadata_path = directory / "zarr.json"
-        metadata = _array_metadata_text(tuple(tensor.shape), tensor.dtype, self.checksum)
+        shape = tuple(tensor.shape)
+        metadata = _array_metadata_text(shape, tensor.dtype, self.checksum, owner)
         partial: list[Path] = []  # zarr.json under its .partial name, once written
 
         def write_metadata() -> None:
@@ -338,11 +376,8 @@ class Store:
             chunkio.publish(partial[0], metadata_path, durable=durable)
         except OSError as error:
             shutil.rmtree(directory, ignore_errors=True)
-            raise StoreError(
-                error.errno,
-                f"cannot write tensor {name} ({tensor.nbytes} bytes) to {self.path}: "
-                f"{error.strerror}; free space there or set disk_path/disk_bytes",
-            ) from error
+            what = f"cannot write tensor {name} ({tensor.nbytes} bytes) to {self.path}"
+            raise failures.io_error(error, what, self.path) from error
         return tensor.nbytes
 
     def read_tensor(
@@ -379,44 +414,41 @@ class Store:
                     "they were written"
                 )
         except StoreCorruptError as error:
-            raise StoreCorruptError(f"tensor {name}: {error}") from None
+            raise failures.io_error(error, f"tensor {name}", self.path) from None
         except OSError as error:
-            raise StoreError(
-                error.errno, f"cannot read tensor {name} from {path}: {error.strerror}"
-            ) from error
+            what = f"cannot read tensor {name} from {path}"
+            raise failures.io_error(error, what, self.path) from error
         return raw.view(dtypes.raw_dtype(dtype)).view(shape).view(dtype)
 
     def delete_tensor(self, name: str) -> None:
+        # zarr.json first: an array cut short by a crash is then half-written, never
+        # an array whose chunk is gone.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._array_dir(name) / "zarr.json")
         shutil.rmtree(self._array_dir(name), ignore_errors=True)
 
     def array_names(self) -> list[str]:
-        """Every complete array in the store (an array's zarr.json is written last)."""
-        tensors = self.path / "tensors"
-        return sorted(p.parent.name for p in tensors.glob("*/zarr.json"))
-
-    def array_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype, bool]:
-        """The shape and torch dtype an array holds, and whether its chunk carries a
-        CRC32C, from its metadata."""
-        path = self._array_dir(name) / "zarr.json"
-        try:
-            metadata = json.loads(path.read_text())
-            return (
-                tuple(metadata["shape"]),
-                dtypes.dtype_from_name(metadata["attributes"][ATTRS_KEY]["torch_dtype"]),
-                CRC32C_CODEC in metadata["codecs"],
-            )
-        except FileNotFoundError:
-            raise StoreCorruptError(f"array {name}: {path} is missing") from None
-        except (ValueError, KeyError, TypeError) as error:
-            raise StoreCorruptError(f"array {name}: unreadable metadata in {path}") from error
+        """Every complete array in the store (an array's zarr.json is written last);
+        never one reached through a symbolic link."""
+        found = []
+        with os.scandir(self.path / "tensors") as entries:
+            for entry in entries:
+                metadata = os.path.join(entry.path, "zarr.json")
+                if entry.is_dir(follow_symlinks=False) and os.path.isfile(metadata):
+                    found.append(entry.name)
+        return sorted(found)
 
     # ------------------------------------------------------------- batches
 
-    def write_batch(self, index: int, entries: dict[str, dict], *, durable: bool = False) -> None:
-        """Record the structures of one batch's entries (key -> JSON spec)."""
+    def write_batch(
+        self, index: int, entries: dict[str, dict], *, durable: bool = False, **flushed: Any
+    ) -> None:
+        """Record the structures of one batch's entries (key -> JSON spec), atomically;
+        ``flushed``: ``flush`` and ``before`` (docs/format.md, "Batches"; ``persist``)."""
         directory = self.path / "batches" / str(index)
         directory.mkdir(exist_ok=True)
-        _write_json(directory / "zarr.json", _group({ATTRS_KEY: {"entries": entries}}), durable)
+        own = {"entries": entries, **flushed}
+        _write_json(directory / "zarr.json", _group({ATTRS_KEY: own}), durable)
 
     def read_batch(self, index: int) -> dict[str, dict]:
         path = self.path / "batches" / str(index) / "zarr.json"
@@ -451,10 +483,11 @@ def read_root_attributes(path: str | os.PathLike[str]) -> dict:
     if not path.is_dir():
         raise StoreFormatError(f"{path} is not a spillcache store (not a directory)")
     try:
-        attributes = json.loads((path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+        text = read_small_file(path / "zarr.json", _ROOT_BYTES)  # never through a link
+        attributes = json.loads(text)["attributes"][ATTRS_KEY]
     except FileNotFoundError:
         raise StoreFormatError(f"{path} is not a spillcache store (no zarr.json)") from None
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         attributes = None
     if not isinstance(attributes, dict):
         raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)")
@@ -565,15 +598,6 @@ def store_bytes(path: Path) -> int:
 
 
 def owner_alive(attributes: dict) -> bool | None:
-    """Whether the process that wrote the store still runs: None when it is on another
-    host (or unknown), so that nothing treats it as dead."""
-    pid = attributes.get("pid")
-    if attributes.get("hostname") != socket.gethostname() or type(pid) is not int:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+    """Whether the process that wrote the store still runs (``owners.alive``: a zombie
+    or a reused pid is dead; None, never dead, for another host's store)."""
+    return owners.alive(attributes)

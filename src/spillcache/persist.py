@@ -1,49 +1,382 @@
-"""Writing a whole cache into its store on close, for ``keep_store``."""
+"""A kept store (``keep_store``) made durable: whole on close, and as far as the cache
+got on every ``flush()``.
+
+What makes a kept store survive a crash is one order, kept on flush and close alike:
+the arrays a set of batch structures names are written (durably) first, then the
+structures (each batch's zarr.json atomically, durably), then the root; an array that
+the structures on disk may still name is deleted only after structures that no longer
+name it are on disk. So at every instant each batch's structure names arrays that
+exist, and reopening the store after a crash (``reopen``) finds every entry the last
+flush recorded.
+
+A flush is all or nothing across batches: flushes are numbered, a batch it rewrites
+keeps the structure it replaces (``before``), and the root's ``flush`` number, written
+last, is what completes it; readers take ``before`` from a batch written by a flush
+the root does not count yet. Batches whose structure did not change are not written.
+
+During a run the cache deletes arrays it no longer needs in the background
+(``pool.submit_queued_io``); for a kept store, a deletion of an array the flushed
+structures name waits here (``defers_deletion``) for the next flush or close.
+
+``flush()`` writes outside the pool's lock: under it, a snapshot of the structures
+and the values only in memory (and a fresh array name for each), then the writes
+with the lock released, then, under it again, each written record takes its copy
+unless it changed meanwhile. Closing writes under the lock, as it always did: no
+other thread uses the cache any more.
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from . import dtypes
 from .entries import Entry, InlineTensor
+from .errors import StoreError
 from .format import Store
 from .placement import Placement, TensorRecord
 from .tenants import Tenant
 from .tree import spec_to_json
 
-__all__ = ["persist"]
+if TYPE_CHECKING:
+    from .pool import SharedPool
+
+__all__ = ["defers_deletion", "make_durable", "opened", "persist"]
 
 
-def persist(placement: Placement, tenant: Tenant, batches: list[dict[str, Entry]]) -> None:
-    """Every tensor of the cache (from every tier) and every batch's structure, durably,
-    then the root's ``complete`` flag last: a store marked complete holds everything."""
+@dataclass
+class _Kept:
+    """What a kept store's cache knows of the structures on its disk. Guarded by the
+    pool's lock."""
+
+    named: set[str] = field(default_factory=set)  # arrays structures on disk may name
+    deferred: set[str] = field(default_factory=set)  # deletions waiting for new structures
+    unowned: set[str] = field(default_factory=set)  # arrays a flush wrote that no record holds
+    # Small tensors a flush wrote, by id(leaf): (leaf, array). The leaf is held so that
+    # its id is not reused while it is here.
+    inline: dict[int, tuple[InlineTensor, str]] = field(default_factory=dict)
+    flushing: bool = False
+    flush: int = 0  # the last flush whose structures are all on disk (the root says so)
+    # Each batch's structure as that flush recorded it: (the flush that wrote it, JSON).
+    committed: dict[int, tuple[int, dict]] = field(default_factory=dict)
+    # A flush failed half-way: batches on disk may hold what it wrote, so the next one
+    # rewrites them all rather than skip those that look unchanged.
+    rewrite_all: bool = False
+
+
+_kept: weakref.WeakKeyDictionary[Tenant, _Kept] = weakref.WeakKeyDictionary()
+
+
+def _state(tenant: Tenant) -> _Kept:
+    return _kept.setdefault(tenant, _Kept())
+
+
+def defers_deletion(tenant: Tenant, name: str) -> bool:
+    """Pool's lock held: whether deleting ``name`` must wait, because structures on
+    disk may name it; if so it is deleted by the next flush or close."""
+    state = _kept.get(tenant)
+    if state is None or name not in state.named:
+        return False
+    state.deferred.add(name)
+    return True
+
+
+def opened(
+    tenant: Tenant,
+    names: set[str],
+    flush: int,
+    structures: list[tuple[int, dict]],
+    *,
+    crashed: bool,
+) -> None:
+    """Pool's lock held, for a reopened cache: the structures on disk name ``names``;
+    they are those of flush number ``flush``, each batch's as ``structures`` gives it
+    (flush, JSON). A ``crashed`` run may have left batches of an unfinished flush: the
+    next flush rewrites them all."""
+    state = _state(tenant)
+    state.named = set(names)
+    state.flush = flush
+    state.committed = dict(enumerate(structures))
+    state.rewrite_all = crashed
+
+
+# ---------------------------------------------------------------------- flush
+
+
+@dataclass
+class _Snapshot:
+    """What one flush writes, taken under the lock."""
+
+    batches: list[list[tuple[str, Entry]]]
+    # rid -> (record, its value, the new array's name) for values only in memory
+    records: dict[int, tuple[TensorRecord, torch.Tensor, str]] = field(default_factory=dict)
+    inline: dict[int, tuple[InlineTensor, str | None, tuple[int, str]]] = field(
+        default_factory=dict
+    )  # id(leaf) -> (leaf, its array if a flush wrote it already, owner)
+
+
+def make_durable(pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]]) -> None:
+    """A kept store's ``flush()``: every value only in memory written, then every
+    batch's structure, then the root's count of batches, all durably; arrays that no
+    structure on disk names any more deleted last. Call without the pool's lock."""
+    with pool.lock:
+        state = _state(tenant)
+        pool.write_finished.wait_for(
+            lambda: tenant.closed or (tenant.writes_in_flight == 0 and not state.flushing)
+        )
+        if tenant.closed:  # closing writes the store whole
+            return
+        state.flushing = True
+        try:
+            store = tenant.store
+            snapshot = _snapshot(pool.placement, tenant, batches, state)
+            state.named |= {record.array for record in _records_on_disk(snapshot)}
+            state.named |= {name for _, name, _ in snapshot.records.values()}
+        except BaseException:
+            state.flushing = False
+            raise
+    written: list[tuple[TensorRecord, str]] = []
+    inline: dict[int, tuple[InlineTensor, str]] = {}
+    committed = None
+    try:
+        committed = _write(store, snapshot, state, written, inline)
+    finally:
+        with pool.lock:
+            doomed = _settle(pool.placement, state, snapshot, written, inline, committed)
+            state.flushing = False
+            pool.write_finished.notify_all()
+    for name in doomed:
+        store.delete_tensor(name)
+
+
+def _snapshot(
+    placement: Placement, tenant: Tenant, batches: list[dict[str, Entry]], state: _Kept
+) -> _Snapshot:
+    """Lock held: the batches' entries as they are, and the values to write."""
+    snapshot = _Snapshot([list(batch.items()) for batch in batches])
+    for index, batch in enumerate(snapshot.batches):
+        for key, entry in batch:
+            for leaf in entry.leaves:
+                if isinstance(leaf, TensorRecord):
+                    if leaf.rid in snapshot.records or _on_disk(leaf):
+                        continue
+                    value = placement.memory_copy(leaf)
+                    if value is None:  # never: writes were waited for, and nothing else drops it
+                        raise StoreError(f"{leaf.label}: no copy in memory or on disk to flush")
+                    name = placement.new_array_name(leaf)
+                    snapshot.records[leaf.rid] = (leaf, value, name)
+                elif dtypes.is_tierable(leaf.tensor) and id(leaf) not in snapshot.inline:
+                    known = state.inline.get(id(leaf))
+                    array = known[1] if known is not None and known[0] is leaf else None
+                    snapshot.inline[id(leaf)] = (leaf, array, (index, key))
+    return snapshot
+
+
+def _on_disk(record: TensorRecord) -> bool:
+    return record.on_disk and record.write_state is None
+
+
+def _records_on_disk(snapshot: _Snapshot) -> Iterator[TensorRecord]:
+    for batch in snapshot.batches:
+        for _, entry in batch:
+            for leaf in entry.leaves:
+                if isinstance(leaf, TensorRecord) and leaf.rid not in snapshot.records:
+                    yield leaf
+
+
+def _write(
+    store: Store,
+    snapshot: _Snapshot,
+    state: _Kept,
+    written: list[tuple[TensorRecord, str]],
+    inline: dict[int, tuple[InlineTensor, str]],
+) -> dict[int, tuple[int, dict]]:
+    """Lock not held: the arrays, then the structures, then the root, durably; the
+    structures now recorded, by batch."""
+    names = _inline_names(store, state)
+    for key, (leaf, array, owner) in snapshot.inline.items():
+        if array is None:
+            array = next(names)
+            tensor = dtypes.to_host(leaf.tensor.detach()).contiguous()
+            store.write_tensor(array, tensor, durable=True, owner=owner)
+        inline[key] = (leaf, array)
+    for record, value, name in snapshot.records.values():
+        owner = None if record.key is None else (record.batch, record.key)
+        tensor = dtypes.to_host(value.detach()).contiguous()
+        store.write_tensor(name, tensor, durable=True, owner=owner)
+        written.append((record, name))
+    _sync(store.path / "tensors")
+    planned = {rid: name for rid, (_, _, name) in snapshot.records.items()}
+    structures = []
+    for batch in snapshot.batches:
+        entries = {}
+        for key, entry in batch:
+            described = [_leaf_json(leaf, planned, inline) for leaf in entry.leaves]
+            entries[key] = spec_to_json(entry.spec, described.__getitem__)
+        structures.append(entries)
+    return _commit(store, state, structures, complete=False)
+
+
+def _commit(
+    store: Store, state: _Kept, structures: list[dict], *, complete: bool
+) -> dict[int, tuple[int, dict]]:
+    """Write the batches whose structure changed since the last flush, each keeping the
+    one it replaces as ``before``; then the root, which completes this flush: until
+    then readers take every batch as the last flush left it."""
+    flush = state.flush + 1
+    committed = {}
+    for index, entries in enumerate(structures):
+        before = state.committed.get(index)
+        if before is not None and before[1] == entries and not state.rewrite_all:
+            committed[index] = before
+            continue
+        kept = {} if before is None else {"before": {"flush": before[0], "entries": before[1]}}
+        store.write_batch(index, entries, durable=True, flush=flush, **kept)
+        committed[index] = (flush, entries)
+    _sync(store.path / "batches")
+    store.write_root_attributes(
+        complete=complete, num_batches=len(structures), durable=True, flush=flush
+    )
+    return committed
+
+
+def _settle(
+    placement: Placement,
+    state: _Kept,
+    snapshot: _Snapshot,
+    written: list[tuple[TensorRecord, str]],
+    inline: dict[int, tuple[InlineTensor, str]],
+    committed: dict[int, tuple[int, dict]] | None,
+) -> set[str]:
+    """Lock held, after the writes: records take the copies written for them; if the
+    flush completed (``committed``), what no structure on disk names any more is
+    returned for deletion."""
+    for record, name in written:
+        if not placement.took_copy(record, name):
+            state.unowned.add(name)  # the new structures name it; the next flush frees it
+    state.unowned |= {array for _, array in inline.values()}
+    if committed is None:  # structures on disk may be old or new: both stay named
+        state.rewrite_all = True
+        return set()
+    state.flush += 1
+    state.committed = committed
+    state.rewrite_all = False
+    names = {name for _, name in written} | {array for _, array in inline.values()}
+    names |= {record.array for record in _records_on_disk(snapshot)}
+    doomed = (state.deferred | state.unowned) - names
+    state.deferred -= doomed
+    state.unowned -= doomed
+    state.named = names
+    state.inline = inline
+    return doomed
+
+
+def _sync(directory: Path) -> None:
+    """fsync a directory: the arrays or batches made in it since are durable too (a
+    file's own fsync does not make its new directory entry durable)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _inline_names(store: Store, state: _Kept) -> Iterator[str]:
+    """Fresh names for small tensors: none an array (whole or half-written) has."""
+    taken = set(os.listdir(store.path / "tensors")) | {name for _, name in state.inline.values()}
+    return (name for n in itertools.count() if (name := f"i{n}") not in taken)
+
+
+def _leaf_json(
+    leaf: TensorRecord | InlineTensor,
+    planned: dict[int, str],
+    inline: dict[int, tuple[InlineTensor, str]],
+) -> dict:
+    if isinstance(leaf, TensorRecord):
+        name = planned.get(leaf.rid, leaf.array)
+    elif id(leaf) in inline:
+        name = inline[id(leaf)][1]
+    else:
+        return _unstored(leaf)
+    return {
+        "array": f"tensors/{name}",
+        "device": str(leaf.onload_device),
+        "requires_grad": leaf.requires_grad,
+    }
+
+
+def _unstored(leaf: InlineTensor) -> dict:
+    note = "kept in RAM only; not stored"
+    return {"array": None, "device": str(leaf.onload_device), "note": note}
+
+
+# ---------------------------------------------------------------------- close
+
+
+def persist(
+    pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]], doomed: set[str]
+) -> None:
+    """Pool's lock held, on close: every tensor of the cache (from every tier) and every
+    batch's structure, durably; then the arrays in ``doomed`` and those no structure
+    names any more are deleted; then the root's ``complete`` flag, last: a store marked
+    complete holds everything, and nothing but what its structures name."""
+    state = _state(tenant)
+    # A flush() on another thread writes into the store with the lock released: its
+    # structures must not land after these.
+    pool.write_finished.wait_for(lambda: not state.flushing)
     store = tenant.store
-    placement.persist(tenant, durable=True)
-    taken = set(store.array_names())  # a reopened store already has some "i<n>"
-    inline_names = (name for n in itertools.count() if (name := f"i{n}") not in taken)
+    pool.placement.persist(tenant, durable=True)
+    names = _inline_names(store, state)
+    known = state.inline
+    referenced: set[str] = set()
+    structures = []
     for index, batch in enumerate(batches):
         entries = {}
         for key, entry in batch.items():
-            described = [_describe_leaf(store, leaf, inline_names) for leaf in entry.leaves]
+            described = []
+            for leaf in entry.leaves:
+                node = _close_leaf(store, leaf, known, names, (index, key))
+                if node.get("array"):
+                    referenced.add(node["array"].removeprefix("tensors/"))
+                described.append(node)
             entries[key] = spec_to_json(entry.spec, described.__getitem__)
-        store.write_batch(index, entries, durable=True)
-    store.write_root_attributes(complete=True, num_batches=len(batches), durable=True)
+        structures.append(entries)
+    _sync(store.path / "tensors")
+    _commit(store, state, structures, complete=True)
+    # Last: a crash before this leaves arrays no structure names (the next open drops
+    # them), never a structure naming a deleted array.
+    for name in (doomed | state.deferred | state.unowned | tenant.deleting) - referenced:
+        store.delete_tensor(name)
+    _kept.pop(tenant, None)
 
 
-def _describe_leaf(
-    store: Store, leaf: TensorRecord | InlineTensor, inline_names: Iterator[str]
+def _close_leaf(
+    store: Store,
+    leaf: TensorRecord | InlineTensor,
+    known: dict[int, tuple[InlineTensor, str]],
+    names: Iterator[str],
+    owner: tuple[int, str],
 ) -> dict:
-    """JSON for one tensor leaf, writing inline tensors as arrays of their own."""
+    """JSON for one tensor leaf, writing small tensors a flush did not write."""
     if isinstance(leaf, TensorRecord):
         name, device, grad = leaf.array, leaf.onload_device, leaf.requires_grad
     elif not dtypes.is_tierable(leaf.tensor):
-        return {
-            "array": None,
-            "device": str(leaf.onload_device),
-            "note": "kept in RAM only; not stored",
-        }
+        return _unstored(leaf)
     else:
-        name, device, grad = next(inline_names), leaf.onload_device, leaf.requires_grad
-        store.write_tensor(name, dtypes.to_host(leaf.tensor.detach()).contiguous(), durable=True)
+        flushed = known.get(id(leaf))
+        if flushed is not None and flushed[0] is leaf:
+            name = flushed[1]
+        else:
+            name = next(names)
+            tensor = dtypes.to_host(leaf.tensor.detach()).contiguous()
+            store.write_tensor(name, tensor, durable=True, owner=owner)
+            known[id(leaf)] = (leaf, name)
+        device, grad = leaf.onload_device, leaf.requires_grad
     return {"array": f"tensors/{name}", "device": str(device), "requires_grad": grad}

@@ -9,7 +9,9 @@ new records.
 
 Placement never does I/O of its own on the hot path and never waits: a move to disk
 puts the value in the write-behind area and queues a write, which the cache takes with
-``take_writes()``, runs on a background thread, and reports back with ``write_done``.
+``take_writes()``, runs on a background thread, and reports back with ``write_done``
+(a failed write's value goes back to the host tier). ``admit`` is all or nothing:
+``rollback.Journal`` undoes every move of an admit that fails.
 A read from disk is done by the caller between ``begin_load`` (None: not in memory)
 and ``read_done`` (which may promote the value into the host tier).
 
@@ -18,51 +20,25 @@ Not thread-safe: the cache calls it with its lock held.
 
 from __future__ import annotations
 
+import errno
 import math
 import weakref
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
 from . import dtypes
 from .errors import CapacityError, StoreError
+from .failures import errno_of, refusal
+from .records import QUEUED, WRITING, TensorRecord
+from .rollback import NO_JOURNAL, Journal
 from .tenants import Tenant, Tenants
 from .tiers import DiskTier, MemoryTier
+from .tiers.disk import Reading
 from .transfers import Transfers
 
 __all__ = ["Placement", "TensorRecord"]
-
-# TensorRecord.write_state: where its pending disk write stands.
-QUEUED = "queued"  # in the write-behind area, not yet handed to a thread
-WRITING = "writing"  # handed to a thread
-FAILED = "failed"  # the write failed; the value stays in RAM
-
-
-@dataclass(eq=False)
-class TensorRecord:
-    rid: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    onload_device: torch.device
-    requires_grad: bool
-    batch: int = 0  # where the scan policy expects its next use
-    label: str = ""  # "batch 3, key 'hidden'", for error messages
-    refs: int = 0
-    on_disk: bool = False
-    resident: str | None = None  # "device" or "host"; None when not in a memory tier
-    write_state: str | None = None  # QUEUED, WRITING, FAILED, or None: no pending write
-    loading: Future | None = None  # a disk read in flight; others wait on it
-    alive: bool = True
-    identity: int = 0  # id() of the tensor it was stored from, for sharing
-    tenant: Tenant | None = field(default=None, repr=False)  # the cache it belongs to
-    array: str = ""  # the store array holding its disk copy (a new name for every write)
-    disk: int = 0  # which of the disk directories that array is on
-    disk_writes: int = 0
-    write_error: BaseException | None = field(default=None, repr=False)
 
 
 class Placement:
@@ -101,20 +77,22 @@ class Placement:
         # (tenant number, id(tensor)) -> the record it was stored as, for sharing.
         self._identity: dict[tuple[int, int], tuple[weakref.ref, TensorRecord]] = {}
         self._next_rid = 0
-        # Write-behind: values whose disk write is queued, running, or failed.
+        # Write-behind: values whose disk write is queued or running.
         self.pending: dict[int, torch.Tensor] = {}
-        self.pending_bytes = 0  # queued or running (failed ones are in unwritten_bytes)
-        self.unwritten_bytes = 0
+        self.pending_bytes = 0
+        self.unwritten_bytes = 0  # values whose write failed, back in the host tier
         self.writes_in_flight = 0  # queued or running
         self._queued: list[TensorRecord] = []
         # Arrays of disk copies no longer wanted; the cache deletes them in the background.
         self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
         self.counters: Counter[str] = Counter()  # totals over every tenant, closed ones too
+        self._journal = NO_JOURNAL  # the steps of the admit under way, to undo on failure
 
     def _memory_tier(self, name: str) -> MemoryTier:
         return self.device if name == "device" else self.host
 
     def _count(self, tenant: Tenant, counter: str, amount: int = 1) -> None:
+        self._journal.counted(tenant, counter, amount)
         tenant.counters[counter] += amount
         self.counters[counter] += amount
 
@@ -164,18 +142,20 @@ class Placement:
         batch: int = 0,
         labels: Sequence[str] | None = None,
         originals: Sequence[torch.Tensor] | None = None,
+        keys: Sequence[str] | None = None,
     ) -> list[TensorRecord]:
         """Store tensors of ``tenant`` (each with its onload device); one reference per item.
 
         ``originals`` are the caller's tensors where ``tensors`` holds copies of them
         made beforehand (outside the lock). A tensor already stored by this tenant (the
         same object, still alive) is shared, not stored again.
-        All or nothing: if any tensor finds no room, the new records are removed again
-        and ``CapacityError`` propagates. Records that were moved down a tier to make
-        room stay moved; their values are unchanged.
+        All or nothing: if any tensor finds no room (``CapacityError``, or
+        ``DiskFullError`` and other StoreErrors for the disk), every step is undone (new
+        records removed, records moved to make room moved back) and the error propagates.
         """
         records: list[TensorRecord] = []
         created: list[TensorRecord] = []
+        journal = self._journal = Journal(self)
         try:
             for index, (tensor, onload_device) in enumerate(tensors):
                 original = tensor if originals is None else originals[index]
@@ -183,13 +163,18 @@ class Placement:
                 if record is None:
                     label = labels[index] if labels is not None else f"tensor {self._next_rid}"
                     record = self._new_record(tenant, original, onload_device, batch, label)
+                    record.key = keys[index] if keys is not None else None
                     created.append(record)
                     self._place_new(record, tensor.detach())
                 records.append(record)
         except BaseException:
+            self._journal = NO_JOURNAL
+            journal.undo()
             for record in created:
                 self._discard(record)
             raise
+        self._journal = NO_JOURNAL
+        journal.commit()
         for record in records:
             record.refs += 1
         return records
@@ -283,6 +268,7 @@ class Placement:
         return self._transfers.to_host(tensor, pin=self.pin_host)
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
+        self._journal.put(tier, record, record.resident)
         tier.put(record.rid, tensor)
         record.tenant.policies[tier.name].insert(record.rid, record.batch)
         record.resident = tier.name
@@ -309,6 +295,8 @@ class Placement:
                 if tier.has_room(nbytes):
                     break
                 victim = self._records[rid]
+                if victim.resident != tier.name:  # moved earlier in this admit
+                    continue
                 if (
                     reading
                     and self._demotion_writes(victim, tier)
@@ -316,7 +304,7 @@ class Placement:
                 ):
                     return False
                 self._demote(victim)
-        except CapacityError:
+        except (CapacityError, StoreError):  # the disk cannot take a victim: no room here
             return False
         return tier.has_room(nbytes)
 
@@ -332,7 +320,7 @@ class Placement:
         elif not record.on_disk and record.write_state is None:
             self._spill(record, self._host_copy(tensor))
         tier.pop(record.rid)
-        record.tenant.policies[tier.name].remove(record.rid)
+        self._journal.popped(tier, record, tensor)  # its policy forgets it (at commit)
         if record.resident == tier.name:
             record.resident = None
         self._count(record.tenant, f"{tier.name}.evictions")
@@ -344,11 +332,19 @@ class Placement:
                 f"no room for {record.nbytes} bytes: the host tier is full and there is no "
                 "disk tier; raise host_bytes or set disk_path"
             )
+        disk = self.disk.choose(record.nbytes, exclude=record.tenant.broken)
+        if disk is None:
+            raise refusal(self.disk, record.tenant.broken, record.nbytes, record.label)
         self._make_disk_room(record.nbytes)
-        record.disk = self.disk.choose()
         # The store is made now, under the caller's lock, not by two write threads.
-        record.tenant.open_store(record.disk)
-        self.disk.reserve(record.rid, record.nbytes, record.disk)
+        if record.tenant.open_store(disk):
+            self._journal.opened(record.tenant, disk)
+        self._journal.spilled(record)
+        record.disk = disk
+        self.disk.reserve(record.rid, record.nbytes, disk, writing=True)
+        if record.write_error is not None:  # written again: no longer unwritten
+            self.unwritten_bytes -= record.nbytes
+            record.write_error = None
         record.array = self._next_array_name(record)
         self.pending[record.rid] = tensor
         self.pending_bytes += record.nbytes
@@ -365,6 +361,7 @@ class Placement:
         return str(record.rid) if record.disk_writes == 1 else f"{record.rid}.{record.disk_writes}"
 
     def _drop_disk_copy(self, record: TensorRecord) -> None:
+        self._journal.dropped(record)
         self.disk.unreserve(record.rid)
         self._doomed.append((record.tenant, record.disk, record.array))
         record.on_disk = False
@@ -406,28 +403,35 @@ class Placement:
             record.write_state = WRITING
         return [(record, self.pending[record.rid]) for record in queued]
 
-    def write_done(self, record: TensorRecord, error: BaseException | None) -> bool:
-        """A write taken with ``take_writes`` finished; True if it failed for a live record."""
+    def write_done(
+        self, record: TensorRecord, error: BaseException | None, free: Reading | None = None
+    ) -> bool:
+        """A write taken with ``take_writes`` finished; True if it failed for a live record.
+
+        A failed write's value goes back to the host tier, counted against its budget
+        (above it if it is full: new values then find no room until the disk takes
+        writes again). ``free``: the disk's reading just after a write failed for lack
+        of space; that disk takes nothing more until it shows room again.
+        """
         if record.write_state != WRITING:
             return False  # persisted meanwhile: nothing waits on this one
-        self.pending_bytes -= record.nbytes
-        self.writes_in_flight -= 1
-        record.tenant.writes_in_flight -= 1
+        tensor = self.pending.pop(record.rid)
+        self._forget_write(record)
         if error is None:
-            del self.pending[record.rid]
-            record.write_state = None
+            self.disk.written(record.rid)
             record.on_disk = True
             self._count(record.tenant, "disk.bytes_written", record.nbytes)
             if not record.alive:
                 self._drop_disk_copy(record)
             return False
         self.disk.unreserve(record.rid)
+        if errno_of(error) == errno.ENOSPC:
+            self.disk.mark_full(record.disk, free, record.nbytes)
         if not record.alive:
-            del self.pending[record.rid]
-            record.write_state = None
             return False
-        # The value stays readable from RAM; it is not retried.
-        record.write_state = FAILED
+        self.host.put(record.rid, tensor)
+        record.tenant.policies["host"].insert(record.rid, record.batch)
+        record.resident = "host"
         record.write_error = error
         self.unwritten_bytes += record.nbytes
         return True
@@ -496,14 +500,16 @@ class Placement:
             self._memory_tier(record.resident).pop(record.rid)
             record.tenant.policies[record.resident].remove(record.rid)
             record.resident = None
-        if record.write_state in (QUEUED, FAILED):
-            if record.write_state == QUEUED:  # failed writes gave their reservation back
-                self.disk.unreserve(record.rid)
+        if record.write_state == QUEUED:
+            self.disk.unreserve(record.rid)
             del self.pending[record.rid]
             self._forget_write(record)
         elif record.write_state is None and record.on_disk:
             self._drop_disk_copy(record)
         # WRITING: write_done deletes the file once the write is over.
+        if record.write_error is not None:
+            self.unwritten_bytes -= record.nbytes
+            record.write_error = None
         self._records.pop(record.rid, None)
         key = (record.tenant.number, record.identity)
         found = self._identity.get(key)
@@ -531,18 +537,44 @@ class Placement:
                 self.disk.unreserve(record.rid)
             record.array = self._next_array_name(record)
             record.disk = 0  # a kept store is on one disk (keep_store needs one disk_path)
-            self.disk.reserve(record.rid, record.nbytes)
-            store.write_tensor(record.array, self._host_copy(tensor).contiguous(), durable=durable)
+            store.write_tensor(
+                record.array,
+                self._host_copy(tensor).contiguous(),
+                durable=durable,
+                owner=None if record.key is None else (record.batch, record.key),
+            )
+            self.disk.reserve(record.rid, record.nbytes)  # after: a failed write reserves nothing
             record.on_disk = True
 
+    def new_array_name(self, record: TensorRecord) -> str:
+        """A name for a disk copy of ``record`` that its cache writes itself (a kept
+        store's flush), taken now so that no other write of it takes it."""
+        return self._next_array_name(record)
+
+    def took_copy(self, record: TensorRecord, array: str) -> bool:
+        """Its cache wrote ``record``'s value to ``array`` itself (a kept store's flush,
+        the lock released meanwhile): that is now the record's disk copy, unless the
+        record changed meanwhile (released, written elsewhere, no longer in memory, or
+        its last write failed). False: the array is not the record's."""
+        if (
+            not record.alive
+            or record.on_disk
+            or record.write_state is not None
+            or record.resident is None
+            or record.write_error is not None
+        ):
+            return False
+        record.array, record.disk, record.on_disk = array, 0, True
+        self.disk.reserve(record.rid, record.nbytes)
+        self._count(record.tenant, "disk.bytes_written", record.nbytes)
+        return True
+
     def _forget_write(self, record: TensorRecord) -> None:
-        """The record's pending write will not be reported back: undo its counts."""
+        """The record's pending write is over (or will not be reported back): its counts go."""
         if record.write_state in (QUEUED, WRITING):
             if record.write_state == QUEUED:
                 self._queued.remove(record)
             self.pending_bytes -= record.nbytes
             self.writes_in_flight -= 1
             record.tenant.writes_in_flight -= 1
-        elif record.write_state == FAILED:
-            self.unwritten_bytes -= record.nbytes
         record.write_state = None

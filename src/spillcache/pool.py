@@ -18,6 +18,7 @@ writes that placement queued to the I/O threads, and ``_write_to_disk`` writes o
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
@@ -29,15 +30,18 @@ from typing import Any
 import torch
 
 from .config import AUTO, CacheConfig
-from .errors import StoreError
+from .errors import ConfigError
+from .failures import WriteFailure, errno_of
 from .format import SharedBuffers, Store, remove_empty_dirs
 from .io import WRITE, IOPool
+from .persist import defers_deletion
 from .placement import Placement, TensorRecord
 from .ranks import process_budgets, store_parent
 from .sysinfo import RAM_BACKED, filesystem_type
 from .tenants import Tenant
 from .tiers import DiskTier
 from .tiers.budget import BudgetedTier
+from .tiers.disk import Reading
 from .transfers import Transfers
 
 __all__ = ["SharedPool", "pool_for"]
@@ -81,7 +85,9 @@ class SharedPool:
         self.buffers = SharedBuffers(self.budgets.read_buffer_bytes)
         disk = None
         if self.disk_dirs:
-            disk = DiskTier(self.budgets.disk_bytes, len(self.disk_dirs), self._free_bytes)
+            disk = DiskTier(
+                self.budgets.disk_bytes, len(self.disk_dirs), self._free_bytes, self.disk_dirs
+            )
         self.placement = Placement(
             device_budget=device_budget,
             host_budget=self.budgets.host_bytes,
@@ -98,6 +104,17 @@ class SharedPool:
         if not self.disk_dirs:
             return None
         return self._create_store
+
+    def read_free_space(self) -> list[Reading | None] | None:
+        """Lock NOT held (a statvfs per disk): each disk's free space, for
+        ``observe_free_space`` under the lock before values that may spill are placed
+        (placement refuses a value no disk has room for); None without a disk tier."""
+        disk = self.placement.disk
+        return None if disk is None else disk.read_free()
+
+    def observe_free_space(self, readings: list[Reading | None] | None) -> None:
+        if readings is not None:
+            self.placement.disk.observe(readings)
 
     def _free_bytes(self, disk: int) -> int:
         """Free space where disk ``disk``'s stores go (a directory made on first use:
@@ -119,6 +136,7 @@ class SharedPool:
             read_buffer_bytes=self.budgets.read_buffer_bytes,
             checksum=config.checksum,
             shared=self.buffers,
+            keep=config.keep_store,
         )
 
     def remove_stores(self, tenant: Tenant) -> None:
@@ -153,6 +171,8 @@ class SharedPool:
             job = io.submit(WRITE, self._write_to_disk, record, tensor, lane=record.disk)
             record.tenant.track(job)
         for tenant, disk, name in placement.take_deletions():
+            if defers_deletion(tenant, name):  # a kept store's flushed structures name it
+                continue
             tenant.deleting.add(name)
             tenant.track(io.submit(WRITE, self._delete_from_disk, tenant, disk, name, lane=disk))
 
@@ -162,22 +182,23 @@ class SharedPool:
             tenant.deleting.discard(name)
 
     def _write_to_disk(self, record: TensorRecord, tensor: torch.Tensor) -> None:
-        """A background write: the file outside the lock, the bookkeeping inside it."""
+        """A background write: the file outside the lock, the bookkeeping inside it. A
+        failure goes to the value's cache, whose next call reports it."""
+        store = record.tenant.store_on(record.disk)
         error: BaseException | None = None
         try:
-            record.tenant.store_on(record.disk).write_tensor(record.array, tensor)
+            owner = None if record.key is None else (record.batch, record.key)
+            store.write_tensor(record.array, tensor, owner=owner)
+            self.placement.disk.landed(record.rid)  # free-space readings show it from now
         except BaseException as caught:  # reported to the caller, never lost on this thread
             error = caught
+        free = None
+        if error is not None and errno_of(error) == errno.ENOSPC:
+            (free,) = self.placement.disk.read_free(record.disk)  # what is left, unlocked
         with self.lock:
-            if self.placement.write_done(record, error):
-                record.tenant.write_errors.append(
-                    StoreError(
-                        getattr(error, "errno", None),
-                        f"writing {record.label} ({record.nbytes} bytes) to disk failed: "
-                        f"{error}. The value stays readable from RAM; free space under "
-                        "disk_path (or set disk_path elsewhere) for later values",
-                    )
-                )
+            if self.placement.write_done(record, error, free):
+                failure = WriteFailure(record.label, record.nbytes, str(store.path), error)
+                record.tenant.write_failed(record.disk, failure)
             self.write_finished.notify_all()
 
     # ------------------------------------------------------------- reporting
@@ -223,6 +244,7 @@ def _disk_dirs(config: CacheConfig) -> list[str]:
     else:
         disk_dirs = list(config.disk_path)
     for disk_dir in disk_dirs:
+        _check_writable(disk_dir)
         if filesystem_type(disk_dir) in RAM_BACKED:
             warnings.warn(
                 f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
@@ -231,3 +253,21 @@ def _disk_dirs(config: CacheConfig) -> list[str]:
                 stacklevel=5,
             )
     return disk_dirs
+
+
+def _check_writable(disk_dir: str) -> None:
+    """A disk_path that can never hold a store is refused when the cache is made, not
+    when its first value spills."""
+    path = Path(disk_dir).absolute()
+    while not path.exists() and path != path.parent:  # made on first use, in its parent
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(
+            f"disk_path: {disk_dir} is not a directory ({path} is a file); set disk_path "
+            "to a directory on a local disk"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"disk_path: {disk_dir} is not writable ({path} is read-only to this process); "
+            "set disk_path to a writable directory on a local disk"
+        )

@@ -1,114 +1,241 @@
 """Opening a kept store as a cache again: its batches, keys and values, read-write.
 
-Only what a store records is read: JSON structures and array metadata. Classes named
-in a structure are looked up among modules already imported (``tree.spec_from_json``);
-nothing in a store is imported, unpickled or run.
+Only what a store records is read, and all of it is checked first
+(``store_checks``): JSON structures whose array references must be names the writer
+makes, array metadata that must match its chunk file's size. Classes named in a
+structure are looked up among modules already imported and rebuilt without running
+their code (``tree``); nothing in a store is imported, unpickled or run.
+
+A store whose run died (SIGKILL, a power cut) after a ``flush()`` opens with every
+entry that flush recorded: the arrays and files written after it (whole or not) are
+dropped, said in one warning, and removed, so that the store holds only what its
+structures name. A store whose process still runs is refused: it is that cache's.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import warnings
+from pathlib import Path
 
 import torch
 
+from . import store_checks
 from .config import CacheConfig
 from .core import CacheCore
 from .entries import Entry
-from .errors import StoreFormatError
-from .format import Store
+from .errors import StoreCorruptError, StoreFormatError
+from .format import Store, owner_alive
+from .persist import opened
 from .placement import TensorRecord
-from .tree import spec_from_json
 
 __all__ = ["reopen"]
 
 CPU = torch.device("cpu")
+_SHOWN = 10  # dropped entries named in the warning; the rest are counted
 
 
 def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
-    """A cache core over the complete store at ``path`` (kept when it closes again)."""
+    """A cache core over the kept store at ``path``: complete, or left by a dead
+    process after a flush (kept when it closes again)."""
     store = Store.open(
         path,
         direct_io=config.direct_io,
         writers=config.io_threads,
         read_buffer_bytes=config.read_buffer_bytes,
     )
-    attributes = store.attributes
-    if not attributes.get("complete"):
-        raise StoreFormatError(
-            f"{store.path} is not complete: its run did not close with keep_store = true, "
-            "so it records no batch structures (`spillcache inspect` lists its arrays)"
-        )
+    crashed = _left_by_a_crash(store)
+    found = store_checks.survey(store, structures=True)
+    leftovers = _leftovers(found)  # a complete store keeps its own (`spillcache gc`)
+    dropped = list(leftovers.items()) if crashed else []
+    _refuse_damage(store, found, allowed=set(leftovers))
+    store.checksum = _checksum(store, found, config)
+    said = _remove_leftovers(store, found, dropped) if crashed else ""
     kept = config.replace(disk_path=str(store.path.parent), keep_store=True)
     core = CacheCore(kept, CPU)
-    placement = core.placement
     core.tenant.attach(store)
-    placement.skip_record_ids(store.array_names())
+    core.placement.skip_record_ids(list(found.kinds))  # every name, removed ones too
     records: dict[str, TensorRecord] = {}
-    batches = []
-    for index in range(attributes.get("num_batches", 0)):
-        batches.append(
-            {
-                key: _entry(store, core, records, node, index, key)
-                for key, node in store.read_batch(index).items()
-            }
-        )
+    batches: list[dict[str, Entry]] = [{} for _ in range(found.batches)]
+    for index, key, spec, refs in found.entries:
+        leaves = [_record(core, records, found.arrays[ref.array], ref, index, key) for ref in refs]
+        batches[index][key] = Entry(spec, leaves, [])
     core.adopt_batches(batches)
-    # Open again: not complete until this cache closes and writes it whole.
-    store.write_root_attributes(complete=False, num_batches=len(batches))
+    with core.pool.lock:
+        opened(core.tenant, set(records), found.flush, found.structures, crashed=crashed)
+    # Open again: this process owns it now, and it is not complete until this cache
+    # closes and writes it whole.
+    store.keep = True
+    store.write_root_attributes(
+        complete=False, num_batches=len(batches), durable=True, flush=found.flush
+    )
+    if said:
+        warnings.warn(said, stacklevel=3)
     return core
 
 
-def _entry(
-    store: Store,
+def _left_by_a_crash(store: Store) -> bool:
+    """Whether ``store`` is incomplete and can be opened as its last flush left it
+    (its process is dead); a complete store is False; anything else is refused."""
+    attributes = store.attributes
+    if attributes.get("complete") is True:
+        return False
+    alive = owner_alive(attributes)
+    owner = f"pid {attributes.get('pid')!r} on {attributes.get('hostname')!r}"
+    if alive:
+        raise StoreFormatError(
+            f"{store.path} is not complete and its process ({owner}) still runs: it is "
+            "that cache's. Close it there (with keep_store = true), or open the store "
+            "once that process has ended"
+        )
+    if alive is None:
+        raise StoreFormatError(
+            f"{store.path} is not complete and its process ({owner}) cannot be checked "
+            "from this host: open it on that host, once the process has ended"
+        )
+    recorded = attributes.get("num_batches")
+    if attributes.get("keep") is not True and not (type(recorded) is int and recorded > 0):
+        raise StoreFormatError(
+            f"{store.path} is not complete: its run ({owner}, now dead) neither closed "
+            "nor flushed with keep_store = true, so it records no batch structures "
+            "(`spillcache inspect` lists its arrays)"
+        )
+    return True
+
+
+def _leftovers(found: store_checks.Survey) -> dict[str, str]:
+    """What a crash may leave in ``tensors/`` that no structure names, by name: whole
+    arrays written after the last flush (``"after"``) and ``"incomplete"`` ones (or
+    ``.partial`` files). A store never holds links or stray files: those stay problems."""
+    leftovers = {}
+    for name, kind in found.unused.items():
+        if kind == "array" and name in found.arrays:
+            leftovers[name] = "after"
+        elif kind in ("array", "incomplete", "partial"):
+            leftovers[name] = "incomplete"
+    return leftovers
+
+
+def _refuse_damage(store: Store, found: store_checks.Survey, allowed: set[str]) -> None:
+    """StoreCorruptError unless every problem of the store is something a crash leaves
+    (``allowed``): one line, the first problem and how many more there are."""
+    bad = {name: text for name, text in found.bad_arrays.items() if name not in allowed}
+    problems = store_checks.Survey(used=found.used, bad_arrays=bad, problems=found.problems)
+    lines = problems.all_problems()
+    if lines:
+        more = f" (and {len(lines) - 1} more: `spillcache verify` lists them)" if lines[1:] else ""
+        raise StoreCorruptError(
+            f"{store.path} is damaged, so it is not opened: {lines[0]}{more}; it was changed "
+            "by something other than spillcache, or its disk failed"
+        )
+
+
+def _checksum(store: Store, found: store_checks.Survey, config: CacheConfig) -> bool:
+    """The store's checksum setting: its arrays' (all alike), else the config's."""
+    settings = {found.arrays[name].checksum for name in found.used}
+    if len(settings) > 1:
+        raise StoreCorruptError(
+            f"{store.path} is damaged, so it is not opened: some of its arrays carry a "
+            "CRC32C and some do not, and spillcache writes every array of a store alike"
+        )
+    return settings.pop() if settings else config.checksum
+
+
+def _remove_leftovers(
+    store: Store, found: store_checks.Survey, dropped: list[tuple[str, str]]
+) -> str:
+    """Remove what a crash left that the last flush does not name; the warning that
+    says what was dropped."""
+    after, incomplete = [], []
+    flushed = {(index, key) for index, key, _, _ in found.entries}
+    for name, why in dropped:
+        if why == "after":
+            info = found.arrays[name]
+            newer = "a newer value of " if (info.batch, info.key) in flushed else ""
+            after.append(f"{newer}{info.owner}")
+        else:
+            incomplete.append(f"tensors/{name}")
+        _remove(store.path / "tensors" / name)
+    leftovers = _stray_files(store, found.batches)
+    for path in leftovers:
+        _remove(path)
+    pid = store.attributes.get("pid")
+    parts = [
+        f"{store.path}: its process (pid {pid}) died without closing it; opened the "
+        f"{found.batches} batches its last flush() recorded ({len(found.entries)} entries)"
+    ]
+    if after:
+        parts.append(f"dropped {len(after)} arrays written after that flush ({_listed(after)})")
+    if incomplete:
+        parts.append(f"dropped {len(incomplete)} incomplete arrays ({_listed(incomplete)})")
+    if leftovers:
+        parts.append(f"removed {len(leftovers)} unfinished files and unrecorded batches")
+    return "; ".join(parts)
+
+
+def _listed(items: list[str]) -> str:
+    unique = list(dict.fromkeys(items))
+    shown = "; ".join(unique[:_SHOWN])
+    return f"{shown}; and {len(unique) - _SHOWN} more" if len(unique) > _SHOWN else shown
+
+
+def _stray_files(store: Store, batches: int) -> list[Path]:
+    """Unfinished ``.partial`` files of the root and batch structures, and batch
+    directories past the recorded count (a flush that died before its root)."""
+    found = [p for p in store.path.iterdir() if p.name.endswith(".partial")]
+    for entry in (store.path / "batches").iterdir():
+        if entry.name.endswith(".partial"):
+            found.append(entry)
+        elif entry.name.isdigit() and not entry.is_symlink() and entry.is_dir():
+            if int(entry.name) >= batches:
+                found.append(entry)
+            else:
+                found += [p for p in entry.iterdir() if p.name.endswith(".partial")]
+    return found
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory of the store (never following a link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _record(
     core: CacheCore,
     records: dict[str, TensorRecord],
-    node: dict,
+    info: store_checks.ArrayInfo,
+    ref: store_checks.TensorRef,
     batch: int,
     key: str,
-) -> Entry:
-    leaves: list[TensorRecord] = []
-
-    def tensor_leaf(tensor_node: dict) -> int:
-        name = tensor_node["array"].removeprefix("tensors/")
-        record = records.get(name)
-        if record is None:
-            shape, dtype, _ = store.array_info(name)
-            record = core.placement.adopt(
-                name,
-                shape,
-                dtype,
-                _device(tensor_node.get("device", "cpu")),
-                bool(tensor_node.get("requires_grad", False)),
-                tenant=core.tenant,
-                batch=batch,
-                label=f"batch {batch}, key {key!r}",
-            )
-            records[name] = record
-        core.placement.hold(record)
-        leaves.append(record)
-        return len(leaves) - 1
-
-    spec = spec_from_json(_without_unstored(node), tensor_leaf)
-    return Entry(spec, leaves, [])
+) -> TensorRecord:
+    """The record of an array (one per array, however many entries use it), held once
+    more for this use."""
+    record = records.get(info.name)
+    if record is None:
+        record = core.placement.adopt(
+            info.name,
+            info.shape,
+            info.dtype,
+            _device(ref.device),
+            ref.requires_grad,
+            tenant=core.tenant,
+            batch=batch,
+            label=store_checks.entry_where(batch, key),
+        )
+        record.key = key
+        records[info.name] = record
+    core.placement.hold(record)
+    return record
 
 
-def _device(name: str) -> torch.device:
+def _device(device: torch.device) -> torch.device:
     """Where a value goes when fetched: its recorded device, or the CPU where that kind
     of device is not present."""
-    device = torch.device(name)
-    if device.type != "cpu" and not getattr(torch, device.type).is_available():
-        return CPU
-    return device
-
-
-def _without_unstored(node: Any) -> Any:
-    """The structure with tensors the store does not hold (kept in RAM only by the run
-    that wrote it) as None."""
-    if isinstance(node, dict):
-        if node.get("type") == "tensor" and not node.get("array"):
-            return {"type": "none"}
-        return {key: _without_unstored(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_without_unstored(item) for item in node]
-    return node
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    return device if callable(available) and available() else CPU

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .placement import FAILED, QUEUED, WRITING, Placement
+from .placement import Placement
+from .records import QUEUED, WRITING
 from .tenants import Tenant
 
 __all__ = ["TIERS", "TIER_COUNTERS", "memory_by_device", "report"]
@@ -78,7 +79,7 @@ def _share(placement: Placement, tenant: Tenant) -> dict[str, Any]:
             held["disks"][record.disk] += record.nbytes
         if record.write_state in (QUEUED, WRITING):
             held["write_behind"] += record.nbytes
-        elif record.write_state == FAILED:
+        if record.write_error is not None:  # in the host tier, its write failed
             held["unwritten"] += record.nbytes
     return held
 

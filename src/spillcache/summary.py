@@ -1,108 +1,134 @@
-"""What a store holds, for people and scripts: built from the store format's reader."""
+"""What a store holds, for people and scripts: built from the store format's reader,
+every name, size and structure checked (``store_checks``) before it is used.
+
+A store that is not what spillcache writes (a structure naming a path outside it, an
+array whose chunk does not match its metadata, a symbolic link) is *damaged*:
+``summarize`` and ``verify`` list each problem, one line apiece, and ``load_value``
+raises ``StoreCorruptError`` saying which batch and key.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import format as store_format
+from . import store_checks
 from .dtypes import RAW_DTYPES, dtype_name
-from .tree import spec_from_json, unflatten
+from .errors import StoreError
+from .leftovers import find_orphans
+from .tree import unflatten
 
-__all__ = ["load_value", "summarize", "tensor_stats", "verify"]
+__all__ = [
+    "load_value",
+    "report_damage",
+    "state_text",
+    "summarize",
+    "tensor_stats",
+    "verify",
+]
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    """A store's state, arrays and (when it was kept) keys; raises StoreError if ``path``
-    is not a store this spillcache can read."""
+    """A store's state, arrays, the keys its batch structures record (on close or
+    flush() of a kept store), and its ``problems`` (one line each; none: sound).
+    Raises StoreError if ``path`` is not a store this spillcache can read."""
     store = store_format.Store.open(path)
     attributes = store.attributes
-    arrays = {}
-    for name in store.array_names():
-        shape, dtype, _ = store.array_info(name)
-        arrays[name] = (shape, dtype, math.prod(shape) * dtype.itemsize)
+    found = store_checks.survey(store, structures=True)
     keys: dict[str, dict[str, Any]] = {}
-    for _, key, spec in _recorded_entries(store):
+    for _, key, _, refs in found.entries:
         entry = keys.setdefault(key, {"batches": 0, "bytes": 0, "tensors": []})
         entry["batches"] += 1
-        for array in _arrays_in(spec):
-            shape, dtype, nbytes = arrays[array]
-            entry["bytes"] += nbytes
+        for ref in refs:
+            info = found.arrays[ref.array]
+            entry["bytes"] += info.nbytes
             if entry["batches"] == 1:
-                entry["tensors"].append({"shape": list(shape), "dtype": dtype_name(dtype)})
+                entry["tensors"].append(
+                    {"shape": list(info.shape), "dtype": dtype_name(info.dtype)}
+                )
+    recorded = found.batches if attributes.get("complete") or found.batches else None
     return {
         "path": str(store.path),
         "format_version": attributes.get("format_version"),
-        "complete": bool(attributes.get("complete")),
+        "complete": attributes.get("complete") is True,
         "pid": attributes.get("pid"),
         "hostname": attributes.get("hostname"),
         "owner_alive": store_format.owner_alive(attributes),
         "written": attributes.get("written"),
         "torch_version": attributes.get("torch_version"),
-        "batches": attributes.get("num_batches") if attributes.get("complete") else None,
-        "arrays": len(arrays),
-        "bytes": sum(nbytes for _, _, nbytes in arrays.values()),
+        "batches": recorded,
+        "arrays": len(found.arrays),
+        "bytes": sum(info.nbytes for info in found.arrays.values()),
         "keys": keys,
+        "problems": found.all_problems(),
     }
 
 
-def _recorded_entries(store: store_format.Store) -> Iterator[tuple[int, str, dict]]:
-    """(batch, key, stored structure) of every entry a kept store records (none for a
-    store whose run did not close)."""
-    if not store.attributes.get("complete"):
-        return
-    for index in range(store.attributes.get("num_batches", 0)):
-        for key, spec in store.read_batch(index).items():
-            yield index, key, spec
+def state_text(info: dict[str, Any]) -> str:
+    """A summary's state, in words (``spillcache inspect``)."""
+    if info["complete"]:
+        return "complete (kept when its cache closed)"
+    flushed = ""
+    if info["batches"] is not None:
+        flushed = f"; its last flush() recorded {info['batches']} batches"
+    if info["owner_alive"] is False:
+        reopen = ", which IntermediatesCache.open(path) reopens" if flushed else ""
+        gone = "left by a run that did not close (its process is gone)"
+        return f"incomplete: {gone}{flushed}{reopen}"
+    return f"incomplete: its cache is still open (or its process is on another host){flushed}"
 
 
-def _arrays_in(spec: dict) -> Iterator[str]:
-    """The names of the arrays a stored structure refers to, in order."""
-    if spec.get("type") == "tensor":
-        if spec.get("array"):
-            yield spec["array"].removeprefix("tensors/")
-        return
-    for item in spec.get("items", []):
-        for part in item if isinstance(item, list) else [item]:
-            yield from _arrays_in(part)
-    for _, child in spec.get("fields", []):
-        yield from _arrays_in(child)
+def report_damage(command: str, problems: list[str]) -> int:
+    """Say each problem of a damaged store on one line of stderr; the exit status
+    (1: damaged, 0: sound)."""
+    for problem in problems:
+        print(f"spillcache {command}: damaged: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def load_value(path: str | Path, batch: int, key: str) -> Any:
     """One value of a kept store, rebuilt from its stored structure (tensors on the CPU;
-    a tensor the store does not hold comes back as None)."""
+    a tensor the store does not hold comes back as None). A damaged entry is a
+    StoreCorruptError naming the batch and key."""
     store = store_format.Store.open(path)
-    attributes = store.attributes
-    if not attributes.get("complete"):
+    count = store_checks.recorded_batches(store)
+    if not count and not store.attributes.get("complete"):
         raise store_format.StoreFormatError(
-            f"{store.path} records no batch structures (its run did not close with "
-            "keep_store); `spillcache inspect` lists its arrays"
+            f"{store.path} records no batch structures (its run did not close or flush() "
+            "with keep_store); `spillcache inspect` lists its arrays"
         )
-    count = attributes.get("num_batches", 0)
     if not 0 <= batch < count:
         raise IndexError(f"batch {batch} is out of range: the store has {count} batches")
-    entries = store.read_batch(batch)
+    entries = store_checks.batch_entries(store, batch)
     if key not in entries:
-        raise KeyError(f"batch {batch} has no key {key!r}; it has {sorted(entries)}")
+        shown = sorted(entries)
+        more = f" and {len(shown) - 20} more" if len(shown) > 20 else ""
+        raise KeyError(f"batch {batch} has no key {key!r}; it has {shown[:20]}{more}")
     tensors: list[Any] = []
 
-    def tensor_leaf(node: dict) -> int:
-        array = node.get("array")
-        if array:
-            name = array.removeprefix("tensors/")
-            shape, dtype, checksum = store.array_info(name)
-            tensors.append(store.read_tensor(name, shape, dtype, checksum=checksum))
-        else:
-            tensors.append(None)
+    def tensor_leaf(ref: store_checks.TensorRef) -> int | None:
+        if ref.array is None:
+            return None
+        info = store_checks.read_array(store.path, ref.array)
+        tensors.append(_read(store, info))
         return len(tensors) - 1
 
-    spec = spec_from_json(entries[key], tensor_leaf)
+    spec = store_checks.parse_entry(batch, key, entries[key], tensor_leaf)
     return unflatten(spec, tensors, [])
+
+
+def _read(store: store_format.Store, info: store_checks.ArrayInfo) -> torch.Tensor:
+    """A checked array's tensor; a size this machine cannot allocate is a StoreError."""
+    try:
+        return store.read_tensor(info.name, info.shape, info.dtype, checksum=info.checksum)
+    except (RuntimeError, MemoryError):  # torch's allocation failure is a RuntimeError
+        raise StoreError(
+            f"array tensors/{info.name}: its {info.nbytes} bytes do not fit in memory here"
+        ) from None
 
 
 def tensor_stats(tensor: torch.Tensor) -> dict[str, Any]:
@@ -135,24 +161,32 @@ def tensor_stats(tensor: torch.Tensor) -> dict[str, Any]:
 
 
 def verify(path: str | Path) -> dict[str, Any]:
-    """Read every array of a store, checking its size and (where it has one) its CRC32C.
+    """Check a store: its structures and every array's metadata (``store_checks``),
+    then every array's chunk, read whole (size, and CRC32C where it has one).
 
-    Returns how many arrays were checked, how many carry a checksum, and the bad ones:
-    ``{"array", "used_by", "error"}``, where ``used_by`` names the batches and keys
-    that refer to the array (known for kept stores only).
+    Returns how many arrays were checked, how many carry a checksum, the bad ones
+    (``{"array", "used_by", "error"}``, where ``used_by`` names the batches and keys that
+    refer to the array, for stores that record structures), the ``problems`` that are
+    not one array's (a structure naming a path outside the store, say), and its
+    leftovers (``leftovers.find_orphans``).
     """
     store = store_format.Store.open(path)
-    used_by: dict[str, list[str]] = {}
-    for index, key, spec in _recorded_entries(store):
-        for array in _arrays_in(spec):
-            used_by.setdefault(array, []).append(f"batch {index}, key {key!r}")
-    bad, checksummed = [], 0
-    names = store.array_names()
-    for name in names:
+    found = store_checks.survey(store, structures=True)
+    bad = [
+        {"array": name, "used_by": found.used.get(name, []), "error": error}
+        for name, error in found.bad_arrays.items()
+    ]
+    for name, info in found.arrays.items():
         try:
-            shape, dtype, checksum = store.array_info(name)
-            checksummed += checksum
-            store.read_tensor(name, shape, dtype, checksum=checksum)
-        except store_format.StoreError as error:
-            bad.append({"array": name, "used_by": used_by.get(name, []), "error": str(error)})
-    return {"path": str(store.path), "arrays": len(names), "checksummed": checksummed, "bad": bad}
+            _read(store, info)
+        except StoreError as error:
+            bad.append({"array": name, "used_by": found.used.get(name, []), "error": str(error)})
+    return {
+        "path": str(store.path),
+        "arrays": len(found.arrays) + len(found.bad_arrays),
+        "checksummed": sum(info.checksum for info in found.arrays.values()),
+        "bad": sorted(bad, key=lambda item: item["array"]),
+        "problems": found.problems,
+        # Leftovers of writes cut short (not damage: no value reads wrong because of them).
+        "orphans": find_orphans(store.path, store.attributes),
+    }

@@ -4,14 +4,15 @@ Caches of one process built with one config share a pool (``spillcache.pool``): 
 host tier, one write-behind area, one read-buffer pool, one set of I/O threads. What
 stays each cache's own is a ``Tenant``: the store its values are written to, the
 eviction policies that know where its reader is, when it was last used (so that a
-cache nobody uses loses its values first), its counters, and the background write
-errors not yet raised to its caller.
+cache nobody uses loses its values first), its counters, and the background writes
+that failed and are not yet reported to its caller.
 
 Not thread-safe: every field is read and written with the pool's lock held.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import weakref
 from collections import Counter
@@ -20,6 +21,7 @@ from concurrent.futures import Future
 
 import torch
 
+from .failures import WriteFailure, errno_of
 from .format import Store
 from .policy import make_policy, merged_victims
 
@@ -58,7 +60,8 @@ class Tenant:
         self.last_used = 0  # the pool's clock when the cache was last used
         self.num_batches = 0
         self.writes_in_flight = 0  # its values queued or being written
-        self.write_errors: list[BaseException] = []  # not yet raised to its caller
+        self.write_failures: list[WriteFailure] = []  # not yet reported to its caller
+        self.broken: dict[int, WriteFailure] = {}  # disks it writes nothing more to, and why
         self.deleting: set[str] = set()  # arrays whose background deletion is not done
         # Its work on the pool's threads. Weak: a finished job (a prefetch holds the
         # values it read) must not be kept alive here, and one queued or running is
@@ -88,9 +91,15 @@ class Tenant:
         """The store on the first disk: the only one unless disk_path lists several."""
         return self.store_on(0)
 
-    def open_store(self, disk: int = 0) -> None:
-        """Make the store on ``disk`` now if it does not exist yet."""
+    def open_store(self, disk: int = 0) -> bool:
+        """Make the store on ``disk`` now if it does not exist yet; True if it did not."""
+        made = disk not in self._stores
         self.store_on(disk)
+        return made
+
+    def forget_store(self, disk: int) -> Store:
+        """Stop using the store on ``disk`` (the caller removes it)."""
+        return self._stores.pop(disk)
 
     @property
     def has_store(self) -> bool:
@@ -104,6 +113,20 @@ class Tenant:
     def attach(self, store: Store) -> None:
         """Use an existing store (a reopened cache's) instead of creating one."""
         self._stores[0] = store
+
+    def write_failed(self, disk: int, failure: WriteFailure) -> None:
+        """A background write of one of its values failed: the caller's next call
+        reports it. A disk whose write failed for another reason than space (which the
+        disk tier tracks: it comes back) takes none of its values any more: a disk that
+        fails writes (EIO), a store removed underneath, a directory made read-only."""
+        self.write_failures.append(failure)
+        if errno_of(failure.error) != errno.ENOSPC:
+            self.broken.setdefault(disk, failure)
+
+    def take_write_failures(self) -> list[WriteFailure]:
+        """The failures not yet reported, now the caller's to report."""
+        failures, self.write_failures = self.write_failures, []
+        return failures
 
     # ------------------------------------------------------------------ jobs
 

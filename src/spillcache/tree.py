@@ -3,8 +3,11 @@
 A *spec* describes a value's shape with tensors and unknown objects replaced by leaf
 indices. Specs are plain tuples in RAM (classes kept as objects, so dataclasses come
 back as their own type) and convert to JSON for the store (classes named by module and
-qualified name, looked up only among modules already imported: opening a store never
-imports or runs code named in it).
+qualified name). A store is data, never a program: reading one looks classes up only
+among modules already imported (never through a module's ``__getattr__``), checks every
+node against the grammar ``spec_to_json`` writes (``StructureError`` otherwise), and
+rebuilds a stored dataclass or namedtuple field by field (``StoredClass``) without
+calling its ``__new__``, ``__init__`` or ``__post_init__``.
 
 Spec nodes::
 
@@ -16,12 +19,16 @@ Spec nodes::
     ("dict", cls | None, [(key_node, node)])
     ("dataclass", cls, [(field_name, node)])
     ("opaque", i)                    i indexes the opaque leaves (kept as they are, in RAM)
+
+A class read from JSON is a ``StoredClass(cls)`` in place of ``cls``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,7 +38,16 @@ import torch
 
 from .values import IntermediateValue
 
-__all__ = ["Flat", "TensorLeaf", "flatten", "spec_from_json", "spec_to_json", "unflatten"]
+__all__ = [
+    "Flat",
+    "StoredClass",
+    "StructureError",
+    "TensorLeaf",
+    "flatten",
+    "spec_from_json",
+    "spec_to_json",
+    "unflatten",
+]
 
 _PRIMITIVES = (type(None), bool, int, float, str)
 
@@ -45,6 +61,18 @@ class Flat(NamedTuple):
     spec: tuple
     tensors: list[TensorLeaf]
     opaques: list[Any]
+
+
+class StoredClass(NamedTuple):
+    """A dataclass or namedtuple named by a stored structure. Its values are rebuilt
+    field by field: calling a class a store names, with values from the store, would
+    run its code (a side effect in ``__post_init__``, say) on data from disk."""
+
+    cls: type
+
+
+class StructureError(ValueError):
+    """A stored structure is not what ``spec_to_json`` writes."""
 
 
 def flatten(value: Any, onload_device: torch.device | None = None) -> Flat:
@@ -116,7 +144,11 @@ def unflatten(spec: tuple, tensors: list[Any], opaques: list[Any]) -> Any:
         return [unflatten(child, tensors, opaques) for child in spec[1]]
     if kind == "tuple":
         items = [unflatten(child, tensors, opaques) for child in spec[2]]
-        return tuple(items) if spec[1] is None else spec[1](*items)
+        if spec[1] is None:
+            return tuple(items)
+        if isinstance(spec[1], StoredClass):
+            return tuple.__new__(spec[1].cls, items)
+        return spec[1](*items)
     if kind == "dict":
         pairs = [
             (unflatten(k, tensors, opaques), unflatten(v, tensors, opaques)) for k, v in spec[2]
@@ -124,6 +156,8 @@ def unflatten(spec: tuple, tensors: list[Any], opaques: list[Any]) -> Any:
         return dict(pairs) if spec[1] is None else spec[1](pairs)
     if kind == "dataclass":
         values = {name: unflatten(child, tensors, opaques) for name, child in spec[2]}
+        if isinstance(spec[1], StoredClass):
+            return _rebuild_dataclass(spec[1].cls, values)
         return _build_dataclass(spec[1], values)
     raise ValueError(f"unknown spec node {kind!r}")
 
@@ -137,6 +171,25 @@ def _build_dataclass(cls: type, values: dict[str, Any]) -> Any:
         if name not in init_names:
             object.__setattr__(instance, name, value)
     return instance
+
+
+def _rebuild_dataclass(cls: type, values: dict[str, Any]) -> Any:
+    """An instance of ``cls`` with ``values`` as its fields, none of its code run:
+    made by the first built-in ``__new__`` of its bases, fields set as
+    ``object.__setattr__`` sets them (frozen or slotted classes too)."""
+    instance = _bare_new(cls)(cls)
+    for name, value in values.items():
+        object.__setattr__(instance, name, value)
+    return instance
+
+
+def _bare_new(cls: type) -> Callable[[type], Any]:
+    # A __new__ written in Python is the class's code: skip to the built-in one below it.
+    for base in cls.__mro__:
+        new = vars(base).get("__new__")
+        if isinstance(new, types.BuiltinFunctionType):
+            return new
+    return object.__new__  # pragma: no cover - every class has object in its MRO
 
 
 def iter_tensor_indices(spec: tuple):
@@ -162,16 +215,24 @@ def iter_tensor_indices(spec: tuple):
 # ---------------------------------------------------------------------- JSON
 
 
-def _class_name(cls: type) -> str:
+def _class_name(cls: type | StoredClass) -> str:
+    if isinstance(cls, StoredClass):
+        cls = cls.cls
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _resolve_class(name: str) -> type | None:
-    """Find an already-imported class by 'module:qualname'; never import anything."""
+    """Find an already-imported class by 'module:qualname'; never import anything.
+
+    ``getattr_static``: a module's ``__getattr__`` (lazy modules, as transformers has)
+    may import or run anything, so it is never called.
+    """
     module_name, _, qualname = name.partition(":")
     target: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
-        target = getattr(target, part, None)
+        if target is None:
+            return None
+        target = inspect.getattr_static(target, part, None)
     return target if isinstance(target, type) else None
 
 
@@ -217,69 +278,150 @@ def spec_to_json(spec: tuple, tensor_json: Callable[[int], dict]) -> dict:
     raise ValueError(f"unknown spec node {kind!r}")
 
 
-def spec_from_json(node: dict, tensor_leaf: Callable[[dict], int]) -> tuple:
-    """The inverse of ``spec_to_json``; ``tensor_leaf(node)`` returns the leaf index.
+def spec_from_json(node: Any, tensor_leaf: Callable[[dict], int | None]) -> tuple:
+    """The inverse of ``spec_to_json``; ``tensor_leaf(node)`` returns the leaf index
+    (None: a tensor the store does not hold, which comes back as None).
 
-    Classes that are not already imported come back as the plain container (a
-    dataclass as a dict of its fields, a namedtuple as a tuple), with a warning.
+    Every node is checked against the grammar ``spec_to_json`` writes:
+    ``StructureError`` says what is wrong where. Classes that are not already imported
+    (or do not match the stored fields) come back as the plain container (a dataclass
+    as a dict of its fields, a namedtuple as a tuple), with a warning; those that are
+    come back as ``StoredClass``, rebuilt without running their code.
     """
-    kind = node["type"]
+    kind = _field(node, "type", str, "a node")
     if kind == "tensor":
-        return ("tensor", tensor_leaf(node))
-    if kind == "none":
+        index = tensor_leaf(node)
+        return ("value", None) if index is None else ("tensor", index)
+    if kind in ("none", "opaque"):
         return ("value", None)
     if kind == "bool":
-        return ("value", bool(node["value"]))
+        return ("value", _field(node, "value", bool, kind))
     if kind == "int":
-        return ("value", int(node["value"], 0))
+        return ("value", _parsed(node, int, kind, "an integer", base=0))
     if kind == "float":
-        return ("value", float.fromhex(node["value"]))
+        return ("value", _parsed(node, float.fromhex, kind, "a float.hex() string"))
     if kind == "str":
-        return ("value", str(node["value"]))
+        return ("value", _field(node, "value", str, kind))
     if kind == "dtype":
-        return ("dtype", getattr(torch, node["value"]))
+        name = _field(node, "value", str, kind)
+        dtype = inspect.getattr_static(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise StructureError(f"a 'dtype' node names {_shown(name)}, not a torch dtype")
+        return ("dtype", dtype)
     if kind == "device":
-        return ("device", torch.device(node["value"]))
-    if kind == "opaque":
-        return ("value", None)
+        return ("device", _parsed(node, torch.device, kind, "a torch device"))
     if kind == "list":
-        return ("list", [spec_from_json(c, tensor_leaf) for c in node["items"]])
+        return ("list", [spec_from_json(c, tensor_leaf) for c in _items(node, kind)])
     if kind == "tuple":
-        items = [spec_from_json(c, tensor_leaf) for c in node["items"]]
-        return ("tuple", _class_or_none(node, _is_namedtuple), items)
+        items = [spec_from_json(c, tensor_leaf) for c in _items(node, kind)]
+        cls = _class_or_none(node, _is_namedtuple, lambda cls: len(cls._fields) == len(items))
+        return ("tuple", cls if cls is None else StoredClass(cls), items)
     if kind == "dict":
         items = [
             (spec_from_json(k, tensor_leaf), spec_from_json(v, tensor_leaf))
-            for k, v in node["items"]
+            for k, v in _pairs(node, "items", kind, lambda key: key)
         ]
         return ("dict", _class_or_none(node, lambda cls: cls is OrderedDict), items)
     if kind == "dataclass":
-        fields = [(name, spec_from_json(c, tensor_leaf)) for name, c in node["fields"]]
-        cls = _class_or_none(node, dataclasses.is_dataclass)
+        fields = [
+            (name, spec_from_json(c, tensor_leaf))
+            for name, c in _pairs(node, "fields", kind, _field_name)
+        ]
+        names = [name for name, _ in fields]
+        if len(set(names)) != len(names):
+            raise StructureError(f"a 'dataclass' node names a field twice: {names}")
+        cls = _class_or_none(
+            node,
+            dataclasses.is_dataclass,
+            lambda cls: {f.name for f in dataclasses.fields(cls)} == set(names),
+        )
         if cls is None:
             return ("dict", None, [(("value", name), child) for name, child in fields])
-        return ("dataclass", cls, fields)
-    raise ValueError(f"unknown node type {kind!r} in stored structure")
+        return ("dataclass", StoredClass(cls), fields)
+    raise StructureError(f"unknown node type {_shown(kind)} in stored structure")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A stored value in a message: its repr, cut short (a store may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _class_text(name: str) -> str:
+    """A stored class name in a warning: as it is, unless it is long or odd."""
+    return name if name.isprintable() and len(name) <= 100 else _shown(name)
+
+
+def _field(node: Any, name: str, kind: type, what: str) -> Any:
+    if not isinstance(node, dict):
+        raise StructureError(f"{what} is {type(node).__name__} {_shown(node)}, not an object")
+    value = node.get(name)
+    # bool is an int subclass, and an int is no bool: the type must be exact.
+    if type(value) is not kind:
+        raise StructureError(
+            f"a {_shown(what)} node's {name!r} is {_shown(value)}, not a {kind.__name__}"
+        )
+    return value
+
+
+def _parsed(node: dict, parse: Callable[..., Any], kind: str, meaning: str, **options) -> Any:
+    text = _field(node, "value", str, kind)
+    try:
+        return parse(text, **options)
+    except (ValueError, TypeError, RuntimeError, OverflowError):
+        raise StructureError(f"a {kind!r} node's value {_shown(text)} is not {meaning}") from None
+
+
+def _items(node: dict, kind: str) -> list:
+    return _field(node, "items", list, kind)
+
+
+def _pairs(node: dict, name: str, kind: str, first: Callable[[Any], Any]) -> list[tuple]:
+    pairs = _field(node, name, list, kind)
+    if not all(type(pair) is list and len(pair) == 2 for pair in pairs):
+        raise StructureError(f"a {kind!r} node's {name!r} are not all [key, value] pairs")
+    return [(first(a), b) for a, b in pairs]
+
+
+def _field_name(name: Any) -> str:
+    if type(name) is not str or not name.isidentifier():
+        raise StructureError(f"a 'dataclass' node names a field {_shown(name)}")
+    return name
 
 
 def _is_namedtuple(cls: type) -> bool:
-    return issubclass(cls, tuple) and hasattr(cls, "_fields")
+    fields = inspect.getattr_static(cls, "_fields", None)
+    return issubclass(cls, tuple) and isinstance(fields, tuple)
 
 
-def _class_or_none(node: dict, allowed: Callable[[type], bool]) -> type | None:
-    """The node's class if it is imported and of the kind the node allows, else None.
+def _class_or_none(
+    node: dict,
+    allowed: Callable[[type], bool],
+    fits: Callable[[type], bool] = lambda cls: True,
+) -> type | None:
+    """The node's class if it is imported, of the kind the node allows and fits the
+    stored items (a namedtuple's length, a dataclass's field names), else None.
 
-    ``allowed`` matters for safety: unflatten calls the class with stored data, so a
-    store must not be able to name an arbitrary callable (say ``subprocess:Popen``).
+    ``allowed`` matters for safety: a store must never name an arbitrary class (say
+    ``subprocess:Popen``) and have it built from stored data.
     """
-    name = node.get("class")
-    if name is None:
+    if "class" not in node:
         return None
+    name = node["class"]
+    if type(name) is not str:
+        raise StructureError(f"a {node['type']!r} node's 'class' is {_shown(name)}, not a str")
     cls = _resolve_class(name)
     if cls is None or not allowed(cls):
         warnings.warn(
-            f"class {name} is not imported or not a {node['type']} class; returning a "
-            "plain container instead (import its module first to get the class back)",
+            f"class {_class_text(name)} is not imported or not a {node['type']} class; returning "
+            "a plain container instead (import its module first to get the class back)",
+            stacklevel=3,
+        )
+        return None
+    if not fits(cls):
+        warnings.warn(
+            f"class {_class_text(name)} does not have the fields the store gives (the class "
+            "changed since the store was written?); returning a plain container instead",
             stacklevel=3,
         )
         return None

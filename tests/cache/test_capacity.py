@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from spill_testing import assert_same, random_tensor
-from spillcache import CacheConfig, CapacityError, IntermediatesCache, StoreError
+from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
 from spillcache.format import Store
 
 KIB64 = (64, 256)  # 64 KiB of float32
@@ -76,28 +78,53 @@ def test_no_disk_tier_and_full_host_names_the_fix(tmp_path):
         assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))
 
 
-def no_space(self, name, tensor, durable=False):
+def no_space(self, name, tensor, durable=False, owner=None):
     raise StoreError(28, f"cannot write tensor {name}: No space left on device")
+
+
+def report_free(monkeypatch, free: int) -> None:
+    """statvfs says ``free`` bytes are free on every filesystem."""
+    real = os.statvfs
+
+    def statvfs(path):
+        got = real(path)
+        return os.statvfs_result((1, 1, got.f_blocks, free, free, *tuple(got)[5:10]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
 
 
 def test_disk_write_error_is_raised_by_flush_and_loses_nothing(tmp_path, monkeypatch):
     with make(tmp_path, host_bytes="64KiB") as cache:
+        report_free(monkeypatch, 2**30)
         cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
-        monkeypatch.setattr(Store, "write_tensor", no_space)
-        cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})  # the write is behind
-        with pytest.raises(StoreError, match=r"batch 1, key 'h' .*No space left") as raised:
-            cache.flush()
+        with monkeypatch.context() as failing:
+            failing.setattr(Store, "write_tensor", no_space)
+            cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})  # the write is behind
+            with pytest.raises(DiskFullError, match=r"batch 1, key 'h' .*ENOSPC") as raised:
+                cache.flush()
         assert raised.value.errno == 28
-        monkeypatch.undo()
         cache.flush()  # reported once
-        assert cache.stats()["write_behind"]["unwritten_bytes"] == 64 * 1024
+        stats = cache.stats()
+        # The failed value is back in the host tier, counted against its budget.
+        assert stats["write_behind"]["unwritten_bytes"] == 64 * 1024
+        assert stats["host"]["bytes"] == 2 * 64 * 1024 > stats["host"]["budget"]
         assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))
         assert_same(cache.fetch(1)["h"], random_tensor(torch.float32, KIB64, 1))  # from RAM
-        cache.update(2, {"h": random_tensor(torch.float32, KIB64, 2)})  # the disk works again
+        # Until statvfs shows room again, nothing more spills.
+        with pytest.raises(DiskFullError, match="until"):
+            cache.update(2, {"h": random_tensor(torch.float32, KIB64, 2)})
+        assert cache.fetch(2) == {}
+        report_free(monkeypatch, 2**31)  # space was freed
+        cache.update(2, {"h": random_tensor(torch.float32, KIB64, 2)})
         cache.flush()
-        assert_same(cache.fetch(2)["h"], random_tensor(torch.float32, KIB64, 2))
-        cache.delete(1)  # an unwritten value can be deleted like any other
+        for index in range(3):
+            assert_same(cache.fetch(index)["h"], random_tensor(torch.float32, KIB64, index))
+        stats = cache.stats()
+        unwritten = stats["write_behind"]["unwritten_bytes"]
+        assert stats["host"]["bytes"] <= stats["host"]["budget"] + unwritten
+        cache.delete(1)
         assert cache.stats()["write_behind"]["unwritten_bytes"] == 0
+        assert cache.stats()["host"]["bytes"] <= cache.stats()["host"]["budget"]
 
 
 def test_disk_write_error_is_raised_by_the_next_call(tmp_path, monkeypatch):
@@ -106,6 +133,8 @@ def test_disk_write_error_is_raised_by_the_next_call(tmp_path, monkeypatch):
         cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
         cache._core.io.wait_idle()  # the write has failed by now
         monkeypatch.undo()
-        with pytest.raises(StoreError, match=r"batch 0, key 'h'.*stays readable from RAM"):
+        with pytest.raises(StoreError, match=r"(?s)stay readable from RAM.*batch 0, key 'h'"):
             cache.fetch(0)
         assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, KIB64, 0))
+        cache.delete(0)  # an unwritten value can be deleted like any other
+        assert cache.stats()["write_behind"]["unwritten_bytes"] == 0

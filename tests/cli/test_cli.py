@@ -85,7 +85,8 @@ CHILD = textwrap.dedent(
     import sys, torch
     from spillcache import CacheConfig, IntermediatesCache
     keep = sys.argv[2] == "keep"
-    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=sys.argv[1], keep_store=keep)
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=sys.argv[1], keep_store=keep,
+                         remove_dead_stores=False)  # the crashed store stays, for gc to find
     cache = IntermediatesCache([{"h": torch.ones(64, 64)}], config=config)
     cache.flush()
     print(cache.store_path, flush=True)

@@ -7,11 +7,12 @@ import torch
 
 from spillcache import dtypes
 from spillcache.dtypes import RAW_DTYPES
-from spillcache.errors import CapacityError, StoreError
+from spillcache.errors import CapacityError, DiskFullError, StoreError
 from spillcache.format import Store
 from spillcache.placement import Placement, TensorRecord
 from spillcache.tenants import Tenant
 from spillcache.tiers import DiskTier
+from spillcache.tiers.disk import Reading
 
 CPU = torch.device("cpu")
 SIZE = 64  # bytes of every tensor made by value()
@@ -118,7 +119,8 @@ class World:
     def check(self, *, budgets: bool = True) -> None:
         p = self.p
         if budgets:
-            assert p.host.budget is None or p.host.nbytes <= p.host.budget
+            # Values whose disk write failed are back in the host tier, over its budget.
+            assert p.host.budget is None or p.host.nbytes <= p.host.budget + p.unwritten_bytes
             assert p.disk is None or p.disk.budget is None or p.disk.nbytes <= p.disk.budget
         assert set(p.host) == {rid for rid, (r, _) in self.live.items() if r.resident == "host"}
         assert p.host.nbytes == sum(r.nbytes for r, _ in self.live.values() if r.resident == "host")
@@ -300,18 +302,23 @@ def test_disk_write_failure_keeps_the_value_readable_and_earlier_records(
     monkeypatch.setattr(Store, "write_tensor", fail)
     (spilled,) = world.admit(value(2, nbytes=3 * SIZE if oversized else SIZE))
     monkeypatch.undo()
-    # The write failed: the value stays in RAM (write-behind area), unwritten, not on disk.
+    # The write failed: the value is back in the host tier (over its budget), unwritten.
     assert world.failed_writes == ([spilled] if oversized else [records[0]])
     failed = world.failed_writes[0]
-    assert failed.write_state == "failed" and isinstance(failed.write_error, StoreError)
-    assert not failed.on_disk and failed.rid in world.p.pending
+    assert failed.write_state is None and isinstance(failed.write_error, StoreError)
+    assert not failed.on_disk and failed.resident == "host" and failed.rid not in world.p.pending
     assert world.p.unwritten_bytes == failed.nbytes
+    assert world.p.host.nbytes == 2 * SIZE + failed.nbytes
     assert len(world.p.disk) == 0 and world.p.disk.nbytes == 0
     world.check_all_loadable()
-    world.admit(value(3))  # the disk works again
+    # That disk is full (ENOSPC): nothing more goes there until it shows room again.
+    with pytest.raises(DiskFullError, match="ENOSPC"):
+        world.admit(value(3, nbytes=4 * SIZE))
+    world.p.disk.observe([Reading(free=2**30, mark=world.p.disk.finished[0])])
+    world.admit(value(3, nbytes=4 * SIZE))  # the disk works again
     assert records[1].on_disk or records[1].resident == "host"
     world.release(failed)  # a failed value can still be deleted, leaving nothing behind
-    assert failed.rid not in world.p.pending and world.p.unwritten_bytes == 0
+    assert failed.resident is None and world.p.unwritten_bytes == 0
 
 
 def test_clean_disk_copies_are_dropped_when_disk_is_tight(tmp_path):

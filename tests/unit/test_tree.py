@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from spillcache.tree import (
+    StoredClass,
     TensorLeaf,
     flatten,
     iter_tensor_indices,
@@ -312,7 +313,7 @@ def test_unimported_namedtuple_comes_back_as_tuple():
 
 def test_imported_classes_resolve_from_json():
     node = json.loads(json.dumps(_dataclass_json(f"{Plain.__module__}:Plain")))
-    assert spec_from_json(node, lambda n: n["leaf"])[1] is Plain
+    assert spec_from_json(node, lambda n: n["leaf"])[1] == StoredClass(Plain)
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])

@@ -1,0 +1,192 @@
+"""Writes that fail (ENOSPC, EIO) at the system call, in the background and inline.
+
+A background write that fails is reported once, by the cache's next call, in one error
+naming every batch and key whose write failed since the last report; the values stay
+readable (from the host tier, counted against host_bytes), and no more values go to that
+disk until it can take them. Nothing acknowledged is lost; nothing is left after close.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+
+from faults.injection import aligned, leftovers, same_bits, unaligned
+from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError, aio, pool
+from spillcache.format import read_root_attributes
+
+KIB64 = 64 * 2**10
+MIB4 = 4 * 2**20  # above a staging buffer's piece (2 MiB): queued with native AIO
+CHUNK = "/c."  # a chunk file (its .partial name while written), not a zarr.json
+
+
+def make(tmp_path, num_batches: int = 4, **settings) -> IntermediatesCache:
+    settings = {"host_bytes": 0, "inline_bytes": 0, "disk_path": str(tmp_path / "spill")} | settings
+    return IntermediatesCache.empty(num_batches, config=CacheConfig(**settings))
+
+
+def aio_works() -> bool:
+    with aio.context() as ctx:
+        return ctx is not None
+
+
+def test_regression_failed_writes_are_reported_once_not_one_per_later_call(
+    tmp_path, syscalls, free_space
+):
+    """What the full loop device showed: each failed write raised by some later,
+    unrelated call, one per call. Now: one error, naming all of them, then none."""
+    free_space.set(tmp_path, 2**30)
+    gate = threading.Event()
+    rule = syscalls.fail("pwrite", errno.ENOSPC, path=CHUNK, times=3, gate=gate)
+    values = [unaligned(KIB64, seed) for seed in range(4)]
+    with make(tmp_path) as cache, syscalls.released():
+        for index in range(3):
+            cache.update(index, {"h": values[index]})  # returns; its write waits at the gate
+        gate.set()
+        with pytest.raises(DiskFullError) as raised:
+            cache.flush()
+        assert len(rule.hits) == 3
+        report = raised.value
+        assert report.errno == errno.ENOSPC and isinstance(report, OSError)
+        assert len(report.failures) == 3
+        for index in range(3):
+            assert f"batch {index}, key 'h' ({KIB64} bytes) into {tmp_path}" in str(report)
+        assert str(report).count("ENOSPC (No space left on device)") == 3
+        assert "stay readable" in str(report) and "free space under" in str(report)
+        # Reported once: no later call raises it again, and every value comes back.
+        for index in range(3):
+            assert same_bits(cache.fetch(index)["h"], values[index])
+        cache.flush()
+        stats = cache.stats()
+        assert stats["write_behind"]["unwritten_bytes"] == 3 * KIB64
+        assert stats["host"]["bytes"] == 3 * KIB64  # counted against host_bytes (0 here)
+        # No more spills until statvfs shows room again; the refusal stores nothing.
+        with pytest.raises(DiskFullError, match="failed for lack of space"):
+            cache.update(3, {"h": values[3]})
+        assert cache.fetch(3) == {} and cache.stats()["host"]["bytes"] == 3 * KIB64
+        free_space.set(tmp_path, 2**31)
+        cache.update(3, {"h": values[3]})
+        cache.flush()
+        for index in range(4):
+            assert same_bits(cache.fetch(index)["h"], values[index])
+    assert leftovers(tmp_path / "spill") == []
+
+
+# How a value reaches the disk, and the call that fails on its way.
+PATHS = {
+    "staged-pwrite": (unaligned, KIB64, {}, "pwrite"),
+    "zero-copy-pwrite": (aligned, KIB64, {}, "pwrite"),
+    "buffered-pwrite": (unaligned, KIB64, {"direct_io": False}, "pwrite"),
+    "aio-completion": (unaligned, MIB4, {}, "aio"),
+    "aio-fallocate": (unaligned, MIB4, {}, "fallocate"),
+    "rename": (unaligned, KIB64, {}, "replace"),
+}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_a_background_write_failure_is_one_clear_error_and_loses_nothing(
+    tmp_path, syscalls, free_space, path, code
+):
+    make_value, nbytes, settings, call = PATHS[path]
+    if call in ("aio", "fallocate") and not aio_works():
+        pytest.skip("no native AIO here: staged writes go with pwrite")
+    free_space.set(tmp_path, 2**30)
+    kept, failing, later = (make_value(nbytes, seed) for seed in range(3))
+    with make(tmp_path, **settings) as cache:
+        cache.update(0, {"kept": kept})  # written as usual
+        cache.flush()
+        rule = syscalls.fail(call, code, path=CHUNK)
+        cache.update(1, {"h": failing})
+        expected = DiskFullError if code == errno.ENOSPC else StoreError
+        with pytest.raises(expected) as raised:
+            cache.flush()
+        assert len(rule.hits) == 1 and syscalls.calls[call] >= 1
+        report = raised.value
+        assert report.errno == code and type(report) is expected
+        name = errno.errorcode[code]
+        assert f"batch 1, key 'h' ({nbytes} bytes) into {tmp_path / 'spill'}" in str(report)
+        assert f"{name} (" in str(report)
+        assert not list((tmp_path / "spill").rglob("*.partial"))  # nothing half-written
+        assert same_bits(cache.fetch(0)["kept"], kept)
+        assert same_bits(cache.fetch(1)["h"], failing)  # from RAM
+        # That disk takes no more values (for space: until it shows room again).
+        with pytest.raises(expected, match=str(tmp_path / "spill")) as refused:
+            cache.update(2, {"h": later})
+        assert refused.value.errno == code
+        assert "Nothing was stored by this call" in str(refused.value)
+        assert cache.fetch(2) == {}
+        cache.flush()  # the refusal was the only error: nothing more to report
+        assert cache.stats()["write_behind"]["unwritten_bytes"] == nbytes
+    assert leftovers(tmp_path / "spill") == []
+
+
+def test_a_read_ahead_leaves_the_report_to_the_caller(tmp_path, syscalls):
+    """A prefetch job that raised the report would lose it wherever the consumer
+    stops iterating before its batch: the caller's own next call raises it."""
+    syscalls.fail("pwrite", errno.EIO, path=CHUNK)
+    value = unaligned(KIB64, 0)
+    with make(tmp_path) as cache:
+        cache.update(0, {"h": value})
+        cache._core.io.wait_idle()  # its write has failed by now
+        _, values, _ = cache._core._prefetch(0, None)  # what a prefetch job runs
+        assert same_bits(values["h"], value)
+        with pytest.raises(StoreError, match=r"(?s)failed since the last report.*batch 0"):
+            cache.fetch(0)
+        assert same_bits(cache.fetch(0)["h"], value)
+
+
+def test_a_failed_write_of_a_value_deleted_meanwhile_is_not_reported(tmp_path, syscalls):
+    gate = threading.Event()
+    rule = syscalls.fail("pwrite", errno.EIO, path=CHUNK, gate=gate)
+    with make(tmp_path) as cache, syscalls.released():
+        cache.update(0, {"h": unaligned(KIB64, 0)})
+        cache.delete(0)  # while its write waits
+        gate.set()
+        cache.flush()  # nobody holds that value any more: nothing to report
+        assert rule.hits and cache.stats()["write_behind"]["unwritten_bytes"] == 0
+        assert cache.stats()["host"]["bytes"] == 0
+    assert leftovers(tmp_path / "spill") == []
+
+
+@pytest.mark.parametrize(
+    ("call", "code"), [("fsync", errno.EIO), ("pwrite", errno.ENOSPC)], ids=["fsync-EIO", "ENOSPC"]
+)
+def test_a_kept_store_that_cannot_be_completed_says_so_and_frees_the_cache(
+    tmp_path, syscalls, call, code
+):
+    """keep_store: close() writes what is not on disk yet, inline, durably."""
+    value = unaligned(KIB64, 0)
+    cache = make(tmp_path, host_bytes="1MiB", keep_store=True)
+    config = cache.config
+    cache.update(0, {"h": value})  # in the host tier: close() writes it
+    rule = syscalls.fail(call, code, path=CHUNK)
+    with pytest.raises(StoreError) as raised:
+        cache.close()
+    assert rule.hits and raised.value.errno == code
+    assert isinstance(raised.value, DiskFullError) == (code == errno.ENOSPC)
+    assert f"completing the kept store {cache.store_path}" in str(raised.value)
+    assert "not marked complete" in str(raised.value)
+    assert config not in pool._pools  # its pool was closed all the same (threads joined)
+    assert read_root_attributes(cache.store_path)["complete"] is False
+
+
+def test_a_store_that_cannot_be_made_refuses_the_update_inline(tmp_path, syscalls):
+    """The store is made on the caller's thread, at the first value that spills: a
+    disk that fails then fails that update, which stores nothing."""
+    rule = syscalls.fail("open", errno.ENOSPC, path="/zarr.json")
+    with make(tmp_path, host_bytes=KIB64) as cache:
+        cache.update(0, {"h": unaligned(KIB64, 0)})  # in the host tier: no store yet
+        with pytest.raises(StoreError, match=f"cannot create a store under '{tmp_path}") as raised:
+            cache.update(1, {"h": unaligned(KIB64, 1)})  # evicts batch 0: a store is needed
+        assert rule.hits and raised.value.errno == errno.ENOSPC
+        assert "No space left on device" in str(raised.value)
+        assert cache.fetch(1) == {} and cache.store_path is None
+        assert cache.stats()["host"]["bytes"] == KIB64  # batch 0 was put back
+        assert same_bits(cache.fetch(0)["h"], unaligned(KIB64, 0))
+        cache.update(1, {"h": unaligned(KIB64, 1)})  # the disk works again
+        cache.flush()
+        assert same_bits(cache.fetch(1)["h"], unaligned(KIB64, 1))
+    assert leftovers(tmp_path / "spill") == []

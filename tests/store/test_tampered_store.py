@@ -1,0 +1,389 @@
+"""A store is data, never a path or a program: a tampered store is refused by open()
+and reported as damaged by verify, inspect and show (exit 1, one line per problem, no
+traceback), and nothing outside it is read; reopening runs no code a store names."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from spill_testing import assert_same, random_tensor
+from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError
+from spillcache.cli import main
+
+CALLS: list = []  # what the constructors below ran
+
+
+@dataclass
+class Recorded:
+    t: torch.Tensor
+    n: int
+
+    def __post_init__(self):
+        CALLS.append(("Recorded.__post_init__", self.n))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    lr: float
+    name: str
+
+    def __post_init__(self):
+        CALLS.append(("Settings.__post_init__", self.name))
+
+
+class Point(collections.namedtuple("_Point", ["x", "y"])):
+    def __new__(cls, x, y):
+        CALLS.append(("Point.__new__", y))
+        return super().__new__(cls, x, y)
+
+
+H = random_tensor(torch.float32, (64, 64))
+SMALL = random_tensor(torch.bfloat16, (4,), 1)
+
+
+def batch_values() -> dict:
+    return {
+        "h": H,
+        "pair": (SMALL, 3),
+        "meta": {"lr": 0.5, "ok": True, "name": "x", "dt": torch.bfloat16, "l": [1, None]},
+        "rec": Recorded(random_tensor(torch.int64, (300,), 2), 5),
+        "settings": Settings(0.25, "adam"),
+        "pt": Point(SMALL, 7),
+    }
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    """A kept store of 2 batches; an "outside" directory beside it holds a copy of
+    batch 0's "h" array: what a path escape would read."""
+    config = CacheConfig(host_bytes=0, inline_bytes="1KiB", disk_path=str(tmp_path / "spill"),
+                         keep_store=True)  # fmt: skip
+    cache = IntermediatesCache([batch_values(), {"h": H}], config=config)
+    cache.close()
+    path = Path(cache.store_path)
+    shutil.copytree(path / "tensors" / array_of(path, "h"), tmp_path / "outside")
+    CALLS.clear()
+    return path
+
+
+def group_file(path: Path, batch: int = 0) -> Path:
+    return path / "batches" / str(batch) / "zarr.json"
+
+
+def entries(path: Path, batch: int = 0) -> dict:
+    return json.loads(group_file(path, batch).read_text())["attributes"]["spillcache"]["entries"]
+
+
+def edit_entries(path: Path, change: Callable[[dict], None], batch: int = 0) -> None:
+    group = json.loads(group_file(path, batch).read_text())
+    change(group["attributes"]["spillcache"]["entries"])
+    group_file(path, batch).write_text(json.dumps(group))
+
+
+def array_of(path: Path, key: str) -> str:
+    return entries(path)[key]["array"].removeprefix("tensors/")
+
+
+def edit_json(file: Path, change: Callable[[dict], None]) -> None:
+    value = json.loads(file.read_text())
+    change(value)
+    file.write_text(json.dumps(value))
+
+
+def h_metadata(path: Path) -> Path:
+    return path / "tensors" / array_of(path, "h") / "zarr.json"
+
+
+def h_chunk(path: Path) -> Path:
+    return path / "tensors" / array_of(path, "h") / "c.0.0"
+
+
+def set_h(field: str, value) -> Callable[[Path], None]:
+    return lambda path: edit_entries(path, lambda e: e["h"].__setitem__(field, value))
+
+
+def set_item(key: str, index: int, node: dict) -> Callable[[Path], None]:
+    return lambda path: edit_entries(path, lambda e: e[key]["items"].__setitem__(index, node))
+
+
+def set_meta(index: int, node: dict) -> Callable[[Path], None]:
+    def change(found: dict) -> None:
+        found["meta"]["items"][index][1] = node
+
+    return lambda path: edit_entries(path, change)
+
+
+def escape_relative(path: Path) -> None:
+    # <store>/tensors/../../../outside is the copy beside the store's parent directory
+    set_h("array", "tensors/../../../outside")(path)
+
+
+def escape_absolute(path: Path) -> None:
+    set_h("array", str(path.parent.parent / "outside"))(path)
+
+
+def symlinked_array(path: Path) -> None:
+    directory = path / "tensors" / array_of(path, "h")
+    shutil.rmtree(directory)
+    directory.symlink_to(path.parent.parent / "outside", target_is_directory=True)
+
+
+def symlinked_file(name: str) -> Callable[[Path], None]:
+    def tamper(path: Path) -> None:
+        target = path / "tensors" / array_of(path, "h") / name
+        target.unlink()
+        target.symlink_to(path.parent.parent / "outside" / name)
+
+    return tamper
+
+
+def huge_shape(path: Path) -> None:
+    def change(metadata: dict) -> None:
+        metadata["shape"] = [10**6, 10**6]
+        metadata["chunk_grid"]["configuration"]["chunk_shape"] = [10**6, 10**6]
+
+    edit_json(h_metadata(path), change)
+
+
+def truncated_chunk(path: Path) -> None:
+    os.truncate(h_chunk(path), 100)
+
+
+def h_attribute(name: str, value) -> Callable[[Path], None]:
+    return lambda path: edit_json(
+        h_metadata(path), lambda m: m["attributes"]["spillcache"].__setitem__(name, value)
+    )
+
+
+def gzip_codec(path: Path) -> None:
+    edit_json(h_metadata(path), lambda m: m.__setitem__("codecs", [{"name": "gzip"}]))
+
+
+def root_attribute(name: str, value) -> Callable[[Path], None]:
+    return lambda path: edit_json(
+        path / "zarr.json", lambda g: g["attributes"]["spillcache"].__setitem__(name, value)
+    )
+
+
+def write_text(relative: str, text: str) -> Callable[[Path], None]:
+    return lambda path: (path / relative).write_text(text)
+
+
+def deep_nesting(path: Path) -> None:
+    group = json.loads(group_file(path).read_text())
+    deep = '"entries": {"deep": ' + "[" * 100_000 + "]" * 100_000 + ", "
+    text = json.dumps(group).replace('"entries": {', deep, 1)
+    group_file(path).write_text(text)
+
+
+def unfinished_flush_without_before(path: Path) -> None:
+    edit_json(group_file(path), lambda g: g["attributes"]["spillcache"].__setitem__("flush", 99))
+
+
+# name: (tamper, the key whose value it damages (None: the whole store), what is said)
+CASES = {
+    "path escape ../": (escape_relative, "h", "names array 'tensors/../../../outside'"),
+    "absolute path": (escape_absolute, "h", "which is not one spillcache writes"),
+    "symlinked array": (symlinked_array, "h", "a symbolic link"),
+    "symlinked chunk": (symlinked_file("c.0.0"), "h", "is a symbolic link; a store holds none"),
+    "symlinked zarr.json": (symlinked_file("zarr.json"), "h", "zarr.json is a symbolic link"),
+    "huge shape": (huge_shape, "h", "(1000000, 1000000) float32: 4000000000000 bytes"),
+    "wrong size": (truncated_chunk, "h", "its chunk file holds 100 bytes"),
+    "unknown dtype": (h_attribute("torch_dtype", "float128"), "h", "torch_dtype 'float128'"),
+    "unwritten codec": (gzip_codec, "h", "its codecs [{'name': 'gzip'}] is not what"),
+    "array metadata not JSON": (
+        lambda path: h_metadata(path).write_text("{oops"),
+        "h",
+        "zarr.json is not valid JSON",
+    ),
+    "dtype node names a function": (
+        set_meta(3, {"type": "dtype", "value": "load"}),
+        "meta",
+        "names 'load', not a torch dtype",
+    ),
+    "int not a number": (
+        set_item("pair", 1, {"type": "int", "value": "abc"}),
+        "pair",
+        "'abc' is not an integer",
+    ),
+    "float not hex text": (set_meta(0, {"type": "float", "value": 3}), "meta", "is 3, not a str"),
+    "bool not a bool": (
+        set_meta(1, {"type": "bool", "value": "yes"}),
+        "meta",
+        "is 'yes', not a bool",
+    ),
+    "list items not a list": (
+        set_meta(4, {"type": "list", "items": "[1]"}),
+        "meta",
+        "'items' is '[1]', not a list",
+    ),
+    "dict items not pairs": (
+        lambda path: edit_entries(path, lambda e: e["meta"].__setitem__("items", [[1, 2, 3]])),
+        "meta",
+        "are not all [key, value] pairs",
+    ),
+    "dataclass field name": (
+        lambda path: edit_entries(path, lambda e: e["rec"]["fields"][0].__setitem__(0, "a b")),
+        "rec",
+        "names a field 'a b'",
+    ),
+    "node not an object": (
+        lambda path: edit_entries(path, lambda e: e.__setitem__("h", 5)),
+        "h",
+        "is int 5",
+    ),
+    "unknown node type": (
+        lambda path: edit_entries(path, lambda e: e.__setitem__("h", {"type": "pickle"})),
+        "h",
+        "unknown node type 'pickle'",
+    ),
+    "device not a device": (set_h("device", "not-a-device"), "h", "is no device"),
+    "requires_grad not a bool": (set_h("requires_grad", "yes"), "h", "is not a bool"),
+    "batch not JSON": (write_text("batches/0/zarr.json", "{not json"), "h", "is not valid JSON"),
+    "entries not an object": (
+        lambda path: edit_json(
+            group_file(path), lambda g: g["attributes"]["spillcache"].__setitem__("entries", [1])
+        ),
+        "h",
+        "records no entries",
+    ),
+    "structure nested too deeply": (deep_nesting, "h", "is not valid JSON"),
+    "forged batch count": (
+        root_attribute("num_batches", 10**12),
+        "h",
+        "records 1000000000000 batches",
+    ),
+    "forged flush count": (root_attribute("flush", "x"), "h", "flush 'x' is not a count"),
+    "unfinished flush without its earlier structure": (
+        unfinished_flush_without_before,
+        "h",
+        "keeps no earlier structure",
+    ),
+    "a file among the arrays": (write_text("tensors/notes.txt", "hi"), None, "a file where"),
+}
+
+INTERNAL = ("Traceback", "unpack", "KeyError", "has no attribute", "NoneType", "Errno")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    for text in INTERNAL:
+        assert text not in out + err, out + err
+    return status, out, err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_tampered_store_is_damaged_everywhere(store, capsys, case):
+    tamper, key, said = CASES[case]
+    tamper(store)
+    # open(): refused, naming what is wrong (and where: batch and key, or the file)
+    with pytest.raises(StoreCorruptError, match="is damaged, so it is not opened") as refused:
+        IntermediatesCache.open(store)
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+    if key in ("h", "meta", "pair", "rec") and case not in ROOT_CASES:
+        assert f"batch 0, key '{key}'" in str(refused.value) or "batch 0:" in str(refused.value)
+    # verify: exit 1, one BAD line (for the one problem), the count on the last line
+    status, out, _ = run(capsys, "verify", str(store))
+    bad = [line for line in out.splitlines() if line.startswith("BAD ")]
+    assert status == 1 and len(bad) == 1 and said in bad[0], out
+    assert out.splitlines()[-1].endswith("; 1 bad"), out
+    # inspect: exit 1, the problem on one line of stderr
+    status, out, err = run(capsys, "inspect", str(store))
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith("spillcache inspect: damaged: ") and said in err, err
+    # show: the damaged value (or any, for the whole store) is one line of stderr, exit 1
+    if key is not None:
+        status, out, err = run(capsys, "show", str(store), "0", key)
+        assert status == 1 and err.count("\n") == 1, err
+        assert err.startswith("spillcache show: damaged: ") and said in err, err
+
+
+ROOT_CASES = {"forged batch count", "forged flush count"}
+
+
+def test_a_sound_store_is_sound_everywhere(store, capsys):
+    assert run(capsys, "verify", str(store))[0] == 0
+    status, out, err = run(capsys, "inspect", str(store))
+    assert status == 0 and err == "" and "'rec'" in out
+    for key in batch_values():
+        assert run(capsys, "show", str(store), "0", key)[0] == 0
+    with IntermediatesCache.open(store) as cache:
+        assert_same(cache.fetch(0)["h"], H)
+
+
+def test_inspect_of_a_run_directory_says_which_store_is_damaged(store, tmp_path, capsys):
+    rank0 = tmp_path / "run" / "rank0"
+    rank0.mkdir(parents=True)
+    moved = Path(shutil.move(store, rank0 / store.name))
+    assert run(capsys, "inspect", str(tmp_path / "run"))[0] == 0
+    escape_relative(moved)
+    status, out, _ = run(capsys, "inspect", str(tmp_path / "run"))
+    assert status == 1 and "damaged (1 problem: inspect the store)" in out, out
+
+
+def test_show_of_a_sound_entry_of_a_damaged_store_still_works(store, capsys):
+    escape_relative(store)
+    status, out, _ = run(capsys, "show", str(store), "0", "pair")
+    assert status == 0 and "tensor #0 (4,) bfloat16" in out
+
+
+def test_reopening_runs_no_code_of_the_classes_a_store_names(store, capsys):
+    with IntermediatesCache.open(store) as cache:
+        values = cache.fetch(0)
+    assert run(capsys, "show", str(store), "0", "rec")[0] == 0
+    assert run(capsys, "show", str(store), "0", "pt")[0] == 0
+    assert CALLS == [], "a constructor ran on values read from the store"
+    want = batch_values()
+    CALLS.clear()
+    assert type(values["rec"]) is Recorded and values["rec"].n == 5
+    assert_same(values["rec"].t, want["rec"].t)
+    assert type(values["settings"]) is Settings and values["settings"] == want["settings"]
+    assert type(values["pt"]) is Point and values["pt"].y == 7
+    assert_same(values["pt"].x, SMALL)
+    assert values["meta"]["lr"] == 0.5 and values["meta"]["dt"] is torch.bfloat16
+
+
+def test_a_class_of_a_lazy_module_is_looked_up_without_running_its_getattr(store, monkeypatch):
+    """transformers' modules are lazy: their __getattr__ imports. A store naming a
+    class in one must not call it."""
+    lazy = types.ModuleType("spillcache_lazy_module")
+
+    def module_getattr(name):
+        CALLS.append(("__getattr__", name))
+        return Recorded
+
+    lazy.__getattr__ = module_getattr
+    monkeypatch.setitem(sys.modules, lazy.__name__, lazy)
+    edit_entries(store, lambda e: e["rec"].__setitem__("class", f"{lazy.__name__}:Recorded"))
+    with pytest.warns(UserWarning, match="spillcache_lazy_module:Recorded is not imported"):
+        cache = IntermediatesCache.open(store)
+    with cache:
+        value = cache.fetch(0)["rec"]
+    assert CALLS == []
+    assert type(value) is dict and value["n"] == 5
+
+
+def test_a_class_whose_fields_changed_comes_back_as_a_dict(store):
+    def rename(found: dict) -> None:
+        found["rec"]["fields"][1][0] = "__class__"  # would change the rebuilt value's class
+
+    edit_entries(store, rename)
+    with pytest.warns(UserWarning, match="does not have the fields the store gives"):
+        cache = IntermediatesCache.open(store)
+    with cache:
+        value = cache.fetch(0)["rec"]
+    assert type(value) is dict and value["__class__"] == 5
+    assert not dataclasses.is_dataclass(value)
