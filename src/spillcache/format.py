@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import math
@@ -260,7 +261,11 @@ class Store:
             raise StoreError(
                 error.errno,
                 f"cannot create a store under {str(parent)!r} ({error.strerror}); "
-                "set disk_path to a writable directory on a local disk",
+                + (
+                    "free space there or set disk_path to a disk with room"
+                    if error.errno == errno.ENOSPC
+                    else "set disk_path to a writable directory on a local disk"
+                ),
             ) from error
         return store
 
@@ -521,8 +526,8 @@ def find_stores(directory: str | os.PathLike[str]) -> dict[Path, dict]:
     for path in sorted(directory.glob(f"{STORE_PREFIX}*")):
         try:
             found[path] = read_root_attributes(path)
-        except StoreError:
-            continue  # not a store, or one being created right now
+        except (StoreError, PermissionError):
+            continue  # not a store, one being created right now, or another user's
     return found
 
 

@@ -183,6 +183,7 @@ def test_a_store_that_cannot_be_made_refuses_the_update_inline(tmp_path, syscall
             cache.update(1, {"h": unaligned(KIB64, 1)})  # evicts batch 0: a store is needed
         assert rule.hits and raised.value.errno == errno.ENOSPC
         assert "No space left on device" in str(raised.value)
+        assert "free space there or set disk_path to a disk with room" in str(raised.value)
         assert cache.fetch(1) == {} and cache.store_path is None
         assert cache.stats()["host"]["bytes"] == KIB64  # batch 0 was put back
         assert same_bits(cache.fetch(0)["h"], unaligned(KIB64, 0))

@@ -337,3 +337,19 @@ def test_open_unsupported_version_lists_supported_ones(store, version):
         assert re.search(rf"(?<![\w.]){supported}(?![\w.])", message.replace(repr(version), "")), (
             message
         )
+
+
+def test_regression_another_users_private_store_is_skipped_not_fatal(tmp_path, monkeypatch):
+    """On a shared temp directory another user's store (mode 0700) cannot be read:
+    listing stores skips it instead of failing with PermissionError (du, gc, inspect)."""
+    parent = tmp_path / "parent"
+    mine, theirs = Store.create(parent), Store.create(parent)
+    real = fmt.read_root_attributes
+
+    def unreadable(path):
+        if os.fspath(path) == os.fspath(theirs.path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(fmt, "read_root_attributes", unreadable)
+    assert list(fmt.find_stores(parent)) == [mine.path]
