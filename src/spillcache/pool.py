@@ -46,7 +46,9 @@ from .transfers import Transfers
 
 __all__ = ["SharedPool", "pool_for"]
 
-_registry_lock = threading.Lock()
+# Reentrant: a garbage-collection finalizer may close a cache (and so ``leave`` its
+# pool) on a thread that is inside ``pool_for`` already.
+_registry_lock = threading.RLock()
 _pools: dict[CacheConfig, SharedPool] = {}
 
 
@@ -55,10 +57,19 @@ def pool_for(config: CacheConfig) -> SharedPool:
     more member counted: call ``leave()`` once when that cache closes."""
     with _registry_lock:
         pool = _pools.get(config)
-        if pool is None:
-            pool = _pools[config] = SharedPool(config)
+        if pool is not None:
+            pool.members += 1
+            return pool
+    # Made outside the registry's lock: making a pool allocates, so the collector may
+    # close other caches (which leave their pools) in the middle of it.
+    made = SharedPool(config)
+    with _registry_lock:
+        pool = _pools.setdefault(config, made)
         pool.members += 1
-        return pool
+    if pool is not made:  # another thread made one first; ours never started a thread
+        made.io.close()
+        made.buffers.close()
+    return pool
 
 
 class SharedPool:

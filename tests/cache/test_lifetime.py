@@ -102,3 +102,38 @@ def test_store_path_stays_known_when_the_disk_tier_is_empty(tmp_path):
         cache.flush()
         assert cache.stats()["disk"]["bytes"] == 0
         assert cache.store_path == path and cache.stats()["disk"]["path"] == path
+
+
+def test_regression_a_cache_collected_while_a_new_pool_is_made_does_not_deadlock(
+    tmp_path, monkeypatch
+):
+    """Making a pool allocates, so the garbage collector may run a finalizer in the
+    middle of it, closing another config's last cache: that close leaves its pool,
+    which takes the pool registry's lock. Found by the property tests' shrinker with
+    the registry lock held across the new pool's construction (a self-deadlock)."""
+    from spillcache import pool as pool_module
+
+    other_config = CacheConfig(host_bytes=4096, inline_bytes=0, disk_path=str(tmp_path / "a"))
+    holder = [IntermediatesCache.empty(1, "cpu", config=other_config)]
+    holder[0].update(0, {"x": torch.arange(4096)})
+    real_disk_dirs = pool_module._disk_dirs
+
+    def disk_dirs_collecting(config):
+        holder.clear()  # the last reference: its finalizer runs here, as the GC would run it
+        return real_disk_dirs(config)
+
+    monkeypatch.setattr(pool_module, "_disk_dirs", disk_dirs_collecting)
+    made = threading.Event()
+
+    def make_a_cache_of_another_config():
+        config = CacheConfig(host_bytes=8192, inline_bytes=0, disk_path=str(tmp_path / "b"))
+        IntermediatesCache.empty(1, "cpu", config=config).close()
+        made.set()
+
+    thread = threading.Thread(target=make_a_cache_of_another_config, daemon=True)
+    thread.start()
+    # A guard against hanging the run, not a timing assertion: the cache is made at once.
+    assert made.wait(timeout=60), "making a cache deadlocked in pool_for"
+    thread.join()
+    assert other_config not in pool_module._pools
+    assert list((tmp_path / "a").iterdir()) == []  # the collected cache's store is gone
