@@ -60,6 +60,32 @@ def tensor_variants(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor
     }
 
 
+def spilling_variants(dtype: torch.dtype, above: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Contiguous, transposed, strided and offset tensors of one dtype, each holding more
+    than ``above`` bytes (so that a cache whose host budget and inline_bytes are at most
+    ``above`` can keep none of them in RAM), and a 0-d one where that is small enough."""
+    cols = 40
+    rows = max(2, -(-(above // dtype.itemsize + 1) // cols))  # rows * cols elements > above
+    variants = {
+        "contiguous": random_tensor(dtype, (rows, cols), seed),
+        "transposed": random_tensor(dtype, (cols, rows), seed + 1).t(),
+        "strided": random_tensor(dtype, (rows, 2 * cols), seed + 2)[:, 1::2],
+        "offset": random_tensor(dtype, (rows + 1, cols), seed + 3)[1:],
+    }
+    if dtype.itemsize > above:
+        variants["scalar"] = random_tensor(dtype, (), seed + 4)
+    for name, tensor in variants.items():
+        assert tensor.nbytes > above, (name, tensor.nbytes, above)
+    return variants
+
+
+def clone_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A compact copy with exactly ``tensor``'s bits, for every dtype (copy kernels are
+    missing for some, so the copy goes through the same-width unsigned type)."""
+    raw = tensor.detach().view(raw_dtype(tensor.dtype))
+    return raw.clone(memory_format=torch.contiguous_format).view(tensor.dtype)
+
+
 def console_script() -> str:
     """The installed ``spillcache`` command (pip puts it beside this interpreter)."""
     import shutil
@@ -70,3 +96,27 @@ def console_script() -> str:
     found = str(beside) if beside.exists() else shutil.which("spillcache")
     assert found, "the spillcache console script is not installed: pip install -e ."
     return found
+
+
+def machine_settings(max_examples: int):
+    """Hypothesis settings for the state machines' default run: a fixed set of
+    ``max_examples`` sequences (derandomized: the same ones every run, nothing saved);
+    ``exploring`` turns them into a run from random seeds."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=max_examples,
+        stateful_step_count=30,
+        deadline=None,
+        derandomize=True,
+        database=None,  # derandomized: nothing to replay, and no .hypothesis/ in the tree
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def exploring(base, max_examples: int):
+    """``base`` from random seeds: a failure prints its steps and a @reproduce_failure
+    blob to replay it."""
+    from hypothesis import settings
+
+    return settings(base, max_examples=max_examples, derandomize=False, print_blob=True)

@@ -4,32 +4,136 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, namedtuple
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from spill_testing import ALL_DTYPES, assert_same, random_tensor, tensor_variants
-from spillcache import IntermediateValue
+from spill_testing import (
+    ALL_DTYPES,
+    QUANTIZED,
+    assert_same,
+    bits,
+    random_tensor,
+    spilling_variants,
+    tensor_variants,
+)
+from spillcache import CacheConfig, IntermediateValue, dtypes
+
+CRC32C_BYTES = 4  # checksum = true: each chunk file ends with its CRC-32C (format.md)
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_every_dtype_and_layout_round_trips(make_cache, placement, dtype):
-    cache = make_cache(num_batches=1)
-    originals = tensor_variants(dtype)
-    cache.update(0, dict(originals))
-    fetched = cache.fetch(0)
-    assert list(fetched) == list(originals)
-    for name, original in originals.items():
-        assert_same(fetched[name], original)
-    # Fetched again once every write is done: spilled values now come from disk
-    # (the first fetch may have been served from the write-behind area).
+# Which of spilling_variants() a placement that spills stores for each dtype: every
+# layout in "zero" (where nothing stays in RAM, so the smallest tensors spill: quick to
+# write); a compact tensor and a view in "tiny" (above its 4 KiB host tier) and "inline"
+# (above inline_bytes, 64 KiB, beside small values kept inline).
+SPILLED_LAYOUTS = {
+    "zero": ("contiguous", "transposed", "strided", "offset", "scalar"),
+    "tiny": ("contiguous", "transposed"),
+    "inline": ("contiguous", "strided"),
+}
+
+
+class DtypeCase(NamedTuple):
+    """One dtype's tensors for a placement: those that must go to disk, and those that
+    must stay in memory."""
+
+    to_disk: dict[str, torch.Tensor]
+    in_memory: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, placement: str, config: CacheConfig) -> DtypeCase:
+        if placement == "ram":
+            return cls({}, tensor_variants(dtype))
+        variants = spilling_variants(dtype, max(config.host_bytes, config.inline_bytes))
+        to_disk = {f"big-{n}": variants[n] for n in SPILLED_LAYOUTS[placement] if n in variants}
+        if placement == "inline":
+            small = {f"small-{n}": t for n, t in tensor_variants(dtype).items()}
+            assert all(t.nbytes < config.inline_bytes for t in small.values())
+            return cls(to_disk, small)
+        if placement == "zero":  # nothing stays in RAM but what has no bytes
+            return cls(to_disk, {"empty": tensor_variants(dtype)["empty"]})
+        return cls(to_disk, {})
+
+
+def test_every_dtype_and_layout_round_trips(make_cache, placement):
+    """Every dtype torch has comes back bit for bit, each in a batch of its own. Where
+    the placement spills, the tensors are too big for its host tier and inline_bytes,
+    and each one is shown to be written to a chunk file of its own and read from disk.
+
+    One cache for all dtypes (not one per dtype): making a store costs more than
+    writing these tensors. Every wrong dtype and layout is listed, not just the first."""
+    cache = make_cache(num_batches=len(ALL_DTYPES))
+    config = cache.config
+    cases = [DtypeCase.of(dtype, placement, config) for dtype in ALL_DTYPES]
+    assert all(len(case.to_disk) >= 2 for case in cases) == (placement != "ram")
+    for index, case in enumerate(cases):
+        cache.update(index, {**case.to_disk, **case.in_memory})
     cache.flush()
-    reads_before = cache.stats()["disk"]["hits"]
-    for name, original in originals.items():
-        assert_same(cache.fetch(0, [name])[name], original)
+
+    spilled = [tensor for case in cases for tensor in case.to_disk.values()]
     stats = cache.stats()
-    if stats["disk"]["bytes"] > stats["host"]["bytes"]:  # something lives on disk only
-        assert stats["disk"]["hits"] > reads_before
+    assert (
+        stats["disk"]["bytes_written"] == stats["disk"]["bytes"] == sum(t.nbytes for t in spilled)
+    )
+    trailer = CRC32C_BYTES if config.checksum else 0
+    assert sorted(chunk_file_sizes(cache.store_path)) == sorted(t.nbytes + trailer for t in spilled)
+    wrong = []
+    for index, (dtype, case) in enumerate(zip(ALL_DTYPES, cases, strict=True)):
+        originals = {**case.to_disk, **case.in_memory}
+        assert list(cache.fetch(index)) == list(originals), dtype
+        for name, original in originals.items():
+            before = cache.stats()["disk"]
+            fetched = cache.fetch(index, [name])[name]
+            after = cache.stats()["disk"]
+            read = (after["hits"] - before["hits"], after["bytes_read"] - before["bytes_read"])
+            if read != ((1, original.nbytes) if name in case.to_disk else (0, 0)):
+                wrong.append(f"{dtype} {name}: (disk reads, bytes read) were {read}")
+            got, sent = describe(fetched), describe(original)
+            if got != sent:
+                what = "other bits" if got[:3] == sent[:3] else f"{got[:3]}, not {sent[:3]}"
+                wrong.append(f"{dtype} {name}: came back with {what}")
+    assert not wrong, "\n".join(wrong)
+
+
+def describe(tensor: torch.Tensor) -> tuple:
+    """dtype, shape, device and raw bytes (NaN payloads compare as bits)."""
+    return (tensor.dtype, tuple(tensor.shape), tensor.device, bits(tensor))
+
+
+def chunk_file_sizes(store_path: str | None) -> list[int]:
+    """The size of every tensor's chunk file in a store (format.md, "Layout")."""
+    if store_path is None:
+        return []
+    return [p.stat().st_size for p in Path(store_path).glob("tensors/*/c*") if p.is_file()]
+
+
+def test_round_trip_cases_cover_every_dtype_torch_has():
+    """The dtype list is read from torch: nothing is left out but quantized types, which
+    need a scale and stay in RAM (test_quantized_tensors_stay_in_ram_as_they_are)."""
+    every = {v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+    assert set(ALL_DTYPES) == every - QUANTIZED
+    named = (
+        "float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu "
+        "float4_e2m1fn_x2 uint16 uint32 uint64 complex32 complex128 bool bfloat16 int4 bits8"
+    )
+    covered = {str(dtype).removeprefix("torch.") for dtype in ALL_DTYPES}
+    assert covered >= {name for name in named.split() if hasattr(torch, name)}
+    for dtype in ALL_DTYPES:
+        assert dtypes.is_tierable(random_tensor(dtype, (2,))), dtype
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions:UserWarning")
+def test_quantized_tensors_stay_in_ram_as_they_are(make_cache, placement):
+    cache = make_cache(num_batches=1)
+    quantized = torch.quantize_per_tensor(torch.linspace(-1, 1, 64), 0.01, 3, torch.qint8)
+    with pytest.warns(UserWarning, match="in RAM as they are"):
+        cache.update(0, {"q": quantized})
+    got = cache.fetch(0)["q"]
+    assert got is quantized
+    cache.flush()
+    assert cache.stats()["disk"]["bytes_written"] == 0
 
 
 def test_spilling_placements_really_use_the_disk(make_cache, placement):

@@ -6,7 +6,10 @@ same thing to the cache and to the model and checks the cache's answers; the
 invariants check the tier budgets and the batch count after every step.
 
 The machine runs under several placements (everything on disk, a little in RAM, all in
-RAM, a tight disk budget), each its own ``TestCase`` class.
+RAM, a tight disk budget), each its own ``TestCase`` class: in the default run a few
+derandomized sequences each (``SETTINGS``); in the ``slow`` run ``EXPLORE_500``
+sequences each, from random seeds. Several caches sharing a pool, and kept stores
+closed and opened again, are ``test_pool_machine.py``'s machine.
 """
 
 from __future__ import annotations
@@ -19,21 +22,21 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
-from spill_testing import assert_same, bits, random_tensor
+from spill_testing import assert_same, bits, exploring, machine_settings, random_tensor
 from spillcache import CacheConfig, CapacityError, IntermediatesCache, dtypes
 
-SETTINGS = settings(
-    max_examples=25,
-    stateful_step_count=30,
-    deadline=None,
-    derandomize=True,
-    database=None,  # derandomized: nothing to replay, and no .hypothesis/ in the tree
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+SETTINGS = machine_settings(max_examples=25)
+EXPLORE_500 = exploring(SETTINGS, max_examples=500)
 
 # ------------------------------------------------------------------ values
 
@@ -391,6 +394,14 @@ TestTightDisk = TightDisk.TestCase
 for _case in (TestEverythingOnDisk, TestLittleInRam, TestAllInRam, TestTightDisk):
     _case.settings = SETTINGS
 del _case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "machine", [EverythingOnDisk, LittleInRam, AllInRam, TightDisk], ids=lambda m: m.__name__
+)
+def test_explore_500_sequences_from_random_seeds(machine):
+    run_state_machine_as_test(machine, settings=EXPLORE_500)
 
 
 # --------------------------------------------------- bugs the machine found
