@@ -305,6 +305,11 @@ def _leaf_json(
         name = inline[id(leaf)][1]
     else:
         return _unstored(leaf)
+    return _stored(leaf, name)
+
+
+def _stored(leaf: TensorRecord | InlineTensor, name: str) -> dict:
+    """A batch structure's node for a tensor leaf stored as array ``name``."""
     return {
         "array": f"tensors/{name}",
         "device": str(leaf.onload_device),
@@ -366,17 +371,14 @@ def _close_leaf(
 ) -> dict:
     """JSON for one tensor leaf, writing small tensors a flush did not write."""
     if isinstance(leaf, TensorRecord):
-        name, device, grad = leaf.array, leaf.onload_device, leaf.requires_grad
-    elif not dtypes.is_tierable(leaf.tensor):
+        return _stored(leaf, leaf.array)
+    if not dtypes.is_tierable(leaf.tensor):
         return _unstored(leaf)
-    else:
-        flushed = known.get(id(leaf))
-        if flushed is not None and flushed[0] is leaf:
-            name = flushed[1]
-        else:
-            name = next(names)
-            tensor = dtypes.to_host(leaf.tensor.detach()).contiguous()
-            store.write_tensor(name, tensor, durable=True, owner=owner)
-            known[id(leaf)] = (leaf, name)
-        device, grad = leaf.onload_device, leaf.requires_grad
-    return {"array": f"tensors/{name}", "device": str(device), "requires_grad": grad}
+    flushed = known.get(id(leaf))
+    if flushed is not None and flushed[0] is leaf:
+        return _stored(leaf, flushed[1])
+    name = next(names)
+    tensor = dtypes.to_host(leaf.tensor.detach()).contiguous()
+    store.write_tensor(name, tensor, durable=True, owner=owner)
+    known[id(leaf)] = (leaf, name)
+    return _stored(leaf, name)
