@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from spillcache.dtypes import byte_view, raw_dtype
@@ -120,3 +124,15 @@ def exploring(base, max_examples: int):
     from hypothesis import settings
 
     return settings(base, max_examples=max_examples, derandomize=False, print_blob=True)
+
+
+def child_process(script: str | Path, *args: object) -> subprocess.Popen:
+    """``script`` run by this Python with ``args``, its stdin, stdout and stderr pipes of
+    text: the children that the crash, signal and kept-store tests kill."""
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

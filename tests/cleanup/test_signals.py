@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from spill_testing import child_process
 from spillcache import CacheConfig, IntermediatesCache, cleanup, owners
 from spillcache.errors import StoreError
 from spillcache.format import Store
@@ -26,13 +26,7 @@ CHILD = Path(__file__).with_name("signal_child.py")
 
 
 def start(disk_dir: Path, scenario: str) -> tuple[subprocess.Popen, Path]:
-    child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(disk_dir), scenario],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = child_process(CHILD, disk_dir, scenario)
     word, _, path = child.stdout.readline().strip().partition(" ")
     assert word == "store", child.stderr.read()
     assert Path(path).is_dir() and Path(path).parent == disk_dir

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spill_testing import child_process
 from spillcache import CacheConfig, IntermediatesCache
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,13 +37,7 @@ def _kill_at_random_step(disk_dir: Path, seed: int, keep: bool) -> tuple[int | N
     last flush it acknowledged (None: none) and the step it was killed after."""
     plan = crash_plan.steps(seed)
     kill_after = random.Random(seed).randrange(len(plan))
-    child = subprocess.Popen(
-        [sys.executable, str(WRITER), str(disk_dir), str(seed), "1" if keep else "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = child_process(WRITER, disk_dir, seed, "1" if keep else "0")
     acknowledged = None
     try:
         for line in child.stdout:

@@ -9,14 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, child_process, random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreError, StoreFormatError
 from spillcache.cli import main
 from spillcache.format import Store, read_root_attributes
@@ -28,13 +27,7 @@ WRITER = Path(kept_writer.__file__)
 
 def start(disk_dir: Path, scenario: str) -> tuple[subprocess.Popen, str]:
     """The writer child, and its store once it has one (it says so on a line)."""
-    child = subprocess.Popen(
-        [sys.executable, str(WRITER), str(disk_dir), scenario],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = child_process(WRITER, disk_dir, scenario)
     path = child.stdout.readline().strip()
     assert path, child.stderr.read()
     return child, path
