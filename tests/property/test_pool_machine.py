@@ -1,6 +1,6 @@
 """A Hypothesis state machine over several caches at once: caches built with one config
 share one pool (one host budget), kept stores are closed and opened again, and values
-reach the disk.
+reach the disk, and a kept store copied as a crash leaves it opens with its last flush.
 
 The model is plain Python: per cache, a list of batches, each a dict of key -> a copy
 of the value made when it was stored (tensors cloned bit for bit). Every rule does the
@@ -18,8 +18,10 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,14 @@ from spill_testing import (
     random_tensor,
 )
 from spillcache import CacheConfig, IntermediatesCache
+
+sys.path.insert(0, str(Path(__file__).parent))
+from crash_images import (  # noqa: E402
+    copy_as_a_crash_leaves_it,
+    files_in,
+    record_owner_dead,
+    tear,
+)
 
 FAST = machine_settings(max_examples=40)
 EXPLORE_2000 = exploring(FAST, max_examples=2000)
@@ -114,6 +124,8 @@ values = st.recursive(
 keys = st.sampled_from(KEYS)
 batch_values = st.dictionaries(keys, values, min_size=1, max_size=3)
 name_lists = st.none() | st.lists(keys, max_size=3)
+changes = st.sampled_from(["append", "update", "delete"])
+file_fates = st.sampled_from(["whole", "missing", "torn"])  # of a file written after a flush
 
 
 def map_leaves(value: Any, function) -> Any:
@@ -316,13 +328,14 @@ class PoolMachine(RuleBasedStateMachine):
         self.kept_config = CacheConfig(**settings_, keep_store=True)
         self.temporary_config = CacheConfig(**settings_, keep_store=False)
         for flag in kept:
-            self.members.append(Member(IntermediatesCache(None, "cpu", self.config(flag)), flag))
+            cache = IntermediatesCache(None, "cpu", config=self.config(flag))
+            self.members.append(Member(cache, flag))
 
     @precondition(lambda self: len(self.members) < MAX_OPEN_CACHES)
     @rule(kept=st.booleans(), batches=st.lists(batch_values, max_size=3))
     @counted
     def open_cache(self, kept: bool, batches: list[dict[str, Any]]) -> None:
-        member = Member(IntermediatesCache(None, "cpu", self.config(kept)), kept)
+        member = Member(IntermediatesCache(None, "cpu", config=self.config(kept)), kept)
         self.members.append(member)
         for new in batches:
             self.store(member, None, made(new))
@@ -443,10 +456,53 @@ class PoolMachine(RuleBasedStateMachine):
         path, model = self.closed.pop()
         self.open_store(path, model)
 
-    # crash_and_open (issue 10, item 7) goes here, built on opening a kept store whose
-    # process died after flush() (item 3): a child process writes into a kept store with
-    # this machine's config, flush()es, is killed with SIGKILL at a drawn point, and
-    # IntermediatesCache.open gives back every flushed entry bit for bit, in this pool.
+    @precondition(
+        lambda self: (
+            any(m.kept and m.model for m in self.members) and len(self.members) < MAX_OPEN_CACHES
+        )
+    )
+    @rule(
+        data=st.data(),
+        after=st.lists(st.tuples(changes, batch_values), max_size=3),
+        fates=st.lists(st.tuples(file_fates, st.integers(0, 2**20)), min_size=1, max_size=4),
+    )
+    @counted
+    def crash_and_open(self, data, after: list[tuple[str, dict[str, Any]]], fates) -> None:
+        """A kept cache flushes, changes more (writes in flight), and its process "dies":
+        the store copied as it is at that instant, its owner recorded as dead, opens with
+        every entry of the flush, bit for bit, in this pool, beside the live original."""
+        member = self.pick(data, with_batches=True, kept=True)
+        member.cache.flush()
+        flushed = [dict(batch) for batch in member.model]  # values are never changed in place
+        path = member.cache.store_path
+        at_flush = files_in(Path(path)) if path is not None else set()
+        for change, new in after:
+            if change == "append" or not member.model:
+                self.store(member, None, made(new))
+            elif change == "update":
+                self.store(member, self.draw_index(data, member), made(new))
+            else:
+                index = self.draw_index(data, member)
+                member.cache.delete(index)
+                member.model[index].clear()
+        if member.cache.store_path is None:
+            return  # nothing was ever spilled: no store to crash
+        store = Path(member.cache.store_path)
+        image = store.with_name(f"{store.name}-crashed-{self.steps}")
+        copy_as_a_crash_leaves_it(store, image)
+        # Which files there are depends on the writer threads' timing: nothing drawn may.
+        for number, written in enumerate(sorted(files_in(image) - at_flush)):
+            fate, length = fates[number % len(fates)]
+            tear(image, written, fate, length % ((image / written).stat().st_size + 1))
+            COVERED[f"files written after a flush, {fate}"] += 1
+        record_owner_dead(image)
+        if any(".partial" in p.name for p in image.rglob("*")):
+            COVERED["crash images with a write in flight"] += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what the crash dropped is said in a warning
+            self.open_store(str(image), flushed)
+        assert not [p for p in image.rglob("*") if ".partial" in p.name], "left in the image"
+        COVERED["crash images opened"] += 1
 
     # --------------------------------------------------------- invariants
 
@@ -502,3 +558,4 @@ def test_explore_2000_sequences_of_caches_sharing_pools(capsys):
     assert COVERED["stores reopened"] > 0 and COVERED["tensors shared by two caches"] > 0
     assert COVERED["bytes written to disk"] > 0 and COVERED["values read back from disk"] > 0
     assert COVERED["most caches sharing a pool"] >= 3
+    assert COVERED["crash images opened"] > 0
