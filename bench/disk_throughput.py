@@ -113,7 +113,7 @@ def _own_cpu() -> float:
 def cache_round(config: CacheConfig, tensors: list[torch.Tensor]) -> dict:
     paths = config.disk_path
     directory = Path(paths if isinstance(paths, str) else paths[0])  # the device watched
-    with IntermediatesCache.empty(len(tensors), config=config) as cache:
+    with IntermediatesCache.empty(len(tensors), "cpu", config=config) as cache:
         os.sync()  # earlier work's writeback is not timed here
         with Watch(directory.parent) as cpu_write:
             start = time.perf_counter()
@@ -185,7 +185,7 @@ def main() -> None:
         io_threads=args.io_threads,
         prefetch_depth=args.prefetch_depth,
     )
-    holder = IntermediatesCache.empty(0, config=config)
+    holder = IntermediatesCache.empty(0, "cpu", config=config)
     try:
         first = cache_round(config, tensors)  # makes the pool's buffers
         print(

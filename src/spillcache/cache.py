@@ -7,6 +7,7 @@ import weakref
 from collections import deque
 from collections.abc import Collection, Iterator
 from typing import Any, ClassVar
+from weakref import WeakKeyDictionary
 
 import torch
 from tqdm import tqdm
@@ -14,6 +15,8 @@ from tqdm import tqdm
 from . import cleanup
 from .config import CacheConfig
 from .core import CacheCore, resolve_offload_device
+from .stock_api import BatchIntermediates, offload_value, onload_value, pin_intermediate
+from .values import IntermediateValue
 
 __all__ = ["IntermediatesCache"]
 
@@ -31,6 +34,11 @@ class IntermediatesCache:
         (values may be wrapped in :class:`IntermediateValue`, as the stock cache stores them)
     :param offload_device: ``"cpu"`` (the default), ``None``, or an accelerator
     :param config: budgets and paths; default ``default_config``, else ``CacheConfig.from_env()``
+
+    Code written for the stock class finds what it reaches past the methods too:
+    ``batch_intermediates`` (a live view, see :class:`BatchIntermediates`),
+    ``offload_values``, and the classmethods ``_offload_value``, ``_onload_value`` and
+    ``_pin_intermediate``.
     """
 
     #: The config of a cache built without one. None: ``CacheConfig.from_env()``, read
@@ -38,10 +46,16 @@ class IntermediatesCache:
     #: sets it, because llm-compressor builds its caches without a config.
     default_config: ClassVar[CacheConfig | None] = None
 
+    #: The stock class's map of a tensor to its offloaded copy, shared by every cache
+    #: of the class, used by ``_offload_value`` (a tensor offloaded twice is copied once).
+    #: The cache itself stores a tensor given twice once, in its tiers.
+    offload_values: ClassVar[WeakKeyDictionary] = WeakKeyDictionary()
+
     def __init__(
         self,
         batch_intermediates: list[dict[str, Any]] | None = None,
         offload_device: torch.device | str | None = "cpu",
+        *,
         config: CacheConfig | None = None,
     ) -> None:
         if config is not None and not isinstance(config, CacheConfig):
@@ -71,11 +85,12 @@ class IntermediatesCache:
     def empty(
         cls,
         num_batches: int,
-        offload_device: torch.device | str | None = "cpu",
+        offload_device: torch.device | str | None,
+        *,
         config: CacheConfig | None = None,
     ) -> IntermediatesCache:
         """A cache of ``num_batches`` empty batches."""
-        cache = cls(None, offload_device, config)
+        cache = cls(None, offload_device, config=config)
         cache._core.add_batches(num_batches)
         return cache
 
@@ -85,11 +100,12 @@ class IntermediatesCache:
         dataloader: Any,
         model_device: torch.device | str = torch.device("cpu"),
         offload_device: torch.device | str | None = torch.device("cpu"),
+        *,
         config: CacheConfig | None = None,
     ) -> IntermediatesCache:
         """A cache holding every batch of ``dataloader``; values onload to ``model_device``."""
         model_device = torch.device(model_device)
-        cache = cls(None, offload_device, config)
+        cache = cls(None, offload_device, config=config)
         for batch in tqdm(dataloader, desc="Preparing intermediates cache"):
             if not isinstance(batch, dict):
                 raise TypeError(
@@ -182,6 +198,47 @@ class IntermediatesCache:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iter()
+
+    # ------------------------------------------------------- stock attributes
+
+    @property
+    def batch_intermediates(self) -> BatchIntermediates:
+        """The batches as the stock class's list of ``{key: IntermediateValue}``: a live
+        view. Keys and ``in`` cost nothing; reading a value builds its IntermediateValue
+        tree from what the cache holds, which reads a spilled tensor from disk."""
+        return BatchIntermediates(self)
+
+    @batch_intermediates.setter
+    def batch_intermediates(self, batches: Any) -> None:
+        raise AttributeError(
+            "a spillcache cache's batch_intermediates cannot be replaced: build a new "
+            "IntermediatesCache(batch_intermediates), or change batches with "
+            "update/delete/append"
+        )
+
+    @classmethod
+    def _offload_value(
+        cls,
+        value: Any,
+        offload_device: torch.device | str | None,
+        onload_device: torch.device | str | None = None,
+    ) -> IntermediateValue:
+        """``value`` as an IntermediateValue tree, its tensors moved to ``offload_device``
+        (once per tensor: ``offload_values``), each recording its onload device
+        (``onload_device``, else where it was). Stores nothing in any cache."""
+        return offload_value(value, offload_device, onload_device, cls.offload_values)
+
+    @classmethod
+    def _onload_value(cls, intermediate: IntermediateValue) -> Any:
+        """The value an IntermediateValue tree stands for, tensors on their onload devices."""
+        return onload_value(intermediate)
+
+    @classmethod
+    def _pin_intermediate(cls, intermediate: IntermediateValue) -> None:
+        """Pin the CPU tensors of an IntermediateValue tree in place (needs an
+        accelerator, as ``Tensor.pin_memory`` does). A tree shown by
+        ``batch_intermediates`` is read-only: ``pin_memory(batch_index)`` pins a batch."""
+        pin_intermediate(intermediate)
 
     def __len__(self) -> int:
         return self._core.num_batches()

@@ -409,11 +409,34 @@ class CacheCore:
 
     def prepare(self, batch_index: int, input_names: Collection[str] | None) -> None:
         """Bring a batch's spilled values up to the host tier ahead of use."""
+        self.fetch_stored(batch_index, input_names, asked=True)
+
+    def fetch_stored(
+        self, batch_index: int, input_names: Collection[str] | None, *, asked: bool = False
+    ) -> dict[str, tuple[Entry, list[torch.Tensor]]]:
+        """The batch's entries with their tensors as the cache holds them, not onloaded:
+        a tier's own tensor, or one read from disk (promoted as a fetch promotes it;
+        ``asked``: read ahead of use, by ``prepare``)."""
         with self._lock:
             self._check_open()
             entries = _selected(self._batches[self._index(batch_index)], input_names)
             loads = reads.plan(self.placement, _records_in(entries))
-        self._finish_loads(loads, by_reader=True, asked=True)
+        tensors = self._finish_loads(loads, by_reader=True, asked=asked)
+        return {
+            key: (
+                entry,
+                [
+                    tensors[leaf.rid] if isinstance(leaf, TensorRecord) else leaf.tensor
+                    for leaf in entry.leaves
+                ],
+            )
+            for key, entry in entries
+        }
+
+    def keys(self, batch_index: int) -> list[str]:
+        with self._lock:
+            self._check_open()
+            return list(self._batches[self._index(batch_index)])
 
     # ------------------------------------------------------------- reporting
 

@@ -159,7 +159,7 @@ class Placement:
         try:
             for index, (tensor, onload_device) in enumerate(tensors):
                 original = tensor if originals is None else originals[index]
-                record = self._lookup(tenant, original)
+                record = self._lookup(tenant, original, onload_device)
                 if record is None:
                     label = labels[index] if labels is not None else f"tensor {self._next_rid}"
                     record = self._new_record(tenant, original, onload_device, batch, label)
@@ -179,11 +179,18 @@ class Placement:
             record.refs += 1
         return records
 
-    def _lookup(self, tenant: Tenant, tensor: torch.Tensor) -> TensorRecord | None:
+    def _lookup(
+        self, tenant: Tenant, tensor: torch.Tensor, onload_device: torch.device
+    ) -> TensorRecord | None:
+        """The record ``tensor`` was stored as, if it goes back to the same place: a
+        record gives one onload device and one ``requires_grad`` to every entry."""
         found = self._identity.get((tenant.number, id(tensor)))
-        if found is not None and found[0]() is tensor:
-            return found[1]
-        return None
+        if found is None or found[0]() is not tensor:
+            return None
+        record = found[1]
+        if (record.onload_device, record.requires_grad) != (onload_device, tensor.requires_grad):
+            return None
+        return record
 
     def _new_record(
         self,

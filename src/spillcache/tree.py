@@ -36,13 +36,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .values import IntermediateValue
+from .values import is_intermediate_value
 
 __all__ = [
     "Flat",
     "StoredClass",
     "StructureError",
     "TensorLeaf",
+    "build_dataclass",
     "flatten",
     "spec_from_json",
     "spec_to_json",
@@ -91,7 +92,7 @@ def _visit(node: Any, onload: torch.device | None, tensors: list, opaques: list)
     # A module-level function, not a closure: a recursive closure is a reference cycle
     # (function -> cell -> function) that would keep every tensor it saw alive until
     # the cyclic garbage collector happens to run.
-    if isinstance(node, IntermediateValue):
+    if is_intermediate_value(node):
         device = node.device if node.device is not None else onload
         return _visit(node.value, device, tensors, opaques)
     if isinstance(node, torch.Tensor):
@@ -131,19 +132,31 @@ def _visit(node: Any, onload: torch.device | None, tensors: list, opaques: list)
     return ("opaque", len(opaques) - 1)
 
 
-def unflatten(spec: tuple, tensors: list[Any], opaques: list[Any]) -> Any:
-    """Rebuild a value from its spec and leaves (the inverse of ``flatten``)."""
+def unflatten(
+    spec: tuple, tensors: list[Any], opaques: list[Any], wrap: Callable[[Any], Any] | None = None
+) -> Any:
+    """Rebuild a value from its spec and leaves (the inverse of ``flatten``).
+
+    With ``wrap``, every node but a tensor leaf (the caller wraps those) and a dict key
+    is passed through it once built: how ``batch_intermediates`` shows a stored value as
+    the stock cache's tree of IntermediateValues."""
     kind = spec[0]
     if kind == "tensor":
         return tensors[spec[1]]
+    node = _node(spec, tensors, opaques, wrap)
+    return node if wrap is None else wrap(node)
+
+
+def _node(spec: tuple, tensors: list[Any], opaques: list[Any], wrap) -> Any:
+    kind = spec[0]
     if kind in ("value", "dtype", "device"):
         return spec[1]
     if kind == "opaque":
         return opaques[spec[1]]
     if kind == "list":
-        return [unflatten(child, tensors, opaques) for child in spec[1]]
+        return [unflatten(child, tensors, opaques, wrap) for child in spec[1]]
     if kind == "tuple":
-        items = [unflatten(child, tensors, opaques) for child in spec[2]]
+        items = [unflatten(child, tensors, opaques, wrap) for child in spec[2]]
         if spec[1] is None:
             return tuple(items)
         if isinstance(spec[1], StoredClass):
@@ -151,18 +164,19 @@ def unflatten(spec: tuple, tensors: list[Any], opaques: list[Any]) -> Any:
         return spec[1](*items)
     if kind == "dict":
         pairs = [
-            (unflatten(k, tensors, opaques), unflatten(v, tensors, opaques)) for k, v in spec[2]
+            (unflatten(k, tensors, opaques), unflatten(v, tensors, opaques, wrap))
+            for k, v in spec[2]
         ]
         return dict(pairs) if spec[1] is None else spec[1](pairs)
     if kind == "dataclass":
-        values = {name: unflatten(child, tensors, opaques) for name, child in spec[2]}
+        values = {name: unflatten(child, tensors, opaques, wrap) for name, child in spec[2]}
         if isinstance(spec[1], StoredClass):
             return _rebuild_dataclass(spec[1].cls, values)
-        return _build_dataclass(spec[1], values)
+        return build_dataclass(spec[1], values)
     raise ValueError(f"unknown spec node {kind!r}")
 
 
-def _build_dataclass(cls: type, values: dict[str, Any]) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any]) -> Any:
     # Build through __init__ so __post_init__ runs (transformers' ModelOutput fills its
     # dict view there); fields outside __init__ are set afterwards, frozen or not.
     init_names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -7,13 +7,14 @@ as documented: inside it, ``tensor == tensor`` compares identity and returns one
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["IntermediateValue", "OverrideEqMode"]
+__all__ = ["IntermediateValue", "OverrideEqMode", "is_intermediate_value"]
 
 
 @dataclass
@@ -27,6 +28,20 @@ class IntermediateValue:
 
     value: torch.Tensor | IntermediateValue | Any
     device: torch.device | None
+
+
+def is_intermediate_value(node: Any) -> bool:
+    """Whether ``node`` is an IntermediateValue: spillcache's, or llm-compressor's own
+    (a dataclass of that name with the same two fields), as the stock class's
+    ``_offload_value`` makes them."""
+    if isinstance(node, IntermediateValue):
+        return True
+    cls = type(node)
+    return (
+        cls.__name__ == "IntermediateValue"
+        and dataclasses.is_dataclass(cls)
+        and [f.name for f in dataclasses.fields(cls)] == ["value", "device"]
+    )
 
 
 class OverrideEqMode(TorchDispatchMode):

@@ -133,6 +133,17 @@ def test_shared_tensor_is_stored_once(make_cache, placement):
     assert_same(cache.fetch(1)["a"], shared)
 
 
+def test_regression_one_tensor_stored_for_two_devices_goes_back_to_each(make_cache):
+    """Caught by issue 11's view tests: the second store of a tensor shared the first's
+    record, and with it the first's onload device."""
+    cache = make_cache(num_batches=1)
+    shared = big(3)
+    cache.update(0, {"here": shared, "there": IntermediateValue(shared, torch.device("meta"))})
+    fetched = cache.fetch(0)
+    assert_same(fetched["here"], shared)
+    assert fetched["there"].device == torch.device("meta")
+
+
 def _clean_copies(cache: IntermediatesCache) -> int:
     """Bytes that are both in memory and on disk (disk copies kept to make eviction free)."""
     placement = cache._core.placement
@@ -197,7 +208,7 @@ def test_pin_memory_brings_spilled_values_up(tmp_path):
     config = CacheConfig(
         host_bytes="512KiB", inline_bytes=0, disk_path=str(tmp_path), eviction="lru"
     )
-    with IntermediatesCache.empty(3, config=config) as cache:
+    with IntermediatesCache.empty(3, "cpu", config=config) as cache:
         for index in range(3):
             cache.update(index, {"h": random_tensor(torch.float32, (256, 256), index)})  # 256 KiB
         cache.flush()

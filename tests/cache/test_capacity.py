@@ -16,7 +16,7 @@ KIB64 = (64, 256)  # 64 KiB of float32
 
 def make(tmp_path, **settings) -> IntermediatesCache:
     config = CacheConfig(inline_bytes=0, disk_path=str(tmp_path), **settings)
-    return IntermediatesCache.empty(4, config=config)
+    return IntermediatesCache.empty(4, "cpu", config=config)
 
 
 def snapshot(cache: IntermediatesCache) -> list[dict]:
@@ -71,7 +71,7 @@ def test_tensor_larger_than_every_tier(tmp_path):
 
 def test_no_disk_tier_and_full_host_names_the_fix(tmp_path):
     config = CacheConfig(host_bytes="64KiB", inline_bytes=0, disk_path=None)
-    with IntermediatesCache.empty(2, config=config) as cache:
+    with IntermediatesCache.empty(2, "cpu", config=config) as cache:
         cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
         with pytest.raises(CapacityError, match="disk_path"):
             cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})

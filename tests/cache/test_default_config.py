@@ -16,7 +16,7 @@ def test_no_config_uses_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "0")
     monkeypatch.setenv("SPILLCACHE_INLINE_BYTES", "0")
     monkeypatch.setenv("SPILLCACHE_DISK_PATH", str(tmp_path))
-    with IntermediatesCache.empty(1) as cache:
+    with IntermediatesCache.empty(1, "cpu") as cache:
         x = random_tensor(torch.float32, (8, 8))
         cache.update(0, {"x": x})
         assert cache.store_path.startswith(str(tmp_path))
@@ -27,7 +27,7 @@ def test_default_budgets_are_safe_for_this_machine(monkeypatch):
     for name in list(os.environ):
         if name.startswith("SPILLCACHE_"):
             monkeypatch.delenv(name)
-    with IntermediatesCache.empty(1) as cache:
+    with IntermediatesCache.empty(1, "cpu") as cache:
         stats = cache.stats()
         assert stats["device"]["budget"] == 0  # offloading to the CPU: nothing stays on the GPU
         assert 0 < stats["host"]["budget"] <= available_ram()
@@ -37,7 +37,7 @@ def test_default_budgets_are_safe_for_this_machine(monkeypatch):
 def test_bad_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "lots")
     with pytest.raises(ConfigError, match="host_bytes"):
-        IntermediatesCache.empty(1)
+        IntermediatesCache.empty(1, "cpu")
 
 
 def test_tmpfs_disk_path_warns(monkeypatch):

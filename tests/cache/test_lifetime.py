@@ -18,7 +18,7 @@ from spillcache import CacheConfig, IntermediatesCache
 
 def spilled_cache(tmp_path, **settings) -> IntermediatesCache:
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
-    cache = IntermediatesCache.empty(1, config=config)
+    cache = IntermediatesCache.empty(1, "cpu", config=config)
     cache.update(0, {"h": random_tensor(torch.float32, (32, 32))})
     assert cache.store_path is not None and os.path.isdir(cache.store_path)
     return cache
@@ -53,7 +53,7 @@ def test_interpreter_exit_removes_the_store(tmp_path):
         import torch
         from spillcache import CacheConfig, IntermediatesCache
         config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path={str(tmp_path)!r})
-        cache = IntermediatesCache.empty(1, config=config)
+        cache = IntermediatesCache.empty(1, "cpu", config=config)
         cache.update(0, {{"h": torch.ones(64, 64)}})
         list(cache.iter_prefetch())
         print(cache.store_path)
@@ -88,7 +88,7 @@ def test_store_is_private(tmp_path):
 
 def test_no_store_until_something_spills(tmp_path):
     config = CacheConfig(host_bytes="1MiB", disk_path=str(tmp_path / "spill"))
-    with IntermediatesCache.empty(1, config=config) as cache:
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
         cache.update(0, {"h": torch.ones(8)})
         assert cache.store_path is None
     assert not (tmp_path / "spill").exists()

@@ -39,7 +39,7 @@ def test_values_spread_over_two_directories_and_come_back(tmp_path, prefetch_dep
         prefetch_depth=prefetch_depth,
     )
     values = [random_tensor(torch.bfloat16, SHAPE, seed) for seed in range(8)]
-    with IntermediatesCache.empty(len(values), config=config) as cache:
+    with IntermediatesCache.empty(len(values), "cpu", config=config) as cache:
         for index, value in enumerate(values):
             cache.update(index, {"h": value})
         cache.flush()
@@ -82,7 +82,7 @@ def test_disk_path_from_the_environment_lists_directories_with_pathsep(tmp_path)
 def test_keep_store_needs_one_directory(tmp_path):
     config = CacheConfig(disk_path=[str(tmp_path / "a"), str(tmp_path / "b")], keep_store=True)
     with pytest.raises(ConfigError, match="keep_store: .* lists 2; set disk_path to one"):
-        IntermediatesCache.empty(1, config=config)
+        IntermediatesCache.empty(1, "cpu", config=config)
 
 
 def test_each_disk_has_its_own_queue():

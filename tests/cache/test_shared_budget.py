@@ -32,7 +32,7 @@ def pool_host_bytes(cache: IntermediatesCache) -> int:
 @pytest.mark.parametrize("eviction", ["scan", "lru"])
 def test_host_tier_bytes_over_all_caches_never_exceed_the_one_budget(tmp_path, eviction):
     config = config_for(tmp_path, 6, eviction=eviction)
-    caches = [IntermediatesCache.empty(4, config=config) for _ in range(4)]
+    caches = [IntermediatesCache.empty(4, "cpu", config=config) for _ in range(4)]
     try:
         for batch in range(4):
             for number, cache in enumerate(caches):
@@ -54,8 +54,8 @@ def test_host_tier_bytes_over_all_caches_never_exceed_the_one_budget(tmp_path, e
 def test_a_cache_nobody_uses_loses_its_values_first(tmp_path):
     config = config_for(tmp_path, 4)
     with (
-        IntermediatesCache.empty(2, config=config) as idle,
-        IntermediatesCache.empty(8, config=config) as busy,
+        IntermediatesCache.empty(2, "cpu", config=config) as idle,
+        IntermediatesCache.empty(8, "cpu", config=config) as busy,
     ):
         idle.update(0, {"h": value(0)})
         idle.update(1, {"h": value(1)})
@@ -77,8 +77,8 @@ def test_a_cache_being_read_keeps_its_next_batches(tmp_path):
     make room for what the reader brings back, and the reader's own next batches stay."""
     config = config_for(tmp_path, 4)
     with (
-        IntermediatesCache.empty(4, config=config) as reader,
-        IntermediatesCache.empty(2, config=config) as idle,
+        IntermediatesCache.empty(4, "cpu", config=config) as reader,
+        IntermediatesCache.empty(2, "cpu", config=config) as idle,
     ):
         for batch in range(4):
             reader.update(batch, {"h": value(batch)})
@@ -99,8 +99,8 @@ def test_a_cache_being_read_keeps_its_next_batches(tmp_path):
 
 def test_closing_a_cache_gives_its_share_back_at_once(tmp_path):
     config = config_for(tmp_path, 4)
-    first = IntermediatesCache.empty(2, config=config)
-    with IntermediatesCache.empty(4, config=config) as second:
+    first = IntermediatesCache.empty(2, "cpu", config=config)
+    with IntermediatesCache.empty(4, "cpu", config=config) as second:
         first.update(0, {"h": value(0)})
         first.update(1, {"h": value(1)})
         assert pool_host_bytes(second) == 2 * NBYTES
@@ -115,8 +115,8 @@ def test_closing_a_cache_gives_its_share_back_at_once(tmp_path):
 
 def test_a_collected_cache_gives_its_share_back(tmp_path):
     config = config_for(tmp_path, 4)
-    with IntermediatesCache.empty(1, config=config) as kept:
-        dropped = IntermediatesCache.empty(1, config=config)
+    with IntermediatesCache.empty(1, "cpu", config=config) as kept:
+        dropped = IntermediatesCache.empty(1, "cpu", config=config)
         dropped.update(0, {"h": value(0)})
         assert pool_host_bytes(kept) == NBYTES
         del dropped  # llm-compressor never closes its caches
@@ -125,8 +125,8 @@ def test_a_collected_cache_gives_its_share_back(tmp_path):
 
 def test_a_cache_with_another_config_has_a_pool_of_its_own(tmp_path):
     with (
-        IntermediatesCache.empty(2, config=config_for(tmp_path, 2)) as one,
-        IntermediatesCache.empty(2, config=config_for(tmp_path, 3)) as other,
+        IntermediatesCache.empty(2, "cpu", config=config_for(tmp_path, 2)) as one,
+        IntermediatesCache.empty(2, "cpu", config=config_for(tmp_path, 3)) as other,
     ):
         for batch in range(2):
             one.update(batch, {"h": value(batch)})
@@ -137,8 +137,8 @@ def test_a_cache_with_another_config_has_a_pool_of_its_own(tmp_path):
 
 def test_the_last_cache_of_a_pool_joins_its_threads(tmp_path):
     config = config_for(tmp_path, 0)
-    first = IntermediatesCache.empty(1, config=config)
-    second = IntermediatesCache.empty(1, config=config)
+    first = IntermediatesCache.empty(1, "cpu", config=config)
+    second = IntermediatesCache.empty(1, "cpu", config=config)
     first.update(0, {"h": value(0)})
     second.update(0, {"h": value(1)})
     first.close()
@@ -156,8 +156,8 @@ def test_regression_a_cache_collected_inside_another_caches_operation_does_not_d
     finalizer may fire on a thread that holds the pool's lock (another cache of the pool
     in the middle of an update): closing it there waited for that lock forever."""
     config = config_for(tmp_path, 4)
-    busy = IntermediatesCache.empty(1, config=config)
-    held = [IntermediatesCache.empty(1, config=config)]
+    busy = IntermediatesCache.empty(1, "cpu", config=config)
+    held = [IntermediatesCache.empty(1, "cpu", config=config)]
     held[0].update(0, {"h": value(0)})
     finalizer = held[0]._finalizer
     lock = busy._core.pool.lock

@@ -100,7 +100,7 @@ def test_keep_store_without_a_disk_tier_is_refused():
 
 
 def _spill_one(config: CacheConfig) -> IntermediatesCache:
-    cache = IntermediatesCache.empty(1, config=config)
+    cache = IntermediatesCache.empty(1, "cpu", config=config)
     cache.update(0, {"h": random_tensor(torch.float32, (64, 64))})
     return cache
 
@@ -123,7 +123,7 @@ def test_direct_io_auto_uses_o_direct_where_allowed(tmp_path):
 def test_direct_io_true_where_refused_is_a_clear_error_and_stores_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(chunkio, "direct_io_supported", lambda directory: False)
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), direct_io=True)
-    with IntermediatesCache.empty(1, config=config) as cache:
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
         with pytest.raises(StoreError, match=r'refuses O_DIRECT; set direct_io = "auto"'):
             cache.update(0, {"h": random_tensor(torch.float32, (64, 64))})
         assert cache.fetch(0) == {}
@@ -134,7 +134,7 @@ def test_mmap_reads_are_zero_copy_and_not_promoted(tmp_path):
     config = CacheConfig(
         host_bytes="1MiB", inline_bytes=0, disk_path=str(tmp_path), read_mode="mmap"
     )
-    with IntermediatesCache.empty(2, config=config) as cache:
+    with IntermediatesCache.empty(2, "cpu", config=config) as cache:
         big = random_tensor(torch.bfloat16, (1024, 1024))  # 2 MiB: does not fit the host tier
         cache.update(0, {"h": big})
         cache.flush()

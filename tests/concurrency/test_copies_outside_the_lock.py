@@ -12,7 +12,7 @@ from spillcache import CacheConfig, IntermediatesCache
 
 def test_another_threads_fetch_completes_during_a_slow_transfer(tmp_path):
     config = CacheConfig(host_bytes="1MiB", inline_bytes=0, disk_path=str(tmp_path))
-    with IntermediatesCache.empty(2, config=config) as cache:
+    with IntermediatesCache.empty(2, "cpu", config=config) as cache:
         stored = random_tensor(torch.float32, (32, 32), 1)
         cache.update(1, {"h": stored})
         slow = random_tensor(torch.float32, (32, 64), 2)[:, ::2]  # a view: it is copied

@@ -16,7 +16,7 @@ SHAPE = (32, 32)
 
 def make(tmp_path, batches: int, **settings) -> IntermediatesCache:
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
-    cache = IntermediatesCache.empty(batches, config=config)
+    cache = IntermediatesCache.empty(batches, "cpu", config=config)
     for index in range(batches):
         cache.update(index, {"h": random_tensor(torch.int64, SHAPE, index)})
     cache.flush()  # every value is on disk only

@@ -48,7 +48,7 @@ class SpyCondition(threading.Condition):
 
 def make(tmp_path, **settings) -> IntermediatesCache:
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
-    return IntermediatesCache.empty(4, config=config)
+    return IntermediatesCache.empty(4, "cpu", config=config)
 
 
 def test_update_returns_before_the_write_and_reads_come_from_the_buffer(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ ROOM = footprint(KIB64)  # what one 64 KiB value may take on disk, files and met
 
 def make(disk_path, num_batches: int = 4, **settings) -> IntermediatesCache:
     settings = {"host_bytes": 0, "inline_bytes": 0, "disk_path": disk_path} | settings
-    return IntermediatesCache.empty(num_batches, config=CacheConfig(**settings))
+    return IntermediatesCache.empty(num_batches, "cpu", config=CacheConfig(**settings))
 
 
 def state(cache: IntermediatesCache) -> dict:

@@ -25,7 +25,7 @@ KIB64 = 64 * 2**10
 
 def make(disk_path, **settings) -> IntermediatesCache:
     settings = {"host_bytes": 0, "inline_bytes": 0, "disk_path": str(disk_path)} | settings
-    return IntermediatesCache.empty(4, config=CacheConfig(**settings))
+    return IntermediatesCache.empty(4, "cpu", config=CacheConfig(**settings))
 
 
 @pytest.mark.parametrize("when", ["between-writes", "during-a-write"])

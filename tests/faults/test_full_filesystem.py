@@ -73,7 +73,7 @@ def value(seed: int) -> torch.Tensor:
 
 def make(disk: Path) -> IntermediatesCache:
     config = CacheConfig(host_bytes=4 * MIB, inline_bytes=0, disk_path=str(disk / "spill"))
-    return IntermediatesCache.empty(OFFERED // VALUE, config=config)
+    return IntermediatesCache.empty(OFFERED // VALUE, "cpu", config=config)
 
 
 def offer(cache: IntermediatesCache) -> tuple[int, DiskFullError]:

@@ -31,7 +31,7 @@ def filled(tmp_path, **settings):
     config = CacheConfig(
         host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), **settings
     )
-    cache = IntermediatesCache.empty(2, config=config)
+    cache = IntermediatesCache.empty(2, "cpu", config=config)
     values = {(0, "a"): unaligned(KIB64, 0), (0, "b"): unaligned(KIB64, 1)}
     values[(1, "a")] = unaligned(KIB64, 2)
     for (batch, key), value in values.items():

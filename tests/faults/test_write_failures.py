@@ -24,7 +24,7 @@ CHUNK = "/c."  # a chunk file (its .partial name while written), not a zarr.json
 
 def make(tmp_path, num_batches: int = 4, **settings) -> IntermediatesCache:
     settings = {"host_bytes": 0, "inline_bytes": 0, "disk_path": str(tmp_path / "spill")} | settings
-    return IntermediatesCache.empty(num_batches, config=CacheConfig(**settings))
+    return IntermediatesCache.empty(num_batches, "cpu", config=CacheConfig(**settings))
 
 
 def aio_works() -> bool:

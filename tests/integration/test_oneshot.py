@@ -76,7 +76,15 @@ def test_spillcache_gives_the_stock_weights_bit_for_bit(recipe, prefetch, stock_
 
 def test_the_docs_inspect_example_is_what_a_kept_store_shows(tmp_path):
     """docs/llmcompressor.md shows `spillcache inspect` of this very run's store."""
+    import importlib.metadata
     import re
+
+    made_with = (0, 14)  # llm-compressor 0.13 caches None for the causal mask instead
+    installed = tuple(
+        int(part) for part in importlib.metadata.version("llmcompressor").split(".")[:2]
+    )
+    if installed != made_with:
+        pytest.skip(f"the docs example shows what llm-compressor {made_with} caches")
     import subprocess
     from pathlib import Path
 

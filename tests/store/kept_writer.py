@@ -60,7 +60,7 @@ def say(line: str) -> None:
 
 def main() -> None:
     disk_dir, scenario = sys.argv[1], sys.argv[2]
-    cache = IntermediatesCache.empty(0, config=config(disk_dir, keep=scenario != "not_kept"))
+    cache = IntermediatesCache.empty(0, "cpu", config=config(disk_dir, keep=scenario != "not_kept"))
     for batch in range(BATCHES):
         cache.append(batch_values(batch))
     if scenario in ("never_flushed", "not_kept"):

@@ -108,7 +108,7 @@ def test_flushed_entries_come_back_bit_for_bit_after_sigkill(tmp_path, capsys):
 
 def test_every_array_records_its_batch_and_key(tmp_path):
     config = kept_writer.config(str(tmp_path))
-    with IntermediatesCache.empty(0, config=config) as cache:
+    with IntermediatesCache.empty(0, "cpu", config=config) as cache:
         for batch in range(3):
             cache.append(kept_writer.batch_values(batch))
         cache.update(1, {"h": kept_writer.value(1, "h", 1)})
@@ -140,7 +140,7 @@ def test_a_flush_cut_short_leaves_every_batch_as_the_flush_before(tmp_path):
 def test_a_failed_flush_is_rewritten_whole_by_the_next(tmp_path, monkeypatch):
     """A flush that fails half-way may have written a batch that then goes back to what
     the flush before recorded: the next flush writes it again, not "unchanged"."""
-    with IntermediatesCache.empty(2, config=kept_writer.config(str(tmp_path))) as cache:
+    with IntermediatesCache.empty(2, "cpu", config=kept_writer.config(str(tmp_path))) as cache:
         cache.update(0, {"n": 1})
         cache.update(1, {"n": 1})
         cache.flush()
@@ -165,7 +165,7 @@ def test_a_failed_flush_is_rewritten_whole_by_the_next(tmp_path, monkeypatch):
 
 
 def test_a_store_whose_process_runs_is_refused(tmp_path):
-    with IntermediatesCache.empty(1, config=kept_writer.config(str(tmp_path))) as cache:
+    with IntermediatesCache.empty(1, "cpu", config=kept_writer.config(str(tmp_path))) as cache:
         cache.update(0, kept_writer.batch_values(0))
         cache.flush()
         with pytest.raises(StoreFormatError, match=r"not complete and its process .* still runs"):
@@ -205,7 +205,7 @@ def test_flush_writes_with_the_pool_lock_released(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Store, "write_tensor", blocking_write)
     first = IntermediatesCache([{"h": random_tensor(torch.float32, (64, 64))}], config=config)
-    second = IntermediatesCache.empty(1, config=config)
+    second = IntermediatesCache.empty(1, "cpu", config=config)
     flusher = threading.Thread(target=first.flush, name="flusher")
     flusher.start()
     try:
@@ -235,7 +235,7 @@ def test_a_deletion_cut_short_leaves_a_half_written_array_that_never_stops_an_op
     """Deleting an array removes its zarr.json first: a crash mid-deletion leaves what a
     crash mid-write leaves (no zarr.json), which opening a store passes over."""
     config = kept_writer.config(str(tmp_path))
-    with IntermediatesCache.empty(1, config=config) as cache:
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
         cache.update(0, kept_writer.batch_values(0))
     path = Path(cache.store_path)
     store = Store.open(path)

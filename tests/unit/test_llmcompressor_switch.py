@@ -103,7 +103,7 @@ def test_caches_built_through_the_switch_use_its_config_and_count(fake_llmcompre
         cache_class = fake_llmcompressor("pipelines.sequential.pipeline").IntermediatesCache
         collected = cache_class(None, offload_device=None)  # as AWQ builds them: never closed
         collected.append({"hidden": torch.arange(64.0)})
-        closed = cache_class.empty(1)
+        closed = cache_class.empty(1, "cpu")
         closed.update(0, {"hidden": torch.arange(32.0)})
         assert closed.config is config
         collected.flush()  # close() drops writes still queued (the store goes anyway)
@@ -121,7 +121,7 @@ def test_config_given_as_a_toml_path(fake_llmcompressor, tmp_path):
     path = tmp_path / "spill.toml"
     path.write_text('host_bytes = "3MiB"\n')
     with integration.enable(path, prefetch_depth=3) as switch:
-        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1)
+        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1, "cpu")
         assert (cache.config.host_bytes, cache.config.prefetch_depth) == (3 * 2**20, 3)
         cache.close()
     assert switch.config.prefetch_depth == 3
@@ -130,7 +130,7 @@ def test_config_given_as_a_toml_path(fake_llmcompressor, tmp_path):
 def test_without_config_each_cache_reads_the_environment(fake_llmcompressor, monkeypatch):
     with integration.enable():
         monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "5MiB")
-        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1)
+        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1, "cpu")
         assert cache.config.host_bytes == 5 * 2**20
         cache.close()
 
@@ -193,7 +193,7 @@ def test_switch_disable_is_idempotent_and_spares_a_later_switch(fake_llmcompress
 def test_a_cache_closed_then_collected_counts_once(fake_llmcompressor, tmp_path):
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     with integration.enable(config) as switch:
-        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1)
+        cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1, "cpu")
         cache.update(0, {"hidden": torch.arange(16.0)})
         cache.flush()
         cache.close()
@@ -210,7 +210,7 @@ def test_stats_survives_a_collection_that_closes_a_cache_inside_it(
     """The collector may run a cache's finalizer on the thread that is inside stats()."""
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     switch = integration.enable(config)
-    cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1)
+    cache = fake_llmcompressor("pipelines.cache").IntermediatesCache.empty(1, "cpu")
     cache.update(0, {"hidden": torch.arange(8.0)})
     cache.flush()
     cache.cycle = cache  # only the cyclic collector frees it
