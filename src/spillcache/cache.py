@@ -180,9 +180,9 @@ class IntermediatesCache:
                     pending.append(self._core.submit_fetch(next_index, input_names))
                     next_index += 1
                 start = time.perf_counter()
-                generation, values, ready = pending.popleft().result()
+                generation, values, ready, read = pending.popleft().result()
                 self._core.add_stall(time.perf_counter() - start)
-                self._core.mark_read(batch_index)
+                self._core.mark_read(batch_index, read)
                 if generation != self._core.generation(batch_index):
                     values = self.fetch(batch_index, input_names)
                 elif ready:

@@ -21,6 +21,7 @@ from . import format as store_format
 from .config import AUTO, CacheConfig, parse_size
 from .dtypes import dtype_name
 from .errors import SpillCacheError, StoreCorruptError
+from .plan_cli import add_plan_command
 
 __all__ = ["main"]
 
@@ -87,6 +88,10 @@ def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
         if notes:
             resolved = parents[0] if len(parents) == 1 else parents
             here["disk_path"] = ({"resolved": resolved}, "; ".join(notes))
+    if config.device_bytes == AUTO:
+        here["device_bytes"] = _device_bytes_here()
+    if config.direct_io == AUTO:
+        here["direct_io"] = _direct_io_here(config.disk_path)
     if info is not None:
         here["budget_scope"] = (
             {"rank": dataclasses.asdict(info)},
@@ -94,6 +99,58 @@ def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
             f"run {info.run_id}",
         )
     return here
+
+
+def _device_bytes_here() -> tuple[dict, str]:
+    """device_bytes "auto": what CacheCore makes of it for each kind of offload_device,
+    and whether this machine has an accelerator to keep values on at all."""
+    accelerator = None
+    api = getattr(torch, "accelerator", None)  # torch 2.6+: CUDA, ROCm, XPU, MPS, ...
+    if api is not None and api.is_available():
+        accelerator = {"type": api.current_accelerator().type, "count": api.device_count()}
+    elif api is None and torch.cuda.is_available():
+        accelerator = {"type": "cuda", "count": torch.cuda.device_count()}
+    if accelerator is None:
+        where = "no accelerator here"
+    else:
+        count = accelerator["count"]
+        where = f"accelerator here: {count} {accelerator['type']} device{'s' * (count != 1)}"
+    note = f"= 0 offloading to the CPU, else no limit: values stay put; {where}"
+    # null: no limit. offload_device "cpu" is IntermediatesCache's default.
+    resolved = {"offload_device_cpu": 0, "offload_device_none_or_accelerator": None}
+    return {"resolved": resolved, "accelerator": accelerator}, note
+
+
+def _direct_io_here(disk_path: str | tuple[str, ...] | None) -> tuple[dict, str]:
+    """direct_io "auto": whether each disk_path directory takes O_DIRECT, asked of the
+    store format's own decision (one probe file, written and removed)."""
+    from . import ranks
+
+    if disk_path is None:
+        return {"resolved": None}, "unused: no disk tier"
+    answers, notes, errors = [], [], {}
+    for disk_dir in _disk_dirs(disk_path):
+        # A store directory is made on first use: probe the filesystem it will be made on.
+        probed = ranks.store_parent(disk_dir).absolute()
+        while not probed.exists() and probed != probed.parent:
+            probed = probed.parent
+        try:
+            direct = store_format._resolve_direct_io(probed, AUTO)
+        except OSError as error:  # unwritable, say: the cache itself would fail there too
+            answers.append(None)
+            errors[disk_dir] = str(error)
+            notes.append(f"cannot tell for {disk_dir}: {error.strerror or error}")
+            continue
+        answers.append(direct)
+        notes.append(
+            f"= true: {probed} takes O_DIRECT"
+            if direct
+            else f"= false: {probed} refuses O_DIRECT (buffered I/O there)"
+        )
+    figures: dict[str, Any] = {"resolved": answers[0] if len(answers) == 1 else answers}
+    if errors:
+        figures["errors"] = errors
+    return figures, "; ".join(notes)
 
 
 def _setting_text(name: str, value: Any) -> str:
@@ -433,18 +490,41 @@ def _demo(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         layers=args.layers,
         config=config,
-        progress=True,
+        # tqdm draws on stderr; with --json a script reading stderr gets no bar lines
+        # unless a person is watching it.
+        progress=not args.json or sys.stderr.isatty(),
     )
     print(_demo_summary(args, result))
     return 0 if result.identical else 1
 
 
 def _demo_summary(args: argparse.Namespace, result: Any) -> str:
-    """The demo's figures, every one from the run (stats() and the two timings)."""
+    """The demo's figures, every one from the run (stats() and the two timings): a
+    table for people, or with --json one JSON object (keys in docs/cli.md)."""
     from .demo import hidden_state_bytes
 
     stats = result.stats
     host, disk = stats["host"], stats["disk"]
+    # stats() names the store even once it is deleted; it is left by --keep-store or by
+    # the config's keep_store.
+    kept = disk["path"] if disk["path"] is not None and Path(disk["path"]).is_dir() else None
+    if args.json:
+        return json.dumps({
+            "identical": result.identical,
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "cached_bytes": result.cached_bytes,
+            "host_bytes": host["budget"],
+            "disk_written_bytes": disk["bytes_written"],
+            "disk_read_bytes": disk["bytes_read"],
+            "stall_seconds": stats["stall_seconds"],
+            "wall_seconds": result.wall_seconds,
+            "reference_seconds": result.reference_seconds,
+            "store_path": kept,
+            "stats": stats,
+        })  # fmt: skip
     hidden = hidden_state_bytes(args.samples, args.seq_len, args.hidden)
     masks = result.cached_bytes - hidden
     share = f"{host['budget'] / result.cached_bytes:.0%} of the activations"
@@ -461,8 +541,8 @@ def _demo_summary(args: argparse.Namespace, result: Any) -> str:
         ["stalled on I/O", f"{stats['stall_seconds']:.2f} s"],
         ["wall time", f"{wall:.2f} s (all in RAM: {reference:.2f} s, {wall / reference:.2f}x)"],
     ]
-    if disk["path"] is not None and args.keep_store:
-        rows.append(["store kept at", disk["path"]])
+    if kept is not None:
+        rows.append(["store kept at", kept])
     width = max(len(name) for name, _ in rows)
     lines = [f"{name.ljust(width)} : {value}" for name, value in rows] + [""]
 
@@ -530,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the store after the run and print its path (default: delete it)",
     )
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as one JSON object, nothing else on stdout; progress bars "
+        "only where stderr is a terminal (default: a table)",
+    )
     demo.set_defaults(run=_demo)
 
     config = commands.add_parser(
@@ -567,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("--json", action="store_true")
     du.set_defaults(run=_du)
 
+    add_plan_command(commands)
     gc = commands.add_parser("gc", help="remove stores whose process is dead (dry run)")
     gc.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")
     gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")

@@ -314,13 +314,17 @@ class CacheCore:
 
     def fetch_versioned(
         self, batch_index: int, input_names: Collection[str] | None, *, by_reader: bool = True
-    ) -> tuple[int, dict[str, Any], Ready]:
-        """The batch's values, its generation (bumped by every update and delete), and the
-        device copies still in flight (only for prefetch: ``Ready.wait()`` before use).
+    ) -> Fetched:
+        """The batch's values, its generation (bumped by every update and delete), the
+        device copies still in flight (only for prefetch: ``Ready.wait()`` before use),
+        and the values read from disk whose promotion waits for the reader.
 
         ``by_reader`` is False for prefetch jobs: they read ahead of the caller, so they
-        neither move the scan policy's position nor count as the caller's stall, and they
-        onload on a side stream.
+        neither move the scan policy's position nor count as the caller's stall, they
+        onload on a side stream, and what they read is promoted into the host tier only
+        when the caller takes the batch (``mark_read``): at the same point of the
+        caller's updates and deletes as a plain fetch, so the tiers end up the same
+        however the threads interleave.
         """
         with self._lock:
             self._check_open(report=by_reader)  # a prefetch job would lose the report
@@ -330,18 +334,23 @@ class CacheCore:
             generation = self._generations[index]
             entries = _selected(self._batches[index], input_names)
             loads = reads.plan(self.placement, _records_in(entries))
-        tensors = self._finish_loads(loads, by_reader=by_reader)
+        deferred: list[tuple[TensorRecord, torch.Tensor]] = []
+        tensors = self._finish_loads(loads, by_reader=by_reader, deferred=deferred)
         ready = Ready()
         side = None if by_reader else ready
         values = {key: self._assemble(entry, tensors, side) for key, entry in entries}
-        return generation, values, ready
+        return Fetched(generation, values, ready, deferred)
 
-    def mark_read(self, batch_index: int) -> None:
-        """The caller took a prefetched batch: the scan policy's position moves to it."""
+    def mark_read(self, batch_index: int, read: list[tuple[TensorRecord, torch.Tensor]]) -> None:
+        """The caller took a prefetched batch: the scan policy's position moves to it,
+        and the values its prefetch read from disk are promoted as a fetch would."""
         with self._lock:
             self.placement.tenants.reached(
                 self.tenant, self._index(batch_index), len(self._batches)
             )
+            for record, tensor in read:
+                self.placement.promote(record, tensor)
+            self._submit_writes()
 
     def generation(self, batch_index: int) -> int:
         with self._lock:
@@ -362,8 +371,16 @@ class CacheCore:
         with self._lock:
             self._stall_seconds += seconds
 
-    def _finish_loads(self, loads: reads.Loads, *, by_reader: bool, asked: bool = False) -> dict:
-        """Read what ``loads`` holds (lock NOT held), then promote and release under it."""
+    def _finish_loads(
+        self,
+        loads: reads.Loads,
+        *,
+        by_reader: bool,
+        asked: bool = False,
+        deferred: list | None = None,
+    ) -> dict:
+        """Read what ``loads`` holds (lock NOT held), then promote and release under it
+        (a prefetch's promotions go to ``deferred``, for ``mark_read``)."""
         if not loads.held:
             return loads.found
         start = time.perf_counter()
@@ -373,6 +390,9 @@ class CacheCore:
                 record.loading = None
                 if record.rid in loads.read:
                     promote = not self._maps(record)
+                    if promote and not by_reader and deferred is not None:
+                        deferred.append((record, loads.read[record.rid]))
+                        promote = False
                     self.placement.read_done(
                         record, loads.read[record.rid], promote=promote, asked=asked
                     )
@@ -544,6 +564,13 @@ class CacheCore:
         current = self.io.current_job()  # a finalizer may run on a pool thread, in a job
         running = [job for job in jobs if job is not current and not job.cancel()]
         concurrent.futures.wait(running)
+
+
+class Fetched(NamedTuple):
+    generation: int
+    values: dict[str, Any]
+    ready: Ready
+    read: list[tuple[TensorRecord, torch.Tensor]]  # promoted when the caller takes them
 
 
 class _Prepared(NamedTuple):

@@ -3,11 +3,13 @@ cached activations spill to disk.
 
 Uses the public API only. A model of ``layers`` pre-norm decoder blocks (causal
 self-attention and a gated MLP) is built with random weights from a seed: nothing is
-downloaded. As llm-compressor's sequential pipeline does, each block gets a calibration
-pass (hooks accumulate the GPTQ statistic X^T X of every linear layer's input, in
-float32 as GPTQ does) and a propagation pass (the block's output becomes the next
-block's input; the consumed input is deleted). Every batch caches its hidden state and
-its causal mask, as the pipeline caches a layer's inputs. The same run with everything
+downloaded. The cache is used as llm-compressor's sequential pipeline uses it, call for
+call: filled with token ids, then a subgraph making the embeddings and the causal
+mask, then one per block, each with a calibration pass (hooks accumulate the GPTQ
+statistic X^T X of every linear layer's input, in float32 as GPTQ does) and a
+propagation pass (the block's output stored as the next block's input, then the
+consumed input deleted). Every batch caches its hidden state and its causal mask, as
+the pipeline caches a layer's inputs. The same run with everything
 in RAM gives the reference, and every statistic must match bit for bit.
 
 Inputs are made batch by batch from the seed as the cache is filled: outside its cache,
@@ -45,11 +47,9 @@ VOCAB = 1000
 # The defaults of `spillcache demo`: 512 samples of 256 tokens at hidden size 256 cache
 # 128 MiB of float32 hidden states and 32 MiB of causal masks. The default host budget,
 # a quarter of that (40 MiB), leaves three quarters of every pass on disk, so the disk
-# tier does real work: about 0.3 GiB written and 0.6 GiB read back. On the project's
-# 2-core machine the whole command (all in RAM, then the spilling run) takes 20-30 s
-# (22 s and 29 s measured), nearly all of it the model's float32 matmuls: time grows
-# linearly with samples x layers. Three layers are the fewest that rewrite every cached
-# hidden state twice. (The tests pass small sizes.)
+# tier does real work (figures and times: docs/benchmarks.md); nearly all the time is
+# the model's float32 matmuls, growing linearly with samples x layers. Three layers are
+# the fewest that rewrite every cached hidden state twice. (The tests pass small sizes.)
 DEFAULT_SIZES = {"samples": 512, "seq_len": 256, "hidden": 256, "layers": 3}
 
 
@@ -146,48 +146,74 @@ def _model(layers: int, hidden: int, seed: int) -> tuple[nn.Embedding, list[Deco
     return embed, blocks
 
 
-def _batch(embed: nn.Embedding, seq_len: int, seed: int, index: int) -> dict:
-    """Sample ``index``'s inputs, the same whenever they are made."""
+def _tokens(seq_len: int, seed: int, index: int) -> torch.Tensor:
+    """Sample ``index``'s token ids, the same whenever they are made."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    tokens = torch.randint(0, VOCAB, (1, seq_len), generator=generator)
-    causal_mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    return {"hidden": embed(tokens), "causal_mask": causal_mask, "position": index}
+    return torch.randint(0, VOCAB, (1, seq_len), generator=generator)
+
+
+def hidden_key(block: int) -> str:
+    """The key of block ``block``'s input hidden states (block 0's: the embeddings)."""
+    return f"hidden.{block}"
 
 
 def _pipeline(
-    cache: IntermediatesCache, blocks: list[DecoderBlock], progress: bool, label: str
+    cache: IntermediatesCache,
+    embed: nn.Embedding,
+    blocks: list[DecoderBlock],
+    progress: bool,
+    label: str,
 ) -> dict[str, torch.Tensor]:
-    """The sequential pipeline's loop; returns every linear layer's X^T X."""
+    """llm-compressor's sequential pipeline, call for call (``spillcache plan`` predicts
+    its disk traffic from that order): subgraph 0 makes the embeddings and the causal
+    mask from the token ids, subgraph k runs block k-1. Each subgraph has a calibration
+    pass (fetches only; hooks accumulate the statistics) and a propagation pass that
+    stores its outputs, then deletes the inputs it consumed; the last subgraph's
+    propagation pass only reads. Returns every linear layer's X^T X."""
     hessians: dict[str, torch.Tensor] = {}
-    names = ["hidden", "causal_mask"]
-    for index, block in enumerate(blocks):
-        handles = []
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                key = f"layers.{index}.{name}"
-                hessians[key] = torch.zeros(module.in_features, module.in_features)
-
-                def accumulate(_, inputs, __, key=key):
-                    x = inputs[0].reshape(-1, inputs[0].shape[-1])
-                    hessians[key].addmm_(x.T, x)
-
-                handles.append(module.register_forward_hook(accumulate))
+    for subgraph in range(len(blocks) + 1):
+        block = blocks[subgraph - 1] if subgraph else None
+        names = ["input_ids"] if block is None else [hidden_key(subgraph - 1), "causal_mask"]
+        handles = [] if block is None else _statistics_hooks(block, subgraph - 1, hessians)
         bar = dict(total=len(cache), leave=False, disable=not progress)
-        for inputs in tqdm(
-            cache.iter_prefetch(names), desc=f"{label}layer {index} calibrate", **bar
-        ):
-            block(inputs["hidden"], inputs["causal_mask"])
+        passes = tqdm(cache.iter_prefetch(names), desc=f"{label}{subgraph} calibrate", **bar)
+        for inputs in passes:
+            if block is not None:
+                block(inputs[hidden_key(subgraph - 1)], inputs["causal_mask"])
         for handle in handles:
             handle.remove()
-        if index == len(blocks) - 1:
-            break
-        batches = tqdm(cache.iter_prefetch(names), desc=f"{label}layer {index} propagate", **bar)
-        for batch_index, inputs in enumerate(batches):
-            output = block(inputs["hidden"], inputs["causal_mask"])
+        last = subgraph == len(blocks)
+        passes = tqdm(cache.iter_prefetch(names), desc=f"{label}{subgraph} propagate", **bar)
+        for batch_index, inputs in enumerate(passes):
+            if last:
+                continue  # its outputs are not cached: the pass only reads
+            if block is None:
+                seq_len = inputs["input_ids"].shape[-1]
+                mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+                outputs = {hidden_key(0): embed(inputs["input_ids"]), "causal_mask": mask}
+            else:
+                hidden = block(inputs[hidden_key(subgraph - 1)], inputs["causal_mask"])
+                outputs = {hidden_key(subgraph): hidden}
             del inputs
-            cache.delete(batch_index, ["hidden"])
-            cache.update(batch_index, {"hidden": output})
+            cache.update(batch_index, outputs)
+            cache.delete(batch_index, names[:1])
     return hessians
+
+
+def _statistics_hooks(block: DecoderBlock, index: int, hessians: dict) -> list:
+    """Hooks adding every linear layer's X^T X of ``block`` into ``hessians``."""
+    handles = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            key = f"layers.{index}.{name}"
+            hessians[key] = torch.zeros(module.in_features, module.in_features)
+
+            def accumulate(_, inputs, __, key=key):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                hessians[key].addmm_(x.T, x)
+
+            handles.append(module.register_forward_hook(accumulate))
+    return handles
 
 
 def calibrate(
@@ -208,8 +234,8 @@ def calibrate(
     embed, blocks = _model(layers, hidden, seed)
     with torch.no_grad():
         # Untimed: torch's lazy set-up would otherwise land on whichever run is first.
-        warm = _batch(embed, seq_len, seed, 0)
-        blocks[0](warm["hidden"], warm["causal_mask"])
+        warm = embed(_tokens(seq_len, seed, 0))
+        blocks[0](warm, torch.ones(seq_len, seq_len, dtype=torch.bool).tril())
         del warm
         gc.collect()
         start = time.perf_counter()
@@ -217,9 +243,9 @@ def calibrate(
             fill = tqdm(
                 range(samples), desc=f"{label}fill the cache", leave=False, disable=not progress
             )
-            for index in fill:
-                cache.update(index, _batch(embed, seq_len, seed, index))
-            hessians = _pipeline(cache, blocks, progress, label)
+            for index in fill:  # as from_dataloader fills it: the token ids
+                cache.update(index, {"input_ids": _tokens(seq_len, seed, index), "position": index})
+            hessians = _pipeline(cache, embed, blocks, progress, label)
             stats = cache.stats()
         seconds = time.perf_counter() - start
     return DemoRun(hessians, stats, seconds)

@@ -478,7 +478,13 @@ class Placement:
         """
         self._count(record.tenant, "disk.hits")
         self._count(record.tenant, "disk.bytes_read", record.nbytes)
-        if not promote or not record.alive or record.resident is not None:
+        if promote:
+            self.promote(record, tensor, asked=asked)
+
+    def promote(self, record: TensorRecord, tensor: torch.Tensor, *, asked: bool = False) -> None:
+        """Put a value read from disk into the host tier where the policy finds it room
+        (a record deleted or brought up meanwhile stays as it is)."""
+        if not record.alive or record.resident is not None:
             return
         try:
             if self._make_room(self.host, record, reading=not asked):

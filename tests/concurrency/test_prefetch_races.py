@@ -72,7 +72,7 @@ def test_update_does_not_wait_for_a_read_in_flight(tmp_path, monkeypatch):
         assert_same(cache.fetch(0)["h"], torch.zeros(SHAPE, dtype=torch.int64))
         assert not future.done()
         blocked.release.set()
-        _, values, _ = future.result(timeout=30)
+        values = future.result(timeout=30).values
         assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
 
 
@@ -87,7 +87,7 @@ def test_delete_during_a_read_keeps_the_file_until_the_read_is_done(tmp_path, mo
         assert cache.fetch(1) == {}
         assert array.exists(), "the reader holds the record: its file must stay"
         blocked.release.set()
-        _, values, _ = future.result(timeout=30)
+        values = future.result(timeout=30).values
         assert_same(values["h"], random_tensor(torch.int64, SHAPE, 1))
         cache._core.io.wait_idle()  # files are deleted in the background
         assert not array.exists(), "the last holder gone, the file goes too"
@@ -135,3 +135,52 @@ def test_abandoned_iteration_and_close_join_the_threads(tmp_path):
     iterator.close()  # queued prefetches are cancelled
     cache.close()
     assert not any(t.name.startswith("spillcache-io") for t in threading.enumerate())
+
+
+def _tiers_after_a_propagation_pass(tmp_path, monkeypatch, order: str) -> dict:
+    """Three batches of one value each, a host tier of one value; a pass that replaces
+    each batch's value (update, then delete the old one), as llm-compressor's
+    propagation pass does. ``order``: plain ``iter``, or ``iter_prefetch`` with batch 1's
+    read forced to finish ``before`` or ``after`` batch 0's delete frees the host tier."""
+    value = random_tensor(torch.int64, SHAPE, 0)
+    config = CacheConfig(
+        host_bytes=value.nbytes, inline_bytes=0, disk_path=str(tmp_path), write_behind_bytes=0
+    )
+    cache = IntermediatesCache.empty(3, "cpu", config=config)
+    for index in range(3):  # batch 0 resident, 1 and 2 on disk
+        cache.update(index, {"h": random_tensor(torch.int64, SHAPE, index)})
+    core = cache._core
+    original = core._read_record
+    read_done, may_read = threading.Event(), threading.Event()
+
+    def gated(record):
+        if record.label.startswith("batch 1,") and order == "after":
+            assert may_read.wait(timeout=30)
+        tensor = original(record)
+        if record.label.startswith("batch 1,"):
+            read_done.set()
+        return tensor
+
+    monkeypatch.setattr(core, "_read_record", gated)
+    batches = cache.iter(["h"]) if order == "plain" else cache.iter_prefetch(["h"])
+    for index, _ in enumerate(batches):
+        if index == 0 and order == "before":
+            assert read_done.wait(timeout=30)
+        cache.update(index, {"g": random_tensor(torch.int64, SHAPE, 10 + index)})
+        cache.delete(index, ["h"])
+        may_read.set()
+    cache.flush()
+    stats = cache.stats()
+    placed = {tier: stats[tier]["bytes"] for tier in ("host", "disk")}
+    placed["written"], placed["read"] = stats["disk"]["bytes_written"], stats["disk"]["bytes_read"]
+    cache.close()
+    return placed
+
+
+def test_regression_a_prefetched_value_is_promoted_when_taken_not_when_read(tmp_path, monkeypatch):
+    """Caught by `spillcache plan`'s replays: a prefetch read that finished after the
+    caller freed room took that room, one that finished before did not, so the bytes a
+    run wrote depended on thread timing. Now both place values as a plain fetch does."""
+    plain = _tiers_after_a_propagation_pass(tmp_path / "plain", monkeypatch, "plain")
+    for order in ("before", "after"):
+        assert _tiers_after_a_propagation_pass(tmp_path / order, monkeypatch, order) == plain

@@ -131,7 +131,7 @@ def test_a_read_ahead_leaves_the_report_to_the_caller(tmp_path, syscalls):
     with make(tmp_path) as cache:
         cache.update(0, {"h": value})
         cache._core.io.wait_idle()  # its write has failed by now
-        _, values, _ = cache._core._prefetch(0, None)  # what a prefetch job runs
+        values = cache._core._prefetch(0, None).values  # what a prefetch job runs
         assert same_bits(values["h"], value)
         with pytest.raises(StoreError, match=r"(?s)failed since the last report.*batch 0"):
             cache.fetch(0)

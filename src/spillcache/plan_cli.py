@@ -1,0 +1,386 @@
+"""``spillcache plan``: what a calibration run will cache, and what it will ask of the
+disks, before it starts; with the config to run it with.
+
+The figures come from ``plan.replay`` (the run's cache calls replayed through a real
+cache at a reduced scale) and ``disk_probe`` (a few seconds of chunk files written and
+read in each disk path). Bad input exits 2 with one line naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import disk_probe, dtypes, sysinfo
+from .cleanup import format_bytes
+from .config import AUTO, CacheConfig, parse_size
+from .plan import ModelShape, Traffic, replay, sequential_pipeline
+
+__all__ = ["add_plan_command"]
+
+PROBE_SECONDS = 10.0  # at most, over every disk path
+ARRAY_OVERHEAD = 8192  # a chunk's last partial block and its zarr.json, at most
+# Below this a batch is small next to a drive's per-request latency: prefetch further.
+SMALL_BATCH = 4 << 20
+
+
+class PlanInputError(ValueError):
+    """Bad input: one line naming the option; exit status 2."""
+
+
+def add_plan_command(commands: Any) -> None:
+    plan = commands.add_parser(
+        "plan",
+        help="size a calibration run before it starts: what it caches, disk traffic, config",
+        description=(
+            "Predict what llm-compressor's sequential pipeline caches for a model, what "
+            "the disk tier writes and reads over the whole run at a host budget, the "
+            "disk space it needs, how long that I/O takes at the measured disk speed, "
+            "and the config to run it with."
+        ),
+    )
+    model = plan.add_argument_group("the model (a config.json, or its sizes)")
+    model.add_argument(
+        "--model", metavar="PATH", help="a Hugging Face config.json (or its directory)"
+    )
+    model.add_argument("--hidden", type=int, help="hidden size (without --model)")
+    model.add_argument("--layers", type=int, help="decoder layers (without --model)")
+    model.add_argument(
+        "--dtype",
+        help="activation dtype, e.g. bfloat16 (default: the model's; bfloat16 without --model)",
+    )
+    model.add_argument(
+        "--head-dim",
+        type=int,
+        help="rotary head dimension (default: the model's; none without --model)",
+    )
+    run = plan.add_argument_group("the run")
+    run.add_argument("--samples", type=int, default=512, help="calibration samples (default 512)")
+    run.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (default 2048)")
+    run.add_argument(
+        "--mask",
+        help="the causal mask cached per sample: none, bool or a dtype (default: the "
+        "activation dtype, as llm-compressor 0.14's eager attention caches it)",
+    )
+    run.add_argument("--recipe", choices=("gptq", "awq"), default="gptq", help="default gptq")
+    run.add_argument("--ranks", type=int, default=1, help="torchrun ranks on the node (default 1)")
+    node = plan.add_argument_group("the node")
+    node.add_argument(
+        "--host-bytes",
+        help="host RAM budget for the node (default: the config's, auto: half of --ram)",
+    )
+    node.add_argument(
+        "--disk-path",
+        nargs="+",
+        metavar="DIR",
+        help="one directory per drive (default: the config's)",
+    )
+    node.add_argument("--ram", help="the node's available RAM (default: this machine's)")
+    node.add_argument("--no-probe", action="store_true", help="do not measure the disks")
+    out = plan.add_argument_group("output")
+    out.add_argument("--check", action="store_true", help="exit 1 when the run will not fit")
+    out.add_argument("--write", metavar="FILE", help="write the recommended config as TOML")
+    out.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(run=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    try:
+        plan = make_plan(args)
+    except PlanInputError as error:
+        print(f"spillcache plan: {error}", file=sys.stderr)
+        return 2
+    if args.write:
+        Path(args.write).write_text(_toml(plan["config"]))
+    print(json.dumps(plan) if args.json else _text(plan))
+    return 1 if args.check and not plan["fits"] else 0
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _positive(name: str, value: int | None) -> int:
+    if value is None or value < 1:
+        raise PlanInputError(f"{name} must be a whole number >= 1, got {value}")
+    return value
+
+
+def _size(option: str, text: str) -> int:
+    try:
+        return parse_size(option, text)
+    except (ValueError, TypeError) as error:
+        raise PlanInputError(str(error)) from None
+
+
+def _dtype(option: str, name: str) -> torch.dtype:
+    try:
+        return dtypes.dtype_from_name(name.removeprefix("torch."))
+    except (ValueError, KeyError):
+        raise PlanInputError(
+            f"{option}: {name!r} is not a torch dtype (e.g. bfloat16, float32)"
+        ) from None
+
+
+def _model_config(path: str) -> dict:
+    file = Path(path)
+    file = file / "config.json" if file.is_dir() else file
+    try:
+        config = json.loads(file.read_text())
+    except OSError as error:
+        raise PlanInputError(f"--model: cannot read {file}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise PlanInputError(
+            f"--model: {file} is not JSON ({error.msg}, line {error.lineno})"
+        ) from None
+    config = config.get("text_config", config) if isinstance(config, dict) else config
+    if not isinstance(config, dict):
+        raise PlanInputError(f"--model: {file} is not a model config (a JSON object)")
+    missing = [
+        k for k in ("hidden_size", "num_hidden_layers") if not isinstance(config.get(k), int)
+    ]
+    if missing:
+        raise PlanInputError(
+            f"--model: {file} has no {' or '.join(missing)}; give --hidden and --layers instead"
+        )
+    return config
+
+
+def _shape(args: argparse.Namespace) -> tuple[ModelShape, int]:
+    seq_len = _positive("--seq-len", args.seq_len)
+    if args.model:
+        config = _model_config(args.model)
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        heads = config.get("num_attention_heads")
+        head_dim = config.get("head_dim") or (
+            hidden // heads if isinstance(heads, int) and heads else None
+        )
+        # No dtype in the config: transformers loads the weights in float32.
+        dtype_name = args.dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
+    else:
+        if args.hidden is None or args.layers is None:
+            raise PlanInputError("give --model PATH, or --hidden N and --layers N")
+        hidden, layers, head_dim = args.hidden, args.layers, args.head_dim
+        dtype_name = args.dtype or "bfloat16"
+    hidden = _positive("--hidden", hidden)
+    layers = _positive("--layers", layers)
+    head_dim = args.head_dim if args.head_dim is not None else head_dim
+    if head_dim is not None:
+        _positive("--head-dim", head_dim)
+    dtype = _dtype("--dtype", str(dtype_name))
+    mask_name = args.mask or str(dtype).removeprefix("torch.")
+    mask = None if mask_name == "none" else _dtype("--mask", mask_name)
+    return ModelShape(hidden, seq_len, dtype, mask, head_dim), layers
+
+
+def _node_config(args: argparse.Namespace, ram: int) -> CacheConfig:
+    base = CacheConfig.from_env()
+    host = base.host_bytes if args.host_bytes is None else _size("--host-bytes", args.host_bytes)
+    if host == AUTO:
+        host = ram // 2
+    paths = args.disk_path or _paths(base.disk_path)
+    for path in paths:
+        if not Path(path).is_dir():
+            raise PlanInputError(f"--disk-path: {path} is not an existing directory")
+    disk_path = paths[0] if len(paths) == 1 else tuple(paths)
+    return base.replace(host_bytes=host, disk_path=disk_path, budget_scope="node")
+
+
+def _paths(disk_path: Any) -> list[str]:
+    if disk_path in (AUTO, None):
+        import tempfile
+
+        return [tempfile.gettempdir()]
+    return [disk_path] if isinstance(disk_path, str) else list(disk_path)
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def make_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``spillcache plan`` says, as the JSON it prints."""
+    shape, layers = _shape(args)
+    samples = _positive("--samples", args.samples)
+    ranks = _positive("--ranks", args.ranks)
+    ram = sysinfo.available_ram() if args.ram is None else _size("--ram", args.ram)
+    node = _node_config(args, ram)
+    per_rank = math.ceil(samples / ranks)
+    rank_config = node.replace(
+        host_bytes=node.host_bytes // ranks,
+        write_behind_bytes=node.write_behind_bytes // ranks,
+        read_buffer_bytes=node.read_buffer_bytes // ranks,
+        disk_bytes=None,
+    )
+    workload = sequential_pipeline(shape, per_rank)
+    cached = workload(layers).cached()
+    per_sample = {}
+    for item in cached:
+        if item.what != "token ids":
+            per_sample[item.what] = per_sample.get(item.what, 0) + item.nbytes
+    per_sample["hidden states"] = shape.hidden_bytes()  # one layer's, not every layer's
+    sample_bytes = sum(per_sample.values())
+    traffic = replay(workload, layers, rank_config)
+    paths = _paths(node.disk_path)
+    tiered_keys = sum(1 for c in cached if c.nbytes >= node.inline_bytes and c.what != "token ids")
+    need = ranks * (traffic.disk_peak + (tiered_keys + 1) * per_rank * ARRAY_OVERHEAD)
+    need = need if traffic.disk_peak else 0
+    disks = [
+        _disk(path, need // len(paths), args.no_probe, len(paths), node.io_threads)
+        for path in paths
+    ]
+    written, read = ranks * traffic.written, ranks * traffic.read
+    io_seconds = _io_seconds(disks, written, read)
+    fits = all(d["free_bytes"] >= d["needed_bytes"] for d in disks) and node.host_bytes <= ram
+    plan = {
+        "model": {"hidden": shape.hidden, "layers": layers, "dtype": _name(shape.dtype),
+                  "mask": _name(shape.mask), "head_dim": shape.head_dim},
+        "samples": samples, "seq_len": shape.seq_len, "ranks": ranks, "recipe": args.recipe,
+        "per_sample_bytes": per_sample,
+        "cached_bytes": sample_bytes * samples,
+        "host_bytes": node.host_bytes, "ram_bytes": ram,
+        "fits_host": sample_bytes * samples <= node.host_bytes,
+        "disk_written_bytes": written, "disk_read_bytes": read, "disk_needed_bytes": need,
+        "disks": disks, "io_seconds": io_seconds, "fits": fits,
+        "replayed_layers": traffic.replayed_layers or layers,
+        "config": {}, "why": {},
+    }  # fmt: skip
+    _recommend(plan, node, per_sample, traffic)
+    if args.recipe == "awq":
+        plan["awq"] = _awq_note(shape, per_rank)
+    return plan
+
+
+def _name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _disk(path: str, needed: int, no_probe: bool, count: int, threads: int) -> dict[str, Any]:
+    disk = {"path": path, "free_bytes": shutil.disk_usage(path).free, "needed_bytes": needed}
+    if not no_probe:
+        speed = disk_probe.probe(path, seconds=PROBE_SECONDS / count, threads=threads)
+        disk["write_bytes_per_second"] = round(speed.write_bytes_per_second)
+        disk["read_bytes_per_second"] = round(speed.read_bytes_per_second)
+        disk["direct_io"] = speed.direct_io
+    return disk
+
+
+def _io_seconds(disks: list[dict], written: int, read: int) -> float | None:
+    """At the probed speeds, every drive working at once (arrays are spread evenly)."""
+    if not disks or "write_bytes_per_second" not in disks[0]:
+        return None
+    write = sum(d["write_bytes_per_second"] for d in disks)
+    read_speed = sum(d["read_bytes_per_second"] for d in disks)
+    return written / max(write, 1) + read / max(read_speed, 1)
+
+
+def _recommend(plan: dict, node: CacheConfig, per_sample: dict, traffic: Traffic) -> None:
+    config, why = plan["config"], plan["why"]
+    ranks, cached = plan["ranks"], plan["cached_bytes"]
+    if cached <= node.host_bytes:
+        config["host_bytes"] = cached + cached // 8
+        why["host_bytes"] = "holds every cached value (plus an eighth): no disk traffic"
+    else:
+        config["host_bytes"] = node.host_bytes
+        why["host_bytes"] = (
+            f"the budget given ({format_bytes(node.host_bytes)} for the node, "
+            f"{format_bytes(node.host_bytes // ranks)} per rank); the rest spills"
+        )
+    paths = [d["path"] for d in plan["disks"]]
+    config["disk_path"] = paths[0] if len(paths) == 1 else paths
+    why["disk_path"] = (
+        "one directory per drive: arrays spread over them"
+        if len(paths) > 1
+        else ("the only drive given; one directory per drive spreads the load over several")
+    )
+    if plan["disk_needed_bytes"]:
+        config["disk_bytes"] = plan["disk_needed_bytes"] + plan["disk_needed_bytes"] // 4
+        why["disk_bytes"] = (
+            "the run's peak on disk plus a quarter: a runaway run stops with a clear error"
+        )
+    batch = sum(per_sample.values())
+    config["prefetch_depth"] = 4 if batch < SMALL_BATCH else 2
+    why["prefetch_depth"] = f"a sample is {format_bytes(batch)}: " + (
+        "small next to a drive's latency, read further ahead"
+        if batch < SMALL_BATCH
+        else "2 batches ahead keep the drive busy"
+    )
+    config["eviction"] = "scan"
+    why["eviction"] = (
+        "keeps a fixed set of samples in RAM and streams the rest: the fewest reads per pass"
+    )
+    config["budget_scope"] = "node"
+    why["budget_scope"] = f"sizes are the node's, shared by its {ranks} rank(s)"
+
+
+def _awq_note(shape: ModelShape, samples: int) -> dict[str, Any]:
+    """AWQ's per-layer caches, as docs/llmcompressor.md measured them: not replayed."""
+    per_layer = 4 * shape.hidden_bytes() * samples  # attention, o_proj, mlp inputs; down_proj ~2x
+    return {
+        "per_layer_bytes": per_layer,
+        "note": (
+            "AWQ also caches each layer's module inputs (about 4x the hidden states) and "
+            "replays them 21 times while searching scales. They stay on the GPU for dense "
+            "models (offload_device None); with offload to the CPU they share the host "
+            "budget and what spills is read 21 times per layer. Not in the disk figures."
+        ),
+    }
+
+
+# ------------------------------------------------------------------ output
+
+
+def _toml(config: dict[str, Any]) -> str:
+    lines = ["# written by spillcache plan"]
+    for name, value in config.items():
+        lines.append(f"{name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _text(plan: dict[str, Any]) -> str:
+    model, f = plan["model"], format_bytes
+    lines = [
+        f"model: hidden {model['hidden']}, {model['layers']} layers, {model['dtype']}, "
+        f"mask {model['mask'] or 'none'}, rotary head dim {model['head_dim'] or 'none'}",
+        f"run: {plan['samples']} samples x {plan['seq_len']} tokens, "
+        f"{plan['ranks']} rank(s), {plan['recipe']}",
+        "",
+        "cached per sample: "
+        + ", ".join(f"{what} {f(n)}" for what, n in plan["per_sample_bytes"].items()),
+        f"cached per pass: {f(plan['cached_bytes'])} against a host budget of "
+        f"{f(plan['host_bytes'])}: "
+        + ("fits, nothing spills" if plan["fits_host"] else "spills to disk"),
+        f"whole run, disk: {f(plan['disk_written_bytes'])} written, "
+        f"{f(plan['disk_read_bytes'])} read",
+    ]
+    for disk in plan["disks"]:
+        line = f"  {disk['path']}: needs {f(disk['needed_bytes'])} of {f(disk['free_bytes'])} free"
+        if "write_bytes_per_second" in disk:
+            line += (
+                f"; measured {f(disk['write_bytes_per_second'])}/s write, "
+                f"{f(disk['read_bytes_per_second'])}/s read"
+            )
+        if disk["needed_bytes"] > disk["free_bytes"]:
+            line += "  WARNING: not enough free space: free some, or add a drive to disk_path"
+        lines.append(line)
+    if plan["replayed_layers"] < plan["model"]["layers"]:
+        lines.append(
+            f"  (an estimate: {plan['replayed_layers']} layers replayed, the others counted "
+            "as the last but one)"
+        )
+    if plan["io_seconds"] is not None:
+        lines.append(f"disk I/O at that speed: {plan['io_seconds']:.0f} s over the run")
+    if "awq" in plan:
+        lines.append(f"AWQ: {plan['awq']['note']}")
+    lines += ["", "recommended config (per node):"]
+    for name, value in plan["config"].items():
+        shown = f(value) if name.endswith("_bytes") else value
+        lines.append(f"  {name} = {shown}    # {plan['why'][name]}")
+    if not plan["fits"]:
+        lines.append("the run does not fit: see the warnings above")
+    return "\n".join(lines)

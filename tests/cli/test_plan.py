@@ -1,0 +1,157 @@
+"""``spillcache plan`` (issue 12): its predictions against runs that measure the same
+thing, its JSON and config output, and its errors."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from spillcache import CacheConfig, cli, plan_cli
+
+# The demo's sizes: 64 samples of 256 tokens, hidden 64 (64 KiB of hidden states and
+# 64 KiB of bool causal mask per sample: both tiered at the default inline_bytes).
+DEMO = ["--samples", "64", "--seq-len", "256", "--hidden", "64", "--layers", "3"]
+DEMO_BYTES = 64 * (256 * 64 * 4 + 256 * 256)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def planned(capsys, *argv: str) -> dict:
+    status, out, err = run(capsys, "plan", *argv, "--no-probe", "--json")
+    assert status == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
+def test_plan_predicts_the_demos_disk_traffic(capsys, tmp_path, fraction):
+    """Within 2 % (the order of cache calls is the same, so it should be exact)."""
+    budget = str(int(DEMO_BYTES * fraction))
+    status, out, err = run(capsys, "demo", *DEMO, "--host-bytes", budget, "--json")
+    assert status == 0, err
+    measured = json.loads(out)
+    assert measured["disk_written_bytes"] > 0 and measured["disk_read_bytes"] > 0
+    plan = planned(capsys, *DEMO, "--dtype", "float32", "--mask", "bool", "--host-bytes", budget)
+    assert plan["cached_bytes"] >= measured["cached_bytes"]  # position ids too, inline
+    for key in ("disk_written_bytes", "disk_read_bytes"):
+        assert abs(plan[key] - measured[key]) <= 0.02 * measured[key], (
+            key,
+            plan[key],
+            measured[key],
+        )
+
+
+def test_everything_in_ram_plans_no_disk_traffic(capsys):
+    plan = planned(capsys, *DEMO, "--dtype", "float32", "--mask", "bool", "--host-bytes", "1GiB")
+    assert plan["fits_host"] and plan["fits"]
+    assert plan["disk_written_bytes"] == plan["disk_read_bytes"] == plan["disk_needed_bytes"] == 0
+    assert plan["config"]["host_bytes"] >= plan["cached_bytes"]
+
+
+def test_json_keys_are_the_documented_ones(capsys):
+    plan = planned(capsys, *DEMO, "--host-bytes", "1MiB")
+    for key in ("cached_bytes", "disk_written_bytes", "disk_read_bytes", "disk_needed_bytes"):
+        assert isinstance(plan[key], int) and plan[key] > 0, key
+    assert set(plan["config"]) == set(plan["why"])
+    CacheConfig(**{k: v for k, v in plan["config"].items()})  # a valid config
+    documented = (Path(__file__).parents[2] / "docs" / "plan.md").read_text()
+    for key in plan:
+        assert f"`{key}`" in documented, key
+
+
+def test_a_model_config_sizes_hidden_states_mask_and_rotary(capsys, tmp_path):
+    config = {
+        "hidden_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "torch_dtype": "bfloat16", "model_type": "llama",
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plan = planned(capsys, "--model", str(tmp_path), "--samples", "4", "--seq-len", "128")
+    assert plan["model"] == {
+        "hidden": 512, "layers": 2, "dtype": "bfloat16", "mask": "bfloat16", "head_dim": 64,
+    }  # fmt: skip
+    assert plan["per_sample_bytes"] == {
+        "hidden states": 128 * 512 * 2,
+        "position ids": 128 * 8,
+        "causal mask": 128 * 128 * 2,
+        "rotary embeddings": 2 * 128 * 64 * 2,
+    }
+    assert plan["cached_bytes"] == 4 * sum(plan["per_sample_bytes"].values())
+
+
+def test_ranks_share_the_node_budget_and_split_the_samples(capsys):
+    one = planned(capsys, *DEMO, "--host-bytes", "2MiB")
+    two = planned(capsys, *DEMO, "--host-bytes", "4MiB", "--ranks", "2")
+    # Two ranks of 32 samples with 2 MiB each: per rank half of the one-rank run's
+    # samples and budget, so the node's traffic is a fixed point of that split.
+    assert two["cached_bytes"] == one["cached_bytes"]
+    assert two["disk_written_bytes"] < one["disk_written_bytes"]
+
+
+def test_write_gives_a_config_file_spillcache_reads(capsys, tmp_path):
+    target = tmp_path / "plan.toml"
+    plan = planned(capsys, *DEMO, "--host-bytes", "1MiB", "--write", str(target))
+    written = tomllib.loads(target.read_text())
+    assert written == plan["config"]
+    config = CacheConfig.from_file(target)
+    assert config.host_bytes == plan["config"]["host_bytes"]
+
+
+def test_check_exits_1_when_the_disk_is_too_small(capsys, tmp_path):
+    huge = ["--samples", "512", "--seq-len", "8192", "--hidden", "65536", "--layers", "2"]
+    status, out, _ = run(
+        capsys, "plan", *huge, "--host-bytes", "1GiB", "--disk-path", str(tmp_path),
+        "--no-probe", "--check",
+    )  # fmt: skip
+    assert status == 1
+    assert "WARNING: not enough free space" in out and "does not fit" in out
+    status, _, _ = run(capsys, "plan", *huge, "--host-bytes", "1GiB", "--no-probe")
+    assert status == 0  # without --check it only warns
+
+
+def test_the_probe_measures_each_disk_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_cli, "PROBE_SECONDS", 1.0)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    status, out, err = run(
+        capsys, "plan", *DEMO, "--host-bytes", "1MiB", "--disk-path", str(first), str(second),
+        "--json",
+    )  # fmt: skip
+    assert status == 0, err
+    plan = json.loads(out)
+    assert [d["path"] for d in plan["disks"]] == [str(first), str(second)]
+    for disk in plan["disks"]:
+        assert disk["write_bytes_per_second"] > 0 and disk["read_bytes_per_second"] > 0
+    assert plan["io_seconds"] > 0
+    assert plan["config"]["disk_path"] == [str(first), str(second)]
+    assert list(first.iterdir()) == list(second.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--samples", "0", "--hidden", "8", "--layers", "1"], "--samples"),
+        (["--hidden", "8"], "--layers"),
+        (["--hidden", "8", "--layers", "1", "--host-bytes", "12XB"], "host"),
+        (["--hidden", "8", "--layers", "1", "--disk-path", "/no/such/dir"], "--disk-path"),
+        (["--hidden", "8", "--layers", "1", "--dtype", "float77"], "--dtype"),
+        (["--hidden", "8", "--layers", "1", "--mask", "maybe"], "--mask"),
+        (["--model", "/no/such/config.json"], "--model"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_naming_the_option(capsys, argv, names):
+    status, out, err = run(capsys, "plan", *argv, "--no-probe")
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and names in err, err
+    assert "Traceback" not in err
+
+
+def test_a_model_config_without_the_sizes_names_what_is_missing(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    status, _, err = run(capsys, "plan", "--model", str(tmp_path), "--no-probe")
+    assert status == 2 and "hidden_size" in err and "--hidden" in err

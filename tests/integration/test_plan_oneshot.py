@@ -1,0 +1,48 @@
+"""``spillcache plan`` against a real llm-compressor GPTQ ``oneshot`` (issue 12): given
+the tiny Llama's config.json and the run's sizes and budgets, it predicts the bytes the
+disk tier wrote and read within 2 %."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip(
+    "llmcompressor",
+    reason="llm-compressor is not installed: pip install -e '.[llmcompressor]'",
+)
+
+from spillcache import CacheConfig, cli  # noqa: E402
+from spillcache.integrations import llmcompressor as integration  # noqa: E402
+from tiny_llama import SAMPLES, SEQ_LEN, calibrate, gptq_recipe, hidden_state_bytes  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("eighths", [1, 4])
+def test_plan_predicts_a_gptq_oneshot(tmp_path, capsys, monkeypatch, eighths):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    budget = hidden_state_bytes() * eighths // 8
+    # 1 KiB: the tests' tiny tensors (4-16 KiB) are tiered, as a real model's are.
+    config = CacheConfig(host_bytes=budget, inline_bytes=1024, disk_path=str(spill_dir))
+    with integration.enable(config) as switch:
+        calibrate(tmp_path / "model", gptq_recipe(), prefetch=True)
+    measured = switch.stats()["disk"]
+    assert measured["bytes_written"] > 0 and measured["bytes_read"] > 0
+
+    monkeypatch.setenv("SPILLCACHE_INLINE_BYTES", "1024")
+    argv = ["plan", "--model", str(tmp_path / "model"), "--samples", str(SAMPLES)]
+    argv += ["--seq-len", str(SEQ_LEN), "--host-bytes", str(budget)]
+    argv += ["--disk-path", str(spill_dir), "--no-probe", "--json"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for planned, key in (
+        ("disk_written_bytes", "bytes_written"),
+        ("disk_read_bytes", "bytes_read"),
+    ):
+        assert abs(plan[planned] - measured[key]) <= 0.02 * measured[key], (
+            planned, plan[planned], measured[key],
+        )  # fmt: skip
