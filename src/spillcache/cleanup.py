@@ -38,8 +38,9 @@ from pathlib import Path
 from . import format as store_format
 from . import owners
 from .config import CacheConfig
+from .text import format_bytes
 
-__all__ = ["SIGNALS", "format_bytes", "install_signal_handlers", "on_new_cache", "sweep"]
+__all__ = ["SIGNALS", "install_signal_handlers", "on_new_cache", "sweep"]
 
 log = logging.getLogger("spillcache")
 
@@ -195,10 +196,3 @@ def abandoned(attributes: dict) -> bool:
         and not attributes.get("complete")
         and store_format.owner_alive(attributes) is False
     )
-
-
-def format_bytes(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as store_format
-from .cleanup import format_bytes
+from .text import format_bytes
 
 __all__ = ["collect_garbage", "find_orphans", "verify_lines"]
 

@@ -30,11 +30,13 @@ from .cache import IntermediatesCache
 from .config import CacheConfig
 
 __all__ = [
+    "AWQ_READS",
     "Cached",
     "ModelShape",
     "Pass",
     "Traffic",
     "Workload",
+    "awq_caches",
     "replay",
     "sequential_pipeline",
 ]
@@ -69,6 +71,11 @@ class Pass:
     reads: tuple[str, ...]
     stores: tuple[Cached, ...] = ()
     deletes: tuple[str, ...] = ()
+    # Other caches of the same config filled during this pass, one sample each per
+    # batch fetched (AWQ's caches of a layer's module inputs), then, after the pass and
+    # one cache at a time: every batch pinned, ``side_reads`` full passes, dropped.
+    side_caches: tuple[tuple[Cached, ...], ...] = ()
+    side_reads: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,17 @@ class Workload:
     passes: tuple[Pass, ...]
 
     def cached(self) -> list[Cached]:
-        """Every tensor stored per sample, first of each key only (a layer's hidden
-        states replace the previous layer's)."""
+        """Every tensor the pipeline's cache stores per sample, first of each key only
+        (a layer's hidden states replace the previous layer's)."""
         seen: dict[str, Cached] = {}
         for item in (*self.fill, *(c for p in self.passes for c in p.stores)):
             seen.setdefault(item.key, item)
         return list(seen.values())
+
+    def sizes(self) -> set[int]:
+        """The size of every tensor stored, in any cache."""
+        side = (c for p in self.passes for cache in p.side_caches for c in cache)
+        return {c.nbytes for c in (*self.cached(), *side)}
 
 
 @dataclass(frozen=True)
@@ -101,21 +113,55 @@ class ModelShape:
     dtype: torch.dtype
     mask: torch.dtype | None
     head_dim: int | None = None
+    intermediate: int | None = None  # the MLP's width (AWQ caches down_proj's input)
+    o_proj_mapped: bool = False  # AWQ maps v_proj -> o_proj (as many kv heads as heads)
 
     def hidden_bytes(self) -> int:
         return self.seq_len * self.hidden * self.dtype.itemsize
 
 
+# AWQ replays each cache once unquantized and once per grid point (n_grid, 20).
+AWQ_READS = 21
+
+
+def awq_caches(shape: ModelShape) -> tuple[tuple[Cached, ...], ...]:
+    """What llm-compressor 0.14's AWQ caches per sample for one layer, one tuple per
+    mapping parent in forward order: the attention's inputs (its hidden states, rotary
+    embeddings, mask and position ids: copies of the pipeline's), o_proj's input where
+    v_proj -> o_proj is mapped, the MLP's input, down_proj's input."""
+    seq, size = shape.seq_len, shape.dtype.itemsize
+    attention = [Cached("hidden_states", shape.hidden_bytes(), "AWQ inputs")]
+    if shape.head_dim is not None:
+        attention += [
+            Cached(f"rotary_{p}", seq * shape.head_dim * size, "AWQ inputs") for p in ("cos", "sin")
+        ]
+    if shape.mask is not None:
+        attention.append(Cached("attention_mask", seq * seq * shape.mask.itemsize, "AWQ inputs"))
+    attention.append(Cached("position_ids", IDS * seq, "AWQ inputs"))
+    caches = [tuple(attention)]
+    if shape.o_proj_mapped:
+        caches.append((Cached("input", shape.hidden_bytes(), "AWQ inputs"),))
+    caches.append((Cached("x", shape.hidden_bytes(), "AWQ inputs"),))
+    intermediate = shape.intermediate or 4 * shape.hidden
+    caches.append((Cached("input", seq * intermediate * size, "AWQ inputs"),))
+    return tuple(caches)
+
+
 IDS = 8  # bytes of an int64 token id or position id
 
 
-def sequential_pipeline(shape: ModelShape, samples: int) -> Callable[[int], Workload]:
+def sequential_pipeline(
+    shape: ModelShape, samples: int, *, awq: bool = False
+) -> Callable[[int], Workload]:
     """llm-compressor's sequential pipeline (GPTQ and other one-pass recipes), call for
     call: the dataloader's token ids and attention mask per sample; subgraph 0 (the
     embeddings, position ids, causal mask and rotary embeddings) and subgraph k (layer
     k - 1) each make a calibration pass (fetches) and a propagation pass that stores
     the subgraph's outputs, then deletes the inputs it consumed; the last subgraph's
-    propagation pass only fetches. ``spillcache demo`` runs the same order."""
+    propagation pass only fetches. ``spillcache demo`` runs the same order. With ``awq``,
+    each layer's calibration pass also fills AWQ's caches of that layer (``awq_caches``),
+    in the same pool, replayed ``AWQ_READS`` times after the pass."""
+    side = awq_caches(shape) if awq else ()
     seq = shape.seq_len
     hidden = [Cached("embeddings", shape.hidden_bytes(), "hidden states")]
     shared = [Cached("position_ids", IDS * seq, "position ids")]
@@ -141,7 +187,7 @@ def sequential_pipeline(shape: ModelShape, samples: int) -> Callable[[int], Work
         ]
         for layer in range(layers):
             reads = (states[layer].key, *(c.key for c in shared))
-            passes.append(Pass(layer, reads))
+            passes.append(Pass(layer, reads, side_caches=side, side_reads=AWQ_READS if awq else 0))
             if layer < layers - 1:
                 passes.append(Pass(layer, reads, (states[layer + 1],), (states[layer].key,)))
             else:
@@ -174,27 +220,28 @@ def replay(
     many layers) through a cache of ``config`` (one rank's budgets), found by running
     it at a reduced scale through a real cache (see MAX_REPLAYED_STEPS)."""
     workload = workload_of(layers)
-    tiered = [c for c in workload.cached() if c.nbytes >= config.inline_bytes]
+    tiered = [size for size in workload.sizes() if size >= config.inline_bytes]
     if not tiered:
         return Traffic()
-    divisor = _divisor([c.nbytes for c in tiered])
+    divisor = _divisor(tiered)
     affordable = MAX_REPLAYED_STEPS // (2 * workload.samples)
     short = workload_of(min(layers, max(affordable, MIN_REPLAYED_LAYERS)))
     scratch = tempfile.mkdtemp(prefix="spillcache-plan-", dir=directory or _scratch_parent())
-    scaled = _scaled_config(config, divisor, scratch, [c.nbytes for c in tiered])
-    keep = {c.key for c in tiered}
+    scaled = _scaled_config(config, divisor, scratch, tiered)
+    inline = config.inline_bytes
     traffic = Traffic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tmpfs scratch directory is meant
         cache = IntermediatesCache.empty(short.samples, "cpu", config=scaled)
     with cache, _removed(scratch):
-        _fill(cache, short, keep, divisor)
+        _fill(cache, short, inline, divisor)
         last = (0, 0)
+        stored = {c.key for c in short.cached() if c.nbytes >= inline}
         for step in short.passes:
-            _run_pass(cache, step, keep, divisor)
+            _run_pass(cache, step, stored, inline, divisor)
             cache.flush()  # a pass's writes are counted with it (the disk keeps up)
-            disk = cache.stats()["disk"]
-            done = (disk["bytes_written"], disk["bytes_read"])
+            counters = cache.stats()["pool"]["counters"]  # every cache of the replay
+            done = (counters.get("disk.bytes_written", 0), counters.get("disk.bytes_read", 0))
             before = traffic.by_layer.get(step.layer, (0, 0))
             traffic.by_layer[step.layer] = (
                 before[0] + done[0] - last[0],
@@ -203,7 +250,7 @@ def replay(
             last = done
         cache.flush()
         stats = cache.stats()
-    traffic.written, traffic.read = stats["disk"]["bytes_written"], stats["disk"]["bytes_read"]
+    traffic.written, traffic.read = last
     traffic.disk_peak = stats["pool"]["disk"]["peak_bytes"]
     traffic.host_peak = stats["pool"]["host"]["peak_bytes"]
     return _counted_whole(traffic, workload, short, divisor)
@@ -289,19 +336,34 @@ def _tensor(nbytes: int, divisor: int) -> torch.Tensor:
     return torch.empty(nbytes // divisor, dtype=torch.uint8)
 
 
-def _fill(cache: IntermediatesCache, workload: Workload, keep: set[str], divisor: int) -> None:
+def _values(items: tuple[Cached, ...], inline: int, divisor: int) -> dict[str, torch.Tensor]:
+    """A sample's tensors, scaled; those below ``inline`` left out (they stay with
+    their entry in RAM and never reach a tier)."""
+    return {c.key: _tensor(c.nbytes, divisor) for c in items if c.nbytes >= inline}
+
+
+def _fill(cache: IntermediatesCache, workload: Workload, inline: int, divisor: int) -> None:
     for index in range(workload.samples):
-        cache.update(
-            index, {c.key: _tensor(c.nbytes, divisor) for c in workload.fill if c.key in keep}
-        )
+        cache.update(index, _values(workload.fill, inline, divisor))
 
 
-def _run_pass(cache: IntermediatesCache, step: Pass, keep: set[str], divisor: int) -> None:
-    reads = [key for key in step.reads if key in keep]
-    stores = [c for c in step.stores if c.key in keep]
-    deletes = [key for key in step.deletes if key in keep]
-    for index, _ in enumerate(cache.iter_prefetch(reads)):
-        if stores:
-            cache.update(index, {c.key: _tensor(c.nbytes, divisor) for c in stores})
+def _run_pass(
+    cache: IntermediatesCache, step: Pass, stored: set[str], inline: int, divisor: int
+) -> None:
+    """One pass; ``stored``: the keys the replay stores (fetching others skips them)."""
+    deletes = [key for key in step.deletes if key in stored]
+    sides = [IntermediatesCache(None, None, config=cache.config) for _ in step.side_caches]
+    for index, _ in enumerate(cache.iter_prefetch(list(step.reads))):
+        for side, items in zip(sides, step.side_caches, strict=True):
+            side.append(_values(items, inline, divisor))
+        if step.stores:
+            cache.update(index, _values(step.stores, inline, divisor))
         if deletes:
             cache.delete(index, deletes)
+    for side in sides:  # AWQ: pinned, replayed once per grid point, dropped
+        with side:
+            for index in range(len(side)):
+                side.pin_memory(index)
+            for _ in range(step.side_reads):
+                for _ in side.iter():
+                    pass

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from . import disk_probe, dtypes, sysinfo
-from .cleanup import format_bytes
-from .config import AUTO, CacheConfig, parse_size
-from .plan import ModelShape, Traffic, replay, sequential_pipeline
+from .config import AUTO, CacheConfig, disk_directories, parse_size
+from .plan import AWQ_READS, ModelShape, Traffic, awq_caches, replay, sequential_pipeline
+from .text import format_bytes
 
 __all__ = ["add_plan_command"]
 
@@ -53,6 +53,11 @@ def add_plan_command(commands: Any) -> None:
     model.add_argument("--hidden", type=int, help="hidden size (without --model)")
     model.add_argument("--layers", type=int, help="decoder layers (without --model)")
     model.add_argument(
+        "--intermediate",
+        type=int,
+        help="MLP width, for AWQ (default: the model's, else 4 x hidden)",
+    )
+    model.add_argument(
         "--dtype",
         help="activation dtype, e.g. bfloat16 (default: the model's; bfloat16 without --model)",
     )
@@ -70,6 +75,14 @@ def add_plan_command(commands: Any) -> None:
         "activation dtype, as llm-compressor 0.14's eager attention caches it)",
     )
     run.add_argument("--recipe", choices=("gptq", "awq"), default="gptq", help="default gptq")
+    run.add_argument(
+        "--awq-offload",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="where AWQ's caches keep values: gpu (offload_device None on a GPU model: "
+        "dense models, the default) or cpu (MoE models, AWQModifier(offload_device='cpu'), "
+        "or a CPU-only run): then they share the host budget and are replayed too",
+    )
     run.add_argument("--ranks", type=int, default=1, help="torchrun ranks on the node (default 1)")
     node = plan.add_argument_group("the node")
     node.add_argument(
@@ -158,6 +171,8 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, int]:
         config = _model_config(args.model)
         hidden, layers = config["hidden_size"], config["num_hidden_layers"]
         heads = config.get("num_attention_heads")
+        intermediate = config.get("intermediate_size")
+        o_proj_mapped = config.get("num_key_value_heads", heads) == heads
         head_dim = config.get("head_dim") or (
             hidden // heads if isinstance(heads, int) and heads else None
         )
@@ -167,6 +182,7 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, int]:
         if args.hidden is None or args.layers is None:
             raise PlanInputError("give --model PATH, or --hidden N and --layers N")
         hidden, layers, head_dim = args.hidden, args.layers, args.head_dim
+        intermediate, o_proj_mapped = None, False
         dtype_name = args.dtype or "bfloat16"
     hidden = _positive("--hidden", hidden)
     layers = _positive("--layers", layers)
@@ -176,7 +192,11 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, int]:
     dtype = _dtype("--dtype", str(dtype_name))
     mask_name = args.mask or str(dtype).removeprefix("torch.")
     mask = None if mask_name == "none" else _dtype("--mask", mask_name)
-    return ModelShape(hidden, seq_len, dtype, mask, head_dim), layers
+    if args.intermediate is not None:
+        intermediate = _positive("--intermediate", args.intermediate)
+    intermediate = intermediate if isinstance(intermediate, int) else None
+    shape = ModelShape(hidden, seq_len, dtype, mask, head_dim, intermediate, o_proj_mapped)
+    return shape, layers
 
 
 def _node_config(args: argparse.Namespace, ram: int) -> CacheConfig:
@@ -184,20 +204,12 @@ def _node_config(args: argparse.Namespace, ram: int) -> CacheConfig:
     host = base.host_bytes if args.host_bytes is None else _size("--host-bytes", args.host_bytes)
     if host == AUTO:
         host = ram // 2
-    paths = args.disk_path or _paths(base.disk_path)
+    paths = args.disk_path or disk_directories(base.disk_path)
     for path in paths:
         if not Path(path).is_dir():
             raise PlanInputError(f"--disk-path: {path} is not an existing directory")
     disk_path = paths[0] if len(paths) == 1 else tuple(paths)
     return base.replace(host_bytes=host, disk_path=disk_path, budget_scope="node")
-
-
-def _paths(disk_path: Any) -> list[str]:
-    if disk_path in (AUTO, None):
-        import tempfile
-
-        return [tempfile.gettempdir()]
-    return [disk_path] if isinstance(disk_path, str) else list(disk_path)
 
 
 # ------------------------------------------------------------------ the plan
@@ -217,7 +229,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         read_buffer_bytes=node.read_buffer_bytes // ranks,
         disk_bytes=None,
     )
-    workload = sequential_pipeline(shape, per_rank)
+    awq_on_host = args.recipe == "awq" and args.awq_offload == "cpu"
+    workload = sequential_pipeline(shape, per_rank, awq=awq_on_host)
     cached = workload(layers).cached()
     per_sample = {}
     for item in cached:
@@ -226,7 +239,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     per_sample["hidden states"] = shape.hidden_bytes()  # one layer's, not every layer's
     sample_bytes = sum(per_sample.values())
     traffic = replay(workload, layers, rank_config)
-    paths = _paths(node.disk_path)
+    paths = disk_directories(node.disk_path)
     tiered_keys = sum(1 for c in cached if c.nbytes >= node.inline_bytes and c.what != "token ids")
     need = ranks * (traffic.disk_peak + (tiered_keys + 1) * per_rank * ARRAY_OVERHEAD)
     need = need if traffic.disk_peak else 0
@@ -252,7 +265,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     _recommend(plan, node, per_sample, traffic)
     if args.recipe == "awq":
-        plan["awq"] = _awq_note(shape, per_rank)
+        plan["awq"] = _awq_figures(shape, samples, args.awq_offload)
     return plan
 
 
@@ -318,18 +331,20 @@ def _recommend(plan: dict, node: CacheConfig, per_sample: dict, traffic: Traffic
     why["budget_scope"] = f"sizes are the node's, shared by its {ranks} rank(s)"
 
 
-def _awq_note(shape: ModelShape, samples: int) -> dict[str, Any]:
-    """AWQ's per-layer caches, as docs/llmcompressor.md measured them: not replayed."""
-    per_layer = 4 * shape.hidden_bytes() * samples  # attention, o_proj, mlp inputs; down_proj ~2x
-    return {
-        "per_layer_bytes": per_layer,
-        "note": (
-            "AWQ also caches each layer's module inputs (about 4x the hidden states) and "
-            "replays them 21 times while searching scales. They stay on the GPU for dense "
-            "models (offload_device None); with offload to the CPU they share the host "
-            "budget and what spills is read 21 times per layer. Not in the disk figures."
-        ),
-    }
+def _awq_figures(shape: ModelShape, samples: int, offload: str) -> dict[str, Any]:
+    """AWQ's caches of one layer, for the node: what they hold, and where."""
+    per_layer = samples * sum(c.nbytes for cache in awq_caches(shape) for c in cache)
+    if offload == "gpu":
+        note = (
+            "they keep their values on the GPUs (offload_device None): GPU memory, "
+            "not host RAM or disk; the disk figures are the pipeline's cache's"
+        )
+    else:
+        note = (
+            f"they share the host budget with the pipeline's cache, and what spills is "
+            f"read back {AWQ_READS} times per layer: included in the disk figures"
+        )
+    return {"per_layer_bytes": per_layer, "offload": offload, "note": note}
 
 
 # ------------------------------------------------------------------ output
@@ -376,7 +391,8 @@ def _text(plan: dict[str, Any]) -> str:
     if plan["io_seconds"] is not None:
         lines.append(f"disk I/O at that speed: {plan['io_seconds']:.0f} s over the run")
     if "awq" in plan:
-        lines.append(f"AWQ: {plan['awq']['note']}")
+        awq = plan["awq"]
+        lines.append(f"AWQ caches {f(awq['per_layer_bytes'])} per layer; {awq['note']}")
     lines += ["", "recommended config (per node):"]
     for name, value in plan["config"].items():
         shown = f(value) if name.endswith("_bytes") else value

@@ -16,6 +16,7 @@ import pytest
 
 from spill_testing import console_script
 from spillcache import cli, demo
+from spillcache.text import format_bytes
 
 SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()
 
@@ -79,7 +80,7 @@ def test_summary_shows_each_tiers_hits_and_misses_from_stats(monkeypatch, capsys
     table = tier_table(out)
     for name in ("device", "host", "disk"):
         assert table[name][:2] == [str(stats[name]["hits"]), str(stats[name]["misses"])]
-        assert table[name][2] == cli._format_bytes(stats[name]["bytes"])
+        assert table[name][2] == format_bytes(stats[name]["bytes"])
     assert table["write-behind"][:2] == [str(stats["write_behind"]["hits"]), "-"]
     assert table["host"][3] == "128.0 KiB" and table["disk"][3] == "no limit"
     # Figures of this run, not made up: every read of a hidden state (64 KiB, tiered; the
@@ -88,8 +89,8 @@ def test_summary_shows_each_tiers_hits_and_misses_from_stats(monkeypatch, capsys
     host, disk = stats["host"], stats["disk"]
     assert host["hits"] + host["misses"] == 8 * 2 * 3
     assert host["misses"] == stats["write_behind"]["hits"] + disk["hits"] > 0
-    assert summary_value(out, "read from disk") == cli._format_bytes(disk["bytes_read"])
-    assert summary_value(out, "written to disk") == cli._format_bytes(disk["bytes_written"])
+    assert summary_value(out, "read from disk") == format_bytes(disk["bytes_read"])
+    assert summary_value(out, "written to disk") == format_bytes(disk["bytes_written"])
     assert summary_value(out, "stalled on I/O") == f"{stats['stall_seconds']:.2f} s"
     wall = summary_value(out, "wall time")
     assert wall.startswith(f"{result.wall_seconds:.2f} s (all in RAM: ")
@@ -114,10 +115,7 @@ def test_default_host_budget_is_a_quarter_of_the_activations(capsys):
     assert cli.main(["demo", *SMALL]) == 0
     quarter = demo.activation_bytes(8, 128, 128) // 4
     out = capsys.readouterr().out
-    assert (
-        summary_value(out, "host budget")
-        == f"{cli._format_bytes(quarter)} (25% of the activations)"
-    )
+    assert summary_value(out, "host budget") == f"{format_bytes(quarter)} (25% of the activations)"
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--hidden", "--layers"])
@@ -189,7 +187,7 @@ def test_every_demo_option_says_what_it_is_and_its_default():
     sizes = {key: parser.get_default(key) for key in demo.DEFAULT_SIZES}
     assert sizes == demo.DEFAULT_SIZES
     # The description's figure is the defaults' own.
-    cached = cli._format_bytes(
+    cached = format_bytes(
         demo.activation_bytes(**{k: v for k, v in sizes.items() if k != "layers"})
     )
     assert f"The defaults cache {cached.replace('.0 ', ' ')}" in " ".join(

@@ -139,8 +139,8 @@ def test_gc_keeps_the_whole_arrays_of_a_dead_runs_unclosed_kept_store(tmp_path, 
 
 
 def _size(found: dict[str, Path]) -> str:
-    from spillcache.cleanup import format_bytes
     from spillcache.format import store_bytes
+    from spillcache.text import format_bytes
 
     return format_bytes(
         sum(store_bytes(p) if p.is_dir() else p.stat().st_size for p in found.values())

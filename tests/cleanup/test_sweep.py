@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, IntermediatesCache, cleanup, owners
-from spillcache.cleanup import format_bytes
 from spillcache.format import Store, owner_alive, read_root_attributes, store_bytes
+from spillcache.text import format_bytes
 
 # Two caches, one kept, each with a flushed value on disk; killed with SIGKILL.
 KILLED = textwrap.dedent(

@@ -17,8 +17,9 @@ import torch
 
 from spill_testing import console_script
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache.cli import _format_bytes, main
+from spillcache.cli import main
 from spillcache.ranks import store_parent
+from spillcache.text import format_bytes
 
 RUN = "nightly-7f3a"
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
@@ -121,7 +122,7 @@ def fresh_job(tmp_path):
 
 
 def _size(nbytes: int) -> list[str]:
-    return _format_bytes(nbytes).split()
+    return format_bytes(nbytes).split()
 
 
 def test_du_lists_a_line_per_rank_and_the_run_total(job, cli):

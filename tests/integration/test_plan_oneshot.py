@@ -1,6 +1,8 @@
-"""``spillcache plan`` against a real llm-compressor GPTQ ``oneshot`` (issue 12): given
-the tiny Llama's config.json and the run's sizes and budgets, it predicts the bytes the
-disk tier wrote and read within 2 %."""
+"""``spillcache plan`` against real llm-compressor ``oneshot`` runs (issue 12): given the
+tiny Llama's config.json and the run's sizes and budgets, it predicts the bytes the disk
+tier wrote and read within 2 %: GPTQ (the pipeline's cache), and AWQ, whose caches keep
+values where they are (offload_device None): on this CPU machine, in the same host tier
+(``--awq-offload cpu``)."""
 
 from __future__ import annotations
 
@@ -15,20 +17,28 @@ pytest.importorskip(
 
 from spillcache import CacheConfig, cli  # noqa: E402
 from spillcache.integrations import llmcompressor as integration  # noqa: E402
-from tiny_llama import SAMPLES, SEQ_LEN, calibrate, gptq_recipe, hidden_state_bytes  # noqa: E402
+from tiny_llama import (  # noqa: E402
+    SAMPLES,
+    SEQ_LEN,
+    awq_recipe,
+    calibrate,
+    gptq_recipe,
+    hidden_state_bytes,
+)
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("eighths", [1, 4])
-def test_plan_predicts_a_gptq_oneshot(tmp_path, capsys, monkeypatch, eighths):
+@pytest.mark.parametrize(("recipe", "eighths"), [("gptq", 1), ("gptq", 4), ("awq", 4), ("awq", 16)])
+def test_plan_predicts_a_oneshot(tmp_path, capsys, monkeypatch, recipe, eighths):
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     budget = hidden_state_bytes() * eighths // 8
     # 1 KiB: the tests' tiny tensors (4-16 KiB) are tiered, as a real model's are.
     config = CacheConfig(host_bytes=budget, inline_bytes=1024, disk_path=str(spill_dir))
     with integration.enable(config) as switch:
-        calibrate(tmp_path / "model", gptq_recipe(), prefetch=True)
+        recipes = {"gptq": gptq_recipe, "awq": awq_recipe}
+        calibrate(tmp_path / "model", recipes[recipe](), prefetch=True)
     measured = switch.stats()["disk"]
     assert measured["bytes_written"] > 0 and measured["bytes_read"] > 0
 
@@ -36,6 +46,7 @@ def test_plan_predicts_a_gptq_oneshot(tmp_path, capsys, monkeypatch, eighths):
     argv = ["plan", "--model", str(tmp_path / "model"), "--samples", str(SAMPLES)]
     argv += ["--seq-len", str(SEQ_LEN), "--host-bytes", str(budget)]
     argv += ["--disk-path", str(spill_dir), "--no-probe", "--json"]
+    argv += ["--recipe", recipe, "--awq-offload", "cpu"]
     capsys.readouterr()
     assert cli.main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
