@@ -6,7 +6,7 @@ run as reference lines: the all-in-RAM run and the ideal I/O floor (the optimal
 policy's disk bytes at raw O_DIRECT bandwidth; see calibration_sim's docstring).
 
     python bench/plot.py [--input bench/results/calibration_sim.json]
-        [--output bench/results/wall_vs_host.png]
+        [--output docs/img/wall_vs_host.png]
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", type=Path, default=RESULTS / "calibration_sim.json")
-    parser.add_argument("--output", type=Path, default=RESULTS / "wall_vs_host.png")
+    # Where docs/benchmarks.md shows it.
+    docs_image = Path(__file__).parents[1] / "docs" / "img" / "wall_vs_host.png"
+    parser.add_argument("--output", type=Path, default=docs_image)
     args = parser.parse_args()
 
     data = json.loads(args.input.read_text())

@@ -4,12 +4,13 @@ format.py decides which files hold what; this module moves the bytes of one file
 a 1-D uint8 CPU tensor and the disk. It starts no threads, takes no module-wide lock and
 does not import zarr, so every I/O thread of the cache can call it at once.
 
-Why O_DIRECT: buffered I/O here runs at about 0.56x of the raw device (a page-cache copy
-and writeback on 2 cores), and the cache would only fill the page cache with data it
-already holds. O_DIRECT moves bytes straight between the tensor and the device, but then
-the memory address, file offset and length of every request must be multiples of the
-device's logical block size (else EINVAL): hence the aligned buffers, the staging copies
-and the last partial page written buffered. Every write goes to a ``.partial`` name that
+Why O_DIRECT: buffered I/O pays a page-cache copy and writeback on the caller's cores
+(measured in docs/benchmarks.md, "Why the chunk I/O is built as it is"), and the cache
+would only fill the page cache with data it already holds. O_DIRECT moves bytes
+straight between the tensor and the device, but then the memory address, file offset
+and length of every request must be multiples of the device's logical block size (else
+EINVAL): hence the aligned buffers, the staging copies and the last partial page
+written buffered. Every write goes to a ``.partial`` name that
 is renamed into place, so a reader (or a crash) sees the old file or the whole new one.
 
 Staged pieces are queued with native AIO (aio.py) where the kernel has it: a writer
@@ -84,8 +85,8 @@ def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     From 2 MiB up (and not pinned) the memory is its own anonymous mapping, aligned to
     and advised for transparent huge pages. O_DIRECT speed here follows the physical
     contiguity of the buffer (a virtio request takes at most 254 contiguous runs, up to
-    4 MiB): 4 KiB pages from fragmented free lists cap requests near 0.5-1.5 MiB and
-    cold reads near 0.4x of the device, 2 MiB pages reach 4 MiB requests and ~1x.
+    4 MiB): 4 KiB pages from fragmented free lists cap the request size, 2 MiB pages
+    reach 4 MiB requests (figures: docs/benchmarks.md).
     Where huge pages are off, the advice is ignored and the buffer is merely slower.
     The mapping is returned to the system when the tensor is freed (no malloc arena
     keeps it). Smaller or pinned buffers come from torch's allocator, over-allocated
@@ -116,8 +117,8 @@ def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
 class StagingBuffers:
     """A fixed set of page-aligned buffers, allocated and touched once, reused forever.
 
-    On these VMs memory left idle is handed back to the host, and touching fresh pages
-    runs at 0.3-2.6 GB/s, slower than the disk. So the buffers are written once here
+    On VMs memory left idle is handed back to the host, and touching fresh pages can be
+    slower than the disk (docs/benchmarks.md). So the buffers are written once here
     (every page becomes resident) and then only ever reused. Thread-safe: ``acquire``
     waits on a Condition (no polling) until another thread releases a buffer.
     """
@@ -132,8 +133,8 @@ class StagingBuffers:
         # (numpy's fill, not torch's 2-thread fill_, which interleaves pages from two
         # CPUs' free lists): O_DIRECT speed here follows the buffer's physical contiguity,
         # as a virtio request holds at most 254 contiguous runs (max_segments). Scattered
-        # 4 KiB pages cap requests near 1 MiB (cold reads ~1.4 GB/s measured), contiguous
-        # memory reaches 4 MiB (~3 GB/s). Memory taken just after the page cache was
+        # 4 KiB pages cap requests near 1 MiB, contiguous memory reaches 4 MiB (figures:
+        # docs/benchmarks.md). Memory taken just after the page cache was
         # dropped is the most scattered: create staging buffers early and keep them.
         block.numpy().fill(0)
         # A stack: the buffer released last is handed out next, while its pages are warm.
@@ -387,9 +388,8 @@ def _write_direct(
         # The last partial page (and the trailer) is written buffered: clear O_DIRECT on
         # this descriptor and write the < PAGE remaining bytes from the source. The
         # alternative, a zero-padded direct page and ftruncate(nbytes), makes ext4 read
-        # that block back from disk
-        # (synchronously) to zero its end: one extra disk read per file, measured at
-        # ~0.2 ms per 16 MiB file. The one dirty page is flushed by writeback or fsync, and
+        # that block back from disk (synchronously) to zero its end: one extra disk read
+        # per file (docs/benchmarks.md). The one dirty page is flushed by writeback or fsync, and
         # a later O_DIRECT read of the file writes it back first, so readers see it.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         _pwrite_all(fd, memoryview(bytes(source[whole:]) + trailer), whole, direct=False)

@@ -35,8 +35,6 @@ from .tree import Flat, TensorLeaf, flatten, unflatten
 
 __all__ = ["CacheCore", "resolve_offload_device"]
 
-CPU = torch.device("cpu")
-
 
 def resolve_offload_device(offload_device: Any) -> torch.device | None:
     if offload_device is None:

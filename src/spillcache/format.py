@@ -348,8 +348,8 @@ class Store:
         *,
         durable: bool = False,
         owner: tuple[int, str] | None = None,
-    ) -> int:
-        """Store a CPU tensor as array ``tensors/<name>``; return bytes written.
+    ) -> None:
+        """Store a CPU tensor as array ``tensors/<name>``.
         ``owner``: the (batch, key) it was stored under, recorded in its attributes so
         that the array says what it is even where no batch structure names it."""
         directory = self._array_dir(name)
@@ -383,7 +383,6 @@ class Store:
             shutil.rmtree(directory, ignore_errors=True)
             what = f"cannot write tensor {name} ({tensor.nbytes} bytes) to {self.path}"
             raise failures.io_error(error, what, self.path) from error
-        return tensor.nbytes
 
     def read_tensor(
         self,

@@ -206,29 +206,6 @@ def _bare_new(cls: type) -> Callable[[type], Any]:
     return object.__new__  # pragma: no cover - every class has object in its MRO
 
 
-def iter_tensor_indices(spec: tuple):
-    """Yield the tensor leaf indices a spec refers to, in order."""
-    kind = spec[0]
-    if kind == "tensor":
-        yield spec[1]
-    elif kind == "list":
-        for child in spec[1]:
-            yield from iter_tensor_indices(child)
-    elif kind == "tuple":
-        for child in spec[2]:
-            yield from iter_tensor_indices(child)
-    elif kind == "dict":
-        for key, child in spec[2]:
-            yield from iter_tensor_indices(key)
-            yield from iter_tensor_indices(child)
-    elif kind == "dataclass":
-        for _, child in spec[2]:
-            yield from iter_tensor_indices(child)
-
-
-# ---------------------------------------------------------------------- JSON
-
-
 def _class_name(cls: type | StoredClass) -> str:
     if isinstance(cls, StoredClass):
         cls = cls.cls
