@@ -14,7 +14,7 @@ from .errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from .values import IntermediateValue, OverrideEqMode
+from .stock_types import IntermediateValue, OverrideEqMode
 
 __all__ = [
     "CacheClosedError",

@@ -16,7 +16,7 @@ from . import cleanup
 from .config import CacheConfig
 from .core import CacheCore, resolve_offload_device
 from .stock_api import BatchIntermediates, offload_value, onload_value, pin_intermediate
-from .values import IntermediateValue
+from .stock_types import IntermediateValue
 
 __all__ = ["IntermediatesCache"]
 

@@ -1,6 +1,6 @@
 """One chunk file in, one chunk file out, at the device's speed.
 
-format.py decides which files hold what; this module moves the bytes of one file between
+store_format.py decides which files hold what; this module moves the bytes of one file between
 a 1-D uint8 CPU tensor and the disk. It starts no threads, takes no module-wide lock and
 does not import zarr, so every I/O thread of the cache can call it at once.
 

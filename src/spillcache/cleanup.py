@@ -35,8 +35,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from . import format as store_format
-from . import owners
+from . import owners, store_format
 from .config import CacheConfig
 from .text import format_bytes
 

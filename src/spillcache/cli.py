@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import format as store_format
+from . import store_format
 from .config import CacheConfig, disk_directories
 from .config_cli import add_config_command
 from .demo_cli import add_demo_command

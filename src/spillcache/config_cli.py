@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import format as store_format
+from . import store_format
 from .config import AUTO, CacheConfig, disk_directories
 from .text import aligned, format_bytes
 

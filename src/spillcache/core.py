@@ -21,14 +21,14 @@ import torch
 
 from . import dtypes, reads, stats
 from .config import AUTO, CacheConfig
-from .entries import Entry, InlineTensor
-from .entries import records_of as _records_of
 from .errors import CacheClosedError, ConfigError, StoreError
 from .failures import naming, write_report
-from .io import READ, WRITE
+from .io_threads import READ, WRITE
 from .persist import make_durable, persist
 from .placement import TensorRecord
 from .pool import pool_for
+from .records import Entry, InlineTensor
+from .records import records_of as _records_of
 from .tenants import Tenant
 from .transfers import Ready
 from .tree import Flat, TensorLeaf, flatten, unflatten
@@ -127,9 +127,9 @@ class CacheCore:
 
     # ---------------------------------------------------------- write-behind
 
-    def _submit_writes(self) -> None:
+    def _start_queued_disk_io(self) -> None:
         """Hand the disk writes and deletions queued meanwhile to the I/O threads."""
-        self.pool.submit_queued_io()
+        self.pool.start_queued_disk_io()
 
     def _wait_for_write_room(self) -> None:
         """Backpressure: wait (lock held, released while waiting) until write-behind has room."""
@@ -196,7 +196,7 @@ class CacheCore:
                 self.placement.tenants.resized(self.tenant, len(self._batches))
                 raise
             finally:
-                self._submit_writes()
+                self._start_queued_disk_io()
             return len(self._batches) - 1
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
@@ -210,7 +210,7 @@ class CacheCore:
             try:
                 self._store_prepared(index, prepared)
             finally:
-                self._submit_writes()
+                self._start_queued_disk_io()
 
     def _prepare(self, values: Any, onload_device: torch.device | None) -> list[_Prepared]:
         """Everything about storing ``values`` that needs no lock: checking them,
@@ -348,7 +348,7 @@ class CacheCore:
             )
             for record, tensor in read:
                 self.placement.promote(record, tensor)
-            self._submit_writes()
+            self._start_queued_disk_io()
 
     def generation(self, batch_index: int) -> int:
         with self._lock:
@@ -395,7 +395,7 @@ class CacheCore:
                         record, loads.read[record.rid], promote=promote, asked=asked
                     )
             self.placement.release(loads.held)
-            self._submit_writes()
+            self._start_queued_disk_io()
             if by_reader:
                 self._stall_seconds += time.perf_counter() - start
         if error is not None:

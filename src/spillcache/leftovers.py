@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import format as store_format
+from . import store_format
 from .text import format_bytes
 
 __all__ = ["collect_garbage", "find_orphans", "verify_lines"]

@@ -15,7 +15,7 @@ last, is what completes it; readers take ``before`` from a batch written by a fl
 the root does not count yet. Batches whose structure did not change are not written.
 
 During a run the cache deletes arrays it no longer needs in the background
-(``pool.submit_queued_io``); for a kept store, a deletion of an array the flushed
+(``pool.start_queued_disk_io``); for a kept store, a deletion of an array the flushed
 structures name waits here (``defers_deletion``) for the next flush or close.
 
 ``flush()`` writes outside the pool's lock: under it, a snapshot of the structures
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import dtypes
-from .entries import Entry, InlineTensor
 from .errors import StoreError
-from .format import Store
 from .placement import Placement, TensorRecord
+from .records import Entry, InlineTensor
+from .store_format import Store
 from .tenants import Tenant
 from .tree import spec_to_json
 

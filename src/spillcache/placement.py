@@ -306,19 +306,19 @@ class Placement:
                     continue
                 if (
                     reading
-                    and self._demotion_writes(victim, tier)
+                    and self._eviction_writes(victim, tier)
                     and (self.pending_bytes + victim.nbytes > self._write_behind_budget)
                 ):
                     return False
-                self._demote(victim)
+                self._evict(victim)
         except (CapacityError, StoreError):  # the disk cannot take a victim: no room here
             return False
         return tier.has_room(nbytes)
 
-    def _demotion_writes(self, record: TensorRecord, tier: MemoryTier) -> bool:
+    def _eviction_writes(self, record: TensorRecord, tier: MemoryTier) -> bool:
         return tier is self.host and not record.on_disk and record.write_state is None
 
-    def _demote(self, record: TensorRecord) -> None:
+    def _evict(self, record: TensorRecord) -> None:
         """Move a record's primary copy one tier down (device -> host -> disk)."""
         tier = self._memory_tier(record.resident)
         tensor = tier.get(record.rid)

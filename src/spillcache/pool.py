@@ -11,7 +11,7 @@ different config gets a pool of its own.
 The pool is made when the first cache of its config is built and closed (threads
 joined, buffers freed) when the last one closes; a later cache makes a new one.
 
-This is also where a spilled value goes to disk: ``submit_queued_io`` hands the
+This is also where a spilled value goes to disk: ``start_queued_disk_io`` hands the
 writes that placement queued to the I/O threads, and ``_write_to_disk`` writes one
 (outside the lock) and reports back under it.
 """
@@ -32,11 +32,11 @@ import torch
 from .config import AUTO, CacheConfig
 from .errors import ConfigError
 from .failures import WriteFailure, errno_of
-from .format import SharedBuffers, Store, remove_empty_dirs
-from .io import WRITE, IOPool
+from .io_threads import WRITE, IOPool
 from .persist import defers_deletion
 from .placement import Placement, TensorRecord
 from .ranks import process_budgets, store_parent
+from .store_format import SharedBuffers, Store, remove_empty_dirs
 from .sysinfo import RAM_BACKED, filesystem_type
 from .tenants import Tenant
 from .tiers import DiskTier
@@ -170,7 +170,7 @@ class SharedPool:
 
     # ---------------------------------------------------------- write-behind
 
-    def submit_queued_io(self) -> None:
+    def start_queued_disk_io(self) -> None:
         """Hand the writes and deletions placement queued to the I/O threads (lock held).
 
         Deleting a chunk file (freeing its extents) takes milliseconds: not on the

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import format as store_format
+from . import store_format
 from .config import AUTO, CacheConfig
 from .errors import ConfigError
 from .sysinfo import available_ram

@@ -24,11 +24,11 @@ import torch
 from . import store_checks
 from .config import CacheConfig
 from .core import CacheCore
-from .entries import Entry
 from .errors import StoreCorruptError, StoreFormatError
-from .format import Store, owner_alive
 from .persist import opened
 from .placement import TensorRecord
+from .records import Entry
+from .store_format import Store, owner_alive
 
 __all__ = ["reopen"]
 

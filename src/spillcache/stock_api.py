@@ -26,8 +26,8 @@ from weakref import WeakKeyDictionary
 
 import torch
 
+from .stock_types import IntermediateValue, OverrideEqMode, is_intermediate_value
 from .tree import build_dataclass, unflatten
-from .values import IntermediateValue, OverrideEqMode, is_intermediate_value
 
 if TYPE_CHECKING:
     from .cache import IntermediatesCache

@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from . import dtypes
-from . import format as store_format
+from . import dtypes, store_format
 from .errors import StoreCorruptError, StoreError
 from .small_files import NotPlainFile, read_small_file
 from .tree import StructureError, spec_from_json

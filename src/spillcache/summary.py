@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from . import format as store_format
-from . import store_checks
+from . import store_checks, store_format
 from .dtypes import RAW_DTYPES, dtype_name
 from .errors import StoreError
 from .leftovers import find_orphans

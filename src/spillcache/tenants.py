@@ -22,8 +22,8 @@ from concurrent.futures import Future
 import torch
 
 from .failures import WriteFailure, errno_of
-from .format import Store
 from .policy import make_policy, merged_victims
+from .store_format import Store
 
 __all__ = ["Tenant", "Tenants"]
 

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .values import is_intermediate_value
+from .stock_types import is_intermediate_value
 
 __all__ = [
     "Flat",

@@ -15,7 +15,7 @@ from spillcache import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from spillcache.format import read_root_attributes
+from spillcache.store_format import read_root_attributes
 
 
 def kept(tmp_path, batches, **settings) -> str:

@@ -11,7 +11,7 @@ import torch
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache.errors import ConfigError
-from spillcache.io import READ, WRITE, IOPool
+from spillcache.io_threads import READ, WRITE, IOPool
 from spillcache.tiers import DiskTier
 
 SHAPE = (32, 64)  # 4 KiB of bfloat16

@@ -139,7 +139,7 @@ def test_gc_keeps_the_whole_arrays_of_a_dead_runs_unclosed_kept_store(tmp_path, 
 
 
 def _size(found: dict[str, Path]) -> str:
-    from spillcache.format import store_bytes
+    from spillcache.store_format import store_bytes
     from spillcache.text import format_bytes
 
     return format_bytes(
@@ -162,8 +162,8 @@ def test_gc_never_follows_a_link_out_of_a_tampered_store(tmp_path, cli):
 
 def test_a_structure_nested_too_deeply_for_json_leaves_orphans_unjudged(tmp_path):
     """Found by tests/store's tampered stores: json.loads raised RecursionError."""
-    from spillcache.format import read_root_attributes
     from spillcache.leftovers import find_orphans
+    from spillcache.store_format import read_root_attributes
 
     store = kept_store(tmp_path)
     (store / "batches" / "0" / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)

@@ -20,7 +20,7 @@ import torch
 from spill_testing import child_process
 from spillcache import CacheConfig, IntermediatesCache, cleanup, owners
 from spillcache.errors import StoreError
-from spillcache.format import Store
+from spillcache.store_format import Store
 
 CHILD = Path(__file__).with_name("signal_child.py")
 

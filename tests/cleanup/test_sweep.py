@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, IntermediatesCache, cleanup, owners
-from spillcache.format import Store, owner_alive, read_root_attributes, store_bytes
+from spillcache.store_format import Store, owner_alive, read_root_attributes, store_bytes
 from spillcache.text import format_bytes
 
 # Two caches, one kept, each with a flushed value on disk; killed with SIGKILL.

@@ -24,8 +24,8 @@ from spillcache import (
     IntermediatesCache,
     StoreError,
 )
-from spillcache.format import Store
 from spillcache.placement import Placement
+from spillcache.store_format import Store
 from spillcache.tenants import Tenant
 from spillcache.tiers import DiskTier
 from spillcache.tiers.disk import footprint

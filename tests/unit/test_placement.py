@@ -8,8 +8,8 @@ import torch
 from spillcache import dtypes
 from spillcache.dtypes import RAW_DTYPES
 from spillcache.errors import CapacityError, DiskFullError, StoreError
-from spillcache.format import Store
 from spillcache.placement import Placement, TensorRecord
+from spillcache.store_format import Store
 from spillcache.tenants import Tenant
 from spillcache.tiers import DiskTier
 from spillcache.tiers.disk import Reading

@@ -1,5 +1,5 @@
 """ranks.py under torchrun-like environments: rank and run detection, each rank's share
-of the node's budgets, the run directory layout (and format.py's run-directory helpers)."""
+of the node's budgets, the run directory layout (and store_format.py's run-directory helpers)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from spillcache import format as store_format
-from spillcache import ranks
+from spillcache import ranks, store_format
 from spillcache.config import CacheConfig
 from spillcache.errors import ConfigError, StoreError
 from spillcache.ranks import RankInfo, process_budgets, rank_info, run_id, store_parent

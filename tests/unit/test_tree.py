@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from spillcache.stock_types import IntermediateValue
 from spillcache.tree import (
     StoredClass,
     TensorLeaf,
@@ -20,7 +21,6 @@ from spillcache.tree import (
     spec_to_json,
     unflatten,
 )
-from spillcache.values import IntermediateValue
 
 Point = namedtuple("Point", ["x", "y"])
 

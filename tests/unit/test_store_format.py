@@ -1,4 +1,4 @@
-"""spillcache.format: the on-disk store, bit-exact and readable by plain zarr."""
+"""spillcache.store_format: the on-disk store, bit-exact and readable by plain zarr."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
-from spillcache import format as fmt
+from spillcache import store_format as fmt
 from spillcache.dtypes import RAW_DTYPES
 from spillcache.errors import (
     StoreCorruptError,
@@ -21,7 +21,7 @@ from spillcache.errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from spillcache.format import SUPPORTED_VERSIONS, Store
+from spillcache.store_format import SUPPORTED_VERSIONS, Store
 
 SHAPES = {"contiguous": (3, 5), "zero_d": (), "empty": (0, 4), "three_d": (2, 1, 3)}
 
