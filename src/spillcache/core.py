@@ -135,9 +135,9 @@ class CacheCore:
         """Backpressure: wait (lock held, released while waiting) until write-behind has room."""
         budget = self.pool.budgets.write_behind_bytes
         placement = self.placement
-        if placement.pending_bytes <= budget:
+        if placement.write_behind.nbytes <= budget:
             return
-        self._wait_for_writes(lambda: self._closed or placement.pending_bytes <= budget)
+        self._wait_for_writes(lambda: self._closed or placement.write_behind.nbytes <= budget)
         self._check_open()
 
     def _wait_for_writes(self, done: Callable[[], bool]) -> None:

@@ -325,6 +325,16 @@ def _unstored(leaf: InlineTensor) -> dict:
 # ---------------------------------------------------------------------- close
 
 
+def _write_whole(pool: SharedPool, tenant: Tenant) -> None:
+    """Pool's lock held, on close: every tiered value of the cache without a finished
+    disk copy written durably into its store, whatever disk_bytes says (a write still
+    marked pending is simply written again, atomically)."""
+    for record, tensor in pool.placement.to_persist(tenant):
+        owner = None if record.key is None else (record.batch, record.key)
+        tenant.store.write_tensor(record.array, tensor, durable=True, owner=owner)
+        pool.placement.persisted(record)  # after: a failed write reserves nothing
+
+
 def persist(
     pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]], doomed: set[str]
 ) -> None:
@@ -337,7 +347,7 @@ def persist(
     # structures must not land after these.
     pool.write_finished.wait_for(lambda: not state.flushing)
     store = tenant.store
-    pool.placement.persist(tenant, durable=True)
+    _write_whole(pool, tenant)
     names = _inline_names(store, state)
     known = state.inline
     referenced: set[str] = set()

@@ -37,6 +37,7 @@ from .tenants import Tenant, Tenants
 from .tiers import DiskTier, MemoryTier
 from .tiers.disk import Reading
 from .transfers import Transfers
+from .write_behind import WriteBehind
 
 __all__ = ["Placement", "TensorRecord"]
 
@@ -71,18 +72,12 @@ class Placement:
         self.eviction = eviction
         self.tenants = Tenants()
         self.pin_host = pin_host
-        self._write_behind_budget = write_behind_budget
         self._transfers = transfers or Transfers()
         self._records: dict[int, TensorRecord] = {}
         # (tenant number, id(tensor)) -> the record it was stored as, for sharing.
         self._identity: dict[tuple[int, int], tuple[weakref.ref, TensorRecord]] = {}
         self._next_rid = 0
-        # Write-behind: values whose disk write is queued or running.
-        self.pending: dict[int, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.unwritten_bytes = 0  # values whose write failed, back in the host tier
-        self.writes_in_flight = 0  # queued or running
-        self._queued: list[TensorRecord] = []
+        self.write_behind = WriteBehind(write_behind_budget)
         # Arrays of disk copies no longer wanted; the cache deletes them in the background.
         self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
         self.counters: Counter[str] = Counter()  # totals over every tenant, closed ones too
@@ -116,9 +111,9 @@ class Placement:
         arrays are not deleted one by one: its store is removed or kept whole."""
         for record in self.records_of(tenant):
             if record.write_state == WRITING:  # its job was cancelled: no write_done comes
-                del self.pending[record.rid]
+                self.write_behind.pop(record.rid)
                 self.disk.unreserve(record.rid)
-                self._forget_write(record)
+                self.write_behind.forget(record)
             self._discard(record)
         self._doomed = [item for item in self._doomed if item[0] is not tenant]
         self.tenants.remove(tenant)
@@ -130,7 +125,7 @@ class Placement:
         """The record's value in memory (a tier or the write-behind area), if any."""
         if record.resident is not None:
             return self._memory_tier(record.resident).get(record.rid)
-        return self.pending.get(record.rid)
+        return self.write_behind.get(record.rid)
 
     # ----------------------------------------------------------------- admit
 
@@ -307,7 +302,7 @@ class Placement:
                 if (
                     reading
                     and self._eviction_writes(victim, tier)
-                    and (self.pending_bytes + victim.nbytes > self._write_behind_budget)
+                    and not self.write_behind.has_room_for(victim.nbytes)
                 ):
                     return False
                 self._evict(victim)
@@ -350,15 +345,10 @@ class Placement:
         record.disk = disk
         self.disk.reserve(record.rid, record.nbytes, disk, writing=True)
         if record.write_error is not None:  # written again: no longer unwritten
-            self.unwritten_bytes -= record.nbytes
+            self.write_behind.unwritten_bytes -= record.nbytes
             record.write_error = None
         record.array = self._next_array_name(record)
-        self.pending[record.rid] = tensor
-        self.pending_bytes += record.nbytes
-        self.writes_in_flight += 1
-        record.tenant.writes_in_flight += 1
-        record.write_state = QUEUED
-        self._queued.append(record)
+        self.write_behind.queue(record, tensor)
 
     @staticmethod
     def _next_array_name(record: TensorRecord) -> str:
@@ -405,10 +395,7 @@ class Placement:
 
     def take_writes(self) -> list[tuple[TensorRecord, torch.Tensor]]:
         """The writes queued since the last call, now the caller's to run."""
-        queued, self._queued = self._queued, []
-        for record in queued:
-            record.write_state = WRITING
-        return [(record, self.pending[record.rid]) for record in queued]
+        return self.write_behind.take_queued()
 
     def write_done(
         self, record: TensorRecord, error: BaseException | None, free: Reading | None = None
@@ -422,8 +409,8 @@ class Placement:
         """
         if record.write_state != WRITING:
             return False  # persisted meanwhile: nothing waits on this one
-        tensor = self.pending.pop(record.rid)
-        self._forget_write(record)
+        tensor = self.write_behind.pop(record.rid)
+        self.write_behind.forget(record)
         if error is None:
             self.disk.written(record.rid)
             record.on_disk = True
@@ -440,7 +427,7 @@ class Placement:
         record.tenant.policies["host"].insert(record.rid, record.batch)
         record.resident = "host"
         record.write_error = error
-        self.unwritten_bytes += record.nbytes
+        self.write_behind.unwritten_bytes += record.nbytes
         return True
 
     # ----------------------------------------------------------------- read
@@ -456,10 +443,10 @@ class Placement:
         self._count(tenant, "host.misses")
         if record.onload_device.type != "cpu":
             self._count(tenant, "device.misses")
-        if record.rid in self.pending:
+        if record.rid in self.write_behind:
             # Read-your-writes: served from RAM, though the host tier no longer holds it.
             self._count(tenant, "write_behind.hits")
-            return self.pending[record.rid]
+            return self.write_behind.get(record.rid)
         return None
 
     def _count_hit(self, tier_name: str, record: TensorRecord) -> None:
@@ -515,13 +502,13 @@ class Placement:
             record.resident = None
         if record.write_state == QUEUED:
             self.disk.unreserve(record.rid)
-            del self.pending[record.rid]
-            self._forget_write(record)
+            self.write_behind.pop(record.rid)
+            self.write_behind.forget(record)
         elif record.write_state is None and record.on_disk:
             self._drop_disk_copy(record)
         # WRITING: write_done deletes the file once the write is over.
         if record.write_error is not None:
-            self.unwritten_bytes -= record.nbytes
+            self.write_behind.unwritten_bytes -= record.nbytes
             record.write_error = None
         self._records.pop(record.rid, None)
         key = (record.tenant.number, record.identity)
@@ -531,33 +518,30 @@ class Placement:
 
     # ------------------------------------------------------------ reporting
 
-    def persist(self, tenant: Tenant, *, durable: bool) -> None:
-        """Give every record of ``tenant`` a disk copy (for keep_store), whatever
-        disk_bytes says.
-
-        Runs after the tenant's background writes were waited for (or cancelled); a
-        write that is still marked pending is simply written again, atomically.
-        """
-        store = tenant.store
+    def to_persist(self, tenant: Tenant) -> list[tuple[TensorRecord, torch.Tensor]]:
+        """Every record of ``tenant`` without a finished disk copy, each with its value
+        (host copy) and a fresh array name on disk 0, its pending write dropped: for
+        ``persist.write_whole`` to write (a kept store lives on one disk). Runs after
+        the tenant's background writes were waited for or cancelled."""
+        taken = []
         for record in self.records_of(tenant):
             if record.on_disk and record.write_state is None:
                 continue
-            tensor = self.pending.pop(record.rid, None)
+            tensor = self.write_behind.pop(record.rid)
             if tensor is None:
                 tensor = self._memory_tier(record.resident).get(record.rid)
-            self._forget_write(record)
+            self.write_behind.forget(record)
             if record.rid in self.disk:
                 self.disk.unreserve(record.rid)
             record.array = self._next_array_name(record)
-            record.disk = 0  # a kept store is on one disk (keep_store needs one disk_path)
-            store.write_tensor(
-                record.array,
-                self._host_copy(tensor).contiguous(),
-                durable=durable,
-                owner=None if record.key is None else (record.batch, record.key),
-            )
-            self.disk.reserve(record.rid, record.nbytes)  # after: a failed write reserves nothing
-            record.on_disk = True
+            record.disk = 0
+            taken.append((record, self._host_copy(tensor).contiguous()))
+        return taken
+
+    def persisted(self, record: TensorRecord) -> None:
+        """``record``'s value taken by ``to_persist`` is written: its disk copy."""
+        self.disk.reserve(record.rid, record.nbytes)
+        record.on_disk = True
 
     def new_array_name(self, record: TensorRecord) -> str:
         """A name for a disk copy of ``record`` that its cache writes itself (a kept
@@ -581,13 +565,3 @@ class Placement:
         self.disk.reserve(record.rid, record.nbytes)
         self._count(record.tenant, "disk.bytes_written", record.nbytes)
         return True
-
-    def _forget_write(self, record: TensorRecord) -> None:
-        """The record's pending write is over (or will not be reported back): its counts go."""
-        if record.write_state in (QUEUED, WRITING):
-            if record.write_state == QUEUED:
-                self._queued.remove(record)
-            self.pending_bytes -= record.nbytes
-            self.writes_in_flight -= 1
-            record.tenant.writes_in_flight -= 1
-        record.write_state = None

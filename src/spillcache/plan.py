@@ -307,8 +307,11 @@ def _scaled_config(
         keep_store=False,
         checksum=False,
         # Write-behind and read buffers only change when values move, not where they
-        # go; at least one tensor's worth each, as the real budgets are.
-        write_behind_bytes=scaled(config.write_behind_bytes, at_least=largest),
+        # go; at least one tensor's worth each, as the real budgets are (0 write-behind
+        # stays 0: synchronous writes).
+        write_behind_bytes=0
+        if config.write_behind_bytes == 0
+        else scaled(config.write_behind_bytes, at_least=largest),
         read_buffer_bytes=scaled(config.read_buffer_bytes, at_least=largest),
         budget_scope="rank",
         remove_dead_stores=False,

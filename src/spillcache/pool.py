@@ -236,9 +236,9 @@ class SharedPool:
                 ],
             },
             "write_behind": {
-                "bytes": placement.pending_bytes,
+                "bytes": placement.write_behind.nbytes,
                 "budget": self.budgets.write_behind_bytes,
-                "unwritten_bytes": placement.unwritten_bytes,
+                "unwritten_bytes": placement.write_behind.unwritten_bytes,
             },
             "counters": dict(placement.counters),
         }

@@ -126,12 +126,12 @@ class Journal(_Untracked):
 
     @staticmethod
     def _undo_spilled(p: Placement, record: TensorRecord, before: tuple) -> None:
-        del p.pending[record.rid]
-        p._forget_write(record)  # out of the queue and the write-behind counts
+        p.write_behind.pop(record.rid)
+        p.write_behind.forget(record)  # out of the queue and the write-behind counts
         p.disk.unreserve(record.rid)
         record.array, record.disk, record.disk_writes, record.write_error = before
         if record.write_error is not None:  # a value whose earlier write had failed
-            p.unwritten_bytes += record.nbytes
+            p.write_behind.unwritten_bytes += record.nbytes
 
     @staticmethod
     def _undo_opened(p: Placement, tenant: Tenant, disk: int) -> None:

@@ -228,7 +228,7 @@ def test_a_refused_admission_puts_a_cascade_of_moves_back(tmp_path):
             (t.nbytes, t.peak, list(t)) for t in (placement.device, placement.host, placement.disk)
         ]
         policies = {name: list(policy.victims()) for name, policy in tenant.policies.items()}
-        return [records, tiers, policies, dict(placement.counters), placement.pending_bytes]
+        return [records, tiers, policies, dict(placement.counters), placement.write_behind.nbytes]
 
     before = where()
     with pytest.raises(CapacityError):  # x: a to disk, b to host; y: no room anywhere

@@ -35,7 +35,11 @@ def test_plan_predicts_a_oneshot(tmp_path, capsys, monkeypatch, recipe, eighths)
     spill_dir.mkdir()
     budget = hidden_state_bytes() * eighths // 8
     # 1 KiB: the tests' tiny tensors (4-16 KiB) are tiered, as a real model's are.
-    config = CacheConfig(host_bytes=budget, inline_bytes=1024, disk_path=str(spill_dir))
+    # Synchronous writes: the plan assumes the disk keeps up; with write-behind, a value
+    # read again before its write lands (AWQ re-reads soon) comes from RAM, by timing.
+    config = CacheConfig(
+        host_bytes=budget, inline_bytes=1024, write_behind_bytes=0, disk_path=str(spill_dir)
+    )
     with integration.enable(config) as switch:
         recipes = {"gptq": gptq_recipe, "awq": awq_recipe}
         calibrate(tmp_path / "model", recipes[recipe](), prefetch=True)
@@ -43,6 +47,7 @@ def test_plan_predicts_a_oneshot(tmp_path, capsys, monkeypatch, recipe, eighths)
     assert measured["bytes_written"] > 0 and measured["bytes_read"] > 0
 
     monkeypatch.setenv("SPILLCACHE_INLINE_BYTES", "1024")
+    monkeypatch.setenv("SPILLCACHE_WRITE_BEHIND_BYTES", "0")
     argv = ["plan", "--model", str(tmp_path / "model"), "--samples", str(SAMPLES)]
     argv += ["--seq-len", str(SEQ_LEN), "--host-bytes", str(budget)]
     argv += ["--disk-path", str(spill_dir), "--no-probe", "--json"]

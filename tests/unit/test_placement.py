@@ -120,7 +120,8 @@ class World:
         p = self.p
         if budgets:
             # Values whose disk write failed are back in the host tier, over its budget.
-            assert p.host.budget is None or p.host.nbytes <= p.host.budget + p.unwritten_bytes
+            unwritten = p.write_behind.unwritten_bytes
+            assert p.host.budget is None or p.host.nbytes <= p.host.budget + unwritten
             assert p.disk is None or p.disk.budget is None or p.disk.nbytes <= p.disk.budget
         assert set(p.host) == {rid for rid, (r, _) in self.live.items() if r.resident == "host"}
         assert p.host.nbytes == sum(r.nbytes for r, _ in self.live.values() if r.resident == "host")
@@ -130,9 +131,9 @@ class World:
         if p.disk is not None:
             assert p.disk.nbytes == sum(r.nbytes for r, _ in self.live.values() if r.on_disk)
         for record, _ in self.live.values():
-            assert record.resident is not None or record.on_disk or record.rid in p.pending
+            assert record.resident is not None or record.on_disk or record.rid in p.write_behind
             assert record.refs > 0
-        assert p.writes_in_flight == 0 and p.pending_bytes == 0  # drain() ran them all
+        assert p.write_behind.in_flight == 0 and p.write_behind.nbytes == 0  # drain() ran them all
 
     def check_all_loadable(self, *, budgets: bool = True) -> None:
         for record, _ in list(self.live.values()):
@@ -306,8 +307,9 @@ def test_disk_write_failure_keeps_the_value_readable_and_earlier_records(
     assert world.failed_writes == ([spilled] if oversized else [records[0]])
     failed = world.failed_writes[0]
     assert failed.write_state is None and isinstance(failed.write_error, StoreError)
-    assert not failed.on_disk and failed.resident == "host" and failed.rid not in world.p.pending
-    assert world.p.unwritten_bytes == failed.nbytes
+    assert not failed.on_disk and failed.resident == "host"
+    assert failed.rid not in world.p.write_behind
+    assert world.p.write_behind.unwritten_bytes == failed.nbytes
     assert world.p.host.nbytes == 2 * SIZE + failed.nbytes
     assert len(world.p.disk) == 0 and world.p.disk.nbytes == 0
     world.check_all_loadable()
@@ -318,7 +320,7 @@ def test_disk_write_failure_keeps_the_value_readable_and_earlier_records(
     world.admit(value(3, nbytes=4 * SIZE))  # the disk works again
     assert records[1].on_disk or records[1].resident == "host"
     world.release(failed)  # a failed value can still be deleted, leaving nothing behind
-    assert failed.resident is None and world.p.unwritten_bytes == 0
+    assert failed.resident is None and world.p.write_behind.unwritten_bytes == 0
 
 
 def test_clean_disk_copies_are_dropped_when_disk_is_tight(tmp_path):
@@ -335,10 +337,14 @@ def test_clean_disk_copies_are_dropped_when_disk_is_tight(tmp_path):
     world.check_all_loadable()
 
 
-def test_persist_gives_every_record_a_disk_copy(tmp_path):
+def test_to_persist_gives_every_record_a_disk_copy(tmp_path):
+    """What persist._write_whole does on close, placement's part: every record without a
+    finished disk copy taken, written by the caller, then marked persisted."""
     world = World(make(tmp_path, host=3 * SIZE, disk=2 * SIZE))
     records = world.admit(*(value(i) for i in range(4)))
-    world.p.persist(world.tenant, durable=True)
+    for record, tensor in world.p.to_persist(world.tenant):
+        world.tenant.store.write_tensor(record.array, tensor, durable=True)
+        world.p.persisted(record)
     world.check(budgets=False)  # persist may exceed disk_bytes, by design
     assert all(r.on_disk for r in records)
     assert array_dirs(world.p) == {str(r.rid) for r in records}
