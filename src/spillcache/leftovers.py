@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import store_format
+from .store_format import ARRAY_PREFIX, array_ref, batch_dir, tensors_dir
 from .text import format_bytes
 
 __all__ = ["collect_garbage", "find_orphans", "verify_lines"]
@@ -40,18 +41,18 @@ def find_orphans(path: str | os.PathLike[str], attributes: dict) -> dict[str, An
     path = Path(path)
     partial = sorted(str(p.relative_to(path)) for p in _partial_files(path))
     # Real directories only: a link in a store (tampered) leads outside it.
-    arrays = [d for d in sorted((path / "tensors").glob("*")) if d.is_dir() and not d.is_symlink()]
-    unfinished = [f"tensors/{d.name}" for d in arrays if not (d / "zarr.json").is_file()]
+    arrays = [d for d in sorted(tensors_dir(path).glob("*")) if d.is_dir() and not d.is_symlink()]
+    unfinished = [array_ref(d.name) for d in arrays if not (d / "zarr.json").is_file()]
     unreferenced: list[str] = []
     if attributes.get("complete") or attributes.get("keep"):  # it records structures
         referenced = _referenced_arrays(path)
         if referenced is not None:
-            whole = [d.name for d in arrays if f"tensors/{d.name}" not in unfinished]
+            whole = [d.name for d in arrays if array_ref(d.name) not in unfinished]
             unreferenced = [name for name in whole if name not in referenced]
     alive = store_format.owner_alive(attributes)
     in_progress = not attributes.get("complete") and alive is not False
     files = [path / p for p in partial] + [path / p for p in unfinished]
-    files += [path / "tensors" / name for name in unreferenced]
+    files += [tensors_dir(path) / name for name in unreferenced]
     return {
         "partial": partial,
         "unfinished": unfinished,
@@ -92,7 +93,7 @@ def _referenced_arrays(path: Path) -> set[str] | None:
     """Names of the arrays the store's batch structures refer to; None if one of them
     cannot be read (then no array is called unreferenced)."""
     names: set[str] = set()
-    for batch in (path / "batches").glob("*/zarr.json"):
+    for batch in batch_dir(path).glob("*/zarr.json"):
         try:
             entries = json.loads(batch.read_text())["attributes"][store_format.ATTRS_KEY]
             names.update(_arrays_in(entries["entries"]))
@@ -106,7 +107,7 @@ def _arrays_in(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         array = node.get("array")
         if node.get("type") == "tensor" and isinstance(array, str):
-            yield array.removeprefix("tensors/")
+            yield array.removeprefix(ARRAY_PREFIX)
         for value in node.values():
             yield from _arrays_in(value)
     elif isinstance(node, list):
@@ -117,7 +118,7 @@ def _arrays_in(node: Any) -> Iterator[str]:
 def _removable(path: Path, orphans: dict, complete: bool) -> list[Path]:
     """What ``gc`` removes from a dead process's store it keeps (see the module docstring)."""
     found = [path / p for p in orphans["partial"] + orphans["unfinished"]]
-    return found + ([path / "tensors" / n for n in orphans["unreferenced"]] if complete else [])
+    return found + ([tensors_dir(path) / n for n in orphans["unreferenced"]] if complete else [])
 
 
 def verify_lines(orphans: dict) -> list[str]:

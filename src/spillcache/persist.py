@@ -41,7 +41,7 @@ from . import dtypes
 from .errors import StoreError
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
-from .store_format import Store
+from .store_format import ARRAY_PREFIX, Store, array_ref, batch_dir, tensors_dir
 from .tenants import Tenant
 from .tree import spec_to_json
 
@@ -212,7 +212,7 @@ def _write(
         tensor = dtypes.to_host(value.detach()).contiguous()
         store.write_tensor(name, tensor, durable=True, owner=owner)
         written.append((record, name))
-    _sync(store.path / "tensors")
+    _sync(tensors_dir(store.path))
     planned = {rid: name for rid, (_, _, name) in snapshot.records.items()}
     structures = []
     for batch in snapshot.batches:
@@ -240,7 +240,7 @@ def _commit(
         kept = {} if before is None else {"before": {"flush": before[0], "entries": before[1]}}
         store.write_batch(index, entries, durable=True, flush=flush, **kept)
         committed[index] = (flush, entries)
-    _sync(store.path / "batches")
+    _sync(batch_dir(store.path))
     store.write_root_attributes(
         complete=complete, num_batches=len(structures), durable=True, flush=flush
     )
@@ -290,7 +290,7 @@ def _sync(directory: Path) -> None:
 
 def _inline_names(store: Store, state: _Kept) -> Iterator[str]:
     """Fresh names for small tensors: none an array (whole or half-written) has."""
-    taken = set(os.listdir(store.path / "tensors")) | {name for _, name in state.inline.values()}
+    taken = set(os.listdir(tensors_dir(store.path))) | {name for _, name in state.inline.values()}
     return (name for n in itertools.count() if (name := f"i{n}") not in taken)
 
 
@@ -311,7 +311,7 @@ def _leaf_json(
 def _stored(leaf: TensorRecord | InlineTensor, name: str) -> dict:
     """A batch structure's node for a tensor leaf stored as array ``name``."""
     return {
-        "array": f"tensors/{name}",
+        "array": array_ref(name),
         "device": str(leaf.onload_device),
         "requires_grad": leaf.requires_grad,
     }
@@ -359,11 +359,11 @@ def persist(
             for leaf in entry.leaves:
                 node = _close_leaf(store, leaf, known, names, (index, key))
                 if node.get("array"):
-                    referenced.add(node["array"].removeprefix("tensors/"))
+                    referenced.add(node["array"].removeprefix(ARRAY_PREFIX))
                 described.append(node)
             entries[key] = spec_to_json(entry.spec, described.__getitem__)
         structures.append(entries)
-    _sync(store.path / "tensors")
+    _sync(tensors_dir(store.path))
     _commit(store, state, structures, complete=True)
     # Last: a crash before this leaves arrays no structure names (the next open drops
     # them), never a structure naming a deleted array.

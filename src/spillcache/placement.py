@@ -33,6 +33,7 @@ from .errors import CapacityError, StoreError
 from .failures import errno_of, refusal
 from .records import QUEUED, WRITING, TensorRecord
 from .rollback import NO_JOURNAL, Journal
+from .stats import COUNTERS
 from .tenants import Tenant, Tenants
 from .tiers import DiskTier, MemoryTier
 from .tiers.disk import Reading
@@ -87,6 +88,8 @@ class Placement:
         return self.device if name == "device" else self.host
 
     def _count(self, tenant: Tenant, counter: str, amount: int = 1) -> None:
+        if counter not in COUNTERS:
+            raise ValueError(f"no counter named {counter!r}; the counters are {sorted(COUNTERS)}")
         self._journal.counted(tenant, counter, amount)
         tenant.counters[counter] += amount
         self.counters[counter] += amount

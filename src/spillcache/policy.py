@@ -25,8 +25,35 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
-__all__ = ["POLICIES", "LRUPolicy", "ScanPolicy", "make_policy", "merged_victims"]
+__all__ = [
+    "POLICIES",
+    "EvictionPolicy",
+    "LRUPolicy",
+    "ScanPolicy",
+    "make_policy",
+    "merged_victims",
+]
+
+
+class EvictionPolicy(Protocol):
+    """What placement asks of a policy; it knows no policy's rules beyond these."""
+
+    name: str
+    promotes_by_eviction: bool  # may a value read from disk evict others to come up?
+
+    def __contains__(self, rid: int) -> bool: ...
+    def __len__(self) -> int: ...
+    def insert(self, rid: int, batch: int = 0) -> None: ...
+    def touch(self, rid: int) -> None: ...
+    def remove(self, rid: int) -> None: ...
+    def reached(self, batch: int, num_batches: int) -> None: ...
+    def resized(self, num_batches: int) -> None: ...
+    def victims(self, for_batch: int | None = None) -> Iterator[int]: ...
+    def scored(self) -> list[tuple[float, int]]: ...
+    def bypass_score(self, for_batch: int) -> float: ...
+
 
 # One clock for every LRU policy of the process: recency is comparable across caches.
 _lru_clock = itertools.count()
@@ -154,7 +181,7 @@ class ScanPolicy:
 
 
 def merged_victims(
-    policies: Iterable[LRUPolicy | ScanPolicy], limit: float = float("-inf")
+    policies: Iterable[EvictionPolicy], limit: float = float("-inf")
 ) -> Iterator[int]:
     """Victims over several caches' policies of one kind, first victim first: the
     record whose score is highest wherever it lives (only those scoring above
@@ -167,7 +194,7 @@ def merged_victims(
 POLICIES = {policy.name: policy for policy in (ScanPolicy, LRUPolicy)}
 
 
-def make_policy(name: str) -> LRUPolicy | ScanPolicy:
+def make_policy(name: str) -> EvictionPolicy:
     try:
         return POLICIES[name]()
     except KeyError:

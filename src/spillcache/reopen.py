@@ -28,7 +28,7 @@ from .errors import StoreCorruptError, StoreFormatError
 from .persist import opened
 from .placement import TensorRecord
 from .records import Entry
-from .store_format import Store, owner_alive
+from .store_format import Store, array_ref, owner_alive, tensors_dir
 
 __all__ = ["reopen"]
 
@@ -155,8 +155,8 @@ def _remove_leftovers(
             newer = "a newer value of " if (info.batch, info.key) in flushed else ""
             after.append(f"{newer}{info.owner}")
         else:
-            incomplete.append(f"tensors/{name}")
-        _remove(store.path / "tensors" / name)
+            incomplete.append(array_ref(name))
+        _remove(tensors_dir(store.path) / name)
     leftovers = _stray_files(store, found.batches)
     for path in leftovers:
         _remove(path)

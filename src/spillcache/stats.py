@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .placement import Placement
 from .records import QUEUED, WRITING
 from .tenants import Tenant
 
-__all__ = ["TIERS", "TIER_COUNTERS", "memory_by_device", "report"]
+if TYPE_CHECKING:  # placement imports this module's COUNTERS
+    from .placement import Placement
+
+__all__ = ["COUNTERS", "TIERS", "TIER_COUNTERS", "memory_by_device", "report"]
 
 TIERS = ("device", "host", "disk")
 # What report() gives for each of TIERS (besides bytes held and budget).
 TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "evictions")
+# Every counter a cache keeps (placement refuses any other name: a typo would otherwise
+# start a counter nobody reads).
+COUNTERS = frozenset(
+    [f"{tier}.{counter}" for tier in TIERS for counter in TIER_COUNTERS] + ["write_behind.hits"]
+)
 
 
 def report(

@@ -34,6 +34,7 @@ import torch
 from . import dtypes, store_format
 from .errors import StoreCorruptError, StoreError
 from .small_files import NotPlainFile, read_small_file
+from .store_format import ARRAY_PREFIX, BATCHES, TENSORS, batch_dir, tensors_dir
 from .tree import StructureError, spec_from_json
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "tensor_dirs",
 ]
 
-ARRAY_PREFIX = "tensors/"
 _COUNT = r"(?:0|[1-9][0-9]{0,17})"
 # The writer's names: a record number, with ".<n>" (n >= 2) for a later write of the
 # same record, or "i<n>" for a small tensor written when the store is kept.
@@ -175,7 +175,7 @@ def read_array(root: str | os.PathLike[str], name: str) -> ArrayInfo:
     where = f"array tensors/{_shown(name) if not ARRAY_NAME.fullmatch(name) else name}"
     if not ARRAY_NAME.fullmatch(name):
         raise _corrupt(where, "not an array name spillcache writes")
-    directory = root / "tensors" / name
+    directory = tensors_dir(root) / name
     _check_dir(root, directory, where)
     metadata = _read_json(root, directory / "zarr.json", _ARRAY_METADATA_BYTES, where)
     info = _array_fields(name, metadata, where)
@@ -271,9 +271,9 @@ def tensor_dirs(root: str | os.PathLike[str]) -> dict[str, str]:
     crash interrupted), ``"partial"`` (a file a crash left), or what a store never
     holds: ``"link"``, ``"file"``, ``"bad name"``. The group's own zarr.json is left out."""
     root = Path(root)
-    _check_dir(root, root / "tensors", "tensors")
+    _check_dir(root, tensors_dir(root), TENSORS)
     found = {}
-    with os.scandir(root / "tensors") as entries:
+    with os.scandir(tensors_dir(root)) as entries:
         for entry in entries:
             if entry.name == "zarr.json":
                 continue
@@ -327,8 +327,8 @@ def recorded_batches(store: store_format.Store) -> int:
     if type(count) is not int or count < 0:
         raise _corrupt("root zarr.json", f"num_batches {_shown(count)} is not a count")
     if count:
-        _check_dir(store.path, store.path / "batches", "batches")
-        with os.scandir(store.path / "batches") as entries:
+        _check_dir(store.path, batch_dir(store.path), BATCHES)
+        with os.scandir(batch_dir(store.path)) as entries:
             present = sum(1 for entry in entries if _BATCH_NAME.fullmatch(entry.name))
         if count > present:
             raise _corrupt(
@@ -352,7 +352,7 @@ def batch_structure(store: store_format.Store, index: int) -> tuple[int, dict[st
     unfinished flush rewrote gives the structure it kept as ``before``."""
     where = f"batch {index}"
     name = f"batches/{index}/zarr.json"
-    directory = store.path / "batches" / str(index)
+    directory = batch_dir(store.path, index)
     _check_dir(store.path, directory, where)
     group = _read_json(store.path, directory / "zarr.json", _STRUCTURE_BYTES, where)
     attributes = group.get("attributes") if isinstance(group, dict) else None

@@ -57,7 +57,13 @@ __all__ = [
     "find_stores",
     "owner_alive",
     "rank_dirs",
+    "ARRAY_PREFIX",
+    "BATCHES",
+    "TENSORS",
+    "array_ref",
+    "batch_dir",
     "read_root_attributes",
+    "tensors_dir",
     "remove_empty_dirs",
     "run_store_parent",
     "store_bytes",
@@ -70,6 +76,26 @@ _ROOT_BYTES = 1 << 20  # a root zarr.json is a few hundred bytes
 RANK_PREFIX = "rank"
 _RANK_NAME = re.compile(rf"{RANK_PREFIX}(0|[1-9][0-9]*)")
 ATTRS_KEY = "spillcache"
+# The store's two groups: arrays under TENSORS, batch structures under BATCHES.
+TENSORS = "tensors"
+BATCHES = "batches"
+ARRAY_PREFIX = f"{TENSORS}/"  # how a batch structure names an array
+
+
+def tensors_dir(store_path: str | os.PathLike[str]) -> Path:
+    return Path(store_path) / TENSORS
+
+
+def batch_dir(store_path: str | os.PathLike[str], index: int | None = None) -> Path:
+    """The batches group, or batch ``index``'s group in it."""
+    batches = Path(store_path) / BATCHES
+    return batches if index is None else batches / str(index)
+
+
+def array_ref(name: str) -> str:
+    """How a batch structure names array ``name``."""
+    return ARRAY_PREFIX + name
+
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError(
@@ -248,7 +274,7 @@ class Store:
             else:
                 store = cls._configured(path, direct_io, writers, read_buffer_bytes, checksum)
             store.keep = keep
-            for group in ("tensors", "batches"):
+            for group in (TENSORS, BATCHES):
                 (path / group).mkdir()
                 _write_json(path / group / "zarr.json", _group())
             # The root's metadata last: until it exists the directory is no store.
@@ -339,7 +365,7 @@ class Store:
     # ------------------------------------------------------------- tensors
 
     def _array_dir(self, name: str) -> Path:
-        return self.path / "tensors" / name
+        return tensors_dir(self.path) / name
 
     def write_tensor(
         self,
@@ -435,7 +461,7 @@ class Store:
         """Every complete array in the store (an array's zarr.json is written last);
         never one reached through a symbolic link."""
         found = []
-        with os.scandir(self.path / "tensors") as entries:
+        with os.scandir(tensors_dir(self.path)) as entries:
             for entry in entries:
                 metadata = os.path.join(entry.path, "zarr.json")
                 if entry.is_dir(follow_symlinks=False) and os.path.isfile(metadata):
@@ -449,13 +475,13 @@ class Store:
     ) -> None:
         """Record the structures of one batch's entries (key -> JSON spec), atomically;
         ``flushed``: ``flush`` and ``before`` (docs/format.md, "Batches"; ``persist``)."""
-        directory = self.path / "batches" / str(index)
+        directory = batch_dir(self.path, index)
         directory.mkdir(exist_ok=True)
         own = {"entries": entries, **flushed}
         _write_json(directory / "zarr.json", _group({ATTRS_KEY: own}), durable)
 
     def read_batch(self, index: int) -> dict[str, dict]:
-        path = self.path / "batches" / str(index) / "zarr.json"
+        path = batch_dir(self.path, index) / "zarr.json"
         try:
             return json.loads(path.read_text())["attributes"][ATTRS_KEY]["entries"]
         except FileNotFoundError:

@@ -126,7 +126,8 @@ def _read(store: store_format.Store, info: store_checks.ArrayInfo) -> torch.Tens
         return store.read_tensor(info.name, info.shape, info.dtype, checksum=info.checksum)
     except (RuntimeError, MemoryError):  # torch's allocation failure is a RuntimeError
         raise StoreError(
-            f"array tensors/{info.name}: its {info.nbytes} bytes do not fit in memory here"
+            f"array {store_format.array_ref(info.name)}: its {info.nbytes} bytes do not fit in "
+            "memory here"
         ) from None
 
 

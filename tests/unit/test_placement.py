@@ -392,3 +392,12 @@ def test_a_record_written_again_gets_a_new_array_so_old_deletions_cannot_hit_it(
     assert a.on_disk and a.array != first_array and a.array.startswith(f"{a.rid}.")
     assert a.array in array_dirs(world.p) and first_array not in array_dirs(world.p)
     world.check_all_loadable()
+
+
+def test_a_counter_name_that_is_not_a_counter_is_refused(tmp_path):
+    """A typo in a counter name would start a counter stats() never shows."""
+    world = World(make(tmp_path, host=3 * SIZE, disk=2 * SIZE))
+    with pytest.raises(ValueError, match="no counter named 'host.hit'"):
+        world.p._count(world.tenant, "host.hit")
+    world.p._count(world.tenant, "host.hits")
+    assert world.tenant.counters["host.hits"] == 1
