@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from . import cleanup
 from .config import CacheConfig
-from .core import CacheCore, resolve_offload_device
+from .core import CacheCore
+from .offload import resolve_offload_device
 from .stock_api import BatchIntermediates, offload_value, onload_value, pin_intermediate
 from .stock_types import IntermediateValue
 

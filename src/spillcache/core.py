@@ -12,41 +12,29 @@ from __future__ import annotations
 import concurrent.futures
 import operator
 import time
-import warnings
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from . import dtypes, reads, stats
+from . import reads, stats
 from .config import AUTO, CacheConfig
 from .errors import CacheClosedError, ConfigError, StoreError
 from .failures import naming, write_report
 from .io_threads import READ, WRITE
+from .offload import Offload, Prepared, may_spill
 from .persist import make_durable, persist
 from .placement import TensorRecord
 from .pool import pool_for
+from .reads import Fetched
 from .records import Entry, InlineTensor
 from .records import records_of as _records_of
 from .tenants import Tenant
 from .transfers import Ready
-from .tree import Flat, TensorLeaf, flatten, unflatten
+from .tree import unflatten
 
-__all__ = ["CacheCore", "resolve_offload_device"]
-
-
-def resolve_offload_device(offload_device: Any) -> torch.device | None:
-    if offload_device is None:
-        return None
-    try:
-        return torch.device(offload_device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"offload_device: {offload_device!r} is not a torch device; use 'cpu' "
-            "(offload to host RAM, spilling to disk), None (keep values where they are) "
-            "or an accelerator such as 'cuda:0'"
-        ) from error
+__all__ = ["CacheCore"]
 
 
 class CacheCore:
@@ -84,6 +72,7 @@ class CacheCore:
         )
         with self._lock:
             self.tenant = self.placement.add_tenant(tenant)
+        self._offload = Offload(config, offload_device, self.placement, self.tenant, self.transfers)
         self._batches: list[dict[str, Entry]] = []
         self._generations: list[int] = []
         self._stall_seconds = 0.0
@@ -114,16 +103,6 @@ class CacheCore:
                 f"batch index {batch_index} is out of range: the cache has {count} batches"
             )
         return index % count
-
-    def _offload_inline(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Where a tensor that stays with its entry is kept (one that cannot tier stays as is)."""
-        if not dtypes.is_tierable(tensor):
-            return tensor
-        if self.offload_device is None:
-            return tensor.detach()
-        if self.offload_device.type == "cpu":
-            return dtypes.to_host(tensor.detach())
-        return dtypes.move(tensor.detach(), self.offload_device)
 
     # ---------------------------------------------------------- write-behind
 
@@ -179,8 +158,8 @@ class CacheCore:
 
     def append(self, values: dict[str, Any], onload_device: torch.device | None = None) -> int:
         """Store ``values`` as a new last batch; on error the cache is unchanged."""
-        prepared = self._prepare(values, onload_device)
-        readings = self.pool.read_free_space() if _tiered(prepared) else None
+        prepared = self._offload.prepare(values, onload_device)
+        readings = self.pool.read_free_space() if may_spill(prepared) else None
         with self._lock:
             self._check_open()
             self._wait_for_write_room()
@@ -200,8 +179,8 @@ class CacheCore:
             return len(self._batches) - 1
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
-        prepared = self._prepare(values, None)
-        readings = self.pool.read_free_space() if _tiered(prepared) else None
+        prepared = self._offload.prepare(values, None)
+        readings = self.pool.read_free_space() if may_spill(prepared) else None
         with self._lock:
             self._check_open()
             index = self._index(batch_index)
@@ -212,37 +191,7 @@ class CacheCore:
             finally:
                 self._start_queued_disk_io()
 
-    def _prepare(self, values: Any, onload_device: torch.device | None) -> list[_Prepared]:
-        """Everything about storing ``values`` that needs no lock: checking them,
-        flattening them, and their copies off the accelerator (and compact copies of
-        views), so that a slow device-to-host transfer holds up no other thread."""
-        if not isinstance(values, dict):
-            raise TypeError(f"values must be a dict of name -> value, got {type(values).__name__}")
-        for key in values:
-            if not isinstance(key, str):
-                raise TypeError(f"keys must be str, got {key!r} ({type(key).__name__})")
-        prepared = []
-        for key, value in values.items():
-            flat = flatten(value, onload_device)
-            leaves = []
-            for leaf in flat.tensors:
-                if self._is_tiered(leaf.tensor):
-                    leaves.append((leaf, self._offload_tiered(leaf.tensor), True))
-                else:
-                    leaves.append((leaf, self._offload_inline(leaf.tensor), False))
-            prepared.append(_Prepared(key, flat, leaves))
-        return prepared
-
-    def _offload_tiered(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What placement stores of a tiered tensor: the tensor itself where it may stay
-        in the device tier, else its compact host copy (itself if it is one already)."""
-        tenant = self.tenant
-        if self.placement.device.budget != 0 and tenant.device_tier:
-            if tenant.device_target is not None or tensor.device.type != "cpu":
-                return tensor.detach()
-        return self.transfers.to_host(tensor.detach(), pin=self.placement.pin_host)
-
-    def _store_prepared(self, index: int, prepared: list[_Prepared]) -> None:
+    def _store_prepared(self, index: int, prepared: list[Prepared]) -> None:
         """Lock held: place the prepared values in batch ``index``; all or nothing."""
         to_admit, originals, labels, keys = [], [], [], []
         for item in prepared:
@@ -278,16 +227,6 @@ class CacheCore:
             batch[item.key] = Entry(item.flat.spec, leaves, item.flat.opaques)
         self.placement.release(replaced)
         self._generations[index] += 1
-
-    def _is_tiered(self, tensor: torch.Tensor) -> bool:
-        if not dtypes.is_tierable(tensor):
-            warnings.warn(
-                f"spillcache keeps {tensor.dtype} tensors with layout {tensor.layout} "
-                f"({type(tensor).__name__}) in RAM as they are; only dense tensors spill",
-                stacklevel=5,
-            )
-            return False
-        return tensor.nbytes >= self.config.inline_bytes
 
     def delete(self, batch_index: int, consumed_names: Iterable[str] | None) -> None:
         with self._lock:
@@ -460,19 +399,7 @@ class CacheCore:
 
     def size(self) -> dict[torch.device, int]:
         with self._lock:
-            sizes = stats.memory_by_device(self.placement, self.tenant)
-            seen: set[int] = set()
-            for batch in self._batches:
-                for entry in batch.values():
-                    in_ram = [
-                        leaf.tensor for leaf in entry.leaves if isinstance(leaf, InlineTensor)
-                    ]
-                    in_ram += [obj for obj in entry.opaques if isinstance(obj, torch.Tensor)]
-                    for tensor in in_ram:
-                        if id(tensor) not in seen and not tensor.is_meta:
-                            seen.add(id(tensor))
-                            sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
-            return sizes
+            return stats.cache_memory(self.placement, self.tenant, self._batches)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -562,27 +489,6 @@ class CacheCore:
         current = self.io.current_job()  # a finalizer may run on a pool thread, in a job
         running = [job for job in jobs if job is not current and not job.cancel()]
         concurrent.futures.wait(running)
-
-
-class Fetched(NamedTuple):
-    generation: int
-    values: dict[str, Any]
-    ready: Ready
-    read: list[tuple[TensorRecord, torch.Tensor]]  # promoted when the caller takes them
-
-
-class _Prepared(NamedTuple):
-    """One key's value, ready to store: its flattened form, and per tensor leaf its
-    offloaded copy (made before the lock) and whether it is tiered."""
-
-    key: str
-    flat: Flat
-    leaves: list[tuple[TensorLeaf, torch.Tensor, bool]]
-
-
-def _tiered(prepared: list[_Prepared]) -> bool:
-    """Whether storing ``prepared`` may spill (else no disk's free space is needed)."""
-    return any(tiered for item in prepared for *_, tiered in item.leaves)
 
 
 def _records_in(entries: list[tuple[str, Entry]]) -> list[TensorRecord]:

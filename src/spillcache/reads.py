@@ -11,12 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from typing import Any, NamedTuple
 
 import torch
 
 from .placement import Placement, TensorRecord
+from .transfers import Ready
 
-__all__ = ["Loads", "plan", "read"]
+__all__ = ["Fetched", "Loads", "plan", "read"]
+
+
+class Fetched(NamedTuple):
+    """What a fetch gives back (``CacheCore.fetch_versioned``)."""
+
+    generation: int
+    values: dict[str, Any]
+    ready: Ready
+    read: list[tuple[TensorRecord, torch.Tensor]]  # promoted when the caller takes them
 
 
 class Loads:

@@ -12,7 +12,7 @@ from .tenants import Tenant
 if TYPE_CHECKING:  # placement imports this module's COUNTERS
     from .placement import Placement
 
-__all__ = ["COUNTERS", "TIERS", "TIER_COUNTERS", "memory_by_device", "report"]
+__all__ = ["COUNTERS", "TIERS", "TIER_COUNTERS", "cache_memory", "memory_by_device", "report"]
 
 TIERS = ("device", "host", "disk")
 # What report() gives for each of TIERS (besides bytes held and budget).
@@ -98,4 +98,22 @@ def memory_by_device(placement: Placement, tenant: Tenant) -> dict[torch.device,
         tensor = placement.memory_copy(record)
         if tensor is not None:
             sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
+    return sizes
+
+
+def cache_memory(placement: Placement, tenant: Tenant, batches: list[dict]) -> dict:
+    """``size()``: bytes of memory a cache's values use, by device: its tiered values in
+    memory, and the tensors kept with its entries (inline, or opaque values)."""
+    from .records import InlineTensor
+
+    sizes = memory_by_device(placement, tenant)
+    seen: set[int] = set()
+    for batch in batches:
+        for entry in batch.values():
+            in_ram = [leaf.tensor for leaf in entry.leaves if isinstance(leaf, InlineTensor)]
+            in_ram += [obj for obj in entry.opaques if isinstance(obj, torch.Tensor)]
+            for tensor in in_ram:
+                if id(tensor) not in seen and not tensor.is_meta:
+                    seen.add(id(tensor))
+                    sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
     return sizes
