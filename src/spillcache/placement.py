@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import math
-import weakref
 from collections import Counter
 from collections.abc import Sequence
 
@@ -31,7 +30,8 @@ import torch
 from . import dtypes
 from .errors import CapacityError, StoreError
 from .failures import errno_of, refusal
-from .records import QUEUED, WRITING, TensorRecord
+from .kept_copies import KeptCopies
+from .records import QUEUED, WRITING, RecordRegistry, TensorRecord
 from .rollback import NO_JOURNAL, Journal
 from .stats import COUNTERS
 from .tenants import Tenant, Tenants
@@ -43,7 +43,7 @@ from .write_behind import WriteBehind
 __all__ = ["Placement", "TensorRecord"]
 
 
-class Placement:
+class Placement(KeptCopies):
     """Places tensors of one or more caches (``Tenant``s) in the device, host and disk
     tiers within budgets they share.
 
@@ -74,10 +74,7 @@ class Placement:
         self.tenants = Tenants()
         self.pin_host = pin_host
         self._transfers = transfers or Transfers()
-        self._records: dict[int, TensorRecord] = {}
-        # (tenant number, id(tensor)) -> the record it was stored as, for sharing.
-        self._identity: dict[tuple[int, int], tuple[weakref.ref, TensorRecord]] = {}
-        self._next_rid = 0
+        self.records = RecordRegistry()
         self.write_behind = WriteBehind(write_behind_budget)
         # Arrays of disk copies no longer wanted; the cache deletes them in the background.
         self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
@@ -122,7 +119,7 @@ class Placement:
         self.tenants.remove(tenant)
 
     def records_of(self, tenant: Tenant) -> list[TensorRecord]:
-        return [record for record in self._records.values() if record.tenant is tenant]
+        return self.records.of(tenant)
 
     def memory_copy(self, record: TensorRecord) -> torch.Tensor | None:
         """The record's value in memory (a tier or the write-behind area), if any."""
@@ -157,9 +154,11 @@ class Placement:
         try:
             for index, (tensor, onload_device) in enumerate(tensors):
                 original = tensor if originals is None else originals[index]
-                record = self._lookup(tenant, original, onload_device)
+                record = self.records.shared(tenant, original, onload_device)
                 if record is None:
-                    label = labels[index] if labels is not None else f"tensor {self._next_rid}"
+                    label = (
+                        labels[index] if labels is not None else f"tensor {self.records.next_rid}"
+                    )
                     record = self._new_record(tenant, original, onload_device, batch, label)
                     record.key = keys[index] if keys is not None else None
                     created.append(record)
@@ -177,19 +176,6 @@ class Placement:
             record.refs += 1
         return records
 
-    def _lookup(
-        self, tenant: Tenant, tensor: torch.Tensor, onload_device: torch.device
-    ) -> TensorRecord | None:
-        """The record ``tensor`` was stored as, if it goes back to the same place: a
-        record gives one onload device and one ``requires_grad`` to every entry."""
-        found = self._identity.get((tenant.number, id(tensor)))
-        if found is None or found[0]() is not tensor:
-            return None
-        record = found[1]
-        if (record.onload_device, record.requires_grad) != (onload_device, tensor.requires_grad):
-            return None
-        return record
-
     def _new_record(
         self,
         tenant: Tenant,
@@ -198,8 +184,8 @@ class Placement:
         batch: int,
         label: str,
     ) -> TensorRecord:
-        record = TensorRecord(
-            rid=self._next_rid,
+        return self.records.add(
+            tensor,
             shape=tuple(tensor.shape),
             dtype=tensor.dtype,
             nbytes=tensor.nbytes,
@@ -210,10 +196,6 @@ class Placement:
             identity=id(tensor),
             tenant=tenant,
         )
-        self._next_rid += 1
-        self._records[record.rid] = record
-        self._identity[(tenant.number, id(tensor))] = (weakref.ref(tensor), record)
-        return record
 
     def adopt(
         self,
@@ -229,8 +211,7 @@ class Placement:
     ) -> TensorRecord:
         """A record for an array already in the tenant's store (a reopened cache); no reference
         yet (``hold`` one per use). Its disk bytes count against the disk budget."""
-        record = TensorRecord(
-            rid=self._next_rid,
+        record = self.records.add(
             shape=shape,
             dtype=dtype,
             nbytes=math.prod(shape) * dtype.itemsize,
@@ -243,15 +224,12 @@ class Placement:
             disk_writes=1,  # a later write gets "<rid>.2", never an existing name
             tenant=tenant,
         )
-        self._next_rid += 1
-        self._records[record.rid] = record
         self.disk.reserve(record.rid, record.nbytes)
         return record
 
     def skip_record_ids(self, names: list[str]) -> None:
         """New records must not be named like arrays already in the store."""
-        taken = [int(name.split(".")[0]) for name in names if name.split(".")[0].isdigit()]
-        self._next_rid = max([self._next_rid, *(number + 1 for number in taken)])
+        self.records.skip(names)
 
     def _wants_device_tier(self, tenant: Tenant, tensor: torch.Tensor) -> bool:
         if self.device.budget == 0 or not tenant.device_tier:
@@ -299,7 +277,7 @@ class Placement:
             ):
                 if tier.has_room(nbytes):
                     break
-                victim = self._records[rid]
+                victim = self.records[rid]
                 if victim.resident != tier.name:  # moved earlier in this admit
                     continue
                 if (
@@ -378,7 +356,7 @@ class Placement:
         if disk.has_room(nbytes):
             return
         clean = [rid for rid in disk if self._is_clean(rid)]
-        reclaimable = sum(self._records[rid].nbytes for rid in clean)
+        reclaimable = sum(self.records[rid].nbytes for rid in clean)
         if not disk.can_ever_hold(nbytes) or disk.nbytes - reclaimable + nbytes > disk.budget:
             raise CapacityError(
                 f"no room for {nbytes} bytes: the disk tier holds {disk.nbytes} of its "
@@ -386,12 +364,12 @@ class Placement:
             )
         # Drop disk copies of records that are also in memory: they are only copies.
         for rid in clean:
-            self._drop_disk_copy(self._records[rid])
+            self._drop_disk_copy(self.records[rid])
             if disk.has_room(nbytes):
                 return
 
     def _is_clean(self, rid: int) -> bool:
-        record = self._records.get(rid)
+        record = self.records.get(rid)
         return record is not None and record.on_disk and record.resident is not None
 
     # ---------------------------------------------------------- write-behind
@@ -513,58 +491,6 @@ class Placement:
         if record.write_error is not None:
             self.write_behind.unwritten_bytes -= record.nbytes
             record.write_error = None
-        self._records.pop(record.rid, None)
-        key = (record.tenant.number, record.identity)
-        found = self._identity.get(key)
-        if found is not None and found[1] is record:
-            del self._identity[key]
+        self.records.forget(record)
 
     # ------------------------------------------------------------ reporting
-
-    def to_persist(self, tenant: Tenant) -> list[tuple[TensorRecord, torch.Tensor]]:
-        """Every record of ``tenant`` without a finished disk copy, each with its value
-        (host copy) and a fresh array name on disk 0, its pending write dropped: for
-        ``persist.write_whole`` to write (a kept store lives on one disk). Runs after
-        the tenant's background writes were waited for or cancelled."""
-        taken = []
-        for record in self.records_of(tenant):
-            if record.on_disk and record.write_state is None:
-                continue
-            tensor = self.write_behind.pop(record.rid)
-            if tensor is None:
-                tensor = self._memory_tier(record.resident).get(record.rid)
-            self.write_behind.forget(record)
-            if record.rid in self.disk:
-                self.disk.unreserve(record.rid)
-            record.array = self._next_array_name(record)
-            record.disk = 0
-            taken.append((record, self._host_copy(tensor).contiguous()))
-        return taken
-
-    def persisted(self, record: TensorRecord) -> None:
-        """``record``'s value taken by ``to_persist`` is written: its disk copy."""
-        self.disk.reserve(record.rid, record.nbytes)
-        record.on_disk = True
-
-    def new_array_name(self, record: TensorRecord) -> str:
-        """A name for a disk copy of ``record`` that its cache writes itself (a kept
-        store's flush), taken now so that no other write of it takes it."""
-        return self._next_array_name(record)
-
-    def took_copy(self, record: TensorRecord, array: str) -> bool:
-        """Its cache wrote ``record``'s value to ``array`` itself (a kept store's flush,
-        the lock released meanwhile): that is now the record's disk copy, unless the
-        record changed meanwhile (released, written elsewhere, no longer in memory, or
-        its last write failed). False: the array is not the record's."""
-        if (
-            not record.alive
-            or record.on_disk
-            or record.write_state is not None
-            or record.resident is None
-            or record.write_error is not None
-        ):
-            return False
-        record.array, record.disk, record.on_disk = array, 0, True
-        self.disk.reserve(record.rid, record.nbytes)
-        self._count(record.tenant, "disk.bytes_written", record.nbytes)
-        return True

@@ -10,6 +10,7 @@ cache and its reads only look at it, with the pool's lock held.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ import torch
 if TYPE_CHECKING:
     from .tenants import Tenant
 
-__all__ = ["QUEUED", "WRITING", "Entry", "InlineTensor", "TensorRecord", "records_of"]
+__all__ = [
+    "QUEUED",
+    "WRITING",
+    "Entry",
+    "InlineTensor",
+    "RecordRegistry",
+    "TensorRecord",
+    "records_of",
+]
 
 # TensorRecord.write_state: where its pending disk write stands.
 QUEUED = "queued"  # in the write-behind area, not yet handed to a thread
@@ -74,3 +83,62 @@ class Entry:
 
 def records_of(entry: Entry) -> Iterable[TensorRecord]:
     return (leaf for leaf in entry.leaves if isinstance(leaf, TensorRecord))
+
+
+class RecordRegistry:
+    """Every record of a pool by number, and the tensor each new one was stored from
+    (so that the same tensor stored again shares its record). Numbers name the records'
+    arrays on disk: a reopened store's names are skipped."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, TensorRecord] = {}
+        # (tenant number, id(tensor)) -> the record it was stored as, for sharing.
+        self._identity: dict[tuple[int, int], tuple[weakref.ref, TensorRecord]] = {}
+        self.next_rid = 0
+
+    def __getitem__(self, rid: int) -> TensorRecord:
+        return self._records[rid]
+
+    def get(self, rid: int) -> TensorRecord | None:
+        return self._records.get(rid)
+
+    def values(self) -> Iterable[TensorRecord]:
+        return self._records.values()
+
+    def of(self, tenant: Tenant) -> list[TensorRecord]:
+        return [record for record in self._records.values() if record.tenant is tenant]
+
+    def add(self, tensor: torch.Tensor | None = None, **fields: Any) -> TensorRecord:
+        """A new record with the next number; ``tensor``: the one it is stored from."""
+        record = TensorRecord(rid=self.next_rid, **fields)
+        self.next_rid += 1
+        self._records[record.rid] = record
+        if tensor is not None:
+            key = (record.tenant.number, id(tensor))
+            self._identity[key] = (weakref.ref(tensor), record)
+        return record
+
+    def shared(
+        self, tenant: Tenant, tensor: torch.Tensor, onload_device: torch.device
+    ) -> TensorRecord | None:
+        """The record ``tensor`` was stored as, if it goes back to the same place: a
+        record gives one onload device and one ``requires_grad`` to every entry."""
+        found = self._identity.get((tenant.number, id(tensor)))
+        if found is None or found[0]() is not tensor:
+            return None
+        record = found[1]
+        if (record.onload_device, record.requires_grad) != (onload_device, tensor.requires_grad):
+            return None
+        return record
+
+    def skip(self, names: list[str]) -> None:
+        """New records must not be named like arrays already in the store."""
+        taken = [int(name.split(".")[0]) for name in names if name.split(".")[0].isdigit()]
+        self.next_rid = max([self.next_rid, *(number + 1 for number in taken)])
+
+    def forget(self, record: TensorRecord) -> None:
+        self._records.pop(record.rid, None)
+        key = (record.tenant.number, record.identity)
+        found = self._identity.get(key)
+        if found is not None and found[1] is record:
+            del self._identity[key]

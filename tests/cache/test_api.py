@@ -147,7 +147,7 @@ def test_regression_one_tensor_stored_for_two_devices_goes_back_to_each(make_cac
 def _clean_copies(cache: IntermediatesCache) -> int:
     """Bytes that are both in memory and on disk (disk copies kept to make eviction free)."""
     placement = cache._core.placement
-    return sum(r.nbytes for r in placement._records.values() if r.on_disk and r.resident)
+    return sum(r.nbytes for r in placement.records.values() if r.on_disk and r.resident)
 
 
 def test_size_counts_memory_by_device(make_cache, placement):
