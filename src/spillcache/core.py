@@ -247,7 +247,7 @@ class CacheCore:
     # ------------------------------------------------------------------ read
 
     def fetch(self, batch_index: int, input_names: Collection[str] | None) -> dict[str, Any]:
-        return self.fetch_versioned(batch_index, input_names)[1]
+        return self.fetch_versioned(batch_index, input_names).values
 
     def fetch_versioned(
         self, batch_index: int, input_names: Collection[str] | None, *, by_reader: bool = True
@@ -357,10 +357,8 @@ class CacheCore:
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
         onload = self.transfers.onload
         leaves = [
-            onload(tensors[leaf.rid], leaf.onload_device, leaf.requires_grad, ready)
-            if isinstance(leaf, TensorRecord)
-            else onload(leaf.tensor, leaf.onload_device, leaf.requires_grad, ready)
-            for leaf in entry.leaves
+            onload(tensor, leaf.onload_device, leaf.requires_grad, ready)
+            for tensor, leaf in zip(_held(entry, tensors), entry.leaves, strict=True)
         ]
         return unflatten(entry.spec, leaves, entry.opaques)
 
@@ -379,16 +377,7 @@ class CacheCore:
             entries = _selected(self._batches[self._index(batch_index)], input_names)
             loads = reads.plan(self.placement, _records_in(entries))
         tensors = self._finish_loads(loads, by_reader=True, asked=asked)
-        return {
-            key: (
-                entry,
-                [
-                    tensors[leaf.rid] if isinstance(leaf, TensorRecord) else leaf.tensor
-                    for leaf in entry.leaves
-                ],
-            )
-            for key, entry in entries
-        }
+        return {key: (entry, _held(entry, tensors)) for key, entry in entries}
 
     def keys(self, batch_index: int) -> list[str]:
         with self._lock:
@@ -489,6 +478,15 @@ class CacheCore:
         current = self.io.current_job()  # a finalizer may run on a pool thread, in a job
         running = [job for job in jobs if job is not current and not job.cancel()]
         concurrent.futures.wait(running)
+
+
+def _held(entry: Entry, tensors: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """An entry's tensor leaves as the cache holds them: a record's from ``tensors``
+    (by record number), an inline one's own."""
+    return [
+        tensors[leaf.rid] if isinstance(leaf, TensorRecord) else leaf.tensor
+        for leaf in entry.leaves
+    ]
 
 
 def _records_in(entries: list[tuple[str, Entry]]) -> list[TensorRecord]:

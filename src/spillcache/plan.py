@@ -204,7 +204,6 @@ class Traffic:
     written: int = 0
     read: int = 0
     disk_peak: int = 0  # bytes of values on disk at once, at most
-    host_peak: int = 0
     by_layer: dict[int, tuple[int, int]] = field(default_factory=dict)  # layer -> (w, r)
     replayed_layers: int = 0  # fewer than the model's: the others were estimated
 
@@ -248,21 +247,17 @@ def replay(
                 before[1] + done[1] - last[1],
             )
             last = done
-        cache.flush()
-        stats = cache.stats()
+        disk_peak = cache.stats()["pool"]["disk"]["peak_bytes"]  # every pass was flushed
     traffic.written, traffic.read = last
-    traffic.disk_peak = stats["pool"]["disk"]["peak_bytes"]
-    traffic.host_peak = stats["pool"]["host"]["peak_bytes"]
+    traffic.disk_peak = disk_peak
     return _counted_whole(traffic, workload, short, divisor)
 
 
 def _scratch_parent() -> str:
     """Where the replay's small store goes: RAM (tmpfs) where there is one."""
-    return (
-        "/dev/shm"
-        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
-        else (tempfile.gettempdir())
-    )
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
 
 
 @contextlib.contextmanager
@@ -327,7 +322,6 @@ def _counted_whole(traffic: Traffic, workload: Workload, short: Workload, diviso
         written=(traffic.written + missing * middle[0]) * divisor,
         read=(traffic.read + missing * middle[1]) * divisor,
         disk_peak=traffic.disk_peak * divisor,
-        host_peak=traffic.host_peak * divisor,
         replayed_layers=short.layers,
     )
     for layer, (written, read) in traffic.by_layer.items():

@@ -20,7 +20,7 @@ import torch
 
 from . import disk_probe, dtypes, sysinfo
 from .config import AUTO, CacheConfig, disk_directories, parse_size
-from .plan import AWQ_READS, ModelShape, Traffic, awq_caches, replay, sequential_pipeline
+from .plan import AWQ_READS, ModelShape, awq_caches, replay, sequential_pipeline
 from .text import format_bytes
 
 __all__ = ["add_plan_command"]
@@ -263,7 +263,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "replayed_layers": traffic.replayed_layers or layers,
         "config": {}, "why": {},
     }  # fmt: skip
-    _recommend(plan, node, per_sample, traffic)
+    _recommend(plan, node, per_sample)
     if args.recipe == "awq":
         plan["awq"] = _awq_figures(shape, samples, args.awq_offload)
     return plan
@@ -292,7 +292,7 @@ def _io_seconds(disks: list[dict], written: int, read: int) -> float | None:
     return written / max(write, 1) + read / max(read_speed, 1)
 
 
-def _recommend(plan: dict, node: CacheConfig, per_sample: dict, traffic: Traffic) -> None:
+def _recommend(plan: dict, node: CacheConfig, per_sample: dict) -> None:
     config, why = plan["config"], plan["why"]
     ranks, cached = plan["ranks"], plan["cached_bytes"]
     if cached <= node.host_bytes:

@@ -63,17 +63,9 @@ def offload_value(
     def again(item: Any) -> IntermediateValue:
         return offload_value(item, offload_device, onload_device, shared)
 
-    if isinstance(value, list):
-        return IntermediateValue([again(item) for item in value], None)
-    if isinstance(value, tuple):
-        items = [again(item) for item in value]
-        kind = type(value)
-        return IntermediateValue(kind(*items) if hasattr(value, "_fields") else kind(items), None)
-    if isinstance(value, dict):
-        return IntermediateValue({key: again(item) for key, item in value.items()}, None)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: again(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return IntermediateValue(build_dataclass(type(value), fields), None)
+    container = _rebuilt(value, again)
+    if container is not _LEAF:
+        return IntermediateValue(container, None)
     if not isinstance(value, _PLAIN):
         warnings.warn(f"Offloading not implemented for type {type(value)}.", stacklevel=3)
     return IntermediateValue(value, None)
@@ -89,17 +81,28 @@ def onload_value(intermediate: Any) -> Any:
     if isinstance(value, torch.Tensor):
         to_accelerator = device is not None and torch.device(device).type != "cpu"
         return value.to(device=device, non_blocking=to_accelerator and value.is_pinned())
+    container = _rebuilt(value, onload_value)
+    return value if container is _LEAF else container
+
+
+_LEAF = object()  # what _rebuilt gives for a value that is not a container
+
+
+def _rebuilt(value: Any, function: Any) -> Any:
+    """The list, tuple, dict or dataclass ``value`` rebuilt with ``function`` applied to
+    each of its items (a namedtuple or dataclass keeps its class; another tuple becomes a
+    plain one, as in the stock helpers); ``_LEAF`` for anything else."""
     if isinstance(value, list):
-        return [onload_value(item) for item in value]
+        return [function(item) for item in value]
     if isinstance(value, tuple):
-        items = [onload_value(item) for item in value]
+        items = [function(item) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, dict):
-        return {key: onload_value(item) for key, item in value.items()}
+        return {key: function(item) for key, item in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: onload_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {f.name: function(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return build_dataclass(type(value), fields)
-    return value
+    return _LEAF
 
 
 def pin_intermediate(intermediate: Any) -> None:
