@@ -1,6 +1,6 @@
 """A short measurement of how fast a directory's disk writes and reads chunk files, the
-way the cache does (``chunkio``: O_DIRECT where the filesystem takes it, from
-huge-page-aligned buffers, on ``io_threads`` threads at once), for ``spillcache plan``.
+way the cache does (``chunkio``: O_DIRECT where the filesystem takes it, from the
+cache's own staging buffers, on ``io_threads`` threads at once), for ``spillcache plan``.
 
 It writes files of ``FILE_BYTES`` into a hidden directory under the path until half its
 time is spent (or ``MAX_BYTES`` are written), reads them back for the rest, and removes
@@ -41,18 +41,18 @@ def probe(directory: str | Path, *, seconds: float, threads: int) -> DiskSpeed:
     scratch = directory / f".spillcache-probe-{secrets.token_hex(4)}"
     scratch.mkdir()
     start = time.perf_counter()
+    # The cache's own staging buffers: page-aligned, contiguous, touched once in order.
+    staging = chunkio.StagingBuffers(threads, FILE_BYTES)
     try:
-        buffers = [chunkio.aligned_empty(FILE_BYTES) for _ in range(threads)]
-        for buffer in buffers:
-            buffer.fill_(0x5A)  # touch every page: an untouched mapping reads as zero pages
         deadline = start + seconds / 2
 
         def write(slot: int) -> int:
             written = 0
-            while time.perf_counter() < deadline and written * threads < MAX_BYTES:
-                name = scratch / f"{slot}-{written // FILE_BYTES}"
-                chunkio.write_file(name, buffers[slot], direct=direct, staging=None)
-                written += FILE_BYTES
+            with staging.acquire() as buffer:
+                while time.perf_counter() < deadline and written * threads < MAX_BYTES:
+                    name = scratch / f"{slot}-{written // FILE_BYTES}"
+                    chunkio.write_file(name, buffer, direct=direct, staging=None)
+                    written += FILE_BYTES
             return written
 
         write_bps, names = _timed(threads, write), sorted(scratch.iterdir())
@@ -60,15 +60,17 @@ def probe(directory: str | Path, *, seconds: float, threads: int) -> DiskSpeed:
 
         def read(slot: int) -> int:
             done = 0
-            for name in names[slot::threads]:
-                if time.perf_counter() >= deadline:
-                    break
-                chunkio.read_file(name, buffers[slot], direct=direct)
-                done += FILE_BYTES
+            with staging.acquire() as buffer:
+                for name in names[slot::threads]:
+                    if time.perf_counter() >= deadline:
+                        break
+                    chunkio.read_file(name, buffer, direct=direct)
+                    done += FILE_BYTES
             return done
 
         read_bps = _timed(threads, read)
     finally:
+        staging.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return DiskSpeed(str(directory), write_bps, read_bps, direct, time.perf_counter() - start)
 
