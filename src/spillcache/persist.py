@@ -208,9 +208,8 @@ def _write(
             store.write_tensor(array, tensor, durable=True, owner=owner)
         inline[key] = (leaf, array)
     for record, value, name in snapshot.records.values():
-        owner = None if record.key is None else (record.batch, record.key)
         tensor = dtypes.to_host(value.detach()).contiguous()
-        store.write_tensor(name, tensor, durable=True, owner=owner)
+        store.write_tensor(name, tensor, durable=True, owner=record.owner)
         written.append((record, name))
     _sync(tensors_dir(store.path))
     planned = {rid: name for rid, (_, _, name) in snapshot.records.items()}
@@ -330,8 +329,7 @@ def _write_whole(pool: SharedPool, tenant: Tenant) -> None:
     disk copy written durably into its store, whatever disk_bytes says (a write still
     marked pending is simply written again, atomically)."""
     for record, tensor in pool.placement.to_persist(tenant):
-        owner = None if record.key is None else (record.batch, record.key)
-        tenant.store.write_tensor(record.array, tensor, durable=True, owner=owner)
+        tenant.store.write_tensor(record.array, tensor, durable=True, owner=record.owner)
         pool.placement.persisted(record)  # after: a failed write reserves nothing
 
 

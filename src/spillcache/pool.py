@@ -198,8 +198,7 @@ class SharedPool:
         store = record.tenant.store_on(record.disk)
         error: BaseException | None = None
         try:
-            owner = None if record.key is None else (record.batch, record.key)
-            store.write_tensor(record.array, tensor, owner=owner)
+            store.write_tensor(record.array, tensor, owner=record.owner)
             self.placement.disk.landed(record.rid)  # free-space readings show it from now
         except BaseException as caught:  # reported to the caller, never lost on this thread
             error = caught

@@ -61,6 +61,11 @@ class TensorRecord:
     # Why its last disk write failed; set while it waits in the host tier, unwritten.
     write_error: BaseException | None = field(default=None, repr=False)
 
+    @property
+    def owner(self) -> tuple[int, str] | None:
+        """(batch, key) its array records in its attributes; None where the key is not known."""
+        return None if self.key is None else (self.batch, self.key)
+
 
 class InlineTensor(NamedTuple):
     """A tensor kept with its entry in RAM: too small to tier, or not tierable."""
