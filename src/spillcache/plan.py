@@ -291,7 +291,10 @@ def _scaled_config(
     largest = max(sizes) // divisor
 
     def scaled(budget: int | None, *, at_least: int = 0) -> int | None:
-        return None if budget is None else max(budget // divisor, at_least)
+        """``budget`` divided; 0 (none: synchronous writes, unpooled reads) stays 0."""
+        if not budget:
+            return budget
+        return max(budget // divisor, at_least)
 
     return config.replace(
         host_bytes=scaled(config.host_bytes),
@@ -302,11 +305,8 @@ def _scaled_config(
         keep_store=False,
         checksum=False,
         # Write-behind and read buffers only change when values move, not where they
-        # go; at least one tensor's worth each, as the real budgets are (0 write-behind
-        # stays 0: synchronous writes).
-        write_behind_bytes=0
-        if config.write_behind_bytes == 0
-        else scaled(config.write_behind_bytes, at_least=largest),
+        # go; at least one tensor's worth each, as the real budgets are.
+        write_behind_bytes=scaled(config.write_behind_bytes, at_least=largest),
         read_buffer_bytes=scaled(config.read_buffer_bytes, at_least=largest),
         budget_scope="rank",
         remove_dead_stores=False,
