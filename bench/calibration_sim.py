@@ -51,6 +51,7 @@ import torch
 from common import (
     GB,
     Compute,
+    add_publish_option,
     cache_figures,
     drop_page_cache,
     first_touch_bandwidth,
@@ -228,6 +229,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration")
     parser.add_argument("--raw-runs", type=int, default=3)
     parser.add_argument("--dir", default=None, help="directory on the disk to spill to")
+    add_publish_option(parser)
     args = parser.parse_args()
 
     shape = (1, args.seq, args.hidden)
@@ -268,7 +270,7 @@ def main() -> None:
     extra.update(shape=list(shape), raw_write_Bps=args.write_bw, raw_read_Bps=args.read_bw)
     extra.update(fresh_page_Bps=fresh_bw, retouch_Bps=again_bw)
     extra.update(modes=modes, targets=[TARGET_RAM, TARGET_LIMIT, TARGET_READS])
-    report("calibration_sim", rows, extra)
+    report("calibration_sim", rows, extra, publish=args.publish)
     print(
         f"targets: covered wall <= {TARGET_RAM}x RAM; io-bound wall <= {TARGET_LIMIT}x "
         f"max(floor, RAM); scan reads / LRU reads within {TARGET_READS} of 1 - C/N\n"

@@ -10,12 +10,14 @@ sequential calibration (inputs made on the fly, a stand-in compute, the pipeline
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import math
 import mmap
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -164,20 +166,55 @@ def machine() -> dict:
     }
 
 
-def report(name: str, rows: list[dict], extra: dict, out_dir: Path | None = None) -> None:
-    """Print an aligned table and write the same figures as JSON."""
+# The committed JSON behind the tables of docs/benchmarks.md (bench/tables.py renders
+# them); bench/results/ is the git-ignored scratch output of every run.
+PUBLISHED = Path(__file__).parent / "published"
+_PUBLISH_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def add_publish_option(parser: argparse.ArgumentParser) -> None:
+    """``--publish NAME``: also write the run's JSON to bench/published/NAME.json."""
+    parser.add_argument(
+        "--publish",
+        metavar="NAME",
+        type=_publish_name,
+        help="also write the figures to bench/published/NAME.json, the file behind the "
+        "docs/benchmarks.md table of that name (then run python bench/tables.py)",
+    )
+
+
+def _publish_name(text: str) -> str:
+    # A plain file name: the doc's table markers and the file share it.
+    if not _PUBLISH_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, _ and - only")
+    return text
+
+
+def report(
+    name: str,
+    rows: list[dict],
+    extra: dict,
+    out_dir: Path | None = None,
+    publish: str | None = None,
+) -> None:
+    """Print an aligned table and write the same figures as JSON (to bench/results/, and
+    to bench/published/<publish>.json as well when ``publish`` names a published table)."""
     columns = list(rows[0])
     widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(_cell(row[c]).ljust(widths[c]) for c in columns))
     out_dir = out_dir or Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(
-        json.dumps({"rows": rows, **extra, "machine": machine(), "argv": sys.argv}, indent=1)
-    )
-    print(f"\n(figures written to {path})")
+    text = json.dumps({"rows": rows, **extra, "machine": machine(), "argv": sys.argv}, indent=1)
+    paths = [out_dir / f"{name}.json"]
+    if publish is not None:
+        paths.append(PUBLISHED / f"{_publish_name(publish)}.json")
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        print(f"\n(figures written to {path})")
+    if publish is not None:
+        print("(python bench/tables.py rewrites docs/benchmarks.md's tables from it)")
 
 
 def _cell(value) -> str:

@@ -1,6 +1,6 @@
 """What does `spillcache demo` cost at different host budgets?
 
-The demo's own calibration (spillcache.demo.calibrate: a random-weight decoder-only
+The demo's own calibration (spillcache._internal.demo.calibrate: a random-weight decoder-only
 transformer, X^T X of every linear layer, the sequential pipeline's passes through an
 IntermediatesCache) at several host budgets, each a fraction of the cached activations:
 
@@ -41,9 +41,15 @@ from pathlib import Path
 
 import torch
 
-from common import drop_page_cache, proc_io, report
+from common import add_publish_option, drop_page_cache, proc_io, report
 from spillcache import CacheConfig
-from spillcache.demo import DEFAULT_SIZES, activation_bytes, calibrate, identical, reference_config
+from spillcache._internal.demo import (
+    DEFAULT_SIZES,
+    activation_bytes,
+    calibrate,
+    identical,
+    reference_config,
+)
 
 MiB = 2**20
 
@@ -129,6 +135,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    add_publish_option(parser)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -187,6 +194,7 @@ def main() -> None:
             "cold": cold,
             "torch_threads": torch.get_num_threads(),
         },
+        publish=args.publish,
     )
     print(
         "MiB = 2^20 bytes; h/m = hits/misses (stats()); blk = bytes that reached the block "

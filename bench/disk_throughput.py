@@ -39,7 +39,15 @@ from pathlib import Path
 
 import torch
 
-from common import GB, drop_page_cache, median, raw_direct_read, raw_direct_write, report
+from common import (
+    GB,
+    add_publish_option,
+    drop_page_cache,
+    median,
+    raw_direct_read,
+    raw_direct_write,
+    report,
+)
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache.config import parse_size
 
@@ -164,6 +172,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--io-threads", type=int, default=CacheConfig.io_threads)
     parser.add_argument("--prefetch-depth", type=int, default=CacheConfig.prefetch_depth)
+    add_publish_option(parser)
     args = parser.parse_args()
 
     tensor_bytes = TENSOR_SHAPE[0] * TENSOR_SHAPE[1] * 2
@@ -315,6 +324,7 @@ def main() -> None:
             ],
             "device": device,
         },
+        publish=args.publish,
     )
     print(
         "\nthe device (medians): busy = share of the time it held a request; queue = "

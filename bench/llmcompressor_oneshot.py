@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
+    add_publish_option,
     drop_page_cache,
     machine,
     median,
@@ -48,7 +49,7 @@ from common import (  # noqa: E402
     verdict,
 )
 from spillcache import CacheConfig, IntermediatesCache  # noqa: E402
-from spillcache.demo import identical  # noqa: E402
+from spillcache._internal.demo import identical  # noqa: E402
 from spillcache.integrations.llmcompressor import enable  # noqa: E402
 from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator  # noqa: E402
 
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--wall-limit", type=float, default=1.10)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    add_publish_option(parser)
     args = parser.parse_args()
     if args.child:
         child(args, Path(args.work))
@@ -209,6 +211,7 @@ def main() -> None:
         f"llm-compressor oneshot ({args.recipe} W4A16, sequential, prefetch): stock vs spillcache",
         rows,
         setting,
+        publish=args.publish,
     )
 
 

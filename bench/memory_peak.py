@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from common import (
+    add_publish_option,
     cache_figures,
     hidden_bytes,
     layer_biases,
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--malloc", default="default,mmap", help="glibc settings to run")
     parser.add_argument("--dir", default=None, help="directory on the disk to spill to")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_publish_option(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -170,7 +172,14 @@ def main() -> None:
         f"{args.total} cached in batches of {batch / MiB:.0f} MiB, {args.layers} subgraphs, "
         f"eviction {args.eviction}; MiB = 2**20 bytes\n"
     )
-    report("memory_peak", rows, {"batch_bytes": batch, "total": args.total})
+    extra = {
+        "batch_bytes": batch,
+        "total": args.total,
+        # The table states the write-behind and read-buffer budgets each run had.
+        "write_behind_bytes": parse_size("--write-behind", args.write_behind),
+        "read_buffer_bytes": parse_size("--read-buffer", args.read_buffer),
+    }
+    report("memory_peak", rows, extra, publish=args.publish)
     if not all(r["hwm reset"] for r in rows):
         print("NOTE: VmHWM could not be reset: the peak may predate the cache")
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import percentiles, report, verdict
+from common import add_publish_option, percentiles, report, verdict
 from spillcache import CacheConfig, IntermediatesCache
 
 TARGET = 1.5
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="passes over every batch")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=4096)
+    add_publish_option(parser)
     args = parser.parse_args()
 
     batches = make_batches(args.batches, args.seq, args.hidden)
@@ -133,7 +134,8 @@ def main() -> None:
         f"{count} calls per operation, {args.batches} batches of "
         f"{total / args.batches / 2**20:.1f} MiB; us = microseconds\n"
     )
-    report("overhead", rows, {"calls_per_op": count, "batch_bytes": total // args.batches})
+    extra = {"calls_per_op": count, "batch_bytes": total // args.batches}
+    report("overhead", rows, extra, publish=args.publish)
 
 
 if __name__ == "__main__":

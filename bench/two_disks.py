@@ -25,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from common import GB, drop_page_cache, median, raw_direct_read, raw_direct_write, report
+from common import (
+    GB,
+    add_publish_option,
+    drop_page_cache,
+    median,
+    raw_direct_read,
+    raw_direct_write,
+    report,
+)
 from disk_throughput import TENSOR_SHAPE, cache_round
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache.config import parse_size
@@ -67,6 +75,7 @@ def main() -> None:
     parser.add_argument("--dirs", default=None, help="two directories, comma-separated")
     parser.add_argument("--total", default="1GiB")
     parser.add_argument("--runs", type=int, default=3)
+    add_publish_option(parser)
     args = parser.parse_args()
 
     if args.dirs:
@@ -142,7 +151,8 @@ def main() -> None:
     print(
         f"\n{count} tensors x 16 MiB = {total / GB:.2f} GB, median of {args.runs} runs; {where}\n"
     )
-    report("two_disks", rows, {"total_bytes": total, "runs": args.runs, "one_device": one_device})
+    extra = {"total_bytes": total, "runs": args.runs, "one_device": one_device}
+    report("two_disks", rows, extra, publish=args.publish)
 
 
 def spill_to(bases: list[Path]) -> CacheConfig:

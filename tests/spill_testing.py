@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from spillcache.dtypes import byte_view, raw_dtype
+from spillcache._internal.dtypes import byte_view, raw_dtype
 
 # numpy has a type of the same name and bits for exactly these.
 NUMPY_KNOWN = {

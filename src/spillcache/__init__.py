@@ -1,5 +1,6 @@
 """spillcache: llm-compressor's IntermediatesCache over GPU, host RAM and zarr on disk."""
 
+from ._internal.stock_types import IntermediateValue, OverrideEqMode
 from .cache import IntermediatesCache
 from .config import CacheConfig
 from .errors import (
@@ -14,7 +15,6 @@ from .errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from .stock_types import IntermediateValue, OverrideEqMode
 
 __all__ = [
     "CacheClosedError",

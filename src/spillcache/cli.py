@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
-from . import store_format
-from .config import CacheConfig, disk_directories
-from .config_cli import add_config_command
-from .demo_cli import add_demo_command
-from .dtypes import dtype_name
+from ._internal import store_format
+from ._internal.config_cli import add_config_command
+from ._internal.demo_cli import add_demo_command
+from ._internal.dtypes import dtype_name
+from ._internal.plan_cli import add_plan_command
+from ._internal.resolved import disk_directories
+from ._internal.text import aligned, format_bytes
+from .config import CacheConfig
 from .errors import SpillCacheError, StoreCorruptError
-from .plan_cli import add_plan_command
-from .text import aligned, format_bytes
 
 __all__ = ["main"]
 
@@ -116,7 +117,7 @@ def _du(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from .leftovers import collect_garbage
+    from ._internal.leftovers import collect_garbage
 
     for line in collect_garbage(*_survey(_stores_dirs(args)), remove=args.yes, everything=args.all):
         print(line)
@@ -124,7 +125,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .summary import report_damage, state_text, summarize
+    from ._internal.summary import report_damage, state_text, summarize
 
     ranks = store_format.rank_dirs(args.path)
     if ranks:
@@ -170,7 +171,7 @@ def _store_state(info: dict) -> str:
 
 def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]) -> int:
     """A run directory: each rank's stores (state, owner, arrays, bytes) and totals."""
-    from .summary import summarize
+    from ._internal.summary import summarize
 
     listing = []
     for rank, rank_dir in ranks.items():
@@ -258,7 +259,7 @@ def _export(tensor: torch.Tensor, path: Path) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .summary import load_value, report_damage, tensor_stats
+    from ._internal.summary import load_value, report_damage, tensor_stats
 
     try:
         value = load_value(args.path, args.batch, args.key)
@@ -294,8 +295,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .leftovers import verify_lines
-    from .summary import verify
+    from ._internal.leftovers import verify_lines
+    from ._internal.summary import verify
 
     report = verify(args.path)
     if args.json:
@@ -316,7 +317,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 # The demo's size options: flag, the size it sets (demo.DEFAULT_SIZES key), help.
-def build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spillcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_demo_command(commands)
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (SpillCacheError, OSError, ValueError, TypeError, KeyError, IndexError) as error:

@@ -12,15 +12,14 @@ import decimal
 import math
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ._internal.policy import POLICIES
 from .errors import ConfigError
-from .policy import POLICIES
 
 __all__ = ["AUTO", "CacheConfig", "parse_size"]
 
@@ -329,10 +328,3 @@ class CacheConfig:
     def replace(self, **changes: Any) -> CacheConfig:
         """A copy with some fields changed (validated like a new config)."""
         return dataclasses.replace(self, **changes)
-
-
-def disk_directories(disk_path: str | tuple[str, ...] | None) -> list[str]:
-    """The directories a disk_path setting names ("auto" and None: the temp directory)."""
-    if disk_path in (AUTO, None):
-        return [tempfile.gettempdir()]
-    return [disk_path] if isinstance(disk_path, str) else list(disk_path)

@@ -9,7 +9,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, ConfigError, IntermediatesCache
-from spillcache.sysinfo import available_ram
+from spillcache._internal.sysinfo import available_ram
 
 
 def test_no_config_uses_environment(tmp_path, monkeypatch):
@@ -43,7 +43,7 @@ def test_bad_environment_is_a_clear_error(monkeypatch):
 def test_tmpfs_disk_path_warns(monkeypatch):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
-    from spillcache.sysinfo import filesystem_type
+    from spillcache._internal.sysinfo import filesystem_type
 
     if filesystem_type("/dev/shm") != "tmpfs":
         pytest.skip("/dev/shm is not tmpfs here")

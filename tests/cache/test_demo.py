@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from spill_testing import console_script
-from spillcache import cli, demo
-from spillcache.text import format_bytes
+from spillcache import cli
+from spillcache._internal import demo
+from spillcache._internal.text import format_bytes
 
 SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()
 
@@ -170,7 +171,7 @@ def test_run_demo_refuses_sizes_below_one():
 def demo_parser() -> argparse.ArgumentParser:
     commands = next(
         action
-        for action in cli.build_parser()._actions
+        for action in cli._build_parser()._actions
         if isinstance(action, argparse._SubParsersAction)
     )
     return commands.choices["demo"]

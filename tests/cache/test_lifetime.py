@@ -111,18 +111,18 @@ def test_regression_a_cache_collected_while_a_new_pool_is_made_does_not_deadlock
     middle of it, closing another config's last cache: that close leaves its pool,
     which takes the pool registry's lock. Found by the property tests' shrinker with
     the registry lock held across the new pool's construction (a self-deadlock)."""
-    from spillcache import pool as pool_module
+    from spillcache._internal import pool as pool_module
 
     other_config = CacheConfig(host_bytes=4096, inline_bytes=0, disk_path=str(tmp_path / "a"))
     holder = [IntermediatesCache.empty(1, "cpu", config=other_config)]
     holder[0].update(0, {"x": torch.arange(4096)})
-    real_disk_dirs = pool_module._disk_dirs
+    real_disk_dirs = pool_module.checked_disk_dirs
 
     def disk_dirs_collecting(config):
         holder.clear()  # the last reference: its finalizer runs here, as the GC would run it
         return real_disk_dirs(config)
 
-    monkeypatch.setattr(pool_module, "_disk_dirs", disk_dirs_collecting)
+    monkeypatch.setattr(pool_module, "checked_disk_dirs", disk_dirs_collecting)
     made = threading.Event()
 
     def make_a_cache_of_another_config():

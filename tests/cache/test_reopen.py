@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from spill_testing import ALL_DTYPES, assert_same, random_tensor, tensor_variants
-from spillcache import (
-    CacheConfig,
-    IntermediatesCache,
-    StoreFormatError,
-    StoreNotFoundError,
-)
-from spillcache.store_format import read_root_attributes
+from spillcache import CacheConfig, IntermediatesCache, StoreFormatError, StoreNotFoundError
+from spillcache._internal.store_format import read_root_attributes
 
 
 def kept(tmp_path, batches, **settings) -> str:

@@ -19,7 +19,8 @@ from spill_testing import (
     spilling_variants,
     tensor_variants,
 )
-from spillcache import CacheConfig, IntermediateValue, dtypes
+from spillcache import CacheConfig, IntermediateValue
+from spillcache._internal import dtypes
 
 CRC32C_BYTES = 4  # checksum = true: each chunk file ends with its CRC-32C (format.md)
 

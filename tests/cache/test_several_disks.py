@@ -10,9 +10,9 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal.io_threads import READ, WRITE, IOPool
+from spillcache._internal.tiers import DiskTier
 from spillcache.errors import ConfigError
-from spillcache.io_threads import READ, WRITE, IOPool
-from spillcache.tiers import DiskTier
 
 SHAPE = (32, 64)  # 4 KiB of bfloat16
 NBYTES = 32 * 64 * 2

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from spill_testing import assert_same
-from spillcache import CacheConfig, IntermediatesCache, owners
+from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal import owners
+from spillcache._internal.summary import verify
 from spillcache.cli import main
-from spillcache.summary import verify
 
 VALUES = {"h": torch.arange(1024, dtype=torch.float32), "g": torch.ones(256, dtype=torch.bfloat16)}
 
@@ -139,8 +140,8 @@ def test_gc_keeps_the_whole_arrays_of_a_dead_runs_unclosed_kept_store(tmp_path, 
 
 
 def _size(found: dict[str, Path]) -> str:
-    from spillcache.store_format import store_bytes
-    from spillcache.text import format_bytes
+    from spillcache._internal.store_format import store_bytes
+    from spillcache._internal.text import format_bytes
 
     return format_bytes(
         sum(store_bytes(p) if p.is_dir() else p.stat().st_size for p in found.values())
@@ -162,8 +163,8 @@ def test_gc_never_follows_a_link_out_of_a_tampered_store(tmp_path, cli):
 
 def test_a_structure_nested_too_deeply_for_json_leaves_orphans_unjudged(tmp_path):
     """Found by tests/store's tampered stores: json.loads raised RecursionError."""
-    from spillcache.leftovers import find_orphans
-    from spillcache.store_format import read_root_attributes
+    from spillcache._internal.leftovers import find_orphans
+    from spillcache._internal.store_format import read_root_attributes
 
     store = kept_store(tmp_path)
     (store / "batches" / "0" / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)

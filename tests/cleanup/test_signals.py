@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from spill_testing import child_process
-from spillcache import CacheConfig, IntermediatesCache, cleanup, owners
+from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal import cleanup, owners
+from spillcache._internal.store_format import Store
 from spillcache.errors import StoreError
-from spillcache.store_format import Store
 
 CHILD = Path(__file__).with_name("signal_child.py")
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spillcache import CacheConfig, IntermediatesCache, cleanup, owners
-from spillcache.store_format import Store, owner_alive, read_root_attributes, store_bytes
-from spillcache.text import format_bytes
+from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal import cleanup, owners
+from spillcache._internal.store_format import Store, owner_alive, read_root_attributes, store_bytes
+from spillcache._internal.text import format_bytes
 
 # Two caches, one kept, each with a flushed value on disk; killed with SIGKILL.
 KILLED = textwrap.dedent(

@@ -17,9 +17,9 @@ import torch
 
 from spill_testing import console_script
 from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal.ranks import store_parent
+from spillcache._internal.text import format_bytes
 from spillcache.cli import main
-from spillcache.ranks import store_parent
-from spillcache.text import format_bytes
 
 RUN = "nightly-7f3a"
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from spillcache import CacheConfig, chunkio
+from spillcache import CacheConfig
+from spillcache._internal import chunkio
 from spillcache.cli import main
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from spill_testing import console_script
-from spillcache import cli, demo
+from spillcache import cli
+from spillcache._internal import demo
 
 # 64 KiB per hidden state: not below the default inline_bytes, so each one is tiered.
 SIZES = {"samples": 8, "seq_len": 128, "hidden": 128, "layers": 3}

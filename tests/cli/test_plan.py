@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spillcache import CacheConfig, cli, plan_cli
+from spillcache import CacheConfig, cli
+from spillcache._internal import plan_cli
 
 # The demo's sizes: 64 samples of 256 tokens, hidden 64 (64 KiB of hidden states and
 # 64 KiB of bool causal mask per sample: both tiered at the default inline_bytes).

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spillcache import aio, chunkio
+from spillcache._internal import aio, chunkio
 
 CALLS = ("pwrite", "preadv", "pread", "open", "replace", "fsync", "fallocate", "aio")
 

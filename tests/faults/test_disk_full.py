@@ -17,18 +17,12 @@ import pytest
 import torch
 
 from faults.injection import leftovers, same_bits, unaligned
-from spillcache import (
-    CacheConfig,
-    CapacityError,
-    DiskFullError,
-    IntermediatesCache,
-    StoreError,
-)
-from spillcache.placement import Placement
-from spillcache.store_format import Store
-from spillcache.tenants import Tenant
-from spillcache.tiers import DiskTier
-from spillcache.tiers.disk import footprint
+from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
+from spillcache._internal.placement import Placement
+from spillcache._internal.store_format import Store
+from spillcache._internal.tenants import Tenant
+from spillcache._internal.tiers import DiskTier
+from spillcache._internal.tiers.disk import footprint
 
 KIB64 = 64 * 2**10
 ROOM = footprint(KIB64)  # what one 64 KiB value may take on disk, files and metadata

@@ -14,7 +14,7 @@ import pytest
 
 from faults.injection import same_bits, unaligned
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError, StoreError
-from spillcache.store_format import chunk_name
+from spillcache._internal.store_format import chunk_name
 
 KIB64 = 64 * 2**10
 

@@ -14,8 +14,9 @@ import threading
 import pytest
 
 from faults.injection import aligned, leftovers, same_bits, unaligned
-from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError, aio, pool
-from spillcache.store_format import read_root_attributes
+from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError
+from spillcache._internal import aio, pool
+from spillcache._internal.store_format import read_root_attributes
 
 KIB64 = 64 * 2**10
 MIB4 = 4 * 2**20  # above a staging buffer's piece (2 MiB): queued with native AIO

@@ -1,12 +1,12 @@
-"""spillcache.buffers: read buffers are reused only once nobody holds them."""
+"""spillcache._internal.buffers: read buffers are reused only once nobody holds them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spillcache import chunkio
-from spillcache.buffers import BufferPool
+from spillcache._internal import chunkio
+from spillcache._internal.buffers import BufferPool
 
 MIB = 2**20
 

@@ -1,4 +1,4 @@
-"""spillcache.chunkio: one chunk file, bit for bit, atomic, direct or buffered."""
+"""spillcache._internal.chunkio: one chunk file, bit for bit, atomic, direct or buffered."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from spill_testing import bits, random_tensor
-from spillcache import aio, chunkio
-from spillcache.chunkio import (
+from spillcache._internal import aio, chunkio
+from spillcache._internal.chunkio import (
     PAGE,
     StagingBuffers,
     aligned_empty,

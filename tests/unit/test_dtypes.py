@@ -1,4 +1,4 @@
-"""spillcache.dtypes: bit-exact copies and moves for every torch dtype."""
+"""spillcache._internal.dtypes: bit-exact copies and moves for every torch dtype."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
-from spillcache import dtypes
-from spillcache.dtypes import RAW_DTYPES
+from spillcache._internal import dtypes
+from spillcache._internal.dtypes import RAW_DTYPES
 
 CPU = torch.device("cpu")
 

@@ -1,18 +1,18 @@
-"""spillcache.placement: records in the host and disk tiers, within their budgets."""
+"""spillcache._internal.placement: records in the host and disk tiers, within their budgets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spillcache import dtypes
-from spillcache.dtypes import RAW_DTYPES
+from spillcache._internal import dtypes
+from spillcache._internal.dtypes import RAW_DTYPES
+from spillcache._internal.placement import Placement, TensorRecord
+from spillcache._internal.store_format import Store
+from spillcache._internal.tenants import Tenant
+from spillcache._internal.tiers import DiskTier
+from spillcache._internal.tiers.disk import Reading
 from spillcache.errors import CapacityError, DiskFullError, StoreError
-from spillcache.placement import Placement, TensorRecord
-from spillcache.store_format import Store
-from spillcache.tenants import Tenant
-from spillcache.tiers import DiskTier
-from spillcache.tiers.disk import Reading
 
 CPU = torch.device("cpu")
 SIZE = 64  # bytes of every tensor made by value()

@@ -1,10 +1,10 @@
-"""spillcache.policy: eviction order."""
+"""spillcache._internal.policy: eviction order."""
 
 from __future__ import annotations
 
 import pytest
 
-from spillcache.policy import LRUPolicy, ScanPolicy, make_policy
+from spillcache._internal.policy import LRUPolicy, ScanPolicy, make_policy
 
 
 def filled(*rids: int) -> LRUPolicy:

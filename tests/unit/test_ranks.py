@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from spillcache import ranks, store_format
+from spillcache._internal import resolved, store_format
+from spillcache._internal.ranks import RankInfo, rank_info, run_id, store_parent
+from spillcache._internal.resolved import process_budgets
 from spillcache.config import CacheConfig
 from spillcache.errors import ConfigError, StoreError
-from spillcache.ranks import RankInfo, process_budgets, rank_info, run_id, store_parent
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 JOB = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
@@ -175,7 +176,7 @@ def test_auto_host_bytes_is_this_rank_share_of_half_the_ram(monkeypatch):
 
 
 def test_auto_host_bytes_measures_the_ram_when_not_given(monkeypatch):
-    monkeypatch.setattr(ranks, "available_ram", lambda: 16 * GiB)
+    monkeypatch.setattr(resolved, "available_ram", lambda: 16 * GiB)
     torchrun(monkeypatch, local_rank=1, local_world=2)
     assert process_budgets(CacheConfig()).host_bytes == 4 * GiB
 
@@ -247,7 +248,7 @@ def test_store_parent_is_the_rank_directory_of_the_run(monkeypatch):
 AGREE = textwrap.dedent(
     """
     import sys
-    from spillcache.ranks import store_parent
+    from spillcache._internal.ranks import store_parent
     print(store_parent(sys.argv[1]))
     """
 )

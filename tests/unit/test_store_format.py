@@ -1,4 +1,4 @@
-"""spillcache.store_format: the on-disk store, bit-exact and readable by plain zarr."""
+"""spillcache._internal.store_format: the on-disk store, bit-exact and readable by plain zarr."""
 
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ import torch
 import zarr
 
 from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
-from spillcache import store_format as fmt
-from spillcache.dtypes import RAW_DTYPES
-from spillcache.errors import (
-    StoreCorruptError,
-    StoreError,
-    StoreFormatError,
-    StoreNotFoundError,
-)
-from spillcache.store_format import SUPPORTED_VERSIONS, Store
+from spillcache._internal import store_format as fmt
+from spillcache._internal.dtypes import RAW_DTYPES
+from spillcache._internal.store_format import SUPPORTED_VERSIONS, Store
+from spillcache.errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 
 SHAPES = {"contiguous": (3, 5), "zero_d": (), "empty": (0, 4), "three_d": (2, 1, 3)}
 

@@ -32,11 +32,11 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from .._internal.core import CacheCore
+from .._internal.stats import TIER_COUNTERS, TIERS
 from ..cache import IntermediatesCache as SpillcacheIntermediatesCache
 from ..config import CacheConfig
-from ..core import CacheCore
 from ..errors import IntegrationError
-from ..stats import TIER_COUNTERS, TIERS
 
 __all__ = ["CacheSwitch", "active", "disable", "enable"]
 

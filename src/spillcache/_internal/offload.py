@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from ..config import CacheConfig
 from . import dtypes
-from .config import CacheConfig
 from .tree import Flat, TensorLeaf, flatten
 
 if TYPE_CHECKING:
@@ -19,20 +19,7 @@ if TYPE_CHECKING:
     from .tenants import Tenant
     from .transfers import Transfers
 
-__all__ = ["Offload", "Prepared", "may_spill", "resolve_offload_device"]
-
-
-def resolve_offload_device(offload_device: Any) -> torch.device | None:
-    if offload_device is None:
-        return None
-    try:
-        return torch.device(offload_device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"offload_device: {offload_device!r} is not a torch device; use 'cpu' "
-            "(offload to host RAM, spilling to disk), None (keep values where they are) "
-            "or an accelerator such as 'cuda:0'"
-        ) from error
+__all__ = ["Offload", "Prepared", "may_spill"]
 
 
 class Prepared(NamedTuple):

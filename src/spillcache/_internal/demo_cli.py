@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import AUTO, CacheConfig, parse_size
+from ..config import AUTO, CacheConfig, parse_size
 from .text import aligned, format_bytes
 
 __all__ = ["add_demo_command"]

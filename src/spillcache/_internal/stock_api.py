@@ -30,7 +30,7 @@ from .stock_types import IntermediateValue, OverrideEqMode, is_intermediate_valu
 from .tree import build_dataclass, unflatten
 
 if TYPE_CHECKING:
-    from .cache import IntermediatesCache
+    from ..cache import IntermediatesCache
 
 __all__ = ["BatchIntermediates", "BatchView", "offload_value", "onload_value", "pin_intermediate"]
 

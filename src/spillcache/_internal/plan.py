@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import IntermediatesCache
-from .config import CacheConfig
+from ..cache import IntermediatesCache
+from ..config import CacheConfig
 
 __all__ = [
     "AWQ_READS",

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from ..errors import StoreCorruptError, StoreError
 from . import dtypes, store_format
-from .errors import StoreCorruptError, StoreError
 from .small_files import NotPlainFile, read_small_file
 from .store_format import ARRAY_PREFIX, BATCHES, TENSORS, batch_dir, tensors_dir
 from .tree import StructureError, spec_from_json

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StoreCorruptError
 from . import aio
-from .errors import StoreCorruptError
 
 __all__ = [
     "HUGE_PAGE",

@@ -16,17 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from . import store_format
-from .config import AUTO, CacheConfig
-from .errors import ConfigError
-from .sysinfo import available_ram
 
-__all__ = ["RankInfo", "ResolvedBudgets", "process_budgets", "rank_info", "run_id", "store_parent"]
+__all__ = ["RankInfo", "rank_info", "run_id", "store_parent"]
 
 # The variables torchrun sets for every worker, with the least each may be.
 RANK_VARIABLES = {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1}
-# Sizes that are the node's under budget_scope = "node" (RAM, and the node's disks).
-NODE_SIZES = ("host_bytes", "write_behind_bytes", "read_buffer_bytes", "disk_bytes")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -40,21 +36,6 @@ class RankInfo:
     local_rank: int
     local_world_size: int
     run_id: str
-
-
-@dataclass(frozen=True)
-class ResolvedBudgets:
-    """The sizes this process uses: "auto" resolved and node-wide sizes divided among
-    the node's ranks. ``device_bytes`` is per GPU, as configured ("auto" is resolved by
-    the cache, which knows the offload device); ``shares`` is what node-wide sizes were
-    divided by (1 outside torchrun or with budget_scope = "rank")."""
-
-    host_bytes: int
-    write_behind_bytes: int
-    read_buffer_bytes: int
-    disk_bytes: int | None
-    device_bytes: int | str
-    shares: int
 
 
 def _read(environ: Mapping[str, str], name: str) -> int | None:
@@ -160,22 +141,3 @@ def store_parent(disk_dir: str | os.PathLike[str]) -> Path:
     if info is None:
         return Path(disk_dir)
     return store_format.run_store_parent(disk_dir, info.run_id, info.rank)
-
-
-def process_budgets(config: CacheConfig, ram_available: int | None = None) -> ResolvedBudgets:
-    """The budgets of this process. "auto" host_bytes is half the available RAM
-    (``ram_available``, else measured now), divided among the ranks on this node; with
-    budget_scope = "node" the explicit NODE_SIZES are divided among them too. Outside
-    torchrun nothing is divided."""
-    info = rank_info()
-    ranks_here = 1 if info is None else info.local_world_size
-    shares = ranks_here if config.budget_scope == "node" else 1
-    sizes: dict[str, int | None] = {}
-    for name in NODE_SIZES:
-        value = getattr(config, name)
-        if value == AUTO:  # host_bytes only: half the node's available RAM, shared
-            ram = available_ram() if ram_available is None else ram_available
-            sizes[name] = ram // 2 // ranks_here
-        else:
-            sizes[name] = None if value is None else value // shares
-    return ResolvedBudgets(**sizes, device_bytes=config.device_bytes, shares=shares)

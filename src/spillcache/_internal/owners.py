@@ -20,7 +20,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import StoreError
+from ..errors import StoreError
 
 __all__ = ["alive", "identity", "register", "registered", "stop_registering", "unregister"]
 

@@ -35,8 +35,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..config import CacheConfig
 from . import owners, store_format
-from .config import CacheConfig
 from .text import format_bytes
 
 __all__ = ["SIGNALS", "install_signal_handlers", "on_new_cache", "sweep"]

@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import AUTO, CacheConfig
-from .errors import ConfigError
+from ..config import CacheConfig
 from .failures import WriteFailure, errno_of
 from .io_threads import WRITE, IOPool
 from .persist import defers_deletion
 from .placement import Placement, TensorRecord
-from .ranks import process_budgets, store_parent
+from .ranks import store_parent
+from .resolved import checked_disk_dirs, process_budgets
 from .store_format import SharedBuffers, Store, remove_empty_dirs
-from .sysinfo import RAM_BACKED, filesystem_type
 from .tenants import Tenant
 from .tiers import DiskTier
 from .tiers.budget import BudgetedTier
@@ -75,18 +72,16 @@ def pool_for(config: CacheConfig) -> SharedPool:
 class SharedPool:
     """What the caches of one config share; see the module docstring.
 
-    Budgets ("auto" resolved here, once) are the process's: the sum over every cache.
+    Budgets (resolved once, by ``resolved.py``) are the process's: the sum over every cache.
     """
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.members = 0  # caches built on it and not yet closed (guarded by the registry)
         # This process's share: "auto" resolved, node-wide sizes divided among the
-        # node's ranks under torchrun (ranks.process_budgets).
+        # node's ranks under torchrun (resolved.process_budgets).
         self.budgets = process_budgets(config)
-        # "auto" device budgets depend on each cache's offload device (Tenant.device_tier).
-        device_budget = None if config.device_bytes == AUTO else config.device_bytes
-        self.disk_dirs = _disk_dirs(config)  # one per drive; [] for no disk tier
+        self.disk_dirs = checked_disk_dirs(config)  # one per drive; [] for no disk tier
         self.lock = threading.Lock()
         # Notified whenever a background write finishes (backpressure, flush, close).
         self.write_finished = threading.Condition(self.lock)
@@ -100,7 +95,7 @@ class SharedPool:
                 self.budgets.disk_bytes, len(self.disk_dirs), self._free_bytes, self.disk_dirs
             )
         self.placement = Placement(
-            device_budget=device_budget,
+            device_budget=self.budgets.device_bytes,
             host_budget=self.budgets.host_bytes,
             disk=disk,
             eviction=config.eviction,
@@ -241,43 +236,3 @@ class SharedPool:
             },
             "counters": dict(placement.counters),
         }
-
-
-def _disk_dirs(config: CacheConfig) -> list[str]:
-    """The disk directories ("auto": the temp directory), warning about RAM-backed ones."""
-    if config.disk_path is None:
-        return []
-    if config.disk_path == AUTO:
-        disk_dirs = [tempfile.gettempdir()]
-    elif isinstance(config.disk_path, str):
-        disk_dirs = [config.disk_path]
-    else:
-        disk_dirs = list(config.disk_path)
-    for disk_dir in disk_dirs:
-        _check_writable(disk_dir)
-        if filesystem_type(disk_dir) in RAM_BACKED:
-            warnings.warn(
-                f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
-                f"({filesystem_type(disk_dir)}): spilled values still use RAM. Set disk_path "
-                "(or SPILLCACHE_DISK_PATH) to a directory on a local disk",
-                stacklevel=5,
-            )
-    return disk_dirs
-
-
-def _check_writable(disk_dir: str) -> None:
-    """A disk_path that can never hold a store is refused when the cache is made, not
-    when its first value spills."""
-    path = Path(disk_dir).absolute()
-    while not path.exists() and path != path.parent:  # made on first use, in its parent
-        path = path.parent
-    if not path.is_dir():
-        raise ConfigError(
-            f"disk_path: {disk_dir} is not a directory ({path} is a file); set disk_path "
-            "to a directory on a local disk"
-        )
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"disk_path: {disk_dir} is not writable ({path} is read-only to this process); "
-            "set disk_path to a writable directory on a local disk"
-        )

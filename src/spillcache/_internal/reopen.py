@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import CacheConfig
+from ..errors import StoreCorruptError, StoreFormatError
 from . import store_checks
-from .config import CacheConfig
 from .core import CacheCore
-from .errors import StoreCorruptError, StoreFormatError
 from .persist import opened
 from .placement import TensorRecord
 from .records import Entry

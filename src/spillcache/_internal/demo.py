@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cache import IntermediatesCache
-from .config import CacheConfig
+from ..cache import IntermediatesCache
+from ..config import CacheConfig
 
 __all__ = [
     "DEFAULT_SIZES",

@@ -11,7 +11,7 @@ Two directions, two rules:
   *consumer's* stream wait for the copy's event (a GPU-side wait: the CPU goes on) and
   tells the caching allocator that the consumer's stream uses the new tensors.
 
-Without CUDA every function here is a plain bit-exact copy (``spillcache.dtypes``).
+Without CUDA every function here is a plain bit-exact copy (``spillcache._internal.dtypes``).
 """
 
 from __future__ import annotations

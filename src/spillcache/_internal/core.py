@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from ..config import CacheConfig
+from ..errors import CacheClosedError, ConfigError, StoreError
 from . import reads, stats
-from .config import AUTO, CacheConfig
-from .errors import CacheClosedError, ConfigError, StoreError
 from .failures import naming, write_report
 from .io_threads import READ, WRITE
 from .offload import Offload, Prepared, may_spill
@@ -30,6 +30,7 @@ from .pool import pool_for
 from .reads import Fetched
 from .records import Entry, InlineTensor
 from .records import records_of as _records_of
+from .resolved import keeps_device_tier
 from .tenants import Tenant
 from .transfers import Ready
 from .tree import unflatten
@@ -56,9 +57,6 @@ class CacheCore:
         self.config = config
         self.offload_device = offload_device
         accelerator = offload_device if offload_device and offload_device.type != "cpu" else None
-        # device_bytes = "auto" keeps no values on an accelerator when offloading to the
-        # CPU (the stock behaviour), and leaves them where they are otherwise.
-        offloads_to_cpu = offload_device is not None and accelerator is None
         self.pool = pool_for(config)
         self._lock = self.pool.lock
         self.placement = self.pool.placement
@@ -68,7 +66,7 @@ class CacheCore:
             self.pool.store_maker(),
             config.eviction,
             device_target=accelerator,
-            device_tier=not (config.device_bytes == AUTO and offloads_to_cpu),
+            device_tier=keeps_device_tier(config, offload_device),
         )
         with self._lock:
             self.tenant = self.placement.add_tenant(tenant)

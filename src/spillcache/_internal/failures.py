@@ -21,7 +21,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import DiskFullError, StoreCorruptError, StoreError
+from ..errors import DiskFullError, StoreCorruptError, StoreError
 
 if TYPE_CHECKING:
     from .tiers.disk import DiskTier

@@ -43,9 +43,9 @@ from typing import Any
 import google_crc32c
 import torch
 
+from ..errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 from . import chunkio, dtypes, failures, owners
 from .buffers import BufferPool
-from .errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 from .small_files import read_small_file
 
 __all__ = [

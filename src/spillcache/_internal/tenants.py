@@ -1,6 +1,6 @@
 """One cache's share of a pool: its store, its reader, its counters and its errors.
 
-Caches of one process built with one config share a pool (``spillcache.pool``): one
+Caches of one process built with one config share a pool (``spillcache._internal.pool``): one
 host tier, one write-behind area, one read-buffer pool, one set of I/O threads. What
 stays each cache's own is a ``Tenant``: the store its values are written to, the
 eviction policies that know where its reader is, when it was last used (so that a

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import CapacityError, StoreError
 from . import dtypes
-from .errors import CapacityError, StoreError
 from .failures import errno_of, refusal
 from .kept_copies import KeptCopies
 from .records import QUEUED, WRITING, RecordRegistry, TensorRecord

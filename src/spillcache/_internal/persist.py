@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import StoreError
 from . import dtypes
-from .errors import StoreError
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
 from .store_format import ARRAY_PREFIX, Store, array_ref, batch_dir, tensors_dir

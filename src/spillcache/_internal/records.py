@@ -4,7 +4,7 @@ its entry.
 
 A ``TensorRecord`` is stored once however many entries share it (``refs``), with its
 primary copy in a memory tier (``resident``), in the write-behind area (``write_state``)
-or only on disk (``on_disk``, in ``array`` on disk ``disk``). ``spillcache.placement`` moves it; the
+or only on disk (``on_disk``, in ``array`` on disk ``disk``). ``placement`` moves it; the
 cache and its reads only look at it, with the pool's lock held.
 """
 

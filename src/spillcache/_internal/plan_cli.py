@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from ..config import AUTO, CacheConfig, parse_size
 from . import disk_probe, dtypes, sysinfo
-from .config import AUTO, CacheConfig, disk_directories, parse_size
 from .plan import AWQ_READS, ModelShape, awq_caches, replay, sequential_pipeline
+from .resolved import disk_directories
 from .text import format_bytes
 
 __all__ = ["add_plan_command"]

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from ..errors import StoreError
 from . import store_checks, store_format
 from .dtypes import RAW_DTYPES, dtype_name
-from .errors import StoreError
 from .leftovers import find_orphans
 from .tree import unflatten
 

@@ -1,7 +1,7 @@
 """The tiers: plain containers with a byte budget.
 
 Tiers never call each other, start threads or take locks; the cache decides what
-moves where (see ``spillcache.placement``).
+moves where (see ``spillcache._internal.placement``).
 """
 
 from .disk import DiskTier

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from ..config import AUTO, CacheConfig
 from . import store_format
-from .config import AUTO, CacheConfig, disk_directories
+from .resolved import disk_directories
 from .text import aligned, format_bytes
 
 __all__ = ["add_config_command"]
@@ -50,12 +51,12 @@ def _config(args: argparse.Namespace) -> int:
 def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
     """What "auto" and node-wide settings come to in this process: setting -> (keys for
     --json, a note for people), for the settings where the value used differs."""
-    from . import ranks
+    from . import ranks, resolved
 
     info = ranks.rank_info()
-    budgets = ranks.process_budgets(config)
+    budgets = resolved.process_budgets(config)
     here: dict[str, tuple[dict, str]] = {}
-    for name in ranks.NODE_SIZES:
+    for name in resolved.NODE_SIZES:
         value, used = getattr(config, name), getattr(budgets, name)
         if value == AUTO:
             whose = "this process" if info is None else "this rank"

@@ -1,0 +1,134 @@
+"""What a ``CacheConfig`` comes to in this process: every "auto" resolved, the node's
+sizes shared out among its ranks, the disk directories named and checked, the offload
+device parsed. The rest of the cache gets numbers, directories and devices from here
+and never reads "auto" itself; ``spillcache config`` shows the same resolution.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import AUTO, CacheConfig
+from ..errors import ConfigError
+from .ranks import rank_info
+from .sysinfo import RAM_BACKED, available_ram, filesystem_type
+
+__all__ = [
+    "NODE_SIZES",
+    "ResolvedBudgets",
+    "checked_disk_dirs",
+    "disk_directories",
+    "keeps_device_tier",
+    "resolve_offload_device",
+    "process_budgets",
+]
+
+# Sizes that are the node's under budget_scope = "node" (RAM, and the node's disks).
+NODE_SIZES = ("host_bytes", "write_behind_bytes", "read_buffer_bytes", "disk_bytes")
+
+
+@dataclass(frozen=True)
+class ResolvedBudgets:
+    """The sizes this process uses: "auto" resolved and node-wide sizes divided among
+    the node's ranks. ``device_bytes`` is per GPU (None: no limit, which "auto" is
+    wherever the device tier is kept, see ``keeps_device_tier``); ``shares`` is what
+    node-wide sizes were divided by (1 outside torchrun or with budget_scope = "rank")."""
+
+    host_bytes: int
+    write_behind_bytes: int
+    read_buffer_bytes: int
+    disk_bytes: int | None
+    device_bytes: int | None
+    shares: int
+
+
+def process_budgets(config: CacheConfig, ram_available: int | None = None) -> ResolvedBudgets:
+    """The budgets of this process. "auto" host_bytes is half the available RAM
+    (``ram_available``, else measured now), divided among the ranks on this node; with
+    budget_scope = "node" the explicit NODE_SIZES are divided among them too. Outside
+    torchrun nothing is divided."""
+    info = rank_info()
+    ranks_here = 1 if info is None else info.local_world_size
+    shares = ranks_here if config.budget_scope == "node" else 1
+    sizes: dict[str, int | None] = {}
+    for name in NODE_SIZES:
+        value = getattr(config, name)
+        if value == AUTO:  # host_bytes only: half the node's available RAM, shared
+            ram = available_ram() if ram_available is None else ram_available
+            sizes[name] = ram // 2 // ranks_here
+        else:
+            sizes[name] = None if value is None else value // shares
+    device_bytes = None if config.device_bytes == AUTO else config.device_bytes
+    return ResolvedBudgets(**sizes, device_bytes=device_bytes, shares=shares)
+
+
+def resolve_offload_device(value: Any) -> torch.device | None:
+    """The ``offload_device`` argument as a device (None: values stay where they are)."""
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"offload_device: {value!r} is not a torch device; use 'cpu' "
+            "(offload to host RAM, spilling to disk), None (keep values where they are) "
+            "or an accelerator such as 'cuda:0'"
+        ) from error
+
+
+def keeps_device_tier(config: CacheConfig, device: torch.device | None) -> bool:
+    """Whether a cache offloading to ``device`` keeps values on an accelerator.
+    device_bytes = "auto" keeps none when offloading to the CPU (the stock behaviour)
+    and leaves values where they are otherwise; a number always keeps the tier."""
+    offloads_to_cpu = device is not None and device.type == "cpu"
+    return not (config.device_bytes == AUTO and offloads_to_cpu)
+
+
+def disk_directories(disk_path: str | tuple[str, ...] | None) -> list[str]:
+    """The directories a disk_path setting names ("auto" and None: the temp directory)."""
+    if disk_path in (AUTO, None):
+        return [tempfile.gettempdir()]
+    return [disk_path] if isinstance(disk_path, str) else list(disk_path)
+
+
+def checked_disk_dirs(config: CacheConfig) -> list[str]:
+    """The disk tier's directories, one per drive ([] for no disk tier): refused when
+    they can never hold a store, with a warning for RAM-backed ones."""
+    if config.disk_path is None:
+        return []
+    disk_dirs = disk_directories(config.disk_path)
+    for disk_dir in disk_dirs:
+        _check_writable(disk_dir)
+        if filesystem_type(disk_dir) in RAM_BACKED:
+            warnings.warn(
+                f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
+                f"({filesystem_type(disk_dir)}): spilled values still use RAM. Set disk_path "
+                "(or SPILLCACHE_DISK_PATH) to a directory on a local disk",
+                stacklevel=5,  # the IntermediatesCache constructor's caller
+            )
+    return disk_dirs
+
+
+def _check_writable(disk_dir: str) -> None:
+    """A disk_path that can never hold a store is refused when the cache is made, not
+    when its first value spills."""
+    path = Path(disk_dir).absolute()
+    while not path.exists() and path != path.parent:  # made on first use, in its parent
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(
+            f"disk_path: {disk_dir} is not a directory ({path} is a file); set disk_path "
+            "to a directory on a local disk"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"disk_path: {disk_dir} is not writable ({path} is read-only to this process); "
+            "set disk_path to a writable directory on a local disk"
+        )

@@ -1,0 +1,92 @@
+"""docs/img/architecture.svg is drawn from the code by docs/img/draw_architecture.py, so
+it cannot go stale: these fail when a module is missing from the script's table, a
+function a path names is gone, or the committed picture is not the script's drawing."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "img" / "draw_architecture.py"
+REDRAW = "python docs/img/draw_architecture.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("draw_architecture", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+picture = _load()
+
+
+@pytest.fixture(scope="module")
+def files():
+    return picture.module_files()
+
+
+@pytest.fixture(scope="module")
+def index(files):
+    return picture.CodeIndex(files)
+
+
+def test_every_module_is_in_the_table(files):
+    assert "\n".join(picture.table_problems(files)) == ""
+    assert set(files) == set(picture.MODULES)
+
+
+def test_a_module_missing_from_the_table_is_named_with_the_line_to_add(files):
+    added = {**files, "store_dirs": "_internal/store_dirs.py"}
+    (problem,) = picture.table_problems(added)
+    assert "src/spillcache/_internal/store_dirs.py is not in MODULES" in problem
+    assert '"store_dirs": (GROUP, THREAD, "what it owns")' in problem
+    assert REDRAW in problem
+
+
+def test_a_table_line_without_its_module_is_named(files):
+    gone = {name: path for name, path in files.items() if name != "aio"}
+    (problem,) = picture.table_problems(gone)
+    assert "names aio, but src/spillcache has no such module" in problem
+
+
+def test_every_function_on_the_paths_is_defined_where_it_is_named(files, index):
+    assert "\n".join(picture.function_problems(index)) == ""
+    calls = {
+        call
+        for route in picture.PATHS
+        for _, step in picture.steps_of(route)
+        for call in step.calls
+    }
+    assert {"Placement._evict", "Store.write_tensor", "chunkio.write_file"} <= calls
+    for call in sorted(calls):
+        module, problem = index.locate(call)
+        assert problem is None, problem
+        source = (picture.SRC / files[module]).read_text(encoding="utf-8")
+        owner, function = call.split(".")
+        assert re.search(rf"^\s*def {function}\(", source, re.MULTILINE), call
+        if owner[0].isupper():
+            assert re.search(rf"^class {owner}\b", source, re.MULTILINE), call
+
+
+def test_a_renamed_function_is_reported(index):
+    module, problem = index.locate("Placement._no_such_step")
+    assert module == "placement"
+    assert "has no _no_such_step" in problem
+    assert index.locate("chunkio.no_such_write")[1] is not None
+
+
+def test_the_committed_picture_is_the_drawing(index):
+    svg, problems = picture.build(index)
+    assert "\n".join(problems) == ""
+    committed = picture.SVG.read_text(encoding="utf-8")
+    assert committed == svg, f"docs/img/architecture.svg is stale: run {REDRAW}"
+
+
+def test_check_passes():
+    assert picture.check() == []
