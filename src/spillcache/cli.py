@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ._internal import store_format
+from spillcache._internal import store_dirs
+
 from ._internal.config_cli import add_config_command
 from ._internal.demo_cli import add_demo_command
 from ._internal.dtypes import dtype_name
@@ -39,9 +40,9 @@ def _stores_dirs(args: argparse.Namespace) -> list[Path]:
 def _store_row(path: Path, attributes: dict, run: Path | None = None, rank: int | None = None):
     return {
         "path": str(path),
-        "bytes": store_format.store_bytes(path),
+        "bytes": store_dirs.store_bytes(path),
         "pid": attributes.get("pid"),
-        "alive": store_format.owner_alive(attributes),
+        "alive": store_dirs.owner_alive(attributes),
         "complete": bool(attributes.get("complete")),
         "run": None if run is None else str(run),
         "rank": rank,
@@ -53,12 +54,12 @@ def _survey(directories: list[Path]) -> tuple[list[dict], dict[Path, dict[int, P
     of the run directories in one (or of one itself, if it is one); and the runs."""
     rows, runs = [], {}
     for directory in directories:
-        stores = store_format.find_stores(directory)  # first: a missing directory is an error
+        stores = store_dirs.find_stores(directory)  # first: a missing directory is an error
         rows += [_store_row(path, attributes) for path, attributes in stores.items()]
-        runs.update(store_format.find_runs(directory))
+        runs.update(store_dirs.find_runs(directory))
     for run_dir, ranks in runs.items():
         for rank, rank_dir in ranks.items():
-            for path, attributes in store_format.find_stores(rank_dir).items():
+            for path, attributes in store_dirs.find_stores(rank_dir).items():
                 rows.append(_store_row(path, attributes, run_dir, rank))
     return rows, runs
 
@@ -127,7 +128,7 @@ def _gc(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from ._internal.summary import report_damage, state_text, summarize
 
-    ranks = store_format.rank_dirs(args.path)
+    ranks = store_dirs.rank_dirs(args.path)
     if ranks:
         return _inspect_run(args, Path(args.path), ranks)
     info = summarize(args.path)
@@ -176,7 +177,7 @@ def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]
     listing = []
     for rank, rank_dir in ranks.items():
         stores = []
-        for path in store_format.find_stores(rank_dir):
+        for path in store_dirs.find_stores(rank_dir):
             try:
                 stores.append(summarize(path))
             except SpillCacheError as error:  # a store of another version: say so, go on

@@ -140,7 +140,7 @@ def test_gc_keeps_the_whole_arrays_of_a_dead_runs_unclosed_kept_store(tmp_path, 
 
 
 def _size(found: dict[str, Path]) -> str:
-    from spillcache._internal.store_format import store_bytes
+    from spillcache._internal.store_dirs import store_bytes
     from spillcache._internal.text import format_bytes
 
     return format_bytes(
@@ -170,3 +170,31 @@ def test_a_structure_nested_too_deeply_for_json_leaves_orphans_unjudged(tmp_path
     (store / "batches" / "0" / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)
     orphans = find_orphans(store, read_root_attributes(store))
     assert orphans["unreferenced"] == [] and orphans["partial"] == []
+
+
+def test_regression_an_unfinished_flushs_arrays_are_the_orphans_not_the_last_flushs(tmp_path):
+    """A kept store cut short in its second flush: batch 0's zarr.json already names the
+    new array, keeping the last completed flush's structure as ``before``, but the root
+    still says flush 1. What reopening keeps (and so what is not an orphan) is flush 1's
+    array; the new one is the leftover. Leftovers used to read ``entries`` regardless."""
+    from spillcache._internal.leftovers import find_orphans
+    from spillcache._internal.store_format import read_root_attributes
+
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), keep_store=True)
+    with IntermediatesCache([{"h": VALUES["h"]}], config=config) as cache:
+        cache.flush()
+        cache.update(0, {"h": VALUES["h"] + 1})
+        cache.flush()
+        image = tmp_path / "image"
+        shutil.copytree(cache.store_path, image)  # the store as a kill here leaves it
+    batch = json.loads((image / "batches" / "0" / "zarr.json").read_text())
+    own = batch["attributes"]["spillcache"]
+    new = own["entries"]["h"]["array"].removeprefix("tensors/")
+    old = own["before"]["entries"]["h"]["array"].removeprefix("tensors/")
+    assert new != old and own["flush"] == 2 and own["before"]["flush"] == 1
+    root = json.loads((image / "zarr.json").read_text())
+    root["attributes"]["spillcache"].update(flush=1, complete=False)  # flush 2 never completed
+    (image / "zarr.json").write_text(json.dumps(root))
+    dead(image)
+    orphans = find_orphans(image, read_root_attributes(image))
+    assert orphans["unreferenced"] == [new]

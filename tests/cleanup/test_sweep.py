@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal import cleanup, owners
-from spillcache._internal.store_format import Store, owner_alive, read_root_attributes, store_bytes
+from spillcache._internal import cleanup, owners, store_dirs, store_format
+from spillcache._internal.store_dirs import owner_alive, store_bytes
+from spillcache._internal.store_format import read_root_attributes
+from spillcache._internal.tensor_store import Store
 from spillcache._internal.text import format_bytes
 
 # Two caches, one kept, each with a flushed value on disk; killed with SIGKILL.
@@ -207,14 +209,16 @@ def test_another_users_unreadable_store_neither_stops_the_sweep_nor_the_cache(
     read. (As root, permissions are not checked: the refusal is injected.)"""
     private = made_here(tmp_path)
     dead = reused(private)
-    real = cleanup.store_format.read_root_attributes
+    real = store_format.read_root_attributes
 
     def refused_for_the_private_one(path):
         if Path(path) == private:
             raise PermissionError(13, "Permission denied", str(path / "zarr.json"))
         return real(path)
 
-    monkeypatch.setattr(cleanup.store_format, "read_root_attributes", refused_for_the_private_one)
+    # Both readers of root attributes: the sweep's own and find_stores's.
+    monkeypatch.setattr(store_format, "read_root_attributes", refused_for_the_private_one)
+    monkeypatch.setattr(store_dirs, "read_root_attributes", refused_for_the_private_one)
     with build(str(tmp_path)):
         pass
     assert private.is_dir() and not dead.exists()

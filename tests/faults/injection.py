@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spillcache._internal import aio, chunkio
+from spillcache._internal import aio, buffers, chunkio
 
 CALLS = ("pwrite", "preadv", "pread", "open", "replace", "fsync", "fallocate", "aio")
 
@@ -265,11 +265,11 @@ def aligned(nbytes: int, seed: int) -> torch.Tensor:
 
 
 def _random_bytes(nbytes: int, seed: int, offset: int) -> torch.Tensor:
-    mapping = mmap.mmap(-1, nbytes + chunkio.PAGE)
+    mapping = mmap.mmap(-1, nbytes + buffers.PAGE)
     raw = torch.frombuffer(mapping, dtype=torch.uint8, offset=offset, count=nbytes)
     gen = torch.Generator().manual_seed(seed)
     raw.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen))
-    assert raw.data_ptr() % chunkio.PAGE == offset
+    assert raw.data_ptr() % buffers.PAGE == offset
     return raw.view(torch.float32)
 
 

@@ -19,8 +19,8 @@ import torch
 from faults.injection import leftovers, same_bits, unaligned
 from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
 from spillcache._internal.placement import Placement
-from spillcache._internal.store_format import Store
 from spillcache._internal.tenants import Tenant
+from spillcache._internal.tensor_store import Store
 from spillcache._internal.tiers import DiskTier
 from spillcache._internal.tiers.disk import footprint
 

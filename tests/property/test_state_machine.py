@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 
 from spill_testing import assert_same, bits, exploring, machine_settings, random_tensor
 from spillcache import CacheConfig, CapacityError, IntermediatesCache
-from spillcache._internal import dtypes
+from spillcache._internal import transfers
 
 SETTINGS = machine_settings(max_examples=25)
 EXPLORE_500 = exploring(SETTINGS, max_examples=500)
@@ -413,7 +413,7 @@ def test_explore_500_sequences_from_random_seeds(machine):
 def test_compact_one_element_tensor_with_a_stride_other_than_1_spills(tmp_path):
     """A compact 1-element tensor may have stride 2; its bytes must still reach disk."""
     tensor = random_tensor(torch.float32, (2,), 0)[::2].clone()
-    assert tensor.stride() == (2,) and dtypes.is_compact(tensor)
+    assert tensor.stride() == (2,) and transfers.is_compact(tensor)
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     with IntermediatesCache(config=config) as cache:
         cache.append({"h": tensor})

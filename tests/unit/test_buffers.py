@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spillcache._internal import chunkio
+from spillcache._internal import buffers
 from spillcache._internal.buffers import BufferPool
 
 MIB = 2**20
@@ -15,7 +15,7 @@ def test_a_released_block_is_handed_out_again():
     pool = BufferPool(8 * MIB)
     first = pool.take(MIB)
     address = first.data_ptr()
-    assert address % chunkio.PAGE == 0 and first.numel() == MIB
+    assert address % buffers.PAGE == 0 and first.numel() == MIB
     del first
     second = pool.take(MIB)
     assert second.data_ptr() == address
@@ -75,7 +75,7 @@ def test_zero_max_bytes_recycles_nothing():
     del first
     pool.take(MIB)
     assert pool.reused == 0 and pool.nbytes == 0
-    assert address % chunkio.PAGE == 0
+    assert address % buffers.PAGE == 0
 
 
 def test_clear_forgets_blocks_but_leaves_held_ones_valid():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
-from spillcache._internal import dtypes
+from spillcache._internal import dtypes, transfers
 from spillcache._internal.dtypes import RAW_DTYPES
 
 CPU = torch.device("cpu")
@@ -65,7 +65,7 @@ def test_random_bits_really_are_random():
 def test_compact_copy_is_new_contiguous_and_bit_exact(dtype, kind):
     tensor = variants(dtype)[kind]
     before = bits(tensor).clone()
-    copy = dtypes.compact_copy(tensor, CPU)
+    copy = transfers.compact_copy(tensor, CPU)
     assert_same_bits(copy, tensor)
     assert copy.device == CPU
     assert copy.is_contiguous()
@@ -81,13 +81,13 @@ def test_compact_copy_is_new_contiguous_and_bit_exact(dtype, kind):
 @pytest.mark.parametrize("kind", list(variants(torch.uint8)))
 def test_move_to_the_same_device_is_the_same_object(dtype, kind):
     tensor = variants(dtype)[kind]
-    assert dtypes.move(tensor, CPU) is tensor
+    assert transfers.move(tensor, CPU) is tensor
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_move_to_meta_keeps_shape_and_dtype(dtype):
     tensor = variants(dtype)["transposed"]
-    moved = dtypes.move(tensor, torch.device("meta"))
+    moved = transfers.move(tensor, torch.device("meta"))
     assert moved.is_meta
     assert moved.dtype == dtype and moved.shape == tensor.shape
 
@@ -97,21 +97,21 @@ def test_move_to_cuda_and_back_is_bit_exact():
     cuda = torch.device("cuda")
     for dtype in ALL_DTYPES:
         for kind, tensor in variants(dtype).items():
-            on_gpu = dtypes.move(tensor, cuda)
+            on_gpu = transfers.move(tensor, cuda)
             assert on_gpu.device.type == "cuda", (dtype, kind)
-            assert dtypes.move(on_gpu, cuda) is on_gpu
-            assert_same_bits(dtypes.move(on_gpu, CPU), tensor)
-            assert_same_bits(dtypes.to_host(on_gpu), tensor)
-            copy = dtypes.compact_copy(tensor, cuda)
+            assert transfers.move(on_gpu, cuda) is on_gpu
+            assert_same_bits(transfers.move(on_gpu, CPU), tensor)
+            assert_same_bits(transfers.to_host(on_gpu), tensor)
+            copy = transfers.compact_copy(tensor, cuda)
             assert copy.device.type == "cuda" and copy.is_contiguous()
-            assert_same_bits(dtypes.move(copy, CPU), tensor)
+            assert_same_bits(transfers.move(copy, CPU), tensor)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(variants(torch.uint8)))
 def test_to_host_keeps_compact_tensors_and_copies_views(dtype, kind):
     tensor = variants(dtype)[kind]
-    host = dtypes.to_host(tensor)
+    host = transfers.to_host(tensor)
     assert_same_bits(host, tensor)
     assert host.device == CPU and host.is_contiguous()
     # Whatever it returns holds exactly the tensor's bytes, not a bigger base.
@@ -125,14 +125,14 @@ def test_to_host_keeps_compact_tensors_and_copies_views(dtype, kind):
 
 def test_to_host_of_expanded_tensor_materializes_it():
     tensor = torch.arange(3, dtype=torch.int16).unsqueeze(0).expand(4, 3)
-    host = dtypes.to_host(tensor)
+    host = transfers.to_host(tensor)
     assert host.is_contiguous() and host.untyped_storage().nbytes() == 4 * 3 * 2
     assert torch.equal(host, tensor)
 
 
 def test_requires_grad_views_can_be_copied_to_host():
     leaf = torch.randn(4, 3, requires_grad=True)
-    host = dtypes.to_host(leaf.t())
+    host = transfers.to_host(leaf.t())
     assert host.is_contiguous()
     assert torch.equal(bits(host), bits(leaf.detach().t()))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spillcache._internal import dtypes
+from spillcache._internal import transfers
 from spillcache._internal.dtypes import RAW_DTYPES
 from spillcache._internal.placement import Placement, TensorRecord
-from spillcache._internal.store_format import Store
 from spillcache._internal.tenants import Tenant
+from spillcache._internal.tensor_store import Store
 from spillcache._internal.tiers import DiskTier
 from spillcache._internal.tiers.disk import Reading
 from spillcache.errors import CapacityError, DiskFullError, StoreError
@@ -102,7 +102,7 @@ class World:
             got = self.tenant.store.read_tensor(record.array, record.shape, record.dtype)
             self.p.read_done(record, got, promote=True)
             self.drain()
-        got = dtypes.onload(got, record.onload_device, record.requires_grad)
+        got = transfers.onload(got, record.onload_device, record.requires_grad)
         assert same_bits(got, self.live[record.rid][1])
         assert got.device == CPU
         self.check(budgets=budgets)

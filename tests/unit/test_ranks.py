@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from spillcache._internal import resolved, store_format
+from spillcache._internal import resolved, store_dirs, tensor_store
 from spillcache._internal.ranks import RankInfo, rank_info, run_id, store_parent
 from spillcache._internal.resolved import process_budgets
 from spillcache.config import CacheConfig
@@ -283,7 +283,7 @@ def test_two_ranks_agree_on_their_run_directory_without_talking(tmp_path):
 
 def make_run(root: Path, name: str = "job", ranks_: tuple[int, ...] = (0, 1)) -> Path:
     for rank in ranks_:
-        store_format.run_store_parent(root, name, rank).mkdir(parents=True)
+        store_dirs.run_store_parent(root, name, rank).mkdir(parents=True)
     return root / name
 
 
@@ -293,24 +293,24 @@ def test_run_directories_are_found_under_a_directory_and_as_one(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("not a run: it holds more than ranks")
     (tmp_path / "empty").mkdir()
     expected = {0: run / "rank0", 1: run / "rank1", 10: run / "rank10"}
-    assert store_format.find_runs(tmp_path) == {run: expected}
-    assert store_format.find_runs(run) == {run: expected}
-    assert store_format.rank_dirs(tmp_path / "other") == {}
-    assert store_format.rank_dirs(tmp_path / "empty") == {}
-    assert store_format.rank_dirs(tmp_path / "absent") == {}
+    assert store_dirs.find_runs(tmp_path) == {run: expected}
+    assert store_dirs.find_runs(run) == {run: expected}
+    assert store_dirs.rank_dirs(tmp_path / "other") == {}
+    assert store_dirs.rank_dirs(tmp_path / "empty") == {}
+    assert store_dirs.rank_dirs(tmp_path / "absent") == {}
     (run / "rank01").mkdir()  # not a name spillcache makes
-    assert store_format.find_runs(tmp_path) == {}
+    assert store_dirs.find_runs(tmp_path) == {}
 
 
 def test_remove_empty_dirs_stops_at_anything_held_and_at_stop(tmp_path):
     run = make_run(tmp_path)
     (run / "rank1" / "spillcache-1-abc").mkdir()
-    assert store_format.remove_empty_dirs(run / "rank0", stop=tmp_path) == [run / "rank0"]
-    assert store_format.remove_empty_dirs(run / "rank1", stop=tmp_path) == []
+    assert store_dirs.remove_empty_dirs(run / "rank0", stop=tmp_path) == [run / "rank0"]
+    assert store_dirs.remove_empty_dirs(run / "rank1", stop=tmp_path) == []
     (run / "rank1" / "spillcache-1-abc").rmdir()
-    assert store_format.remove_empty_dirs(run / "rank1", stop=tmp_path) == [run / "rank1", run]
+    assert store_dirs.remove_empty_dirs(run / "rank1", stop=tmp_path) == [run / "rank1", run]
     assert tmp_path.is_dir(), "stop itself is never removed"
-    assert store_format.remove_empty_dirs(tmp_path / "x", stop=tmp_path / "x") == []
+    assert store_dirs.remove_empty_dirs(tmp_path / "x", stop=tmp_path / "x") == []
 
 
 def test_a_store_is_made_even_if_its_emptied_rank_directory_is_removed_meanwhile(
@@ -318,18 +318,18 @@ def test_a_store_is_made_even_if_its_emptied_rank_directory_is_removed_meanwhile
 ):
     """gc (or another rank) may rmdir an empty rank directory between Store.create
     making it and making the store inside it: the directory is made again."""
-    parent = store_format.run_store_parent(tmp_path, "job", 0)
+    parent = store_dirs.run_store_parent(tmp_path, "job", 0)
     real_mkdir, raced = Path.mkdir, []
 
     def mkdir(self, mode=0o777, parents=False, exist_ok=False):
         if self.name.startswith("spillcache-") and not raced:
             raced.append(self)
-            store_format.remove_empty_dirs(self.parent, stop=tmp_path)
+            store_dirs.remove_empty_dirs(self.parent, stop=tmp_path)
         return real_mkdir(self, mode, parents, exist_ok)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
     try:
-        store = store_format.Store.create(parent)
+        store = tensor_store.Store.create(parent)
     except StoreError as error:  # pragma: no cover - the failure this test guards against
         pytest.fail(f"Store.create lost the race: {error}")
     assert raced and store.path.parent == parent and store.path.is_dir()

@@ -27,7 +27,6 @@ import fcntl
 import mmap
 import os
 import secrets
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,12 +34,9 @@ import torch
 
 from ..errors import StoreCorruptError
 from . import aio
+from .buffers import PAGE, StagingBuffers, aligned_empty, round_up
 
 __all__ = [
-    "HUGE_PAGE",
-    "PAGE",
-    "StagingBuffers",
-    "aligned_empty",
     "direct_io_supported",
     "map_file",
     "publish",
@@ -48,19 +44,6 @@ __all__ = [
     "write_file",
     "write_partial",
 ]
-
-# O_DIRECT alignment. Logical block sizes are 512 B (this virtio disk, most NVMe
-# namespaces as shipped) or 4 KiB (NVMe formatted with 4K LBAs); both divide 4096, so a
-# page-aligned request satisfies every one of them. 4096 is also ext4's block size: a
-# direct write that covers whole filesystem blocks needs no read-modify-write of a
-# partial block and no exclusive inode lock (ext4 takes one for "unaligned" DIO).
-# Python 3.11 has no statx(STATX_DIOALIGN) to ask the exact figure, and one constant
-# that is always enough keeps every path testable.
-PAGE = 4096
-
-
-def _round_up(nbytes: int) -> int:
-    return -(-nbytes // PAGE) * PAGE
 
 
 def _check_bytes(tensor: torch.Tensor, what: str) -> None:
@@ -73,112 +56,6 @@ def _check_bytes(tensor: torch.Tensor, what: str) -> None:
 
 
 # Transparent huge pages: 2 MiB of physically contiguous memory each.
-HUGE_PAGE = 2 * 2**20
-
-
-def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
-    """A 1-D uint8 CPU tensor of ``nbytes`` whose address is a multiple of PAGE.
-
-    The storage runs on to (at least) the next PAGE multiple past the end, so a
-    whole-page O_DIRECT read into it never touches memory it does not own.
-
-    From 2 MiB up (and not pinned) the memory is its own anonymous mapping, aligned to
-    and advised for transparent huge pages. O_DIRECT speed here follows the physical
-    contiguity of the buffer (a virtio request takes at most 254 contiguous runs, up to
-    4 MiB): 4 KiB pages from fragmented free lists cap the request size, 2 MiB pages
-    reach 4 MiB requests (figures: docs/benchmarks.md).
-    Where huge pages are off, the advice is ignored and the buffer is merely slower.
-    The mapping is returned to the system when the tensor is freed (no malloc arena
-    keeps it). Smaller or pinned buffers come from torch's allocator, over-allocated
-    by a page and sliced (it only promises 64-byte alignment).
-    """
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    if pin and not torch.cuda.is_available():
-        raise RuntimeError(
-            "pin=True needs CUDA (pinned memory only helps GPU copies); pass pin=False"
-        )
-    if pin or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        raw = torch.empty(_round_up(nbytes) + PAGE, dtype=torch.uint8, pin_memory=pin)
-        offset = -raw.data_ptr() % PAGE
-        return raw[offset : offset + nbytes]
-    # Private: Python's default for anonymous maps is MAP_SHARED, which is shmem, where
-    # huge pages follow shmem_enabled (usually "never"). HUGE_PAGE of slack aligns the start.
-    mapping = mmap.mmap(
-        -1, _round_up(nbytes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    )
-    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
-    offset = -raw.data_ptr() % HUGE_PAGE
-    # Only whole huge pages inside the buffer: a touched tail must not cost 2 MiB.
-    mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes - nbytes % HUGE_PAGE)
-    return raw[offset : offset + nbytes]
-
-
-class StagingBuffers:
-    """A fixed set of page-aligned buffers, allocated and touched once, reused forever.
-
-    On VMs memory left idle is handed back to the host, and touching fresh pages can be
-    slower than the disk (docs/benchmarks.md). So the buffers are written once here
-    (every page becomes resident) and then only ever reused. Thread-safe: ``acquire``
-    waits on a Condition (no polling) until another thread releases a buffer.
-    """
-
-    def __init__(self, count: int, size: int, *, pin: bool = False) -> None:
-        if count < 1 or size < 1:
-            raise ValueError(f"StagingBuffers needs count >= 1 and size >= 1, got {count}, {size}")
-        self.count = count
-        self.size = _round_up(size)
-        block = aligned_empty(self.count * self.size, pin=pin)
-        # Touch every page now, not on the first (timed) write. One thread, in order
-        # (numpy's fill, not torch's 2-thread fill_, which interleaves pages from two
-        # CPUs' free lists): O_DIRECT speed here follows the buffer's physical contiguity,
-        # as a virtio request holds at most 254 contiguous runs (max_segments). Scattered
-        # 4 KiB pages cap requests near 1 MiB, contiguous memory reaches 4 MiB (figures:
-        # docs/benchmarks.md). Memory taken just after the page cache was
-        # dropped is the most scattered: create staging buffers early and keep them.
-        block.numpy().fill(0)
-        # A stack: the buffer released last is handed out next, while its pages are warm.
-        self._free = [block[i * self.size : (i + 1) * self.size] for i in range(count)][::-1]
-        self._condition = threading.Condition()
-        self._closed = False
-
-    @property
-    def available(self) -> int:
-        """How many buffers are free right now."""
-        with self._condition:
-            return len(self._free)
-
-    @contextlib.contextmanager
-    def acquire(self) -> Iterator[torch.Tensor]:
-        """``with staging.acquire() as buf:`` a free buffer of ``size`` bytes, waiting if none."""
-        with self._condition:
-            while not self._free and not self._closed:
-                self._condition.wait()
-            if self._closed:
-                raise RuntimeError("StagingBuffers used after close()")
-            buffer = self._free.pop()
-        try:
-            yield buffer
-        finally:
-            with self._condition:
-                if not self._closed:
-                    self._free.append(buffer)
-                self._condition.notify()
-
-    def close(self) -> None:
-        """Drop the buffers; ones still in use are freed when their holders let go."""
-        with self._condition:
-            self._closed = True
-            self._free.clear()
-            self._condition.notify_all()
-
-    def __enter__(self) -> StagingBuffers:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -248,7 +125,7 @@ def _bounce(staging: StagingBuffers | None, nbytes: int) -> Iterator[torch.Tenso
         with staging.acquire() as buffer:
             yield buffer
     else:
-        yield aligned_empty(min(_round_up(nbytes), 8 << 20))
+        yield aligned_empty(min(round_up(nbytes), 8 << 20))
 
 
 # A staging buffer is cut into this many pieces when writes can be queued (aio): each is
@@ -511,7 +388,7 @@ def _read_direct(fd: int, out: torch.Tensor, path: Path, trailer: int) -> bytes:
     # The last partial page (and the trailer) lands in pages of its own, not in ``out``'s
     # storage past its end: ``out`` may be a view whose next bytes belong to someone
     # else. One preadv fills both, and the kernel stops it at EOF.
-    tail = aligned_empty(_round_up(total - whole)) if whole < total else None
+    tail = aligned_empty(round_up(total - whole)) if whole < total else None
     position = 0
     while position < total:
         buffers = [view[position:whole]] if position < whole else []
@@ -544,7 +421,7 @@ def read_file(path: Path, out: torch.Tensor, *, direct: bool, trailer: int = 0) 
     if direct and nbytes and out.data_ptr() % PAGE:
         raise ValueError(
             f"read_file(direct=True) needs a {PAGE}-byte aligned tensor; "
-            "allocate it with chunkio.aligned_empty"
+            "allocate it with buffers.aligned_empty"
         )
     fd = _open_checked(path, nbytes + trailer, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     try:

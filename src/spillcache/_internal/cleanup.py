@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..config import CacheConfig
-from . import owners, store_format
+from . import owners, store_dirs, store_format
 from .text import format_bytes
 
 __all__ = ["SIGNALS", "install_signal_handlers", "on_new_cache", "sweep"]
@@ -118,12 +118,12 @@ def remove_tree(path: Path) -> bool:
 def _remove_empty_rank_dir(parent: Path) -> None:
     """The rank directory a store was in (``<disk_path>/<run>/rank<R>``) and its run
     directory, if the store was the last thing in them."""
-    if store_format.rank_dirs(parent.parent).get(_rank_of(parent)) == parent:
-        store_format.remove_empty_dirs(parent, parent.parent.parent)
+    if store_dirs.rank_dirs(parent.parent).get(_rank_of(parent)) == parent:
+        store_dirs.remove_empty_dirs(parent, parent.parent.parent)
 
 
 def _rank_of(directory: Path) -> int:
-    name = directory.name.removeprefix(store_format.RANK_PREFIX)
+    name = directory.name.removeprefix(store_dirs.RANK_PREFIX)
     return int(name) if name.isdigit() else -1
 
 
@@ -142,7 +142,7 @@ def sweep(disk_dirs: Iterable[str]) -> list[tuple[Path, int]]:
     for disk_dir in todo:
         found = [(p, n) for parent in _store_parents(Path(disk_dir)) for p, n in _sweep_one(parent)]
         for parent in {path.parent for path, _ in found} - {Path(disk_dir)}:
-            store_format.remove_empty_dirs(parent, disk_dir)
+            store_dirs.remove_empty_dirs(parent, disk_dir)
         freed += found
         where += [disk_dir] if found else []
     if freed:
@@ -161,7 +161,7 @@ def _store_parents(disk_dir: Path) -> Iterator[Path]:
     the run directories in it."""
     yield disk_dir
     try:
-        runs = store_format.find_runs(disk_dir)
+        runs = store_dirs.find_runs(disk_dir)
     except OSError:  # made on first spill (nothing there yet), or not ours to read
         return
     for ranks in runs.values():
@@ -180,7 +180,7 @@ def _sweep_one(parent: Path) -> Iterator[tuple[Path, int]]:
         try:
             attributes = store_format.read_root_attributes(path)
             if abandoned(attributes):
-                nbytes = store_format.store_bytes(path)
+                nbytes = store_dirs.store_bytes(path)
                 if remove_tree(path):
                     yield path, nbytes
         except OSError:  # StoreError included: not a store, being made, or not ours
@@ -193,5 +193,5 @@ def abandoned(attributes: dict) -> bool:
     return (
         attributes.get("keep") is False
         and not attributes.get("complete")
-        and store_format.owner_alive(attributes) is False
+        and store_dirs.owner_alive(attributes) is False
     )

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import AUTO, CacheConfig
-from . import store_format
+from . import tensor_store
 from .resolved import disk_directories
 from .text import aligned, format_bytes
 
@@ -121,7 +121,7 @@ def _direct_io_here(disk_path: str | tuple[str, ...] | None) -> tuple[dict, str]
         while not probed.exists() and probed != probed.parent:
             probed = probed.parent
         try:
-            direct = store_format._resolve_direct_io(probed, AUTO)
+            direct = tensor_store.resolve_direct_io(probed, AUTO)
         except OSError as error:  # unwritable, say: the cache itself would fail there too
             answers.append(None)
             errors[disk_dir] = str(error)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chunkio
+from . import buffers, chunkio
 
 __all__ = ["DiskSpeed", "probe"]
 
@@ -42,7 +42,7 @@ def probe(directory: str | Path, *, seconds: float, threads: int) -> DiskSpeed:
     scratch.mkdir()
     start = time.perf_counter()
     # The cache's own staging buffers: page-aligned, contiguous, touched once in order.
-    staging = chunkio.StagingBuffers(threads, FILE_BYTES)
+    staging = buffers.StagingBuffers(threads, FILE_BYTES)
     try:
         deadline = start + seconds / 2
 

@@ -1,13 +1,14 @@
-"""Torch dtypes <-> on-disk data types, and bit-exact tensor moves.
+"""Torch dtypes <-> on-disk data types, and the raw views that keep every copy bit-exact.
 
 numpy (and so zarr) has no bfloat16, float8, complex32 or sub-byte types. Those are
 stored as the raw bits under the unsigned integer type of the same width, and the
 torch dtype is recorded beside them, so every dtype round-trips bit for bit. Types
 numpy knows are stored as themselves, so plain zarr readers see real values.
 
-Every move between devices and every compaction goes through a same-width unsigned
-view: copy kernels are missing for some dtypes (int1..int7, uint1..uint7), but a
-uint8/16/32/64 copy always exists and carries exactly the same bits.
+Every copy between devices and every compaction (transfers.py) goes through a
+same-width unsigned view (``raw_dtype``): copy kernels are missing for some dtypes
+(int1..int7, uint1..uint7), but a uint8/16/32/64 copy always exists and carries
+exactly the same bits.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import torch
 __all__ = [
     "RAW_DTYPES",
     "byte_view",
-    "compact_copy",
     "dtype_from_name",
     "dtype_name",
     "is_tierable",
-    "move",
-    "onload",
     "raw_dtype",
     "storage_dtype_name",
 ]
@@ -99,30 +97,6 @@ def is_tierable(tensor: torch.Tensor) -> bool:
     )
 
 
-def _raw(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(raw_dtype(tensor.dtype))
-
-
-def move(tensor: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
-    """``tensor.to(device)`` for every dtype, bit for bit; the same object if already there."""
-    if tensor.device == device:
-        return tensor
-    moved = _raw(tensor).to(device, non_blocking=non_blocking)
-    return moved.view(tensor.dtype)
-
-
-def onload(tensor: torch.Tensor, device: torch.device, requires_grad: bool) -> torch.Tensor:
-    """``tensor`` on ``device`` with the ``requires_grad`` flag it was stored with.
-
-    Stored tensors are detached (an autograd graph must not stay alive in the cache);
-    the flag is given back so callers see what they stored.
-    """
-    value = move(tensor, device)
-    if requires_grad and not value.requires_grad:
-        value.requires_grad_(True)
-    return value
-
-
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes of a contiguous tensor as a 1-D uint8 tensor sharing its memory.
 
@@ -134,36 +108,3 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous tensor; call .contiguous() first")
     return tensor.as_strided((tensor.numel(),), (1,)).view(torch.uint8)
-
-
-def compact_copy(
-    tensor: torch.Tensor, device: torch.device, *, pin: bool = False, non_blocking: bool = False
-) -> torch.Tensor:
-    """A new contiguous tensor on ``device`` with exactly ``tensor``'s bits."""
-    out = torch.empty(
-        tensor.shape,
-        dtype=raw_dtype(tensor.dtype),
-        device=device,
-        pin_memory=pin and device.type == "cpu",
-    )
-    out.copy_(_raw(tensor), non_blocking=non_blocking)
-    return out.view(tensor.dtype)
-
-
-def is_compact(tensor: torch.Tensor) -> bool:
-    """Contiguous and the sole user of its storage: holding it costs exactly nbytes."""
-    if not tensor.is_contiguous():
-        return False
-    storage_bytes = tensor.untyped_storage().nbytes()
-    return tensor.storage_offset() == 0 and storage_bytes == tensor.nbytes
-
-
-def to_host(tensor: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
-    """A CPU tensor holding exactly ``tensor``'s bytes and nothing more.
-
-    The tensor itself when it is already a compact CPU tensor (as the stock cache keeps
-    it); otherwise a compact copy, so that a small view never keeps its whole base alive.
-    """
-    if tensor.device.type == "cpu" and is_compact(tensor):
-        return tensor
-    return compact_copy(tensor, torch.device("cpu"), pin=pin)

@@ -20,15 +20,16 @@ from a structure in it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import store_format
-from .store_format import ARRAY_PREFIX, array_ref, batch_dir, tensors_dir
+from ..errors import StoreError
+from . import store_checks, store_dirs, store_format
+from .store_format import array_ref, tensors_dir
+from .tensor_store import Store
 from .text import format_bytes
 
 __all__ = ["collect_garbage", "find_orphans", "verify_lines"]
@@ -45,11 +46,11 @@ def find_orphans(path: str | os.PathLike[str], attributes: dict) -> dict[str, An
     unfinished = [array_ref(d.name) for d in arrays if not (d / "zarr.json").is_file()]
     unreferenced: list[str] = []
     if attributes.get("complete") or attributes.get("keep"):  # it records structures
-        referenced = _referenced_arrays(path)
+        referenced = _referenced_arrays(path, attributes)
         if referenced is not None:
             whole = [d.name for d in arrays if array_ref(d.name) not in unfinished]
             unreferenced = [name for name in whole if name not in referenced]
-    alive = store_format.owner_alive(attributes)
+    alive = store_dirs.owner_alive(attributes)
     in_progress = not attributes.get("complete") and alive is not False
     files = [path / p for p in partial] + [path / p for p in unfinished]
     files += [tensors_dir(path) / name for name in unreferenced]
@@ -70,7 +71,7 @@ def _outermost(paths: list[Path]) -> list[Path]:
 
 
 def _bytes(paths: list[Path]) -> int:
-    return sum(store_format.store_bytes(p) if p.is_dir() else _size(p) for p in paths)
+    return sum(store_dirs.store_bytes(p) if p.is_dir() else _size(p) for p in paths)
 
 
 def _partial_files(path: Path) -> Iterator[Path]:
@@ -89,30 +90,26 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _referenced_arrays(path: Path) -> set[str] | None:
-    """Names of the arrays the store's batch structures refer to; None if one of them
-    cannot be read (then no array is called unreferenced)."""
+def _referenced_arrays(path: Path, attributes: dict) -> set[str] | None:
+    """Names of the arrays the store's batch structures refer to, as the last completed
+    flush left them (read as reopening reads them: ``store_checks``); None if one of
+    them cannot be read (then no array is called unreferenced)."""
+    store = Store(path)
+    store.attributes = attributes
     names: set[str] = set()
-    for batch in batch_dir(path).glob("*/zarr.json"):
-        try:
-            entries = json.loads(batch.read_text())["attributes"][store_format.ATTRS_KEY]
-            names.update(_arrays_in(entries["entries"]))
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # tampered
-            return None
+
+    def named(ref: store_checks.TensorRef) -> None:
+        if ref.array is not None:
+            names.add(ref.array)
+
+    try:
+        for index in range(store_checks.recorded_batches(store)):
+            entries = store_checks.batch_entries(store, index)
+            for key, node in entries.items():
+                store_checks.parse_entry(index, key, node, named)
+    except StoreError:  # damaged or tampered: StoreCorruptError, or unreadable
+        return None
     return names
-
-
-def _arrays_in(node: Any) -> Iterator[str]:
-    """Every ``array`` a tensor node names, anywhere in a JSON structure."""
-    if isinstance(node, dict):
-        array = node.get("array")
-        if node.get("type") == "tensor" and isinstance(array, str):
-            yield array.removeprefix(ARRAY_PREFIX)
-        for value in node.values():
-            yield from _arrays_in(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _arrays_in(item)
 
 
 def _removable(path: Path, orphans: dict, complete: bool) -> list[Path]:
@@ -194,7 +191,7 @@ def _empty_directories(
     for run_dir, ranks in runs.items():
         for rank_dir in ranks.values():
             if remove:
-                emptied += store_format.remove_empty_dirs(rank_dir, stop=run_dir.parent)
+                emptied += store_dirs.remove_empty_dirs(rank_dir, stop=run_dir.parent)
             elif all(str(entry) in gone for entry in rank_dir.iterdir()):
                 emptied.append(rank_dir)
         if not remove and all(rank_dir in emptied for rank_dir in ranks.values()):

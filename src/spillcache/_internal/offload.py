@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ..config import CacheConfig
-from . import dtypes
+from . import dtypes, transfers
 from .tree import Flat, TensorLeaf, flatten
 
 if TYPE_CHECKING:
@@ -90,8 +90,8 @@ class Offload:
         if self.offload_device is None:
             return tensor.detach()
         if self.offload_device.type == "cpu":
-            return dtypes.to_host(tensor.detach())
-        return dtypes.move(tensor.detach(), self.offload_device)
+            return transfers.to_host(tensor.detach())
+        return transfers.move(tensor.detach(), self.offload_device)
 
     def _is_tiered(self, tensor: torch.Tensor) -> bool:
         if not dtypes.is_tierable(tensor):

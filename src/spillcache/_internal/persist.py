@@ -38,11 +38,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import StoreError
-from . import dtypes
+from . import dtypes, transfers
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
-from .store_format import ARRAY_PREFIX, Store, array_ref, batch_dir, tensors_dir
+from .store_checks import array_name
+from .store_format import batch_dir, stored_tensor_node, tensors_dir, unstored_tensor_node
 from .tenants import Tenant
+from .tensor_store import Store
 from .tree import spec_to_json
 
 if TYPE_CHECKING:
@@ -204,11 +206,11 @@ def _write(
     for key, (leaf, array, owner) in snapshot.inline.items():
         if array is None:
             array = next(names)
-            tensor = dtypes.to_host(leaf.tensor.detach()).contiguous()
+            tensor = transfers.to_host(leaf.tensor.detach()).contiguous()
             store.write_tensor(array, tensor, durable=True, owner=owner)
         inline[key] = (leaf, array)
     for record, value, name in snapshot.records.values():
-        tensor = dtypes.to_host(value.detach()).contiguous()
+        tensor = transfers.to_host(value.detach()).contiguous()
         store.write_tensor(name, tensor, durable=True, owner=record.owner)
         written.append((record, name))
     _sync(tensors_dir(store.path))
@@ -236,8 +238,7 @@ def _commit(
         if before is not None and before[1] == entries and not state.rewrite_all:
             committed[index] = before
             continue
-        kept = {} if before is None else {"before": {"flush": before[0], "entries": before[1]}}
-        store.write_batch(index, entries, durable=True, flush=flush, **kept)
+        store.write_batch(index, entries, durable=True, flush=flush, before=before)
         committed[index] = (flush, entries)
     _sync(batch_dir(store.path))
     store.write_root_attributes(
@@ -308,17 +309,11 @@ def _leaf_json(
 
 
 def _stored(leaf: TensorRecord | InlineTensor, name: str) -> dict:
-    """A batch structure's node for a tensor leaf stored as array ``name``."""
-    return {
-        "array": array_ref(name),
-        "device": str(leaf.onload_device),
-        "requires_grad": leaf.requires_grad,
-    }
+    return stored_tensor_node(name, leaf.onload_device, leaf.requires_grad)
 
 
 def _unstored(leaf: InlineTensor) -> dict:
-    note = "kept in RAM only; not stored"
-    return {"array": None, "device": str(leaf.onload_device), "note": note}
+    return unstored_tensor_node(leaf.onload_device)
 
 
 # ---------------------------------------------------------------------- close
@@ -357,7 +352,7 @@ def persist(
             for leaf in entry.leaves:
                 node = _close_leaf(store, leaf, known, names, (index, key))
                 if node.get("array"):
-                    referenced.add(node["array"].removeprefix(ARRAY_PREFIX))
+                    referenced.add(array_name(node["array"]))
                 described.append(node)
             entries[key] = spec_to_json(entry.spec, described.__getitem__)
         structures.append(entries)
@@ -386,7 +381,7 @@ def _close_leaf(
     if flushed is not None and flushed[0] is leaf:
         return _stored(leaf, flushed[1])
     name = next(names)
-    tensor = dtypes.to_host(leaf.tensor.detach()).contiguous()
+    tensor = transfers.to_host(leaf.tensor.detach()).contiguous()
     store.write_tensor(name, tensor, durable=True, owner=owner)
     known[id(leaf)] = (leaf, name)
     return _stored(leaf, name)

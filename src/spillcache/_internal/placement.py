@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CapacityError, StoreError
-from . import dtypes
+from . import transfers
 from .failures import errno_of, refusal
 from .kept_copies import KeptCopies
 from .records import QUEUED, WRITING, RecordRegistry, TensorRecord
@@ -240,7 +240,7 @@ class Placement(KeptCopies):
         tenant = record.tenant
         if self._wants_device_tier(tenant, tensor) and self._make_room(self.device, record):
             target = tenant.device_target or tensor.device
-            self._put_memory(self.device, record, dtypes.move(tensor, target))
+            self._put_memory(self.device, record, transfers.move(tensor, target))
             return
         if self._make_room(self.host, record):
             self._put_memory(self.host, record, self._host_copy(tensor))

@@ -21,7 +21,7 @@ import torch
 from ..config import AUTO, CacheConfig, parse_size
 from . import disk_probe, dtypes, sysinfo
 from .plan import AWQ_READS, ModelShape, awq_caches, replay, sequential_pipeline
-from .resolved import disk_directories
+from .resolved import auto_host_bytes, disk_directories
 from .text import format_bytes
 
 __all__ = ["add_plan_command"]
@@ -204,7 +204,7 @@ def _node_config(args: argparse.Namespace, ram: int) -> CacheConfig:
     base = CacheConfig.from_env()
     host = base.host_bytes if args.host_bytes is None else _size("--host-bytes", args.host_bytes)
     if host == AUTO:
-        host = ram // 2
+        host = auto_host_bytes(ram)
     paths = args.disk_path or disk_directories(base.disk_path)
     for path in paths:
         if not Path(path).is_dir():

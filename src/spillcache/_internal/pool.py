@@ -28,14 +28,16 @@ from typing import Any
 import torch
 
 from ..config import CacheConfig
+from .buffers import SharedBuffers
 from .failures import WriteFailure, errno_of
 from .io_threads import WRITE, IOPool
 from .persist import defers_deletion
 from .placement import Placement, TensorRecord
 from .ranks import store_parent
 from .resolved import checked_disk_dirs, process_budgets
-from .store_format import SharedBuffers, Store, remove_empty_dirs
+from .store_dirs import remove_empty_dirs
 from .tenants import Tenant
+from .tensor_store import Store
 from .tiers import DiskTier
 from .tiers.budget import BudgetedTier
 from .tiers.disk import Reading

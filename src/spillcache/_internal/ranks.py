@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from . import store_format
+from . import store_dirs
 
 __all__ = ["RankInfo", "rank_info", "run_id", "store_parent"]
 
@@ -140,4 +140,4 @@ def store_parent(disk_dir: str | os.PathLike[str]) -> Path:
     info = rank_info()
     if info is None:
         return Path(disk_dir)
-    return store_format.run_store_parent(disk_dir, info.run_id, info.rank)
+    return store_dirs.run_store_parent(disk_dir, info.run_id, info.rank)

@@ -28,7 +28,9 @@ from .core import CacheCore
 from .persist import opened
 from .placement import TensorRecord
 from .records import Entry
-from .store_format import Store, array_ref, owner_alive, tensors_dir
+from .store_dirs import owner_alive
+from .store_format import array_ref, tensors_dir
+from .tensor_store import Store
 
 __all__ = ["reopen"]
 

@@ -23,6 +23,7 @@ from .sysinfo import RAM_BACKED, available_ram, filesystem_type
 __all__ = [
     "NODE_SIZES",
     "ResolvedBudgets",
+    "auto_host_bytes",
     "checked_disk_dirs",
     "disk_directories",
     "keeps_device_tier",
@@ -60,13 +61,19 @@ def process_budgets(config: CacheConfig, ram_available: int | None = None) -> Re
     sizes: dict[str, int | None] = {}
     for name in NODE_SIZES:
         value = getattr(config, name)
-        if value == AUTO:  # host_bytes only: half the node's available RAM, shared
+        if value == AUTO:  # host_bytes only: the node's RAM, shared among its ranks
             ram = available_ram() if ram_available is None else ram_available
-            sizes[name] = ram // 2 // ranks_here
+            sizes[name] = auto_host_bytes(ram, ranks_here)
         else:
             sizes[name] = None if value is None else value // shares
     device_bytes = None if config.device_bytes == AUTO else config.device_bytes
     return ResolvedBudgets(**sizes, device_bytes=device_bytes, shares=shares)
+
+
+def auto_host_bytes(ram_available: int, ranks_on_node: int = 1) -> int:
+    """What host_bytes = "auto" gives each rank: half the node's available RAM (the
+    rest is the model's, the page cache's and everything else's), shared evenly."""
+    return ram_available // 2 // ranks_on_node
 
 
 def resolve_offload_device(value: Any) -> torch.device | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .store_format import remove_empty_dirs
+from .store_dirs import remove_empty_dirs
 
 if TYPE_CHECKING:
     import torch

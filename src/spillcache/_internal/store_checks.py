@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import StoreCorruptError, StoreError
-from . import dtypes, store_format
+from . import dtypes, store_format, tensor_store
 from .small_files import NotPlainFile, read_small_file
 from .store_format import ARRAY_PREFIX, BATCHES, TENSORS, batch_dir, tensors_dir
 from .tree import StructureError, spec_from_json
@@ -320,7 +320,7 @@ def _tensor_ref(node: dict) -> TensorRef:
     return TensorRef(name, device, requires_grad)
 
 
-def recorded_batches(store: store_format.Store) -> int:
+def recorded_batches(store: tensor_store.Store) -> int:
     """How many batches the store records (its root's ``num_batches``), checked
     against its batch directories so that a forged count is no endless loop."""
     count = store.attributes.get("num_batches", 0)
@@ -337,7 +337,7 @@ def recorded_batches(store: store_format.Store) -> int:
     return count
 
 
-def committed_flush(store: store_format.Store) -> int:
+def committed_flush(store: tensor_store.Store) -> int:
     """The number of the last flush (or close) whose structures were all written, as
     the root records it (0 for stores written before flushes were counted)."""
     flush = store.attributes.get("flush", 0)
@@ -346,7 +346,7 @@ def committed_flush(store: store_format.Store) -> int:
     return flush
 
 
-def batch_structure(store: store_format.Store, index: int) -> tuple[int, dict[str, Any]]:
+def batch_structure(store: tensor_store.Store, index: int) -> tuple[int, dict[str, Any]]:
     """Batch ``index``'s entries as the last completed flush recorded them (key ->
     structure JSON, not yet parsed), with that flush's number: a batch a later,
     unfinished flush rewrote gives the structure it kept as ``before``."""
@@ -376,7 +376,7 @@ def batch_structure(store: store_format.Store, index: int) -> tuple[int, dict[st
     return flush, entries
 
 
-def batch_entries(store: store_format.Store, index: int) -> dict[str, Any]:
+def batch_entries(store: tensor_store.Store, index: int) -> dict[str, Any]:
     """Batch ``index``'s entries (``batch_structure`` without its flush's number)."""
     return batch_structure(store, index)[1]
 
@@ -424,7 +424,7 @@ class Survey:
         return lines
 
 
-def survey(store: store_format.Store, *, structures: bool) -> Survey:
+def survey(store: tensor_store.Store, *, structures: bool) -> Survey:
     """Check every array of ``store`` and (with ``structures``) every batch structure
     it records; problems are collected, not raised, so that all of them are said."""
     found = Survey()
@@ -455,7 +455,7 @@ _NEVER_IN_TENSORS = {
 }
 
 
-def _survey_structures(store: store_format.Store, found: Survey, kinds: dict[str, str]) -> None:
+def _survey_structures(store: tensor_store.Store, found: Survey, kinds: dict[str, str]) -> None:
     try:
         found.batches = recorded_batches(store)
         found.flush = committed_flush(store)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import StoreError
-from . import store_checks, store_format
+from . import store_checks, store_dirs, store_format, tensor_store
 from .dtypes import RAW_DTYPES, dtype_name
 from .leftovers import find_orphans
 from .tree import unflatten
@@ -35,7 +35,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     """A store's state, arrays, the keys its batch structures record (on close or
     flush() of a kept store), and its ``problems`` (one line each; none: sound).
     Raises StoreError if ``path`` is not a store this spillcache can read."""
-    store = store_format.Store.open(path)
+    store = tensor_store.Store.open(path)
     attributes = store.attributes
     found = store_checks.survey(store, structures=True)
     keys: dict[str, dict[str, Any]] = {}
@@ -56,7 +56,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "complete": attributes.get("complete") is True,
         "pid": attributes.get("pid"),
         "hostname": attributes.get("hostname"),
-        "owner_alive": store_format.owner_alive(attributes),
+        "owner_alive": store_dirs.owner_alive(attributes),
         "written": attributes.get("written"),
         "torch_version": attributes.get("torch_version"),
         "batches": recorded,
@@ -93,7 +93,7 @@ def load_value(path: str | Path, batch: int, key: str) -> Any:
     """One value of a kept store, rebuilt from its stored structure (tensors on the CPU;
     a tensor the store does not hold comes back as None). A damaged entry is a
     StoreCorruptError naming the batch and key."""
-    store = store_format.Store.open(path)
+    store = tensor_store.Store.open(path)
     count = store_checks.recorded_batches(store)
     if not count and not store.attributes.get("complete"):
         raise store_format.StoreFormatError(
@@ -120,7 +120,7 @@ def load_value(path: str | Path, batch: int, key: str) -> Any:
     return unflatten(spec, tensors, [])
 
 
-def _read(store: store_format.Store, info: store_checks.ArrayInfo) -> torch.Tensor:
+def _read(store: tensor_store.Store, info: store_checks.ArrayInfo) -> torch.Tensor:
     """A checked array's tensor; a size this machine cannot allocate is a StoreError."""
     try:
         return store.read_tensor(info.name, info.shape, info.dtype, checksum=info.checksum)
@@ -170,7 +170,7 @@ def verify(path: str | Path) -> dict[str, Any]:
     not one array's (a structure naming a path outside the store, say), and its
     leftovers (``leftovers.find_orphans``).
     """
-    store = store_format.Store.open(path)
+    store = tensor_store.Store.open(path)
     found = store_checks.survey(store, structures=True)
     bad = [
         {"array": name, "used_by": found.used.get(name, []), "error": error}

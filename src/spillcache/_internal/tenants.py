@@ -23,7 +23,7 @@ import torch
 
 from .failures import WriteFailure, errno_of
 from .policy import make_policy, merged_victims
-from .store_format import Store
+from .tensor_store import Store
 
 __all__ = ["Tenant", "Tenants"]
 

@@ -1,6 +1,9 @@
-"""Copies between host RAM and accelerators on side streams, so they overlap compute.
+"""Every copy of a tensor between devices: bit-exact for every dtype, and between host
+RAM and accelerators on side streams, so that copies overlap compute.
 
-Two directions, two rules:
+The plain functions (``move``, ``onload``, ``to_host``, ``compact_copy``) copy through a
+same-width unsigned view (``dtypes.raw_dtype``), so dtypes without copy kernels move
+too. ``Transfers`` runs them on side streams, with two rules:
 
 - Offload (``update`` of a GPU value): the copy to pinned host memory runs on a side
   stream that first waits for the caller's stream (the value may still be being
@@ -11,7 +14,7 @@ Two directions, two rules:
   *consumer's* stream wait for the copy's event (a GPU-side wait: the CPU goes on) and
   tells the caching allocator that the consumer's stream uses the new tensors.
 
-Without CUDA every function here is a plain bit-exact copy (``spillcache._internal.dtypes``).
+Without CUDA ``Transfers`` makes the plain copies on the caller's thread.
 """
 
 from __future__ import annotations
@@ -22,9 +25,74 @@ import torch
 
 from . import dtypes
 
-__all__ = ["Ready", "Transfers"]
+__all__ = [
+    "Ready",
+    "Transfers",
+    "compact_copy",
+    "is_compact",
+    "move",
+    "onload",
+    "to_host",
+]
 
 CPU = torch.device("cpu")
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(dtypes.raw_dtype(tensor.dtype))
+
+
+def move(tensor: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    """``tensor.to(device)`` for every dtype, bit for bit; the same object if already there."""
+    if tensor.device == device:
+        return tensor
+    moved = _raw(tensor).to(device, non_blocking=non_blocking)
+    return moved.view(tensor.dtype)
+
+
+def onload(tensor: torch.Tensor, device: torch.device, requires_grad: bool) -> torch.Tensor:
+    """``tensor`` on ``device`` with the ``requires_grad`` flag it was stored with.
+
+    Stored tensors are detached (an autograd graph must not stay alive in the cache);
+    the flag is given back so callers see what they stored.
+    """
+    value = move(tensor, device)
+    if requires_grad and not value.requires_grad:
+        value.requires_grad_(True)
+    return value
+
+
+def compact_copy(
+    tensor: torch.Tensor, device: torch.device, *, pin: bool = False, non_blocking: bool = False
+) -> torch.Tensor:
+    """A new contiguous tensor on ``device`` with exactly ``tensor``'s bits."""
+    out = torch.empty(
+        tensor.shape,
+        dtype=dtypes.raw_dtype(tensor.dtype),
+        device=device,
+        pin_memory=pin and device.type == "cpu",
+    )
+    out.copy_(_raw(tensor), non_blocking=non_blocking)
+    return out.view(tensor.dtype)
+
+
+def is_compact(tensor: torch.Tensor) -> bool:
+    """Contiguous and the sole user of its storage: holding it costs exactly nbytes."""
+    if not tensor.is_contiguous():
+        return False
+    storage_bytes = tensor.untyped_storage().nbytes()
+    return tensor.storage_offset() == 0 and storage_bytes == tensor.nbytes
+
+
+def to_host(tensor: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
+    """A CPU tensor holding exactly ``tensor``'s bytes and nothing more.
+
+    The tensor itself when it is already a compact CPU tensor (as the stock cache keeps
+    it); otherwise a compact copy, so that a small view never keeps its whole base alive.
+    """
+    if tensor.device.type == "cpu" and is_compact(tensor):
+        return tensor
+    return compact_copy(tensor, torch.device("cpu"), pin=pin)
 
 
 class Ready:
@@ -66,12 +134,12 @@ class Transfers:
     def to_host(self, tensor: torch.Tensor, *, pin: bool) -> torch.Tensor:
         """A compact CPU copy (or the tensor itself, if already a compact CPU tensor)."""
         if tensor.device.type != "cuda":
-            return dtypes.to_host(tensor, pin=pin)
+            return to_host(tensor, pin=pin)
         caller = torch.cuda.current_stream(tensor.device)
         side = self._stream(tensor.device)
         side.wait_stream(caller)  # the value may still be being computed on the caller's stream
         with torch.cuda.stream(side):
-            copy = dtypes.compact_copy(tensor, CPU, pin=True, non_blocking=True)
+            copy = compact_copy(tensor, CPU, pin=True, non_blocking=True)
             tensor.record_stream(side)  # the caller may free it before the copy runs
             done = torch.cuda.Event()
             done.record(side)
@@ -88,10 +156,10 @@ class Transfers:
         """``tensor`` on ``device``; with ``ready`` (prefetch), a host-to-device copy runs
         on the side stream and its event is added to ``ready`` for the consumer."""
         if ready is None or device.type != "cuda" or tensor.device.type != "cpu":
-            return dtypes.onload(tensor, device, requires_grad)
+            return onload(tensor, device, requires_grad)
         side = self._stream(device)
         with torch.cuda.stream(side):
-            moved = dtypes.move(tensor, device, non_blocking=tensor.is_pinned())
+            moved = move(tensor, device, non_blocking=tensor.is_pinned())
             done = torch.cuda.Event()
             done.record(side)
         ready.add(device, done, moved)

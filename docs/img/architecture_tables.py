@@ -1,0 +1,296 @@
+"""The input of docs/img/architecture.svg: spillcache's modules with the layer and thread
+of each (MODULES), and the steps of an update to disk and of a fetch back (PATHS).
+
+This is the file to edit when src/spillcache changes; then run
+python docs/img/draw_architecture.py, which checks these tables against the code (naming
+the line to add, remove or rename) and redraws the picture from them. Data only: the
+checks and the drawing live in draw_architecture.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------- threads
+# Which thread runs a module's code, as docs/architecture.md ("Threads and ownership")
+# describes it. A module that runs on several is drawn with the one that defines it:
+# placement's code runs on the caller's thread and on I/O lanes, always under the lock.
+
+CALLER = "caller"
+LOCKED = "locked"
+LANES = "lanes"
+STREAMS = "streams"
+SIGNAL = "signal"
+COMMAND = "command"
+ANY = "any"
+
+THREADS = {  # key: (legend, fill, stroke)
+    CALLER: ("the caller's thread, no lock held", "#dbeafe", "#3b82f6"),
+    LOCKED: ("the pool's lock held (on the caller's thread or an I/O lane)", "#fde68a", "#d97706"),
+    LANES: (
+        "spillcache-io lanes: writes, deletions, prefetches (and a fetch's own reads)",
+        "#bbf7d0",
+        "#16a34a",
+    ),
+    STREAMS: ("CUDA side streams, joined by events", "#e9d5ff", "#9333ea"),
+    SIGNAL: ("the signal handler (main thread); a new cache's sweep", "#fecaca", "#dc2626"),
+    COMMAND: ("the spillcache command", "#e5e7eb", "#6b7280"),
+    ANY: ("any thread: definitions and pure functions", "#ffffff", "#9ca3af"),
+}
+
+# ----------------------------------------------------------------------------- groups
+# The layers, top (what users call) to bottom (the disk), then what serves them all.
+
+PUBLIC = "public"
+STATE = "state"
+BYTES = "bytes"
+STORE = "store"
+PROCESS = "process"
+CLI = "cli"
+
+GROUPS = {  # key: (title, what it is)
+    PUBLIC: ("public surface", "what users import, and what stock-API code reaches"),
+    STATE: ("the cache's state", "one pool lock guards it all; no I/O, no waiting"),
+    BYTES: ("moving bytes", "copies, flattening, reads, the I/O threads"),
+    STORE: ("the store on disk", "zarr v3 layout, chunk files, durability, reading stores as data"),
+    PROCESS: ("process-wide", "shared by every cache of a process"),
+    CLI: ("command line", "spillcache config / plan / demo / inspect / verify / gc"),
+}
+
+# Rows of the picture: the groups side by side in each, and how many columns of
+# modules each group takes (two columns fill the width).
+LAYOUT = [[(PUBLIC, 2)], [(STATE, 2)], [(BYTES, 2)], [(STORE, 2)], [(PROCESS, 1), (CLI, 1)]]
+
+# ---------------------------------------------------------------------------- modules
+# Every module of src/spillcache, named as docs/architecture.md names it: its path
+# under src/spillcache without ".py", and without "_internal/" for the internals.
+# A module added, moved or removed there must be added, moved or removed here.
+
+MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it owns)
+    "__init__": (PUBLIC, ANY, "the public names: IntermediatesCache, CacheConfig, the errors"),
+    "cache": (PUBLIC, CALLER, "IntermediatesCache: the documented API, iter_prefetch, finalizer"),
+    "config": (PUBLIC, CALLER, "CacheConfig: every knob, parsed and validated once"),
+    "errors": (PUBLIC, ANY, "the exception tree"),
+    "stock_api": (PUBLIC, CALLER, "batch_intermediates as a live view; the stock helpers"),
+    "stock_types": (PUBLIC, ANY, "IntermediateValue and OverrideEqMode as the stock class has"),
+    "integrations/llmcompressor": (PUBLIC, CALLER, "enable/disable: llm-compressor rebound"),
+    "core": (STATE, LOCKED, "CacheCore: batches, entries, generations; update, fetch, close"),
+    "placement": (STATE, LOCKED, "Placement: each record's tier; admit, evict, spill, promote"),
+    "records": (STATE, LOCKED, "TensorRecord, Entry, InlineTensor; the records by number"),
+    "write_behind": (STATE, LOCKED, "values in RAM until their disk write lands"),
+    "policy": (STATE, LOCKED, "scan and lru eviction policies: they only name victims"),
+    "tenants": (STATE, LOCKED, "one cache's share of a pool; eviction across caches"),
+    "rollback": (STATE, LOCKED, "a failed admit undone: the update stores and moves nothing"),
+    "kept_copies": (STATE, LOCKED, "placement's part of a kept store's flush and close"),
+    "failures": (STATE, LOCKED, "failed writes kept per cache, reported once; DiskFullError"),
+    "stats": (STATE, LOCKED, "stats(): the placement's counters as one dict"),
+    "tiers/budget": (STATE, LOCKED, "what every tier shares: items by record id, a byte budget"),
+    "tiers/memory": (STATE, LOCKED, "the device and host tiers: tensors in memory"),
+    "tiers/disk": (STATE, LOCKED, "the disk tier: bytes reserved per record, room per disk"),
+    "offload": (BYTES, CALLER, "a value checked, flattened, copied off the GPU, before the lock"),
+    "reads": (BYTES, LANES, "one fetch's disk reads: planned under the lock, read outside it"),
+    "io_threads": (BYTES, LANES, "IOPool: the only module that starts threads; a lane per disk"),
+    "buffers": (BYTES, LANES, "aligned I/O memory: reused read buffers, staging buffers"),
+    "transfers": (BYTES, STREAMS, "every copy between devices; side streams, with events"),
+    "dtypes": (BYTES, ANY, "torch dtype <-> stored type; raw same-width views"),
+    "tree": (BYTES, ANY, "nested values <-> spec and tensor leaves; specs <-> JSON"),
+    "store_format": (STORE, ANY, "the layout: paths, array names, zarr.json and batch JSON"),
+    "tensor_store": (STORE, LANES, "TensorStore; Store: made, opened, written, read, removed"),
+    "store_dirs": (STORE, COMMAND, "where stores are: runs, ranks, sizes, owners alive"),
+    "chunkio": (STORE, LANES, "one chunk file in or out: O_DIRECT, staging, .partial + rename"),
+    "aio": (STORE, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
+    "persist": (STORE, CALLER, "a kept store made durable on flush() and close"),
+    "reopen": (STORE, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
+    "store_checks": (STORE, CALLER, "a store read as data: names, links and sizes checked first"),
+    "small_files": (STORE, CALLER, "zarr.json files read safely: no links, bounded size"),
+    "summary": (STORE, COMMAND, "what a store holds, for inspect and verify"),
+    "leftovers": (STORE, COMMAND, "what cut-short writes leave; gc of dead stores"),
+    "pool": (PROCESS, LOCKED, "SharedPool: one lock, placement, I/O lanes per config"),
+    "resolved": (PROCESS, CALLER, "a config resolved: auto sizes, rank shares, disks, device"),
+    "ranks": (PROCESS, CALLER, "rank, node and run under torchrun; the store directory"),
+    "sysinfo": (PROCESS, CALLER, "available RAM, filesystem type"),
+    "owners": (PROCESS, SIGNAL, "who owns a store; this process's unkept stores"),
+    "cleanup": (PROCESS, SIGNAL, "SIGTERM/SIGHUP removes own stores; dead ones swept"),
+    "cli": (CLI, COMMAND, "the spillcache command: public API, store format"),
+    "config_cli": (CLI, COMMAND, "spillcache config: settings and where each came from"),
+    "plan_cli": (CLI, COMMAND, "spillcache plan: options, budgets per rank, report"),
+    "plan": (CLI, COMMAND, "a run's cache calls replayed at a reduced scale"),
+    "disk_probe": (CLI, COMMAND, "a few seconds of chunk files written and read"),
+    "demo_cli": (CLI, COMMAND, "spillcache demo: options and summary"),
+    "demo": (CLI, COMMAND, "a random-weight transformer calibrated through the cache"),
+    "text": (CLI, COMMAND, "byte sizes and aligned tables as printed"),
+}
+
+# ------------------------------------------------------------------------------ paths
+# Each step: the functions in call order, as "Class.method" or "module.function" (each
+# is checked against the code), the thread it runs on (its box's colour), and why.
+
+
+@dataclass(frozen=True)
+class Step:
+    calls: tuple[str, ...]
+    thread: str
+    on: str
+    what: str
+
+
+@dataclass(frozen=True)
+class Route:
+    letter: str
+    title: str
+    colour: str
+    steps: tuple[Step, ...]
+    disk_step: int  # the step (from 1) that touches the chunk file
+    aside: Step | None = None  # a variant drawn after the steps, unnumbered
+
+
+UPDATE = Route(
+    "U",
+    "update: a value from the caller to a chunk file",
+    "#c2410c",
+    (
+        Step(
+            (
+                "IntermediatesCache.update",
+                "CacheCore.update",
+                "Offload.prepare",
+                "Transfers.to_host",
+            ),
+            CALLER,
+            "caller's thread, no lock",
+            "checked and flattened; a GPU value bound for host memory copied there on a side "
+            "stream (the caller waits for that copy's event only)",
+        ),
+        Step(
+            (
+                "CacheCore._wait_for_write_room",
+                "CacheCore._store_prepared",
+                "Placement.admit",
+                "Placement._place_new",
+            ),
+            LOCKED,
+            "caller's thread, pool lock held",
+            "backpressure while the write-behind area is over budget; then each tensor goes to "
+            "the first tier with room, all or nothing",
+        ),
+        Step(
+            ("Placement._make_room", "Tenants.victims", "Placement._evict"),
+            LOCKED,
+            "caller's thread, pool lock held",
+            "no room in the host tier: the policies' victims, across caches, move one tier down",
+        ),
+        Step(
+            ("Placement._spill", "WriteBehind.queue"),
+            LOCKED,
+            "caller's thread, pool lock held",
+            "a value bound for disk (new, or a victim) gets a disk and its bytes reserved, and "
+            "waits in RAM in the write-behind area",
+        ),
+        Step(
+            (
+                "CacheCore._start_queued_disk_io",
+                "SharedPool.start_queued_disk_io",
+                "Placement.take_writes",
+                "IOPool.submit",
+            ),
+            LOCKED,
+            "caller's thread, pool lock held",
+            "the queued writes go to their disk's lane at write priority; update returns",
+        ),
+        Step(
+            ("SharedPool._write_to_disk", "Store.write_tensor", "chunkio.write_file"),
+            LANES,
+            "a spillcache-io lane, no lock",
+            "the chunk written with O_DIRECT from staging buffers (pieces queued with native AIO) "
+            "and its zarr.json beside it, each under a .partial name renamed into place",
+        ),
+        Step(
+            ("Placement.write_done",),
+            LOCKED,
+            "the same lane, pool lock held",
+            "the record is on disk and its RAM copy dropped (a failed write: the value back in "
+            "the host tier, reported by the caller's next call); waiting updates woken",
+        ),
+    ),
+    disk_step=6,
+)
+
+FETCH = Route(
+    "F",
+    "fetch back, with iter_prefetch",
+    "#0e7490",
+    (
+        Step(
+            ("IntermediatesCache.iter_prefetch", "CacheCore.submit_fetch", "IOPool.submit"),
+            CALLER,
+            "caller's thread",
+            "the next prefetch_depth batches queued at read priority (ahead of writes), "
+            "consecutive batches on different lanes",
+        ),
+        Step(
+            (
+                "CacheCore._prefetch",
+                "CacheCore.fetch_versioned",
+                "reads.plan",
+                "Placement.begin_load",
+                "Placement.hold",
+            ),
+            LOCKED,
+            "a spillcache-io lane, pool lock held",
+            "values in memory (or still in the write-behind area) taken; records only on disk "
+            "held, so that a delete cannot remove their file",
+        ),
+        Step(
+            (
+                "CacheCore._finish_loads",
+                "reads.read",
+                "CacheCore._read_record",
+                "Store.read_tensor",
+                "BufferPool.take",
+                "chunkio.read_file",
+            ),
+            LANES,
+            "the same lane, no lock",
+            "O_DIRECT into a reused huge-page buffer; a record another thread is reading is "
+            "waited for, not read twice",
+        ),
+        Step(
+            ("Placement.read_done", "Placement.release"),
+            LOCKED,
+            "the same lane, pool lock held",
+            "the read recorded and the holds released; promotion into the host tier waits for "
+            "the reader",
+        ),
+        Step(
+            ("CacheCore._assemble", "Transfers.onload"),
+            STREAMS,
+            "the same lane, the copy on a CUDA side stream",
+            "for a CUDA model device; the copy's event goes into the batch's Ready and nothing "
+            "waits for it here",
+        ),
+        Step(
+            ("CacheCore.mark_read", "Placement.promote"),
+            LOCKED,
+            "caller's thread, pool lock held",
+            "the caller took the batch from its Future; the scan position moves to it, and what "
+            "the job read is promoted as a plain fetch would",
+        ),
+        Step(
+            ("Ready.wait",),
+            CALLER,
+            "caller's thread and its CUDA stream",
+            "the consumer's stream waits on the copies' events (a GPU-side wait); a batch "
+            "updated since its prefetch is fetched again",
+        ),
+    ),
+    disk_step=3,
+    aside=Step(
+        ("IntermediatesCache.fetch", "CacheCore.fetch", "CacheCore.fetch_versioned"),
+        CALLER,
+        "a plain fetch",
+        "steps 2 to 4 on the caller's thread, what it read promoted at once, onloaded without "
+        "a side stream",
+    ),
+)
+
+PATHS = (UPDATE, FETCH)
