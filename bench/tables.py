@@ -102,6 +102,22 @@ def disk_throughput(data: dict) -> list[str]:
     return markdown([*header, "write min-max", "read min-max"], rows)
 
 
+def memory_peak(data: dict) -> list[str]:
+    """bench/memory_peak.py: the RSS the cache added against its stated bound, per host
+    budget and glibc setting (one run: one write-behind and read-buffer budget)."""
+    mib = 2**20
+    buffers = f"{data['write_behind_bytes'] // mib} / {data['read_buffer_bytes'] // mib} MiB"
+    malloc = {"default": "glibc default", "mmap": "`MALLOC_MMAP_THRESHOLD_=1048576`"}
+    rows = []
+    for row in data["rows"]:
+        host = "0" if row["host MiB"] == 0 else f"{fixed(row['host MiB'], 0)} MiB"
+        within = f"{fixed(row['added/bound'], 2)} {row['within']}"
+        added, bound = fixed(row["added MiB"], 0), fixed(row["bound MiB"], 0)
+        rows.append([host, buffers, malloc[row["malloc"]], added, bound, within])
+    header = ["host budget", "write-behind / read buffers", "malloc", "added MiB", "bound MiB"]
+    return markdown([*header, "added / bound"], rows)
+
+
 def two_disks(data: dict) -> list[str]:
     """bench/two_disks.py: rates, then the ratios between them (same columns)."""
     rows = [
@@ -262,6 +278,8 @@ def llmcompressor_oneshot_awq(data: dict) -> list[str]:
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "disk_throughput": disk_throughput,
     "two_disks": two_disks,
+    "memory_peak": memory_peak,
+    "memory_peak_64mib": memory_peak,
     "calibration_sim": calibration_sim,
     "overhead": overhead,
     "demo_budgets": demo_budgets,

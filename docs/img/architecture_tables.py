@@ -50,7 +50,7 @@ CLI = "cli"
 
 GROUPS = {  # key: (title, what it is)
     PUBLIC: ("public surface", "what users import, and what stock-API code reaches"),
-    STATE: ("the cache's state", "one pool lock guards it all; no I/O, no waiting"),
+    STATE: ("the cache's state", "one pool lock guards it all; none of it does I/O"),
     BYTES: ("moving bytes", "copies, flattening, reads, the I/O threads"),
     STORE: ("the store on disk", "zarr v3 layout, chunk files, durability, reading stores as data"),
     PROCESS: ("process-wide", "shared by every cache of a process"),
@@ -222,8 +222,8 @@ FETCH = Route(
     (
         Step(
             ("IntermediatesCache.iter_prefetch", "CacheCore.submit_fetch", "IOPool.submit"),
-            CALLER,
-            "caller's thread",
+            LOCKED,
+            "caller's thread, pool lock held",
             "the next prefetch_depth batches queued at read priority (ahead of writes), "
             "consecutive batches on different lanes",
         ),

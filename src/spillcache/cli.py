@@ -1,4 +1,5 @@
-"""The ``spillcache`` command. Uses the public API and the store format only.
+"""The ``spillcache`` command: its parser and the store subcommands (du, gc, inspect,
+show, verify); config, plan and demo have modules of their own under _internal.
 
 Every subcommand prints aligned tables for people (``--json`` for scripts where a
 script would want it) and exits 0; a problem is one line on stderr and exit status 2.

@@ -129,9 +129,9 @@ def test_a_size_below_one_is_one_clear_line(flag, value, capsys):
 
 @pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--hidden", "--layers"])
 def test_a_size_that_is_not_a_whole_number_is_refused_by_name(flag, capsys):
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exited:
         cli.main(["demo", flag, "1.5"])
-    assert exit.value.code == 2
+    assert exited.value.code == 2
     assert f"argument {flag}: invalid int value: '1.5'" in capsys.readouterr().err
 
 

@@ -97,3 +97,16 @@ def test_override_eq_mode_compares_identity():
         assert bool(a == a) is True
         assert bool(a == b) is False
         assert a in [b, a]
+
+
+def test_no_module_shadows_a_standard_library_module():
+    """A module named io.py or format.py reads as the stdlib's (or a builtin) to
+    everyone but its author; ruff checks names inside modules, this the modules."""
+    import sys
+    from pathlib import Path
+
+    root = Path(spillcache.__file__).parent
+    stems = {path.stem for path in root.rglob("*.py")} - {"__init__", "__main__"}
+    assert "core" in stems  # the walk sees the internals
+    assert not stems & set(sys.stdlib_module_names), stems & set(sys.stdlib_module_names)
+    assert not stems & set(dir(builtins))

@@ -1,4 +1,5 @@
-"""Background work: the only module that starts threads.
+"""Background work: the only module of the cache that starts threads (``spillcache
+plan``'s disk probe, a command-line measurement, runs its own).
 
 An ``IOPool`` runs submitted callables on a few threads and hands results back through
 Futures (no polling). Work has a priority: reads (the prefetch of batches the caller

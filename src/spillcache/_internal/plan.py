@@ -2,7 +2,7 @@
 
 The sequential pipeline's use of the cache is fixed by the model's shape: per sample, a
 few tensors of known size, stored, read back once or twice per layer, replaced and
-deleted in a known order (``pipeline_passes``). What the disk does with them depends on
+deleted in a known order (``sequential_pipeline``). What the disk does with them depends on
 the placement rules (scan eviction, free room, bypass, clean copies, write-behind), and
 rather than a second model of those rules, which would drift from them, the plan replays
 that order through a real cache (``replay``), with every tensor and budget divided by

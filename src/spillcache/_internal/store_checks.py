@@ -8,7 +8,7 @@ before it is followed, allocated or built:
 - an array reference must be a name the writer makes (``tensors/17``, ``tensors/17.2``,
   ``tensors/i3``), so it resolves inside ``<store>/tensors``;
 - nothing where the format expects a file or directory may be a symbolic link;
-- an array's metadata must be what ``format.array_metadata`` writes for its shape and
+- an array's metadata must be what ``store_format.array_metadata`` writes for its shape and
   torch dtype, and its chunk file must hold exactly that many bytes: checked with a
   stat, before any buffer is allocated;
 - a batch's structure must be JSON of the grammar in docs/format.md (``tree``).

@@ -1,6 +1,6 @@
 """Where stores are: the stores directly under a directory, torchrun's run and rank
 directories, what a store occupies, whether its process still runs, and removing the
-directories a run leaves empty. ``spillcache gc``, ``ls``, the dead-store sweep and the
+directories a run leaves empty. ``spillcache gc`` and ``du``, the dead-store sweep and the
 pool use it; store_format.py says what a store itself holds.
 """
 
