@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------- threads
-# Which thread runs a module's code, as docs/architecture.md ("Threads and ownership")
+# Which thread runs a module's code, as docs/architecture.md (its module tables)
 # describes it. A module that runs on several is drawn with the one that defines it:
 # placement's code runs on the caller's thread and on I/O lanes, always under the lock.
+# A numbered step's colour is its thread and lock: CALLER and LANES steps hold no lock.
 
 CALLER = "caller"
 LOCKED = "locked"
@@ -25,10 +26,11 @@ COMMAND = "command"
 ANY = "any"
 
 THREADS = {  # key: (legend, fill, stroke)
-    CALLER: ("the caller's thread, no lock held", "#dbeafe", "#3b82f6"),
+    CALLER: ("the caller's thread (a numbered step: no lock held)", "#dbeafe", "#3b82f6"),
     LOCKED: ("the pool's lock held (on the caller's thread or an I/O lane)", "#fde68a", "#d97706"),
     LANES: (
-        "spillcache-io lanes: writes, deletions, prefetches (and a fetch's own reads)",
+        "spillcache-io lanes: writes, deletions, prefetch jobs "
+        "(a plain fetch reads on the caller's thread)",
         "#bbf7d0",
         "#16a34a",
     ),
@@ -50,11 +52,18 @@ CLI = "cli"
 
 GROUPS = {  # key: (title, what it is)
     PUBLIC: ("public surface", "what users import, and what stock-API code reaches"),
-    STATE: ("the cache's state", "one pool lock guards it all; none of it does I/O"),
+    STATE: (
+        "the cache's state",
+        "one pool lock guards it all; I/O under it: a store made on a first spill, "
+        "a kept store on close",
+    ),
     BYTES: ("moving bytes", "copies, flattening, reads, the I/O threads"),
     STORE: ("the store on disk", "zarr v3 layout, chunk files, durability, reading stores as data"),
     PROCESS: ("process-wide", "shared by every cache of a process"),
-    CLI: ("command line", "spillcache config / plan / demo / inspect / verify / gc"),
+    CLI: (
+        "command line",
+        "spillcache config / plan / demo / inspect / show / verify / du / gc",
+    ),
 }
 
 # Rows of the picture: the groups side by side in each, and how many columns of
@@ -67,7 +76,12 @@ LAYOUT = [[(PUBLIC, 2)], [(STATE, 2)], [(BYTES, 2)], [(STORE, 2)], [(PROCESS, 1)
 # A module added, moved or removed there must be added, moved or removed here.
 
 MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it owns)
-    "__init__": (PUBLIC, ANY, "the public names: IntermediatesCache, CacheConfig, the errors"),
+    "__init__": (
+        PUBLIC,
+        ANY,
+        "the public names: IntermediatesCache, CacheConfig, IntermediateValue, "
+        "OverrideEqMode, errors",
+    ),
     "cache": (PUBLIC, CALLER, "IntermediatesCache: the documented API, iter_prefetch, finalizer"),
     "config": (PUBLIC, CALLER, "CacheConfig: every knob, parsed and validated once"),
     "errors": (PUBLIC, ANY, "the exception tree"),
@@ -99,7 +113,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "store_dirs": (STORE, COMMAND, "where stores are: runs, ranks, sizes, owners alive"),
     "chunkio": (STORE, LANES, "one chunk file in or out: O_DIRECT, staging, .partial + rename"),
     "aio": (STORE, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
-    "persist": (STORE, CALLER, "a kept store made durable on flush() and close"),
+    "persist": (STORE, CALLER, "a kept store made durable: flush() writes unlocked, close locked"),
     "reopen": (STORE, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
     "store_checks": (STORE, CALLER, "a store read as data: names, links and sizes checked first"),
     "small_files": (STORE, CALLER, "zarr.json files read safely: no links, bounded size"),
@@ -110,7 +124,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "ranks": (PROCESS, CALLER, "rank, node and run under torchrun; the store directory"),
     "sysinfo": (PROCESS, CALLER, "available RAM, filesystem type"),
     "owners": (PROCESS, SIGNAL, "who owns a store; this process's unkept stores"),
-    "cleanup": (PROCESS, SIGNAL, "SIGTERM/SIGHUP removes own stores; dead ones swept"),
+    "cleanup": (PROCESS, SIGNAL, "signals left at SIG_DFL remove own stores; dead ones swept"),
     "cli": (CLI, COMMAND, "the spillcache command: public API, store format"),
     "config_cli": (CLI, COMMAND, "spillcache config: settings and where each came from"),
     "plan_cli": (CLI, COMMAND, "spillcache plan: options, budgets per rank, report"),
@@ -155,14 +169,17 @@ UPDATE = Route(
                 "CacheCore.update",
                 "Offload.prepare",
                 "Transfers.to_host",
+                "SharedPool.read_free_space",
             ),
             CALLER,
             "caller's thread, no lock",
-            "checked and flattened; a GPU value bound for host memory copied there on a side "
-            "stream (the caller waits for that copy's event only)",
+            "checked and flattened; a tiered GPU value bound for host memory copied there on a "
+            "side stream (the caller waits for that copy's event only), an inline one by a plain "
+            "copy on the caller's stream; each disk's free space read if anything may spill",
         ),
         Step(
             (
+                "CacheCore._check_open",
                 "CacheCore._wait_for_write_room",
                 "CacheCore._store_prepared",
                 "Placement.admit",
@@ -170,21 +187,24 @@ UPDATE = Route(
             ),
             LOCKED,
             "caller's thread, pool lock held",
-            "backpressure while the write-behind area is over budget; then each tensor goes to "
-            "the first tier with room, all or nothing",
+            "earlier failed writes reported; backpressure while the write-behind area is over "
+            "budget; then each tensor goes to the first tier with room, all or nothing",
         ),
         Step(
             ("Placement._make_room", "Tenants.victims", "Placement._evict"),
             LOCKED,
             "caller's thread, pool lock held",
-            "no room in the host tier: the policies' victims, across caches, move one tier down",
+            "no room in the tier: the policies' victims, across caches, move down; a device-tier "
+            "victim to the host tier, or straight to disk when the host tier cannot make room",
         ),
         Step(
-            ("Placement._spill", "WriteBehind.queue"),
+            ("Placement._spill", "Tenant.open_store", "Store.create", "WriteBehind.queue"),
             LOCKED,
             "caller's thread, pool lock held",
             "a value bound for disk (new, or a victim) gets a disk and its bytes reserved, and "
-            "waits in RAM in the write-behind area",
+            "waits in RAM in the write-behind area; a cache's first spill to a disk makes its "
+            "store there (directories, an O_DIRECT probe file, the pool's staging buffers the "
+            "first time, three zarr.json files)",
         ),
         Step(
             (
@@ -198,18 +218,26 @@ UPDATE = Route(
             "the queued writes go to their disk's lane at write priority; update returns",
         ),
         Step(
-            ("SharedPool._write_to_disk", "Store.write_tensor", "chunkio.write_file"),
+            (
+                "SharedPool._write_to_disk",
+                "Store.write_tensor",
+                "chunkio.write_file",
+                "chunkio.write_partial",
+                "chunkio.publish",
+            ),
             LANES,
             "a spillcache-io lane, no lock",
-            "the chunk written with O_DIRECT from staging buffers (pieces queued with native AIO) "
-            "and its zarr.json beside it, each under a .partial name renamed into place",
+            "the chunk written with O_DIRECT where the filesystem takes it (unaligned data through "
+            "a staging buffer, pieces queued with native AIO); zarr.json written under a .partial "
+            "name inside write_file (on the AIO path while the last pieces are in flight, else "
+            "after the data); the chunk renamed into place, then zarr.json",
         ),
         Step(
-            ("Placement.write_done",),
+            ("Placement.write_done", "Tenant.write_failed"),
             LOCKED,
             "the same lane, pool lock held",
             "the record is on disk and its RAM copy dropped (a failed write: the value back in "
-            "the host tier, reported by the caller's next call); waiting updates woken",
+            "the host tier, reported by the cache's next call); waiting updates woken",
         ),
     ),
     disk_step=6,
@@ -251,11 +279,11 @@ FETCH = Route(
             ),
             LANES,
             "the same lane, no lock",
-            "O_DIRECT into a reused huge-page buffer; a record another thread is reading is "
-            "waited for, not read twice",
+            "O_DIRECT where the filesystem takes it, into a reused buffer; "
+            "a record another thread is reading is waited for, not read twice",
         ),
         Step(
-            ("Placement.read_done", "Placement.release"),
+            ("Placement.read_done", "Placement.release", "CacheCore._start_queued_disk_io"),
             LOCKED,
             "the same lane, pool lock held",
             "the read recorded and the holds released; promotion into the host tier waits for "
@@ -264,23 +292,30 @@ FETCH = Route(
         Step(
             ("CacheCore._assemble", "Transfers.onload"),
             STREAMS,
-            "the same lane, the copy on a CUDA side stream",
+            "the same lane, no lock, the copy on a CUDA side stream",
             "for a CUDA model device; the copy's event goes into the batch's Ready and nothing "
             "waits for it here",
         ),
         Step(
-            ("CacheCore.mark_read", "Placement.promote"),
+            (
+                "CacheCore.add_stall",
+                "CacheCore.mark_read",
+                "Placement.promote",
+                "CacheCore._start_queued_disk_io",
+                "CacheCore.generation",
+            ),
             LOCKED,
             "caller's thread, pool lock held",
-            "the caller took the batch from its Future; the scan position moves to it, and what "
-            "the job read is promoted as a plain fetch would",
+            "the caller took the batch from its Future; the scan position moves to it, what the "
+            "job read is promoted as a plain fetch would (victims' writes handed off), and the "
+            "batch's generation read",
         ),
         Step(
             ("Ready.wait",),
             CALLER,
-            "caller's thread and its CUDA stream",
+            "caller's thread and its CUDA stream, no lock",
             "the consumer's stream waits on the copies' events (a GPU-side wait); a batch "
-            "updated since its prefetch is fetched again",
+            "updated or deleted since its prefetch is fetched again, by a plain fetch",
         ),
     ),
     disk_step=3,
@@ -288,8 +323,9 @@ FETCH = Route(
         ("IntermediatesCache.fetch", "CacheCore.fetch", "CacheCore.fetch_versioned"),
         CALLER,
         "a plain fetch",
-        "steps 2 to 4 on the caller's thread, what it read promoted at once, onloaded without "
-        "a side stream",
+        "steps 2 to 5 on the caller's thread (2 and 4 with the pool lock held): failed writes "
+        "reported and the scan position moved first, the read time counted as stall, what it "
+        "read promoted at once, onloaded without a side stream",
     ),
 )
 

@@ -8,8 +8,9 @@ MODULES and PATHS in docs/img/architecture_tables.py are the picture's only inpu
 commands (and tests/unit/test_architecture_picture.py) fail, naming what to change, when a
 module of src/spillcache has no line in MODULES, a line names a module that is gone, a
 step names a function the code no longer defines, or the committed SVG differs from what
-this draws: the picture cannot drift from the code unnoticed. Standard library only, so
-it runs wherever the tests do; the output is deterministic (no dates, tables in order).
+this draws (call order, threads and locks are read by people, not checked). Standard
+library only, so it runs wherever the tests do; the output is deterministic (no dates,
+tables in order).
 """
 
 from __future__ import annotations

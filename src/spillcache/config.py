@@ -165,7 +165,7 @@ class CacheConfig:
     - ``read_mode``: ``"copy"`` reads spilled values into memory; ``"mmap"`` maps them
       (zero-copy, for CPU model devices whose caller only reads them).
     - ``write_behind_bytes``: bytes of spilled values that may wait in RAM for their
-      disk write; ``update`` waits (backpressure) while more are in flight.
+      disk write; ``update`` and ``pin_memory`` wait (backpressure) while more are in flight.
     - ``read_buffer_bytes``: memory kept for reading spilled values back, reused once
       the caller no longer holds a value read into it (0: allocate every read).
     - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).

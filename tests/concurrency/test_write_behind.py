@@ -142,3 +142,38 @@ def test_regression_a_written_value_is_freed_without_waiting_for_the_cyclic_gc(t
             assert_same(cache.fetch(0)["h"][0], random_tensor(torch.float32, SHAPE, 0))
     finally:
         gc.enable()
+
+
+def test_regression_pin_memory_waits_for_write_room_as_update_does(tmp_path, monkeypatch):
+    """pin_memory brings values up from disk, and making room for them evicts values
+    that must be written: it skipped the update's backpressure, so a run of pin_memory
+    calls while the disk was slow grew the write-behind area past its budget by the
+    whole host tier (found by a review of docs/architecture.md against the code)."""
+    config = CacheConfig(
+        host_bytes=3 * NBYTES,
+        write_behind_bytes=NBYTES,
+        eviction="lru",
+        inline_bytes=0,
+        disk_path=str(tmp_path),
+    )
+    with IntermediatesCache.empty(6, "cpu", config=config) as cache:
+        values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(6)]
+        for index, value in enumerate(values):  # 0-2 end on disk, 3-5 in the host tier
+            cache.update(index, {"h": value})
+        cache.flush()
+        spy = SpyCondition(cache._core._lock)
+        cache._core.pool.write_finished = spy
+        blocked = BlockedWrites(monkeypatch)
+        cache.pin_memory(0)  # evicts 3, which must be written: exactly the budget
+        cache.pin_memory(1)  # not over the budget before it: evicts 4, now over
+        assert not spy.waiting.is_set()
+        third = threading.Thread(target=cache.pin_memory, args=(2,))
+        third.start()
+        assert spy.waiting.wait(timeout=30), "the third pin_memory must wait for a write"
+        assert cache.stats()["write_behind"]["bytes"] == 2 * NBYTES  # 5 was not evicted
+        blocked.release.set()
+        third.join(timeout=30)
+        assert not third.is_alive()
+        cache.flush()
+        for index, value in enumerate(values):
+            assert_same(cache.fetch(index)["h"], value)

@@ -1,7 +1,6 @@
-"""docs/img/architecture.svg is drawn from the code by docs/img/draw_architecture.py out of
-the tables in docs/img/architecture_tables.py, so it cannot go stale: these fail when a
-module is missing from MODULES, a function a path names is gone, or the committed picture
-is not the script's drawing."""
+"""docs/img/architecture.svg is drawn by docs/img/draw_architecture.py from the tables in
+docs/img/architecture_tables.py: these fail when a module is missing from MODULES, a
+function a path names is gone, or the committed picture is not the script's drawing."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
-"""Reusable, page-aligned host memory for disk reads.
+"""Page-aligned host memory for disk I/O: reusable read buffers (``BufferPool``),
+staging buffers for direct writes (``StagingBuffers``), and the two as a pool shares
+them (``SharedBuffers``).
 
 Every value read back from disk needs host memory. Taking it fresh each time costs
-twice on these machines: touching new pages runs at a few GB/s (memory idle for a
-while is handed back to the hypervisor), and glibc keeps freed blocks of this size in
-its heaps, so the process's RSS drifts far above what the cache holds. A ``BufferPool``
-keeps a bounded set of blocks instead and hands one out again once nobody holds it:
-no tensor made from it (the caller's value, a view of it, a numpy array over it, the
-host tier's copy) is alive any more.
+twice on VMs: touching new pages can be slower than the disk (memory idle for a while
+is handed back to the hypervisor; docs/benchmarks.md), and glibc keeps freed blocks of
+this size in its heaps, so the process's RSS drifts far above what the cache holds. A
+``BufferPool`` keeps a bounded set of blocks instead and hands one out again once
+nobody holds it: no tensor made from it (the caller's value, a view of it, a numpy
+array over it, the host tier's copy) is alive any more.
 
 "Nobody holds it" is read from the storage's reference count, which torch exposes
 only privately (``torch._C._storage_Use_Count``); where it is missing, the pool

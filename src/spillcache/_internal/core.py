@@ -361,7 +361,11 @@ class CacheCore:
         return unflatten(entry.spec, leaves, entry.opaques)
 
     def prepare(self, batch_index: int, input_names: Collection[str] | None) -> None:
-        """Bring a batch's spilled values up to the host tier ahead of use."""
+        """Bring a batch's spilled values up to the host tier ahead of use; making room
+        may evict values to write, so it waits for write room first, as update does."""
+        with self._lock:
+            self._check_open()
+            self._wait_for_write_room()
         self.fetch_stored(batch_index, input_names, asked=True)
 
     def fetch_stored(
