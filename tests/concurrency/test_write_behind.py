@@ -46,6 +46,18 @@ class SpyCondition(threading.Condition):
         return super().wait_for(predicate, timeout)
 
 
+def waits_for_a_write(cache, spy: SpyCondition, blocked: BlockedWrites, call, *args) -> None:
+    """``call(*args)``, on a thread, waits for a blocked write with two values in the
+    write-behind area (it adds none meanwhile), and ends once the write is released."""
+    thread = threading.Thread(target=call, args=args)
+    thread.start()
+    assert spy.waiting.wait(timeout=30), f"{call.__name__} must wait for a write"
+    assert cache.stats()["write_behind"]["bytes"] == 2 * NBYTES  # memory did not grow
+    blocked.release.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
 def make(tmp_path, **settings) -> IntermediatesCache:
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), **settings)
     return IntermediatesCache.empty(4, "cpu", config=config)
@@ -79,13 +91,7 @@ def test_update_waits_when_the_write_behind_budget_is_spent(tmp_path, monkeypatc
         cache.update(0, {"h": values[0]})  # in flight: exactly the budget
         cache.update(1, {"h": values[1]})  # the budget was not exceeded: no wait, now over
         assert not spy.waiting.is_set()
-        third = threading.Thread(target=cache.update, args=(2, {"h": values[2]}))
-        third.start()
-        assert spy.waiting.wait(timeout=30), "the third update must wait for a write"
-        assert cache.stats()["write_behind"]["bytes"] == 2 * NBYTES  # memory did not grow
-        blocked.release.set()
-        third.join(timeout=30)
-        assert not third.is_alive()
+        waits_for_a_write(cache, spy, blocked, cache.update, 2, {"h": values[2]})
         cache.flush()
         for index, value in enumerate(values):
             assert_same(cache.fetch(index)["h"], value)
@@ -167,13 +173,7 @@ def test_regression_pin_memory_waits_for_write_room_as_update_does(tmp_path, mon
         cache.pin_memory(0)  # evicts 3, which must be written: exactly the budget
         cache.pin_memory(1)  # not over the budget before it: evicts 4, now over
         assert not spy.waiting.is_set()
-        third = threading.Thread(target=cache.pin_memory, args=(2,))
-        third.start()
-        assert spy.waiting.wait(timeout=30), "the third pin_memory must wait for a write"
-        assert cache.stats()["write_behind"]["bytes"] == 2 * NBYTES  # 5 was not evicted
-        blocked.release.set()
-        third.join(timeout=30)
-        assert not third.is_alive()
+        waits_for_a_write(cache, spy, blocked, cache.pin_memory, 2)  # 5 stays in the host tier
         cache.flush()
         for index, value in enumerate(values):
             assert_same(cache.fetch(index)["h"], value)
