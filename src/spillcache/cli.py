@@ -1,9 +1,13 @@
-"""The ``spillcache`` command: its parser and the store subcommands (du, gc, inspect,
-show, verify); config, plan and demo have modules of their own under _internal.
+"""The ``spillcache`` command: stores on disk (du, gc, inspect, show, verify), the
+effective config, a run's plan, and the demo.
 
 Every subcommand prints aligned tables for people (``--json`` for scripts where a
 script would want it) and exits 0; a problem is one line on stderr and exit status 2.
 """
+
+# This module holds the parser and the store subcommands; config, plan and demo have
+# modules of their own under _internal (config_cli, plan_cli, demo_cli). Its docstring
+# is the command's --help text.
 
 from __future__ import annotations
 
