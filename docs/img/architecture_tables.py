@@ -125,7 +125,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "sysinfo": (PROCESS, CALLER, "available RAM, filesystem type"),
     "owners": (PROCESS, SIGNAL, "who owns a store; this process's unkept stores"),
     "cleanup": (PROCESS, SIGNAL, "signals left at SIG_DFL remove own stores; dead ones swept"),
-    "cli": (CLI, COMMAND, "the spillcache command: public API, store format"),
+    "cli": (CLI, COMMAND, "the spillcache command: parser; du, gc, inspect, show, verify"),
     "config_cli": (CLI, COMMAND, "spillcache config: settings and where each came from"),
     "plan_cli": (CLI, COMMAND, "spillcache plan: options, budgets per rank, report"),
     "plan": (CLI, COMMAND, "a run's cache calls replayed at a reduced scale"),
