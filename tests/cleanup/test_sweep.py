@@ -216,8 +216,6 @@ def test_another_users_unreadable_store_neither_stops_the_sweep_nor_the_cache(
             raise PermissionError(13, "Permission denied", str(path / "zarr.json"))
         return real(path)
 
-    # Both readers of root attributes: the sweep's own and find_stores's.
-    monkeypatch.setattr(store_format, "read_root_attributes", refused_for_the_private_one)
     monkeypatch.setattr(store_dirs, "read_root_attributes", refused_for_the_private_one)
     with build(str(tmp_path)):
         pass

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..config import CacheConfig
-from . import owners, store_dirs, store_format
+from . import owners, store_dirs
 from .text import format_bytes
 
 __all__ = ["SIGNALS", "install_signal_handlers", "on_new_cache", "sweep"]
@@ -169,21 +169,21 @@ def _store_parents(disk_dir: Path) -> Iterator[Path]:
 
 
 def _sweep_one(parent: Path) -> Iterator[tuple[Path, int]]:
-    """Remove the abandoned stores directly in ``parent``. Not ``find_stores``: another
-    user's private store there (in a shared temp directory) is unreadable, and must
-    neither stop the sweep nor the cache being built."""
+    """Remove the abandoned stores directly in ``parent``. ``find_stores`` skips what is
+    not a store, one being made, and another user's private store (in a shared temp
+    directory it is unreadable): none of them stops the sweep or the cache being built."""
     try:
-        candidates = sorted(parent.glob(f"{store_format.STORE_PREFIX}*"))
-    except OSError:
+        stores = store_dirs.find_stores(parent)
+    except OSError:  # gone (made on first spill), or not ours to list
         return
-    for path in candidates:
+    for path, attributes in stores.items():
+        if not abandoned(attributes):
+            continue
         try:
-            attributes = store_format.read_root_attributes(path)
-            if abandoned(attributes):
-                nbytes = store_dirs.store_bytes(path)
-                if remove_tree(path):
-                    yield path, nbytes
-        except OSError:  # StoreError included: not a store, being made, or not ours
+            nbytes = store_dirs.store_bytes(path)
+            if remove_tree(path):
+                yield path, nbytes
+        except OSError:  # removed by its owner or another sweep meanwhile
             continue
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import AUTO, CacheConfig
-from . import tensor_store
+from . import sysinfo, tensor_store
 from .resolved import disk_directories
 from .text import aligned, format_bytes
 
@@ -117,9 +117,7 @@ def _direct_io_here(disk_path: str | tuple[str, ...] | None) -> tuple[dict, str]
     answers, notes, errors = [], [], {}
     for disk_dir in disk_directories(disk_path):
         # A store directory is made on first use: probe the filesystem it will be made on.
-        probed = ranks.store_parent(disk_dir).absolute()
-        while not probed.exists() and probed != probed.parent:
-            probed = probed.parent
+        probed = sysinfo.nearest_existing(ranks.store_parent(disk_dir))
         try:
             direct = tensor_store.resolve_direct_io(probed, AUTO)
         except OSError as error:  # unwritable, say: the cache itself would fail there too

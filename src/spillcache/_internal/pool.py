@@ -22,7 +22,6 @@ import errno
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from .placement import Placement, TensorRecord
 from .ranks import store_parent
 from .resolved import checked_disk_dirs, process_budgets
 from .store_dirs import remove_empty_dirs
+from .sysinfo import nearest_existing
 from .tenants import Tenant
 from .tensor_store import Store
 from .tiers import DiskTier
@@ -127,9 +127,7 @@ class SharedPool:
     def _free_bytes(self, disk: int) -> int:
         """Free space where disk ``disk``'s stores go (a directory made on first use:
         until then, the filesystem of its nearest existing parent)."""
-        path = Path(self.disk_dirs[disk]).absolute()
-        while not path.exists() and path != path.parent:
-            path = path.parent
+        path = nearest_existing(self.disk_dirs[disk])
         # A statvfs reads the filesystem's counters in memory: no disk I/O.
         stat = os.statvfs(path)
         return stat.f_bavail * stat.f_frsize

@@ -10,7 +10,6 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from ..config import AUTO, CacheConfig
 from ..errors import ConfigError
 from .ranks import rank_info
-from .sysinfo import RAM_BACKED, available_ram, filesystem_type
+from .sysinfo import RAM_BACKED, available_ram, filesystem_type, nearest_existing
 
 __all__ = [
     "NODE_SIZES",
@@ -126,9 +125,7 @@ def checked_disk_dirs(config: CacheConfig) -> list[str]:
 def _check_writable(disk_dir: str) -> None:
     """A disk_path that can never hold a store is refused when the cache is made, not
     when its first value spills."""
-    path = Path(disk_dir).absolute()
-    while not path.exists() and path != path.parent:  # made on first use, in its parent
-        path = path.parent
+    path = nearest_existing(disk_dir)  # made on first use, in its parent
     if not path.is_dir():
         raise ConfigError(
             f"disk_path: {disk_dir} is not a directory ({path} is a file); set disk_path "

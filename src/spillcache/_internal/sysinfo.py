@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["available_ram", "filesystem_type"]
+__all__ = ["available_ram", "filesystem_type", "nearest_existing"]
 
 RAM_BACKED = ("tmpfs", "ramfs")
 
@@ -19,6 +20,16 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` (absolute) if it exists, else its nearest existing parent: where a
+    directory made on first use (a store's parent) will live, and so whose filesystem
+    it will be on."""
+    found = Path(path).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return found
 
 
 def filesystem_type(path: str) -> str | None:
