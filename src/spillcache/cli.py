@@ -149,6 +149,7 @@ def _inspect(args: argparse.Namespace) -> int:
         ["written", f"{info['written']} by torch {info['torch_version']}"],
         ["batches", "not recorded" if info["batches"] is None else str(info["batches"])],
         ["arrays", f"{info['arrays']}, {format_bytes(info['bytes'])}"],
+        ["checksums", _checksum_text(info)],
     ]
     print(aligned(rows))
     if not info["keys"]:
@@ -164,6 +165,15 @@ def _inspect(args: argparse.Namespace) -> int:
     print()
     print(aligned(table))
     return report_damage("inspect", info["problems"])
+
+
+def _checksum_text(info: dict) -> str:
+    from ._internal.summary import undetectable_rot
+
+    if not info["arrays"]:
+        return "-"
+    warning = undetectable_rot(info["unchecksummed"], info["arrays"])
+    return warning or "a CRC32C on every chunk, checked on every read"
 
 
 def _store_state(info: dict) -> str:
@@ -265,17 +275,23 @@ def _export(tensor: torch.Tensor, path: Path) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ._internal.summary import load_value, report_damage, tensor_stats
+    from ._internal.summary import load_value, report_damage, tensor_stats, undetectable_rot
 
+    read: list = []
     try:
-        value = load_value(args.path, args.batch, args.key)
+        value = load_value(args.path, args.batch, args.key, read)
     except StoreCorruptError as error:
         return report_damage("show", [str(error)])
+    rot = undetectable_rot(
+        sum(not info.checksum for info in read), len(read), f"batch {args.batch}, key {args.key!r}"
+    )
     tensors: list[torch.Tensor] = []
     lines = _describe(value, "", tensors)
     stats = [tensor_stats(tensor) for tensor in tensors]
+    if rot:  # the statistics below may be of damaged bytes, and nothing could tell
+        print(f"WARNING {rot}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"structure": lines, "tensors": stats}))
+        print(json.dumps({"structure": lines, "tensors": stats, "checksummed": not rot}))
     else:
         print("\n".join(lines))
         for index, figures in enumerate(stats):
@@ -302,7 +318,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from ._internal.leftovers import verify_lines
-    from ._internal.summary import verify
+    from ._internal.summary import undetectable_rot, verify
 
     report = verify(args.path)
     if args.json:
@@ -315,9 +331,10 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"BAD {bad['array']} ({where}): {bad['error']}")
         for line in verify_lines(report["orphans"]):  # leftovers: not damage
             print(line)
+        readable = report["checksummed"] + report["unchecksummed"]
+        if warning := undetectable_rot(report["unchecksummed"], readable):
+            print(f"WARNING {warning}; their sizes were checked")
         checked = f"{report['arrays']} arrays checked, {report['checksummed']} with a CRC32C"
-        if report["arrays"] and not report["checksummed"]:
-            checked += " (sizes only: the store was written without checksum = true)"
         print(f"{checked}; {len(report['bad']) + len(report['problems'])} bad")
     return 1 if report["bad"] or report["problems"] else 0
 

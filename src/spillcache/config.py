@@ -170,7 +170,8 @@ class CacheConfig:
       the caller no longer holds a value read into it (0: allocate every read).
     - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).
     - ``checksum``: store a CRC32C with every chunk (zarr's crc32c codec) and check it
-      on every read, so a damaged chunk is an error instead of wrong data.
+      on every read, so a damaged chunk is an error instead of wrong data (the default).
+      ``False`` stores plain bytes: bit rot in such a store cannot be detected.
     - ``budget_scope``: under torchrun, whether the explicit sizes ``host_bytes``,
       ``write_behind_bytes``, ``read_buffer_bytes`` and ``disk_bytes`` are for the whole
       node (``"node"``, the default: each rank gets its share, see ``ranks.py``) or for
@@ -198,7 +199,7 @@ class CacheConfig:
     write_behind_bytes: int = 256 * 2**20
     read_buffer_bytes: int = 256 * 2**20
     io_threads: int = 3
-    checksum: bool = False
+    checksum: bool = True
     budget_scope: str = "node"
     remove_stores_on_signal: bool = True
     remove_dead_stores: bool = True

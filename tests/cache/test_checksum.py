@@ -1,12 +1,15 @@
-"""checksum = true: every chunk carries a CRC32C (zarr's crc32c codec), checked on read."""
+"""checksum = true (the default): every chunk carries a CRC32C (zarr's crc32c codec),
+checked on read."""
 
 from __future__ import annotations
+
+import subprocess
 
 import pytest
 import torch
 import zarr
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, console_script, random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError
 
 SHAPE = (64, 64)
@@ -58,10 +61,38 @@ def test_a_truncated_chunk_is_an_error_naming_the_entry(tmp_path):
 
 
 def test_without_checksum_the_chunk_is_plain_bytes(tmp_path):
-    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), checksum=False)
     cache = IntermediatesCache([{"h": random_tensor(torch.float32, SHAPE, 0)}], config=config)
     cache.flush()
     record = cache._core._batches[0]["h"].leaves[0]
     chunk = f"{cache.store_path}/tensors/{record.array}/c.0.0"
     assert open(chunk, "rb").read() == random_tensor(torch.float32, SHAPE, 0).numpy().tobytes()
     cache.close()
+
+
+def test_one_flipped_byte_in_a_kept_store_written_with_the_defaults(tmp_path):
+    """The defaults checksum: verify fails naming the array, fetching that batch raises,
+    and every other batch comes back bit for bit."""
+    config = CacheConfig(disk_path=str(tmp_path), keep_store=True)
+    values = [random_tensor(torch.bfloat16, (256, 256), seed) for seed in range(3)]
+    cache = IntermediatesCache([{"h": value} for value in values], config=config)
+    cache.close()
+    name = cache._core._batches[1]["h"].leaves[0].array
+    chunk = f"{cache.store_path}/tensors/{name}/c.0.0"
+    with open(chunk, "r+b") as handle:  # in place: the size stays the same
+        handle.seek(4097)
+        byte = handle.read(1)
+        handle.seek(4097)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    done = subprocess.run(
+        [console_script(), "verify", cache.store_path], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert f"BAD {name} (batch 1, key 'h'):" in done.stdout and "CRC32C" in done.stdout
+    reopened = IntermediatesCache.open(cache.store_path)
+    with pytest.raises(StoreCorruptError, match=rf"batch 1, key 'h'.*{name}.*CRC32C"):
+        reopened.fetch(1)
+    for index in (0, 2):
+        assert_same(reopened.fetch(index)["h"], values[index])
+    assert reopened.stats()["disk"]["hits"] >= 2  # they came from their chunk files
+    reopened.close()

@@ -273,10 +273,10 @@ def test_show_errors_are_one_clear_line(kept_store, stores, tmp_path):
 
 @pytest.fixture
 def checksummed(tmp_path):
+    """A kept store written with the defaults: every chunk carries a CRC32C."""
     config = CacheConfig(
-        host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True,
-        checksum=True,
-    )  # fmt: skip
+        host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True
+    )
     cache = IntermediatesCache([{"h": torch.ones(64, 64), "g": torch.zeros(8)}], config=config)
     cache.close()
     return cache.store_path, cache._core._batches[0]["h"].leaves[0].array
@@ -306,8 +306,39 @@ def test_verify_names_a_flipped_and_a_truncated_chunk_and_fails(checksummed):
     assert "holds 100 bytes" in report["bad"][0]["error"]
 
 
-def test_verify_without_checksums_checks_sizes(stores):
-    done = run("verify", stores["crashed"])
+def test_a_store_without_checksums_says_everywhere_that_rot_goes_undetected(tmp_path):
+    config = CacheConfig(
+        host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), keep_store=True, checksum=False
+    )
+    cache = IntermediatesCache([{"h": torch.ones(64, 64)}], config=config)
+    cache.close()
+    path = cache.store_path
+    name = cache._core._batches[0]["h"].leaves[0].array
+    with open(os.path.join(path, "tensors", name, "c.0.0"), "r+b") as handle:
+        handle.write(b"\xff")  # rot that only a checksum would catch
+    said = "written without checksums (checksum = false): bit rot in it cannot be detected"
+    done = run("verify", path)
     assert done.returncode == 0, done.stderr
-    assert "sizes only" in done.stdout
+    assert f"WARNING this store: {said}" in done.stdout
+    assert done.stdout.splitlines()[-1] == "1 arrays checked, 0 with a CRC32C; 0 bad"
+    assert json.loads(run("verify", path, "--json").stdout)["unchecksummed"] == 1
+    done = run("inspect", path)
+    assert done.returncode == 0, done.stderr
+    assert f"checksums  this store: {said}" in done.stdout
+    done = run("show", path, "0", "h")
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING batch 0, key 'h': {said}" in done.stderr
+    assert json.loads(run("show", path, "0", "h", "--json").stdout)["checksummed"] is False
+
+
+def test_a_store_with_checksums_says_so_and_warns_of_nothing(checksummed):
+    path, _ = checksummed
+    inspected = run("inspect", path)
+    assert "checksums  a CRC32C on every chunk, checked on every read" in inspected.stdout
+    shown = run("show", path, "0", "h")
+    assert shown.returncode == 0 and "WARNING" not in shown.stderr, shown.stderr
+    assert json.loads(run("show", path, "0", "h", "--json").stdout)["checksummed"] is True
+
+
+def test_verify_of_no_store_is_one_clear_line():
     one_line_error(run("verify", "/no/such/store"), "no store at")

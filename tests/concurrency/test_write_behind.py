@@ -128,7 +128,8 @@ def test_keep_store_waits_for_writes_before_completing_the_store(tmp_path, monke
     store = Store.open(cache.store_path)
     for index, value in enumerate(values):
         record = cache._core._batches[index]["h"].leaves[0]
-        assert_same(store.read_tensor(record.array, tuple(SHAPE), torch.float32), value)
+        read = store.read_tensor(record.array, tuple(SHAPE), torch.float32, checksum=True)
+        assert_same(read, value)
 
 
 def test_regression_a_written_value_is_freed_without_waiting_for_the_cyclic_gc(tmp_path):

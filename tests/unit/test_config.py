@@ -115,7 +115,7 @@ def test_defaults():
     assert config.write_behind_bytes == 256 * 2**20
     assert config.read_buffer_bytes == 256 * 2**20
     assert config.io_threads == 3
-    assert config.checksum is False
+    assert config.checksum is True
 
 
 def test_sizes_are_normalised_on_every_size_field():

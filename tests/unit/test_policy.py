@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spillcache._internal.policy import LRUPolicy, ScanPolicy, make_policy
+from spillcache._internal.policy import LRUPolicy, ScanPolicy, make_policy, merged_victims
 
 
 def filled(*rids: int) -> LRUPolicy:
@@ -170,3 +170,47 @@ def test_lru_ignores_batches_and_positions():
 
 def test_make_policy_scan():
     assert isinstance(make_policy("scan"), ScanPolicy)
+
+
+# ----------------------------------------------------- scored, across caches
+
+
+def test_scan_scored_is_furthest_next_use_first_as_fractions_of_a_pass():
+    # Reader just took batch 2 of 8: batch 2 comes last (8/8), then 1, 0, 7, ...
+    policy = scan_with({10: 3, 11: 1, 12: 6, 13: 2, 14: 1}, position=2, num_batches=8)
+    scored = policy.scored()
+    assert [rid for _, rid in scored] == [13, 11, 14, 12, 10]
+    assert [score for score, _ in scored] == [1.0, 7 / 8, 7 / 8, 4 / 8, 1 / 8]
+    # A newcomer may evict only records scoring above its own next use.
+    assert policy.bypass_score(5) == 3 / 8
+
+
+def test_lru_scored_is_least_recently_used_first():
+    policy = filled(1, 2, 3)
+    policy.touch(1)
+    scored = policy.scored()
+    assert [rid for _, rid in scored] == [2, 3, 1]
+    assert scored[0][0] > scored[1][0] > scored[2][0]
+    assert policy.bypass_score(0) == float("-inf")
+
+
+def test_merged_victims_of_scan_policies_compare_fractions_of_each_pass():
+    # Eight batches, reader before batch 0: batch 4 is 5/8 of a pass away, batch 6 7/8.
+    eight = scan_with({1: 4, 2: 6, 3: 0}, position=-1, num_batches=8)
+    # Four batches, reader took batch 2: batch 1 is 3/4 away (3 reads), batch 3 1/4.
+    four = scan_with({4: 1, 5: 3}, position=2, num_batches=4)
+    assert list(merged_victims([eight, four])) == [2, 4, 1, 5, 3]
+    assert list(merged_victims([four, eight])) == [2, 4, 1, 5, 3]
+    # For a newcomer of batch 1 of the eight (2/8): only those needed later go.
+    assert list(merged_victims([eight, four], eight.bypass_score(1))) == [2, 4, 1]
+
+
+def test_merged_victims_of_lru_policies_follow_one_clock():
+    first, second = LRUPolicy(), LRUPolicy()
+    first.insert(1)
+    second.insert(2)
+    first.insert(3)
+    second.insert(4)
+    first.touch(1)  # least recently used first: 2, 3, 4, 1
+    assert list(merged_victims([first, second])) == [2, 3, 4, 1]
+    assert list(merged_victims([second, first])) == [2, 3, 4, 1]

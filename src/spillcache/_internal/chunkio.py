@@ -38,6 +38,8 @@ from .buffers import PAGE, StagingBuffers, aligned_empty, round_up
 
 __all__ = [
     "direct_io_supported",
+    "fsync_directory",
+    "fsync_file",
     "map_file",
     "publish",
     "read_file",
@@ -272,8 +274,19 @@ def _write_direct(
         _pwrite_all(fd, memoryview(bytes(source[whole:]) + trailer), whole, direct=False)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory: the entries made, renamed or removed in it are durable (a
+    file's own fsync does not make its new name durable)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file written earlier (and closed): its bytes and size are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
@@ -325,7 +338,7 @@ def write_file(
         _unlink_quietly(partial)
         raise
     if durable:
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
 
 def write_partial(path: Path, data: bytes, *, durable: bool = False) -> Path:
@@ -357,7 +370,7 @@ def publish(partial: Path, path: Path, *, durable: bool = False) -> None:
         _unlink_quietly(partial)
         raise
     if durable:
-        _fsync_directory(Path(path).parent)
+        fsync_directory(Path(path).parent)
 
 
 def _open_checked(path: Path, nbytes: int, flags: int) -> int:

@@ -137,11 +137,10 @@ class CacheCore:
     # ----------------------------------------------------------------- write
 
     def adopt_batches(self, batches: list[dict[str, Entry]]) -> None:
-        """Start from batches read back from a store (a reopened cache)."""
-        with self._lock:
-            self._batches.extend(batches)
-            self._generations.extend(0 for _ in batches)
-            self.placement.tenants.resized(self.tenant, len(self._batches))
+        """Lock held: start from batches read back from a store (a reopened cache)."""
+        self._batches.extend(batches)
+        self._generations.extend(0 for _ in batches)
+        self.placement.tenants.resized(self.tenant, len(self._batches))
 
     def num_batches(self) -> int:
         with self._lock:

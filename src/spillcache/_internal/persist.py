@@ -32,13 +32,13 @@ import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import StoreError
 from . import dtypes, transfers
+from .chunkio import fsync_directory
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
 from .store_checks import array_name
@@ -207,13 +207,15 @@ def _write(
         if array is None:
             array = next(names)
             tensor = transfers.to_host(leaf.tensor.detach()).contiguous()
-            store.write_tensor(array, tensor, durable=True, owner=owner)
+            store.write_tensor(array, tensor, owner=owner)
         inline[key] = (leaf, array)
     for record, value, name in snapshot.records.values():
         tensor = transfers.to_host(value.detach()).contiguous()
-        store.write_tensor(name, tensor, durable=True, owner=record.owner)
+        store.write_tensor(name, tensor, owner=record.owner)
         written.append((record, name))
-    _sync(tensors_dir(store.path))
+    # These arrays and those the I/O threads wrote since the last flush, with every
+    # directory on the way to them, fsync'd before any structure names them.
+    store.sync_written()
     planned = {rid: name for rid, (_, _, name) in snapshot.records.items()}
     structures = []
     for batch in snapshot.batches:
@@ -240,7 +242,7 @@ def _commit(
             continue
         store.write_batch(index, entries, durable=True, flush=flush, before=before)
         committed[index] = (flush, entries)
-    _sync(batch_dir(store.path))
+    fsync_directory(batch_dir(store.path))  # new batch directories' entries
     store.write_root_attributes(
         complete=complete, num_batches=len(structures), durable=True, flush=flush
     )
@@ -276,16 +278,6 @@ def _settle(
     state.named = names
     state.inline = inline
     return doomed
-
-
-def _sync(directory: Path) -> None:
-    """fsync a directory: the arrays or batches made in it since are durable too (a
-    file's own fsync does not make its new directory entry durable)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _inline_names(store: Store, state: _Kept) -> Iterator[str]:
@@ -324,7 +316,7 @@ def _write_whole(pool: SharedPool, tenant: Tenant) -> None:
     disk copy written durably into its store, whatever disk_bytes says (a write still
     marked pending is simply written again, atomically)."""
     for record, tensor in pool.placement.to_persist(tenant):
-        tenant.store.write_tensor(record.array, tensor, durable=True, owner=record.owner)
+        tenant.store.write_tensor(record.array, tensor, owner=record.owner)
         pool.placement.persisted(record)  # after: a failed write reserves nothing
 
 
@@ -356,7 +348,7 @@ def persist(
                 described.append(node)
             entries[key] = spec_to_json(entry.spec, described.__getitem__)
         structures.append(entries)
-    _sync(tensors_dir(store.path))
+    store.sync_written()
     _commit(store, state, structures, complete=True)
     # Last: a crash before this leaves arrays no structure names (the next open drops
     # them), never a structure naming a deleted array.
@@ -382,6 +374,6 @@ def _close_leaf(
         return _stored(leaf, flushed[1])
     name = next(names)
     tensor = transfers.to_host(leaf.tensor.detach()).contiguous()
-    store.write_tensor(name, tensor, durable=True, owner=owner)
+    store.write_tensor(name, tensor, owner=owner)  # synced with the rest before the commit
     known[id(leaf)] = (leaf, name)
     return _stored(leaf, name)

@@ -219,12 +219,12 @@ class Placement(KeptCopies):
             requires_grad=requires_grad,
             batch=batch,
             label=label,
-            on_disk=True,
             array=array,
             disk_writes=1,  # a later write gets "<rid>.2", never an existing name
             tenant=tenant,
         )
         self.disk.reserve(record.rid, record.nbytes)
+        record.on_disk = True  # only once counted: discarding it then uncounts it
         return record
 
     def skip_record_ids(self, names: list[str]) -> None:

@@ -29,7 +29,7 @@ from .persist import opened
 from .placement import TensorRecord
 from .records import Entry
 from .store_dirs import owner_alive
-from .store_format import array_ref, tensors_dir
+from .store_format import array_ref, read_root_attributes, tensors_dir
 from .tensor_store import Store
 
 __all__ = ["reopen"]
@@ -40,41 +40,85 @@ _SHOWN = 10  # dropped entries named in the warning; the rest are counted
 
 def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
     """A cache core over the kept store at ``path``: complete, or left by a dead
-    process after a flush (kept when it closes again)."""
-    store = Store.open(
-        path,
-        direct_io=config.direct_io,
-        writers=config.io_threads,
-        read_buffer_bytes=config.read_buffer_bytes,
-    )
-    crashed = _left_by_a_crash(store)
-    found = store_checks.survey(store, structures=True)
-    leftovers = _leftovers(found)  # a complete store keeps its own (`spillcache gc`)
-    dropped = list(leftovers.items()) if crashed else []
-    _refuse_damage(store, found, allowed=set(leftovers))
-    store.checksum = _checksum(store, found, config)
-    said = _remove_leftovers(store, found, dropped) if crashed else ""
-    kept = config.replace(disk_path=str(store.path.parent), keep_store=True)
+    process after a flush (kept when it closes again).
+
+    The cache joins its pool first, so that the store reads and writes through the
+    pool's buffers (within the process's budget). Reading, checking and tidying the
+    store happen without the pool's lock; its records and batches are recorded with
+    the lock held (other caches of the pool may be running), with no I/O under it. On
+    any error the pool is left as it was: the cache's records and share go again.
+    """
+    read_root_attributes(path)  # no store there: refused before a pool is joined for it
+    kept = config.replace(disk_path=str(Path(path).parent), keep_store=True)
     core = CacheCore(kept, CPU)
+    try:
+        store = Store.open(
+            path,
+            direct_io=config.direct_io,
+            writers=config.io_threads,
+            shared=core.pool.buffers,
+        )
+        crashed = _left_by_a_crash(store)
+        found = store_checks.survey(store, structures=True)
+        leftovers = _leftovers(found)  # a complete store keeps its own (`spillcache gc`)
+        dropped = list(leftovers.items()) if crashed else []
+        _refuse_damage(store, found, allowed=set(leftovers))
+        store.checksum = _checksum(store, found, config)
+        said = _remove_leftovers(store, found, dropped) if crashed else ""
+        if said:
+            # Said before the pool takes the store in: where warnings are errors, this
+            # raises with nothing adopted and the store's root as the crash left it.
+            warnings.warn(said, stacklevel=3)
+        devices = _devices(found)  # may ask the accelerator's driver: not under the lock
+        store.keep = True
+        with core.pool.lock:
+            batches = _adopt(core, store, found, devices, crashed=crashed)
+        # Open again: this process owns it now, and it is not complete until this cache
+        # closes and writes it whole.
+        store.write_root_attributes(
+            complete=False, num_batches=batches, durable=True, flush=found.flush
+        )
+    except BaseException:
+        _abandon(core)
+        raise
+    return core
+
+
+def _adopt(
+    core: CacheCore,
+    store: Store,
+    found: store_checks.Survey,
+    devices: dict[torch.device, torch.device],
+    *,
+    crashed: bool,
+) -> int:
+    """Pool's lock held, no I/O: the store's arrays become records of the cache (disk
+    bytes counted), its entries the cache's batches; how many batches there are."""
     core.tenant.attach(store)
     core.placement.skip_record_ids(list(found.kinds))  # every name, removed ones too
     records: dict[str, TensorRecord] = {}
     batches: list[dict[str, Entry]] = [{} for _ in range(found.batches)]
     for index, key, spec, refs in found.entries:
-        leaves = [_record(core, records, found.arrays[ref.array], ref, index, key) for ref in refs]
+        leaves = [
+            _record(core, records, found.arrays[ref.array], ref, devices[ref.device], index, key)
+            for ref in refs
+        ]
         batches[index][key] = Entry(spec, leaves, [])
     core.adopt_batches(batches)
+    opened(core.tenant, set(records), found.flush, found.structures, crashed=crashed)
+    return len(batches)
+
+
+def _abandon(core: CacheCore) -> None:
+    """Undo a reopen that failed: the cache's records (and their disk bytes) and its
+    share leave the pool, and it leaves the pool. The store stays on disk as found
+    (less a crash's leftovers, if they were removed already), and can be opened again."""
+    tenant = core.tenant
     with core.pool.lock:
-        opened(core.tenant, set(records), found.flush, found.structures, crashed=crashed)
-    # Open again: this process owns it now, and it is not complete until this cache
-    # closes and writes it whole.
-    store.keep = True
-    store.write_root_attributes(
-        complete=False, num_batches=len(batches), durable=True, flush=found.flush
-    )
-    if said:
-        warnings.warn(said, stacklevel=3)
-    return core
+        core.placement.remove_tenant(tenant)  # its arrays are not deleted
+    if tenant.has_store:
+        tenant.store.close()
+    core.pool.leave()
 
 
 def _left_by_a_crash(store: Store) -> bool:
@@ -210,18 +254,19 @@ def _record(
     records: dict[str, TensorRecord],
     info: store_checks.ArrayInfo,
     ref: store_checks.TensorRef,
+    device: torch.device,
     batch: int,
     key: str,
 ) -> TensorRecord:
-    """The record of an array (one per array, however many entries use it), held once
-    more for this use."""
+    """Pool's lock held: the record of an array (one per array, however many entries
+    use it), held once more for this use."""
     record = records.get(info.name)
     if record is None:
         record = core.placement.adopt(
             info.name,
             info.shape,
             info.dtype,
-            _device(ref.device),
+            device,
             ref.requires_grad,
             tenant=core.tenant,
             batch=batch,
@@ -231,6 +276,12 @@ def _record(
         records[info.name] = record
     core.placement.hold(record)
     return record
+
+
+def _devices(found: store_checks.Survey) -> dict[torch.device, torch.device]:
+    """Where the values of each recorded device go when fetched."""
+    recorded = {ref.device for _, _, _, refs in found.entries for ref in refs}
+    return {device: _device(device) for device in recorded}
 
 
 def _device(device: torch.device) -> torch.device:

@@ -27,6 +27,7 @@ __all__ = [
     "state_text",
     "summarize",
     "tensor_stats",
+    "undetectable_rot",
     "verify",
 ]
 
@@ -62,6 +63,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "batches": recorded,
         "arrays": len(found.arrays),
         "bytes": sum(info.nbytes for info in found.arrays.values()),
+        "unchecksummed": sum(not info.checksum for info in found.arrays.values()),
         "keys": keys,
         "problems": found.all_problems(),
     }
@@ -81,6 +83,18 @@ def state_text(info: dict[str, Any]) -> str:
     return f"incomplete: its cache is still open (or its process is on another host){flushed}"
 
 
+def undetectable_rot(unchecked: int, arrays: int, what: str = "this store") -> str | None:
+    """What a store (or value) with ``unchecked`` of its ``arrays`` carrying no CRC32C
+    cannot promise, in words; None where every array carries one."""
+    if not unchecked:
+        return None
+    some = "" if unchecked == arrays else f"{unchecked} of its {arrays} arrays "
+    return (
+        f"{what}: {some}written without checksums (checksum = false): bit rot in "
+        f"{'them' if some else 'it'} cannot be detected, only missing or cut-short chunks"
+    )
+
+
 def report_damage(command: str, problems: list[str]) -> int:
     """Say each problem of a damaged store on one line of stderr; the exit status
     (1: damaged, 0: sound)."""
@@ -89,10 +103,13 @@ def report_damage(command: str, problems: list[str]) -> int:
     return 1 if problems else 0
 
 
-def load_value(path: str | Path, batch: int, key: str) -> Any:
+def load_value(
+    path: str | Path, batch: int, key: str, read: list[store_checks.ArrayInfo] | None = None
+) -> Any:
     """One value of a kept store, rebuilt from its stored structure (tensors on the CPU;
     a tensor the store does not hold comes back as None). A damaged entry is a
-    StoreCorruptError naming the batch and key."""
+    StoreCorruptError naming the batch and key. ``read``, if given, receives the
+    metadata of every array read (whether each carries a checksum, say)."""
     store = tensor_store.Store.open(path)
     count = store_checks.recorded_batches(store)
     if not count and not store.attributes.get("complete"):
@@ -114,6 +131,8 @@ def load_value(path: str | Path, batch: int, key: str) -> Any:
             return None
         info = store_checks.read_array(store.path, ref.array)
         tensors.append(_read(store, info))
+        if read is not None:
+            read.append(info)
         return len(tensors) - 1
 
     spec = store_checks.parse_entry(batch, key, entries[key], tensor_leaf)
@@ -185,6 +204,8 @@ def verify(path: str | Path) -> dict[str, Any]:
         "path": str(store.path),
         "arrays": len(found.arrays) + len(found.bad_arrays),
         "checksummed": sum(info.checksum for info in found.arrays.values()),
+        # readable arrays written without a CRC32C: bit rot in them cannot be detected
+        "unchecksummed": sum(not info.checksum for info in found.arrays.values()),
         "bad": sorted(bad, key=lambda item: item["array"]),
         "problems": found.problems,
         # Leftovers of writes cut short (not damage: no value reads wrong because of them).

@@ -42,6 +42,7 @@ from .store_format import (
     read_root_attributes,
     tensors_dir,
 )
+from .store_sync import Unsynced
 
 __all__ = ["Store", "TensorStore", "resolve_direct_io"]
 
@@ -95,6 +96,10 @@ class TensorStore(Protocol):
     ) -> None:
         """Record the store's state; written last, it completes a flush."""
 
+    def sync_written(self) -> int:
+        """Make what was written so far durable before structures name it (a kept
+        store's flush and close); how many fsyncs that took."""
+
     def close(self) -> None:
         """Free the store's memory; what it holds stays."""
 
@@ -129,8 +134,13 @@ class Store:
         self._staging = staging
         self._buffers = buffers or BufferPool(0)
         self._owns_buffers = True  # False: shared with other stores (SharedBuffers)
+        self.unsynced = Unsynced(path)  # a kept store's writes not yet fsync'd
 
     keep = False  # made for keep_store: no signal, sweep or plain gc removes it
+    # Where a kept store pays for durability (docs/benchmarks.md compares the two):
+    # False, background writes land without an fsync and the next flush() or close
+    # fsyncs them all (``sync_written``); True, each write fsyncs as it lands.
+    sync_on_write = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -163,11 +173,7 @@ class Store:
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
             if shared is not None:
-                direct = resolve_direct_io(parent, direct_io)
-                staging = shared.staging(writers) if direct else None
-                store = cls(path, direct=direct, staging=staging, checksum=checksum)
-                store._buffers = shared.reads
-                store._owns_buffers = False
+                store = cls._sharing(path, shared, direct_io, writers, checksum=checksum)
             else:
                 store = cls._configured(path, direct_io, writers, read_buffer_bytes, checksum)
             store.keep = keep
@@ -193,6 +199,18 @@ class Store:
         return store
 
     @classmethod
+    def _sharing(
+        cls, path: Path, shared: SharedBuffers, direct_io: bool | str, writers: int, checksum: bool
+    ) -> Store:
+        """A store over a pool's buffers (``shared``), which its close leaves alone."""
+        direct = resolve_direct_io(path.parent, direct_io)
+        staging = shared.staging(writers) if direct else None
+        store = cls(path, direct=direct, staging=staging, checksum=checksum)
+        store._buffers = shared.reads
+        store._owns_buffers = False
+        return store
+
+    @classmethod
     def _configured(
         cls, path: Path, direct_io: bool | str, writers: int, buffer_bytes: int, checksum: bool
     ) -> Store:
@@ -209,12 +227,14 @@ class Store:
         direct_io: bool | str = False,
         writers: int = 1,
         read_buffer_bytes: int = 0,
+        shared: SharedBuffers | None = None,
     ) -> Store:
         """Open an existing store, checking that it is one and that its version is known.
 
         Its arrays' checksum setting is left False: read each array's from its checked
         metadata (``store_checks.read_array``; reopening sets the store's from them). The
-        other settings are as for ``create``.
+        other settings are as for ``create`` (``shared``: a pool's buffers, used instead
+        of buffers of its own).
         """
         path = Path(path)
         attributes = read_root_attributes(path)
@@ -224,7 +244,10 @@ class Store:
                 f"{path} has store format version {version!r}; this spillcache reads "
                 f"version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade spillcache"
             )
-        store = cls._configured(path, direct_io, writers, read_buffer_bytes, False)
+        if shared is not None:
+            store = cls._sharing(path, shared, direct_io, writers, checksum=False)
+        else:
+            store = cls._configured(path, direct_io, writers, read_buffer_bytes, False)
         store.attributes = attributes
         return store
 
@@ -245,6 +268,12 @@ class Store:
         if flush is not None:  # the last flush (or close) whose structures are all written
             state["flush"] = flush
         _write_json(self.path / "zarr.json", group({ATTRS_KEY: state}), durable)
+
+    def sync_written(self) -> int:
+        """A kept store's flush or close, before it commits structures: fsync every
+        array written since the last call, and the store's directories the first
+        time (store_sync.py); how many fsyncs it took."""
+        return self.unsynced.sync()
 
     def remove(self) -> None:
         self.close()
@@ -277,6 +306,7 @@ class Store:
         that the array says what it is even where no batch structure names it."""
         directory = self._array_dir(name)
         metadata_path = directory / "zarr.json"
+        durable = durable or (self.keep and self.sync_on_write)
         shape = tuple(tensor.shape)
         metadata = array_metadata_text(shape, tensor.dtype, self.checksum, owner)
         partial: list[Path] = []  # zarr.json under its .partial name, once written
@@ -302,6 +332,8 @@ class Store:
             else:
                 write_metadata()
             chunkio.publish(partial[0], metadata_path, durable=durable)
+            if self.keep and not durable:
+                self.unsynced.written(name)
         except OSError as error:
             shutil.rmtree(directory, ignore_errors=True)
             what = f"cannot write tensor {name} ({tensor.nbytes} bytes) to {self.path}"
