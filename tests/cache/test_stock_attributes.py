@@ -8,7 +8,10 @@ inline 0), where the spilled run checks that its values really are on disk.
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
+import pickle
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from spill_testing import ALL_DTYPES, assert_same, random_tensor
+from spill_testing import ALL_DTYPES, assert_same, bits, random_tensor
 from spillcache import CacheConfig, IntermediatesCache, IntermediateValue, OverrideEqMode
 
 META = torch.device("meta")  # an onload device other than the CPU, on any machine
@@ -51,6 +54,11 @@ def on_disk(cache: IntermediatesCache) -> None:
         assert stats["host"]["bytes"] == 0 and stats["disk"]["bytes"] > 0, stats
 
 
+def reads(cache: IntermediatesCache) -> int:
+    """Values read from disk so far."""
+    return cache.stats()["disk"]["hits"]
+
+
 def value_of(shown: IntermediateValue):
     """The plain value a shown tree stands for (as the stock class would onload it)."""
     return IntermediatesCache._onload_value(shown)
@@ -80,17 +88,26 @@ def test_the_view_is_a_sequence_of_batches(cache):
             view[bad]
 
 
-def test_a_batch_is_a_mapping_of_keys_without_loading_anything(cache):
+def test_a_batch_is_a_dict_whose_keys_read_nothing(cache):
     cache.append({"hidden_states": torch.ones(8), "mask": torch.zeros(8, dtype=torch.bool)})
     on_disk(cache)
-    hits = cache.stats()["disk"]["hits"]
+    hits = reads(cache)
     batch = cache.batch_intermediates[0]
+    assert isinstance(batch, dict)  # as llm-compressor's own tests check
+    match batch:
+        case dict():
+            pass
+        case _:
+            pytest.fail("a batch does not match a dict pattern")
     assert list(batch) == list(batch.keys()) == ["hidden_states", "mask"]
+    assert list(reversed(batch)) == list(reversed(batch.keys())) == ["mask", "hidden_states"]
+    assert batch.keys() == {"hidden_states", "mask"} and batch.keys() & {"mask"} == {"mask"}
     assert "hidden_states" in batch and "absent" not in batch and len(batch) == 2
-    assert batch.get("absent") is None
-    assert cache.stats()["disk"]["hits"] == hits  # keys, in, len and get of a miss read nothing
-    items = dict(batch.items())
-    assert set(items) == {"hidden_states", "mask"}
+    with pytest.raises(TypeError, match="unhashable"):
+        [] in batch  # noqa: B015 (as in a dict)
+    assert batch.get("absent") is None and batch.get("absent", 5) == 5
+    assert reads(cache) == hits  # keys, in, len and get of a miss read nothing
+    assert_same(batch.get("mask").value, torch.zeros(8, dtype=torch.bool))
     assert all(isinstance(value, IntermediateValue) for value in batch.values())
 
 
@@ -159,7 +176,12 @@ def test_the_view_is_live(cache):
     cache.append({"a": torch.ones(2)})
     batch = view[0]
     assert "a" in batch and len(view) == 1
+    # Each check is the batch's first call since the cache changed.
     cache.update(0, {"b": torch.zeros(3)})
+    assert len(batch) == 2
+    cache.update(0, {"c": 1})
+    assert list(reversed(batch)) == ["c", "b", "a"]
+    cache.delete(0, ["c"])
     assert list(batch) == ["a", "b"]
     assert_same(batch["b"].value, torch.zeros(3))
     cache.update(0, {"a": torch.full((2,), 5.0)})
@@ -245,6 +267,172 @@ def test_a_closed_cache_view_says_so(tmp_path):
 
     with pytest.raises(CacheClosedError):
         list(view[0])
+
+
+# ------------------------------------------------------- a batch is a dict
+
+
+def stored(cache: IntermediatesCache) -> dict:
+    """Batch 0: three tensors (one in a nested tuple), a dict node and a number; on
+    disk in the spilled run. Returns them as the stock class would hold them."""
+    values = {
+        "hidden": random_tensor(torch.bfloat16, (4, 8), seed=1),
+        "nested": {"k": (random_tensor(torch.float16, (3,), seed=2), 3)},
+        "ids": random_tensor(torch.int64, (2, 5), seed=3),
+        "n": 7,
+    }
+    cache.append(values)
+    on_disk(cache)
+    return {key: IntermediatesCache._offload_value(value, "cpu") for key, value in values.items()}
+
+
+def plain(node):
+    """A json-like walk, as code written for the stock class does: dicts by
+    ``isinstance``, tensors as their bits."""
+    if isinstance(node, IntermediateValue):
+        return {"value": plain(node.value), "device": str(node.device)}
+    if isinstance(node, dict):
+        return {key: plain(value) for key, value in node.items()}
+    if isinstance(node, list | tuple):
+        return [plain(item) for item in node]
+    if isinstance(node, torch.Tensor):
+        return {"dtype": str(node.dtype), "shape": list(node.shape), "bits": bits(node).hex()}
+    return node
+
+
+TENSORS = 3  # in stored()
+
+COPIES = {
+    "dict(b)": dict,
+    "{**b}": lambda batch: {**batch},
+    "b.copy()": lambda batch: batch.copy(),
+    "d.update(b)": lambda batch: (lambda copied: copied.update(batch) or copied)({}),
+    "f(**b)": lambda batch: (lambda **kwargs: kwargs)(**batch),
+    "dict(b.items())": lambda batch: dict(batch.items()),
+    "comprehension": lambda batch: {key: batch[key] for key in batch},
+    "b | {}": lambda batch: batch | {},
+    "{} | b": lambda batch: {} | batch,
+    "copy.copy": copy.copy,
+    "copy.deepcopy": copy.deepcopy,
+    "pickle": lambda batch: pickle.loads(pickle.dumps(batch)),
+}
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_every_copy_of_a_batch_is_a_plain_dict_of_its_values(cache, how):
+    expected = stored(cache)
+    hits = reads(cache)
+    copied = COPIES[how](cache.batch_intermediates[0])
+    assert type(copied) is dict
+    assert list(copied) == list(expected)
+    assert plain(copied) == plain(expected)  # bit for bit
+    if cache.spilled:  # each tensor read from disk, once
+        assert reads(cache) == hits + TENSORS
+    if how in ("copy.deepcopy", "pickle"):  # plain trees, which may change, as the stock's
+        assert type(copied["nested"]) is IntermediateValue
+        assert type(copied["nested"].value) is dict
+        copied["nested"].value["k"] = copied["hidden"].value = None
+        assert plain(cache.batch_intermediates[0]["nested"]) == plain(expected["nested"])
+
+
+def test_json_encodes_a_batch_as_the_stock_dict(cache):
+    expected = stored(cache)
+    view = cache.batch_intermediates
+
+    def encode(node):
+        return plain(node) if isinstance(node, IntermediateValue) else repr(node)
+
+    for indent in (None, 1):  # json's C encoder, then its Python one
+        text = json.dumps(expected, default=encode, indent=indent)
+        assert json.dumps(view[0], default=encode, indent=indent) == text
+    assert json.dumps(view[0], default=encode).startswith('{"hidden": ')
+    cache.append({})
+    empty = view[1]
+    assert json.dumps(empty) == "{}"
+    empty["x"] = 1  # a write through the batch: the C encoder sees it
+    assert json.loads(json.dumps(empty, default=encode)) == {"x": {"value": 1, "device": "None"}}
+
+
+def test_a_batch_held_while_the_cache_changes_copies_and_encodes_what_it_holds(cache):
+    """C code that finds a dict's own storage empty takes it as empty (json's encoder,
+    ``b | d``): a batch held since it was empty still gives the keys stored since."""
+    cache.append({})
+    batch = cache.batch_intermediates[0]
+    cache.update(0, {"x": 1})
+    assert json.dumps(batch, default=lambda node: node.value) == '{"x": 1}'
+    cache.update(0, {"y": random_tensor(torch.float32, (3,), seed=5)})
+    on_disk(cache)
+    copied = batch | {}
+    assert list(copied) == ["x", "y"]
+    assert_same(copied["y"].value, random_tensor(torch.float32, (3,), seed=5))
+    cache.delete(0)
+    assert json.dumps(batch) == "{}" and batch | {} == {}
+
+
+def test_a_batch_compares_as_the_stock_dict(cache):
+    expected = stored(cache)
+    batch = cache.batch_intermediates[0]
+    copied = dict(batch)  # the same trees, as the stock dict's copy holds the same values
+    assert batch == copied and copied == batch and batch == batch.copy()
+    assert not batch != copied and not copied != batch
+    assert [batch] == [copied] and batch == cache.batch_intermediates[0]
+    assert batch.keys() == copied.keys() and not batch.keys() != copied.keys()
+    assert batch["hidden"] is batch["hidden"] is cache.batch_intermediates[0]["hidden"]
+    assert batch != {} and batch != {**copied, "n": IntermediateValue(8, None)}
+    assert batch != expected | {"extra": None} and batch != 5 and not batch == [1]
+    # Values compare as IntermediateValues do: tensors other than the cached one are
+    # compared element by element, which is ambiguous for more than one element.
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        batch == expected  # noqa: B015
+    assert batch == {key: value for key, value in copied.items()}
+    assert repr(batch) == repr(copied)
+
+
+def test_a_tree_in_use_is_given_again_and_a_changed_one_never(cache):
+    stored(cache)
+    batch = cache.batch_intermediates[0]
+    hits = reads(cache)
+    first = batch["hidden"]
+    assert batch["hidden"] is first and dict(batch)["hidden"] is first
+    if cache.spilled:
+        assert reads(cache) == hits + TENSORS  # "hidden" once, the others by dict()
+    new = random_tensor(torch.bfloat16, (4, 8), seed=11)
+    cache.update(0, {"hidden": new})
+    assert batch["hidden"] is not first
+    assert_same(batch["hidden"].value, new)
+    assert_same(first.value, random_tensor(torch.bfloat16, (4, 8), seed=1))
+    on_disk(cache)
+    hits = reads(cache)
+    del first
+    gc.collect()
+    assert_same(batch["hidden"].value, new)  # read again: nothing kept it
+    if cache.spilled:
+        assert reads(cache) == hits + 1
+
+
+def test_every_dict_write_goes_to_the_cache(cache):
+    expected = stored(cache)
+    batch = cache.batch_intermediates[0]
+    hidden = batch.pop("hidden")  # read (from disk) before it is deleted
+    assert plain(hidden) == plain(expected["hidden"]) and "hidden" not in cache.fetch(0)
+    assert batch.pop("hidden", None) is None
+    with pytest.raises(KeyError):
+        batch.pop("hidden")
+    key, last = batch.popitem()
+    assert key == "n" and last == IntermediateValue(7, None) and list(batch) == ["nested", "ids"]
+    assert batch.setdefault("ids", 1) is not None and batch.setdefault("s", 2) == 2
+    batch |= {"t": IntermediateValue(torch.ones(2), META)}
+    batch["u"] = 3
+    del batch["nested"]
+    on_disk(cache)
+    assert list(batch) == list(cache.fetch(0)) == ["ids", "s", "t", "u"]
+    assert len(json.loads(json.dumps(batch, default=repr))) == 4  # the dict's own keys too
+    assert cache.fetch(0, ["t"])["t"].device == META
+    batch.clear()
+    assert cache.fetch(0) == {} and not batch and json.dumps(batch) == "{}"
+    with pytest.raises(KeyError, match="empty"):
+        batch.popitem()
+    assert type(type(batch).fromkeys(["a"])) is dict
 
 
 # ------------------------------------------------------- stock helpers

@@ -9,7 +9,9 @@ disk until it can take them. Nothing acknowledged is lost; nothing is left after
 from __future__ import annotations
 
 import errno
+import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +194,38 @@ def test_a_store_that_cannot_be_made_refuses_the_update_inline(tmp_path, syscall
         cache.flush()
         assert same_bits(cache.fetch(1)["h"], unaligned(KIB64, 1))
     assert leftovers(tmp_path / "spill") == []
+
+
+def test_a_flush_whose_fsync_fails_keeps_the_flush_before_and_the_next_one_syncs_again(
+    tmp_path, syscalls, monkeypatch
+):
+    """keep_store: an fsync that fails in flush() (EIO) raises before the new structures
+    are written, so the store still opens as the flush before; the arrays that flush
+    could not make durable are fsync'd again by the next one (not taken as done)."""
+    values = [unaligned(KIB64, seed) for seed in range(3)]
+    cache = make(tmp_path, keep_store=True)
+    cache.update(0, {"h": values[0]})
+    cache.flush()
+    cache.update(1, {"h": values[1]})  # a background write, not yet fsync'd
+    cache.update(2, {"h": values[2]})
+    names = {cache._core._batches[i]["h"].leaves[0].array for i in (1, 2)}
+    rule = syscalls.fail("fsync", errno.EIO, path=CHUNK)
+    with pytest.raises(StoreError, match="durable \\(fsync\\): Input/output error") as raised:
+        cache.flush()
+    assert rule.hits and raised.value.errno == errno.EIO
+    assert read_root_attributes(cache.store_path)["flush"] == 1  # the flush before
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    cache.flush()  # the disk works again
+    chunks = {Path(path).parent.name for path in synced if Path(path).name.startswith("c.")}
+    assert names <= chunks, f"arrays {sorted(names - chunks)} were not fsync'd again"
+    assert read_root_attributes(cache.store_path)["flush"] == 2
+    for index, value in enumerate(values):
+        assert same_bits(cache.fetch(index)["h"], value)
+    cache.close()

@@ -2,12 +2,17 @@
 attribute of the stock class exists here, and every method and classmethod takes the
 same parameters (names, order, kinds, defaults), with spillcache's extras only
 keyword-only after them. The switch's class (what llm-compressor builds once enabled)
-is held to the same."""
+is held to the same. A batch of ``batch_intermediates``, used as a dict every way code
+written for the stock class uses one, gives what the stock class's batch gives, with
+values in RAM and spilled."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import json
+import pickle
 
 import pytest
 import torch
@@ -18,12 +23,15 @@ stock_module = pytest.importorskip(
 )
 
 import spillcache  # noqa: E402
-from spillcache import IntermediatesCache  # noqa: E402
+from spill_testing import bits, random_tensor  # noqa: E402
+from spillcache import IntermediatesCache, IntermediateValue  # noqa: E402
+from spillcache._internal.stock_types import is_intermediate_value  # noqa: E402
 from spillcache.integrations import llmcompressor as integration  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 Stock = stock_module.IntermediatesCache
+META = torch.device("meta")  # an onload device other than the CPU, on any machine
 # Not public by name, but called by code written for the stock class.
 HELPERS = ("_offload_value", "_onload_value", "_pin_intermediate")
 DUNDERS = ("__init__", "__len__", "__iter__")
@@ -124,3 +132,106 @@ def test_a_tree_from_the_stock_helper_is_stored_as_its_value(tmp_path):
         got = cache.fetch(0)["x"]
     assert type(got) is tuple and got[1] == 1
     assert torch.equal(got[0], tensor) and got[0].dtype == tensor.dtype
+
+
+# ------------------------------------------------- a batch, used as a dict
+
+
+def batch_values() -> dict:
+    return {
+        "hidden": random_tensor(torch.bfloat16, (4, 8), seed=1),
+        "nested": {"k": (random_tensor(torch.float16, (3,), seed=2), [3, None])},
+        "ids": random_tensor(torch.int64, (2, 5), seed=3),
+        "n": 7,
+    }
+
+
+def plain(node):
+    """Either class's trees as data: IntermediateValues (spillcache's or llm-compressor's)
+    by their fields, containers by isinstance (the view's nodes are read-only
+    subclasses), tensors by their bits."""
+    if is_intermediate_value(node):
+        return ("iv", plain(node.value), node.device)
+    if isinstance(node, dict):
+        return ("dict", [(key, plain(value)) for key, value in node.items()])
+    if isinstance(node, list | tuple):
+        kind = "list" if isinstance(node, list) else type(node).__name__
+        return (kind, [plain(item) for item in node])
+    if isinstance(node, torch.Tensor):
+        data = None if node.is_meta else bits(node)  # fetch() onloads to META: no data
+        return ("tensor", node.dtype, tuple(node.shape), node.device, data)
+    return node
+
+
+def encode(node):
+    return plain(node)[:2] if is_intermediate_value(node) else repr(node)
+
+
+def copies(b) -> dict:
+    """Every copy of batch ``b``: its type, and its contents as data."""
+    made = {
+        "dict(b)": dict(b),
+        "{**b}": {**b},
+        "b.copy()": b.copy(),
+        "d.update(b)": (lambda d: d.update(b) or d)({}),
+        "f(**b)": (lambda **kwargs: kwargs)(**b),
+        "b | d": b | {"x": 1},
+        "d | b": {"x": 1} | b,
+        "dict(b.items())": dict(b.items()),
+        "copy.copy": copy.copy(b),
+        "copy.deepcopy": copy.deepcopy(b),
+        "pickle": pickle.loads(pickle.dumps(b)),
+    }
+    return {how: (type(copied).__name__, plain(copied)) for how, copied in made.items()}
+
+
+def use_as_a_dict(cache) -> list[tuple[str, object]]:
+    """What code written for the stock class does with a batch, and what it got."""
+    view = cache.batch_intermediates
+    b = view[0]
+    seen = [
+        ("isinstance dict", isinstance(b, dict)),
+        ("len, list, reversed", (len(view), len(b), list(b), list(reversed(b)))),
+        ("in", ("hidden" in b, "absent" in b, "n" in b.keys())),
+        ("get", (plain(b.get("n")), b.get("absent"), b.get("absent", 0))),
+        ("b[key]", plain(b["nested"])),
+        ("values, items", (plain(list(b.values())), plain(dict(b.items())))),
+        ("copies", copies(b)),
+        ("json", (json.dumps(b, default=encode), json.dumps(b, default=encode, indent=1))),
+        ("repr", repr(b)),
+    ]
+    same = dict(b)
+    seen.append(("==", (b == same, same == b, b != same, b == {}, b != {}, [b] == [same])))
+    seen.append(("keys ==", (b.keys() == same.keys(), b["hidden"] is b["hidden"])))
+    b["w"] = IntermediateValue(random_tensor(torch.float32, (3,), seed=4), META)
+    del b["ids"]
+    seen.append(("pop", (plain(b.pop("n")), b.pop("absent", None))))
+    seen.append(("setdefault", plain(b.setdefault("s", IntermediateValue(2, None)))))
+    b.update({"u": IntermediateValue(3, None)})
+    b |= {"v": IntermediateValue(4, None)}
+    seen.append(("popitem", plain(b.popitem())))
+    seen.append(("after writes", (list(b), plain(dict(b)), plain(cache.fetch(0)))))
+    b.clear()
+    seen.append(("cleared", (len(b), dict(b), cache.fetch(0))))
+    return seen
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["ram", "spilled"])
+def test_a_batch_used_as_a_dict_gives_what_the_stock_class_gives(spilled, tmp_path):
+    stock = Stock()
+    stock.append(batch_values())
+    expected = use_as_a_dict(stock)
+    if spilled:
+        config = spillcache.CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    else:
+        config = spillcache.CacheConfig(host_bytes="1GiB", inline_bytes=0, disk_path=None)
+    with IntermediatesCache(None, "cpu", config=config) as cache:
+        cache.append(batch_values())
+        cache.flush()
+        if spilled:
+            assert cache.stats()["host"]["bytes"] == 0 and cache.stats()["disk"]["bytes"] > 0
+        got = use_as_a_dict(cache)
+        assert (cache.stats()["disk"]["hits"] > 0) == spilled  # values came from disk
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    for (label, mine), (_, theirs) in zip(got, expected, strict=True):
+        assert mine == theirs, label

@@ -5,34 +5,34 @@ of ``IntermediateValue`` trees, and offloads and onloads through two classmethod
 that imports the class (llm-compressor's own tests, users' scripts) reads that list,
 checks keys in it, and calls those helpers. Here:
 
-- ``BatchIntermediates`` is a live view of a spillcache cache shaped like that list:
-  each batch a mapping whose values are IntermediateValue trees, built when read from
-  what the cache holds (a spilled tensor is read from disk to build one).
+- ``BatchIntermediates`` is a live view of a spillcache cache shaped like that list,
+  each batch a ``dict`` that reads and writes the cache (``stock_batch.BatchView``).
 - ``offload_value``, ``onload_value`` and ``pin_intermediate`` are the helpers with
   the stock semantics.
 
 Writing through the view goes to the cache (``cache.update``, ``cache.delete``,
 ``cache.append``); what the view cannot mean (removing a batch, which would shift
-every later index; changing a tree it built) raises an error naming the call to make.
+every later index) raises an error naming the call to make.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import torch
 
+from .stock_batch import BatchView
 from .stock_types import IntermediateValue, OverrideEqMode, is_intermediate_value
-from .tree import build_dataclass, unflatten
+from .tree import build_dataclass
 
 if TYPE_CHECKING:
     from ..cache import IntermediatesCache
 
-__all__ = ["BatchIntermediates", "BatchView", "offload_value", "onload_value", "pin_intermediate"]
+__all__ = ["BatchIntermediates", "offload_value", "onload_value", "pin_intermediate"]
 
 _PLAIN = (int, str, float, bool, torch.dtype, torch.device, type(None))
 
@@ -125,122 +125,7 @@ def pin_intermediate(intermediate: Any) -> None:
             pin_intermediate(getattr(value, field.name))
 
 
-# --------------------------------------------------------------- the view
-
-
-def _refuse(what: str) -> AttributeError:
-    return AttributeError(
-        f"{what}: batch_intermediates shows what the cache holds, built when read, so "
-        "changing it would change nothing; store the new value with "
-        "cache.update(batch_index, {key: value}) (or batch_intermediates[i][key] = value), "
-        "or pin a batch with cache.pin_memory(batch_index)"
-    )
-
-
-@dataclasses.dataclass(eq=False)
-class ShownValue(IntermediateValue):
-    """An IntermediateValue built by ``batch_intermediates``: read-only, equal to an
-    IntermediateValue of the same value and device."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_shown", True)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if getattr(self, "_shown", False):
-            raise _refuse(f"setting .{name} of a value in batch_intermediates")
-        object.__setattr__(self, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        raise _refuse(f"deleting .{name} of a value in batch_intermediates")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, IntermediateValue):
-            return NotImplemented
-        return (self.value, self.device) == (other.value, other.device)
-
-    __hash__ = None  # as IntermediateValue's
-
-    def __repr__(self) -> str:
-        return f"IntermediateValue(value={self.value!r}, device={self.device!r})"
-
-
-class ShownList(list):
-    """A list node of a shown tree: read-only."""
-
-    def _changed(self, *args: Any, **kwargs: Any) -> None:
-        raise _refuse("changing a list in batch_intermediates")
-
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _changed
-    append = extend = insert = pop = remove = clear = sort = reverse = _changed
-
-
-class ShownDict(dict):
-    """A dict node of a shown tree: read-only."""
-
-    def _changed(self, *args: Any, **kwargs: Any) -> None:
-        raise _refuse("changing a dict in batch_intermediates")
-
-    __setitem__ = __delitem__ = __ior__ = _changed
-    pop = popitem = clear = update = setdefault = _changed
-
-
-def _shown(node: Any) -> ShownValue:
-    """A built node of a stored value (its children already shown) as the stock tree
-    holds it."""
-    if type(node) is list:
-        node = ShownList(node)
-    elif type(node) is dict:
-        node = ShownDict(node)
-    return ShownValue(node, None)
-
-
-class BatchView(MutableMapping):
-    """One batch of a cache as the stock class's ``dict[str, IntermediateValue]``.
-
-    Keys, ``in`` and ``len`` read the cache's index (no I/O); a value is built when
-    read, which loads its tensors from wherever they are (a spilled one from disk, as
-    ``fetch`` would). Setting a key is ``cache.update``, deleting one ``cache.delete``.
-    """
-
-    def __init__(self, cache: IntermediatesCache, index: int) -> None:
-        self._cache = cache
-        self._index = index
-
-    def __getitem__(self, key: str) -> IntermediateValue:
-        stored = self._cache._core.fetch_stored(self._index, [key])
-        if key not in stored:
-            raise KeyError(key)
-        entry, tensors = stored[key]
-        devices = [leaf.onload_device for leaf in entry.leaves]
-        shown = [ShownValue(t, device) for t, device in zip(tensors, devices, strict=True)]
-        return unflatten(entry.spec, shown, entry.opaques, wrap=_shown)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._cache.update(self._index, {key: value})
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self._cache.delete(self._index, [key])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._cache._core.keys(self._index))
-
-    def __len__(self) -> int:
-        return len(self._cache._core.keys(self._index))
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._cache._core.keys(self._index)
-
-    def update(self, other: Any = (), /, **values: Any) -> None:
-        """One ``cache.update`` for all of them."""
-        self._cache.update(self._index, dict(other, **values))
-
-    def clear(self) -> None:
-        self._cache.delete(self._index)
-
-    def __repr__(self) -> str:
-        return f"<batch {self._index} of a spillcache cache: keys {list(self)}>"
+# ------------------------------------------------------ batch_intermediates
 
 
 class BatchIntermediates(Sequence):

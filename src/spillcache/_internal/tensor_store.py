@@ -272,8 +272,13 @@ class Store:
     def sync_written(self) -> int:
         """A kept store's flush or close, before it commits structures: fsync every
         array written since the last call, and the store's directories the first
-        time (store_sync.py); how many fsyncs it took."""
-        return self.unsynced.sync()
+        time (store_sync.py); how many fsyncs it took. A failed fsync is a StoreError
+        naming the store (what it could not sync is synced again by the next call)."""
+        try:
+            return self.unsynced.sync()
+        except OSError as error:
+            what = f"cannot make what was written to {self.path} durable (fsync)"
+            raise failures.io_error(error, what, self.path) from error
 
     def remove(self) -> None:
         self.close()
