@@ -99,7 +99,44 @@ def disk_throughput(data: dict) -> list[str]:
             cells.append(strong(fixed(row[f"{direction} x raw"], 3), judged))
         rows.append([*cells, row["write min-max"], row["read min-max"]])
     header = ["path", "write GB/s", "read GB/s", "write x raw", "read x raw"]
-    return markdown([*header, "write min-max", "read min-max"], rows)
+    table = markdown([*header, "write min-max", "read min-max"], rows)
+    if "checksum_cost" not in data:  # published before the cache ran without checksums too
+        return table
+    cost = [
+        [
+            direction,
+            f"{fixed(100 * data['checksum_cost'][direction], 1)} %",
+            f"{fixed(100 * data['checksum_cost_limit'], 0)} %",
+            data["checksum_verdict"][direction],
+            _spread3(data["checksum_per_run_throughput_ratio"][direction]),
+        ]
+        for direction in ("write", "read")
+    ]
+    header = ["direction", "checksums cost", "limit", "verdict", "with / without, run by run"]
+    return [*table, "", *markdown(header, cost)]
+
+
+def _spread3(values: list[float]) -> str:
+    return f"{fixed(min(values), 3)}-{fixed(max(values), 3)}"
+
+
+def flush_durability(data: dict) -> list[str]:
+    """bench/flush_durability.py: a kept store's updates and flush(), each variant
+    against keep_store = false with an os.sync() at the end (medians)."""
+    rows = [
+        [
+            row["variant"],
+            fixed(row["updates + flush s"], 3),
+            fixed(row["GB/s"], 3),
+            fixed(row["x not kept + sync"], 3),
+            row["run by run"],
+            fixed(row["flush() s"], 3),
+            str(row["fsyncs"]),
+        ]
+        for row in data["rows"]
+    ]
+    header = ["variant", "updates + flush s", "GB/s", "x not kept + sync", "run by run"]
+    return markdown([*header, "flush() s", "fsyncs"], rows)
 
 
 def memory_peak(data: dict) -> list[str]:
@@ -277,6 +314,8 @@ def llmcompressor_oneshot_awq(data: dict) -> list[str]:
 # have no published JSON yet; they render once a rerun publishes it and the doc marks it.
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "disk_throughput": disk_throughput,
+    "flush_durability": flush_durability,
+    "flush_durability_compute": flush_durability,
     "two_disks": two_disks,
     "memory_peak": memory_peak,
     "memory_peak_64mib": memory_peak,

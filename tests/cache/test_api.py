@@ -1,4 +1,7 @@
-"""Every documented method, with the stock cache's meaning, in every placement."""
+"""Every documented method, with the stock cache's meaning, in every placement.
+
+Tests about values going to disk and back call ``flush()`` before fetching, so that a
+spilled value is read from its chunk file, not from the write-behind area (conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +17,22 @@ def big(seed: int, dtype=torch.float32) -> torch.Tensor:
     return random_tensor(dtype, (64, 300), seed)
 
 
-def test_fetch_filters_by_list_or_set_and_skips_absent_names(make_cache):
+def disk_reads(cache: IntermediatesCache) -> int:
+    return cache.stats()["disk"]["hits"]
+
+
+def test_fetch_filters_by_list_or_set_and_skips_absent_names(make_cache, placement):
+    """A filtered fetch reads from disk only the names asked for."""
     cache = make_cache(num_batches=1)
     a, b = big(1), big(2)
     cache.update(0, {"a": a, "b": b, "n": 3})
-    assert list(cache.fetch(0, ["b", "missing"])) == ["b"]
+    cache.flush()
+    spilled = int(placement != "ram")  # a and b are above every spilling placement's RAM
+    fetched = cache.fetch(0, ["b", "missing"])
+    assert list(fetched) == ["b"] and disk_reads(cache) == spilled
+    assert_same(fetched["b"], b)
     assert_same(cache.fetch(0, {"a"})["a"], a)
+    assert disk_reads(cache) == 2 * spilled
     assert cache.fetch(0, []) == {}
     assert list(cache.fetch(0)) == ["a", "b", "n"]
 
@@ -28,7 +41,9 @@ def test_update_replaces_and_keeps_other_names(make_cache):
     cache = make_cache(num_batches=1)
     old, new, other = big(1), big(2), big(3)
     cache.update(0, {"x": old, "y": other})
+    cache.flush()
     cache.update(0, {"x": new})
+    cache.flush()
     got = cache.fetch(0)
     assert_same(got["x"], new)
     assert_same(got["y"], other)
@@ -36,9 +51,13 @@ def test_update_replaces_and_keeps_other_names(make_cache):
 
 def test_delete_some_then_all(make_cache):
     cache = make_cache(num_batches=1)
-    cache.update(0, {"a": big(1), "b": big(2), "c": 1})
+    b = big(2)
+    cache.update(0, {"a": big(1), "b": b, "c": 1})
+    cache.flush()
     cache.delete(0, ["a"])
-    assert list(cache.fetch(0)) == ["b", "c"]
+    got = cache.fetch(0)
+    assert list(got) == ["b", "c"]
+    assert_same(got["b"], b)
     cache.delete(0, {"b"})
     cache.delete(0)
     assert cache.fetch(0) == {}
@@ -46,6 +65,7 @@ def test_delete_some_then_all(make_cache):
     assert cache.stats()["host"]["bytes"] == 0 and cache.stats()["disk"]["bytes"] == 0
 
 
+@pytest.mark.placements_only("a refused delete: nothing reaches the I/O threads")
 def test_delete_of_an_absent_name_deletes_nothing(make_cache):
     cache = make_cache(num_batches=1)
     a = big(1)
@@ -60,6 +80,7 @@ def test_append_len_iter(make_cache):
     values = [big(seed) for seed in range(3)]
     for value in values:
         cache.append({"h": value, "i": len(cache)})
+    cache.flush()
     assert len(cache) == 3
     for fetched, value, index in zip(cache.iter(["h", "i"]), values, range(3), strict=True):
         assert_same(fetched["h"], value)
@@ -73,6 +94,7 @@ def test_iter_prefetch_equals_iter(make_cache, depth):
     cache = make_cache(num_batches=5, prefetch_depth=depth)
     for index in range(5):
         cache.update(index, {"h": big(index), "i": index})
+    cache.flush()
     prefetched = list(cache.iter_prefetch(["h"]))
     assert len(prefetched) == 5
     for index, values in enumerate(prefetched):
@@ -86,6 +108,7 @@ def test_pipeline_pattern_update_and_delete_while_prefetching(make_cache):
     # int64, so that x + 1 + 1 == x + 2 exactly.
     for index in range(6):
         cache.update(index, {"hidden": big(index, torch.int64), "mask": index})
+    cache.flush()  # the first layer reads its inputs from disk
     for layer in range(3):
         for index, inputs in enumerate(cache.iter_prefetch(["hidden", "mask"])):
             assert inputs["mask"] == index
@@ -94,6 +117,7 @@ def test_pipeline_pattern_update_and_delete_while_prefetching(make_cache):
             cache.update(index, {"hidden": inputs["hidden"] + 1})
 
 
+@pytest.mark.placements_only("index checks, on batches holding no tensor")
 def test_batch_index_errors_and_negative_indices(make_cache):
     cache = make_cache(num_batches=2)
     cache.update(-1, {"x": 1})
@@ -105,6 +129,7 @@ def test_batch_index_errors_and_negative_indices(make_cache):
         cache.fetch("0")
 
 
+@pytest.mark.placements_only("values refused before anything is stored")
 def test_bad_values_are_refused_and_nothing_changes(make_cache):
     cache = make_cache(num_batches=1)
     x = big(1)
@@ -119,6 +144,7 @@ def test_bad_values_are_refused_and_nothing_changes(make_cache):
     assert_same(cache.fetch(0)["x"], x)
 
 
+@pytest.mark.placements_only("which records are stored is placement's; no I/O mode changes it")
 def test_shared_tensor_is_stored_once(make_cache, placement):
     cache = make_cache(num_batches=2)
     shared, own = big(1), big(2)
@@ -130,9 +156,11 @@ def test_shared_tensor_is_stored_once(make_cache, placement):
     if placement == "ram":
         assert cache.size() == {torch.device("cpu"): shared.nbytes + own.nbytes}
     cache.delete(0)
+    cache.flush()  # batch 1 reads the shared chunk file, still there
     assert_same(cache.fetch(1)["a"], shared)
 
 
+@pytest.mark.placements_only("each key's onload device is the entry's; no I/O mode changes it")
 def test_regression_one_tensor_stored_for_two_devices_goes_back_to_each(make_cache):
     """Caught by issue 11's view tests: the second store of a tensor shared the first's
     record, and with it the first's onload device."""
@@ -150,6 +178,7 @@ def _clean_copies(cache: IntermediatesCache) -> int:
     return sum(r.nbytes for r in placement.records.values() if r.on_disk and r.resident)
 
 
+@pytest.mark.placements_only("size() counts memory, not disk I/O")
 def test_size_counts_memory_by_device(make_cache, placement):
     cache = make_cache(num_batches=1)
     x = big(1)
@@ -219,6 +248,7 @@ def test_pin_memory_brings_spilled_values_up(tmp_path):
         assert_same(cache.fetch(0)["h"], random_tensor(torch.float32, (256, 256), 0))
 
 
+@pytest.mark.placements_only("a closed cache refuses calls before any I/O")
 def test_use_after_close_is_a_clear_error(make_cache):
     cache = make_cache(num_batches=1)
     cache.close()

@@ -125,6 +125,7 @@ def test_round_trip_cases_cover_every_dtype_torch_has():
         assert dtypes.is_tierable(random_tensor(dtype, (2,))), dtype
 
 
+@pytest.mark.placements_only("quantized tensors never reach the disk")
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions:UserWarning")
 def test_quantized_tensors_stay_in_ram_as_they_are(make_cache, placement):
     cache = make_cache(num_batches=1)
@@ -137,6 +138,7 @@ def test_quantized_tensors_stay_in_ram_as_they_are(make_cache, placement):
     assert cache.stats()["disk"]["bytes_written"] == 0
 
 
+@pytest.mark.placements_only("which tier holds a value is placement's; no I/O mode changes it")
 def test_spilling_placements_really_use_the_disk(make_cache, placement):
     cache = make_cache(num_batches=2)
     nbytes = 128 * 256 * 4  # above the default inline_bytes
@@ -171,7 +173,8 @@ Pair = namedtuple("Pair", ["cos", "sin"])
 
 def test_nested_values_round_trip(make_cache):
     cache = make_cache(num_batches=1)
-    t = [random_tensor(torch.bfloat16, (8, 16), seed) for seed in range(6)]
+    # Above the default inline_bytes, so that every spilling placement spills them.
+    t = [random_tensor(torch.bfloat16, (128, 300), seed) for seed in range(6)]
     value = {
         "tuple": (t[0], None, 3, 2.5, "s", True, torch.float16, torch.device("cpu")),
         "list": [t[1], [t[2]]],
@@ -183,6 +186,7 @@ def test_nested_values_round_trip(make_cache):
         "float": float("-inf"),
     }
     cache.update(0, value)
+    cache.flush()
     got = cache.fetch(0)
     assert got["tuple"][1:] == (None, 3, 2.5, "s", True, torch.float16, torch.device("cpu"))
     assert_same(got["tuple"][0], t[0])
@@ -202,6 +206,7 @@ def test_nested_values_round_trip(make_cache):
     assert got["float"] == float("-inf")
 
 
+@pytest.mark.placements_only("unwrapping happens before a value is tiered")
 def test_intermediate_values_are_unwrapped_with_their_onload_device(make_cache):
     cache = make_cache(num_batches=1)
     x = random_tensor(torch.float32, (4, 32))
@@ -211,6 +216,7 @@ def test_intermediate_values_are_unwrapped_with_their_onload_device(make_cache):
     assert_same(got[0], x)
 
 
+@pytest.mark.placements_only("values of unknown types never reach the disk")
 def test_unknown_types_stay_in_ram_with_a_warning(make_cache):
     cache = make_cache(num_batches=1)
 
@@ -226,8 +232,10 @@ def test_unknown_types_stay_in_ram_with_a_warning(make_cache):
 
 def test_requires_grad_is_kept(make_cache):
     cache = make_cache(num_batches=1)
-    x = random_tensor(torch.float32, (16, 16)).requires_grad_(True)
+    # Above the default inline_bytes, so that every spilling placement spills it.
+    x = random_tensor(torch.float32, (128, 160)).requires_grad_(True)
     cache.update(0, {"x": x})
+    cache.flush()
     got = cache.fetch(0)["x"]
     assert got.requires_grad
     assert_same(got.detach(), x.detach())

@@ -45,15 +45,6 @@ class Unsynced:
         with self._lock:
             self._arrays.add(name)
 
-    def forget(self, name: str) -> None:
-        """Array ``name`` was fsync'd as it was written, or is gone."""
-        with self._lock:
-            self._arrays.discard(name)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._arrays)
-
     def sync(self) -> int:
         """fsync every array written since the last call (its chunk, its ``zarr.json``,
         its directory), then ``tensors/``, and the skeleton the first time; how many
