@@ -6,9 +6,11 @@ page cache, and fetches them all back with ``iter_prefetch``. The limit is the s
 bytes as raw O_DIRECT files, written from and read into a page-aligned huge-page buffer
 (a private anonymous mapping with MADV_HUGEPAGE, one per thread, made and touched
 before any timing), on 1 thread and on 3 threads: per direction, the better of the two
-medians. Every run does each of the three (raw 1 thread, raw 3 threads, the cache)
-once, in an order rotated from run to run, so that the disk's drift hits all of them
-alike; the cache's ratio to the limit is printed against the 0.90 target. Reads are
+medians. Every run does each of the four (raw 1 thread, raw 3 threads, the cache with
+its default ``checksum = true``, the cache with ``checksum = false``) once, in an order
+rotated from run to run, so that the disk's drift hits all of them alike; the cache's
+ratio to the limit is printed against the 0.90 target, and what the CRC32C costs (the
+two caches' medians) against a 3 % limit. Reads are
 cold (``sync`` and ``echo 3 > /proc/sys/vm/drop_caches`` first; root only).
 
 Like the raw loop's buffer, the cache's buffers are made before the timed runs: a cache
@@ -55,6 +57,8 @@ TENSOR_SHAPE = (4096, 2048)  # 16 MiB of bf16
 TARGET = 0.90
 RAW_THREADS = (1, 3)
 CACHE = "cache"
+UNCHECKED = "cache, checksum off"  # the same cache with checksum = false: what the CRC costs
+CHECKSUM_COST_LIMIT = 0.03  # the most throughput checksums may cost
 
 
 class Watch:
@@ -183,10 +187,8 @@ def main() -> None:
     seed = torch.randint(-(2**15), 2**15, TENSOR_SHAPE, dtype=torch.int16).view(torch.bfloat16)
     tensors = [(seed.view(torch.int16) + i).view(torch.bfloat16) for i in range(count)]
 
-    variants = [raw_name(t) for t in RAW_THREADS] + [CACHE]
+    variants = [raw_name(t) for t in RAW_THREADS] + [CACHE, UNCHECKED]
     runs: list[dict[str, dict]] = []
-    # Keeps the pool of caches of this config (threads, staging and read buffers) open
-    # between runs; it holds no values itself.
     config = CacheConfig(
         host_bytes=0,
         inline_bytes=0,
@@ -194,9 +196,13 @@ def main() -> None:
         io_threads=args.io_threads,
         prefetch_depth=args.prefetch_depth,
     )
-    holder = IntermediatesCache.empty(0, "cpu", config=config)
+    configs = {CACHE: config, UNCHECKED: config.replace(checksum=False)}
+    # Keep the pools of caches of these configs (threads, staging and read buffers)
+    # open between runs; they hold no values themselves.
+    holders = [IntermediatesCache.empty(0, "cpu", config=c) for c in configs.values()]
     try:
         first = cache_round(config, tensors)  # makes the pool's buffers
+        cache_round(configs[UNCHECKED], tensors)  # the same for the other pool, untimed
         print(
             f"first use: cache {total / first['write'] / GB:.2f} / "
             f"{total / first['read'] / GB:.2f} GB/s write / read (buffers made while timed)",
@@ -207,8 +213,8 @@ def main() -> None:
             order = variants[shift:] + variants[:shift]
             results = {}
             for name in order:
-                if name == CACHE:
-                    results[name] = cache_round(config, tensors)
+                if name in configs:
+                    results[name] = cache_round(configs[name], tensors)
                 else:
                     threads = RAW_THREADS[variants.index(name)]
                     results[name] = raw_round(base / "raw", tensor_bytes, count, threads)
@@ -224,7 +230,8 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        holder.close()
+        for holder in holders:
+            holder.close()
         shutil.rmtree(base, ignore_errors=True)
 
     directions = ("write", "read")
@@ -245,7 +252,10 @@ def main() -> None:
 
     rows = []
     for name in variants:
-        label = "IntermediatesCache (host 0)" if name == CACHE else f"{name} (O_DIRECT)"
+        label = {
+            CACHE: "IntermediatesCache (host 0)",
+            UNCHECKED: "IntermediatesCache (host 0, checksum = false)",
+        }.get(name, f"{name} (O_DIRECT)")
         rows.append(
             {
                 "path": label,
@@ -284,6 +294,15 @@ def main() -> None:
         for d in directions
     }
     verdicts = {d: "PASS" if ratios[d] >= TARGET else "MISS" for d in directions}
+    # What the CRC32C costs: the checksummed cache's throughput against the same cache
+    # without it, over the medians and run by run (both ran in every run).
+    checksum_cost = {d: 1 - medians[CACHE, d] / medians[UNCHECKED, d] for d in directions}
+    checksum_paired = {
+        d: [results[UNCHECKED][d] / results[CACHE][d] for results in runs] for d in directions
+    }
+    checksum_verdicts = {
+        d: "PASS" if checksum_cost[d] <= CHECKSUM_COST_LIMIT else "MISS" for d in directions
+    }
     device = {
         name: {
             d: {
@@ -316,6 +335,10 @@ def main() -> None:
             "raw_limit": {d: {"path": best[d], "GB/s": limit[d]} for d in limit},
             "ratio": ratios,
             "verdict": verdicts,
+            "checksum_cost": checksum_cost,
+            "checksum_cost_limit": CHECKSUM_COST_LIMIT,
+            "checksum_verdict": checksum_verdicts,
+            "checksum_per_run_throughput_ratio": checksum_paired,
             "per_run_ratio": paired,
             "first_use_seconds": {d: first[d] for d in directions},
             "per_run_seconds": [
@@ -346,6 +369,14 @@ def main() -> None:
             f"({best[d]}) = {ratios[d]:.3f} x raw, target >= {TARGET:.2f}: {verdicts[d]}"
             f"  (run by run {min(paired[d]):.2f}-{max(paired[d]):.2f}, "
             f"median {statistics.median(paired[d]):.2f})"
+        )
+    for d in directions:
+        print(
+            f"{d:5s}: checksums cost {checksum_cost[d]:+.1%} of the cache's throughput "
+            f"({medians[CACHE, d]:.2f} GB/s with, {medians[UNCHECKED, d]:.2f} GB/s without), "
+            f"limit {CHECKSUM_COST_LIMIT:.0%}: {checksum_verdicts[d]}  (run by run, "
+            f"with / without in time: {min(checksum_paired[d]):.3f}-"
+            f"{max(checksum_paired[d]):.3f}, median {statistics.median(checksum_paired[d]):.3f})"
         )
 
 

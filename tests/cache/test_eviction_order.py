@@ -52,6 +52,14 @@ def assert_served(cache: IntermediatesCache, batch: int, want: torch.Tensor, *, 
     assert_same(got, want)
 
 
+def assert_both_served(caches: dict, values: dict, *, host: tuple, disk: tuple) -> None:
+    """``assert_served`` over two caches by name ("a", "b"): the (name, batch) pairs in
+    ``host`` as host-tier hits, then those in ``disk`` as misses."""
+    for pairs, from_host in ((host, True), (disk, False)):
+        for name, batch in pairs:
+            assert_served(caches[name], batch, values[name, batch], from_host=from_host)
+
+
 # ------------------------------------------------------------------ scan
 
 
@@ -165,12 +173,12 @@ def test_scan_across_two_caches_evicts_the_furthest_fraction_of_a_pass(tmp_path)
         )
         assert (a.stats()["host"]["evictions"], b.stats()["host"]["evictions"]) == (1, 1)
 
-        for cache, batch in (("a", 0), ("a", 1), ("a", 4), ("b", 3)):
-            served = a if cache == "a" else b
-            assert_served(served, batch, values[cache, batch], from_host=True)
-        for cache, batch in (("a", 6), ("a", 7), ("b", 1)):
-            served = a if cache == "a" else b
-            assert_served(served, batch, values[cache, batch], from_host=False)
+        assert_both_served(
+            {"a": a, "b": b},
+            values,
+            host=(("a", 0), ("a", 1), ("a", 4), ("b", 3)),
+            disk=(("a", 6), ("a", 7), ("b", 1)),
+        )
 
 
 # ------------------------------------------------------------------- lru
@@ -238,11 +246,12 @@ def test_lru_across_two_caches_evicts_the_oldest_wherever_it_lives(tmp_path):
         assert (in_host_tier(a), in_host_tier(b)) == ({(0, "h"), (2, "h")}, {(1, "h"), (2, "h")})
         assert (a.stats()["host"]["evictions"], b.stats()["host"]["evictions"]) == (1, 1)
 
-        for name, batch in (("a", 0), ("a", 2), ("b", 1), ("b", 2)):
-            cache = a if name == "a" else b
-            assert_served(cache, batch, values[name, batch], from_host=True)
-        assert_served(a, 1, values["a", 1], from_host=False)
-        assert_served(b, 0, values["b", 0], from_host=False)
+        assert_both_served(
+            {"a": a, "b": b},
+            values,
+            host=(("a", 0), ("a", 2), ("b", 1), ("b", 2)),
+            disk=(("a", 1), ("b", 0)),
+        )
 
 
 def test_lru_read_across_two_caches_evicts_the_oldest_wherever_it_lives(tmp_path):
@@ -271,7 +280,9 @@ def test_lru_read_across_two_caches_evicts_the_oldest_wherever_it_lives(tmp_path
         )
         assert (a.stats()["host"]["evictions"], b.stats()["host"]["evictions"]) == (1, 1)
 
-        for name, batch in (("a", 0), ("a", 1), ("a", 2), ("b", 0)):
-            cache = a if name == "a" else b
-            assert_served(cache, batch, values[name, batch], from_host=True)
-        assert_served(b, 1, values["b", 1], from_host=False)
+        assert_both_served(
+            {"a": a, "b": b},
+            values,
+            host=(("a", 0), ("a", 1), ("a", 2), ("b", 0)),
+            disk=(("b", 1),),
+        )

@@ -68,8 +68,9 @@ class Syscalls:
     def read_short(
         self, call: str, short: int = 0, *, path: str = "/tensors/", times: int = 1, **kw
     ) -> Rule:
-        """Those reads report at most ``short`` bytes (0: the end of the file)."""
-        assert call in ("preadv", "pread"), call
+        """Those reads report at most ``short`` bytes (0: the end of the file); for
+        ``"aio"``, a queued read's completion does."""
+        assert call in ("preadv", "pread", "aio"), call
         return self._add(Rule(call, path, times, short=short, **kw))
 
     def hold(self, call: str, gate: threading.Event, *, path: str, times: int = 1) -> Rule:
@@ -185,24 +186,33 @@ class Syscalls:
 
             mp.setattr(chunkio, "_fallocate", fallocate)
 
-        # Native AIO: a queued write's completion carries -errno (as the kernel reports
-        # a failed direct write), found by the file its submission named.
-        real_submit, real_wait = aio.Context.submit_write, aio.Context.wait
+        # Native AIO: a queued write's or read's completion carries -errno (as the kernel
+        # reports a failed direct request), or reports fewer bytes, found by the file its
+        # submission named.
+        real_write, real_read = aio.Context.submit_write, aio.Context.submit_read
+        real_wait = aio.Context.wait
         paths = self._aio_paths
 
-        def submit_write(ctx, fd, address, nbytes, offset, tag):
-            real_submit(ctx, fd, address, nbytes, offset, tag)
-            paths[(id(ctx), tag)] = fd_path(fd)
+        def recorded(real):
+            def submit(ctx, fd, address, nbytes, offset, tag):
+                real(ctx, fd, address, nbytes, offset, tag)
+                paths[(id(ctx), tag)] = fd_path(fd)
+
+            return submit
 
         def wait(ctx, least=1):
             done = []
             for tag, result in real_wait(ctx, least):
                 rule = self._match("aio", paths.pop((id(ctx), tag), ""))
-                failed = rule is not None and rule.code is not None
-                done.append((tag, -rule.code if failed else result))
+                if rule is not None and rule.code is not None:
+                    result = -rule.code
+                elif rule is not None and rule.short is not None:
+                    result = min(result, rule.short)
+                done.append((tag, result))
             return done
 
-        mp.setattr(aio.Context, "submit_write", submit_write)
+        mp.setattr(aio.Context, "submit_write", recorded(real_write))
+        mp.setattr(aio.Context, "submit_read", recorded(real_read))
         mp.setattr(aio.Context, "wait", wait)
 
 

@@ -11,9 +11,12 @@ import errno
 import os
 
 import pytest
+import torch
 
 from faults.injection import same_bits, unaligned
+from spill_testing import random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError, StoreError
+from spillcache._internal import aio
 from spillcache._internal.store_format import chunk_name
 
 KIB64 = 64 * 2**10
@@ -146,3 +149,39 @@ def test_a_failed_read_ahead_is_raised_for_its_batch_and_loses_nothing(tmp_path,
             next(batches)
         again = list(cache.iter_prefetch())  # the fault is gone: everything comes back
         assert same_bits(again[1]["a"], values[(1, "a")])
+
+
+BIG = 3 * 2**20 + 4096 + 5  # a checked direct read queued in pieces (chunkio.CHECKED_PIECE)
+
+
+def aio_works() -> bool:
+    with aio.context() as ctx:
+        return ctx is not None
+
+
+@pytest.mark.skipif(not aio_works(), reason="no native AIO here")
+def test_a_queued_read_that_fails_names_the_entry_and_reads_again_later(tmp_path, syscalls):
+    values = {0: random_tensor(torch.float32, (BIG // 4,), 0)}
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), direct_io=True)
+    with IntermediatesCache([{"a": values[0]}], config=config) as cache:
+        cache.flush()
+        chunk = chunk_of(cache, 0, "a")
+        rule = syscalls.fail("aio", errno.EIO, path=chunk)
+        with pytest.raises(StoreError) as raised:
+            cache.fetch(0)
+        assert rule.hits and raised.value.errno == errno.EIO
+        message = raised.value.strerror
+        assert message.startswith("batch 0, key 'a': ") and chunk in message
+        assert same_bits(cache.fetch(0)["a"], values[0])  # not lost: read again
+
+
+@pytest.mark.skipif(not aio_works(), reason="no native AIO here")
+@pytest.mark.parametrize("short", [0, 4096, 4096 + 100])
+def test_a_queued_read_that_lands_short_goes_on_from_where_it_stopped(tmp_path, syscalls, short):
+    value = random_tensor(torch.float32, (BIG // 4,), 1)
+    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), direct_io=True)
+    with IntermediatesCache([{"a": value}], config=config) as cache:
+        cache.flush()
+        rule = syscalls.read_short("aio", short, path=chunk_of(cache, 0, "a"), times=2)
+        assert same_bits(cache.fetch(0)["a"], value)
+        assert len(rule.hits) == 2

@@ -9,6 +9,7 @@ disk until it can take them. Nothing acknowledged is lost; nothing is left after
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from faults.injection import aligned, leftovers, same_bits, unaligned
 from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError
 from spillcache._internal import aio, pool
 from spillcache._internal.store_format import read_root_attributes
+from spillcache._internal.tensor_store import Store
 
 KIB64 = 64 * 2**10
 MIB4 = 4 * 2**20  # above a staging buffer's piece (2 MiB): queued with native AIO
@@ -196,36 +198,60 @@ def test_a_store_that_cannot_be_made_refuses_the_update_inline(tmp_path, syscall
     assert leftovers(tmp_path / "spill") == []
 
 
+def named_arrays(store_path: str, batches: range) -> set[str]:
+    """The arrays the batch structures on disk name (``{"array": "tensors/<name>"}``)."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("array"), str):
+                found.add(node["array"].rpartition("/")[2])
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    for index in batches:
+        walk(json.loads(Path(store_path, "batches", str(index), "zarr.json").read_text()))
+    return found
+
+
+@pytest.mark.parametrize("sync_on_write", [False, True], ids=["fsync-at-flush", "fsync-on-write"])
 def test_a_flush_whose_fsync_fails_keeps_the_flush_before_and_the_next_one_syncs_again(
-    tmp_path, syscalls, monkeypatch
+    tmp_path, syscalls, monkeypatch, sync_on_write
 ):
-    """keep_store: an fsync that fails in flush() (EIO) raises before the new structures
-    are written, so the store still opens as the flush before; the arrays that flush
-    could not make durable are fsync'd again by the next one (not taken as done)."""
+    """keep_store: an fsync that fails (EIO) in flush(), or in a background write that
+    fsyncs as it lands, makes flush() raise before the new structures are written, so
+    the store still opens as the flush before; and every array the next flush's
+    structures name has been fsync'd after it was written (a failed fsync is not taken
+    as done)."""
+    monkeypatch.setattr(Store, "sync_on_write", sync_on_write)
     values = [unaligned(KIB64, seed) for seed in range(3)]
     cache = make(tmp_path, keep_store=True)
     cache.update(0, {"h": values[0]})
     cache.flush()
-    cache.update(1, {"h": values[1]})  # a background write, not yet fsync'd
-    cache.update(2, {"h": values[2]})
-    names = {cache._core._batches[i]["h"].leaves[0].array for i in (1, 2)}
     rule = syscalls.fail("fsync", errno.EIO, path=CHUNK)
-    with pytest.raises(StoreError, match="durable \\(fsync\\): Input/output error") as raised:
+    synced: list[str] = []
+    failing_fsync = os.fsync  # the injected one: EIO on the first chunk
+
+    def recording(fd: int) -> None:
+        failing_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # only those that succeeded
+
+    monkeypatch.setattr(os, "fsync", recording)
+    cache.update(1, {"h": values[1]})  # background writes
+    cache.update(2, {"h": values[2]})
+    said = "Input/output error" if sync_on_write else "durable \\(fsync\\): Input/output error"
+    with pytest.raises(StoreError, match=said) as raised:
         cache.flush()
     assert rule.hits and raised.value.errno == errno.EIO
     assert read_root_attributes(cache.store_path)["flush"] == 1  # the flush before
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
     cache.flush()  # the disk works again
-    chunks = {Path(path).parent.name for path in synced if Path(path).name.startswith("c.")}
-    assert names <= chunks, f"arrays {sorted(names - chunks)} were not fsync'd again"
     assert read_root_attributes(cache.store_path)["flush"] == 2
+    names = named_arrays(cache.store_path, range(1, 3))
+    chunks = {Path(path).parent.name for path in synced if Path(path).name.startswith("c.")}
+    assert len(names) == 2 and names <= chunks, f"{sorted(names - chunks)} never fsync'd"
     for index, value in enumerate(values):
         assert same_bits(cache.fetch(index)["h"], value)
     cache.close()

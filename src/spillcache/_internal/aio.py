@@ -1,11 +1,13 @@
-"""Linux native AIO (``io_submit``): writes that stay queued while their thread copies.
+"""Linux native AIO (``io_submit``): requests that stay queued while their thread works.
 
 chunkio writes an unaligned tensor through page-aligned staging memory, one piece at a
 time. With ``pwrite`` the thread has nothing queued at the device while it copies the
 next piece (or waits for a core); with ``io_submit`` it queues each piece as soon as it
 is copied and copies the next while the device writes, so one writer keeps several
-requests queued all the time. This module is only the system-call binding: no threads,
-no locks, no knowledge of files or formats.
+requests queued all the time. A checked read likewise queues a chunk's pieces and
+computes the checksum of those that have landed while the device reads the rest. This
+module is only the system-call binding: no threads, no locks, no knowledge of files or
+formats.
 
 Two costs shape it. ``io_destroy`` waits for an RCU grace period (longer than a whole
 chunk write; docs/benchmarks.md), so a context is never made per write: ``context()``
@@ -36,6 +38,7 @@ _NUMBERS = {
     "x86_64": {"setup": 206, "destroy": 207, "getevents": 208, "submit": 209},
     "aarch64": {"setup": 0, "destroy": 1, "submit": 2, "getevents": 4},
 }
+_PREAD = 0  # IOCB_CMD_PREAD
 _PWRITE = 1  # IOCB_CMD_PWRITE
 
 
@@ -95,10 +98,11 @@ def _call(name: str, *args) -> int:
 
 
 class Context:
-    """One kernel AIO context with at most ``DEPTH`` writes queued.
+    """One kernel AIO context with at most ``DEPTH`` requests queued.
 
     ``submit_write`` queues a write of memory the caller keeps alive and unchanged until
-    its completion comes back from ``wait``; ``drain`` waits for every queued write (an
+    its completion comes back from ``wait`` (``submit_read``: a read into memory the
+    caller keeps alive and leaves alone); ``drain`` waits for every queued request (an
     error path must call it before it lets the memory go).
     """
 
@@ -118,13 +122,22 @@ class Context:
 
     def submit_write(self, fd: int, address: int, nbytes: int, offset: int, tag: int) -> None:
         """Queue ``pwrite(fd, <nbytes at address>, offset)``; ``tag`` comes back with it."""
+        self._submit(_PWRITE, fd, address, nbytes, offset, tag)
+
+    def submit_read(self, fd: int, address: int, nbytes: int, offset: int, tag: int) -> None:
+        """Queue ``pread(fd, <nbytes into address>, offset)``; ``tag`` comes back with it."""
+        self._submit(_PREAD, fd, address, nbytes, offset, tag)
+
+    def _submit(
+        self, opcode: int, fd: int, address: int, nbytes: int, offset: int, tag: int
+    ) -> None:
         if not self._free:
-            raise RuntimeError(f"an AIO context holds at most {DEPTH} writes in flight")
+            raise RuntimeError(f"an AIO context holds at most {DEPTH} requests in flight")
         index = self._free.pop()
         block = self._blocks[index]
         ctypes.memset(ctypes.addressof(block), 0, ctypes.sizeof(block))
         block.aio_data = index
-        block.aio_lio_opcode = _PWRITE
+        block.aio_lio_opcode = opcode
         block.aio_fildes = fd
         block.aio_buf = address
         block.aio_nbytes = nbytes
@@ -138,7 +151,7 @@ class Context:
         self._tags[index] = tag
 
     def wait(self, least: int = 1) -> list[tuple[int, int]]:
-        """Wait until at least ``least`` queued writes are done (all of them, if fewer are
+        """Wait until at least ``least`` queued requests are done (all of them, if fewer are
         queued); ``(tag, result)`` for each done: bytes written, or ``-errno``."""
         least = min(least, len(self._tags))
         if least == 0:

@@ -137,10 +137,12 @@ class Store:
         self.unsynced = Unsynced(path)  # a kept store's writes not yet fsync'd
 
     keep = False  # made for keep_store: no signal, sweep or plain gc removes it
-    # Where a kept store pays for durability (docs/benchmarks.md compares the two):
-    # False, background writes land without an fsync and the next flush() or close
-    # fsyncs them all (``sync_written``); True, each write fsyncs as it lands.
-    sync_on_write = False
+    # Where a kept store pays for durability (docs/benchmarks.md, "What durable flushes
+    # cost", compares the two): True, each background write fsyncs its files and its
+    # directory as it lands, on its I/O thread, behind the caller's compute; False, they
+    # land without an fsync and the next flush() or close fsyncs them all
+    # (``sync_written``), which makes flush() itself take longer.
+    sync_on_write = True
 
     # ------------------------------------------------------------ lifecycle
 
@@ -362,21 +364,18 @@ class Store:
         """
         nbytes = math.prod(shape) * dtype.itemsize
         path = self._array_dir(name) / chunk_name(len(shape))
-        trailer = 4 if (self.checksum if checksum is None else checksum) else 0
+        checked = self.checksum if checksum is None else checksum
         try:
             if nbytes == 0:
                 raw = torch.empty(0, dtype=torch.uint8)
             elif mapped:
-                mapping = chunkio.map_file(path, nbytes + trailer)
-                raw, stored = mapping[:nbytes], bytes(mapping[nbytes:].numpy())
+                mapping = chunkio.map_file(path, nbytes + (4 if checked else 0))
+                raw = mapping[:nbytes]
+                if checked:
+                    chunkio.check_crc(path, bytes(mapping[nbytes:].numpy()), raw)
             else:
                 raw = self._buffers.take(nbytes, pin=pin)
-                stored = chunkio.read_file(path, raw, direct=self.direct, trailer=trailer)
-            if nbytes and trailer and stored != crc32c(raw):
-                raise StoreCorruptError(
-                    f"chunk file {path} fails its CRC32C check: its bytes changed after "
-                    "they were written"
-                )
+                chunkio.read_file(path, raw, direct=self.direct, checksum=checked)
         except StoreCorruptError as error:
             raise failures.io_error(error, f"tensor {name}", self.path) from None
         except OSError as error:
