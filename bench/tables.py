@@ -120,6 +120,15 @@ def _spread3(values: list[float]) -> str:
     return f"{fixed(min(values), 3)}-{fixed(max(values), 3)}"
 
 
+def reads_beside_a_checksum(data: dict) -> list[str]:
+    """bench/reads_beside_a_checksum.py: raw reads alone and beside a checksum thread."""
+    rows = [
+        [row["reads"], fixed(row["GB/s"], 3), fixed(row["x alone"], 3), row["run by run"]]
+        for row in data["rows"]
+    ]
+    return markdown(["raw O_DIRECT reads", "GB/s", "x alone", "run by run"], rows)
+
+
 def flush_durability(data: dict) -> list[str]:
     """bench/flush_durability.py: a kept store's updates and flush(), each variant
     against keep_store = false with an os.sync() at the end (medians)."""
@@ -315,6 +324,7 @@ def llmcompressor_oneshot_awq(data: dict) -> list[str]:
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "disk_throughput": disk_throughput,
     "flush_durability": flush_durability,
+    "reads_beside_a_checksum": reads_beside_a_checksum,
     "flush_durability_compute": flush_durability,
     "two_disks": two_disks,
     "memory_peak": memory_peak,
