@@ -112,7 +112,8 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "store_format": (STORE, ANY, "the layout: paths, array names, zarr.json and batch JSON"),
     "tensor_store": (STORE, LANES, "TensorStore; Store: made, opened, written, read, removed"),
     "store_dirs": (STORE, COMMAND, "where stores are: runs, ranks, sizes, owners alive"),
-    "chunkio": (STORE, LANES, "one chunk file in or out: O_DIRECT, staging, .partial + rename"),
+    "chunkio": (STORE, LANES, "one chunk file out: O_DIRECT, staging, .partial + rename"),
+    "chunk_reads": (STORE, LANES, "one chunk file in: O_DIRECT, sizes and CRC32C checked"),
     "aio": (STORE, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
     "persist": (STORE, CALLER, "a kept store made durable: flush() writes unlocked, close locked"),
     "store_sync": (STORE, CALLER, "a kept store's writes not yet fsync'd, fsync'd before a commit"),
@@ -277,12 +278,13 @@ FETCH = Route(
                 "CacheCore._read_record",
                 "Store.read_tensor",
                 "BufferPool.take",
-                "chunkio.read_file",
+                "chunk_reads.read_file",
             ),
             LANES,
             "the same lane, no lock",
-            "O_DIRECT where the filesystem takes it, into a reused buffer; "
-            "a record another thread is reading is waited for, not read twice",
+            "O_DIRECT where the filesystem takes it, into a reused buffer, the CRC32C of "
+            "pieces checked as they land; a record another thread is reading is waited "
+            "for, not read twice",
         ),
         Step(
             ("Placement.read_done", "Placement.release", "CacheCore._start_queued_disk_io"),

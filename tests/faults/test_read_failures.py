@@ -151,7 +151,7 @@ def test_a_failed_read_ahead_is_raised_for_its_batch_and_loses_nothing(tmp_path,
         assert same_bits(again[1]["a"], values[(1, "a")])
 
 
-BIG = 3 * 2**20 + 4096 + 5  # a checked direct read queued in pieces (chunkio.CHECKED_PIECE)
+BIG = 3 * 2**20 + 4096 + 5  # a checked direct read queued in pieces (chunk_reads.CHECKED_PIECE)
 
 
 def aio_works() -> bool:

@@ -16,14 +16,10 @@ import pytest
 import torch
 
 from spill_testing import bits, random_tensor
-from spillcache._internal import aio, buffers, chunkio, store_format
+from spillcache._internal import aio, buffers, chunk_reads, chunkio, store_format
 from spillcache._internal.buffers import PAGE, StagingBuffers, aligned_empty
-from spillcache._internal.chunkio import (
-    direct_io_supported,
-    map_file,
-    read_file,
-    write_file,
-)
+from spillcache._internal.chunk_reads import map_file, read_file
+from spillcache._internal.chunkio import direct_io_supported, write_file
 from spillcache.errors import StoreCorruptError
 
 STAGING_SIZE = 4 * PAGE  # small, so that larger files go through it in several pieces
@@ -576,7 +572,7 @@ def test_large_buffers_are_huge_page_aligned_and_advised():
     assert small.data_ptr() % buffers.PAGE == 0
 
 
-PIECE = chunkio.CHECKED_PIECE
+PIECE = chunk_reads.CHECKED_PIECE
 CHECKED_SIZES = [0, 1, 4094, 4096, 2 * 4096 - 2, 3 * 4096 + 5, 3 * PIECE + 4096 + 7, 2 * PIECE]
 
 
@@ -595,10 +591,10 @@ def test_a_checksum_is_written_after_the_data_and_checked_on_read(tmp_path, dire
     data = _checksummed_file(path, nbytes, direct)
     assert path.stat().st_size == nbytes + 4
     out = buffers.aligned_empty(nbytes)
-    chunkio.read_file(path, out, direct=direct, checksum=True)
+    chunk_reads.read_file(path, out, direct=direct, checksum=True)
     assert torch.equal(out, data)
     with pytest.raises(StoreCorruptError, match=f"holds {nbytes + 4} bytes, expected {nbytes}"):
-        chunkio.read_file(path, out, direct=direct)  # read as if it had no checksum
+        chunk_reads.read_file(path, out, direct=direct)  # read as if it had no checksum
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -624,7 +620,7 @@ def test_one_changed_byte_anywhere_fails_the_check(tmp_path, direct, where):
         handle.seek(position)
         handle.write(bytes([byte ^ 0x40]))
     with pytest.raises(StoreCorruptError, match="fails its CRC32C check"):
-        chunkio.read_file(path, buffers.aligned_empty(nbytes), direct=direct, checksum=True)
+        chunk_reads.read_file(path, buffers.aligned_empty(nbytes), direct=direct, checksum=True)
 
 
 # ------------------------------------------- queued (native AIO) staged writes
@@ -901,7 +897,7 @@ def test_a_checked_direct_read_is_queued_and_checksums_pieces_while_others_are_r
     submitted: list[tuple[int, int]] = []
     in_flight_at_crc: list[int] = []
     contexts: list[aio.Context] = []
-    real_submit, real_extend = aio.Context.submit_read, chunkio.crc32c_extend
+    real_submit, real_extend = aio.Context.submit_read, chunk_reads.crc32c_extend
 
     def submit_read(ctx, fd, address, size, offset, tag):
         real_submit(ctx, fd, address, size, offset, tag)
@@ -913,9 +909,9 @@ def test_a_checked_direct_read_is_queued_and_checksums_pieces_while_others_are_r
         return real_extend(crc, piece)
 
     monkeypatch.setattr(aio.Context, "submit_read", submit_read)
-    monkeypatch.setattr(chunkio, "crc32c_extend", extend)
+    monkeypatch.setattr(chunk_reads, "crc32c_extend", extend)
     out = aligned_empty(nbytes)
-    chunkio.read_file(path, out, direct=True, checksum=True)
+    chunk_reads.read_file(path, out, direct=True, checksum=True)
     assert torch.equal(out, data)
     whole = nbytes - nbytes % PAGE
     assert sorted(submitted) == [(o, min(PIECE, whole - o)) for o in range(0, whole, PIECE)]

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import buffers, chunkio
+from . import buffers, chunk_reads, chunkio
 
 __all__ = ["DiskSpeed", "probe"]
 
@@ -64,7 +64,7 @@ def probe(directory: str | Path, *, seconds: float, threads: int) -> DiskSpeed:
                 for name in names[slot::threads]:
                     if time.perf_counter() >= deadline:
                         break
-                    chunkio.read_file(name, buffer, direct=direct)
+                    chunk_reads.read_file(name, buffer, direct=direct)
                     done += FILE_BYTES
             return done
 

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..errors import StoreCorruptError, StoreError, StoreFormatError
-from . import chunkio, dtypes, failures, owners
+from . import chunk_reads, chunkio, dtypes, failures, owners
 from .buffers import STAGING_BYTES, BufferPool, SharedBuffers, StagingBuffers
 from .store_format import (
     ATTRS_KEY,
@@ -369,13 +369,13 @@ class Store:
             if nbytes == 0:
                 raw = torch.empty(0, dtype=torch.uint8)
             elif mapped:
-                mapping = chunkio.map_file(path, nbytes + (4 if checked else 0))
+                mapping = chunk_reads.map_file(path, nbytes + (4 if checked else 0))
                 raw = mapping[:nbytes]
                 if checked:
-                    chunkio.check_crc(path, bytes(mapping[nbytes:].numpy()), raw)
+                    chunk_reads.check_crc(path, bytes(mapping[nbytes:].numpy()), raw)
             else:
                 raw = self._buffers.take(nbytes, pin=pin)
-                chunkio.read_file(path, raw, direct=self.direct, checksum=checked)
+                chunk_reads.read_file(path, raw, direct=self.direct, checksum=checked)
         except StoreCorruptError as error:
             raise failures.io_error(error, f"tensor {name}", self.path) from None
         except OSError as error:
