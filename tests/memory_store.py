@@ -19,6 +19,7 @@ class MemoryStore:
     """Arrays as (bytes, shape, dtype) in a dict; safe to call from several I/O threads."""
 
     keep = False
+    syncs_background_writes = False  # memory has no power loss to survive
 
     def __init__(self, path: Path) -> None:
         self.path = path  # named in messages only; nothing is made there

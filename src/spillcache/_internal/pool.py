@@ -193,7 +193,8 @@ class SharedPool:
         store = record.tenant.store_on(record.disk)
         error: BaseException | None = None
         try:
-            store.write_tensor(record.array, tensor, owner=record.owner)
+            durable = store.syncs_background_writes  # a kept store's, by default
+            store.write_tensor(record.array, tensor, owner=record.owner, durable=durable)
             self.placement.disk.landed(record.rid)  # free-space readings show it from now
         except BaseException as caught:  # reported to the caller, never lost on this thread
             error = caught

@@ -54,6 +54,8 @@ class TensorStore(Protocol):
 
     path: Path
     keep: bool  # a kept store (keep_store): no signal, sweep or plain gc removes it
+    # An I/O thread's write is fsync'd as it lands (pool passes durable=True)
+    syncs_background_writes: bool
 
     def write_tensor(
         self,
@@ -137,12 +139,18 @@ class Store:
         self.unsynced = Unsynced(path)  # a kept store's writes not yet fsync'd
 
     keep = False  # made for keep_store: no signal, sweep or plain gc removes it
-    # Where a kept store pays for durability (docs/benchmarks.md, "What durable flushes
-    # cost", compares the two): True, each background write fsyncs its files and its
-    # directory as it lands, on its I/O thread, behind the caller's compute; False, they
-    # land without an fsync and the next flush() or close fsyncs them all
-    # (``sync_written``), which makes flush() itself take longer.
+    # Where a kept store pays for the durability of its background writes
+    # (docs/benchmarks.md, "What durable flushes cost", compares the two): True, each
+    # fsyncs its files and its directory as it lands, on its I/O thread, behind the
+    # caller's compute; False, they land without an fsync and the next flush() or close
+    # fsyncs them all (``sync_written``), which makes flush() itself take longer. What
+    # flush() and close write themselves is synced together by ``sync_written``.
     sync_on_write = True
+
+    @property
+    def syncs_background_writes(self) -> bool:
+        """Whether an I/O thread's write into this store is fsync'd as it lands."""
+        return self.keep and self.sync_on_write
 
     # ------------------------------------------------------------ lifecycle
 
@@ -310,10 +318,11 @@ class Store:
     ) -> None:
         """Store a CPU tensor as array ``tensors/<name>``.
         ``owner``: the (batch, key) it was stored under, recorded in its attributes so
-        that the array says what it is even where no batch structure names it."""
+        that the array says what it is even where no batch structure names it.
+        ``durable``: its files and directory fsync'd now; else, in a kept store, listed
+        for the next ``sync_written``."""
         directory = self._array_dir(name)
         metadata_path = directory / "zarr.json"
-        durable = durable or (self.keep and self.sync_on_write)
         shape = tuple(tensor.shape)
         metadata = array_metadata_text(shape, tensor.dtype, self.checksum, owner)
         partial: list[Path] = []  # zarr.json under its .partial name, once written
