@@ -323,6 +323,7 @@ def llmcompressor_oneshot_awq(data: dict) -> list[str]:
 # have no published JSON yet; they render once a rerun publishes it and the doc marks it.
 TABLES: dict[str, Callable[[dict], list[str]]] = {
     "disk_throughput": disk_throughput,
+    "disk_throughput_prefetch4": disk_throughput,
     "flush_durability": flush_durability,
     "reads_beside_a_checksum": reads_beside_a_checksum,
     "flush_durability_compute": flush_durability,
