@@ -56,8 +56,8 @@ class MemoryStore:
     def write_root_attributes(self, *, complete, num_batches, durable=False, flush=None):
         self.root = {"complete": complete, "num_batches": num_batches, "flush": flush}
 
-    def sync_written(self) -> int:
-        return 0  # memory has no power loss to survive
+    def sync_written(self) -> None:
+        pass  # memory has no power loss to survive
 
     def close(self) -> None:
         self.closed = True

@@ -393,14 +393,6 @@ def recorded(tmp_path_factory, request) -> Recorded:
 # ---------------------------------------------------------------------- the tests
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_the_recorder_sees_what_write_file_makes_durable(tmp_path):
     """The harness itself: a file chunkio writes with durable=True survives a power loss
     (its directory's own entry fsynced as well), one written with durable=False does
@@ -416,7 +408,7 @@ def test_the_recorder_sees_what_write_file_makes_durable(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         recorder.install(patch)
         (disk / "d").mkdir()
-        _fsync_directory(disk)
+        chunkio.fsync_directory(disk)
         recorder.mark("made")
         chunkio.write_file(disk / "d" / "kept", data, direct=direct, staging=None, durable=True)
         recorder.mark("durable")
@@ -424,7 +416,7 @@ def test_the_recorder_sees_what_write_file_makes_durable(tmp_path):
         recorder.mark("not durable")
         shutil.rmtree(disk / "d")
         recorder.mark("removed")
-        _fsync_directory(disk)
+        chunkio.fsync_directory(disk)
         recorder.mark("removal durable")
     assert os.open is real_open, "the wrappers outlived the context"
     trace = recorder.trace

@@ -22,7 +22,7 @@ from ..errors import StoreCorruptError
 from . import aio
 from .buffers import PAGE, aligned_empty, round_up
 from .chunkio import check_bytes
-from .store_format import crc32c_extend
+from .store_format import CRC32C_BYTES, chunk_bytes, crc32c_extend
 
 __all__ = ["CHECKED_PIECE", "check_crc", "map_file", "read_file"]
 
@@ -108,8 +108,8 @@ def _read_queued_checked(ctx: aio.Context, fd: int, out: torch.Tensor, path: Pat
             if result < 0:
                 raise OSError(-result, f"read at offset {offset}: {os.strerror(-result)}")
             if result < nbytes:  # short: the rest synchronously (EOF: the file shrank)
-                total = out.numel() + 4
-                _read_range(fd, out, path, offset + result, offset + nbytes, total, direct=True)
+                expected = chunk_bytes(out.numel(), checksum=True)
+                _read_range(fd, out, path, offset + result, offset + nbytes, expected, True)
             landed.add(offset)
             submit_next()
         while checked in landed:
@@ -150,7 +150,7 @@ def read_file(path: Path, out: torch.Tensor, *, direct: bool, checksum: bool = F
     check_bytes(out, "out")
     path = Path(path)
     nbytes = out.numel()
-    trailer = 4 if checksum else 0
+    trailer = CRC32C_BYTES if checksum else 0
     if direct and nbytes and out.data_ptr() % PAGE:
         raise ValueError(
             f"read_file(direct=True) needs a {PAGE}-byte aligned tensor; "
@@ -186,7 +186,7 @@ def check_crc(path: Path, stored: bytes, data: torch.Tensor) -> None:
 
 
 def _check_crc(path: Path, stored: bytes, crc: int) -> None:
-    if stored != crc.to_bytes(4, "little"):
+    if stored != crc.to_bytes(CRC32C_BYTES, "little"):
         raise StoreCorruptError(
             f"chunk file {path} fails its CRC32C check: its bytes changed after they were "
             "written"

@@ -181,7 +181,7 @@ def read_array(root: str | os.PathLike[str], name: str) -> ArrayInfo:
     info = _array_fields(name, metadata, where)
     if info.nbytes:
         size = _chunk_size(root, directory / store_format.chunk_name(len(info.shape)), where)
-        expected = info.nbytes + (4 if info.checksum else 0)
+        expected = store_format.chunk_bytes(info.nbytes, info.checksum)
         if size != expected:
             raise _corrupt(
                 where,

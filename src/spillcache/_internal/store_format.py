@@ -53,6 +53,8 @@ __all__ = [
     "array_ref",
     "batch_attributes",
     "batch_dir",
+    "CRC32C_BYTES",
+    "chunk_bytes",
     "chunk_name",
     "crc32c",
     "crc32c_extend",
@@ -135,6 +137,7 @@ def _fill_value(data_type: str) -> Any:
 
 
 CRC32C_CODEC = {"name": "crc32c"}
+CRC32C_BYTES = 4  # the codec's trailer: a chunk file's last bytes, after the data
 
 
 def array_metadata(shape: tuple[int, ...], dtype: torch.dtype, checksum: bool = False) -> dict:
@@ -192,10 +195,15 @@ def group(attributes: dict | None = None) -> dict:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
 
 
+def chunk_bytes(nbytes: int, checksum: bool) -> int:
+    """The size of the chunk file of an array of ``nbytes`` (with its CRC32C, if any)."""
+    return nbytes + (CRC32C_BYTES if checksum else 0)
+
+
 def crc32c(data: torch.Tensor) -> bytes:
     """zarr's crc32c codec: CRC-32C of the chunk's bytes (1-D uint8, CPU, contiguous),
     4 bytes little-endian."""
-    return crc32c_extend(0, data).to_bytes(4, "little")
+    return crc32c_extend(0, data).to_bytes(CRC32C_BYTES, "little")
 
 
 def crc32c_extend(crc: int, data: torch.Tensor) -> int:

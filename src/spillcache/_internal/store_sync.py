@@ -13,15 +13,15 @@ mount point).
 
 ``Unsynced`` keeps that list for one store: the background writes add the arrays
 they land (``written``, from any I/O thread), and ``sync`` fsyncs what is listed, from
-the thread that flushes or closes. A store that fsyncs each write as it lands (see
-``Store.sync_on_write``) lists nothing but its skeleton.
+the thread that flushes or closes; so do flush and close for what they write themselves.
+Where the I/O threads fsync each write as it lands (``Store.syncs_background_writes``),
+only flush's and close's own writes are listed.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from .chunkio import fsync_directory, fsync_file
@@ -38,66 +38,58 @@ class Unsynced:
         self._path = path
         self._lock = threading.Lock()
         self._arrays: set[str] = set()  # guarded by _lock
-        self._skeleton = True  # the directories not yet fsync'd since the store was made
+        # The directories not yet fsync'd since the store was made (the syncing thread's)
+        self._skeleton = True
 
     def written(self, name: str) -> None:
         """Array ``name`` was written (whole, renamed into place) without an fsync."""
         with self._lock:
             self._arrays.add(name)
 
-    def sync(self) -> int:
-        """fsync every array written since the last call (its chunk, its ``zarr.json``,
-        its directory), then ``tensors/``, and the skeleton the first time; how many
-        fsyncs that took. On an error the arrays stay listed for the next call."""
+    def sync(self) -> None:
+        """fsync every array written since the last call (its files, then its
+        directory), then ``tensors/``, and the skeleton the first time. On an error the
+        arrays stay listed for the next call."""
         with self._lock:
             arrays, self._arrays = self._arrays, set()
-        done = 0
         try:
             for name in sorted(arrays):
-                done += _sync_array(tensors_dir(self._path) / name)
+                _sync_array(tensors_dir(self._path) / name)
             if self._skeleton:
-                done += sum(1 for _ in _sync_skeleton(self._path))
+                _sync_skeleton(self._path)  # tensors/ among the rest
                 self._skeleton = False
             else:
                 fsync_directory(tensors_dir(self._path))
-                done += 1
         except BaseException:
             with self._lock:
                 self._arrays |= arrays
             raise
-        return done
 
 
-def _sync_array(directory: Path) -> int:
-    """fsync one array's files, then its directory (their entries); 0 if it is gone
-    (deleted since: no structure names it)."""
-    count = 0
+def _sync_array(directory: Path) -> None:
+    """fsync one array's files, then its directory (their entries); nothing if it is
+    gone (deleted since: no structure names it)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return 0
+        return
     for name in names:
         if not name.endswith(".partial"):  # a write cut short: no structure names it
             try:
                 fsync_file(directory / name)
             except FileNotFoundError:
                 continue
-            count += 1
     fsync_directory(directory)
-    return count + 1
 
 
-def _sync_skeleton(path: Path) -> Iterator[Path]:
+def _sync_skeleton(path: Path) -> None:
     """fsync the groups' ``zarr.json``, the group directories, the store root, and the
     directories above it on the same file system (the store's own entry and those of
-    the run and rank directories made for it), yielding each path synced."""
+    the run and rank directories made for it)."""
     for group in (TENSORS, BATCHES):
         fsync_file(path / group / "zarr.json")
-        yield path / group / "zarr.json"
         fsync_directory(path / group)
-        yield path / group
     fsync_directory(path)
-    yield path
     device = os.stat(path).st_dev
     directory = path.parent
     while True:
@@ -107,7 +99,6 @@ def _sync_skeleton(path: Path) -> Iterator[Path]:
             fsync_directory(directory)
         except PermissionError:
             return  # a directory this user cannot open was not made for the store
-        yield directory
         if directory.parent == directory:
             return
         directory = directory.parent

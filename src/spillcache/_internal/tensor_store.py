@@ -36,6 +36,7 @@ from .store_format import (
     array_metadata_text,
     batch_attributes,
     batch_dir,
+    chunk_bytes,
     chunk_name,
     crc32c,
     group,
@@ -98,9 +99,9 @@ class TensorStore(Protocol):
     ) -> None:
         """Record the store's state; written last, it completes a flush."""
 
-    def sync_written(self) -> int:
+    def sync_written(self) -> None:
         """Make what was written so far durable before structures name it (a kept
-        store's flush and close); how many fsyncs that took."""
+        store's flush and close)."""
 
     def close(self) -> None:
         """Free the store's memory; what it holds stays."""
@@ -279,13 +280,13 @@ class Store:
             state["flush"] = flush
         _write_json(self.path / "zarr.json", group({ATTRS_KEY: state}), durable)
 
-    def sync_written(self) -> int:
+    def sync_written(self) -> None:
         """A kept store's flush or close, before it commits structures: fsync every
-        array written since the last call, and the store's directories the first
-        time (store_sync.py); how many fsyncs it took. A failed fsync is a StoreError
-        naming the store (what it could not sync is synced again by the next call)."""
+        array written since the last call without an fsync, and the store's directories
+        the first time (store_sync.py). A failed fsync is a StoreError naming the store
+        (what it could not sync is synced again by the next call)."""
         try:
-            return self.unsynced.sync()
+            self.unsynced.sync()
         except OSError as error:
             what = f"cannot make what was written to {self.path} durable (fsync)"
             raise failures.io_error(error, what, self.path) from error
@@ -378,7 +379,7 @@ class Store:
             if nbytes == 0:
                 raw = torch.empty(0, dtype=torch.uint8)
             elif mapped:
-                mapping = chunk_reads.map_file(path, nbytes + (4 if checked else 0))
+                mapping = chunk_reads.map_file(path, chunk_bytes(nbytes, checked))
                 raw = mapping[:nbytes]
                 if checked:
                     chunk_reads.check_crc(path, bytes(mapping[nbytes:].numpy()), raw)

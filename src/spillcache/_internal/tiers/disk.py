@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
+from ..store_format import chunk_bytes
 from .budget import BudgetedTier
 
 __all__ = ["DiskTier", "Reading", "footprint"]
@@ -21,7 +22,7 @@ def footprint(nbytes: int) -> int:
     """Disk space one array of ``nbytes`` may take: its chunk file (with a checksum
     trailer) rounded up to whole blocks, plus its directory, its zarr.json and that
     file's ``.partial`` twin while it is renamed into place."""
-    return -(-(nbytes + 4) // _BLOCK) * _BLOCK + 3 * _BLOCK
+    return -(-chunk_bytes(nbytes, checksum=True) // _BLOCK) * _BLOCK + 3 * _BLOCK
 
 
 class Reading(NamedTuple):
