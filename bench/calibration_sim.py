@@ -67,6 +67,7 @@ from common import (
     verdict,
 )
 from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal.plan import host_bytes_for_tier
 
 TARGET_RAM, TARGET_LIMIT, TARGET_READS = 1.05, 1.15, 0.05  # the last: |ratio - (1-C/N)|
 
@@ -122,7 +123,9 @@ def run_mode(mode: str, args, base, biases, spill_dir: Path) -> tuple[list[dict]
         for policy in args.policies.split(","):
             try:
                 config = CacheConfig(
-                    host_bytes=int(fraction * args.total),
+                    # A host tier of this share of the cached bytes: host_bytes holds it
+                    # and the parts for values in transit.
+                    host_bytes=host_bytes_for_tier(int(fraction * args.total), args.write_behind),
                     disk_path=str(spill_dir),
                     inline_bytes=0,
                     prefetch_depth=args.prefetch_depth,

@@ -50,6 +50,7 @@ from spillcache._internal.demo import (
     identical,
     reference_config,
 )
+from spillcache._internal.plan import host_bytes_for_tier
 
 MiB = 2**20
 
@@ -147,8 +148,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="spillcache-demo-budgets-", dir=args.dir))
     runs = [("all in RAM, no disk tier", None, reference_config(cached))]
     for fraction in fractions:
-        budget = int(fraction * cached)
-        config = CacheConfig(host_bytes=budget, disk_path=str(work))
+        budget = int(fraction * cached)  # the host tier's; host_bytes also holds the
+        # write-behind and read parts ("auto"), as the demo's default does
+        config = CacheConfig(host_bytes=host_bytes_for_tier(budget), disk_path=str(work))
         runs.append((label(fraction), budget, config))
 
     print(

@@ -148,20 +148,34 @@ def flush_durability(data: dict) -> list[str]:
     return markdown([*header, "flush() s", "fsyncs"], rows)
 
 
-def memory_peak(data: dict) -> list[str]:
-    """bench/memory_peak.py: the RSS the cache added against its stated bound, per host
-    budget and glibc setting (one run: one write-behind and read-buffer budget)."""
-    mib = 2**20
-    buffers = f"{data['write_behind_bytes'] // mib} / {data['read_buffer_bytes'] // mib} MiB"
-    malloc = {"default": "glibc default", "mmap": "`MALLOC_MMAP_THRESHOLD_=1048576`"}
+def host_memory(data: dict) -> list[str]:
+    """bench/host_memory.py: RSS high-water growth against host_bytes + 48 MiB, per
+    scenario, for this code and (with --before) the code before the arena."""
     rows = []
     for row in data["rows"]:
-        host = "0" if row["host MiB"] == 0 else f"{fixed(row['host MiB'], 0)} MiB"
-        within = f"{fixed(row['added/bound'], 2)} {row['within']}"
-        added, bound = fixed(row["added MiB"], 0), fixed(row["bound MiB"], 0)
-        rows.append([host, buffers, malloc[row["malloc"]], added, bound, within])
-    header = ["host budget", "write-behind / read buffers", "malloc", "added MiB", "bound MiB"]
-    return markdown([*header, "added / bound"], rows)
+        growth = f"{fixed(row['growth MiB'], 1)} / {fixed(row['limit MiB'], 0)}"
+        ratio = strong(f"{fixed(row['growth / limit'], 2)} {row['verdict']}", row["code"] == "this")
+        worst = row["worst fragmentation"]
+        fragments = "-" if worst is None else f"{row['fragmented takes']} / {fixed(worst, 2)}"
+        overflows = "-" if row["overflows"] is None else str(row["overflows"])
+        code = {"this": "arena", "before": "before (e59192e)"}.get(row["code"], row["code"])
+        rows.append(
+            [
+                row["scenario"],
+                code,
+                fixed(row["host MiB"], 0),
+                growth,
+                ratio,
+                fixed(row["fill growth MiB"], 1),
+                str(row["values wrong"]),
+                overflows,
+                fragments,
+                fixed(row["seconds"], 1),
+            ]
+        )
+    header = ["scenario", "code", "host_bytes MiB", "growth / limit MiB", "ratio"]
+    more = ["growth after fill MiB", "values wrong", "overflows", "fragmented takes / worst"]
+    return markdown([*header, *more, "s"], rows)
 
 
 def two_disks(data: dict) -> list[str]:
@@ -328,8 +342,8 @@ TABLES: dict[str, Callable[[dict], list[str]]] = {
     "reads_beside_a_checksum": reads_beside_a_checksum,
     "flush_durability_compute": flush_durability,
     "two_disks": two_disks,
-    "memory_peak": memory_peak,
-    "memory_peak_64mib": memory_peak,
+    "host_memory": host_memory,
+    "host_memory_32g": host_memory,
     "calibration_sim": calibration_sim,
     "overhead": overhead,
     "demo_budgets": demo_budgets,

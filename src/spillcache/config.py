@@ -146,8 +146,11 @@ class CacheConfig:
     - ``device_bytes``: budget for values kept on an accelerator. ``"auto"`` means 0
       when values are offloaded to the CPU (the stock behaviour) and no limit when
       ``offload_device`` is None or an accelerator (values stay where they are).
-    - ``host_bytes``: budget of the host (CPU RAM) tier. ``"auto"`` is half of the
-      RAM available when the cache is created.
+    - ``host_bytes``: all the host memory the caches of this config hold for tiered
+      values: one region (the pool's arena) holding the host tier, the values waiting
+      for their disk write and the values read back. ``"auto"`` is half of the RAM
+      available when the cache is created. 0: no region (values in transit use
+      ordinary memory, unbounded; for tests).
     - ``disk_path``: directory in which each cache creates its store; ``None`` turns
       the disk tier off. ``"auto"`` is the system temp directory (``$TMPDIR``). A list
       of directories (one per drive; ``SPILLCACHE_DISK_PATH`` separates them with
@@ -164,10 +167,12 @@ class CacheConfig:
       page cache (``False``), or O_DIRECT where the filesystem allows it (``"auto"``).
     - ``read_mode``: ``"copy"`` reads spilled values into memory; ``"mmap"`` maps them
       (zero-copy, for CPU model devices whose caller only reads them).
-    - ``write_behind_bytes``: bytes of spilled values that may wait in RAM for their
-      disk write; ``update`` and ``pin_memory`` wait (backpressure) while more are in flight.
-    - ``read_buffer_bytes``: memory kept for reading spilled values back, reused once
-      the caller no longer holds a value read into it (0: allocate every read).
+    - ``write_behind_bytes``: the part of ``host_bytes`` for spilled values waiting
+      for their disk write; ``update`` and ``pin_memory`` wait (backpressure) while
+      more are in flight. ``"auto"``: an eighth of ``host_bytes``, at most 512 MiB.
+    - ``read_buffer_bytes``: the part of ``host_bytes`` kept for values read back from
+      disk and values being copied in. ``"auto"``: as ``write_behind_bytes``. The host
+      tier holds what the two leave of ``host_bytes``.
     - ``io_threads``: background threads doing disk I/O and prefetch (at least 1).
     - ``checksum``: store a CRC32C with every chunk (zarr's crc32c codec) and check it
       on every read, so a damaged chunk is an error instead of wrong data (the default).
@@ -196,8 +201,8 @@ class CacheConfig:
     keep_store: bool = False
     direct_io: bool | str = AUTO
     read_mode: str = "copy"
-    write_behind_bytes: int = 256 * 2**20
-    read_buffer_bytes: int = 256 * 2**20
+    write_behind_bytes: int | str = AUTO
+    read_buffer_bytes: int | str = AUTO
     io_threads: int = 3
     checksum: bool = True
     budget_scope: str = "node"
@@ -205,7 +210,7 @@ class CacheConfig:
     remove_dead_stores: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("device_bytes", "host_bytes"):
+        for name in ("device_bytes", "host_bytes", "write_behind_bytes", "read_buffer_bytes"):
             self._set(name, _auto_or(getattr(self, name), lambda v, n=name: parse_size(n, v)))
         self._set("disk_path", self._checked_disk_path(self.disk_path))
         if self.disk_bytes is not None and not _is_none_text(self.disk_bytes):
@@ -225,8 +230,6 @@ class CacheConfig:
             _parse_choice("budget_scope", self.budget_scope, BUDGET_SCOPES, "scope"),
         )
         self._set("direct_io", _auto_or(self.direct_io, lambda v: _parse_bool("direct_io", v)))
-        self._set("write_behind_bytes", parse_size("write_behind_bytes", self.write_behind_bytes))
-        self._set("read_buffer_bytes", parse_size("read_buffer_bytes", self.read_buffer_bytes))
         self._set("io_threads", _parse_count("io_threads", self.io_threads))
         if self.io_threads < 1:
             raise ConfigError("io_threads: must be 1 or more, got 0")

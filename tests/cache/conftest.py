@@ -28,12 +28,17 @@ from __future__ import annotations
 import pytest
 
 from spillcache import CacheConfig, IntermediatesCache
+from spillcache.config import parse_size
 
-# All in RAM; host tier tiny (most values spilled); host tier zero (everything spilled);
-# host tier zero with the default inline_bytes (small tensors stay with their entry).
+# All in RAM; host tier tiny (most values spilled, every value through the pool's
+# arena: copied into a slot, written from it, read back into one); no arena at all
+# (host_bytes = 0: everything spilled, from and into ordinary memory); that with the
+# default inline_bytes (small tensors stay with their entry).
 PLACEMENTS = {
     "ram": dict(host_bytes="1GiB", disk_path=None, inline_bytes=0),
-    "tiny": dict(host_bytes=4096, inline_bytes=0),
+    "tiny": dict(
+        host_tier=4096, write_behind_bytes="2MiB", read_buffer_bytes="2MiB", inline_bytes=0
+    ),
     "zero": dict(host_bytes=0, inline_bytes=0),
     "inline": dict(host_bytes=0),
 }
@@ -92,6 +97,10 @@ def make_cache(placement, mode, tmp_path):
         undone = sorted(set(overrides) & set(mode_settings))
         assert not undone, f"the override of {undone} undoes mode {mode!r}"
         settings = {**PLACEMENTS[placement], **mode_settings}
+        if "host_tier" in settings:  # host_bytes: the tier and the parts the mode leaves
+            parts = [settings[name] for name in ("write_behind_bytes", "read_buffer_bytes")]
+            tier = settings.pop("host_tier")
+            settings["host_bytes"] = tier + sum(parse_size("part", part) for part in parts)
         if settings.get("disk_path", "auto") == "auto":
             settings["disk_path"] = str(tmp_path / "spill")
         settings.update(overrides)

@@ -219,11 +219,16 @@ def test_from_dataloader_onloads_to_model_device(tmp_path):
 
 
 def test_offload_device_none_keeps_values_where_they_are(tmp_path):
+    # On the CPU: in host memory, so in the pool's arena (a copy: the caller's tensor
+    # is theirs to free), on the device the value came from.
     config = CacheConfig(host_bytes="1GiB", disk_path=str(tmp_path))
     with IntermediatesCache(None, offload_device=None, config=config) as cache:
         x = big(1)
         cache.append({"x": x})
-        assert cache.fetch(0)["x"].data_ptr() == x.data_ptr()
+        got = cache.fetch(0)["x"]
+        assert got.device == x.device and got.data_ptr() != x.data_ptr()
+        assert_same(got, x)
+        assert cache._core.pool.arena.holds(got)
 
 
 def test_bad_offload_device_and_config_are_refused():

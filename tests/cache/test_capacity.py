@@ -12,6 +12,16 @@ from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesC
 from spillcache._internal.tensor_store import Store
 
 KIB64 = (64, 256)  # 64 KiB of float32
+VALUE = 64 * 1024  # bytes of one KIB64 tensor
+
+
+def one_value_tier(reads: int = 1) -> dict:
+    """Sizes for a host tier of one KIB64 value: host_bytes holds the tier and, besides
+    it, the parts for one value waiting for its disk write and for ``reads`` values read
+    back or copied in (a tensor the caller holds from fetch keeps its room)."""
+    return dict(
+        host_bytes=(2 + reads) * VALUE, write_behind_bytes=VALUE, read_buffer_bytes=reads * VALUE
+    )
 
 
 def make(tmp_path, **settings) -> IntermediatesCache:
@@ -32,7 +42,9 @@ def assert_unchanged(cache: IntermediatesCache, before: list[dict]) -> None:
 
 
 def test_full_disk_budget_refuses_update_and_keeps_everything(tmp_path):
-    with make(tmp_path, host_bytes="64KiB", disk_bytes="128KiB") as cache:
+    # The two values on disk read back twice over, held by both snapshots at once.
+    with make(tmp_path, **one_value_tier(reads=4), disk_bytes="128KiB") as cache:
+        assert cache.stats()["host"]["budget"] == VALUE
         for index in range(3):  # 64 KiB in host + 128 KiB on disk: exactly full
             cache.update(index, {"h": random_tensor(torch.float32, KIB64, index)})
         before = snapshot(cache)
@@ -62,7 +74,7 @@ def test_failed_replacement_keeps_the_old_value(tmp_path):
 
 
 def test_tensor_larger_than_every_tier(tmp_path):
-    with make(tmp_path, host_bytes="64KiB", disk_bytes="64KiB") as cache:
+    with make(tmp_path, **one_value_tier(), disk_bytes="64KiB") as cache:
         with pytest.raises(CapacityError):
             cache.append({"h": random_tensor(torch.float32, (128, 256), 0)})
         assert len(cache) == 4  # the failed append added no batch
@@ -70,8 +82,9 @@ def test_tensor_larger_than_every_tier(tmp_path):
 
 
 def test_no_disk_tier_and_full_host_names_the_fix(tmp_path):
-    config = CacheConfig(host_bytes="64KiB", inline_bytes=0, disk_path=None)
+    config = CacheConfig(**one_value_tier(), inline_bytes=0, disk_path=None)
     with IntermediatesCache.empty(2, "cpu", config=config) as cache:
+        assert cache.stats()["host"]["budget"] == VALUE
         cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
         with pytest.raises(CapacityError, match="disk_path"):
             cache.update(1, {"h": random_tensor(torch.float32, KIB64, 1)})
@@ -94,7 +107,10 @@ def report_free(monkeypatch, free: int) -> None:
 
 
 def test_disk_write_error_is_raised_by_flush_and_loses_nothing(tmp_path, monkeypatch):
-    with make(tmp_path, host_bytes="64KiB") as cache:
+    # Room for two values read back or copied in: the value whose write failed stays in
+    # host_bytes (over the tier's budget) meanwhile.
+    with make(tmp_path, **one_value_tier(reads=2)) as cache:
+        assert cache.stats()["host"]["budget"] == VALUE
         report_free(monkeypatch, 2**30)
         cache.update(0, {"h": random_tensor(torch.float32, KIB64, 0)})
         with monkeypatch.context() as failing:

@@ -15,11 +15,18 @@ from pathlib import Path
 import pytest
 
 from spill_testing import console_script
-from spillcache import cli
+from spillcache import CacheConfig, cli
 from spillcache._internal import demo
+from spillcache._internal.resolved import transit_bytes
 from spillcache._internal.text import format_bytes
 
 SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()
+KiB = 2**10
+# The parts of host_bytes for values on their way to and from disk, set for every run:
+# two 64 KiB hidden states each ("auto", an eighth of these small host_bytes, is less
+# than one). A host tier of 128 KiB is then --host-bytes 384KiB.
+PART = 128 * KiB
+PARTS = 2 * PART
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -33,6 +40,8 @@ def environment(monkeypatch, tmp_path):
     for name in [name for name in os.environ if name.startswith("SPILLCACHE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("SPILLCACHE_DISK_PATH", str(tmp_path))
+    monkeypatch.setenv("SPILLCACHE_WRITE_BEHIND_BYTES", str(PART))
+    monkeypatch.setenv("SPILLCACHE_READ_BUFFER_BYTES", str(PART))
 
 
 def tier_table(stdout: str) -> dict[str, list[str]]:
@@ -57,11 +66,13 @@ def summary_value(stdout: str, name: str) -> str:
 
 def test_demo_spills_and_matches_the_all_in_ram_run():
     # 64 KiB per hidden state: not below the default inline_bytes, so each one is tiered.
-    done = run("demo", *SMALL, "--host-bytes", "128KiB")
+    done = run("demo", *SMALL, "--host-bytes", "384KiB")
     assert done.returncode == 0, done.stderr
     assert "bit for bit: yes" in done.stdout
     assert summary_value(done.stdout, "written to disk") != "0 B", done.stdout
-    assert summary_value(done.stdout, "host budget").startswith("128.0 KiB")
+    # host_bytes is all of it; the host tier what the two parts leave of it.
+    assert summary_value(done.stdout, "host memory").startswith("384.0 KiB (host_bytes")
+    assert summary_value(done.stdout, "host tier") == "128.0 KiB (20% of the activations)"
     assert set(tier_table(done.stdout)) == {"device", "host", "write-behind", "disk"}
 
 
@@ -74,7 +85,7 @@ def test_summary_shows_each_tiers_hits_and_misses_from_stats(monkeypatch, capsys
 
     run_demo = demo.run_demo
     monkeypatch.setattr(demo, "run_demo", recorded)
-    assert cli.main(["demo", *SMALL, "--host-bytes", "128KiB"]) == 0
+    assert cli.main(["demo", *SMALL, "--host-bytes", "384KiB"]) == 0
     out = capsys.readouterr().out
     (result,) = results
     stats = result.stats
@@ -84,6 +95,12 @@ def test_summary_shows_each_tiers_hits_and_misses_from_stats(monkeypatch, capsys
         assert table[name][2] == format_bytes(stats[name]["bytes"])
     assert table["write-behind"][:2] == [str(stats["write_behind"]["hits"]), "-"]
     assert table["host"][3] == "128.0 KiB" and table["disk"][3] == "no limit"
+    assert table["write-behind"][3] == format_bytes(PART)
+    assert result.host_bytes == 384 * KiB == stats["host"]["budget"] + PARTS
+    assert summary_value(out, "host memory") == (
+        "384.0 KiB (host_bytes: the host tier, and 256.0 KiB for values on their way to and "
+        "from disk)"
+    )
     # Figures of this run, not made up: every read of a hidden state (64 KiB, tiered; the
     # 16 KiB masks stay inline) is a host hit or miss, 2 passes of 8 batches for each of
     # 3 layers, and every host miss is served by the write-behind area or the disk.
@@ -112,11 +129,33 @@ def test_a_host_budget_above_the_activations_spills_nothing(capsys):
     assert tier_table(out)["disk"][:2] == ["0", "0"]
 
 
-def test_default_host_budget_is_a_quarter_of_the_activations(capsys):
+def test_default_host_tier_is_a_quarter_of_the_activations(capsys):
+    """host_bytes by default: a host tier of a quarter, and the parts set beside it."""
     assert cli.main(["demo", *SMALL]) == 0
     quarter = demo.activation_bytes(8, 128, 128) // 4
     out = capsys.readouterr().out
-    assert summary_value(out, "host budget") == f"{format_bytes(quarter)} (25% of the activations)"
+    assert summary_value(out, "host tier") == f"{format_bytes(quarter)} (25% of the activations)"
+    assert summary_value(out, "host memory").startswith(f"{format_bytes(quarter + PARTS)} (")
+
+
+@pytest.mark.parametrize(
+    "sizes", [(8, 128, 128), tuple(demo.DEFAULT_SIZES[k] for k in ("samples", "seq_len", "hidden"))]
+)
+def test_default_host_bytes_hold_a_quarter_with_auto_parts(sizes):
+    """With write_behind_bytes and read_buffer_bytes "auto" (an eighth of host_bytes each),
+    the default host_bytes is the least whose tier is exactly a quarter."""
+    quarter = demo.activation_bytes(*sizes) // 4
+    host = demo.default_host_bytes(demo.activation_bytes(*sizes))
+    assert host - 2 * transit_bytes(host) == quarter
+    assert all(h - 2 * transit_bytes(h) < quarter for h in range(host - 8, host))
+    parts = CacheConfig(write_behind_bytes="1MiB", read_buffer_bytes="2MiB")
+    assert demo.default_host_bytes(demo.activation_bytes(*sizes), parts) == quarter + 3 * 2**20
+
+
+def test_host_bytes_below_its_parts_is_one_clear_line(capsys):
+    assert cli.main(["demo", *SMALL, "--host-bytes", "128KiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "host_bytes" in err and "read_buffer_bytes" in err
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--hidden", "--layers"])
@@ -158,9 +197,14 @@ def test_demo_invalid_config_file_is_one_clear_line(tmp_path, capsys):
 
 def test_the_config_files_host_budget_is_used(tmp_path, capsys):
     file = tmp_path / "spill.toml"
-    file.write_text('host_bytes = "96KiB"\n')
+    # A host tier of 96 KiB, and the parts (the file's: it is the whole config).
+    file.write_text(
+        'host_bytes = "352KiB"\nwrite_behind_bytes = "128KiB"\nread_buffer_bytes = "128KiB"\n'
+    )
     assert cli.main(["demo", *SMALL, "--config", str(file)]) == 0
-    assert summary_value(capsys.readouterr().out, "host budget").startswith("96.0 KiB")
+    out = capsys.readouterr().out
+    assert summary_value(out, "host memory").startswith("352.0 KiB")
+    assert summary_value(out, "host tier").startswith("96.0 KiB")
 
 
 def test_run_demo_refuses_sizes_below_one():

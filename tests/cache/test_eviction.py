@@ -12,6 +12,23 @@ from spillcache import CacheConfig, IntermediatesCache
 SHAPE = (64, 64)  # 16 KiB of float32
 NBYTES = 16 * 1024
 BATCHES = 8
+# The parts of host_bytes kept for values on their way to and from disk, each room for
+# half the batches: every victim of LRU's first pass (4 of them, below) waits for its
+# write at once, as the pass promotes the batches it reads, and the batches the caller
+# holds, prefetches and updates fit the read part. The host tier is what the parts leave.
+TRANSIT = BATCHES // 2 * NBYTES
+
+
+def tiered(tmp_path, resident: int, eviction: str) -> CacheConfig:
+    """A host tier of ``resident`` batches, its write-behind and read parts besides."""
+    return CacheConfig(
+        host_bytes=resident * NBYTES + 2 * TRANSIT,
+        write_behind_bytes=TRANSIT,
+        read_buffer_bytes=TRANSIT,
+        inline_bytes=0,
+        disk_path=str(tmp_path),
+        eviction=eviction,
+    )
 
 
 def layer(x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +68,10 @@ def expected_outputs(layers: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("resident", [2, 4, 6])
 def test_scan_reads_only_the_batches_that_do_not_fit(tmp_path, resident, prefetch):
-    config = CacheConfig(
-        host_bytes=resident * NBYTES, inline_bytes=0, disk_path=str(tmp_path), eviction="scan"
-    )
+    config = tiered(tmp_path, resident, "scan")
     inputs = [random_tensor(torch.float32, SHAPE, seed).nan_to_num() for seed in range(BATCHES)]
     with IntermediatesCache([{"h": x} for x in inputs], config=config) as cache:
+        assert cache.stats()["host"]["budget"] == resident * NBYTES
         reads = run_pipeline(cache, layers=3, prefetch=prefetch)
         # Every pass misses exactly the batches beyond the resident ones: (1 - C/N).
         assert reads == [BATCHES - resident] * 6
@@ -71,11 +87,10 @@ def test_lru_misses_more_than_scan_on_a_cyclic_scan_larger_than_the_tier(tmp_pat
     when background writes finish: a value still in the write-behind area is served
     from RAM and not promoted, one already written is read back and promoted.)"""
     resident = 4
-    config = CacheConfig(
-        host_bytes=resident * NBYTES, inline_bytes=0, disk_path=str(tmp_path), eviction="lru"
-    )
+    config = tiered(tmp_path, resident, "lru")
     inputs = [random_tensor(torch.float32, SHAPE, seed).nan_to_num() for seed in range(BATCHES)]
     with IntermediatesCache([{"h": x} for x in inputs], config=config) as cache:
+        assert cache.stats()["host"]["budget"] == resident * NBYTES
         reads = run_pipeline(cache, layers=3, prefetch=prefetch)
         assert reads[0] == BATCHES  # the first pass: the 4 resident are the last 4 stored
         assert sum(reads) > 6 * (BATCHES - resident), reads  # scan's count, above

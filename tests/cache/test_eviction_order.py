@@ -20,10 +20,23 @@ ROWS, COLS = 32, 32
 NBYTES = ROWS * COLS * 4  # one slot: 4 KiB of float32
 
 
+# The parts of host_bytes for values waiting for their disk write and for values read
+# back or copied in, two values each: the victims below wait for their writes, and the
+# values read back or updated, without the region overflowing. The host tier holds the
+# rest of host_bytes: exactly the ``slots`` a test asks for.
+TRANSIT = 2 * NBYTES
+
+
 def config_for(tmp_path, slots: int, eviction: str) -> CacheConfig:
-    """A host tier of ``slots`` values; every tensor tiered, the rest on disk."""
+    """A host tier of ``slots`` values (host_bytes less the transit parts); every tensor
+    tiered, the rest on disk."""
     return CacheConfig(
-        host_bytes=slots * NBYTES, inline_bytes=0, disk_path=str(tmp_path), eviction=eviction
+        host_bytes=slots * NBYTES + 2 * TRANSIT,
+        write_behind_bytes=TRANSIT,
+        read_buffer_bytes=TRANSIT,
+        inline_bytes=0,
+        disk_path=str(tmp_path),
+        eviction=eviction,
     )
 
 

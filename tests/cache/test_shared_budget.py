@@ -14,10 +14,24 @@ SHAPE = (16, 64)  # 4 KiB of float32
 NBYTES = 16 * 64 * 4
 
 
+# The parts of host_bytes for values waiting for their disk write and for values read
+# back or copied in, three values each: the victims of the updates below wait for their
+# writes (an update waits only while more than write_behind_bytes waits, so its own
+# victims may go one value past it) and the values read back or updated meanwhile fit,
+# without the region overflowing. The host tier holds the rest of host_bytes.
+TRANSIT = 3 * NBYTES
+
+
 def config_for(tmp_path, slots: int, **settings) -> CacheConfig:
-    """A host tier of ``slots`` values; every tensor tiered."""
+    """A host tier of ``slots`` values (host_bytes less the transit parts, which every
+    cache of the pool shares too); every tensor tiered."""
     return CacheConfig(
-        host_bytes=slots * NBYTES, inline_bytes=0, disk_path=str(tmp_path), **settings
+        host_bytes=slots * NBYTES + 2 * TRANSIT,
+        write_behind_bytes=TRANSIT,
+        read_buffer_bytes=TRANSIT,
+        inline_bytes=0,
+        disk_path=str(tmp_path),
+        **settings,
     )
 
 
@@ -88,6 +102,9 @@ def test_a_cache_being_read_keeps_its_next_batches(tmp_path):
         idle.update(1, {"h": value(51)})
         assert reader.stats()["host"]["bytes"] == 3 * NBYTES
         assert idle.stats()["host"]["bytes"] == NBYTES
+        # Batch 3's write lands first: the passes read it back from disk (a value still
+        # waiting for its write is served from RAM, and promoted by no read).
+        reader.flush()
         for _ in range(2):  # two passes: the idle cache is untouched all along
             for batch, values in enumerate(reader.iter_prefetch(["h"])):
                 assert_same(values["h"], value(batch))

@@ -232,6 +232,9 @@ def test_config_shows_what_auto_and_node_sizes_come_to(tmp_path, cli):
     }  # fmt: skip
     _, table, _ = cli("config", env=ranked)
     assert "3221225472 (3.0 GiB for the node: 1.0 GiB for each of its 3 ranks)" in table
+    # "auto" parts of host_bytes come from the rank's share of it.
+    assert figures["write_behind_bytes"]["resolved"] == 2**30 // 8
+    assert "auto (= 128.0 MiB for this rank: an eighth of host_bytes, at most 512.0" in table
     assert f"this rank's stores in {tmp_path / RUN / 'rank1'}" in table
     _, out, _ = cli("config", "--json", env={**ranked, "SPILLCACHE_BUDGET_SCOPE": "rank"})
     assert "resolved" not in json.loads(out)["host_bytes"]

@@ -11,11 +11,15 @@ import pytest
 
 from spillcache import CacheConfig, cli
 from spillcache._internal import plan_cli
+from spillcache._internal.resolved import process_budgets, transit_bytes
 
 # The demo's sizes: 64 samples of 256 tokens, hidden 64 (64 KiB of hidden states and
 # 64 KiB of bool causal mask per sample: both tiered at the default inline_bytes).
 DEMO = ["--samples", "64", "--seq-len", "256", "--hidden", "64", "--layers", "3"]
 DEMO_BYTES = 64 * (256 * 64 * 4 + 256 * 256)
+# What the plan counts per sample besides: its position ids (2 KiB, inline).
+DEMO_PLANNED = DEMO_BYTES + 64 * 256 * 8
+MiB = 2**20
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -30,16 +34,29 @@ def planned(capsys, *argv: str) -> dict:
     return json.loads(out)
 
 
-@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
-def test_plan_predicts_the_demos_disk_traffic(capsys, tmp_path, fraction):
-    """Within 2 % (the order of cache calls is the same, so it should be exact)."""
-    budget = str(int(DEMO_BYTES * fraction))
+@pytest.mark.parametrize(
+    ("fraction", "part"), [(0.2, MiB // 2), (0.5, MiB // 2), (0.8, MiB // 2), (0.5, "auto")]
+)
+def test_plan_predicts_the_demos_disk_traffic(capsys, monkeypatch, fraction, part):
+    """Within 2 % (the order of cache calls is the same, so it should be exact). A host
+    tier of ``fraction`` of the activations: host_bytes is that and the parts for values
+    on their way to and from disk, set for both runs (512 KiB each: a few batches of
+    prefetched reads); with "auto" parts (an eighth of host_bytes each) host_bytes is
+    the fraction and the tier three quarters of it."""
+    for name in ("SPILLCACHE_WRITE_BEHIND_BYTES", "SPILLCACHE_READ_BUFFER_BYTES"):
+        monkeypatch.setenv(name, str(part))
+    parts = 0 if part == "auto" else 2 * part
+    budget = str(int(DEMO_BYTES * fraction) + parts)
     status, out, err = run(capsys, "demo", *DEMO, "--host-bytes", budget, "--json")
     assert status == 0, err
     measured = json.loads(out)
     assert measured["disk_written_bytes"] > 0 and measured["disk_read_bytes"] > 0
     plan = planned(capsys, *DEMO, "--dtype", "float32", "--mask", "bool", "--host-bytes", budget)
     assert plan["cached_bytes"] >= measured["cached_bytes"]  # position ids too, inline
+    # The same host tier, whichever way host_bytes is split.
+    assert plan["host_tier_bytes"] == measured["host_tier_bytes"]
+    if part != "auto":
+        assert plan["host_tier_bytes"] == int(DEMO_BYTES * fraction)
     for key in ("disk_written_bytes", "disk_read_bytes"):
         assert abs(plan[key] - measured[key]) <= 0.02 * measured[key], (
             key,
@@ -52,7 +69,52 @@ def test_everything_in_ram_plans_no_disk_traffic(capsys):
     plan = planned(capsys, *DEMO, "--dtype", "float32", "--mask", "bool", "--host-bytes", "1GiB")
     assert plan["fits_host"] and plan["fits"]
     assert plan["disk_written_bytes"] == plan["disk_read_bytes"] == plan["disk_needed_bytes"] == 0
-    assert plan["config"]["host_bytes"] >= plan["cached_bytes"]
+    # The recommended host_bytes holds every cached value in its host tier, besides its
+    # "auto" parts for values on their way to and from disk.
+    host = plan["config"]["host_bytes"]
+    assert host - 2 * transit_bytes(host) >= plan["cached_bytes"]
+
+
+def test_host_bytes_of_the_whole_pass_leaves_a_smaller_host_tier(capsys):
+    """host_bytes is all of the host memory: as much as a pass caches still spills,
+    since the parts for values on their way to and from disk come out of it."""
+    plan = planned(
+        capsys, *DEMO, "--dtype", "float32", "--mask", "bool", "--host-bytes", str(DEMO_PLANNED)
+    )
+    assert plan["cached_bytes"] == plan["host_bytes"] == DEMO_PLANNED
+    assert plan["host_tier_bytes"] == DEMO_PLANNED - 2 * transit_bytes(DEMO_PLANNED)
+    assert not plan["fits_host"]
+    assert plan["disk_written_bytes"] > 0 and plan["disk_read_bytes"] > 0
+    assert plan["config"]["host_bytes"] == DEMO_PLANNED  # the budget given; the rest spills
+
+
+def test_the_recommended_config_keeps_the_pass_in_the_tier_beside_its_parts(capsys, monkeypatch):
+    """Parts of host_bytes set node-wide, two ranks: the recommended host_bytes, resolved
+    on a rank as a cache resolves it, leaves each rank a tier holding its samples, and
+    the file keeps the parts it was planned with."""
+    monkeypatch.setenv("SPILLCACHE_WRITE_BEHIND_BYTES", "2MiB")
+    monkeypatch.setenv("SPILLCACHE_READ_BUFFER_BYTES", "1MiB")
+    plan = planned(capsys, *DEMO, "--dtype", "float32", "--mask", "bool", "--host-bytes", "1GiB",
+                   "--ranks", "2")  # fmt: skip
+    assert plan["fits_host"] and plan["disk_written_bytes"] == 0
+    assert plan["host_tier_bytes"] == 2**30 - 3 * MiB
+    config = plan["config"]
+    assert (config["write_behind_bytes"], config["read_buffer_bytes"]) == (2 * MiB, MiB)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    budgets = process_budgets(CacheConfig(**config))
+    per_rank = DEMO_PLANNED // 2
+    assert (budgets.write_behind_bytes, budgets.read_buffer_bytes) == (MiB, MiB // 2)
+    assert budgets.host_tier_bytes == per_rank + per_rank // 8  # the pass, plus an eighth
+
+
+def test_parts_above_host_bytes_exit_2_naming_host_bytes(capsys, monkeypatch):
+    monkeypatch.setenv("SPILLCACHE_WRITE_BEHIND_BYTES", "2MiB")
+    monkeypatch.setenv("SPILLCACHE_READ_BUFFER_BYTES", "2MiB")
+    status, out, err = run(capsys, "plan", *DEMO, "--host-bytes", "3MiB", "--no-probe")
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--host-bytes" in err, err
+    assert "write_behind_bytes" in err and "read_buffer_bytes" in err
 
 
 def test_json_keys_are_the_documented_ones(capsys):

@@ -20,11 +20,11 @@ def test_another_threads_fetch_completes_during_a_slow_transfer(tmp_path):
         plain_to_host = transfers.to_host
         copying, release = threading.Event(), threading.Event()
 
-        def slow_to_host(tensor, *, pin):
+        def slow_to_host(tensor, **options):
             if tensor.data_ptr() == slow.data_ptr():
                 copying.set()
                 release.wait()  # the transfer "takes" until the test lets it finish
-            return plain_to_host(tensor, pin=pin)
+            return plain_to_host(tensor, **options)
 
         transfers.to_host = slow_to_host
         updater = threading.Thread(target=cache.update, args=(0, {"h": slow}))

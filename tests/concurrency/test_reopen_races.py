@@ -76,11 +76,15 @@ def assert_holds(cache: IntermediatesCache, values: Values) -> None:
 
 def assert_uses_shared_buffers(cache: IntermediatesCache) -> None:
     """The cache's store reads into the pool's read buffers and writes through its
-    staging buffers, not buffers of its own."""
+    staging buffers (made when an unaligned tensor is first written), not its own."""
     store = cache._core.tenant.store
     shared = cache._core.pool.buffers
     assert store._buffers is shared.reads
-    assert store._staging is (shared.staging(1) if store.direct else None)
+    if not store.direct:
+        assert store._staging is None and store._shared_staging is None
+        return
+    assert store._shared_staging[0] is shared
+    assert store._staging in (None, shared.staging(1))
 
 
 def records_held(*caches: IntermediatesCache) -> list[TensorRecord]:

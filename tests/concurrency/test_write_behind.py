@@ -157,8 +157,9 @@ def test_regression_pin_memory_waits_for_write_room_as_update_does(tmp_path, mon
     calls while the disk was slow grew the write-behind area past its budget by the
     whole host tier (found by a review of docs/architecture.md against the code)."""
     config = CacheConfig(
-        host_bytes=3 * NBYTES,
+        host_bytes=5 * NBYTES,  # a host tier of 3 values, the rest for writes and reads
         write_behind_bytes=NBYTES,
+        read_buffer_bytes=NBYTES,
         eviction="lru",
         inline_bytes=0,
         disk_path=str(tmp_path),

@@ -20,11 +20,14 @@ from spillcache import CacheConfig, IntermediatesCache  # noqa: E402
 def main() -> None:
     disk_dir, seed, keep = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     config = CacheConfig(
-        host_bytes=128 * 1024,
+        # A host tier of 128 KiB; 8 MiB may wait for disk writes (many writes in flight
+        # when the kill comes) and 1 MiB is kept for reads: all parts of host_bytes.
+        host_bytes=128 * 1024 + 9 * 2**20,
         inline_bytes=0,
         disk_path=disk_dir,
         keep_store=keep,
         write_behind_bytes=8 * 2**20,
+        read_buffer_bytes=2**20,
         io_threads=2,
     )
     cache = IntermediatesCache.empty(0, "cpu", config=config)

@@ -88,11 +88,12 @@ class Recorded:
 def _record_workload(disk: Path, checksum: bool, sync_on_write: bool) -> Recorded:
     config = CacheConfig(
         checksum=checksum,
-        host_bytes=32 * 1024,
+        host_bytes=(32 + 256 + 32) * 1024,  # a 32 KiB host tier, write-behind and reads
         inline_bytes=1024,
         disk_path=str(disk),
         keep_store=True,
         write_behind_bytes=256 * 1024,
+        read_buffer_bytes=32 * 1024,
         io_threads=2,
     )
     recorder = power_loss.Recorder(disk)

@@ -34,10 +34,15 @@ def make(disk_path, num_batches: int = 4, **settings) -> IntermediatesCache:
 
 
 def state(cache: IntermediatesCache) -> dict:
-    """Everything an update could change: stats, and where each record is."""
+    """Everything an update could change: stats, and where each record is. Of the pool's
+    host memory (its arena), what it holds: its running counts and high-water mark
+    (``peak_bytes``) also count the copies a refused update made of its values before
+    it was refused, and let go of."""
     core = cache._core
     stats = cache.stats()
     del stats["stall_seconds"]
+    arena = stats["pool"]["arena"]
+    stats["pool"]["arena"] = {"bytes": arena["bytes"], "slots": arena["slots"]}
     records = [
         (r.label, r.resident, r.write_state, r.on_disk, r.array, r.refs)
         for r in core.placement.records_of(core.tenant)
@@ -101,7 +106,14 @@ def test_a_refused_update_moves_nothing_not_even_what_it_evicted(tmp_path, free_
     """Its first value fits in the host tier by evicting another (whose write is
     queued); its second finds no room: the eviction is undone too, for DiskFullError
     and CapacityError alike."""
-    settings = {"host_bytes": 2 * KIB64, "eviction": "lru"}
+    # A host tier of two values; besides it, host_bytes keeps one value's room for the
+    # write of what is evicted and one for the values read back or copied in.
+    settings = {
+        "host_bytes": 4 * KIB64,
+        "write_behind_bytes": KIB64,
+        "read_buffer_bytes": KIB64,
+        "eviction": "lru",
+    }
     if limit == "disk_bytes":
         settings["disk_bytes"] = KIB64
     a, b, x, y = (unaligned(KIB64, seed) for seed in range(4))
@@ -110,7 +122,7 @@ def test_a_refused_update_moves_nothing_not_even_what_it_evicted(tmp_path, free_
         cache.update(0, {"a": a})
         cache.update(1, {"b": b})
         before = state(cache)
-        assert cache.stats()["host"]["bytes"] == 2 * KIB64
+        assert cache.stats()["host"]["bytes"] == cache.stats()["host"]["budget"] == 2 * KIB64
         expected = DiskFullError if limit == "free-space" else CapacityError
         with pytest.raises(expected):
             cache.update(2, {"x": x, "y": y})

@@ -85,6 +85,7 @@ PATHS = {
     "zero-copy-pwrite": (aligned, KIB64, {}, "pwrite"),
     "buffered-pwrite": (unaligned, KIB64, {"direct_io": False}, "pwrite"),
     "aio-completion": (unaligned, MIB4, {}, "aio"),
+    "in-place-aio": (aligned, MIB4 + KIB64, {}, "aio"),
     "aio-fallocate": (unaligned, MIB4, {}, "fallocate"),
     "rename": (unaligned, KIB64, {}, "replace"),
 }
@@ -182,7 +183,11 @@ def test_a_store_that_cannot_be_made_refuses_the_update_inline(tmp_path, syscall
     """The store is made on the caller's thread, at the first value that spills: a
     disk that fails then fails that update, which stores nothing."""
     rule = syscalls.fail("open", errno.ENOSPC, path="/zarr.json")
-    with make(tmp_path, host_bytes=KIB64) as cache:
+    # A host tier of one value; host_bytes also keeps one value's room for the write of
+    # what it evicts and one for the values read back or copied in.
+    one_value = dict(host_bytes=3 * KIB64, write_behind_bytes=KIB64, read_buffer_bytes=KIB64)
+    with make(tmp_path, **one_value) as cache:
+        assert cache.stats()["host"]["budget"] == KIB64
         cache.update(0, {"h": unaligned(KIB64, 0)})  # in the host tier: no store yet
         with pytest.raises(StoreError, match=f"cannot create a store under '{tmp_path}") as raised:
             cache.update(1, {"h": unaligned(KIB64, 1)})  # evicts batch 0: a store is needed

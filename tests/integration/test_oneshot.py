@@ -106,12 +106,25 @@ def test_the_docs_inspect_example_is_what_a_kept_store_shows(tmp_path):
 
 def test_awq_caches_share_one_host_budget(stock_weights, tmp_path):
     """AWQ builds the pipeline's cache and one per mapping parent; with one config they
-    share one host budget (a quarter of one layer's hidden states here), so the host
-    tier over all of them never holds more, and the weights are still the stock ones."""
+    share one host budget (a host tier of a quarter of one layer's hidden states here),
+    so the host tier over all of them never holds more, and the weights are still the
+    stock ones."""
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     budget = hidden_state_bytes() // 4
-    config = CacheConfig(host_bytes=budget, inline_bytes=1024, disk_path=str(spill_dir))
+    # host_bytes holds the tier and, besides it, the parts for values waiting for their
+    # writes (as much as the tier) and for values read back or copied in (a whole layer's
+    # hidden states: the pipeline and AWQ hold many at once). The pool's region then
+    # never fills in this run (its peak stays under three quarters of host_bytes), so no
+    # value goes outside it.
+    writes, reads = budget, hidden_state_bytes()
+    config = CacheConfig(
+        host_bytes=budget + writes + reads,
+        write_behind_bytes=writes,
+        read_buffer_bytes=reads,
+        inline_bytes=1024,
+        disk_path=str(spill_dir),
+    )
     # A cache of the same config kept open all run: the pool, and its peak, outlive
     # each of llm-compressor's caches.
     with integration.enable(config) as switch, IntermediatesCache(config=config) as witness:

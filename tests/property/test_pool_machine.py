@@ -309,7 +309,7 @@ class PoolMachine(RuleBasedStateMachine):
         eviction=st.sampled_from(["scan", "lru"]),
         read_mode=st.sampled_from(["copy", "mmap"]),
         checksum=st.booleans(),
-        write_behind_bytes=st.sampled_from([0, "256MiB"]),
+        write_behind_bytes=st.sampled_from([0, "auto"]),
         kept=st.lists(st.booleans(), min_size=1, max_size=3),
     )
     @counted
@@ -514,10 +514,18 @@ class PoolMachine(RuleBasedStateMachine):
                 continue
             shares = [m.cache.stats() for m in members]
             pool = shares[0]["pool"]
-            budget = self.config(kept).host_bytes
+            budgets = members[0].cache._core.pool.budgets
+            budget = budgets.host_tier_bytes  # host_bytes less write-behind and reads
             assert pool["caches"] == len(members), "caches of one config share one pool"
-            assert pool["host"]["budget"] == budget
             assert pool["host"]["peak_bytes"] <= budget, pool["host"]
+            # Everything in host memory is in the arena's slots, within host_bytes.
+            arena = pool["arena"]
+            assert arena["capacity"] == budgets.host_bytes - budgets.host_bytes % 4096
+            assert arena["peak_bytes"] <= arena["capacity"], arena
+            # The tier gives way where the region ran short, down to half its budget.
+            if arena["overflow_bytes"] == 0:
+                assert pool["host"]["budget"] == budget
+            assert budget // 2 <= pool["host"]["budget"] <= budget
             assert sum(s["host"]["bytes"] for s in shares) == pool["host"]["bytes"]
             # A value deleted while its write runs holds its disk room until the write
             # ends, and is no cache's any more.

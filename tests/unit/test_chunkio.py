@@ -343,12 +343,24 @@ def test_missing_file_is_corrupt(tmp_path, direct):
 
 def test_direct_read_into_unaligned_tensor_is_refused(tmp_path):
     path = tmp_path / "c"
-    write_file(path, payload(100, aligned=True), direct=False, staging=None)
-    out = aligned_empty(101)[1:]
+    write_file(path, payload(PAGE + 100, aligned=True), direct=False, staging=None)
+    out = aligned_empty(PAGE + 101)[1:]
     with pytest.raises(ValueError, match="aligned"):
         read_file(path, out, direct=True)
     read_file(path, out, direct=False)  # buffered reads take any tensor
     assert bits(out) == path.read_bytes()
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_a_direct_read_of_less_than_a_page_takes_any_tensor(tmp_path, checksum):
+    # All of it is the last partial page, read into a page of its own and copied.
+    path = tmp_path / "c"
+    data = payload(100, aligned=True)
+    trailer = store_format.crc32c(data) if checksum else b""
+    write_file(path, data, direct=True, staging=None, trailer=trailer)
+    out = aligned_empty(101)[1:]
+    read_file(path, out, direct=True, checksum=checksum)
+    assert bits(out) == bits(data)
 
 
 def test_file_shrinking_during_a_read_is_corrupt(tmp_path, monkeypatch):
@@ -677,28 +689,35 @@ def test_staged_pieces_are_queued_while_the_next_is_copied(tmp_path, staging, mo
     assert leftovers(tmp_path) == [] and staging.available == 2
 
 
+def first_completion_reports(monkeypatch, result: int) -> list[tuple[aio.Context, int]]:
+    """The first queued write to complete reports ``result`` (bytes, or -errno) instead
+    of what it did; returns the list its context and tag go into."""
+    real_wait = aio.Context.wait
+    changed: list[tuple[aio.Context, int]] = []
+
+    def wait(ctx, least=1):
+        done = real_wait(ctx, least)
+        if not changed and done:
+            tag, _ = done[0]
+            changed.append((ctx, tag))
+            done[0] = (tag, result)
+        return done
+
+    monkeypatch.setattr(aio.Context, "wait", wait)
+    return changed
+
+
 @needs_aio
 def test_a_failed_queued_write_fails_the_file_after_the_rest_are_done(
     tmp_path, staging, monkeypatch
 ):
-    real_wait = aio.Context.wait
-    seen = []
-
-    def failing_wait(ctx, least=1):
-        done = real_wait(ctx, least)
-        if not seen and done:
-            seen.append(ctx)
-            tag, _ = done[0]
-            done[0] = (tag, -errno.ENOSPC)
-        return done
-
-    monkeypatch.setattr(aio.Context, "wait", failing_wait)
+    seen = first_completion_reports(monkeypatch, -errno.ENOSPC)
     with pytest.raises(OSError) as raised:
         write_file(tmp_path / "c", payload(9 * PAGE, aligned=False), direct=True, staging=staging)
     assert raised.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []  # no partial file, no chunk
     assert staging.available == 2
-    (ctx,) = seen
+    ((ctx, _),) = seen
     assert ctx.in_flight == 0  # waited for before the staging buffer went back
     assert ctx in aio._idle  # and the context was lent out again, empty
 
@@ -916,3 +935,57 @@ def test_a_checked_direct_read_is_queued_and_checksums_pieces_while_others_are_r
     whole = nbytes - nbytes % PAGE
     assert sorted(submitted) == [(o, min(PIECE, whole - o)) for o in range(0, whole, PIECE)]
     assert max(in_flight_at_crc) > 0, in_flight_at_crc  # some checked while reads ran
+
+
+@needs_aio
+@pytest.mark.parametrize("nbytes", [3 * chunkio.IN_PLACE_PIECE + 5 * PAGE + 123, 40 << 20])
+def test_an_aligned_source_is_queued_in_place_and_its_checksum_made_meanwhile(
+    tmp_path, monkeypatch, nbytes
+):
+    spy = QueueSpy(monkeypatch)
+    data = payload(nbytes, aligned=True, seed=nbytes)
+    in_flight_at_checksum = []
+
+    def checksum() -> bytes:
+        in_flight_at_checksum.append(spy.most_in_flight)
+        return store_format.crc32c(data)
+
+    write_file(tmp_path / "c", data, direct=True, staging=None, trailer=checksum)
+    whole = nbytes - nbytes % PAGE
+    piece = chunkio.IN_PLACE_PIECE
+    # Straight from the source's memory, every whole page through the queue, a piece at
+    # a time; the checksum asked for once, with writes already queued.
+    assert sorted(spy.submitted) == [(o, min(piece, whole - o)) for o in range(0, whole, piece)]
+    assert in_flight_at_checksum == [min(aio.DEPTH, -(-whole // piece))]
+    assert (tmp_path / "c").read_bytes() == bits(data) + store_format.crc32c(data)
+    assert leftovers(tmp_path) == []
+
+
+@needs_aio
+@pytest.mark.parametrize("result", ["short", "failed"])
+def test_a_short_or_failed_in_place_write_is_finished_or_fails_the_file(
+    tmp_path, monkeypatch, result
+):
+    changed = first_completion_reports(
+        monkeypatch, 3 * PAGE + 17 if result == "short" else -errno.EIO
+    )
+    data = payload(3 * chunkio.IN_PLACE_PIECE, aligned=True, seed=5)
+    if result == "failed":
+        with pytest.raises(OSError) as raised:
+            write_file(tmp_path / "c", data, direct=True, staging=None)
+        assert raised.value.errno == errno.EIO
+        assert list(tmp_path.iterdir()) == []
+        return
+    rewritten = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, view, offset):
+        rewritten.append((offset, len(view)))
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    write_file(tmp_path / "c", data, direct=True, staging=None)
+    # The rest of the short piece written again from its last whole page.
+    ((_, tag),) = changed
+    assert rewritten == [(tag + 3 * PAGE, chunkio.IN_PLACE_PIECE - 3 * PAGE)]
+    assert (tmp_path / "c").read_bytes() == bits(data)

@@ -112,8 +112,8 @@ def test_defaults():
     assert config.keep_store is False
     assert config.direct_io == "auto"
     assert config.read_mode == "copy"
-    assert config.write_behind_bytes == 256 * 2**20
-    assert config.read_buffer_bytes == 256 * 2**20
+    assert config.write_behind_bytes == "auto"  # parts of host_bytes, resolved with it
+    assert config.read_buffer_bytes == "auto"
     assert config.io_threads == 3
     assert config.checksum is True
 

@@ -21,6 +21,7 @@ from spillcache.errors import ConfigError, StoreError
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 JOB = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
 GiB = 2**30
+MiB = 2**20
 
 
 @pytest.fixture(autouse=True)
@@ -173,6 +174,37 @@ def test_auto_host_bytes_is_this_rank_share_of_half_the_ram(monkeypatch):
     # "auto" is the node's RAM whatever the scope says.
     rank_scope = CacheConfig(budget_scope="rank")
     assert process_budgets(rank_scope, ram_available=ram).host_bytes == alone // 4
+
+
+def test_write_behind_and_reads_are_parts_of_host_bytes_and_the_tier_holds_the_rest(monkeypatch):
+    budgets = process_budgets(CacheConfig(host_bytes="1GiB"))
+    # "auto": an eighth of host_bytes each.
+    assert (budgets.write_behind_bytes, budgets.read_buffer_bytes) == (128 * MiB, 128 * MiB)
+    assert budgets.host_tier_bytes == 768 * MiB
+    # ... at most 512 MiB each.
+    big = process_budgets(CacheConfig(host_bytes="64GiB"))
+    assert big.write_behind_bytes == big.read_buffer_bytes == 512 * MiB
+    assert big.host_tier_bytes == 63 * GiB
+    # Explicit parts are taken as written.
+    parts = process_budgets(CacheConfig(host_bytes="1GiB", write_behind_bytes="300MiB"))
+    assert (parts.write_behind_bytes, parts.host_tier_bytes) == (300 * MiB, 596 * MiB)
+    # Under torchrun "auto" parts come from the rank's share of host_bytes.
+    torchrun(monkeypatch, local_world=4)
+    shared = process_budgets(CacheConfig(host_bytes="4GiB"))
+    assert (shared.host_bytes, shared.write_behind_bytes) == (GiB, 128 * MiB)
+
+
+def test_no_region_keeps_the_old_transit_sizes_and_no_host_tier():
+    budgets = process_budgets(CacheConfig(host_bytes=0))
+    assert (budgets.write_behind_bytes, budgets.read_buffer_bytes) == (256 * MiB, 256 * MiB)
+    assert budgets.host_tier_bytes == 0
+
+
+def test_parts_larger_than_host_bytes_are_refused_naming_all_three():
+    config = CacheConfig(host_bytes="1GiB", write_behind_bytes="768MiB", read_buffer_bytes="512MiB")
+    with pytest.raises(ConfigError, match=r"write_behind_bytes \(768\.0 MiB\) and read_buffer_"
+                       r"bytes \(512\.0 MiB\) are parts of host_bytes \(1\.0 GiB\)"):
+        process_budgets(config)
 
 
 def test_auto_host_bytes_measures_the_ram_when_not_given(monkeypatch):

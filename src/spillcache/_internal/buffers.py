@@ -21,8 +21,12 @@ import contextlib
 import mmap
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .arena import Arena
 
 __all__ = [
     "HUGE_PAGE",
@@ -231,12 +235,16 @@ STAGING_BYTES = 8 * 2**20  # per buffer: smaller pieces lose the disk's queue de
 
 
 class SharedBuffers:
-    """Buffers that the stores of several caches share: one read-buffer pool, and one
-    set of staging buffers for direct writes (made when a store first needs them).
+    """Buffers that the stores of several caches share: where reads land (the pool's
+    arena, or without one a read-buffer pool), and one set of staging buffers for
+    direct writes of unaligned tensors (made when a store first needs them).
     Thread-safe; ``close`` frees them once no store uses them."""
 
-    def __init__(self, read_buffer_bytes: int) -> None:
-        self.reads = BufferPool(read_buffer_bytes)
+    def __init__(self, read_buffer_bytes: int, arena: Arena | None = None) -> None:
+        # Reads land in the pool's arena where it has one (host_bytes > 0).
+        self.reads: BufferPool | Arena = (
+            arena if arena is not None and arena.capacity else BufferPool(read_buffer_bytes)
+        )
         self._lock = threading.Lock()
         self._staging: StagingBuffers | None = None
 
@@ -251,4 +259,5 @@ class SharedBuffers:
             staging, self._staging = self._staging, None
         if staging is not None:
             staging.close()
-        self.reads.clear()
+        if isinstance(self.reads, BufferPool):
+            self.reads.clear()

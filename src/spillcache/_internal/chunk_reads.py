@@ -143,15 +143,17 @@ def read_file(path: Path, out: torch.Tensor, *, direct: bool, checksum: bool = F
 
     A missing, shorter or longer file raises StoreCorruptError naming the path and the
     sizes, and so does a checksum that does not match. With ``direct``, ``out`` must
-    start on a PAGE boundary (use aligned_empty or a StagingBuffers buffer), or
-    ValueError. A checked direct read of several pieces is queued with native AIO
-    where the kernel has it, and checksums what has landed while the rest is read.
+    start on a PAGE boundary if it holds a page or more (use aligned_empty, a
+    StagingBuffers buffer or an arena slot), or ValueError. A checked direct read of
+    several pieces is queued with native AIO where the kernel has it, and checksums
+    what has landed while the rest is read.
     """
     check_bytes(out, "out")
     path = Path(path)
     nbytes = out.numel()
     trailer = CRC32C_BYTES if checksum else 0
-    if direct and nbytes and out.data_ptr() % PAGE:
+    # Less than a page is all tail: read into a page of its own, then copied.
+    if direct and nbytes >= PAGE and out.data_ptr() % PAGE:
         raise ValueError(
             f"read_file(direct=True) needs a {PAGE}-byte aligned tensor; "
             "allocate it with buffers.aligned_empty"
@@ -188,8 +190,7 @@ def check_crc(path: Path, stored: bytes, data: torch.Tensor) -> None:
 def _check_crc(path: Path, stored: bytes, crc: int) -> None:
     if stored != crc.to_bytes(CRC32C_BYTES, "little"):
         raise StoreCorruptError(
-            f"chunk file {path} fails its CRC32C check: its bytes changed after they were "
-            "written"
+            f"chunk file {path} fails its CRC32C check: its bytes changed after they were written"
         )
 
 

@@ -243,11 +243,74 @@ def _write_queued(
         finished(ctx.wait(ctx.in_flight))
 
 
+# A page-aligned source's whole pages are queued in pieces of this size where native
+# AIO is available: the trailer (a checksum) is computed while the device writes them.
+IN_PLACE_PIECE = 4 << 20
+
+Trailer = bytes | Callable[[], bytes]
+
+
+def _write_in_place(
+    fd: int, data: torch.Tensor, whole: int, trailer: Trailer, alongside: Callable[[], object]
+) -> Trailer:
+    """Write ``data``'s whole pages straight from its memory (page-aligned: no copy).
+    Where they can be queued (native AIO, more than one piece) they are, and the
+    trailer is computed and ``alongside()`` run while they are written; the trailer
+    is returned, computed or still to be."""
+    source = memoryview(data.numpy())
+    if whole > IN_PLACE_PIECE:
+        with aio.context() as ctx:
+            if ctx is not None:
+                _allocate(fd, whole)  # see _write_queued: no extending writes
+                return _write_in_place_queued(ctx, fd, data, whole, trailer, alongside)
+    _pwrite_all(fd, source[:whole], 0, direct=True)
+    alongside()
+    return trailer
+
+
+def _write_in_place_queued(
+    ctx: aio.Context,
+    fd: int,
+    data: torch.Tensor,
+    whole: int,
+    trailer: Trailer,
+    alongside: Callable[[], object],
+) -> bytes:
+    source = memoryview(data.numpy())
+    address = data.data_ptr()
+    pending = list(range(0, whole, IN_PLACE_PIECE))[::-1]  # offsets, the next one last
+    queued: dict[int, int] = {}  # offset -> bytes, in flight
+
+    def finished(done: list[tuple[int, int]]) -> None:
+        for offset, result in done:
+            nbytes = queued.pop(offset)
+            if result < 0:
+                raise OSError(-result, f"write at offset {offset}: {os.strerror(-result)}")
+            if result < nbytes:  # short: the rest synchronously, from a page boundary
+                resume = offset + result - result % PAGE
+                _pwrite_all(fd, source[resume : offset + nbytes], resume, direct=True)
+
+    def queue_more() -> None:
+        while pending and len(queued) < aio.DEPTH:
+            offset = pending.pop()
+            nbytes = min(IN_PLACE_PIECE, whole - offset)
+            ctx.submit_write(fd, address + offset, nbytes, offset, offset)
+            queued[offset] = nbytes
+
+    queue_more()
+    computed = trailer() if callable(trailer) else trailer  # while the device writes
+    alongside()
+    while queued:
+        finished(ctx.wait(1))
+        queue_more()
+    return computed
+
+
 def _write_direct(
     fd: int,
     data: torch.Tensor,
     staging: StagingBuffers | None,
-    trailer: bytes,
+    trailer: Trailer,
     alongside: Callable[[], object],
 ) -> None:
     nbytes = data.numel()
@@ -255,13 +318,14 @@ def _write_direct(
     source = memoryview(data.numpy())
     if data.data_ptr() % PAGE == 0:
         # Zero copy: the whole pages go straight from the tensor's memory to the device.
-        _pwrite_all(fd, source[:whole], 0, direct=True)
-        alongside()
+        trailer = _write_in_place(fd, data, whole, trailer, alongside)
     elif whole:
         with _bounce(staging, whole) as buffer:
             _write_staged(fd, source, whole, buffer, alongside)
     else:
         alongside()
+    if callable(trailer):
+        trailer = trailer()
     if whole < nbytes or trailer:
         # The last partial page (and the trailer) is written buffered: clear O_DIRECT on
         # this descriptor and write the < PAGE remaining bytes from the source. The
@@ -299,11 +363,12 @@ def write_file(
     direct: bool,
     staging: StagingBuffers | None,
     durable: bool = False,
-    trailer: bytes = b"",
+    trailer: Trailer = b"",
     alongside: Callable[[], object] = lambda: None,
 ) -> None:
     """Write the bytes of ``data`` (1-D contiguous uint8, CPU), then ``trailer`` (a
-    checksum, say), to ``path`` atomically.
+    checksum, say; or a function returning it, called once, while the data's writes are
+    in flight where they are queued), to ``path`` atomically.
 
     The bytes go to ``<name>.<random>.partial`` beside ``path`` and are renamed into
     place; on any error the partial file is removed, ``path`` keeps what it held, and
@@ -326,7 +391,8 @@ def write_file(
                 _write_direct(fd, data, staging, trailer, alongside)
             else:
                 _pwrite_all(fd, memoryview(data.numpy()), 0, direct=False)
-                _pwrite_all(fd, memoryview(trailer), data.numel(), direct=False)
+                tail = trailer() if callable(trailer) else trailer
+                _pwrite_all(fd, memoryview(tail), data.numel(), direct=False)
                 alongside()
             if durable:
                 os.fsync(fd)

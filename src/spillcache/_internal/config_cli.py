@@ -61,7 +61,13 @@ def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
         if value == AUTO:
             whose = "this process" if info is None else "this rank"
             share = "" if info is None else f" over {info.local_world_size} local ranks"
-            note = f"= {format_bytes(used)} for {whose}: half the available RAM{share}"
+            if name == "host_bytes":
+                how = f"half the available RAM{share}"
+            elif budgets.host_bytes:
+                how = "an eighth of host_bytes, at most 512.0 MiB"
+            else:
+                how = "host_bytes = 0 maps no region: ordinary memory beyond any budget"
+            note = f"= {format_bytes(used)} for {whose}: {how}"
             here[name] = ({"resolved": used}, note)
         elif used != value:
             note = f"for the node: {format_bytes(used)} for each of its {budgets.shares} ranks"

@@ -176,6 +176,9 @@ class CacheCore:
             return len(self._batches) - 1
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
+        with self._lock:  # refused before anything is copied into the arena
+            self._check_open()
+            self._index(batch_index)
         prepared = self._offload.prepare(values, None)
         readings = self.pool.read_free_space() if may_spill(prepared) else None
         with self._lock:

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from ..cache import IntermediatesCache
 from ..config import CacheConfig
+from .plan import host_bytes_for_tier
+from .resolved import process_budgets
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -37,6 +39,7 @@ __all__ = [
     "activation_bytes",
     "hidden_state_bytes",
     "calibrate",
+    "default_host_bytes",
     "identical",
     "reference_config",
     "run_demo",
@@ -45,9 +48,10 @@ __all__ = [
 VOCAB = 1000
 
 # The defaults of `spillcache demo`: 512 samples of 256 tokens at hidden size 256 cache
-# 128 MiB of float32 hidden states and 32 MiB of causal masks. The default host budget,
-# a quarter of that (40 MiB), leaves three quarters of every pass on disk, so the disk
-# tier does real work (figures and times: docs/benchmarks.md); nearly all the time is
+# 128 MiB of float32 hidden states and 32 MiB of causal masks. The default host tier, a
+# quarter of that (40 MiB; host_bytes is that and the parts for values on their way to
+# and from disk, ``default_host_bytes``), leaves three quarters of every pass on disk, so
+# the disk tier does real work (figures and times: docs/benchmarks.md); nearly all the time is
 # the model's float32 matmuls, growing linearly with samples x layers. Three layers are
 # the fewest that rewrite every cached hidden state twice. (The tests pass small sizes.)
 DEFAULT_SIZES = {"samples": 512, "seq_len": 256, "hidden": 256, "layers": 3}
@@ -65,11 +69,15 @@ class DemoRun:
 
 @dataclass
 class DemoResult:
+    """``host_bytes``: what the spilling run's config came to (all its host memory; the
+    host tier's part is ``stats["host"]["budget"]``)."""
+
     cached_bytes: int
     wall_seconds: float
     reference_seconds: float
     stats: dict
     identical: bool
+    host_bytes: int
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +140,16 @@ def hidden_state_bytes(samples: int, seq_len: int, hidden: int) -> int:
 def activation_bytes(samples: int, seq_len: int, hidden: int) -> int:
     """Bytes the demo caches: per sample a float32 hidden state and a bool causal mask."""
     return hidden_state_bytes(samples, seq_len, hidden) + samples * seq_len * seq_len
+
+
+def default_host_bytes(cached_bytes: int, config: CacheConfig | None = None) -> int:
+    """The demo's default host_bytes: a host tier of a quarter of the activations, and
+    the parts of host_bytes that ``config``'s write_behind_bytes and read_buffer_bytes
+    take (an eighth each where they are "auto")."""
+    config = config or CacheConfig()
+    return host_bytes_for_tier(
+        cached_bytes // 4, config.write_behind_bytes, config.read_buffer_bytes
+    )
 
 
 def reference_config(cached_bytes: int) -> CacheConfig:
@@ -277,15 +295,19 @@ def run_demo(
 ) -> DemoResult:
     """Calibrate once all in RAM and once through ``config``; compare the statistics.
 
-    ``config`` None: the defaults with a host budget of a quarter of the activations.
+    ``config`` None: the defaults with a host tier of a quarter of the activations
+    (``default_host_bytes``).
     """
     cached_bytes = activation_bytes(samples, seq_len, hidden)
     sizes = dict(samples=samples, seq_len=seq_len, hidden=hidden, layers=layers, seed=seed)
+    if config is None:
+        config = CacheConfig(host_bytes=default_host_bytes(cached_bytes))
+    # Checked before either run (parts of host_bytes above it are refused); "auto" is
+    # measured now, as the cache measures it.
+    host_bytes = process_budgets(config).host_bytes
     reference = calibrate(
         reference_config(cached_bytes), progress=progress, label="all in RAM: ", **sizes
     )
-    if config is None:
-        config = CacheConfig(host_bytes=cached_bytes // 4)
     result = calibrate(config, progress=progress, label="spilling: ", **sizes)
     return DemoResult(
         cached_bytes=cached_bytes,
@@ -293,4 +315,5 @@ def run_demo(
         reference_seconds=reference.seconds,
         stats=result.stats,
         identical=identical(reference.hessians, result.hessians),
+        host_bytes=host_bytes,
     )

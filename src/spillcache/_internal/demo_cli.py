@@ -25,7 +25,7 @@ def add_demo_command(commands: Any) -> None:
         "to disk, then check every statistic bit for bit against the same run all in RAM. "
         "Each sample caches a float32 hidden state (seq-len x hidden x 4 B) and a bool causal "
         "mask (seq-len x seq-len B). The defaults cache 160 MiB, four times the default host "
-        "budget; the whole run takes well under a minute on 2 CPU cores.",
+        "tier; the whole run takes well under a minute on 2 CPU cores.",
     )
     for flag, size, help_text in _DEMO_SIZE_OPTIONS:
         demo.add_argument(
@@ -38,8 +38,11 @@ def add_demo_command(commands: Any) -> None:
     demo.add_argument(
         "--host-bytes",
         metavar="SIZE",
-        help="host RAM tier budget in bytes or with a unit, e.g. 64MiB (default: a quarter of "
-        "the activations, unless the config sets host_bytes)",
+        help="host_bytes, in bytes or with a unit, e.g. 64MiB: all the host RAM the cache "
+        "holds values in, the host tier and the parts for values on their way to and from "
+        "disk (write_behind_bytes and read_buffer_bytes, an eighth each unless the config "
+        "sets them) (default: enough for a host tier of a quarter of the activations, unless "
+        "the config sets host_bytes)",
     )
     demo.add_argument(
         "--config",
@@ -70,7 +73,7 @@ _DEMO_SIZE_OPTIONS = (
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import activation_bytes, run_demo
+    from .demo import activation_bytes, default_host_bytes, run_demo
 
     for flag, size, _ in _DEMO_SIZE_OPTIONS:
         if getattr(args, size) < 1:
@@ -82,8 +85,8 @@ def _demo(args: argparse.Namespace) -> int:
     config = config.replace(**changes) if changes else config
     cached = activation_bytes(args.samples, args.seq_len, args.hidden)
     if config.host_bytes == AUTO:
-        # The demo is about spilling: default to a host budget a quarter of its activations.
-        config = config.replace(host_bytes=cached // 4)
+        # The demo is about spilling: default to a host tier a quarter of its activations.
+        config = config.replace(host_bytes=default_host_bytes(cached, config))
     result = run_demo(
         samples=args.samples,
         seq_len=args.seq_len,
@@ -116,7 +119,8 @@ def _demo_summary(args: argparse.Namespace, result: Any) -> str:
             "hidden": args.hidden,
             "layers": args.layers,
             "cached_bytes": result.cached_bytes,
-            "host_bytes": host["budget"],
+            "host_bytes": result.host_bytes,
+            "host_tier_bytes": host["budget"],
             "disk_written_bytes": disk["bytes_written"],
             "disk_read_bytes": disk["bytes_read"],
             "stall_seconds": stats["stall_seconds"],
@@ -128,6 +132,7 @@ def _demo_summary(args: argparse.Namespace, result: Any) -> str:
     hidden = hidden_state_bytes(args.samples, args.seq_len, args.hidden)
     masks = result.cached_bytes - hidden
     share = f"{host['budget'] / result.cached_bytes:.0%} of the activations"
+    transit = result.host_bytes - host["budget"]
     wall, reference = result.wall_seconds, result.reference_seconds
     rows = [
         [
@@ -135,7 +140,15 @@ def _demo_summary(args: argparse.Namespace, result: Any) -> str:
             f"{format_bytes(result.cached_bytes)} ({args.samples} samples: "
             f"hidden states {format_bytes(hidden)}, causal masks {format_bytes(masks)})",
         ],
-        ["host budget", f"{format_bytes(host['budget'])} ({share})"],
+        [
+            "host memory",
+            f"{format_bytes(result.host_bytes)} (host_bytes: the host tier, and "
+            f"{format_bytes(transit)} for values on their way to and from disk)"
+            if result.host_bytes
+            else "0 B (host_bytes 0: no host tier; values on their way to and from disk "
+            "are in ordinary memory)",
+        ],
+        ["host tier", f"{format_bytes(host['budget'])} ({share})"],
         ["written to disk", format_bytes(disk["bytes_written"])],
         ["read from disk", format_bytes(disk["bytes_read"])],
         ["stalled on I/O", f"{stats['stall_seconds']:.2f} s"],

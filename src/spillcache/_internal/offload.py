@@ -81,7 +81,10 @@ class Offload:
         if self.placement.device.budget != 0 and tenant.device_tier:
             if tenant.device_target is not None or tensor.device.type != "cpu":
                 return tensor.detach()
-        return self.transfers.to_host(tensor.detach(), pin=self.placement.pin_host)
+        placement = self.placement
+        return self.transfers.to_host(
+            tensor.detach(), pin=placement.pin_host, arena=placement.arena
+        )
 
     def _offload_inline(self, tensor: torch.Tensor) -> torch.Tensor:
         """Where a tensor that stays with its entry is kept (one that cannot tier stays as is)."""

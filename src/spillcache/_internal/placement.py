@@ -24,6 +24,7 @@ import errno
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,7 @@ from ..errors import CapacityError, StoreError
 from . import transfers
 from .failures import errno_of, refusal
 from .kept_copies import KeptCopies
+from .promotion import Promotion
 from .records import QUEUED, WRITING, RecordRegistry, TensorRecord
 from .rollback import NO_JOURNAL, Journal
 from .stats import COUNTERS
@@ -40,10 +42,13 @@ from .tiers.disk import Reading
 from .transfers import Transfers
 from .write_behind import WriteBehind
 
+if TYPE_CHECKING:
+    from .arena import Arena
+
 __all__ = ["Placement", "TensorRecord"]
 
 
-class Placement(KeptCopies):
+class Placement(KeptCopies, Promotion):
     """Places tensors of one or more caches (``Tenant``s) in the device, host and disk
     tiers within budgets they share.
 
@@ -66,6 +71,7 @@ class Placement(KeptCopies):
         pin_host: bool,
         write_behind_budget: int = 256 * 2**20,
         transfers: Transfers | None = None,
+        arena: Arena | None = None,
     ) -> None:
         self.device = MemoryTier("device", device_budget)
         self.host = MemoryTier("host", host_budget)
@@ -75,7 +81,10 @@ class Placement(KeptCopies):
         self.pin_host = pin_host
         self._transfers = transfers or Transfers()
         self.records = RecordRegistry()
-        self.write_behind = WriteBehind(write_behind_budget)
+        self.arena = arena  # where host copies made under the lock go
+        self._short_seen = 0  # the arena's short_bytes already taken from the host tier
+        self._host_floor = None if host_budget is None else host_budget // 2
+        self.write_behind = WriteBehind(write_behind_budget, arena)
         # Arrays of disk copies no longer wanted; the cache deletes them in the background.
         self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
         self.counters: Counter[str] = Counter()  # totals over every tenant, closed ones too
@@ -148,6 +157,7 @@ class Placement(KeptCopies):
         ``DiskFullError`` and other StoreErrors for the disk), every step is undone (new
         records removed, records moved to make room moved back) and the error propagates.
         """
+        self._follow_arena()
         records: list[TensorRecord] = []
         created: list[TensorRecord] = []
         journal = self._journal = Journal(self)
@@ -175,6 +185,16 @@ class Placement(KeptCopies):
         for record in records:
             record.refs += 1
         return records
+
+    def _follow_arena(self) -> None:
+        """What the arena had to put outside its region for want of room comes out of
+        the host tier's budget (down to half of what it was), so that the region's
+        other parts (writes and reads in flight) find that room from then on."""
+        short = 0 if self.arena is None else self.arena.short_bytes
+        if short > self._short_seen and self.host.budget is not None:
+            lowered = self.host.budget - (short - self._short_seen)
+            self.host.budget = max(self._host_floor, lowered)
+            self._short_seen = short
 
     def _new_record(
         self,
@@ -248,7 +268,8 @@ class Placement(KeptCopies):
         self._spill(record, self._host_copy(tensor))
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._transfers.to_host(tensor, pin=self.pin_host)
+        # Lock held: a full arena is not waited for (the copy goes outside it).
+        return self._transfers.to_host(tensor, pin=self.pin_host, arena=self.arena, wait=False)
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
         self._journal.put(tier, record, record.resident)
@@ -391,7 +412,7 @@ class Placement(KeptCopies):
         if record.write_state != WRITING:
             return False  # persisted meanwhile: nothing waits on this one
         tensor = self.write_behind.pop(record.rid)
-        self.write_behind.forget(record)
+        self.write_behind.forget(record, job_ends=True)
         if error is None:
             self.disk.written(record.rid)
             record.on_disk = True
@@ -410,57 +431,6 @@ class Placement(KeptCopies):
         record.write_error = error
         self.write_behind.unwritten_bytes += record.nbytes
         return True
-
-    # ----------------------------------------------------------------- read
-
-    def begin_load(self, record: TensorRecord) -> torch.Tensor | None:
-        """The record's value if it is in memory (not yet onloaded); None: read it from disk."""
-        tenant = record.tenant
-        if record.resident is not None:
-            tier = self._memory_tier(record.resident)
-            tenant.policies[tier.name].touch(record.rid)
-            self._count_hit(tier.name, record)
-            return tier.get(record.rid)
-        self._count(tenant, "host.misses")
-        if record.onload_device.type != "cpu":
-            self._count(tenant, "device.misses")
-        if record.rid in self.write_behind:
-            # Read-your-writes: served from RAM, though the host tier no longer holds it.
-            self._count(tenant, "write_behind.hits")
-            return self.write_behind.get(record.rid)
-        return None
-
-    def _count_hit(self, tier_name: str, record: TensorRecord) -> None:
-        self._count(record.tenant, f"{tier_name}.hits")
-        self._count(record.tenant, f"{tier_name}.bytes_read", record.nbytes)
-        if tier_name == "host" and record.onload_device.type != "cpu":
-            self._count(record.tenant, "device.misses")
-
-    def read_done(
-        self, record: TensorRecord, tensor: torch.Tensor, *, promote: bool, asked: bool = False
-    ) -> None:
-        """A disk read of the record finished; promote it into the host tier if it fits.
-
-        A plain read promotes where the policy allows it; one the caller ``asked`` for
-        (``pin_memory``) may evict like a new value would.
-        """
-        self._count(record.tenant, "disk.hits")
-        self._count(record.tenant, "disk.bytes_read", record.nbytes)
-        if promote:
-            self.promote(record, tensor, asked=asked)
-
-    def promote(self, record: TensorRecord, tensor: torch.Tensor, *, asked: bool = False) -> None:
-        """Put a value read from disk into the host tier where the policy finds it room
-        (a record deleted or brought up meanwhile stays as it is)."""
-        if not record.alive or record.resident is not None:
-            return
-        try:
-            if self._make_room(self.host, record, reading=not asked):
-                self._put_memory(self.host, record, tensor)
-        except StoreError:
-            # Promotion is optional and the value was read: a failing disk write while
-            # making room is reported by the write itself, not by this read.
-            pass
 
     # -------------------------------------------------------------- release
 
@@ -492,5 +462,3 @@ class Placement(KeptCopies):
             self.write_behind.unwritten_bytes -= record.nbytes
             record.write_error = None
         self.records.forget(record)
-
-    # ------------------------------------------------------------ reporting

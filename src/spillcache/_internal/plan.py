@@ -9,8 +9,11 @@ that order through a real cache (``replay``), with every tensor and budget divid
 one factor so that the replay moves a few MiB. Dividing sizes and budgets by a common
 divisor of all the sizes changes no decision the cache makes: every comparison it makes
 is between sums of sizes and a budget, and ``sum <= budget`` holds exactly when
-``sum / k <= floor(budget / k)``. Every layer is replayed unless that takes more than
-``MAX_REPLAYED_STEPS`` fetches (then the plan says it is an estimate).
+``sum / k <= floor(budget / k)``. The budget divided so is the host tier's (what
+write_behind_bytes and read_buffer_bytes leave of host_bytes, ``rank_budgets``): the
+replay's host_bytes is that tier divided plus its own two parts, so the tier stays exact.
+Every layer is replayed unless that takes more than ``MAX_REPLAYED_STEPS`` fetches (then
+the plan says it is an estimate).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import IntermediatesCache
-from ..config import CacheConfig
+from ..config import AUTO, CacheConfig
+from .resolved import ResolvedBudgets, process_budgets, transit_bytes
 
 __all__ = [
     "AWQ_READS",
@@ -37,6 +41,8 @@ __all__ = [
     "Traffic",
     "Workload",
     "awq_caches",
+    "host_bytes_for_tier",
+    "rank_budgets",
     "replay",
     "sequential_pipeline",
 ]
@@ -197,6 +203,35 @@ def sequential_pipeline(
     return workload
 
 
+def rank_budgets(config: CacheConfig, ranks: int = 1) -> ResolvedBudgets:
+    """The budgets of one of ``ranks`` ranks on a node run with ``config`` (host_bytes
+    a number), as a cache there resolves them; ConfigError where write_behind_bytes
+    and read_buffer_bytes are together more than host_bytes."""
+    return process_budgets(config, ranks_on_node=ranks)
+
+
+def host_bytes_for_tier(
+    tier: int, write_behind_bytes: int | str = AUTO, read_buffer_bytes: int | str = AUTO
+) -> int:
+    """The smallest host_bytes whose host tier holds ``tier`` bytes, where host_bytes
+    also holds ``write_behind_bytes`` and ``read_buffer_bytes`` (a number, or "auto":
+    an eighth of host_bytes, at most ``resolved.TRANSIT_MAX``). One rank's sizes."""
+    fixed = sum(p for p in (write_behind_bytes, read_buffer_bytes) if p != AUTO)
+    autos = sum(p == AUTO for p in (write_behind_bytes, read_buffer_bytes))
+    want = max(tier, 1) + fixed  # a tier of 0 is no region: host_bytes 0 means that
+    if autos == 0:
+        return want
+    # Below the cap the tier of host = 8q + r is (8 - autos) q + r - fixed: the smallest
+    # q whose r <= 7 reaches it, then the smallest r.
+    share = 8 - autos
+    q = max(0, -(-(want - 7) // share))
+    host = 8 * q + max(0, want - share * q)
+    if transit_bytes(host) < host // 8:  # past the cap: each auto part is the cap
+        cap = transit_bytes(host)
+        host = max(want + autos * cap, 8 * cap)
+    return host
+
+
 @dataclass
 class Traffic:
     """What the disk does for one rank over the whole run (bytes)."""
@@ -229,25 +264,28 @@ def replay(
     scaled = _scaled_config(config, divisor, scratch, tiered)
     inline = config.inline_bytes
     traffic = Traffic()
+    # A tmpfs scratch directory is meant; and the replay's own host memory is no one's
+    # concern (its read and write-behind parts may be too small for its prefetches, which
+    # changes where a value waits, not which tier it goes to): no warning of the replay's.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a tmpfs scratch directory is meant
+        warnings.filterwarnings("ignore", message="spillcache's ", category=UserWarning)
         cache = IntermediatesCache.empty(short.samples, "cpu", config=scaled)
-    with cache, _removed(scratch):
-        _fill(cache, short, inline, divisor)
-        last = (0, 0)
-        stored = {c.key for c in short.cached() if c.nbytes >= inline}
-        for step in short.passes:
-            _run_pass(cache, step, stored, inline, divisor)
-            cache.flush()  # a pass's writes are counted with it (the disk keeps up)
-            counters = cache.stats()["pool"]["counters"]  # every cache of the replay
-            done = (counters.get("disk.bytes_written", 0), counters.get("disk.bytes_read", 0))
-            before = traffic.by_layer.get(step.layer, (0, 0))
-            traffic.by_layer[step.layer] = (
-                before[0] + done[0] - last[0],
-                before[1] + done[1] - last[1],
-            )
-            last = done
-        disk_peak = cache.stats()["pool"]["disk"]["peak_bytes"]  # every pass was flushed
+        with cache, _removed(scratch):
+            _fill(cache, short, inline, divisor)
+            last = (0, 0)
+            stored = {c.key for c in short.cached() if c.nbytes >= inline}
+            for step in short.passes:
+                _run_pass(cache, step, stored, inline, divisor)
+                cache.flush()  # a pass's writes are counted with it (the disk keeps up)
+                counters = cache.stats()["pool"]["counters"]  # every cache of the replay
+                done = (counters.get("disk.bytes_written", 0), counters.get("disk.bytes_read", 0))
+                before = traffic.by_layer.get(step.layer, (0, 0))
+                traffic.by_layer[step.layer] = (
+                    before[0] + done[0] - last[0],
+                    before[1] + done[1] - last[1],
+                )
+                last = done
+            disk_peak = cache.stats()["pool"]["disk"]["peak_bytes"]  # every pass was flushed
     traffic.written, traffic.read = last
     traffic.disk_peak = disk_peak
     return _counted_whole(traffic, workload, short, divisor)
@@ -289,6 +327,7 @@ def _scaled_config(
     config: CacheConfig, divisor: int, directory: str, sizes: list[int]
 ) -> CacheConfig:
     largest = max(sizes) // divisor
+    budgets = rank_budgets(config)
 
     def scaled(budget: int | None, *, at_least: int = 0) -> int | None:
         """``budget`` divided; 0 (none: synchronous writes, unpooled reads) stays 0."""
@@ -296,18 +335,23 @@ def _scaled_config(
             return budget
         return max(budget // divisor, at_least)
 
+    # Write-behind and read buffers only change when values move, not where they go;
+    # at least one tensor's worth each, so that values move one at a time at least.
+    write_behind = scaled(budgets.write_behind_bytes, at_least=largest)
+    read_buffer = scaled(budgets.read_buffer_bytes, at_least=largest)
+    # The tier is what is divided (every placement decision compares sizes with it);
+    # host_bytes is that and the two parts (0, no region, stays 0).
+    host = budgets.host_tier_bytes // divisor + write_behind + read_buffer
     return config.replace(
-        host_bytes=scaled(config.host_bytes),
+        host_bytes=host if budgets.host_bytes else 0,
         device_bytes=0,
         disk_bytes=scaled(config.disk_bytes),
         inline_bytes=0,
         disk_path=directory,
         keep_store=False,
         checksum=False,
-        # Write-behind and read buffers only change when values move, not where they
-        # go; at least one tensor's worth each, as the real budgets are.
-        write_behind_bytes=scaled(config.write_behind_bytes, at_least=largest),
-        read_buffer_bytes=scaled(config.read_buffer_bytes, at_least=largest),
+        write_behind_bytes=write_behind,
+        read_buffer_bytes=read_buffer,
         budget_scope="rank",
         remove_dead_stores=False,
     )

@@ -19,9 +19,18 @@ from typing import Any
 import torch
 
 from ..config import AUTO, CacheConfig, parse_size
+from ..errors import ConfigError
 from . import disk_probe, dtypes, sysinfo
-from .plan import AWQ_READS, ModelShape, awq_caches, replay, sequential_pipeline
-from .resolved import auto_host_bytes, disk_directories
+from .plan import (
+    AWQ_READS,
+    ModelShape,
+    awq_caches,
+    host_bytes_for_tier,
+    rank_budgets,
+    replay,
+    sequential_pipeline,
+)
+from .resolved import ResolvedBudgets, auto_host_bytes, disk_directories
 from .text import format_bytes
 
 __all__ = ["add_plan_command"]
@@ -88,7 +97,9 @@ def add_plan_command(commands: Any) -> None:
     node = plan.add_argument_group("the node")
     node.add_argument(
         "--host-bytes",
-        help="host RAM budget for the node (default: the config's, auto: half of --ram)",
+        help="host_bytes for the node: all the host RAM the cache holds values in, the "
+        "host tier and the parts for values on their way to and from disk "
+        "(write_behind_bytes, read_buffer_bytes) (default: the config's, auto: half of --ram)",
     )
     node.add_argument(
         "--disk-path",
@@ -224,11 +235,16 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     ram = sysinfo.available_ram() if args.ram is None else _size("--ram", args.ram)
     node = _node_config(args, ram)
     per_rank = math.ceil(samples / ranks)
+    try:
+        budgets = rank_budgets(node, ranks)  # one rank's, "auto" parts resolved
+    except ConfigError as error:
+        raise PlanInputError(f"--host-bytes: {error}: raise it, or lower them") from None
     rank_config = node.replace(
-        host_bytes=node.host_bytes // ranks,
-        write_behind_bytes=node.write_behind_bytes // ranks,
-        read_buffer_bytes=node.read_buffer_bytes // ranks,
+        host_bytes=budgets.host_bytes,
+        write_behind_bytes=budgets.write_behind_bytes,
+        read_buffer_bytes=budgets.read_buffer_bytes,
         disk_bytes=None,
+        budget_scope="rank",
     )
     awq_on_host = args.recipe == "awq" and args.awq_offload == "cpu"
     workload = sequential_pipeline(shape, per_rank, awq=awq_on_host)
@@ -257,14 +273,15 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "samples": samples, "seq_len": shape.seq_len, "ranks": ranks, "recipe": args.recipe,
         "per_sample_bytes": per_sample,
         "cached_bytes": sample_bytes * samples,
-        "host_bytes": node.host_bytes, "ram_bytes": ram,
-        "fits_host": sample_bytes * samples <= node.host_bytes,
+        "host_bytes": node.host_bytes, "host_tier_bytes": ranks * budgets.host_tier_bytes,
+        "ram_bytes": ram,
+        "fits_host": sample_bytes * per_rank <= budgets.host_tier_bytes,
         "disk_written_bytes": written, "disk_read_bytes": read, "disk_needed_bytes": need,
         "disks": disks, "io_seconds": io_seconds, "fits": fits,
         "replayed_layers": traffic.replayed_layers or layers,
         "config": {}, "why": {},
     }  # fmt: skip
-    _recommend(plan, node, per_sample)
+    _recommend(plan, node, budgets, sample_bytes * per_rank)
     if args.recipe == "awq":
         plan["awq"] = _awq_figures(shape, samples, args.awq_offload)
     return plan
@@ -293,18 +310,38 @@ def _io_seconds(disks: list[dict], written: int, read: int) -> float | None:
     return written / max(write, 1) + read / max(read_speed, 1)
 
 
-def _recommend(plan: dict, node: CacheConfig, per_sample: dict) -> None:
+def _recommend(plan: dict, node: CacheConfig, budgets: ResolvedBudgets, rank_cached: int) -> None:
+    """The config to run with; ``budgets``: one rank's, ``rank_cached``: what one rank
+    caches per pass."""
     config, why = plan["config"], plan["why"]
-    ranks, cached = plan["ranks"], plan["cached_bytes"]
-    if cached <= node.host_bytes:
-        config["host_bytes"] = cached + cached // 8
-        why["host_bytes"] = "holds every cached value (plus an eighth): no disk traffic"
+    ranks, f = plan["ranks"], format_bytes
+    parts = budgets.write_behind_bytes + budgets.read_buffer_bytes
+    if plan["fits_host"]:
+        # host_bytes also holds the values on their way to and from disk: a host tier
+        # of every cached value (plus an eighth) and those parts, per rank.
+        tier = rank_cached + rank_cached // 8
+        shares = budgets.shares
+        rank_parts = [
+            v if v == AUTO else v // shares
+            for v in (node.write_behind_bytes, node.read_buffer_bytes)
+        ]
+        config["host_bytes"] = shares * host_bytes_for_tier(tier, *rank_parts)
+        why["host_bytes"] = (
+            f"a host tier of {f(ranks * tier)} holds every cached value (plus an eighth), and "
+            f"{f(config['host_bytes'] - ranks * tier)} is for values on their way to and from "
+            "disk (write_behind_bytes, read_buffer_bytes): no disk traffic"
+        )
     else:
         config["host_bytes"] = node.host_bytes
         why["host_bytes"] = (
-            f"the budget given ({format_bytes(node.host_bytes)} for the node, "
-            f"{format_bytes(node.host_bytes // ranks)} per rank); the rest spills"
+            f"the budget given ({f(node.host_bytes)} for the node, "
+            f"{f(budgets.host_bytes)} per rank: a host tier of {f(budgets.host_tier_bytes)} "
+            f"and {f(parts)} for values on their way to and from disk); the rest spills"
         )
+    for name in ("write_behind_bytes", "read_buffer_bytes"):
+        if getattr(node, name) != AUTO:  # the split the plan used, kept in the file
+            config[name] = getattr(node, name)
+            why[name] = "as given: a part of host_bytes, which the host tier does not use"
     paths = [d["path"] for d in plan["disks"]]
     config["disk_path"] = paths[0] if len(paths) == 1 else paths
     why["disk_path"] = (
@@ -317,7 +354,7 @@ def _recommend(plan: dict, node: CacheConfig, per_sample: dict) -> None:
         why["disk_bytes"] = (
             "the run's peak on disk plus a quarter: a runaway run stops with a clear error"
         )
-    batch = sum(per_sample.values())
+    batch = sum(plan["per_sample_bytes"].values())
     config["prefetch_depth"] = 4 if batch < SMALL_BATCH else 2
     why["prefetch_depth"] = f"a sample is {format_bytes(batch)}: " + (
         "small next to a drive's latency, read further ahead"
@@ -368,8 +405,9 @@ def _text(plan: dict[str, Any]) -> str:
         "",
         "cached per sample: "
         + ", ".join(f"{what} {f(n)}" for what, n in plan["per_sample_bytes"].items()),
-        f"cached per pass: {f(plan['cached_bytes'])} against a host budget of "
-        f"{f(plan['host_bytes'])}: "
+        f"cached per pass: {f(plan['cached_bytes'])} against a host tier of "
+        f"{f(plan['host_tier_bytes'])} (host_bytes {f(plan['host_bytes'])}, less the parts "
+        "for values on their way to and from disk): "
         + ("fits, nothing spills" if plan["fits_host"] else "spills to disk"),
         f"whole run, disk: {f(plan['disk_written_bytes'])} written, "
         f"{f(plan['disk_read_bytes'])} read",

@@ -27,17 +27,20 @@ from typing import Any
 import torch
 
 from ..config import CacheConfig
+from .arena import Arena
 from .buffers import SharedBuffers
 from .failures import WriteFailure, errno_of
 from .io_threads import WRITE, IOPool
 from .persist import defers_deletion
 from .placement import Placement, TensorRecord
 from .ranks import store_parent
+from .records import WRITING
 from .resolved import checked_disk_dirs, process_budgets
 from .store_dirs import remove_empty_dirs
 from .sysinfo import nearest_existing
 from .tenants import Tenant
 from .tensor_store import Store
+from .text import format_bytes
 from .tiers import DiskTier
 from .tiers.budget import BudgetedTier
 from .tiers.disk import Reading
@@ -90,7 +93,11 @@ class SharedPool:
         self.transfers = Transfers()
         # One lane (queue and threads) per disk: bandwidth adds up across drives.
         self.io = IOPool("spillcache-io", config.io_threads, lanes=max(1, len(self.disk_dirs)))
-        self.buffers = SharedBuffers(self.budgets.read_buffer_bytes)
+        # All the host memory the pool's values take (host_bytes), mapped on first use.
+        self.arena = Arena(
+            self.budgets.host_bytes, pin=torch.cuda.is_available(), describe=self._arena_holders
+        )
+        self.buffers = SharedBuffers(self.budgets.read_buffer_bytes, self.arena)
         disk = None
         if self.disk_dirs:
             disk = DiskTier(
@@ -98,12 +105,23 @@ class SharedPool:
             )
         self.placement = Placement(
             device_budget=self.budgets.device_bytes,
-            host_budget=self.budgets.host_bytes,
+            host_budget=self.budgets.host_tier_bytes,
             disk=disk,
             eviction=config.eviction,
             pin_host=torch.cuda.is_available(),
             write_behind_budget=self.budgets.write_behind_bytes,
             transfers=self.transfers,
+            arena=self.arena,
+        )
+
+    def _arena_holders(self) -> str:
+        """What holds the arena, for its overflow warning (read without the lock:
+        figures of a moment)."""
+        placement = self.placement
+        return (
+            f"{format_bytes(placement.host.nbytes)} in the host tier, "
+            f"{format_bytes(placement.write_behind.nbytes)} waiting for disk writes, "
+            "the rest read back or held by tensors fetch returned"
         )
 
     def store_maker(self) -> Callable[[int], Store] | None:
@@ -162,6 +180,7 @@ class SharedPool:
                 del _pools[self.config]
         self.io.close()
         self.buffers.close()
+        self.arena.close()
 
     # ---------------------------------------------------------- write-behind
 
@@ -173,8 +192,10 @@ class SharedPool:
         """
         placement = self.placement
         io = self.io
-        for record, tensor in placement.take_writes():
-            job = io.submit(WRITE, self._write_to_disk, record, tensor, lane=record.disk)
+        # The job gets its value in a one-item list it empties when it starts: holding
+        # it only while it writes, its arena slot comes back as soon as the write ends.
+        for record, value in [(record, [tensor]) for record, tensor in placement.take_writes()]:
+            job = io.submit(WRITE, self._write_to_disk, record, value, lane=record.disk)
             record.tenant.track(job)
         for tenant, disk, name in placement.take_deletions():
             if defers_deletion(tenant, name):  # a kept store's flushed structures name it
@@ -187,9 +208,18 @@ class SharedPool:
         with self.lock:
             tenant.deleting.discard(name)
 
-    def _write_to_disk(self, record: TensorRecord, tensor: torch.Tensor) -> None:
+    def _write_to_disk(self, record: TensorRecord, value: list[torch.Tensor]) -> None:
         """A background write: the file outside the lock, the bookkeeping inside it. A
-        failure goes to the value's cache, whose next call reports it."""
+        failure goes to the value's cache, whose next call reports it. Its end is
+        announced to the arena only once the value is let go (``returned_expected``)."""
+        tensor = value.pop()
+        ended = self._write_value(record, tensor)
+        del tensor
+        if ended:  # its write_done left the announcement to this job
+            self.arena.returned_expected()
+
+    def _write_value(self, record: TensorRecord, tensor: torch.Tensor) -> bool:
+        """Write ``tensor``; True if its write was still the record's to report."""
         store = record.tenant.store_on(record.disk)
         error: BaseException | None = None
         try:
@@ -202,10 +232,12 @@ class SharedPool:
         if error is not None and errno_of(error) == errno.ENOSPC:
             (free,) = self.placement.disk.read_free(record.disk)  # what is left, unlocked
         with self.lock:
+            ours = record.write_state == WRITING
             if self.placement.write_done(record, error, free):
                 failure = WriteFailure(record.label, record.nbytes, str(store.path), error)
                 record.tenant.write_failed(record.disk, failure)
             self.write_finished.notify_all()
+        return ours
 
     # ------------------------------------------------------------- reporting
 
@@ -236,4 +268,5 @@ class SharedPool:
                 "unwritten_bytes": placement.write_behind.unwritten_bytes,
             },
             "counters": dict(placement.counters),
+            "arena": self.arena.stats(),
         }

@@ -18,6 +18,7 @@ from ..config import AUTO, CacheConfig
 from ..errors import ConfigError
 from .ranks import rank_info
 from .sysinfo import RAM_BACKED, available_ram, filesystem_type, nearest_existing
+from .text import format_bytes
 
 __all__ = [
     "NODE_SIZES",
@@ -28,6 +29,7 @@ __all__ = [
     "keeps_device_tier",
     "resolve_offload_device",
     "process_budgets",
+    "transit_bytes",
 ]
 
 # Sizes that are the node's under budget_scope = "node" (RAM, and the node's disks).
@@ -48,25 +50,64 @@ class ResolvedBudgets:
     device_bytes: int | None
     shares: int
 
+    @property
+    def host_tier_bytes(self) -> int:
+        """What the host tier may hold: host_bytes less the parts kept for values on
+        their way to and from disk (all of it without a region, host_bytes = 0)."""
+        if self.host_bytes == 0:
+            return 0
+        return self.host_bytes - self.write_behind_bytes - self.read_buffer_bytes
 
-def process_budgets(config: CacheConfig, ram_available: int | None = None) -> ResolvedBudgets:
+
+# "auto" write_behind_bytes and read_buffer_bytes: each an eighth of host_bytes, at
+# most this; without a region (host_bytes = 0), this much of ordinary memory.
+TRANSIT_FRACTION = 8
+TRANSIT_MAX = 512 * 2**20
+NO_REGION_TRANSIT = 256 * 2**20
+
+
+def transit_bytes(host_bytes: int) -> int:
+    """What "auto" write_behind_bytes (and read_buffer_bytes) come to."""
+    if host_bytes == 0:
+        return NO_REGION_TRANSIT
+    return min(host_bytes // TRANSIT_FRACTION, TRANSIT_MAX)
+
+
+def process_budgets(
+    config: CacheConfig, ram_available: int | None = None, ranks_on_node: int | None = None
+) -> ResolvedBudgets:
     """The budgets of this process. "auto" host_bytes is half the available RAM
     (``ram_available``, else measured now), divided among the ranks on this node; with
     budget_scope = "node" the explicit NODE_SIZES are divided among them too. Outside
-    torchrun nothing is divided."""
-    info = rank_info()
-    ranks_here = 1 if info is None else info.local_world_size
+    torchrun nothing is divided. ``ranks_on_node``: one rank's budgets on a node of
+    that many ranks (``spillcache plan``), instead of this process's."""
+    if ranks_on_node is None:
+        info = rank_info()
+        ranks_on_node = 1 if info is None else info.local_world_size
+    ranks_here = ranks_on_node
     shares = ranks_here if config.budget_scope == "node" else 1
     sizes: dict[str, int | None] = {}
     for name in NODE_SIZES:
         value = getattr(config, name)
-        if value == AUTO:  # host_bytes only: the node's RAM, shared among its ranks
+        if value == AUTO and name == "host_bytes":  # the node's RAM, shared among its ranks
             ram = available_ram() if ram_available is None else ram_available
             sizes[name] = auto_host_bytes(ram, ranks_here)
+        elif value == AUTO:  # a part of this process's host_bytes
+            sizes[name] = transit_bytes(sizes["host_bytes"])
         else:
             sizes[name] = None if value is None else value // shares
     device_bytes = None if config.device_bytes == AUTO else config.device_bytes
-    return ResolvedBudgets(**sizes, device_bytes=device_bytes, shares=shares)
+    budgets = ResolvedBudgets(**sizes, device_bytes=device_bytes, shares=shares)
+    if budgets.host_tier_bytes < 0:
+        raise ConfigError(
+            f"write_behind_bytes ({format_bytes(budgets.write_behind_bytes)}) and "
+            f"read_buffer_bytes ({format_bytes(budgets.read_buffer_bytes)}) are parts of "
+            f"host_bytes ({format_bytes(budgets.host_bytes)}"
+            + (" for this rank" if shares > 1 else "")
+            + "), and together more than it: lower them (or leave them \"auto\") or raise "
+            "host_bytes"
+        )
+    return budgets
 
 
 def auto_host_bytes(ram_available: int, ranks_on_node: int = 1) -> int:

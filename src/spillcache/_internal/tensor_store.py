@@ -25,7 +25,7 @@ import torch
 
 from ..errors import StoreCorruptError, StoreError, StoreFormatError
 from . import chunk_reads, chunkio, dtypes, failures, owners
-from .buffers import STAGING_BYTES, BufferPool, SharedBuffers, StagingBuffers
+from .buffers import PAGE, STAGING_BYTES, BufferPool, SharedBuffers, StagingBuffers
 from .store_format import (
     ATTRS_KEY,
     BATCHES,
@@ -137,6 +137,7 @@ class Store:
         self._staging = staging
         self._buffers = buffers or BufferPool(0)
         self._owns_buffers = True  # False: shared with other stores (SharedBuffers)
+        self._shared_staging: tuple[SharedBuffers, int] | None = None
         self.unsynced = Unsynced(path)  # a kept store's writes not yet fsync'd
 
     keep = False  # made for keep_store: no signal, sweep or plain gc removes it
@@ -215,10 +216,12 @@ class Store:
     ) -> Store:
         """A store over a pool's buffers (``shared``), which its close leaves alone."""
         direct = resolve_direct_io(path.parent, direct_io)
-        staging = shared.staging(writers) if direct else None
-        store = cls(path, direct=direct, staging=staging, checksum=checksum)
+        store = cls(path, direct=direct, checksum=checksum)
         store._buffers = shared.reads
         store._owns_buffers = False
+        # Staging buffers only once an unaligned tensor is written (values in the
+        # pool's arena are page-aligned and need none).
+        store._shared_staging = (shared, writers) if direct else None
         return store
 
     @classmethod
@@ -306,6 +309,14 @@ class Store:
 
     # ------------------------------------------------------------- tensors
 
+    def _staging_for(self, data: torch.Tensor) -> StagingBuffers | None:
+        """The staging buffers a direct write of ``data`` goes through, if it needs them."""
+        if self._staging is None and self._shared_staging is not None:
+            if data.data_ptr() % PAGE:
+                shared, writers = self._shared_staging
+                self._staging = shared.staging(writers)
+        return self._staging
+
     def _array_dir(self, name: str) -> Path:
         return tensors_dir(self.path) / name
 
@@ -341,9 +352,10 @@ class Store:
                     directory / chunk_name(tensor.dim()),
                     data,
                     direct=self.direct,
-                    staging=self._staging,
+                    staging=self._staging_for(data),
                     durable=durable,
-                    trailer=crc32c(data) if self.checksum else b"",
+                    # Computed while the device writes, where the writes are queued.
+                    trailer=(lambda: crc32c(data)) if self.checksum else b"",
                     alongside=write_metadata,
                 )
             else:

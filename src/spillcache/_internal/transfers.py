@@ -20,10 +20,15 @@ Without CUDA ``Transfers`` makes the plain copies on the caller's thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import dtypes
+
+if TYPE_CHECKING:
+    from .arena import Arena
 
 __all__ = [
     "Ready",
@@ -131,20 +136,49 @@ class Transfers:
                 self._streams[device] = torch.cuda.Stream(device)
             return self._streams[device]
 
-    def to_host(self, tensor: torch.Tensor, *, pin: bool) -> torch.Tensor:
-        """A compact CPU copy (or the tensor itself, if already a compact CPU tensor)."""
+    def to_host(
+        self, tensor: torch.Tensor, *, pin: bool, arena: Arena | None = None, wait: bool = True
+    ) -> torch.Tensor:
+        """A compact CPU copy (or the tensor itself, if already a compact CPU tensor).
+
+        With an ``arena`` (one with a region), the copy is a slot of it, even of a
+        compact CPU tensor (the caller's memory is then theirs to free at once); a
+        tensor that is a whole slot already is returned as it is. ``wait``: whether a
+        full arena may be waited for (see ``Arena.take``).
+        """
+        if arena is None or not arena.capacity:
+            if tensor.device.type != "cuda":
+                return to_host(tensor, pin=pin)
+            raw_type = dtypes.raw_dtype(tensor.dtype)
+            return self._copy_off(
+                tensor, lambda: torch.empty(tensor.shape, dtype=raw_type, pin_memory=True)
+            )
         if tensor.device.type != "cuda":
-            return to_host(tensor, pin=pin)
+            return tensor if arena.holds(tensor) else arena.copy_in(tensor, wait=wait)
+
+        def slot() -> torch.Tensor:
+            taken = arena.take(tensor.nbytes, pin=True, wait=wait)
+            return taken.view(dtypes.raw_dtype(tensor.dtype)).view(tensor.shape)
+
+        return self._copy_off(tensor, slot)
+
+    def _copy_off(
+        self, tensor: torch.Tensor, destination: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``tensor`` copied off its GPU into ``destination()`` on the side stream; the
+        caller waits for that copy only."""
+        out = destination()  # before the copy is queued: a full arena may be waited for
         caller = torch.cuda.current_stream(tensor.device)
         side = self._stream(tensor.device)
         side.wait_stream(caller)  # the value may still be being computed on the caller's stream
         with torch.cuda.stream(side):
-            copy = compact_copy(tensor, CPU, pin=True, non_blocking=True)
+            raw = out.view(dtypes.raw_dtype(tensor.dtype))
+            raw.copy_(_raw(tensor), non_blocking=out.is_pinned())
             tensor.record_stream(side)  # the caller may free it before the copy runs
             done = torch.cuda.Event()
             done.record(side)
         done.synchronize()
-        return copy
+        return out.view(tensor.dtype)
 
     def onload(
         self,

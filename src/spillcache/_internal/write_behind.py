@@ -12,15 +12,20 @@ Not thread-safe: used by placement with the pool's lock held.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .records import QUEUED, WRITING, TensorRecord
+
+if TYPE_CHECKING:
+    from .arena import Arena
 
 __all__ = ["WriteBehind"]
 
 
 class WriteBehind:
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, arena: Arena | None = None) -> None:
         # The most a *read* may push in when it promotes a value (updates wait for room
         # before they store: the cache's backpressure).
         self.budget = budget
@@ -29,6 +34,9 @@ class WriteBehind:
         self.in_flight = 0  # writes queued or running
         self.unwritten_bytes = 0
         self._queued: list[TensorRecord] = []
+        # Told of every write queued and ended, so that a take waiting for room knows
+        # whether a slot may still come back.
+        self._arena = arena
 
     def __contains__(self, rid: int) -> bool:
         return rid in self._values
@@ -47,6 +55,8 @@ class WriteBehind:
         record.tenant.writes_in_flight += 1
         record.write_state = QUEUED
         self._queued.append(record)
+        if self._arena is not None:
+            self._arena.expect_return()
 
     def take_queued(self) -> list[tuple[TensorRecord, torch.Tensor]]:
         """The writes queued since the last call, now the caller's to run."""
@@ -59,12 +69,16 @@ class WriteBehind:
         """The value leaves the area (its write is over, or no longer wanted)."""
         return self._values.pop(rid, None)
 
-    def forget(self, record: TensorRecord) -> None:
-        """``record``'s write is over, or will not be reported back: its counts go."""
+    def forget(self, record: TensorRecord, *, job_ends: bool = False) -> None:
+        """``record``'s write is over, or will not be reported back: its counts go.
+        ``job_ends``: the write's own job reports its end to the arena, once it has let
+        go of the value (else it is reported here: no job will run, or one was cancelled)."""
         if record.write_state in (QUEUED, WRITING):
             if record.write_state == QUEUED:
                 self._queued.remove(record)
             self.nbytes -= record.nbytes
             self.in_flight -= 1
             record.tenant.writes_in_flight -= 1
+            if self._arena is not None and not job_ends:
+                self._arena.returned_expected()
         record.write_state = None
