@@ -5,8 +5,10 @@ host tier, values waiting for their disk write, values read back from disk, the 
 an ``update`` makes of the caller's tensor. The region is mapped once, on first use
 (private, page-aligned, advised for transparent huge pages; registered as pinned memory
 once where CUDA is available), so the process's resident memory for values is bounded
-by the region, whatever glibc or torch's allocators would keep; and every slot starts
-on a page, so O_DIRECT reads and writes go straight to and from it, with no staging copy.
+by the region, whatever glibc or torch's allocators would keep; and every slot of a
+page or more starts on a page, so O_DIRECT reads and writes go straight to and from it,
+with no staging copy (a smaller value is all last partial page, written and read
+buffered: its slot is cut at 64 bytes).
 
 A slot is a tensor with a storage of its own over its part of the region. It is
 handed out once and goes back to the free list when the last tensor over it dies
@@ -39,6 +41,7 @@ import torch
 
 from . import malloc_heap
 from .buffers import HUGE_PAGE, PAGE, aligned_empty, round_up
+from .dtypes import raw_dtype
 from .text import format_bytes
 
 __all__ = ["Arena", "slot_size"]
@@ -50,7 +53,8 @@ SMALL_ALIGNMENT = 64
 
 
 def slot_size(nbytes: int) -> int:
-    """A slot's size for a value of ``nbytes``: whole pages from a page up."""
+    """A slot's size for a value of ``nbytes``: whole pages from a page up, else
+    64-byte steps."""
     if nbytes < PAGE:
         return -(-nbytes // SMALL_ALIGNMENT) * SMALL_ALIGNMENT
     return round_up(nbytes)
@@ -175,7 +179,8 @@ class Arena:
     # --------------------------------------------------------------- take
 
     def take(self, nbytes: int, *, pin: bool = False, wait: bool = False) -> torch.Tensor:
-        """A 1-D uint8 tensor of ``nbytes`` starting on a page, in a slot if one fits.
+        """A 1-D uint8 tensor of ``nbytes`` (on a page from a page up, ``slot_size``),
+        in a slot if one fits.
 
         With ``wait``, waits while no hole fits and writes in flight will give slots
         back; otherwise (and once none will) the memory is ordinary (an overflow).
@@ -218,8 +223,6 @@ class Arena:
 
     def copy_in(self, tensor: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
         """A CPU tensor with ``tensor``'s shape, dtype and bits, in a slot (see ``take``)."""
-        from .dtypes import raw_dtype  # noqa: PLC0415 (dtypes imports nothing of ours)
-
         out = self.take(tensor.nbytes, wait=wait).view(raw_dtype(tensor.dtype))
         out = out.view(tensor.shape)
         out.copy_(tensor.view(raw_dtype(tensor.dtype)))
@@ -234,7 +237,8 @@ class Arena:
         try:
             self._coalesce_returned()
             for index, (offset, hole) in enumerate(self._free):
-                start = -(-(self._address + offset) // align) * align - self._address
+                # Offsets are the mapping's, which starts on a page: aligned alike.
+                start = -(-offset // align) * align
                 if start + size > offset + hole:
                     continue
                 rest = [[start + size, offset + hole - start - size]]
