@@ -240,7 +240,12 @@ def test_bad_offload_device_and_config_are_refused():
 
 def test_pin_memory_brings_spilled_values_up(tmp_path):
     config = CacheConfig(
-        host_bytes="512KiB", inline_bytes=0, disk_path=str(tmp_path), eviction="lru"
+        host_bytes="768KiB",  # a host tier of one value, one value's room for writes and reads
+        write_behind_bytes="256KiB",
+        read_buffer_bytes="256KiB",
+        inline_bytes=0,
+        disk_path=str(tmp_path),
+        eviction="lru",
     )
     with IntermediatesCache.empty(3, "cpu", config=config) as cache:
         for index in range(3):
