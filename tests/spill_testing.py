@@ -26,6 +26,29 @@ ALL_DTYPES = sorted(
 )
 
 
+def tier_sizes(tier: int, write_behind: int, reads: int | None = None) -> dict[str, int]:
+    """Config sizes for a host tier of ``tier`` bytes: host_bytes holds it and, besides
+    it, the write-behind part and the read part (``reads``: as ``write_behind``)."""
+    reads = write_behind if reads is None else reads
+    return dict(
+        host_bytes=tier + write_behind + reads,
+        write_behind_bytes=write_behind,
+        read_buffer_bytes=reads,
+    )
+
+
+# Every way a caller can keep the memory of a tensor it was given alive, by name: a
+# buffer handed out under one of these must never be handed out again.
+HOLDING_FORMS = {
+    "tensor": lambda t: t,
+    "typed view": lambda t: t.view(torch.bfloat16).view(512, 1024),
+    "slice": lambda t: t[10:20],
+    "numpy": lambda t: t.numpy(),
+    "memoryview": lambda t: memoryview(t.numpy()),
+    "from_numpy": lambda t: torch.from_numpy(t.numpy()),
+}
+
+
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """A tensor of ``dtype`` whose bits are random (NaN payloads and all)."""
     generator = torch.Generator().manual_seed(seed)

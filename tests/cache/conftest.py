@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import pytest
 
+from spill_testing import tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache.config import parse_size
 
@@ -100,7 +101,7 @@ def make_cache(placement, mode, tmp_path):
         if "host_tier" in settings:  # host_bytes: the tier and the parts the mode leaves
             parts = [settings[name] for name in ("write_behind_bytes", "read_buffer_bytes")]
             tier = settings.pop("host_tier")
-            settings["host_bytes"] = tier + sum(parse_size("part", part) for part in parts)
+            settings.update(tier_sizes(tier, *(parse_size("part", part) for part in parts)))
         if settings.get("disk_path", "auto") == "auto":
             settings["disk_path"] = str(tmp_path / "spill")
         settings.update(overrides)

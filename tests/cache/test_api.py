@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheClosedError, CacheConfig, IntermediatesCache, IntermediateValue
 
 
@@ -240,9 +240,8 @@ def test_bad_offload_device_and_config_are_refused():
 
 def test_pin_memory_brings_spilled_values_up(tmp_path):
     config = CacheConfig(
-        host_bytes="768KiB",  # a host tier of one value, one value's room for writes and reads
-        write_behind_bytes="256KiB",
-        read_buffer_bytes="256KiB",
+        # A host tier of one value, one value's room for writes and for reads.
+        **tier_sizes(256 * 1024, 256 * 1024),
         inline_bytes=0,
         disk_path=str(tmp_path),
         eviction="lru",

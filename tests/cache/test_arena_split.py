@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
 
 SHAPE = (256, 256)  # 256 KiB of float32
@@ -21,9 +21,7 @@ NBYTES = 256 * 1024
 def config(tmp_path, tier: int, **more) -> CacheConfig:
     """A host tier of ``tier`` values, one value's room each for writes and reads."""
     return CacheConfig(
-        host_bytes=(tier + 2) * NBYTES,
-        write_behind_bytes=NBYTES,
-        read_buffer_bytes=NBYTES,
+        **tier_sizes(tier * NBYTES, NBYTES),
         inline_bytes=0,
         disk_path=str(tmp_path),
         **more,

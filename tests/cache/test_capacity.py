@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
 from spillcache._internal.tensor_store import Store
 
@@ -19,9 +19,7 @@ def one_value_tier(reads: int = 1) -> dict:
     """Sizes for a host tier of one KIB64 value: host_bytes holds the tier and, besides
     it, the parts for one value waiting for its disk write and for ``reads`` values read
     back or copied in (a tensor the caller holds from fetch keeps its room)."""
-    return dict(
-        host_bytes=(2 + reads) * VALUE, write_behind_bytes=VALUE, read_buffer_bytes=reads * VALUE
-    )
+    return tier_sizes(VALUE, VALUE, reads * VALUE)
 
 
 def make(tmp_path, **settings) -> IntermediatesCache:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
 
 SHAPE = (64, 64)  # 16 KiB of float32
@@ -22,9 +22,7 @@ TRANSIT = BATCHES // 2 * NBYTES
 def tiered(tmp_path, resident: int, eviction: str) -> CacheConfig:
     """A host tier of ``resident`` batches, its write-behind and read parts besides."""
     return CacheConfig(
-        host_bytes=resident * NBYTES + 2 * TRANSIT,
-        write_behind_bytes=TRANSIT,
-        read_buffer_bytes=TRANSIT,
+        **tier_sizes(resident * NBYTES, TRANSIT),
         inline_bytes=0,
         disk_path=str(tmp_path),
         eviction=eviction,

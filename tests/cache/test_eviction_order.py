@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
 
 ROWS, COLS = 32, 32
@@ -31,9 +31,7 @@ def config_for(tmp_path, slots: int, eviction: str) -> CacheConfig:
     """A host tier of ``slots`` values (host_bytes less the transit parts); every tensor
     tiered, the rest on disk."""
     return CacheConfig(
-        host_bytes=slots * NBYTES + 2 * TRANSIT,
-        write_behind_bytes=TRANSIT,
-        read_buffer_bytes=TRANSIT,
+        **tier_sizes(slots * NBYTES, TRANSIT),
         inline_bytes=0,
         disk_path=str(tmp_path),
         eviction=eviction,

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
 
 SHAPE = (16, 64)  # 4 KiB of float32
@@ -26,9 +26,7 @@ def config_for(tmp_path, slots: int, **settings) -> CacheConfig:
     """A host tier of ``slots`` values (host_bytes less the transit parts, which every
     cache of the pool shares too); every tensor tiered."""
     return CacheConfig(
-        host_bytes=slots * NBYTES + 2 * TRANSIT,
-        write_behind_bytes=TRANSIT,
-        read_buffer_bytes=TRANSIT,
+        **tier_sizes(slots * NBYTES, TRANSIT),
         inline_bytes=0,
         disk_path=str(tmp_path),
         **settings,

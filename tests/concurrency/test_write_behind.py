@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from spill_testing import assert_same, random_tensor
+from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.tensor_store import Store
 
@@ -157,9 +157,7 @@ def test_regression_pin_memory_waits_for_write_room_as_update_does(tmp_path, mon
     calls while the disk was slow grew the write-behind area past its budget by the
     whole host tier (found by a review of docs/architecture.md against the code)."""
     config = CacheConfig(
-        host_bytes=5 * NBYTES,  # a host tier of 3 values, the rest for writes and reads
-        write_behind_bytes=NBYTES,
-        read_buffer_bytes=NBYTES,
+        **tier_sizes(3 * NBYTES, NBYTES),  # a host tier of 3 values
         eviction="lru",
         inline_bytes=0,
         disk_path=str(tmp_path),

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from faults.injection import aligned, leftovers, same_bits, unaligned
+from spill_testing import tier_sizes
 from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError
 from spillcache._internal import aio, pool
 from spillcache._internal.store_format import read_root_attributes
@@ -185,7 +186,7 @@ def test_a_store_that_cannot_be_made_refuses_the_update_inline(tmp_path, syscall
     rule = syscalls.fail("open", errno.ENOSPC, path="/zarr.json")
     # A host tier of one value; host_bytes also keeps one value's room for the write of
     # what it evicts and one for the values read back or copied in.
-    one_value = dict(host_bytes=3 * KIB64, write_behind_bytes=KIB64, read_buffer_bytes=KIB64)
+    one_value = tier_sizes(KIB64, KIB64)
     with make(tmp_path, **one_value) as cache:
         assert cache.stats()["host"]["budget"] == KIB64
         cache.update(0, {"h": unaligned(KIB64, 0)})  # in the host tier: no store yet

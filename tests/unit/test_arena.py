@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from spill_testing import ALL_DTYPES, assert_same, random_tensor
+from spill_testing import ALL_DTYPES, HOLDING_FORMS, assert_same, random_tensor
 from spillcache._internal.arena import Arena
 from spillcache._internal.buffers import PAGE
 
@@ -51,18 +51,7 @@ def test_copy_in_keeps_every_bit_of_every_dtype(dtype):
     assert_same(arena.copy_in(strided), strided)
 
 
-@pytest.mark.parametrize(
-    "keep",
-    [
-        lambda t: t,
-        lambda t: t.view(torch.bfloat16).view(512, 1024),
-        lambda t: t[10:20],
-        lambda t: t.numpy(),
-        lambda t: memoryview(t.numpy()),
-        lambda t: torch.from_numpy(t.numpy()),
-    ],
-    ids=["tensor", "typed view", "slice", "numpy", "memoryview", "from_numpy"],
-)
+@pytest.mark.parametrize("keep", list(HOLDING_FORMS.values()), ids=list(HOLDING_FORMS))
 def test_a_slot_still_held_in_any_form_is_never_handed_out(keep):
     arena = Arena(2 * MIB)
     taken = arena.take(MIB)

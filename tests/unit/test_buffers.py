@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spill_testing import HOLDING_FORMS
 from spillcache._internal import buffers
 from spillcache._internal.buffers import BufferPool
 
@@ -22,18 +23,7 @@ def test_a_released_block_is_handed_out_again():
     assert (pool.made, pool.reused) == (1, 1)
 
 
-@pytest.mark.parametrize(
-    "keep",
-    [
-        lambda t: t,
-        lambda t: t.view(torch.bfloat16).view(512, 1024),
-        lambda t: t[10:20],
-        lambda t: t.numpy(),
-        lambda t: memoryview(t.numpy()),
-        lambda t: torch.from_numpy(t.numpy()),
-    ],
-    ids=["tensor", "typed view", "slice", "numpy", "memoryview", "from_numpy"],
-)
+@pytest.mark.parametrize("keep", list(HOLDING_FORMS.values()), ids=list(HOLDING_FORMS))
 def test_a_block_still_held_in_any_form_is_never_handed_out(keep):
     pool = BufferPool(8 * MIB)
     taken = pool.take(MIB)
