@@ -221,10 +221,17 @@ class Arena:
         malloc_heap.moved(size)
         return torch.frombuffer(slot, dtype=torch.uint8)[:nbytes]
 
+    def take_like(
+        self, tensor: torch.Tensor, *, pin: bool = False, wait: bool = True
+    ) -> torch.Tensor:
+        """A slot for ``tensor``'s bytes, shaped as it and typed as its same-width raw
+        dtype (copies into it are bit-exact for every dtype; see ``take``)."""
+        taken = self.take(tensor.nbytes, pin=pin, wait=wait)
+        return taken.view(raw_dtype(tensor.dtype)).view(tensor.shape)
+
     def copy_in(self, tensor: torch.Tensor, *, wait: bool = True) -> torch.Tensor:
         """A CPU tensor with ``tensor``'s shape, dtype and bits, in a slot (see ``take``)."""
-        out = self.take(tensor.nbytes, wait=wait).view(raw_dtype(tensor.dtype))
-        out = out.view(tensor.shape)
+        out = self.take_like(tensor, wait=wait)
         out.copy_(tensor.view(raw_dtype(tensor.dtype)))
         return out.view(tensor.dtype)
 

@@ -191,6 +191,27 @@ def _allocate(fd: int, nbytes: int) -> None:
     os.ftruncate(fd, nbytes)
 
 
+# What follows a chunk's data: its bytes, or a function giving them (a checksum computed
+# while the data's writes are in flight).
+Trailer = bytes | Callable[[], bytes]
+
+
+def _finish_queued_write(fd: int, piece: memoryview, offset: int, result: int) -> None:
+    """A queued direct write of ``piece`` at ``offset`` came back with ``result`` (bytes
+    written, or -errno): an error raises; a short write's rest is written synchronously,
+    from the page boundary at or before where it stopped."""
+    if result < 0:
+        raise OSError(-result, f"write at offset {offset}: {os.strerror(-result)}")
+    if result < len(piece):
+        resume = result - result % PAGE
+        _pwrite_all(fd, piece[resume:], offset + resume, direct=True)
+
+
+def _resolved(trailer: Trailer) -> bytes:
+    """The trailer's bytes, computed now if it is a function."""
+    return trailer() if callable(trailer) else trailer
+
+
 def _write_queued(
     ctx: aio.Context,
     fd: int,
@@ -220,14 +241,8 @@ def _write_queued(
         for slot, result in done:
             offset, nbytes = pieces.pop(slot)
             free.append(slot)
-            if result < 0:
-                raise OSError(-result, f"write at offset {offset}: {os.strerror(-result)}")
-            if result < nbytes:  # short: the rest synchronously, from a page boundary
-                resume = result - result % PAGE
-                start = slot * piece
-                _pwrite_all(
-                    fd, staged[start + resume : start + nbytes], offset + resume, direct=True
-                )
+            start = slot * piece
+            _finish_queued_write(fd, staged[start : start + nbytes], offset, result)
 
     for offset in range(0, whole, piece):
         if not free:
@@ -246,8 +261,6 @@ def _write_queued(
 # A page-aligned source's whole pages are queued in pieces of this size where native
 # AIO is available: the trailer (a checksum) is computed while the device writes them.
 IN_PLACE_PIECE = 4 << 20
-
-Trailer = bytes | Callable[[], bytes]
 
 
 def _write_in_place(
@@ -284,11 +297,7 @@ def _write_in_place_queued(
     def finished(done: list[tuple[int, int]]) -> None:
         for offset, result in done:
             nbytes = queued.pop(offset)
-            if result < 0:
-                raise OSError(-result, f"write at offset {offset}: {os.strerror(-result)}")
-            if result < nbytes:  # short: the rest synchronously, from a page boundary
-                resume = offset + result - result % PAGE
-                _pwrite_all(fd, source[resume : offset + nbytes], resume, direct=True)
+            _finish_queued_write(fd, source[offset : offset + nbytes], offset, result)
 
     def queue_more() -> None:
         while pending and len(queued) < aio.DEPTH:
@@ -298,7 +307,7 @@ def _write_in_place_queued(
             queued[offset] = nbytes
 
     queue_more()
-    computed = trailer() if callable(trailer) else trailer  # while the device writes
+    computed = _resolved(trailer)  # while the device writes
     alongside()
     while queued:
         finished(ctx.wait(1))
@@ -324,8 +333,7 @@ def _write_direct(
             _write_staged(fd, source, whole, buffer, alongside)
     else:
         alongside()
-    if callable(trailer):
-        trailer = trailer()
+    trailer = _resolved(trailer)
     if whole < nbytes or trailer:
         # The last partial page (and the trailer) is written buffered: clear O_DIRECT on
         # this descriptor and write the < PAGE remaining bytes from the source. The
@@ -391,8 +399,7 @@ def write_file(
                 _write_direct(fd, data, staging, trailer, alongside)
             else:
                 _pwrite_all(fd, memoryview(data.numpy()), 0, direct=False)
-                tail = trailer() if callable(trailer) else trailer
-                _pwrite_all(fd, memoryview(tail), data.numel(), direct=False)
+                _pwrite_all(fd, memoryview(_resolved(trailer)), data.numel(), direct=False)
                 alongside()
             if durable:
                 os.fsync(fd)

@@ -53,7 +53,7 @@ class ResolvedBudgets:
     @property
     def host_tier_bytes(self) -> int:
         """What the host tier may hold: host_bytes less the parts kept for values on
-        their way to and from disk (all of it without a region, host_bytes = 0)."""
+        their way to and from disk (0 without a region, host_bytes = 0)."""
         if self.host_bytes == 0:
             return 0
         return self.host_bytes - self.write_behind_bytes - self.read_buffer_bytes
@@ -84,14 +84,13 @@ def process_budgets(
     if ranks_on_node is None:
         info = rank_info()
         ranks_on_node = 1 if info is None else info.local_world_size
-    ranks_here = ranks_on_node
-    shares = ranks_here if config.budget_scope == "node" else 1
+    shares = ranks_on_node if config.budget_scope == "node" else 1
     sizes: dict[str, int | None] = {}
     for name in NODE_SIZES:
         value = getattr(config, name)
         if value == AUTO and name == "host_bytes":  # the node's RAM, shared among its ranks
             ram = available_ram() if ram_available is None else ram_available
-            sizes[name] = auto_host_bytes(ram, ranks_here)
+            sizes[name] = auto_host_bytes(ram, ranks_on_node)
         elif value == AUTO:  # a part of this process's host_bytes
             sizes[name] = transit_bytes(sizes["host_bytes"])
         else:
@@ -104,7 +103,7 @@ def process_budgets(
             f"read_buffer_bytes ({format_bytes(budgets.read_buffer_bytes)}) are parts of "
             f"host_bytes ({format_bytes(budgets.host_bytes)}"
             + (" for this rank" if shares > 1 else "")
-            + "), and together more than it: lower them (or leave them \"auto\") or raise "
+            + '), and together more than it: lower them (or leave them "auto") or raise '
             "host_bytes"
         )
     return budgets

@@ -20,7 +20,6 @@ Without CUDA ``Transfers`` makes the plain copies on the caller's thread.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -150,30 +149,21 @@ class Transfers:
             if tensor.device.type != "cuda":
                 return to_host(tensor, pin=pin)
             raw_type = dtypes.raw_dtype(tensor.dtype)
-            return self._copy_off(
-                tensor, lambda: torch.empty(tensor.shape, dtype=raw_type, pin_memory=True)
-            )
+            out = torch.empty(tensor.shape, dtype=raw_type, pin_memory=True)
+            return self._copy_off(tensor, out)
         if tensor.device.type != "cuda":
             return tensor if arena.holds(tensor) else arena.copy_in(tensor, wait=wait)
+        # Taken before the copy is queued: a full arena may be waited for.
+        return self._copy_off(tensor, arena.take_like(tensor, pin=True, wait=wait))
 
-        def slot() -> torch.Tensor:
-            taken = arena.take(tensor.nbytes, pin=True, wait=wait)
-            return taken.view(dtypes.raw_dtype(tensor.dtype)).view(tensor.shape)
-
-        return self._copy_off(tensor, slot)
-
-    def _copy_off(
-        self, tensor: torch.Tensor, destination: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        """``tensor`` copied off its GPU into ``destination()`` on the side stream; the
-        caller waits for that copy only."""
-        out = destination()  # before the copy is queued: a full arena may be waited for
+    def _copy_off(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``tensor`` copied off its GPU into ``out`` (CPU, its shape, its raw dtype) on
+        the side stream; the caller waits for that copy only."""
         caller = torch.cuda.current_stream(tensor.device)
         side = self._stream(tensor.device)
         side.wait_stream(caller)  # the value may still be being computed on the caller's stream
         with torch.cuda.stream(side):
-            raw = out.view(dtypes.raw_dtype(tensor.dtype))
-            raw.copy_(_raw(tensor), non_blocking=out.is_pinned())
+            out.copy_(_raw(tensor), non_blocking=out.is_pinned())
             tensor.record_stream(side)  # the caller may free it before the copy runs
             done = torch.cuda.Event()
             done.record(side)
