@@ -47,12 +47,12 @@ class SpyCondition(threading.Condition):
 
 
 def waits_for_a_write(cache, spy: SpyCondition, blocked: BlockedWrites, call, *args) -> None:
-    """``call(*args)``, on a thread, waits for a blocked write with two values in the
+    """``call(*args)``, on a thread, waits for a blocked write with one value in the
     write-behind area (it adds none meanwhile), and ends once the write is released."""
     thread = threading.Thread(target=call, args=args)
     thread.start()
     assert spy.waiting.wait(timeout=30), f"{call.__name__} must wait for a write"
-    assert cache.stats()["write_behind"]["bytes"] == 2 * NBYTES  # memory did not grow
+    assert cache.stats()["write_behind"]["bytes"] == NBYTES  # memory did not grow
     blocked.release.set()
     thread.join(timeout=30)
     assert not thread.is_alive()
@@ -87,11 +87,10 @@ def test_update_waits_when_the_write_behind_budget_is_spent(tmp_path, monkeypatc
         spy = SpyCondition(cache._core._lock)
         cache._core.pool.write_finished = spy
         blocked = BlockedWrites(monkeypatch)
-        values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(3)]
+        values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(2)]
         cache.update(0, {"h": values[0]})  # in flight: exactly the budget
-        cache.update(1, {"h": values[1]})  # the budget was not exceeded: no wait, now over
         assert not spy.waiting.is_set()
-        waits_for_a_write(cache, spy, blocked, cache.update, 2, {"h": values[2]})
+        waits_for_a_write(cache, spy, blocked, cache.update, 1, {"h": values[1]})
         cache.flush()
         for index, value in enumerate(values):
             assert_same(cache.fetch(index)["h"], value)
@@ -112,6 +111,22 @@ def test_close_during_a_write_joins_and_removes_the_store(tmp_path, monkeypatch)
     assert not closer.is_alive()
     assert not any(t.name.startswith("spillcache-io") for t in threading.enumerate())
     assert path is not None and not (tmp_path / path).exists()
+
+
+def test_a_value_larger_than_the_write_behind_budget_waits_only_for_an_empty_area(
+    tmp_path, monkeypatch
+):
+    with make(tmp_path, write_behind_bytes=NBYTES // 2) as cache:
+        spy = SpyCondition(cache._core._lock)
+        cache._core.pool.write_finished = spy
+        blocked = BlockedWrites(monkeypatch)
+        values = [random_tensor(torch.float32, SHAPE, seed) for seed in range(2)]
+        cache.update(0, {"h": values[0]})  # the area was empty: stored at once
+        assert not spy.waiting.is_set()
+        waits_for_a_write(cache, spy, blocked, cache.update, 1, {"h": values[1]})
+        cache.flush()
+        for index, value in enumerate(values):
+            assert_same(cache.fetch(index)["h"], value)
 
 
 def test_keep_store_waits_for_writes_before_completing_the_store(tmp_path, monkeypatch):
@@ -171,9 +186,8 @@ def test_regression_pin_memory_waits_for_write_room_as_update_does(tmp_path, mon
         cache._core.pool.write_finished = spy
         blocked = BlockedWrites(monkeypatch)
         cache.pin_memory(0)  # evicts 3, which must be written: exactly the budget
-        cache.pin_memory(1)  # not over the budget before it: evicts 4, now over
         assert not spy.waiting.is_set()
-        waits_for_a_write(cache, spy, blocked, cache.pin_memory, 2)  # 5 stays in the host tier
+        waits_for_a_write(cache, spy, blocked, cache.pin_memory, 1)  # 4, 5 stay in the host tier
         cache.flush()
         for index, value in enumerate(values):
             assert_same(cache.fetch(index)["h"], value)

@@ -23,7 +23,7 @@ from ..errors import CacheClosedError, ConfigError, StoreError
 from . import reads, stats
 from .failures import naming, write_report
 from .io_threads import READ, WRITE
-from .offload import Offload, Prepared, may_spill
+from .offload import Offload, Prepared, may_spill, tiered_bytes
 from .persist import make_durable, persist
 from .placement import TensorRecord
 from .pool import pool_for
@@ -108,13 +108,20 @@ class CacheCore:
         """Hand the disk writes and deletions queued meanwhile to the I/O threads."""
         self.pool.start_queued_disk_io()
 
-    def _wait_for_write_room(self) -> None:
-        """Backpressure: wait (lock held, released while waiting) until write-behind has room."""
+    def _wait_for_write_room(self, incoming: int) -> None:
+        """Backpressure: wait (lock held, released while waiting) until the write-behind
+        area has room for ``incoming`` more bytes, what making room for the values about
+        to come up may evict; or until it is empty, for more than its whole budget. The
+        area is a part of the arena: past its budget it would take the reads' part."""
         budget = self.pool.budgets.write_behind_bytes
-        placement = self.placement
-        if placement.write_behind.nbytes <= budget:
+        area = self.placement.write_behind
+
+        def has_room() -> bool:
+            return area.nbytes == 0 or area.nbytes + incoming <= budget
+
+        if has_room():
             return
-        self._wait_for_writes(lambda: self._closed or placement.write_behind.nbytes <= budget)
+        self._wait_for_writes(lambda: self._closed or has_room())
         self._check_open()
 
     def _wait_for_writes(self, done: Callable[[], bool]) -> None:
@@ -159,7 +166,7 @@ class CacheCore:
         readings = self.pool.read_free_space() if may_spill(prepared) else None
         with self._lock:
             self._check_open()
-            self._wait_for_write_room()
+            self._wait_for_write_room(tiered_bytes(prepared))
             self.pool.observe_free_space(readings)
             self._batches.append({})
             self._generations.append(0)
@@ -184,7 +191,7 @@ class CacheCore:
         with self._lock:
             self._check_open()
             index = self._index(batch_index)
-            self._wait_for_write_room()
+            self._wait_for_write_room(tiered_bytes(prepared))
             self.pool.observe_free_space(readings)
             try:
                 self._store_prepared(index, prepared)
@@ -367,7 +374,9 @@ class CacheCore:
         may evict values to write, so it waits for write room first, as update does."""
         with self._lock:
             self._check_open()
-            self._wait_for_write_room()
+            entries = _selected(self._batches[self._index(batch_index)], input_names)
+            coming_up = [r for r in _records_in(entries) if r.resident is None]
+            self._wait_for_write_room(sum(record.nbytes for record in coming_up))
         self.fetch_stored(batch_index, input_names, asked=True)
 
     def fetch_stored(

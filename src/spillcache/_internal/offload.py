@@ -36,6 +36,16 @@ def may_spill(prepared: list[Prepared]) -> bool:
     return any(tiered for item in prepared for *_, tiered in item.leaves)
 
 
+def tiered_bytes(prepared: list[Prepared]) -> int:
+    """The bytes of ``prepared`` that go to the tiers (what making room for them may evict)."""
+    return sum(
+        offloaded.nbytes
+        for item in prepared
+        for _, offloaded, tiered in item.leaves
+        if tiered
+    )
+
+
 class Offload:
     """One cache's way of preparing values (its config, offload device and tiers)."""
 
