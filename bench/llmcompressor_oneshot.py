@@ -19,7 +19,12 @@ is the last layer's inputs: hidden states, masks, position embeddings, for every
 
     python bench/llmcompressor_oneshot.py [--recipe gptq|awq] [--hidden 512] [--layers 4]
         [--samples 64] [--seq-len 512] [--host-fractions 0.5,0.25,0.0625] [--repeats 3]
-        [--dir PATH] [--wall-limit 1.10]
+        [--dir PATH] [--wall-limit 1.10] [--checkpoint] [--checkpoint-limit 1.05]
+
+``--checkpoint`` adds, per host fraction, the same run under
+``enable(checkpoint_dir=...)`` (a checkpoint after every subgraph: the activation
+store flushed, the changed tensors saved), its wall time over the same run's without
+checkpoints against --checkpoint-limit; each such run must leave no checkpoint behind.
 
 Needs the extra: pip install -e '.[llmcompressor]'.
 """
@@ -56,7 +61,9 @@ from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator 
 COLD = {"every run": True}  # set False when the page cache could not be dropped (not root)
 
 
-def run(args, work: Path, config: CacheConfig | None) -> tuple[float, dict, dict | None]:
+def run(
+    args, work: Path, config: CacheConfig | None, checkpoint_dir: str | None = None
+) -> tuple[float, dict, dict | None]:
     """One oneshot run in this process: wall seconds, weights, spillcache's totals."""
     recipe = RECIPES[args.recipe]
     sizes = dict(hidden=args.hidden, layers=args.layers, samples=args.samples, seq_len=args.seq_len)
@@ -68,7 +75,10 @@ def run(args, work: Path, config: CacheConfig | None) -> tuple[float, dict, dict
         return time.perf_counter() - start, weights, None
     # A cache of the same config open all run: it keeps the shared pool (and its peak
     # figures) alive across the caches llm-compressor builds and drops.
-    with enable(config) as switch, IntermediatesCache(config=config) as witness:
+    with (
+        enable(config, checkpoint_dir=checkpoint_dir) as switch,
+        IntermediatesCache(config=config) as witness,
+    ):
         weights = calibrate(Path(tempfile.mkdtemp(dir=work)), recipe(), prefetch=True, **sizes)
         pool = witness.stats()["pool"]
     totals = switch.stats()
@@ -79,8 +89,9 @@ def run(args, work: Path, config: CacheConfig | None) -> tuple[float, dict, dict
 def child(args, work: Path) -> None:
     """--child: one run; its figures as JSON on stdout, its weights in a file."""
     plan = json.loads(args.child)
+    checkpoint_dir = plan.pop("checkpoint_dir", None)
     config = None if plan["host_bytes"] is None else CacheConfig(**plan)
-    wall, weights, totals = run(args, work, config)
+    wall, weights, totals = run(args, work, config, checkpoint_dir)
     weights_file = Path(tempfile.mkdtemp(dir=work)) / "weights.pt"
     torch.save(weights, weights_file)
     peak = proc_status()["VmHWM"]
@@ -90,11 +101,12 @@ def child(args, work: Path) -> None:
 
 
 def run_in_child(
-    args, work: Path, config: CacheConfig | None
+    args, work: Path, config: CacheConfig | None, checkpoint_dir: Path | None = None
 ) -> tuple[float, int, dict, dict | None]:
     COLD["every run"] &= drop_page_cache()
     plan = {"host_bytes": None} if config is None else {
-        "host_bytes": config.host_bytes, "disk_path": config.disk_path
+        "host_bytes": config.host_bytes, "disk_path": config.disk_path,
+        "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
     }  # fmt: skip
     command = [sys.executable, __file__, "--child", json.dumps(plan)] + args.passed
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -124,6 +136,19 @@ def stock_cached_bytes(args, work: Path) -> int:
     return sum(built[0].size().values())
 
 
+def checkpoint_columns(args, name: str, walls: dict, checkpointed: dict[str, str]) -> dict:
+    """With --checkpoint: a checkpointed run's wall time over the same run's without."""
+    if not args.checkpoint:
+        return {}
+    if name not in checkpointed:
+        return {"x without ckpt": "-", f"<= {args.checkpoint_limit:g}": "-"}
+    cost = ratio(median(walls[name]), median(walls[checkpointed[name]]))
+    return {
+        "x without ckpt": cost,
+        f"<= {args.checkpoint_limit:g}": verdict(cost, args.checkpoint_limit),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="gptq")
@@ -135,6 +160,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--wall-limit", type=float, default=1.10)
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="also run each fraction with enable(checkpoint_dir=...): a checkpoint after "
+        "every subgraph, timed against the same run without",
+    )
+    parser.add_argument("--checkpoint-limit", type=float, default=1.05)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     add_publish_option(parser)
@@ -157,6 +189,12 @@ def main() -> None:
     plans = [("stock (all in RAM)", None)] + [
         (f"spillcache host {f:g}", config(int(f * cached_per_layer))) for f in fractions
     ]
+    checkpointed = {}  # run name -> the run without checkpoints it is compared with
+    if args.checkpoint:
+        for f in fractions:
+            name = f"spillcache host {f:g}, checkpoint_dir"
+            plans.append((name, config(int(f * cached_per_layer))))
+            checkpointed[name] = f"spillcache host {f:g}"
     walls: dict[str, list[float]] = {name: [] for name, _ in plans}
     peaks: dict[str, list[int]] = {name: [] for name, _ in plans}
     last: dict[str, dict | None] = {}
@@ -165,7 +203,10 @@ def main() -> None:
     reference = None
     for _ in range(args.repeats):
         for name, plan in plans:
-            wall, peak, weights, totals = run_in_child(args, work, plan)
+            directory = work / "checkpoint" if name in checkpointed else None
+            wall, peak, weights, totals = run_in_child(args, work, plan, directory)
+            if directory is not None and directory.exists():
+                raise SystemExit(f"{name}: the finished run left {directory} behind")
             walls[name].append(wall)
             peaks[name].append(peak)
             reference = weights if reference is None else reference
@@ -181,7 +222,11 @@ def main() -> None:
             {
                 "run": name,
                 "host MiB": "-" if plan is None else plan.host_bytes / 2**20,
-                "host peak MiB": "-" if totals is None else totals["host_peak"] / 2**20,
+                # A checkpointed run's pipeline cache has a config (and pool) of its own,
+                # which the witness cache does not share: its peak is not seen.
+                "host peak MiB": "-"
+                if totals is None or name in checkpointed
+                else totals["host_peak"] / 2**20,
                 "peak RSS MiB": median(peaks[name]) / 2**20,
                 "RSS x stock": ratio(median(peaks[name]), stock_peak),
                 "wall s": median(walls[name]),
@@ -194,6 +239,7 @@ def main() -> None:
                 "disk rd MiB": 0 if totals is None else totals["disk"]["bytes_read"] / 2**20,
                 "stall s": 0 if totals is None else totals["stall_seconds"],
                 "bit-exact": exact[name],
+                **checkpoint_columns(args, name, walls, checkpointed),
             }
         )
     setting = {

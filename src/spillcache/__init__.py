@@ -6,6 +6,7 @@ from .config import CacheConfig
 from .errors import (
     CacheClosedError,
     CapacityError,
+    CheckpointError,
     ConfigError,
     DiskFullError,
     IntegrationError,
@@ -22,6 +23,7 @@ __all__ = [
     "CapacityError",
     "ConfigError",
     "DiskFullError",
+    "CheckpointError",
     "IntegrationError",
     "IntermediateValue",
     "IntermediatesCache",

@@ -8,6 +8,7 @@ same kind of trouble, so code written for the stock cache keeps working::
     ├── CapacityError (MemoryError)        no tier has room for a value; nothing was stored
     ├── CacheClosedError (RuntimeError)    the cache was used after close()
     ├── IntegrationError (RuntimeError)    llm-compressor is missing, or already switched over
+    │   └── CheckpointError                  a checkpoint_dir of another run, or damaged
     └── StoreError (OSError)               the disk tier could not do its job
         ├── DiskFullError                            no room on disk (errno ENOSPC)
         ├── StoreNotFoundError (FileNotFoundError)   no store at that path
@@ -26,6 +27,7 @@ import errno
 __all__ = [
     "CacheClosedError",
     "CapacityError",
+    "CheckpointError",
     "ConfigError",
     "DiskFullError",
     "IntegrationError",
@@ -57,6 +59,12 @@ class CacheClosedError(SpillCacheError, RuntimeError):
 class IntegrationError(SpillCacheError, RuntimeError):
     """llm-compressor cannot be switched over to spillcache (not installed, an
     unsupported version, or already switched over)."""
+
+
+class CheckpointError(IntegrationError):
+    """A calibration cannot resume from its ``checkpoint_dir``: the checkpoint there is
+    another run's (the message names what differs) or is damaged. Nothing of it was
+    loaded; the message says how to start afresh."""
 
 
 class StoreError(SpillCacheError, OSError):

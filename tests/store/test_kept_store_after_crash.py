@@ -165,6 +165,35 @@ def test_a_failed_flush_is_rewritten_whole_by_the_next(tmp_path, monkeypatch):
         assert [load_value(cache.store_path, b, "n") for b in range(2)] == [1, 2]
 
 
+def test_a_flushs_note_is_committed_with_it_and_kept_after(tmp_path, monkeypatch):
+    """The note a flush carries (what a calibration's checkpoint says) is written with
+    the root that commits the flush: a flush that fails before its root leaves the note
+    before; later flushes and closes without a note keep the last one."""
+    with IntermediatesCache.empty(2, "cpu", config=kept_writer.config(str(tmp_path))) as cache:
+        cache.update(0, {"n": 1})
+        cache._core.flush(note={"checkpoint": {"done": 1}})
+        path = cache.store_path
+        assert read_root_attributes(path)["note"] == {"checkpoint": {"done": 1}}
+        cache.update(1, {"n": 2})
+        monkeypatch.setattr(
+            Store, "write_batch", lambda *args, **kwargs: (_ for _ in ()).throw(
+                StoreError(5, "injected: Input/output error")
+            ),
+        )  # fmt: skip
+        with pytest.raises(StoreError, match="injected"):
+            cache._core.flush(note={"checkpoint": {"done": 2}})
+        monkeypatch.undo()
+        assert read_root_attributes(path)["note"] == {"checkpoint": {"done": 1}}
+        cache.flush()  # no note: the last committed one stays
+        assert read_root_attributes(path)["note"] == {"checkpoint": {"done": 1}}
+        cache._core.flush(note={"checkpoint": {"done": 3}})
+    assert read_root_attributes(path)["complete"] is True
+    with IntermediatesCache.open(path) as again:
+        again.flush()
+        assert read_root_attributes(path)["note"] == {"checkpoint": {"done": 3}}
+    assert read_root_attributes(path)["note"] == {"checkpoint": {"done": 3}}
+
+
 def test_a_store_whose_process_runs_is_refused(tmp_path):
     with IntermediatesCache.empty(1, "cpu", config=kept_writer.config(str(tmp_path))) as cache:
         cache.update(0, kept_writer.batch_values(0))

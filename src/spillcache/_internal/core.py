@@ -131,15 +131,17 @@ class CacheCore:
         self.pool.write_finished.wait_for(done)
         self._stall_seconds += time.perf_counter() - start
 
-    def flush(self) -> None:
-        """Wait for every background write; report those that failed since the last report."""
+    def flush(self, note: dict | None = None) -> None:
+        """Wait for every background write; report those that failed since the last
+        report. A kept store records everything stored so far, and ``note`` (JSON)
+        in its root: it is committed with this flush (what a checkpoint says)."""
         with self._lock:
             if self._closed:
                 raise CacheClosedError("this cache is closed")
             self._wait_for_writes(lambda: self.tenant.writes_in_flight == 0)
             self._report_write_failures()
-        if self.config.keep_store:  # the kept store records everything stored so far
-            make_durable(self.pool, self.tenant, self._batches)
+        if self.config.keep_store:
+            make_durable(self.pool, self.tenant, self._batches, note)
 
     # ----------------------------------------------------------------- write
 

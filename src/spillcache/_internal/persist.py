@@ -124,10 +124,13 @@ class _Snapshot:
     )  # id(leaf) -> (leaf, its array if a flush wrote it already, owner)
 
 
-def make_durable(pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]]) -> None:
+def make_durable(
+    pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]], note: dict | None = None
+) -> None:
     """A kept store's ``flush()``: every value only in memory written, then every
-    batch's structure, then the root's count of batches, all durably; arrays that no
-    structure on disk names any more deleted last. Call without the pool's lock."""
+    batch's structure, then the root's count of batches (and ``note``, the owner's,
+    where given), all durably; arrays that no structure on disk names any more deleted
+    last. Call without the pool's lock."""
     with pool.lock:
         state = _state(tenant)
         pool.write_finished.wait_for(
@@ -147,8 +150,14 @@ def make_durable(pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry
     written: list[tuple[TensorRecord, str]] = []
     inline: dict[int, tuple[InlineTensor, str]] = {}
     committed = None
+    before = store.attributes
     try:
+        if note is not None:  # written with the root, which commits this flush
+            store.attributes = {**before, "note": note}
         committed = _write(store, snapshot, state, written, inline)
+    except BaseException:
+        store.attributes = before  # a flush that did not commit leaves the note before
+        raise
     finally:
         with pool.lock:
             doomed = _settle(pool.placement, state, snapshot, written, inline, committed)

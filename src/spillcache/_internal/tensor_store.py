@@ -281,6 +281,9 @@ class Store:
         }
         if flush is not None:  # the last flush (or close) whose structures are all written
             state["flush"] = flush
+        note = self.attributes.get("note")
+        if note is not None:  # the owner's, committed with the flush (a checkpoint's)
+            state["note"] = note
         _write_json(self.path / "zarr.json", group({ATTRS_KEY: state}), durable)
 
     def sync_written(self) -> None:

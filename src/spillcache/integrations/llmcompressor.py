@@ -29,10 +29,12 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from .._internal.core import CacheCore
+from .._internal.resumable_pipeline import PIPELINE_MODULE, run_with_checkpoints
 from .._internal.stats import TIER_COUNTERS, TIERS
 from ..cache import IntermediatesCache as SpillcacheIntermediatesCache
 from ..config import CacheConfig
@@ -43,6 +45,7 @@ __all__ = ["CacheSwitch", "active", "disable", "enable"]
 PACKAGE = "llmcompressor"
 CACHE_MODULE = "llmcompressor.pipelines.cache"
 CLASS_NAME = "IntermediatesCache"
+CHECKPOINT_DIR_VARIABLE = "SPILLCACHE_CHECKPOINT_DIR"
 
 # Reentrant: rebinding runs inside an import, and an import may happen while enable()
 # or disable() hold the lock (a module's attribute read can import lazily).
@@ -52,13 +55,20 @@ _stock_class: type | None = None  # llm-compressor's own class, once seen; guard
 
 
 def enable(
-    config: CacheConfig | str | os.PathLike[str] | None = None, **fields: Any
+    config: CacheConfig | str | os.PathLike[str] | None = None,
+    *,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    **fields: Any,
 ) -> CacheSwitch:
     """Make llm-compressor build spillcache caches until :func:`disable` is called.
 
     :param config: a :class:`CacheConfig`, or the path of a TOML config file. None:
         each cache reads ``CacheConfig.from_env()`` when it is built (the defaults, or
         ``SPILLCACHE_*`` variables).
+    :param checkpoint_dir: where the sequential pipeline checkpoints after every
+        subgraph, and where a rerun of the same calibration resumes from
+        (``resumable_pipeline.py``). None: ``SPILLCACHE_CHECKPOINT_DIR`` if set, else no
+        checkpoints.
     :param fields: config fields to override, e.g. ``host_bytes="16GiB"``.
     :returns: a :class:`CacheSwitch`; use it as a context manager to switch back on exit.
     :raises IntegrationError: llm-compressor is not installed, its cache module has no
@@ -68,11 +78,15 @@ def enable(
     """
     global _active
     resolved = _resolve_config(config, fields)
+    if checkpoint_dir is None:
+        checkpoint_dir = os.environ.get(CHECKPOINT_DIR_VARIABLE) or None
     if importlib.util.find_spec(PACKAGE) is None:
         raise IntegrationError(
             f"llm-compressor is not installed (no '{PACKAGE}' package); install it with "
             "pip install 'spillcache[llmcompressor]'"
         )
+    if checkpoint_dir is not None:  # imported before the lock: it imports the cache module
+        importlib.import_module(PIPELINE_MODULE)
     _wait_for_an_import_in_progress()
     with _lock:
         if _active is not None:
@@ -82,6 +96,8 @@ def enable(
             )
         switch = CacheSwitch(resolved)
         cache_module = sys.modules.get(CACHE_MODULE)
+        if checkpoint_dir is not None:
+            switch.checkpoint_dir = Path(checkpoint_dir)
         if cache_module is not None:
             _remember_stock_class(cache_module, during_import=False)
         replaced = _rebind_everywhere(_is_stock, switch.cache_class)
@@ -94,6 +110,8 @@ def enable(
             raise
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
+        if switch.checkpoint_dir is not None:
+            _checkpointing_pipeline(switch)
         _active = switch
     return switch
 
@@ -119,6 +137,8 @@ class CacheSwitch:
 
     def __init__(self, config: CacheConfig | None) -> None:
         self.config = config
+        self.checkpoint_dir: Path | None = None
+        self._stock_pipeline: Callable[..., Any] | None = None  # while checkpointing
         self.cache_class = _bind(config, self)
         self._lock = threading.Lock()
         self._caches_built = 0  # this, _open and _closed_totals are guarded by _lock
@@ -283,8 +303,33 @@ def _rebind_everywhere(
     return replaced
 
 
+def _checkpointing_pipeline(switch: CacheSwitch) -> None:
+    """_lock held: llm-compressor's sequential pipeline runs ``run_with_checkpoints``."""
+    pipeline = vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"]
+    stock = vars(pipeline)["__call__"]
+    directory = switch.checkpoint_dir
+
+    def call(model: Any, dataloader: Any, dataset_args: Any) -> None:
+        run_with_checkpoints(
+            model,
+            dataloader,
+            dataset_args,
+            directory=directory,
+            cache_class=lambda config: _bind(config, switch),
+            config=switch.config or CacheConfig.from_env(),
+        )
+
+    pipeline.__call__ = staticmethod(call)
+    switch._stock_pipeline = stock
+
+
 def _switch_back() -> None:
-    """_lock held: the stock class everywhere a switch's class is bound; no import hook."""
+    """_lock held: the stock class everywhere a switch's class is bound; no import hook;
+    llm-compressor's own sequential pipeline back."""
+    if _active is not None and _active._stock_pipeline is not None:
+        pipeline = vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"]
+        pipeline.__call__ = _active._stock_pipeline
+        _active._stock_pipeline = None
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
     cache_module = sys.modules.get(CACHE_MODULE)

@@ -1,0 +1,117 @@
+"""A oneshot run with spillcache checkpointing, killed with SIGKILL where asked.
+
+    python resume_child.py CHECKPOINT_DIR SPILL_DIR OUT [--recipe gptq] [--layers 4]
+        [--kill-subgraph K --kill-pass calibrating|propagating --kill-batch B]
+        [--kill-in-checkpoint K --kill-step states|commit]
+
+Runs the tiny Llama through ``oneshot`` under ``enable(checkpoint_dir=...)``. With
+``--kill-subgraph``, the process kills itself (SIGKILL: nothing runs after it) when
+subgraph K (1-based) runs batch B of that pass: counted from the subgraphs' forward
+calls, never by timing. A run that finishes saves the calibrated state dict to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_llama import RECIPES, calibrate, hidden_state_bytes  # noqa: E402
+
+
+def kill_at(subgraph: int, pass_name: str, batch: int) -> None:
+    """SIGKILL this process at the forward call of subgraph ``subgraph``'s pass."""
+    from llmcompressor.pipelines.sequential import helpers
+
+    forward = helpers.Subgraph.forward
+    seen: list[int] = []  # id of each subgraph in the order they first ran
+    calls: dict[int, int] = {}
+
+    def counting_forward(self, *args, **kwargs):
+        if id(self) not in calls:
+            seen.append(id(self))
+            calls[id(self)] = 0
+        calls[id(self)] += 1
+        number = seen.index(id(self)) + 1
+        # A pass is one call per batch: the calibrating pass first, then propagating.
+        wanted = batch if pass_name == "calibrating" else BATCHES + batch
+        if number == subgraph and calls[id(self)] == wanted:
+            print(f"killing at subgraph {subgraph}, {pass_name} batch {batch}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(self, *args, **kwargs)
+
+    helpers.Subgraph.forward = counting_forward
+
+
+BATCHES = 16  # tiny_llama.SAMPLES, one sample per batch
+
+
+def kill_in_checkpoint(subgraph: int, step: str) -> None:
+    """SIGKILL this process inside subgraph ``subgraph``'s checkpoint: once its state
+    file is written ("states"), or as the flush that commits it is about to write the
+    store's root ("commit")."""
+    from spillcache._internal import checkpoints
+    from spillcache._internal.tensor_store import Store
+
+    save_states = checkpoints.save_states
+    write_root = Store.write_root_attributes
+
+    def saving(directory, index, tensors):
+        entry = save_states(directory, index, tensors)
+        if step == "states" and index + 1 == subgraph:
+            print(f"killing after the state file of subgraph {subgraph}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return entry
+
+    def committing(store, **kwargs):
+        note = store.attributes.get("note", {}).get("checkpoint", {})
+        if step == "commit" and note.get("subgraphs_done") == subgraph:
+            print(f"killing before the commit of subgraph {subgraph}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write_root(store, **kwargs)
+
+    checkpoints.save_states = saving
+    Store.write_root_attributes = committing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("spill_dir")
+    parser.add_argument("out")
+    parser.add_argument("--recipe", default="gptq", choices=sorted(RECIPES))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--kill-subgraph", type=int)
+    parser.add_argument("--kill-pass", default="calibrating")
+    parser.add_argument("--kill-batch", type=int, default=1)
+    parser.add_argument("--kill-in-checkpoint", type=int)
+    parser.add_argument("--kill-step", default="states", choices=["states", "commit"])
+    args = parser.parse_args()
+
+    from spillcache.integrations.llmcompressor import enable
+
+    if args.kill_subgraph is not None:
+        kill_at(args.kill_subgraph, args.kill_pass, args.kill_batch)
+    if args.kill_in_checkpoint is not None:
+        kill_in_checkpoint(args.kill_in_checkpoint, args.kill_step)
+    with enable(
+        host_bytes=hidden_state_bytes() // 2,
+        inline_bytes=1024,
+        disk_path=args.spill_dir,
+        checkpoint_dir=args.checkpoint_dir,
+    ):
+        weights = calibrate(
+            Path(args.out).parent / "model", RECIPES[args.recipe](), prefetch=True,
+            layers=args.layers,
+        )  # fmt: skip
+    import torch
+
+    torch.save(weights, args.out)
+
+
+if __name__ == "__main__":
+    main()
