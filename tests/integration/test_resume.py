@@ -153,4 +153,4 @@ def test_a_damaged_state_file_is_refused_and_nothing_is_loaded(tmp_path):
     assert "is damaged" in resumed.stderr and "0001.pt" in resumed.stderr
     assert "does not match its CRC-32C" in resumed.stderr
     with pytest.raises(CheckpointError, match="does not match its CRC-32C"):
-        checkpoints.load_states(tmp_path / "ckpt", checkpoints.committed(tmp_path / "ckpt"))
+        checkpoints.check_states(tmp_path / "ckpt", checkpoints.committed(tmp_path / "ckpt"))

@@ -25,14 +25,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
+import numpy
 import torch
 
 from ..errors import CheckpointError
 from . import chunkio
+from .dtypes import dtype_from_name, dtype_name, raw_dtype
 from .store_dirs import find_stores
 from .store_format import crc32c_extend
 
@@ -41,10 +45,11 @@ __all__ = [
     "describe_difference",
     "Checkpoint",
     "TensorCRCs",
+    "check_states",
     "committed",
     "digest_tensors",
     "fingerprint",
-    "load_states",
+    "iter_states",
     "remove_unnamed_states",
     "save_states",
 ]
@@ -53,6 +58,7 @@ NOTE_KEY = "checkpoint"
 FORMAT = 1
 ACTIVATIONS = "activations"
 STATES = "states"
+CHECK_PIECE = 16 * 2**20  # a state file is checked this much at a time
 
 
 def fingerprint(parts: Mapping[str, str]) -> str:
@@ -165,39 +171,81 @@ def _crc(tensor: torch.Tensor) -> tuple:
 
 def save_states(directory: Path, index: int, tensors: Mapping[str, torch.Tensor]) -> dict:
     """Write ``tensors`` (by their names in the model) as subgraph ``index``'s state
-    file, whole and durably; what a note records of it."""
+    file, whole and durably (streamed to a ``.partial`` file, its CRC-32C computed as it
+    goes, fsync'd, renamed, its directory fsync'd): what a note records of it. No copy
+    of the tensors is made in memory beyond what ``torch.save`` writes at a time."""
     states = directory / STATES
     states.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({name: t.detach().cpu().clone() for name, t in tensors.items()}, buffer)
-    data = bytearray(buffer.getbuffer())
-    view = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     name = f"{index:04d}.pt"
-    chunkio.write_file(states / name, view, direct=False, staging=None, durable=True)
+    partial = states / f"{name}.partial"
+    with open(partial, "wb") as file:
+        writer = _CheckedWriter(file)
+        # Each tensor as its bits in a same-width plain type, and its dtype's name:
+        # torch.save refuses some dtypes (the sub-byte ones) that this way still go.
+        raw = {
+            key: tensor.detach().view(raw_dtype(tensor.dtype)) for key, tensor in tensors.items()
+        }
+        dtypes = {key: dtype_name(tensor.dtype) for key, tensor in tensors.items()}
+        torch.save({"tensors": raw, "dtypes": dtypes}, writer)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, states / name)
     chunkio.fsync_directory(states)
     chunkio.fsync_directory(directory)
-    return {"file": name, "bytes": len(data), "crc32c": crc32c_extend(0, view) if data else 0}
+    return {"file": name, "bytes": writer.size, "crc32c": writer.crc}
 
 
-def load_states(directory: Path, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """Every state file the checkpoint names, checked (size and CRC-32C) and read, in
-    order: later subgraphs' values of a tensor replace earlier ones."""
-    merged: dict[str, torch.Tensor] = {}
+class _CheckedWriter(io.RawIOBase):
+    """A file opened for writing that counts the bytes written and their CRC-32C."""
+
+    def __init__(self, file: io.BufferedWriter) -> None:
+        self._file = file
+        self.size = 0
+        self.crc = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")  # no copy: torch.save hands whole storages
+        written = self._file.write(view)
+        self.crc = google_crc32c.extend(self.crc, numpy.frombuffer(view[:written], numpy.uint8))
+        self.size += written
+        return written
+
+
+def check_states(directory: Path, checkpoint: Checkpoint) -> None:
+    """Every state file the checkpoint names is there, whole: its size and its CRC-32C
+    (read in pieces); CheckpointError naming the first that is not."""
     for entry in checkpoint.states:
         path = directory / STATES / entry["file"]
+        crc, size = 0, 0
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as file:
+                while piece := file.read(CHECK_PIECE):
+                    crc = google_crc32c.extend(crc, piece)
+                    size += len(piece)
         except FileNotFoundError:
             raise _damaged(directory, f"its state file {path} is missing") from None
-        if len(data) != entry["bytes"]:
+        if size != entry["bytes"]:
             raise _damaged(
-                directory, f"its state file {path} holds {len(data)} bytes, not {entry['bytes']}"
+                directory, f"its state file {path} holds {size} bytes, not {entry['bytes']}"
             )
-        crc = crc32c_extend(0, torch.frombuffer(bytearray(data), dtype=torch.uint8)) if data else 0
         if crc != entry["crc32c"]:
             raise _damaged(directory, f"its state file {path} does not match its CRC-32C")
-        merged.update(torch.load(io.BytesIO(data), weights_only=True))
-    return merged
+
+
+def iter_states(directory: Path, checkpoint: Checkpoint) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors of each state file the checkpoint names, in order (later subgraphs'
+    values of a tensor come later), mapped rather than read: check_states first."""
+    for entry in checkpoint.states:
+        saved = torch.load(
+            directory / STATES / entry["file"], weights_only=True, mmap=True, map_location="cpu"
+        )
+        yield {
+            key: raw.view(dtype_from_name(saved["dtypes"][key]))
+            for key, raw in saved["tensors"].items()
+        }
 
 
 def _damaged(directory: Path, what: str) -> CheckpointError:

@@ -101,7 +101,11 @@ def run_with_checkpoints(
             activations = kept.from_dataloader(dataloader, onload_device, offload_device)
             start, states = 0, []
         else:
-            _load_into(model, checkpoints.load_states(directory, found), directory)
+            checkpoints.check_states(directory, found)  # all of it, before any is loaded
+            for tensors in checkpoints.iter_states(directory, found):
+                _check_fits(model, tensors, directory)
+            for tensors in checkpoints.iter_states(directory, found):
+                _load_into(model, tensors)
             activations = kept.open(str(found.store))
             start, states = found.done, list(found.states)
             _say(
@@ -260,27 +264,39 @@ def _by_model_name(
     return out
 
 
-def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    """The saved tensors into the model, bit for bit; a name the model does not have is
-    refused (another model or version)."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
+def _check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """CheckpointError unless every saved tensor names one of the model's, of the same
+    dtype and shape (else it is another model's, or another version's)."""
+    own = _own_tensors(model)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise CheckpointError(
             f"the checkpoint in {directory} holds tensors this model does not have "
-            f"({', '.join(unknown[:5])}); remove the directory to start afresh"
+            f"({', '.join(unknown[:5])}); nothing of it was loaded. Remove the directory "
+            "to start afresh"
         )
+    for name, saved in tensors.items():
+        target = own[name]
+        if target.shape != saved.shape or target.dtype != saved.dtype:
+            raise CheckpointError(
+                f"the checkpoint in {directory} holds {name} as {saved.dtype} "
+                f"{tuple(saved.shape)}, the model has {target.dtype} {tuple(target.shape)}; "
+                "nothing of it was loaded. Remove the directory to start afresh"
+            )
+
+
+def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The saved tensors into the model's own, bit for bit (checked by _check_fits)."""
+    own = _own_tensors(model)
     with torch.no_grad():
         for name, saved in tensors.items():
-            target = own[name]
-            if target.shape != saved.shape or target.dtype != saved.dtype:
-                raise CheckpointError(
-                    f"the checkpoint in {directory} holds {name} as {saved.dtype} "
-                    f"{tuple(saved.shape)}, the model has {target.dtype} "
-                    f"{tuple(target.shape)}; remove the directory to start afresh"
-                )
-            target.copy_(saved)
+            own[name].copy_(saved)
+
+
+def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    return own
 
 
 def _say(message: str) -> None:

@@ -305,7 +305,8 @@ def _rebind_everywhere(
 
 def _checkpointing_pipeline(switch: CacheSwitch) -> None:
     """_lock held: llm-compressor's sequential pipeline runs ``run_with_checkpoints``."""
-    pipeline = vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"]
+    module = sys.modules[PIPELINE_MODULE]
+    pipeline = vars(module)["SequentialPipeline"]
     stock = vars(pipeline)["__call__"]
     directory = switch.checkpoint_dir
 
@@ -319,7 +320,8 @@ def _checkpointing_pipeline(switch: CacheSwitch) -> None:
             config=switch.config or CacheConfig.from_env(),
         )
 
-    pipeline.__call__ = staticmethod(call)
+    # As llm-compressor's own: an out-of-memory error says which settings to lower.
+    pipeline.__call__ = staticmethod(module.handle_sequential_oom(call))
     switch._stock_pipeline = stock
 
 

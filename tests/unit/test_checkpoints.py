@@ -1,0 +1,114 @@
+"""spillcache._internal.checkpoints: a checkpoint directory's state files, commit and
+fingerprint, without llm-compressor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spill_testing import ALL_DTYPES, assert_same, random_tensor
+from spillcache import CacheConfig, CheckpointError, IntermediatesCache
+from spillcache._internal import checkpoints
+from spillcache._internal.checkpoints import ACTIVATIONS, NOTE_KEY, STATES, Checkpoint
+
+
+def tensors_of_every_dtype() -> dict[str, torch.Tensor]:
+    return {
+        f"layer.{index}.w": random_tensor(dtype, (3, 5), index)
+        for index, dtype in enumerate(ALL_DTYPES)
+    }
+
+
+def commit(directory, states, done=1, parts=None) -> str:
+    """A kept activation store in ``directory`` whose flush commits a checkpoint."""
+    parts = parts or {"recipe": "gptq", "model weights": "abc"}
+    config = CacheConfig(host_bytes=0, disk_path=str(directory / ACTIVATIONS), keep_store=True)
+    cache = IntermediatesCache.empty(1, "cpu", config=config)
+    cache.update(0, {"h": torch.ones(4, 4)})
+    note = Checkpoint.note(checkpoints.fingerprint(parts), parts, done, 5, states)
+    cache._core.flush(note={NOTE_KEY: note})
+    cache.close()
+    return cache.store_path
+
+
+def test_state_files_come_back_bit_for_bit_in_every_dtype(tmp_path):
+    saved = tensors_of_every_dtype()
+    entry = checkpoints.save_states(tmp_path, 0, saved)
+    assert (tmp_path / STATES / "0000.pt").stat().st_size == entry["bytes"]
+    assert not list((tmp_path / STATES).glob("*.partial"))
+    commit(tmp_path, [entry])
+    found = checkpoints.committed(tmp_path)
+    assert found is not None and found.done == 1 and found.states == [entry]
+    checkpoints.check_states(tmp_path, found)
+    (loaded,) = list(checkpoints.iter_states(tmp_path, found))
+    assert loaded.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert_same(loaded[name], tensor)
+
+
+@pytest.mark.parametrize("damage", ["missing", "shorter", "flipped"])
+def test_a_damaged_state_file_is_named(tmp_path, damage):
+    entry = checkpoints.save_states(tmp_path, 0, {"w": torch.arange(1000.0)})
+    commit(tmp_path, [entry])
+    path = tmp_path / STATES / "0000.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "missing":
+        path.unlink()
+    elif damage == "shorter":
+        path.write_bytes(bytes(data[:-1]))
+    else:
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    expected = {
+        "missing": "is missing", "shorter": "holds", "flipped": "does not match its CRC-32C"
+    }[damage]  # fmt: skip
+    with pytest.raises(CheckpointError, match=expected) as raised:
+        checkpoints.check_states(tmp_path, checkpoints.committed(tmp_path))
+    assert "0000.pt" in str(raised.value) and "Remove the directory" in str(raised.value)
+
+
+def test_state_files_no_commit_names_are_removed(tmp_path):
+    first = checkpoints.save_states(tmp_path, 0, {"w": torch.zeros(2)})
+    checkpoints.save_states(tmp_path, 1, {"w": torch.ones(2)})  # its commit never came
+    (tmp_path / STATES / "0002.pt.partial").write_bytes(b"torn")
+    commit(tmp_path, [first])
+    removed = checkpoints.remove_unnamed_states(tmp_path, checkpoints.committed(tmp_path))
+    assert removed == ["0001.pt", "0002.pt.partial"]
+    assert sorted(p.name for p in (tmp_path / STATES).iterdir()) == ["0000.pt"]
+
+
+def test_no_store_or_no_commit_is_no_checkpoint(tmp_path):
+    assert checkpoints.committed(tmp_path) is None
+    config = CacheConfig(host_bytes=0, disk_path=str(tmp_path / ACTIVATIONS), keep_store=True)
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
+        cache.update(0, {"h": torch.ones(4, 4)})
+        cache.flush()  # a flush without a note commits no checkpoint
+    assert checkpoints.committed(tmp_path) is None
+
+
+def test_two_checkpointed_stores_in_one_directory_are_refused(tmp_path):
+    commit(tmp_path, [])
+    commit(tmp_path, [])
+    with pytest.raises(CheckpointError, match="holds 2 checkpointed activation stores"):
+        checkpoints.committed(tmp_path)
+
+
+def test_a_note_of_another_format_is_refused(tmp_path):
+    path = commit(tmp_path, [])
+    config = CacheConfig(host_bytes=0, keep_store=True)
+    with IntermediatesCache.open(path, config) as cache:
+        cache._core.flush(note={NOTE_KEY: {"format": 99}})
+    with pytest.raises(CheckpointError, match="damaged or of another spillcache version"):
+        checkpoints.committed(tmp_path)
+
+
+def test_the_difference_names_the_parts_that_differ():
+    saved = {"recipe": "gptq", "model weights": "abc", "samples": "x" * 500}
+    stored = Checkpoint.note("f", saved, 1, 5, [])["parts"]
+    assert stored["samples"].startswith("sha256:")  # long parts kept by their digest
+    now = {**saved, "recipe": "awq"}
+    assert checkpoints.describe_difference(stored, now) == "recipe"
+    assert (
+        checkpoints.describe_difference(stored, {**now, "samples": "y" * 500}) == "recipe, samples"
+    )
+    assert checkpoints.fingerprint(saved) != checkpoints.fingerprint(now)
