@@ -333,6 +333,22 @@ def llmcompressor_oneshot_awq(data: dict) -> list[str]:
     return markdown(["run", *columns[:-1], "bit-exact"], rows)
 
 
+def llmcompressor_oneshot_checkpoint(data: dict) -> list[str]:
+    """bench/llmcompressor_oneshot.py --checkpoint: a run with checkpoint_dir against the
+    same run without (the ratio --checkpoint-limit judges, bold)."""
+    columns = ["host MiB", "peak RSS MiB", "RSS x stock", "wall s", "x stock"]
+    columns += ["disk wr MiB", "disk rd MiB", "stall s", "bit"]
+    rows = []
+    for row in data["rows"]:
+        cells = _oneshot_cells(row)
+        limit = [key for key in row if key.startswith("<= ")][-1]  # --checkpoint-limit's
+        cost = row["x without ckpt"]
+        cost_cell = cost if isinstance(cost, str) else strong(fixed(cost, 3), True)
+        rows.append([row["run"], *(cells[c] for c in columns), cost_cell, row[limit]])
+    header = ["run", *columns[:-1], "bit for bit", "x without checkpoints", "verdict"]
+    return markdown(header, rows)
+
+
 # The name in the doc's marker and of the JSON file -> the function that renders it. Some
 # have no published JSON yet; they render once a rerun publishes it and the doc marks it.
 TABLES: dict[str, Callable[[dict], list[str]]] = {
@@ -350,6 +366,7 @@ TABLES: dict[str, Callable[[dict], list[str]]] = {
     "demo_budgets_threads1": demo_budgets,
     "llmcompressor_oneshot_gptq": llmcompressor_oneshot_gptq,
     "llmcompressor_oneshot_awq": llmcompressor_oneshot_awq,
+    "llmcompressor_oneshot_checkpoint": llmcompressor_oneshot_checkpoint,
 }
 
 
