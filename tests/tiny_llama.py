@@ -88,8 +88,10 @@ def calibrate(
     layers: int = 2,
     samples: int = SAMPLES,
     seq_len: int = SEQ_LEN,
+    **oneshot_args: Any,
 ) -> dict[str, torch.Tensor]:
-    """Run ``oneshot`` with the sequential pipeline; the calibrated state dict."""
+    """Run ``oneshot`` with the sequential pipeline (and ``oneshot_args``, e.g.
+    ``propagate_error=False``); the calibrated state dict."""
     from llmcompressor import oneshot
 
     model = oneshot(
@@ -102,6 +104,7 @@ def calibrate(
         max_seq_length=seq_len,
         shuffle_calibration_samples=False,
         sequential_prefetch=prefetch,
+        **oneshot_args,
     )
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     del model

@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--kill-subgraph", type=int)
     parser.add_argument("--kill-pass", default="calibrating")
     parser.add_argument("--kill-batch", type=int, default=1)
+    parser.add_argument("--no-propagate-error", action="store_true")
     parser.add_argument("--kill-in-checkpoint", type=int)
     parser.add_argument("--kill-step", default="states", choices=["states", "commit"])
     args = parser.parse_args()
@@ -105,8 +106,11 @@ def main() -> None:
         checkpoint_dir=args.checkpoint_dir,
     ):
         weights = calibrate(
-            Path(args.out).parent / "model", RECIPES[args.recipe](), prefetch=True,
+            Path(args.out).parent / "model",
+            RECIPES[args.recipe](),
+            prefetch=True,
             layers=args.layers,
+            **({"propagate_error": False} if args.no_propagate_error else {}),
         )  # fmt: skip
     import torch
 

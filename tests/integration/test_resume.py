@@ -127,6 +127,30 @@ def test_a_checkpoint_cut_short_resumes_from_the_one_before(step, stock_weights,
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_without_error_propagation_a_killed_oneshot_resumes_with_the_stock_weights(tmp_path):
+    """propagate_error off: each subgraph's outputs are cached in its calibrating pass
+    (no propagating pass), and the checkpoint follows that pass."""
+    with stock_pin_memory_without_accelerator():
+        reference = calibrate(
+            tmp_path / "stock", RECIPES["gptq"](), prefetch=False, layers=LAYERS,
+            propagate_error=False,
+        )  # fmt: skip
+    (tmp_path / "spill").mkdir()
+    killed = run_child(
+        tmp_path, "--no-propagate-error", "--kill-subgraph", "3", "--kill-batch", "9"
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_child(tmp_path, "--no-propagate-error")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert progress_labels(output, "Calibrating") == [3, 4, 5]
+    assert progress_labels(output, "Propagating") == []
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for name, tensor in reference.items():
+        assert_same(weights[name], tensor)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     (tmp_path / "spill").mkdir()
     killed = run_child(tmp_path, "--kill-subgraph", "2", "--kill-batch", "1")
