@@ -36,7 +36,7 @@ import torch
 
 from ..errors import CheckpointError
 from . import chunkio
-from .dtypes import dtype_from_name, dtype_name, raw_dtype
+from .dtypes import byte_view, dtype_from_name, dtype_name, raw_dtype
 from .store_dirs import find_stores
 from .store_format import crc32c_extend
 
@@ -74,17 +74,17 @@ def digest_tensors(items: Iterable[tuple[str, Any]]) -> str:
     for name, value in items:
         digest.update(name.encode())
         if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            crc = crc32c_extend(0, _bytes_of(tensor)) if tensor.numel() else 0
-            digest.update(crc.to_bytes(4, "little"))
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(_tensor_crc(value).to_bytes(4, "little"))
         else:
             digest.update(repr(value).encode())
     return digest.hexdigest()
 
 
-def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
+def _tensor_crc(tensor: torch.Tensor) -> int:
+    """The CRC-32C of a tensor's bits (on the CPU, in element order)."""
+    data = tensor.detach().cpu().contiguous()
+    return crc32c_extend(0, byte_view(data)) if data.numel() else 0
 
 
 class Checkpoint:
@@ -164,9 +164,7 @@ class TensorCRCs:
 
 
 def _crc(tensor: torch.Tensor) -> tuple:
-    data = tensor.detach().cpu().contiguous()
-    crc = crc32c_extend(0, _bytes_of(data)) if data.numel() else 0
-    return (data.dtype, tuple(data.shape), crc)
+    return (tensor.dtype, tuple(tensor.shape), _tensor_crc(tensor))
 
 
 def save_states(directory: Path, index: int, tensors: Mapping[str, torch.Tensor]) -> dict:
@@ -274,6 +272,6 @@ def describe_difference(saved: Mapping[str, str], now: Mapping[str, str]) -> str
     differ = [
         name
         for name in sorted(set(saved) | set(now))
-        if saved.get(name) != _short(now.get(name, "")) and saved.get(name) != now.get(name)
+        if saved.get(name) != _short(now.get(name, ""))  # a note keeps its parts short
     ]
     return ", ".join(differ) if differ else "the fingerprint (its parts read the same)"

@@ -102,10 +102,11 @@ def run_with_checkpoints(
             start, states = 0, []
         else:
             checkpoints.check_states(directory, found)  # all of it, before any is loaded
+            own = _own_tensors(model)
             for tensors in checkpoints.iter_states(directory, found):
-                _check_fits(model, tensors, directory)
+                _check_fits(own, tensors, directory)
             for tensors in checkpoints.iter_states(directory, found):
-                _load_into(model, tensors)
+                _load_into(own, tensors)
             activations = kept.open(str(found.store))
             start, states = found.done, list(found.states)
             _say(
@@ -125,12 +126,11 @@ def run_with_checkpoints(
 
         for index in range(start, len(subgraphs)):
             subgraph = subgraphs[index]
-            watched = _named_tensors(subgraph.submodules(model))
-            before = checkpoints.TensorCRCs(watched)
+            before = checkpoints.TensorCRCs(_named_tensors(model, subgraph.submodules(model)))
             _calibrate_subgraph(stock, session, model, subgraph, index, subgraphs, activations,
                                 dataset_args, len(dataloader), prefetch)  # fmt: skip
-            changed = before.changed(_named_tensors(subgraph.submodules(model)))
-            states.append(checkpoints.save_states(directory, index, _by_model_name(model, changed)))
+            changed = before.changed(_named_tensors(model, subgraph.submodules(model)))
+            states.append(checkpoints.save_states(directory, index, changed))
             note = Checkpoint.note(print_, parts, index + 1, len(subgraphs), states)
             activations._core.flush(note={NOTE_KEY: note})
         stock.LifecycleCallbacks.calibration_end()
@@ -232,42 +232,32 @@ def _resumable(directory: Path, print_: str, parts: dict[str, str]) -> Checkpoin
 
 
 def _named_tensors(
-    modules: list[torch.nn.Module],
+    model: torch.nn.Module, modules: list[torch.nn.Module]
 ) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of ``modules`` (each once), by the id of the module
-    that holds them and their local name."""
+    """The parameters and buffers of ``modules`` (each once), by the names the model's
+    ``state_dict`` gives them."""
+    paths = {id(module): prefix for prefix, module in model.named_modules()}
     named = {}
     for module in modules:
+        prefix = paths.get(id(module))
+        if prefix is None:
+            raise CheckpointError(
+                f"a module of the subgraph ({type(module).__name__}) belongs to no module "
+                "of the model"
+            )
         for name, tensor in [
             *module.named_parameters(recurse=False),
             *module.named_buffers(recurse=False),
         ]:
-            named[f"{id(module)}.{name}"] = tensor
+            named[f"{prefix}.{name}" if prefix else name] = tensor
     return named
 
 
-def _by_model_name(
-    model: torch.nn.Module, changed: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``changed`` (keyed by module id and local name) keyed by the names the model's
-    ``state_dict`` gives them."""
-    paths = {id(module): prefix for prefix, module in model.named_modules()}
-    out = {}
-    for key, tensor in changed.items():
-        module_id, name = key.split(".", 1)
-        prefix = paths.get(int(module_id))
-        if prefix is None:
-            raise CheckpointError(
-                f"a tensor the subgraph changed ({name}) belongs to no module of the model"
-            )
-        out[f"{prefix}.{name}" if prefix else name] = tensor
-    return out
-
-
-def _check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    """CheckpointError unless every saved tensor names one of the model's, of the same
-    dtype and shape (else it is another model's, or another version's)."""
-    own = _own_tensors(model)
+def _check_fits(
+    own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """CheckpointError unless every saved tensor names one of the model's (``own``), of
+    the same dtype and shape (else it is another model's, or another version's)."""
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise CheckpointError(
@@ -285,15 +275,15 @@ def _check_fits(model: torch.nn.Module, tensors: dict[str, torch.Tensor], direct
             )
 
 
-def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _load_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
     """The saved tensors into the model's own, bit for bit (checked by _check_fits)."""
-    own = _own_tensors(model)
     with torch.no_grad():
         for name, saved in tensors.items():
             own[name].copy_(saved)
 
 
 def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by their ``state_dict`` names."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     return own
