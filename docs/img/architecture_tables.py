@@ -127,6 +127,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "store_sync": (STORE, CALLER, "a kept store's writes not yet fsync'd, fsync'd before a commit"),
     "reopen": (STORE, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
     "checkpoints": (STORE, CALLER, "a checkpoint_dir: fingerprint, changed tensors, the commit"),
+    "checkpoint_ranks": (STORE, CALLER, "torchrun ranks checkpointing together; resume agreed"),
     "store_checks": (STORE, CALLER, "a store read as data: names, links and sizes checked first"),
     "small_files": (STORE, CALLER, "zarr.json files read safely: no links, bounded size"),
     "summary": (STORE, COMMAND, "what a store holds, for inspect and verify"),

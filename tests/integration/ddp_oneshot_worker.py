@@ -290,12 +290,14 @@ def share(rank: int, world: int) -> range:
     return range(SAMPLES * rank // world, SAMPLES * (rank + 1) // world)
 
 
-def calibrate_share(config_dir: Path, samples: range, *, prefetch: bool) -> dict[str, torch.Tensor]:
+def calibrate_share(
+    config_dir: Path, samples: range, *, prefetch: bool, layers: int = 2
+) -> dict[str, torch.Tensor]:
     """``tiny_llama.calibrate`` for one rank: GPTQ over its share of the samples."""
     from llmcompressor import oneshot
 
     model = oneshot(
-        model=tiny_llama(config_dir),
+        model=tiny_llama(config_dir, layers=layers),
         processor=in_memory_tokenizer(),
         dataset=calibration_samples().select(samples),
         recipe=gptq_recipe(),

@@ -1,7 +1,8 @@
 """A oneshot run with spillcache checkpointing, killed with SIGKILL where asked.
 
     python resume_child.py CHECKPOINT_DIR SPILL_DIR OUT [--recipe gptq] [--layers 4]
-        [--kill-subgraph K --kill-pass calibrating|propagating --kill-batch B]
+        [--kill-subgraph K --kill-pass calibrating|propagating --kill-batch B
+         [--raise-instead]]
         [--kill-in-checkpoint K --kill-step states|commit]
 
 Runs the tiny Llama through ``oneshot`` under ``enable(checkpoint_dir=...)``. With
@@ -23,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_llama import RECIPES, calibrate, hidden_state_bytes  # noqa: E402
 
 
-def kill_at(subgraph: int, pass_name: str, batch: int) -> None:
-    """SIGKILL this process at the forward call of subgraph ``subgraph``'s pass."""
+def kill_at(subgraph: int, pass_name: str, batch: int, *, raise_instead: bool = False) -> None:
+    """SIGKILL this process at the forward call of subgraph ``subgraph``'s pass (or
+    raise an exception there, which unwinds through the pipeline)."""
     from llmcompressor.pipelines.sequential import helpers
 
     forward = helpers.Subgraph.forward
@@ -40,6 +42,8 @@ def kill_at(subgraph: int, pass_name: str, batch: int) -> None:
         # A pass is one call per batch: the calibrating pass first, then propagating.
         wanted = batch if pass_name == "calibrating" else BATCHES + batch
         if number == subgraph and calls[id(self)] == wanted:
+            if raise_instead:
+                raise RuntimeError(f"injected at subgraph {subgraph}, {pass_name} batch {batch}")
             print(f"killing at subgraph {subgraph}, {pass_name} batch {batch}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         return forward(self, *args, **kwargs)
@@ -60,8 +64,8 @@ def kill_in_checkpoint(subgraph: int, step: str) -> None:
     save_states = checkpoints.save_states
     write_root = Store.write_root_attributes
 
-    def saving(directory, index, tensors):
-        entry = save_states(directory, index, tensors)
+    def saving(part, index, tensors):
+        entry = save_states(part, index, tensors)
         if step == "states" and index + 1 == subgraph:
             print(f"killing after the state file of subgraph {subgraph}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -86,6 +90,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="gptq", choices=sorted(RECIPES))
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--kill-subgraph", type=int)
+    parser.add_argument("--raise-instead", action="store_true",
+                        help="raise at --kill-subgraph rather than SIGKILL")  # fmt: skip
     parser.add_argument("--kill-pass", default="calibrating")
     parser.add_argument("--kill-batch", type=int, default=1)
     parser.add_argument("--no-propagate-error", action="store_true")
@@ -96,7 +102,9 @@ def main() -> None:
     from spillcache.integrations.llmcompressor import enable
 
     if args.kill_subgraph is not None:
-        kill_at(args.kill_subgraph, args.kill_pass, args.kill_batch)
+        kill_at(
+            args.kill_subgraph, args.kill_pass, args.kill_batch, raise_instead=args.raise_instead
+        )
     if args.kill_in_checkpoint is not None:
         kill_in_checkpoint(args.kill_in_checkpoint, args.kill_step)
     with enable(

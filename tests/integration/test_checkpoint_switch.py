@@ -37,18 +37,3 @@ def test_without_a_directory_the_stock_pipeline_runs(monkeypatch):
     with integration.enable() as switch:
         assert switch.checkpoint_dir is None
         assert vars(SequentialPipeline)["__call__"] is STOCK
-
-
-def test_under_torchrun_checkpointing_is_refused_before_anything_runs(tmp_path, monkeypatch):
-    import torch
-
-    from spillcache import CacheConfig, CheckpointError
-    from spillcache._internal.resumable_pipeline import run_with_checkpoints
-
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(CheckpointError, match="does not work under torchrun yet"):
-        run_with_checkpoints(
-            None, None, None, directory=tmp_path / "ckpt", cache_class=None, config=CacheConfig()
-        )
-    assert not (tmp_path / "ckpt").exists()

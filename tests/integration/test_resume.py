@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from spill_testing import assert_same  # noqa: E402
 from spillcache import CheckpointError  # noqa: E402
 from spillcache._internal import checkpoints  # noqa: E402
+from spillcache._internal.checkpoints import Part  # noqa: E402
 from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,7 @@ def test_a_killed_oneshot_resumes_with_the_stock_weights(
         "--kill-batch", str(kill_batch),
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    found = checkpoints.committed(tmp_path / "ckpt")
+    found = checkpoints.committed(Part(tmp_path / "ckpt"))
     assert found is not None and found.done == 2 and found.subgraphs == LAYERS + 1
 
     resumed = run_child(tmp_path, "--recipe", recipe)
@@ -116,7 +117,7 @@ def test_a_checkpoint_cut_short_resumes_from_the_one_before(step, stock_weights,
     killed = run_child(tmp_path, "--kill-in-checkpoint", "3", "--kill-step", step)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (tmp_path / "ckpt" / "states" / "0002.pt").exists()  # written, not committed
-    found = checkpoints.committed(tmp_path / "ckpt")
+    found = checkpoints.committed(Part(tmp_path / "ckpt"))
     assert found is not None and found.done == 2
     resumed = run_child(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -151,6 +152,28 @@ def test_without_error_propagation_a_killed_oneshot_resumes_with_the_stock_weigh
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_a_run_ended_by_an_exception_keeps_only_its_checkpoint(stock_weights, tmp_path):
+    """An exception in the middle of subgraph 3's propagating pass unwinds through the
+    pipeline and the interpreter's exit, which close the activation store: it stays as
+    subgraph 2's checkpoint left it (not with the half-propagated values), and the
+    rerun finishes with the stock weights."""
+    (tmp_path / "spill").mkdir()
+    failed = run_child(
+        tmp_path, "--kill-subgraph", "3", "--kill-pass", "propagating", "--kill-batch", "9",
+        "--raise-instead",
+    )  # fmt: skip
+    assert failed.returncode == 1 and "RuntimeError: injected at subgraph 3" in failed.stderr
+    found = checkpoints.committed(Part(tmp_path / "ckpt"))
+    assert found is not None and found.done == 2
+    resumed = run_child(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert progress_labels(resumed.stdout + resumed.stderr, "Calibrating") == [3, 4, 5]
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for name, tensor in stock_weights["gptq"].items():
+        assert_same(weights[name], tensor)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     (tmp_path / "spill").mkdir()
     killed = run_child(tmp_path, "--kill-subgraph", "2", "--kill-batch", "1")
@@ -160,7 +183,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     assert "CheckpointError" in other.stderr
     assert "holds a checkpoint of another calibration" in other.stderr
     assert "recipe" in other.stderr and "remove that directory" in other.stderr
-    found = checkpoints.committed(tmp_path / "ckpt")
+    found = checkpoints.committed(Part(tmp_path / "ckpt"))
     assert found is not None and found.done == 1  # the refusal changed nothing
 
 
@@ -177,4 +200,5 @@ def test_a_damaged_state_file_is_refused_and_nothing_is_loaded(tmp_path):
     assert "is damaged" in resumed.stderr and "0001.pt" in resumed.stderr
     assert "does not match its CRC-32C" in resumed.stderr
     with pytest.raises(CheckpointError, match="does not match its CRC-32C"):
-        checkpoints.check_states(tmp_path / "ckpt", checkpoints.committed(tmp_path / "ckpt"))
+        part = Part(tmp_path / "ckpt")
+        checkpoints.check_states(part, checkpoints.committed(part))

@@ -8,6 +8,9 @@ python kept_writer.py DISK_DIR SCENARIO
   "written", then waits to be killed.
 - ``mid_flush``: 4 batches, flush(), every "h" replaced, then a second flush() that
   kills the process after it has written two batch structures.
+- ``kept_previous``: 4 batches, flush() with note 1, every "h" replaced and batch 1's
+  "pair" deleted, flush() with note 2 keeping the flush before; prints the store,
+  "flushed", "flushed again", then waits to be killed.
 - ``never_flushed``: a kept cache's values written to disk, never flushed; waits.
 - ``not_kept``: the same without keep_store; waits.
 """
@@ -67,9 +70,16 @@ def main() -> None:
         cache._core.io.wait_idle()  # every write done: the store holds arrays only
         say(cache.store_path)
         sys.stdin.read()  # killed here
-    cache.flush()
+    cache._core.flush(note={"n": 1} if scenario == "kept_previous" else None)
     say(cache.store_path)
     say("flushed")
+    if scenario == "kept_previous":
+        for batch in range(BATCHES):
+            cache.update(batch, {"h": value(batch, "h", 1)})
+        cache.delete(1, ["pair"])
+        cache._core.flush(note={"n": 2}, keep_previous=True)
+        say("flushed again")
+        sys.stdin.read()  # killed here
     if scenario == "after_flush":
         cache.update(0, {"h": value(0, "h", 1)})  # replaces an array the flush recorded
         cache.delete(1, ["pair"])

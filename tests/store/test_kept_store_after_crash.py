@@ -96,7 +96,7 @@ def test_flushed_entries_come_back_bit_for_bit_after_sigkill(tmp_path, capsys):
     with cache:
         assert_flushed_state(cache)  # the replaced, deleted and updated entries as flushed
     for dropped in ("a newer value of batch 0, key 'h'", "a newer value of batch 2, key 'bits'",
-                    "batch 4, key 'h'", "dropped 3 arrays written after that flush"):  # fmt: skip
+                    "batch 4, key 'h'", "dropped 3 arrays that flush does not name"):  # fmt: skip
         assert dropped in warning, warning
     assert "4 batches its last flush() recorded (12 entries)" in warning
     # Closed, it is complete and holds nothing but what its structures name.
@@ -208,7 +208,8 @@ def test_a_kept_store_never_flushed_opens_empty_and_drops_its_arrays(tmp_path):
     cache, warning = open_after_crash(path)
     with cache:
         assert len(cache) == 0
-    assert "opened the 0 batches" in warning and "dropped 8 arrays written after" in warning
+    assert "opened the 0 batches" in warning
+    assert "dropped 8 arrays that flush does not name" in warning
     assert sorted(os.listdir(Path(path) / "tensors")) == ["zarr.json"]
 
 

@@ -9,6 +9,10 @@ The directory holds
   quantization parameters, observers' buffers), each file written and fsync'd whole
   before anything names it.
 
+Under torchrun each rank has its own part: its store where spillcache puts a rank's
+stores (``activations/<run>/rank<R>/``, the run's name changing from launch to launch)
+and its state files in ``states/rank<R>/`` (``Part``).
+
 **The commit is the activation store's flush.** The note a flush writes into the
 store's root (``zarr.json``, replaced atomically and fsync'd last) says how many
 subgraphs are done, which state files hold what they changed (with their sizes and
@@ -26,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,11 +42,12 @@ import torch
 from ..errors import CheckpointError
 from . import chunkio
 from .dtypes import byte_view, dtype_from_name, dtype_name, raw_dtype
-from .store_dirs import find_stores
+from .store_dirs import RANK_PREFIX, find_stores, rank_dirs, remove_empty_dirs
 from .store_format import crc32c_extend
 
 __all__ = [
     "NOTE_KEY",
+    "Part",
     "describe_difference",
     "Checkpoint",
     "TensorCRCs",
@@ -108,7 +114,7 @@ class Checkpoint:
             "parts": {name: _short(value) for name, value in parts.items()},
             "subgraphs_done": done,
             "subgraphs": subgraphs,
-            "states": states,
+            "states": list(states),
         }
 
 
@@ -118,15 +124,68 @@ def _short(value: str) -> str:
     return value if len(value) <= 200 else "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
 
-def committed(directory: Path) -> Checkpoint | None:
-    """The checkpoint committed in ``directory``, or None if none was (no store yet,
-    or a store whose first flush did not complete). More than one store with a note
-    (a directory used by two runs at once) is refused."""
+class Part:
+    """One rank's part of a checkpoint directory (the whole of it for one process):
+    where its activation store and its state files are."""
+
+    def __init__(self, directory: Path, rank: int | None = None) -> None:
+        self.directory = directory
+        self.rank = rank  # None: one process
+        self.activations = directory / ACTIVATIONS
+        self.states = directory / STATES
+        if rank is not None:
+            self.states = self.states / f"{RANK_PREFIX}{rank}"
+
+    def stores(self) -> dict[Path, dict]:
+        """The stores of this part, with their root attributes."""
+        if not self.activations.is_dir():
+            return {}
+        if self.rank is None:
+            return find_stores(self.activations)
+        found = {}
+        for run in sorted(self.activations.iterdir()):
+            own = rank_dirs(run).get(self.rank)
+            if own is not None:
+                found.update(find_stores(own))
+        return found
+
+    def remove(self) -> None:
+        """Remove this part's store and state files (after a run that finished), and
+        the directories left empty, up to the checkpoint directory itself."""
+        for path in self.stores():
+            shutil.rmtree(path, ignore_errors=True)
+            remove_empty_dirs(path.parent, self.directory.parent)
+        shutil.rmtree(self.states, ignore_errors=True)
+        remove_empty_dirs(self.states.parent, self.directory.parent)
+        if self.rank is None:
+            shutil.rmtree(self.activations, ignore_errors=True)
+        remove_empty_dirs(self.activations, self.directory.parent)
+
+
+def other_parts(directory: Path, world: int) -> list[Path]:
+    """Checkpointed stores in ``directory`` that belong to no rank of a job of
+    ``world`` processes (a run with another world size left them)."""
     activations = directory / ACTIVATIONS
     if not activations.is_dir():
-        return None
+        return []
+    parts = [Part(directory)] if world > 1 else []
+    runs = [path for path in activations.iterdir() if path.is_dir() and rank_dirs(path)]
+    ranks = {rank for run in runs for rank in rank_dirs(run)}
+    parts += [Part(directory, rank) for rank in sorted(ranks) if world == 1 or rank >= world]
+    return [
+        path
+        for part in parts
+        for path, attributes in part.stores().items()
+        if NOTE_KEY in (attributes.get("note") or {})
+    ]
+
+
+def committed(part: Part) -> Checkpoint | None:
+    """The checkpoint committed in ``part``, or None if none was (no store yet, or a
+    store whose first flush did not complete). More than one store with a note (a
+    directory used by two runs at once) is refused."""
     found = []
-    for path, attributes in find_stores(activations).items():
+    for path, attributes in part.stores().items():
         note = attributes.get("note") or {}
         if NOTE_KEY in note:
             found.append((path, note[NOTE_KEY]))
@@ -134,8 +193,8 @@ def committed(directory: Path) -> Checkpoint | None:
         return None
     if len(found) > 1:
         raise CheckpointError(
-            f"{activations} holds {len(found)} checkpointed activation stores "
-            f"({', '.join(str(path.name) for path, _ in found)}): one checkpoint_dir per "
+            f"{part.directory} holds {len(found)} checkpointed activation stores "
+            f"({', '.join(str(path) for path, _ in found)}): one checkpoint_dir per "
             "run; remove the directory (or use another) to start afresh"
         )
     path, note = found[0]
@@ -145,9 +204,9 @@ def committed(directory: Path) -> Checkpoint | None:
         return Checkpoint(note, path)
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(
-            f"the checkpoint in {directory} is damaged or of another spillcache version "
-            f"(its note in {path / 'zarr.json'} does not read); remove the directory to "
-            "start afresh"
+            f"the checkpoint in {part.directory} is damaged or of another spillcache "
+            f"version (its note in {path / 'zarr.json'} does not read); remove the "
+            "directory to start afresh"
         ) from None
 
 
@@ -167,12 +226,12 @@ def _crc(tensor: torch.Tensor) -> tuple:
     return (tensor.dtype, tuple(tensor.shape), _tensor_crc(tensor))
 
 
-def save_states(directory: Path, index: int, tensors: Mapping[str, torch.Tensor]) -> dict:
+def save_states(part: Part, index: int, tensors: Mapping[str, torch.Tensor]) -> dict:
     """Write ``tensors`` (by their names in the model) as subgraph ``index``'s state
     file, whole and durably (streamed to a ``.partial`` file, its CRC-32C computed as it
     goes, fsync'd, renamed, its directory fsync'd): what a note records of it. No copy
     of the tensors is made in memory beyond what ``torch.save`` writes at a time."""
-    states = directory / STATES
+    states = part.states
     states.mkdir(parents=True, exist_ok=True)
     name = f"{index:04d}.pt"
     partial = states / f"{name}.partial"
@@ -188,8 +247,8 @@ def save_states(directory: Path, index: int, tensors: Mapping[str, torch.Tensor]
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, states / name)
-    chunkio.fsync_directory(states)
-    chunkio.fsync_directory(directory)
+    for made in (states, *states.parents)[: len(states.relative_to(part.directory).parts) + 1]:
+        chunkio.fsync_directory(made)  # the file's name, and the directories made for it
     return {"file": name, "bytes": writer.size, "crc32c": writer.crc}
 
 
@@ -212,11 +271,11 @@ class _CheckedWriter(io.RawIOBase):
         return written
 
 
-def check_states(directory: Path, checkpoint: Checkpoint) -> None:
+def check_states(part: Part, checkpoint: Checkpoint) -> None:
     """Every state file the checkpoint names is there, whole: its size and its CRC-32C
     (read in pieces); CheckpointError naming the first that is not."""
     for entry in checkpoint.states:
-        path = directory / STATES / entry["file"]
+        path = part.states / entry["file"]
         crc, size = 0, 0
         try:
             with open(path, "rb") as file:
@@ -224,21 +283,19 @@ def check_states(directory: Path, checkpoint: Checkpoint) -> None:
                     crc = google_crc32c.extend(crc, piece)
                     size += len(piece)
         except FileNotFoundError:
-            raise _damaged(directory, f"its state file {path} is missing") from None
+            raise _damaged(part, f"its state file {path} is missing") from None
         if size != entry["bytes"]:
-            raise _damaged(
-                directory, f"its state file {path} holds {size} bytes, not {entry['bytes']}"
-            )
+            raise _damaged(part, f"its state file {path} holds {size} bytes, not {entry['bytes']}")
         if crc != entry["crc32c"]:
-            raise _damaged(directory, f"its state file {path} does not match its CRC-32C")
+            raise _damaged(part, f"its state file {path} does not match its CRC-32C")
 
 
-def iter_states(directory: Path, checkpoint: Checkpoint) -> Iterator[dict[str, torch.Tensor]]:
+def iter_states(part: Part, checkpoint: Checkpoint) -> Iterator[dict[str, torch.Tensor]]:
     """The tensors of each state file the checkpoint names, in order (later subgraphs'
     values of a tensor come later), mapped rather than read: check_states first."""
     for entry in checkpoint.states:
         saved = torch.load(
-            directory / STATES / entry["file"], weights_only=True, mmap=True, map_location="cpu"
+            part.states / entry["file"], weights_only=True, mmap=True, map_location="cpu"
         )
         yield {
             key: raw.view(dtype_from_name(saved["dtypes"][key]))
@@ -246,22 +303,22 @@ def iter_states(directory: Path, checkpoint: Checkpoint) -> Iterator[dict[str, t
         }
 
 
-def _damaged(directory: Path, what: str) -> CheckpointError:
+def _damaged(part: Part, what: str) -> CheckpointError:
     return CheckpointError(
-        f"the checkpoint in {directory} is damaged: {what}; nothing of it was loaded. "
+        f"the checkpoint in {part.directory} is damaged: {what}; nothing of it was loaded. "
         "Remove the directory to start afresh (or restore the file)"
     )
 
 
-def remove_unnamed_states(directory: Path, checkpoint: Checkpoint | None) -> list[str]:
+def remove_unnamed_states(part: Part, checkpoint: Checkpoint | None) -> list[str]:
     """Remove state files no committed note names (written by a checkpoint cut short)."""
-    states = directory / STATES
+    states = part.states
     if not states.is_dir():
         return []
     named = {entry["file"] for entry in checkpoint.states} if checkpoint else set()
     removed = []
     for path in sorted(states.iterdir()):
-        if path.name not in named:
+        if path.name not in named and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed

@@ -24,7 +24,7 @@ from . import reads, stats
 from .failures import naming, write_report
 from .io_threads import READ, WRITE
 from .offload import Offload, Prepared, may_spill, tiered_bytes
-from .persist import make_durable, persist
+from .persist import leave_as_flushed, make_durable, persist, release_previous
 from .placement import TensorRecord
 from .pool import pool_for
 from .reads import Fetched
@@ -75,6 +75,8 @@ class CacheCore:
         self._generations: list[int] = []
         self._stall_seconds = 0.0
         self._closed = False
+        # A checkpoint's store: closing leaves it as its last flush() committed it.
+        self.keeps_only_flushed = False
 
     # --------------------------------------------------------------- helpers
 
@@ -131,17 +133,22 @@ class CacheCore:
         self.pool.write_finished.wait_for(done)
         self._stall_seconds += time.perf_counter() - start
 
-    def flush(self, note: dict | None = None) -> None:
+    def flush(self, note: dict | None = None, *, keep_previous: bool = False) -> None:
         """Wait for every background write; report those that failed since the last
         report. A kept store records everything stored so far, and ``note`` (JSON)
-        in its root: it is committed with this flush (what a checkpoint says)."""
+        in its root: it is committed with this flush (what a checkpoint says); with
+        ``keep_previous`` the flush before stays readable until ``release_previous``."""
         with self._lock:
             if self._closed:
                 raise CacheClosedError("this cache is closed")
             self._wait_for_writes(lambda: self.tenant.writes_in_flight == 0)
             self._report_write_failures()
         if self.config.keep_store:
-            make_durable(self.pool, self.tenant, self._batches, note)
+            make_durable(self.pool, self.tenant, self._batches, note, keep_previous=keep_previous)
+
+    def release_previous(self) -> None:
+        """The flush before the last (kept by ``flush(keep_previous=True)``) is let go."""
+        release_previous(self.pool, self.tenant)
 
     # ----------------------------------------------------------------- write
 
@@ -449,7 +456,9 @@ class CacheCore:
         try:  # a kept store that cannot be completed still gives the pool its share back
             with self._lock:
                 try:
-                    if self.config.keep_store:
+                    if self.config.keep_store and self.keeps_only_flushed:
+                        leave_as_flushed(tenant)
+                    elif self.config.keep_store:
                         tenant.open_store()  # a kept store exists even if nothing spilled
                         # Deletions the pool did not get to: a kept store holds no stray
                         # arrays (deleted once structures that do not name them are on disk).

@@ -18,6 +18,13 @@ During a run the cache deletes arrays it no longer needs in the background
 (``pool.start_queued_disk_io``); for a kept store, a deletion of an array the flushed
 structures name waits here (``defers_deletion``) for the next flush or close.
 
+A flush may also keep the flush before it readable (``keep_previous``): the arrays
+only that one names stay until ``release_previous``, the batches keep its structures
+as ``before`` and the root keeps its note as ``note_before``, so that a store left by
+a crash can be opened as of either (``go_back_one_flush``). Several ranks committing
+one checkpoint together need this: a rank that flushed cannot know the others did
+until they say so.
+
 ``flush()`` writes outside the pool's lock: under it, a snapshot of the structures
 and the values only in memory (and a fresh array name for each), then the writes
 with the lock released, then, under it again, each written record takes its copy
@@ -28,29 +35,45 @@ other thread uses the cache any more.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreFormatError
 from . import dtypes, transfers
 from .chunkio import fsync_directory
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
 from .store_checks import array_name
-from .store_format import batch_dir, stored_tensor_node, tensors_dir, unstored_tensor_node
+from .store_format import (
+    batch_dir,
+    read_root_attributes,
+    stored_tensor_node,
+    tensors_dir,
+    unstored_tensor_node,
+)
 from .tenants import Tenant
-from .tensor_store import Store
+from .tensor_store import Store, write_root_json
 from .tree import spec_to_json
 
 if TYPE_CHECKING:
     from .pool import SharedPool
 
-__all__ = ["defers_deletion", "make_durable", "opened", "persist"]
+__all__ = [
+    "defers_deletion",
+    "go_back_one_flush",
+    "leave_as_flushed",
+    "make_durable",
+    "opened",
+    "persist",
+    "release_previous",
+]
 
 
 @dataclass
@@ -71,6 +94,12 @@ class _Kept:
     # A flush failed half-way: batches on disk may hold what it wrote, so the next one
     # rewrites them all rather than skip those that look unchanged.
     rewrite_all: bool = False
+    # Arrays only the flush before the last names, kept by a flush with keep_previous
+    # until release_previous (or the next flush, or close).
+    previous: set[str] = field(default_factory=set)
+    # What the flush before the last named and the last does not, while it is kept: a
+    # deletion queued before the last flush may reach the pool after it.
+    previous_named: set[str] = field(default_factory=set)
 
 
 _kept: weakref.WeakKeyDictionary[Tenant, _Kept] = weakref.WeakKeyDictionary()
@@ -84,9 +113,14 @@ def defers_deletion(tenant: Tenant, name: str) -> bool:
     """Pool's lock held: whether deleting ``name`` must wait, because structures on
     disk may name it; if so it is deleted by the next flush or close."""
     state = _kept.get(tenant)
-    if state is None or name not in state.named:
+    if state is None:
         return False
-    state.deferred.add(name)
+    if name in state.named:
+        state.deferred.add(name)
+    elif name in state.previous_named:
+        state.previous.add(name)
+    else:
+        return False
     return True
 
 
@@ -125,12 +159,18 @@ class _Snapshot:
 
 
 def make_durable(
-    pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]], note: dict | None = None
+    pool: SharedPool,
+    tenant: Tenant,
+    batches: list[dict[str, Entry]],
+    note: dict | None = None,
+    *,
+    keep_previous: bool = False,
 ) -> None:
     """A kept store's ``flush()``: every value only in memory written, then every
     batch's structure, then the root's count of batches (and ``note``, the owner's,
     where given), all durably; arrays that no structure on disk names any more deleted
-    last. Call without the pool's lock."""
+    last, or with ``keep_previous`` kept (with the flush before's note) until
+    ``release_previous``. Call without the pool's lock."""
     with pool.lock:
         state = _state(tenant)
         pool.write_finished.wait_for(
@@ -152,19 +192,88 @@ def make_durable(
     committed = None
     before = store.attributes
     try:
-        if note is not None:  # written with the root, which commits this flush
-            store.attributes = {**before, "note": note}
+        if note is not None or keep_previous:  # written with the root, which commits this flush
+            # A copy: the caller may change its objects after this flush (a later flush
+            # that keeps this one writes this note again, as it is now).
+            note = json.loads(json.dumps(note))
+            previous = {"note_before": before.get("note")} if keep_previous else {}
+            kept = {key: value for key, value in before.items() if key != "note_before"}
+            store.attributes = {**kept, "note": note, **previous}
         committed = _write(store, snapshot, state, written, inline)
     except BaseException:
         store.attributes = before  # a flush that did not commit leaves the note before
         raise
     finally:
         with pool.lock:
+            named_before = state.named
             doomed = _settle(pool.placement, state, snapshot, written, inline, committed)
+            if committed is not None:  # what the flush before kept is let go now
+                older, state.previous = state.previous, set()
+                state.previous_named = set()
+                if keep_previous:
+                    doomed, state.previous = older, doomed
+                    state.previous_named = named_before - state.named
+                else:
+                    doomed |= older
             state.flushing = False
             pool.write_finished.notify_all()
     for name in doomed:
         store.delete_tensor(name)
+
+
+def release_previous(pool: SharedPool, tenant: Tenant) -> None:
+    """Delete the arrays only the flush before the last named (kept by a flush with
+    ``keep_previous``): the store can no longer go back to it. Call without the
+    pool's lock."""
+    with pool.lock:
+        state = _kept.get(tenant)
+        if state is None:
+            return
+        pool.write_finished.wait_for(lambda: not state.flushing)
+        doomed, state.previous = state.previous, set()
+        state.previous_named = set()
+        store = tenant.store
+    for name in doomed:
+        store.delete_tensor(name)
+
+
+def leave_as_flushed(tenant: Tenant) -> None:
+    """Pool's lock held, on close of a cache that keeps only what its flushes committed
+    (``CacheCore.keeps_only_flushed``: a calibration checkpoint's store, whose
+    values between two checkpoints belong to no checkpoint): nothing more is written
+    into the store, whatever made the cache close (an exception, the interpreter's
+    exit); its root says the process let it go, so that it opens as the last flush
+    left it, in this process too (``reopen``)."""
+    _kept.pop(tenant, None)
+    if not tenant.has_store:
+        return
+    path = tenant.store.path
+    attributes = read_root_attributes(path)
+    if attributes.get("flush"):  # never flushed: nothing in it to open again
+        write_root_json(Path(path), {**attributes, "released": True})
+
+
+def go_back_one_flush(path: str | os.PathLike[str]) -> int:
+    """Make the kept store at ``path``, left by a dead process, open as of the flush
+    before its last (which must have kept it: ``keep_previous``): its root, rewritten
+    atomically and durably, counts that flush and carries its note. Batches the last
+    flush wrote are then read as they were (their ``before``), and the arrays only the
+    last flush named are dropped when the store is opened. The flush's number."""
+    attributes = read_root_attributes(path)
+    flush = attributes.get("flush")
+    if "note_before" not in attributes or type(flush) is not int or flush < 1:
+        raise StoreFormatError(
+            f"{path} cannot be opened as of the flush before its last: that flush was "
+            "not kept (flush(keep_previous=True))"
+        )
+    if attributes.get("complete") is True:
+        raise StoreFormatError(f"{path} is complete: its flushes are not kept any more")
+    earlier = {key: value for key, value in attributes.items() if key != "note_before"}
+    earlier.update(flush=flush - 1, note=attributes["note_before"])
+    if earlier["note"] is None:
+        del earlier["note"]
+    write_root_json(Path(path), earlier)
+    return flush - 1
 
 
 def _snapshot(
@@ -361,7 +470,8 @@ def persist(
     _commit(store, state, structures, complete=True)
     # Last: a crash before this leaves arrays no structure names (the next open drops
     # them), never a structure naming a deleted array.
-    for name in (doomed | state.deferred | state.unowned | tenant.deleting) - referenced:
+    superseded = doomed | state.deferred | state.unowned | state.previous | tenant.deleting
+    for name in superseded - referenced:
         store.delete_tensor(name)
     _kept.pop(tenant, None)
 

@@ -127,7 +127,9 @@ def _left_by_a_crash(store: Store) -> bool:
     attributes = store.attributes
     if attributes.get("complete") is True:
         return False
-    alive = owner_alive(attributes)
+    # A process that let its store go as its last flush left it (persist.leave_as_flushed)
+    # is as good as dead for it.
+    alive = False if attributes.get("released") is True else owner_alive(attributes)
     owner = f"pid {attributes.get('pid')!r} on {attributes.get('hostname')!r}"
     if alive:
         raise StoreFormatError(
@@ -212,7 +214,10 @@ def _remove_leftovers(
         f"{found.batches} batches its last flush() recorded ({len(found.entries)} entries)"
     ]
     if after:
-        parts.append(f"dropped {len(after)} arrays written after that flush ({_listed(after)})")
+        parts.append(
+            f"dropped {len(after)} arrays that flush does not name, written after it or "
+            f"superseded by it ({_listed(after)})"
+        )
     if incomplete:
         parts.append(f"dropped {len(incomplete)} incomplete arrays ({_listed(incomplete)})")
     if leftovers:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,7 +35,8 @@ from .. import __version__
 from ..config import CacheConfig
 from ..errors import CheckpointError
 from . import checkpoints
-from .checkpoints import ACTIVATIONS, NOTE_KEY, STATES, Checkpoint
+from .checkpoint_ranks import Ranks
+from .checkpoints import NOTE_KEY, Checkpoint
 
 __all__ = ["PIPELINE_MODULE", "run_with_checkpoints"]
 
@@ -63,13 +63,6 @@ def run_with_checkpoints(
     :param config: the switch's config; the pipeline cache keeps its store in
         ``directory/activations``
     """
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise CheckpointError(
-            f"checkpoint_dir ({directory}) does not work under torchrun yet (world size "
-            f"{torch.distributed.get_world_size()}): the ranks' checkpoints are not "
-            "committed together. Run without checkpoint_dir (unset "
-            "SPILLCACHE_CHECKPOINT_DIR), or on one process"
-        )
     stock = sys.modules[PIPELINE_MODULE]
     session = stock.active_session()
     onload_device = stock.get_main_device()
@@ -89,9 +82,22 @@ def run_with_checkpoints(
     )
     parts = run_parts(model, dataloader, dataset_args, modifiers, len(subgraphs))
     print_ = checkpoints.fingerprint(parts)
-    found = _resumable(directory, print_, parts)
-    checkpoints.remove_unnamed_states(directory, found)
-    kept = cache_class(config.replace(keep_store=True, disk_path=str(directory / ACTIVATIONS)))
+    ranks = Ranks()
+    part = ranks.part(directory)
+    found, refusal = None, None
+    try:
+        found = _resumable(part, ranks.world, print_, parts)
+    except CheckpointError as error:
+        refusal = str(error)
+    done = ranks.agree(found, refusal)  # every rank's, or every rank raises
+    if found is not None and found.done > done:
+        _say(
+            f"spillcache: rank {ranks.rank} got one checkpoint further than another rank "
+            f"before the run ended ({found.done} subgraphs): going back to {done}"
+        )
+    found = ranks.go_back(part, found, done)
+    checkpoints.remove_unnamed_states(part, found)
+    kept = cache_class(config.replace(keep_store=True, disk_path=str(part.activations)))
 
     stock.LifecycleCallbacks.calibration_start()
     with contextlib.ExitStack() as stack:
@@ -101,18 +107,17 @@ def run_with_checkpoints(
             activations = kept.from_dataloader(dataloader, onload_device, offload_device)
             start, states = 0, []
         else:
-            checkpoints.check_states(directory, found)  # all of it, before any is loaded
-            own = _own_tensors(model)
-            for tensors in checkpoints.iter_states(directory, found):
-                _check_fits(own, tensors, directory)
-            for tensors in checkpoints.iter_states(directory, found):
-                _load_into(own, tensors)
+            _load_states(part, found, model)
             activations = kept.open(str(found.store))
             start, states = found.done, list(found.states)
             _say(
                 f"spillcache: resuming from checkpoint_dir {directory}: {found.done} of "
                 f"{found.subgraphs} subgraphs done, going on with subgraph {found.done + 1}"
             )
+        ranks.wait_for_all()  # the ranks may share the weights: all loaded before any goes on
+        # Whatever ends the run, the store stays as the last checkpoint left it: values
+        # written since belong to no checkpoint.
+        activations._core.keeps_only_flushed = True
         stack.callback(activations.close)
         if getattr(dataset_args, "use_loss_mask", False):
             session.state.loss_masks = [
@@ -129,12 +134,20 @@ def run_with_checkpoints(
             before = checkpoints.TensorCRCs(_named_tensors(model, subgraph.submodules(model)))
             _calibrate_subgraph(stock, session, model, subgraph, index, subgraphs, activations,
                                 dataset_args, len(dataloader), prefetch)  # fmt: skip
+            # Every rank done with the subgraph and with its checkpoint before: what the
+            # flush before kept can go, and the weights saved now are final everywhere.
+            ranks.wait_for_all()
+            activations._core.release_previous()
             changed = before.changed(_named_tensors(model, subgraph.submodules(model)))
-            states.append(checkpoints.save_states(directory, index, changed))
+            states.append(checkpoints.save_states(part, index, changed))
             note = Checkpoint.note(print_, parts, index + 1, len(subgraphs), states)
-            activations._core.flush(note={NOTE_KEY: note})
+            activations._core.flush(note={NOTE_KEY: note}, keep_previous=ranks.several)
         stock.LifecycleCallbacks.calibration_end()
-    _remove_checkpoint(directory)
+    ranks.wait_for_all()  # no rank's part goes while another rank may still need its own
+    part.remove()
+    left = part.stores()
+    if left:
+        warnings.warn(f"could not remove {', '.join(map(str, left))}", stacklevel=2)
 
 
 def _calibrate_subgraph(
@@ -217,10 +230,20 @@ def run_parts(
     }
 
 
-def _resumable(directory: Path, print_: str, parts: dict[str, str]) -> Checkpoint | None:
+def _resumable(
+    part: checkpoints.Part, world: int, print_: str, parts: dict[str, str]
+) -> Checkpoint | None:
     """The committed checkpoint to resume from; None to start afresh; CheckpointError
     for another run's."""
-    found = checkpoints.committed(directory)
+    directory = part.directory
+    strays = checkpoints.other_parts(directory, world)
+    if strays:
+        raise CheckpointError(
+            f"checkpoint_dir {directory} holds a checkpoint of a run with another number "
+            f"of processes than this one's {world} ({strays[0]}). Use another "
+            "checkpoint_dir for this run, or remove that directory to start afresh"
+        )
+    found = checkpoints.committed(part)
     if found is None or found.fingerprint == print_:
         return found
     differ = checkpoints.describe_difference(found.parts, parts)
@@ -229,6 +252,17 @@ def _resumable(directory: Path, print_: str, parts: dict[str, str]) -> Checkpoin
         f"({found.done} of {found.subgraphs} subgraphs done); what differs: {differ}. "
         "Use another checkpoint_dir for this run, or remove that directory to start afresh"
     )
+
+
+def _load_states(part: checkpoints.Part, found: Checkpoint, model: torch.nn.Module) -> None:
+    """The checkpoint's saved tensors into the model: every state file checked whole,
+    and every tensor checked to fit, before any is loaded."""
+    checkpoints.check_states(part, found)
+    own = _own_tensors(model)
+    for tensors in checkpoints.iter_states(part, found):
+        _check_fits(own, tensors, part.directory)
+    for tensors in checkpoints.iter_states(part, found):
+        _load_into(own, tensors)
 
 
 def _named_tensors(
@@ -294,13 +328,3 @@ def _say(message: str) -> None:
     from loguru import logger
 
     logger.info(message)
-
-
-def _remove_checkpoint(directory: Path) -> None:
-    """After a run that finished: the activations and the saved states go."""
-    for name in (ACTIVATIONS, STATES):
-        shutil.rmtree(directory / name, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        directory.rmdir()  # only if nothing else is in it
-    if (directory / ACTIVATIONS).exists():
-        warnings.warn(f"could not remove {directory / ACTIVATIONS}", stacklevel=3)

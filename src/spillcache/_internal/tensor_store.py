@@ -45,7 +45,7 @@ from .store_format import (
 )
 from .store_sync import Unsynced
 
-__all__ = ["Store", "TensorStore", "resolve_direct_io"]
+__all__ = ["Store", "TensorStore", "resolve_direct_io", "write_root_json"]
 
 
 @runtime_checkable
@@ -284,7 +284,9 @@ class Store:
         note = self.attributes.get("note")
         if note is not None:  # the owner's, committed with the flush (a checkpoint's)
             state["note"] = note
-        _write_json(self.path / "zarr.json", group({ATTRS_KEY: state}), durable)
+        if "note_before" in self.attributes:  # the flush before is kept (persist.py)
+            state["note_before"] = self.attributes["note_before"]
+        write_root_json(self.path, state, durable)
 
     def sync_written(self) -> None:
         """A kept store's flush or close, before it commits structures: fsync every
@@ -443,6 +445,12 @@ class Store:
         directory.mkdir(exist_ok=True)
         own = batch_attributes(entries, flush, before)
         _write_json(directory / "zarr.json", group({ATTRS_KEY: own}), durable)
+
+
+def write_root_json(path: Path, attributes: dict, durable: bool = True) -> None:
+    """Replace the root ``zarr.json`` of the store at ``path``, atomically: it carries
+    ``attributes`` as the store's spillcache attributes."""
+    _write_json(path / "zarr.json", group({ATTRS_KEY: attributes}), durable)
 
 
 def _write_json(path: Path, value: dict, durable: bool = False) -> None:

@@ -1,0 +1,107 @@
+"""The ranks of a torchrun job checkpointing one calibration together.
+
+Each rank writes its own part of every checkpoint (``checkpoints.Part``: its store and
+its state files). A checkpoint counts once every rank's part of it is durable, which no
+rank can know alone; so the parts are kept at most one checkpoint apart, and a rerun
+resumes every rank from the lower of the two:
+
+- **One collective per subgraph**, a barrier before the checkpoint is written
+  (``wait_for_all``): a rank begins checkpoint k only once every rank has finished
+  checkpoint k-1 and subgraph k, so the weights it saves are final on every rank.
+- **Each rank keeps its checkpoint before the last** until that barrier: its store's
+  flush keeps the flush before (``flush(keep_previous=True)``), and the arrays only
+  that one names are deleted after the next barrier (``release_previous``). A rank
+  ahead of the others after a kill goes back to it (``persist.go_back_one_flush``).
+- **The rerun agrees first** (``agree``, one ``all_gather_object``): every rank says
+  how far its part got and whether it refuses the checkpoint (another run's, damaged);
+  all resume from the same subgraph, or all raise the same error.
+
+One process (no process group, or a world of 1) makes no collective at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, StoreFormatError
+from . import checkpoints, persist
+from .checkpoints import Checkpoint, Part
+
+__all__ = ["Ranks"]
+
+
+class Ranks:
+    """This process's place among the ranks that checkpoint one calibration."""
+
+    def __init__(self) -> None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.rank: int | None = dist.get_rank()
+            self.world = dist.get_world_size()
+        else:
+            self.rank, self.world = None, 1
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+    def part(self, directory: Path) -> Part:
+        return Part(directory, self.rank)
+
+    def wait_for_all(self) -> None:
+        """The barrier of a subgraph boundary (nothing for one process)."""
+        if self.several:
+            torch.distributed.barrier()
+
+    def agree(self, found: Checkpoint | None, refusal: str | None) -> int:
+        """How many subgraphs every rank resumes after (0: start afresh), from each
+        rank's committed checkpoint (``found``) or why it refuses its part
+        (``refusal``); CheckpointError on every rank if any refuses, or if the parts
+        are further apart than a kill can leave them."""
+        done = found.done if found is not None else 0
+        if not self.several:
+            if refusal is not None:
+                raise CheckpointError(refusal)
+            return done
+        every: list = [None] * self.world
+        torch.distributed.all_gather_object(every, (done, refusal))
+        for rank, (_, said) in enumerate(every):
+            if said is not None:
+                raise CheckpointError(f"rank {rank} of {self.world}: {said}")
+        counts = [count for count, _ in every]
+        if max(counts) - min(counts) > 1:
+            listed = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(counts))
+            raise CheckpointError(
+                f"the ranks' parts of the checkpoint are too far apart to resume ({listed} "
+                "subgraphs done; a kill leaves them at most one apart): they were written "
+                "by different runs, or a run's part was removed. Remove the checkpoint "
+                "directory to start afresh"
+            )
+        return min(counts)
+
+    def go_back(self, part: Part, found: Checkpoint | None, done: int) -> Checkpoint | None:
+        """This rank's checkpoint as of ``done`` subgraphs (``agree``'s answer): the one
+        found, or the one before it when this rank got one checkpoint further than
+        another (None: start afresh, this rank's part removed)."""
+        if found is None or found.done == done:
+            return found
+        if done == 0:
+            part.remove()
+            return None
+        try:
+            persist.go_back_one_flush(found.store)
+        except StoreFormatError as error:
+            raise CheckpointError(
+                f"rank {self.rank} got one checkpoint further than another rank and "
+                f"cannot go back to the one before: {error}. Remove the checkpoint "
+                "directory to start afresh"
+            ) from None
+        earlier = checkpoints.committed(part)
+        if earlier is None or earlier.done != done:
+            raise CheckpointError(
+                f"rank {self.rank}'s checkpoint before the last does not read as "
+                f"{done} subgraphs done. Remove the checkpoint directory to start afresh"
+            )
+        return earlier

@@ -1,0 +1,83 @@
+"""spillcache._internal.checkpoint_ranks: how the ranks of a job agree where to resume,
+with torch.distributed's calls answered by the test (what the other ranks say)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from spillcache import CheckpointError
+from spillcache._internal import checkpoints
+from spillcache._internal.checkpoint_ranks import Ranks
+from spillcache._internal.checkpoints import Checkpoint, Part
+from unit.test_checkpoints import commit
+
+
+def as_rank(monkeypatch, rank: int, others: list[tuple[int, str | None]]) -> Ranks:
+    """This process as rank ``rank``; the other ranks answer ``others`` in order."""
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: len(others) + 1)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+
+    def all_gather_object(every, mine):
+        answers = list(others)
+        answers.insert(rank, mine)
+        every[:] = answers
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    return Ranks()
+
+
+def checkpoint(done: int) -> Checkpoint:
+    note = Checkpoint.note("print", {}, done, 5, [])
+    return Checkpoint(note, store=None)
+
+
+def test_one_process_makes_no_collective(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    ranks = Ranks()
+    assert not ranks.several and ranks.part(Path("d")).rank is None
+    assert ranks.agree(checkpoint(3), None) == 3
+    with pytest.raises(CheckpointError, match="another calibration"):
+        ranks.agree(None, "another calibration")
+
+
+def test_every_rank_resumes_from_the_lower_of_two_neighbours(monkeypatch):
+    assert as_rank(monkeypatch, 0, [(2, None)]).agree(checkpoint(3), None) == 2
+    assert as_rank(monkeypatch, 1, [(3, None)]).agree(checkpoint(2), None) == 2
+    assert as_rank(monkeypatch, 1, [(1, None), (0, None)]).agree(None, None) == 0
+
+
+def test_a_refusal_on_one_rank_is_raised_on_every_rank(monkeypatch):
+    ranks = as_rank(monkeypatch, 0, [(2, "its state file is damaged")])
+    with pytest.raises(CheckpointError, match=r"^rank 1 of 2: its state file is damaged"):
+        ranks.agree(checkpoint(2), None)
+
+
+def test_parts_further_apart_than_a_kill_leaves_them_are_refused(monkeypatch):
+    ranks = as_rank(monkeypatch, 0, [(1, None)])
+    with pytest.raises(CheckpointError, match=r"too far apart .*rank 0: 3, rank 1: 1"):
+        ranks.agree(checkpoint(3), None)
+
+
+def test_a_rank_ahead_of_a_rank_with_none_starts_afresh(tmp_path, monkeypatch):
+    ranks = as_rank(monkeypatch, 0, [(0, None)])
+    part = Part(tmp_path, 0)
+    part.states.mkdir(parents=True)
+    (part.states / "0000.pt").write_bytes(b"saved")
+    assert ranks.agree(checkpoint(1), None) == 0
+    assert ranks.go_back(part, checkpoint(1), 0) is None
+    assert not tmp_path.exists()  # its part removed, and the directory with it
+
+
+def test_a_rank_that_cannot_go_back_says_so(tmp_path, monkeypatch):
+    commit(tmp_path, [], done=2)  # a store whose flushes kept nothing before the last
+    ranks = as_rank(monkeypatch, 0, [(1, None)])
+    part = Part(tmp_path)
+    found = checkpoints.committed(part)
+    with pytest.raises(CheckpointError, match="cannot go back to the one before"):
+        ranks.go_back(part, found, 1)
+    assert checkpoints.committed(part).done == 2  # left as it was
