@@ -23,6 +23,7 @@ import torch
 
 from spillcache._internal import store_dirs
 
+from ._internal.checkpoints import ACTIVATIONS, describe_store, store_text
 from ._internal.config_cli import add_config_command
 from ._internal.demo_cli import add_demo_command
 from ._internal.dtypes import dtype_name
@@ -36,8 +37,12 @@ __all__ = ["main"]
 
 
 def _stores_dirs(args: argparse.Namespace) -> list[Path]:
-    """DIR, else the configured disk_path's directories (one per drive)."""
+    """DIR (its activation stores, for a calibration's checkpoint_dir), else the
+    configured disk_path's directories (one per drive)."""
     if args.dir is not None:
+        activations = Path(args.dir) / ACTIVATIONS
+        if activations.is_dir() and not store_dirs.find_stores(args.dir):
+            return [activations]
         return [Path(args.dir)]
     return [Path(d) for d in disk_directories(CacheConfig.from_env().disk_path)]
 
@@ -51,6 +56,7 @@ def _store_row(path: Path, attributes: dict, run: Path | None = None, rank: int 
         "complete": bool(attributes.get("complete")),
         "run": None if run is None else str(run),
         "rank": rank,
+        "checkpoint": describe_store(path, attributes),
     }
 
 
@@ -97,6 +103,8 @@ def _du(args: argparse.Namespace) -> int:
         table = [["store", "size", "pid", "process", "state"]]
         for row in plain:
             state = "complete" if row["complete"] else "in use or left by a crash"
+            if row["checkpoint"]:
+                state = store_text(row["checkpoint"])
             table.append(
                 [row["path"], format_bytes(row["bytes"]), str(row["pid"]),
                  _alive_text(row["alive"]), state]
@@ -110,7 +118,9 @@ def _du(args: argparse.Namespace) -> int:
         for rank in ranks:
             mine = [row for row in in_run if row["rank"] == rank]
             size = format_bytes(sum(r["bytes"] for r in mine))
-            table.append([str(rank), str(len(mine)), size, _owners(mine)])
+            owners = _owners(mine)
+            saved = [store_text(row["checkpoint"]) for row in mine if row["checkpoint"]]
+            table.append([str(rank), str(len(mine)), size, "; ".join([owners, *saved])])
         size = format_bytes(sum(r["bytes"] for r in in_run))
         table.append(["total", str(len(in_run)), size, _owner_counts(in_run) or "-"])
         counted = f"{len(ranks)} rank{'s' if len(ranks) != 1 else ''}"
@@ -151,6 +161,11 @@ def _inspect(args: argparse.Namespace) -> int:
         ["arrays", f"{info['arrays']}, {format_bytes(info['bytes'])}"],
         ["checksums", _checksum_text(info)],
     ]
+    if found := info["checkpoint"]:
+        directory = found["checkpoint_dir"]
+        rows.append(["checkpoint", f"{store_text(found)[len('checkpoint, '):]}; the same "
+                     f"script with checkpoint_dir {directory} resumes it, removing that "
+                     "directory starts afresh"])  # fmt: skip
     print(aligned(rows))
     if not info["keys"]:
         print("\nno keys recorded: a kept store records its batches on close and flush()")
@@ -179,6 +194,8 @@ def _checksum_text(info: dict) -> str:
 def _store_state(info: dict) -> str:
     if problems := len(info["problems"]):
         return f"damaged ({problems} problem{'s' * (problems > 1)}: inspect the store)"
+    if info["checkpoint"]:
+        return store_text(info["checkpoint"])
     if info["complete"]:
         return "complete"
     alive = info["owner_alive"]

@@ -44,6 +44,7 @@ from . import chunkio
 from .dtypes import byte_view, dtype_from_name, dtype_name, raw_dtype
 from .store_dirs import RANK_PREFIX, find_stores, rank_dirs, remove_empty_dirs
 from .store_format import crc32c_extend
+from .text import format_bytes
 
 __all__ = [
     "NOTE_KEY",
@@ -53,11 +54,13 @@ __all__ = [
     "TensorCRCs",
     "check_states",
     "committed",
+    "describe_store",
     "digest_tensors",
     "fingerprint",
     "iter_states",
     "remove_unnamed_states",
     "save_states",
+    "store_text",
 ]
 
 NOTE_KEY = "checkpoint"
@@ -208,6 +211,32 @@ def committed(part: Part) -> Checkpoint | None:
             f"version (its note in {path / 'zarr.json'} does not read); remove the "
             "directory to start afresh"
         ) from None
+
+
+def describe_store(path: Path, attributes: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a store's root says of the checkpoint it commits, for ``spillcache du``,
+    ``inspect`` and ``gc``; None if it commits none (or says it unreadably)."""
+    note = (attributes.get("note") or {}).get(NOTE_KEY) if isinstance(attributes, dict) else None
+    try:
+        states = list(note["states"])
+        found = {
+            "subgraphs_done": int(note["subgraphs_done"]),
+            "subgraphs": int(note["subgraphs"]),
+            "state_files": len(states),
+            "state_bytes": sum(int(entry["bytes"]) for entry in states),
+        }
+    except (KeyError, TypeError, ValueError):
+        return None
+    directory = next((up.parent for up in Path(path).parents if up.name == ACTIVATIONS), None)
+    return {**found, "checkpoint_dir": None if directory is None else str(directory)}
+
+
+def store_text(found: Mapping[str, Any]) -> str:
+    """``describe_store``'s answer in words."""
+    return (
+        f"checkpoint, {found['subgraphs_done']} of {found['subgraphs']} subgraphs done "
+        f"({found['state_files']} state files, {format_bytes(found['state_bytes'])})"
+    )
 
 
 class TensorCRCs:

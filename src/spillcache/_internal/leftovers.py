@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import StoreError
 from . import store_checks, store_dirs, store_format
+from .checkpoints import store_text
 from .store_format import array_ref, tensors_dir
 from .tensor_store import Store
 from .text import format_bytes
@@ -146,6 +147,17 @@ def collect_garbage(
     ``everything``), the leftovers in those, and the rank and run directories left
     empty. Yields the lines to print."""
     verb = "removed" if remove else "would remove"
+    # A calibration's checkpoint is never garbage: its rerun resumes from it (and a rank
+    # of a torchrun job may need the arrays its last flush no longer names).
+    for row in rows:
+        if row.get("checkpoint"):
+            found = row["checkpoint"]
+            yield (
+                f"kept {row['path']} ({format_bytes(row['bytes'])}): a calibration's "
+                f"{store_text(found)}; the same script with checkpoint_dir "
+                f"{found['checkpoint_dir']} resumes it, removing that directory drops it"
+            )
+    rows = [row for row in rows if not row.get("checkpoint")]
     dead = [row for row in rows if row["alive"] is False]
     attributes = {row["path"]: _attributes(row["path"]) for row in dead}
     kept = {path for path, found in attributes.items() if _kept(found)}

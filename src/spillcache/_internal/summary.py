@@ -17,6 +17,7 @@ import torch
 
 from ..errors import StoreError
 from . import store_checks, store_dirs, store_format, tensor_store
+from .checkpoints import describe_store
 from .dtypes import RAW_DTYPES, dtype_name
 from .leftovers import find_orphans
 from .tree import unflatten
@@ -66,6 +67,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "unchecksummed": sum(not info.checksum for info in found.arrays.values()),
         "keys": keys,
         "problems": found.all_problems(),
+        "checkpoint": describe_store(store.path, attributes),
     }
 
 
