@@ -128,8 +128,16 @@ def awq_recipe() -> Any:
     ]
 
 
+def awq_gptq_recipe() -> Any:
+    """AWQ's smoothing, then GPTQ's quantization of the smoothed weights."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return [AWQModifier(), GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+
+
 # The recipes the integration tests and bench/llmcompressor_oneshot.py run, by name.
-RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe}
+RECIPES = {"gptq": gptq_recipe, "awq": awq_recipe, "awq+gptq": awq_gptq_recipe}
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
     python resume_child.py CHECKPOINT_DIR SPILL_DIR OUT [--recipe gptq] [--layers 4]
         [--kill-subgraph K --kill-pass calibrating|propagating --kill-batch B
          [--raise-instead]]
-        [--kill-in-checkpoint K --kill-step states|commit]
+        [--kill-in-checkpoint K --kill-step states|commit|call [--kill-call N]]
 
 Runs the tiny Llama through ``oneshot`` under ``enable(checkpoint_dir=...)``. With
 ``--kill-subgraph``, the process kills itself (SIGKILL: nothing runs after it) when
@@ -82,6 +82,54 @@ def kill_in_checkpoint(subgraph: int, step: str) -> None:
     Store.write_root_attributes = committing
 
 
+CALLS = ("open", "pwrite", "fsync", "replace")  # the system calls a checkpoint is made of
+
+
+def kill_at_call(subgraph: int, number: int) -> None:
+    """SIGKILL this process just before the ``number``-th system call (of ``CALLS``,
+    made by the thread running oneshot) of subgraph ``subgraph``'s checkpoint: from
+    its state file's first fsync to its store's flush returning. A checkpoint that
+    ends with fewer calls says how many it made."""
+    import threading
+
+    from spillcache._internal import checkpoints
+    from spillcache._internal.core import CacheCore
+
+    counting = threading.Event()
+    made = [0]
+    save_states, flush = checkpoints.save_states, CacheCore.flush
+
+    def counted(name, call):
+        def call_or_die(*args, **kwargs):
+            if counting.is_set() and threading.current_thread() is threading.main_thread():
+                made[0] += 1
+                if number == 0:  # counting: each call said
+                    where = args[0] if name != "pwrite" else "a chunk file"
+                    print(f"call {made[0]}: {name} {where}", flush=True)
+                if made[0] == number:
+                    print(f"killing at call {number} of checkpoint {subgraph}: {name}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return call(*args, **kwargs)
+
+        return call_or_die
+
+    def saving(part, index, tensors):
+        if index + 1 == subgraph:
+            counting.set()
+        return save_states(part, index, tensors)
+
+    def flushing(core, *args, **kwargs):
+        flush(core, *args, **kwargs)
+        if counting.is_set():
+            counting.clear()
+            print(f"checkpoint {subgraph} made {made[0]} calls", flush=True)
+
+    for name in CALLS:
+        setattr(os, name, counted(name, getattr(os, name)))
+    checkpoints.save_states = saving
+    CacheCore.flush = flushing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint_dir")
@@ -96,7 +144,9 @@ def main() -> None:
     parser.add_argument("--kill-batch", type=int, default=1)
     parser.add_argument("--no-propagate-error", action="store_true")
     parser.add_argument("--kill-in-checkpoint", type=int)
-    parser.add_argument("--kill-step", default="states", choices=["states", "commit"])
+    parser.add_argument("--kill-step", default="states", choices=["states", "commit", "call"])
+    parser.add_argument("--kill-call", type=int, default=0,
+                        help="with --kill-step call: the call to die at (0: count)")  # fmt: skip
     args = parser.parse_args()
 
     from spillcache.integrations.llmcompressor import enable
@@ -105,7 +155,9 @@ def main() -> None:
         kill_at(
             args.kill_subgraph, args.kill_pass, args.kill_batch, raise_instead=args.raise_instead
         )
-    if args.kill_in_checkpoint is not None:
+    if args.kill_in_checkpoint is not None and args.kill_step == "call":
+        kill_at_call(args.kill_in_checkpoint, args.kill_call)
+    elif args.kill_in_checkpoint is not None:
         kill_in_checkpoint(args.kill_in_checkpoint, args.kill_step)
     with enable(
         host_bytes=hidden_state_bytes() // 2,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,21 @@ def test_a_rank_one_checkpoint_ahead_goes_back_and_both_resume(tmp_path, uninter
     assert killed.returncode != 0 and "rank 1: killing before the commit" in killed.stdout
     parts = [checkpoints.committed(checkpoints.Part(tmp_path / "ckpt", r)) for r in (0, 1)]
     assert [part.done for part in parts] == [3, 2]  # rank 0 committed, rank 1 did not
+
+    # A copy with rank 1's first state file damaged: found as rank 1 loads its part,
+    # after the ranks agreed; every rank stops with an error naming it (none hangs).
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "ckpt", damaged / "ckpt", symlinks=True)
+    state = damaged / "ckpt" / "states" / "rank1" / "0001.pt"
+    state.write_bytes(state.read_bytes()[:-1])
+    refused = launch(tmp_path, damaged / "ckpt", damaged / "out")
+    assert refused.returncode != 0
+    assert "rank 1 of 2 could not resume: CheckpointError" in refused.stdout
+    assert "0001.pt holds" in refused.stdout
+
     assert_resumed(tmp_path, uninterrupted, done=2)
     said = (tmp_path / "out.log").read_text()
-    assert "rank 0 got one checkpoint further than another rank" in said
+    assert "rank 0 got further than another rank before the run ended" in said
 
 
 @pytest.mark.slow

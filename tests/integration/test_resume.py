@@ -37,16 +37,26 @@ CHILD = Path(__file__).with_name("resume_child.py")
 LAYERS = 4  # 5 subgraphs: 4 decoder layers and the head
 
 
-@pytest.fixture(scope="module")
-def stock_weights(tmp_path_factory):
-    """The reference: each recipe's uninterrupted run with llm-compressor's own cache."""
-    weights = {}
-    for name, recipe in RECIPES.items():
+class StockWeights(dict):
+    """The reference: a recipe's uninterrupted run with llm-compressor's own cache, run
+    the first time a test asks for it."""
+
+    def __init__(self, tmp_path_factory) -> None:
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, name: str) -> dict:
         with stock_pin_memory_without_accelerator():
-            weights[name] = calibrate(
-                tmp_path_factory.mktemp(name), recipe(), prefetch=False, layers=LAYERS
-            )
-    return weights
+            self[name] = calibrate(
+                self.tmp_path_factory.mktemp(name), RECIPES[name](), prefetch=False,
+                layers=LAYERS,
+            )  # fmt: skip
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def stock_weights(tmp_path_factory) -> StockWeights:
+    return StockWeights(tmp_path_factory)
 
 
 def run_child(work: Path, *options: str) -> subprocess.CompletedProcess:
@@ -72,13 +82,15 @@ def progress_labels(output: str, pass_name: str) -> list[int]:
     [
         ("gptq", "calibrating", 1),
         pytest.param("gptq", "calibrating", 9, marks=pytest.mark.slow),
-        ("gptq", "propagating", 5),
+        # Killed mid-propagating: the exception test and the torchrun test cover it.
+        pytest.param("gptq", "propagating", 5, marks=pytest.mark.slow),
         ("awq", "calibrating", 9),
         pytest.param("awq", "propagating", 3, marks=pytest.mark.slow),
+        pytest.param("awq+gptq", "propagating", 5, marks=pytest.mark.slow),
     ],
     ids=[
         "gptq-subgraph-3-begins", "gptq-mid-calibrating", "gptq-mid-propagating",
-        "awq-mid-calibrating", "awq-mid-propagating",
+        "awq-mid-calibrating", "awq-mid-propagating", "awq+gptq-mid-propagating",
     ],
 )  # fmt: skip
 def test_a_killed_oneshot_resumes_with_the_stock_weights(
@@ -108,7 +120,9 @@ def test_a_killed_oneshot_resumes_with_the_stock_weights(
     assert list((tmp_path / "spill").iterdir()) == []
 
 
-@pytest.mark.parametrize("step", ["states", pytest.param("commit", marks=pytest.mark.slow)])
+# Slow: the system-call kill at call 30 (after the state file) covers both by default.
+@pytest.mark.parametrize("step", ["states", "commit"])
+@pytest.mark.slow
 def test_a_checkpoint_cut_short_resumes_from_the_one_before(step, stock_weights, tmp_path):
     """Killed inside subgraph 3's checkpoint (its state file written, or its commit
     about to be written): the rerun resumes after subgraph 2, drops the state file no
@@ -126,6 +140,64 @@ def test_a_checkpoint_cut_short_resumes_from_the_one_before(step, stock_weights,
     for name, tensor in stock_weights["gptq"].items():
         assert_same(weights[name], tensor)
     assert not (tmp_path / "ckpt").exists()
+
+
+def killed_at_call(tmp_path: Path, number: int) -> str:
+    """A run killed just before the ``number``-th system call of subgraph 3's
+    checkpoint (resume_child.kill_at_call); what it printed."""
+    killed = run_child(
+        tmp_path, "--kill-in-checkpoint", "3", "--kill-step", "call", "--kill-call", str(number)
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    return killed.stdout
+
+
+def assert_resumes_with_stock_weights(tmp_path: Path, stock: dict, done: int) -> None:
+    found = checkpoints.committed(Part(tmp_path / "ckpt"))
+    assert found is not None and found.done == done
+    resumed = run_child(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    labels = progress_labels(resumed.stdout + resumed.stderr, "Calibrating")
+    assert labels == list(range(done + 1, LAYERS + 2))
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for name, tensor in stock.items():
+        assert_same(weights[name], tensor)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_killed_at_a_system_call_in_the_middle_of_a_checkpoint(stock_weights, tmp_path):
+    """SIGKILL before the 30th system call of subgraph 3's checkpoint (its state file
+    written, some of its batch structures rewritten, its root not): the rerun resumes
+    after subgraph 2 with the stock weights."""
+    (tmp_path / "spill").mkdir()
+    said = killed_at_call(tmp_path, 30)
+    assert "killing at call 30 of checkpoint 3" in said
+    assert_resumes_with_stock_weights(tmp_path, stock_weights["gptq"], done=2)
+
+
+@pytest.mark.slow
+def test_killed_at_system_calls_all_through_a_checkpoint(stock_weights, tmp_path):
+    """Counted once, then killed before the first, the second, a middle one and the
+    last system call before the store's root is renamed into place (which commits
+    subgraph 3's checkpoint): the rerun resumes after subgraph 2. Killed before the
+    call after that rename, or the checkpoint's last (deleting what it superseded): it
+    resumes after subgraph 3. Every time with the stock weights."""
+    (tmp_path / "spill").mkdir()
+    counted = run_child(tmp_path, "--kill-in-checkpoint", "3", "--kill-step", "call")
+    assert counted.returncode == 0, counted.stderr[-3000:]
+    calls = [line for line in counted.stdout.splitlines() if line.startswith("call ")]
+    assert f"checkpoint 3 made {len(calls)} calls" in counted.stdout
+    (commit,) = [
+        number
+        for number, line in enumerate(calls, 1)
+        if " replace " in line and "/batches/" not in line and "/states/" not in line
+    ]
+    for number, done in [(1, 2), (2, 2), (commit // 2, 2), (commit, 2), (commit + 1, 3),
+                         (len(calls), 3)]:  # fmt: skip
+        work = tmp_path / f"call-{number}"
+        (work / "spill").mkdir(parents=True)
+        killed_at_call(work, number)
+        assert_resumes_with_stock_weights(work, stock_weights["gptq"], done=done)
 
 
 def test_without_error_propagation_a_killed_oneshot_resumes_with_the_stock_weights(tmp_path):
@@ -187,6 +259,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     assert found is not None and found.done == 1  # the refusal changed nothing
 
 
+@pytest.mark.slow  # by default: tests/unit/test_checkpoints.py, and a torchrun rank's
 def test_a_damaged_state_file_is_refused_and_nothing_is_loaded(tmp_path):
     (tmp_path / "spill").mkdir()
     killed = run_child(tmp_path, "--kill-subgraph", "3", "--kill-batch", "1")

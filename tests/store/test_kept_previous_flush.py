@@ -4,7 +4,9 @@ let go (``release_previous``), on close, or when the store opens as of the later
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,46 @@ def test_a_cache_that_keeps_only_what_it_flushed_closes_as_its_last_flush(tmp_pa
     with again:
         assert_flushed_state(again)
     assert "dropped" in warning
+
+
+def test_a_flush_that_does_not_keep_drops_the_note_it_no_longer_keeps(tmp_path):
+    config = kept_writer.config(str(tmp_path))
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
+        cache.update(0, kept_writer.batch_values(0))
+        cache._core.flush(note={"n": 1})
+        cache._core.flush(note={"n": 2}, keep_previous=True)
+        assert read_root_attributes(cache.store_path)["note_before"] == {"n": 1}
+        cache.update(0, {"h": kept_writer.value(0, "h", 1)})
+        cache.flush()  # keeps nothing before it: the arrays of note 1 are gone
+        root = read_root_attributes(cache.store_path)
+        assert "note_before" not in root and root["note"] == {"n": 2}
+
+
+def test_going_back_is_refused_whole_when_an_array_it_needs_is_gone(tmp_path):
+    path = killed_after_two_flushes(tmp_path)
+    needed = only_the_flush_before_names(path)
+    assert len(needed) == 5, needed  # the four first "h" and batch 1's "pair"
+    root = (Path(path) / "zarr.json").read_bytes()
+    shutil.rmtree(Path(path) / "tensors" / sorted(needed)[0])
+    with pytest.raises(StoreFormatError, match=r"as of the flush before its last: .*missing"):
+        go_back_one_flush(path)
+    assert (Path(path) / "zarr.json").read_bytes() == root  # nothing changed
+
+
+def only_the_flush_before_names(path: str) -> set[str]:
+    """The arrays the batches' kept structures (``before``) name and theirs do not."""
+
+    def arrays_in(node) -> set[str]:
+        if isinstance(node, dict):
+            own = {node["array"].split("/")[-1]} if node.get("type") == "tensor" else set()
+            return own.union(*map(arrays_in, node.values()))
+        if isinstance(node, list):
+            return set().union(*map(arrays_in, node))
+        return set()
+
+    names: set[str] = set()
+    for batch in sorted((Path(path) / "batches").glob("*/zarr.json")):
+        own = json.loads(batch.read_text())["attributes"]["spillcache"]
+        if "before" in own:
+            names |= arrays_in(own["before"]["entries"]) - arrays_in(own["entries"])
+    return names

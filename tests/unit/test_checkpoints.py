@@ -142,16 +142,19 @@ def test_checkpoints_of_another_world_size_are_found(tmp_path, monkeypatch):
         as_rank(monkeypatch, rank, 3)
         commit(tmp_path, [])
     monkeypatch.delenv("RANK")
-    assert checkpoints.other_parts(tmp_path, 3) == []
-    assert [path.parent.name for path in checkpoints.other_parts(tmp_path, 2)] == ["rank2"]
-    assert len(checkpoints.other_parts(tmp_path, 1)) == 3
+    assert checkpoints.other_parts(Part(tmp_path, 0), 3) == []
+    assert [path.parent.name for path in checkpoints.other_parts(Part(tmp_path, 1), 2)] == [
+        "rank2"
+    ]
+    assert checkpoints.other_parts(Part(tmp_path, 0), 1)[0].parent.name == "rank1"
+    assert len(checkpoints.other_parts(Part(tmp_path), 1)) == 3
     single = tmp_path / "single"
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     commit(single, [])
-    assert checkpoints.other_parts(single, 1) == []
-    assert len(checkpoints.other_parts(single, 2)) == 1
+    assert checkpoints.other_parts(Part(single), 1) == []
+    assert len(checkpoints.other_parts(Part(single, 0), 2)) == 1
 
 
 def test_a_rank_removes_its_own_part_and_the_last_the_directory(tmp_path, monkeypatch):

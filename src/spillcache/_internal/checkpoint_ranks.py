@@ -14,7 +14,12 @@ resumes every rank from the lower of the two:
   ahead of the others after a kill goes back to it (``persist.go_back_one_flush``).
 - **The rerun agrees first** (``agree``, one ``all_gather_object``): every rank says
   how far its part got and whether it refuses the checkpoint (another run's, damaged);
-  all resume from the same subgraph, or all raise the same error.
+  all resume from the same subgraph, or all raise the same error. Once each has loaded
+  its part (or filled its cache), a second one (``all_ready``) makes a failure on one
+  rank an error on every rank, not a barrier the others wait at forever.
+- **A finished run's removal cut short**: each rank removes its part after the last
+  barrier, so a kill then leaves some parts with every subgraph done and some gone;
+  every rank starts afresh.
 
 One process (no process group, or a world of 1) makes no collective at all.
 """
@@ -27,7 +32,9 @@ import torch
 
 from ..errors import CheckpointError, StoreFormatError
 from . import checkpoints, persist
-from .checkpoints import Checkpoint, Part
+from .checkpoints import NOTE_KEY, Checkpoint, Part
+from .ranks import rank_info
+from .store_format import read_root_attributes
 
 __all__ = ["Ranks"]
 
@@ -36,16 +43,13 @@ class Ranks:
     """This process's place among the ranks that checkpoint one calibration."""
 
     def __init__(self) -> None:
+        # Where its part is: where spillcache puts this process's stores (a torchrun
+        # job of one process has a rank too).
+        info = rank_info()
+        self.rank: int | None = None if info is None else info.rank
+        self.world = 1 if info is None else info.world_size
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self.rank: int | None = dist.get_rank()
-            self.world = dist.get_world_size()
-        else:
-            self.rank, self.world = None, 1
-
-    @property
-    def several(self) -> bool:
-        return self.world > 1
+        self.several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def part(self, directory: Path) -> Part:
         return Part(directory, self.rank)
@@ -55,7 +59,7 @@ class Ranks:
         if self.several:
             torch.distributed.barrier()
 
-    def agree(self, found: Checkpoint | None, refusal: str | None) -> int:
+    def agree(self, found: Checkpoint | None, refusal: BaseException | None) -> int:
         """How many subgraphs every rank resumes after (0: start afresh), from each
         rank's committed checkpoint (``found``) or why it refuses its part
         (``refusal``); CheckpointError on every rank if any refuses, or if the parts
@@ -63,14 +67,22 @@ class Ranks:
         done = found.done if found is not None else 0
         if not self.several:
             if refusal is not None:
-                raise CheckpointError(refusal)
+                raise refusal
             return done
+        said = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
+        total = found.subgraphs if found is not None else None
         every: list = [None] * self.world
-        torch.distributed.all_gather_object(every, (done, refusal))
-        for rank, (_, said) in enumerate(every):
-            if said is not None:
-                raise CheckpointError(f"rank {rank} of {self.world}: {said}")
-        counts = [count for count, _ in every]
+        torch.distributed.all_gather_object(every, (done, total, said))
+        for rank, (_, _, why) in enumerate(every):
+            if why is not None:
+                raise CheckpointError(f"rank {rank} of {self.world} refuses its checkpoint: {why}")
+        counts = [count for count, _, _ in every]
+        totals = [count for _, count, _ in every if count is not None]
+        if min(counts) == 0 and totals and max(counts) == max(totals):
+            # Every rank had finished (a rank removes its part only after the last
+            # barrier): a kill cut the removal short. What is left is of no use to a
+            # rank whose part went: every rank starts afresh.
+            return 0
         if max(counts) - min(counts) > 1:
             listed = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(counts))
             raise CheckpointError(
@@ -81,6 +93,23 @@ class Ranks:
             )
         return min(counts)
 
+    def all_ready(self, error: BaseException | None) -> None:
+        """After each rank made ready to go on (its checkpoint loaded, or its cache
+        filled): ``error`` raised on this rank, and CheckpointError on every other
+        rank if any failed, rather than a collective that waits for it forever."""
+        if not self.several:
+            if error is not None:
+                raise error
+            return
+        said = None if error is None else f"{type(error).__name__}: {error}"
+        every: list = [None] * self.world
+        torch.distributed.all_gather_object(every, said)
+        if error is not None:
+            raise error
+        for rank, why in enumerate(every):
+            if why is not None:
+                raise CheckpointError(f"rank {rank} of {self.world} could not resume: {why}")
+
     def go_back(self, part: Part, found: Checkpoint | None, done: int) -> Checkpoint | None:
         """This rank's checkpoint as of ``done`` subgraphs (``agree``'s answer): the one
         found, or the one before it when this rank got one checkpoint further than
@@ -90,6 +119,13 @@ class Ranks:
         if done == 0:
             part.remove()
             return None
+        before = (read_root_attributes(found.store).get("note_before") or {}).get(NOTE_KEY)
+        if not isinstance(before, dict) or before.get("subgraphs_done") != done:
+            raise CheckpointError(
+                f"rank {self.rank} got one checkpoint further than another rank, and its "
+                f"store ({found.store}) keeps no checkpoint of {done} subgraphs to go back "
+                "to. Remove the checkpoint directory to start afresh"
+            )
         try:
             persist.go_back_one_flush(found.store)
         except StoreFormatError as error:

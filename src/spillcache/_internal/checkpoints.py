@@ -156,7 +156,11 @@ class Part:
         """Remove this part's store and state files (after a run that finished), and
         the directories left empty, up to the checkpoint directory itself."""
         for path in self.stores():
-            shutil.rmtree(path, ignore_errors=True)
+            # Out of sight first, in one rename: a kill while the tree is deleted leaves
+            # no store that reads as a checkpoint with arrays missing.
+            hidden = path.with_name(f".{path.name}.removing")
+            os.rename(path, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
             remove_empty_dirs(path.parent, self.directory.parent)
         shutil.rmtree(self.states, ignore_errors=True)
         remove_empty_dirs(self.states.parent, self.directory.parent)
@@ -165,20 +169,22 @@ class Part:
         remove_empty_dirs(self.activations, self.directory.parent)
 
 
-def other_parts(directory: Path, world: int) -> list[Path]:
-    """Checkpointed stores in ``directory`` that belong to no rank of a job of
-    ``world`` processes (a run with another world size left them)."""
+def other_parts(part: Part, world: int) -> list[Path]:
+    """Checkpointed stores in ``part``'s checkpoint directory that belong to no rank
+    of its job (``world`` processes; ``part.rank`` None: one process not started as a
+    rank): a run with another number of processes left them."""
+    directory = part.directory
     activations = directory / ACTIVATIONS
     if not activations.is_dir():
         return []
-    parts = [Part(directory)] if world > 1 else []
+    parts = [Part(directory)] if part.rank is not None else []
     runs = [path for path in activations.iterdir() if path.is_dir() and rank_dirs(path)]
     ranks = {rank for run in runs for rank in rank_dirs(run)}
-    parts += [Part(directory, rank) for rank in sorted(ranks) if world == 1 or rank >= world]
+    parts += [Part(directory, r) for r in sorted(ranks) if part.rank is None or r >= world]
     return [
         path
-        for part in parts
-        for path, attributes in part.stores().items()
+        for other in parts
+        for path, attributes in other.stores().items()
         if NOTE_KEY in (attributes.get("note") or {})
     ]
 

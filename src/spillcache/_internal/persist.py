@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import StoreError, StoreFormatError
-from . import dtypes, transfers
+from . import dtypes, store_checks, transfers
 from .chunkio import fsync_directory
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
@@ -192,10 +192,12 @@ def make_durable(
     committed = None
     before = store.attributes
     try:
-        if note is not None or keep_previous:  # written with the root, which commits this flush
+        # Written with the root, which commits this flush; a flush that does not keep
+        # the one before drops the note of a flush it no longer keeps.
+        if note is not None or keep_previous or "note_before" in before:
             # A copy: the caller may change its objects after this flush (a later flush
             # that keeps this one writes this note again, as it is now).
-            note = json.loads(json.dumps(note))
+            note = json.loads(json.dumps(note)) if note is not None else before.get("note")
             previous = {"note_before": before.get("note")} if keep_previous else {}
             kept = {key: value for key, value in before.items() if key != "note_before"}
             store.attributes = {**kept, "note": note, **previous}
@@ -268,6 +270,19 @@ def go_back_one_flush(path: str | os.PathLike[str]) -> int:
         )
     if attributes.get("complete") is True:
         raise StoreFormatError(f"{path} is complete: its flushes are not kept any more")
+    # Checked whole before the root changes: every structure of that flush there, and
+    # every array it names (a refusal leaves the store as it was).
+    store = Store.open(path)
+    try:
+        found = store_checks.survey(store, structures=True, as_of=flush - 1)
+    finally:
+        store.close()
+    used_and_bad = [text for name, text in found.bad_arrays.items() if name in found.used]
+    problems = found.problems + used_and_bad
+    if problems:
+        raise StoreFormatError(
+            f"{path} cannot be opened as of the flush before its last: {problems[0]}"
+        )
     earlier = {key: value for key, value in attributes.items() if key != "note_before"}
     earlier.update(flush=flush - 1, note=attributes["note_before"])
     if earlier["note"] is None:

@@ -71,6 +71,8 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
             warnings.warn(said, stacklevel=3)
         devices = _devices(found)  # may ask the accelerator's driver: not under the lock
         store.keep = True
+        if crashed:  # what a flush kept of the one before was dropped with the leftovers
+            store.attributes.pop("note_before", None)
         with core.pool.lock:
             batches = _adopt(core, store, found, devices, crashed=crashed)
         # Open again: this process owns it now, and it is not complete until this cache

@@ -87,38 +87,30 @@ def run_with_checkpoints(
     found, refusal = None, None
     try:
         found = _resumable(part, ranks.world, print_, parts)
-    except CheckpointError as error:
-        refusal = str(error)
+    except Exception as error:  # every rank raises it, rather than some waiting forever
+        refusal = error
     done = ranks.agree(found, refusal)  # every rank's, or every rank raises
-    if found is not None and found.done > done:
-        _say(
-            f"spillcache: rank {ranks.rank} got one checkpoint further than another rank "
-            f"before the run ended ({found.done} subgraphs): going back to {done}"
-        )
-    found = ranks.go_back(part, found, done)
-    checkpoints.remove_unnamed_states(part, found)
     kept = cache_class(config.replace(keep_store=True, disk_path=str(part.activations)))
 
     stock.LifecycleCallbacks.calibration_start()
     with contextlib.ExitStack() as stack:
         stack.enter_context(stock.calibration_forward_context(model))
         stack.enter_context(stock.DisableQuantization(model))
-        if found is None:
-            activations = kept.from_dataloader(dataloader, onload_device, offload_device)
-            start, states = 0, []
-        else:
-            _load_states(part, found, model)
-            activations = kept.open(str(found.store))
-            start, states = found.done, list(found.states)
-            _say(
-                f"spillcache: resuming from checkpoint_dir {directory}: {found.done} of "
-                f"{found.subgraphs} subgraphs done, going on with subgraph {found.done + 1}"
-            )
-        ranks.wait_for_all()  # the ranks may share the weights: all loaded before any goes on
-        # Whatever ends the run, the store stays as the last checkpoint left it: values
-        # written since belong to no checkpoint.
-        activations._core.keeps_only_flushed = True
-        stack.callback(activations.close)
+        failed = None
+        try:
+            found = _go_back(ranks, part, found, done)
+            activations = _ready(part, found, model, kept, dataloader, onload_device,
+                                 offload_device)  # fmt: skip
+            # Whatever ends the run, the store stays as the last checkpoint left it:
+            # values written since belong to no checkpoint.
+            activations._core.keeps_only_flushed = True
+            stack.callback(activations.close)
+        except Exception as error:
+            failed = error
+        # The ranks may share the weights: all loaded before any goes on. A rank that
+        # failed makes every rank raise.
+        ranks.all_ready(failed)
+        start, states = (0, []) if found is None else (found.done, list(found.states))
         if getattr(dataset_args, "use_loss_mask", False):
             session.state.loss_masks = [
                 activations.fetch(index, ["loss_mask"]).get("loss_mask")
@@ -236,7 +228,7 @@ def _resumable(
     """The committed checkpoint to resume from; None to start afresh; CheckpointError
     for another run's."""
     directory = part.directory
-    strays = checkpoints.other_parts(directory, world)
+    strays = checkpoints.other_parts(part, world)
     if strays:
         raise CheckpointError(
             f"checkpoint_dir {directory} holds a checkpoint of a run with another number "
@@ -252,6 +244,35 @@ def _resumable(
         f"({found.done} of {found.subgraphs} subgraphs done); what differs: {differ}. "
         "Use another checkpoint_dir for this run, or remove that directory to start afresh"
     )
+
+
+def _go_back(
+    ranks: Ranks, part: checkpoints.Part, found: Checkpoint | None, done: int
+) -> Checkpoint | None:
+    """This rank's checkpoint as of ``done`` subgraphs (what every rank agreed), with
+    the state files no commit names removed."""
+    if found is not None and found.done > done:
+        _say(
+            f"spillcache: rank {ranks.rank} got further than another rank before the "
+            f"run ended ({found.done} subgraphs): going back to {done}"
+        )
+    found = ranks.go_back(part, found, done)
+    checkpoints.remove_unnamed_states(part, found)
+    return found
+
+
+def _ready(part, found, model, kept, dataloader, onload_device, offload_device) -> Any:
+    """The pipeline's cache: filled from the dataloader, or the checkpoint's store
+    reopened once its saved tensors are loaded into the model."""
+    if found is None:
+        return kept.from_dataloader(dataloader, onload_device, offload_device)
+    _load_states(part, found, model)
+    activations = kept.open(str(found.store))
+    _say(
+        f"spillcache: resuming from checkpoint_dir {part.directory}: {found.done} of "
+        f"{found.subgraphs} subgraphs done, going on with subgraph {found.done + 1}"
+    )
+    return activations
 
 
 def _load_states(part: checkpoints.Part, found: Checkpoint, model: torch.nn.Module) -> None:

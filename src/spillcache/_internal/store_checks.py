@@ -346,10 +346,12 @@ def committed_flush(store: tensor_store.Store) -> int:
     return flush
 
 
-def batch_structure(store: tensor_store.Store, index: int) -> tuple[int, dict[str, Any]]:
-    """Batch ``index``'s entries as the last completed flush recorded them (key ->
-    structure JSON, not yet parsed), with that flush's number: a batch a later,
-    unfinished flush rewrote gives the structure it kept as ``before``."""
+def batch_structure(
+    store: tensor_store.Store, index: int, as_of: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Batch ``index``'s entries as the last completed flush (or flush ``as_of``)
+    recorded them (key -> structure JSON, not yet parsed), with that flush's number: a
+    batch a later, unfinished flush rewrote gives the structure it kept as ``before``."""
     where = f"batch {index}"
     name = f"batches/{index}/zarr.json"
     directory = batch_dir(store.path, index)
@@ -359,7 +361,7 @@ def batch_structure(store: tensor_store.Store, index: int) -> tuple[int, dict[st
     own = attributes.get(store_format.ATTRS_KEY) if isinstance(attributes, dict) else None
     if not isinstance(own, dict):
         raise _corrupt(where, f"{name} records no entries")
-    committed = committed_flush(store)
+    committed = committed_flush(store) if as_of is None else as_of
     flush = own.get("flush", 0)
     if type(flush) is not int or flush < 0:
         raise _corrupt(where, f"{name}: flush {_shown(flush)} is not a count")
@@ -424,9 +426,10 @@ class Survey:
         return lines
 
 
-def survey(store: tensor_store.Store, *, structures: bool) -> Survey:
+def survey(store: tensor_store.Store, *, structures: bool, as_of: int | None = None) -> Survey:
     """Check every array of ``store`` and (with ``structures``) every batch structure
-    it records; problems are collected, not raised, so that all of them are said."""
+    it records (as of flush ``as_of``, else its last); problems are collected, not
+    raised, so that all of them are said."""
     found = Survey()
     try:
         kinds = tensor_dirs(store.path)
@@ -444,7 +447,7 @@ def survey(store: tensor_store.Store, *, structures: bool) -> Survey:
         elif kind in _NEVER_IN_TENSORS:
             bad[name] = f"tensors/{_shown(name)} is {_NEVER_IN_TENSORS[kind]}; a store holds none"
     if structures:
-        _survey_structures(store, found, kinds)
+        _survey_structures(store, found, kinds, as_of)
     return found
 
 
@@ -455,16 +458,18 @@ _NEVER_IN_TENSORS = {
 }
 
 
-def _survey_structures(store: tensor_store.Store, found: Survey, kinds: dict[str, str]) -> None:
+def _survey_structures(
+    store: tensor_store.Store, found: Survey, kinds: dict[str, str], as_of: int | None
+) -> None:
     try:
         found.batches = recorded_batches(store)
-        found.flush = committed_flush(store)
+        found.flush = committed_flush(store) if as_of is None else as_of
     except StoreCorruptError as error:
         found.problems.append(str(error))
         return
     for index in range(found.batches):
         try:
-            flush, entries = batch_structure(store, index)
+            flush, entries = batch_structure(store, index, as_of)
         except StoreCorruptError as error:
             found.problems.append(str(error))
             continue
