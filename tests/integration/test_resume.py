@@ -84,13 +84,15 @@ def progress_labels(output: str, pass_name: str) -> list[int]:
         pytest.param("gptq", "calibrating", 9, marks=pytest.mark.slow),
         # Killed mid-propagating: the exception test and the torchrun test cover it.
         pytest.param("gptq", "propagating", 5, marks=pytest.mark.slow),
+        pytest.param("awq", "calibrating", 1, marks=pytest.mark.slow),
         ("awq", "calibrating", 9),
         pytest.param("awq", "propagating", 3, marks=pytest.mark.slow),
         pytest.param("awq+gptq", "propagating", 5, marks=pytest.mark.slow),
     ],
     ids=[
         "gptq-subgraph-3-begins", "gptq-mid-calibrating", "gptq-mid-propagating",
-        "awq-mid-calibrating", "awq-mid-propagating", "awq+gptq-mid-propagating",
+        "awq-subgraph-3-begins", "awq-mid-calibrating", "awq-mid-propagating",
+        "awq+gptq-mid-propagating",
     ],
 )  # fmt: skip
 def test_a_killed_oneshot_resumes_with_the_stock_weights(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spillcache import IntermediatesCache, StoreFormatError
-from spillcache._internal.persist import go_back_one_flush
+from spillcache._internal.reopen import go_back_one_flush
 from spillcache._internal.store_format import read_root_attributes
 from spillcache.cli import main
 from store import kept_writer

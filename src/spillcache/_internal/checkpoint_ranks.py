@@ -11,7 +11,7 @@ resumes every rank from the lower of the two:
 - **Each rank keeps its checkpoint before the last** until that barrier: its store's
   flush keeps the flush before (``flush(keep_previous=True)``), and the arrays only
   that one names are deleted after the next barrier (``release_previous``). A rank
-  ahead of the others after a kill goes back to it (``persist.go_back_one_flush``).
+  ahead of the others after a kill goes back to it (``reopen.go_back_one_flush``).
 - **The rerun agrees first** (``agree``, one ``all_gather_object``): every rank says
   how far its part got and whether it refuses the checkpoint (another run's, damaged);
   all resume from the same subgraph, or all raise the same error. Once each has loaded
@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, StoreFormatError
-from . import checkpoints, persist
+from . import checkpoints
 from .checkpoints import NOTE_KEY, Checkpoint, Part
 from .ranks import rank_info
+from .reopen import go_back_one_flush
 from .store_format import read_root_attributes
 
 __all__ = ["Ranks"]
@@ -127,7 +128,7 @@ class Ranks:
                 "to. Remove the checkpoint directory to start afresh"
             )
         try:
-            persist.go_back_one_flush(found.store)
+            go_back_one_flush(found.store)
         except StoreFormatError as error:
             raise CheckpointError(
                 f"rank {self.rank} got one checkpoint further than another rank and "

@@ -21,7 +21,7 @@ structures name waits here (``defers_deletion``) for the next flush or close.
 A flush may also keep the flush before it readable (``keep_previous``): the arrays
 only that one names stay until ``release_previous``, the batches keep its structures
 as ``before`` and the root keeps its note as ``note_before``, so that a store left by
-a crash can be opened as of either (``go_back_one_flush``). Several ranks committing
+a crash can be opened as of either (``reopen.go_back_one_flush``). Several ranks committing
 one checkpoint together need this: a rank that flushed cannot know the others did
 until they say so.
 
@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import StoreError, StoreFormatError
-from . import dtypes, store_checks, transfers
+from ..errors import StoreError
+from . import dtypes, transfers
 from .chunkio import fsync_directory
 from .placement import Placement, TensorRecord
 from .records import Entry, InlineTensor
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "defers_deletion",
-    "go_back_one_flush",
     "leave_as_flushed",
     "make_durable",
     "opened",
@@ -253,42 +252,6 @@ def leave_as_flushed(tenant: Tenant) -> None:
     attributes = read_root_attributes(path)
     if attributes.get("flush"):  # never flushed: nothing in it to open again
         write_root_json(Path(path), {**attributes, "released": True})
-
-
-def go_back_one_flush(path: str | os.PathLike[str]) -> int:
-    """Make the kept store at ``path``, left by a dead process, open as of the flush
-    before its last (which must have kept it: ``keep_previous``): its root, rewritten
-    atomically and durably, counts that flush and carries its note. Batches the last
-    flush wrote are then read as they were (their ``before``), and the arrays only the
-    last flush named are dropped when the store is opened. The flush's number."""
-    attributes = read_root_attributes(path)
-    flush = attributes.get("flush")
-    if "note_before" not in attributes or type(flush) is not int or flush < 1:
-        raise StoreFormatError(
-            f"{path} cannot be opened as of the flush before its last: that flush was "
-            "not kept (flush(keep_previous=True))"
-        )
-    if attributes.get("complete") is True:
-        raise StoreFormatError(f"{path} is complete: its flushes are not kept any more")
-    # Checked whole before the root changes: every structure of that flush there, and
-    # every array it names (a refusal leaves the store as it was).
-    store = Store.open(path)
-    try:
-        found = store_checks.survey(store, structures=True, as_of=flush - 1)
-    finally:
-        store.close()
-    used_and_bad = [text for name, text in found.bad_arrays.items() if name in found.used]
-    problems = found.problems + used_and_bad
-    if problems:
-        raise StoreFormatError(
-            f"{path} cannot be opened as of the flush before its last: {problems[0]}"
-        )
-    earlier = {key: value for key, value in attributes.items() if key != "note_before"}
-    earlier.update(flush=flush - 1, note=attributes["note_before"])
-    if earlier["note"] is None:
-        del earlier["note"]
-    write_root_json(Path(path), earlier)
-    return flush - 1
 
 
 def _snapshot(

@@ -30,9 +30,9 @@ from .placement import TensorRecord
 from .records import Entry
 from .store_dirs import owner_alive
 from .store_format import array_ref, read_root_attributes, tensors_dir
-from .tensor_store import Store
+from .tensor_store import Store, write_root_json
 
-__all__ = ["reopen"]
+__all__ = ["go_back_one_flush", "reopen"]
 
 CPU = torch.device("cpu")
 _SHOWN = 10  # dropped entries named in the warning; the rest are counted
@@ -84,6 +84,42 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
         _abandon(core)
         raise
     return core
+
+
+def go_back_one_flush(path: str | os.PathLike[str]) -> int:
+    """Make the kept store at ``path``, left by a dead process, open as of the flush
+    before its last (which must have kept it: ``keep_previous``): its root, rewritten
+    atomically and durably, counts that flush and carries its note. Batches the last
+    flush wrote are then read as they were (their ``before``), and the arrays only the
+    last flush named are dropped when the store is opened. The flush's number."""
+    attributes = read_root_attributes(path)
+    flush = attributes.get("flush")
+    if "note_before" not in attributes or type(flush) is not int or flush < 1:
+        raise StoreFormatError(
+            f"{path} cannot be opened as of the flush before its last: that flush was "
+            "not kept (flush(keep_previous=True))"
+        )
+    if attributes.get("complete") is True:
+        raise StoreFormatError(f"{path} is complete: its flushes are not kept any more")
+    # Checked whole before the root changes: every structure of that flush there, and
+    # every array it names (a refusal leaves the store as it was).
+    store = Store.open(path)
+    try:
+        found = store_checks.survey(store, structures=True, as_of=flush - 1)
+    finally:
+        store.close()
+    used_and_bad = [text for name, text in found.bad_arrays.items() if name in found.used]
+    problems = found.problems + used_and_bad
+    if problems:
+        raise StoreFormatError(
+            f"{path} cannot be opened as of the flush before its last: {problems[0]}"
+        )
+    earlier = {key: value for key, value in attributes.items() if key != "note_before"}
+    earlier.update(flush=flush - 1, note=attributes["note_before"])
+    if earlier["note"] is None:
+        del earlier["note"]
+    write_root_json(Path(path), earlier)
+    return flush - 1
 
 
 def _adopt(
