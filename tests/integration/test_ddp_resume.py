@@ -124,7 +124,7 @@ def test_a_rank_one_checkpoint_ahead_goes_back_and_both_resume(tmp_path, uninter
     state.write_bytes(state.read_bytes()[:-1])
     refused = launch(tmp_path, damaged / "ckpt", damaged / "out")
     assert refused.returncode != 0
-    assert "rank 1 of 2 could not resume: CheckpointError" in refused.stdout
+    assert "rank 1 of 2 could not get ready: CheckpointError" in refused.stdout
     assert "0001.pt holds" in refused.stdout
 
     assert_resumed(tmp_path, uninterrupted, done=2)

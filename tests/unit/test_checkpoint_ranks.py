@@ -88,7 +88,7 @@ def test_a_finished_run_whose_removal_was_cut_short_starts_afresh(monkeypatch):
 
 def test_a_failure_on_one_rank_after_the_agreement_is_raised_on_every_rank(monkeypatch):
     ranks = as_rank(monkeypatch, 0, ["StoreCorruptError: batch 3 is damaged"])
-    with pytest.raises(CheckpointError, match=r"rank 1 of 2 could not resume: StoreCorrupt"):
+    with pytest.raises(CheckpointError, match=r"rank 1 of 2 could not get ready: StoreCorrupt"):
         ranks.all_ready(None)
     own = OSError("no space left")
     with pytest.raises(OSError) as raised:

@@ -3,6 +3,8 @@ fingerprint, without llm-compressor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from spill_testing import ALL_DTYPES, assert_same, random_tensor
 from spillcache import CacheConfig, CheckpointError, IntermediatesCache
 from spillcache._internal import checkpoints
 from spillcache._internal.checkpoints import ACTIVATIONS, NOTE_KEY, STATES, Checkpoint, Part
+from spillcache._internal.store_format import read_root_attributes
+from spillcache._internal.tensor_store import write_root_json
 
 
 def tensors_of_every_dtype() -> dict[str, torch.Tensor]:
@@ -143,9 +147,7 @@ def test_checkpoints_of_another_world_size_are_found(tmp_path, monkeypatch):
         commit(tmp_path, [])
     monkeypatch.delenv("RANK")
     assert checkpoints.other_parts(Part(tmp_path, 0), 3) == []
-    assert [path.parent.name for path in checkpoints.other_parts(Part(tmp_path, 1), 2)] == [
-        "rank2"
-    ]
+    assert [path.parent.name for path in checkpoints.other_parts(Part(tmp_path, 1), 2)] == ["rank2"]
     assert checkpoints.other_parts(Part(tmp_path, 0), 1)[0].parent.name == "rank1"
     assert len(checkpoints.other_parts(Part(tmp_path), 1)) == 3
     single = tmp_path / "single"
@@ -168,3 +170,31 @@ def test_a_rank_removes_its_own_part_and_the_last_the_directory(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / STATES).iterdir()) == ["rank1"]
     Part(tmp_path, 1).remove()
     assert not tmp_path.exists()
+
+
+def test_a_removal_a_kill_cut_short_is_finished_by_the_next(tmp_path, monkeypatch):
+    as_rank(monkeypatch, 1, 2)
+    path = Path(commit(tmp_path, []))
+    left = path.with_name(f"{checkpoints.REMOVING}{path.name}")  # renamed, never deleted
+    path.rename(left)
+    (left / "tensors" / "7").mkdir(parents=True, exist_ok=True)
+    part = Part(tmp_path, 1)
+    assert checkpoints.committed(part) is None  # out of sight: no checkpoint
+    part.remove()
+    assert not tmp_path.exists()
+
+
+@pytest.mark.parametrize("note", ["text", ["a", "list"], {"checkpoint": "text"}, {"checkpoint": {
+    "format": 1, "fingerprint": "f", "subgraphs_done": float("inf"), "subgraphs": 5,
+    "states": []}}])  # fmt: skip
+def test_a_malformed_note_is_no_checkpoint_to_the_cli_and_damage_to_a_resume(tmp_path, note):
+    path = Path(commit(tmp_path, []))
+    attributes = read_root_attributes(path)
+    attributes["note"] = note
+    write_root_json(path, attributes)
+    assert checkpoints.describe_store(path, read_root_attributes(path)) is None
+    if isinstance(note, dict):  # it says it is a checkpoint's, and does not read
+        with pytest.raises(CheckpointError, match="damaged or of another spillcache version"):
+            checkpoints.committed(Part(tmp_path))
+    else:
+        assert checkpoints.committed(Part(tmp_path)) is None

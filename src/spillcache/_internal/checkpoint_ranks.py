@@ -76,7 +76,9 @@ class Ranks:
         torch.distributed.all_gather_object(every, (done, total, said))
         for rank, (_, _, why) in enumerate(every):
             if why is not None:
-                raise CheckpointError(f"rank {rank} of {self.world} refuses its checkpoint: {why}")
+                raise CheckpointError(
+                    f"rank {rank} of {self.world} refuses its checkpoint: {why}"
+                ) from refusal
         counts = [count for count, _, _ in every]
         totals = [count for _, count, _ in every if count is not None]
         if min(counts) == 0 and totals and max(counts) == max(totals):
@@ -109,7 +111,7 @@ class Ranks:
             raise error
         for rank, why in enumerate(every):
             if why is not None:
-                raise CheckpointError(f"rank {rank} of {self.world} could not resume: {why}")
+                raise CheckpointError(f"rank {rank} of {self.world} could not get ready: {why}")
 
     def go_back(self, part: Part, found: Checkpoint | None, done: int) -> Checkpoint | None:
         """This rank's checkpoint as of ``done`` subgraphs (``agree``'s answer): the one
@@ -120,7 +122,8 @@ class Ranks:
         if done == 0:
             part.remove()
             return None
-        before = (read_root_attributes(found.store).get("note_before") or {}).get(NOTE_KEY)
+        kept = read_root_attributes(found.store).get("note_before")
+        before = kept.get(NOTE_KEY) if isinstance(kept, dict) else None
         if not isinstance(before, dict) or before.get("subgraphs_done") != done:
             raise CheckpointError(
                 f"rank {self.rank} got one checkpoint further than another rank, and its "

@@ -68,6 +68,7 @@ FORMAT = 1
 ACTIVATIONS = "activations"
 STATES = "states"
 CHECK_PIECE = 16 * 2**20  # a state file is checked this much at a time
+REMOVING = ".removing-"  # a store of a finished run being removed (never a store's name)
 
 
 def fingerprint(parts: Mapping[str, str]) -> str:
@@ -141,16 +142,20 @@ class Part:
 
     def stores(self) -> dict[Path, dict]:
         """The stores of this part, with their root attributes."""
-        if not self.activations.is_dir():
-            return {}
-        if self.rank is None:
-            return find_stores(self.activations)
-        found = {}
-        for run in sorted(self.activations.iterdir()):
-            own = rank_dirs(run).get(self.rank)
-            if own is not None:
-                found.update(find_stores(own))
+        found: dict[Path, dict] = {}
+        for directory in self._store_dirs():
+            found.update(find_stores(directory))
         return found
+
+    def _store_dirs(self) -> list[Path]:
+        """Where this part's stores are: ``activations/`` for one process, else its
+        rank's directory in each run directory there (a run is named anew each launch)."""
+        if not self.activations.is_dir():
+            return []
+        if self.rank is None:
+            return [self.activations]
+        runs = sorted(path for path in self.activations.iterdir() if path.is_dir())
+        return [own for run in runs if (own := rank_dirs(run).get(self.rank)) is not None]
 
     def remove(self) -> None:
         """Remove this part's store and state files (after a run that finished), and
@@ -158,10 +163,16 @@ class Part:
         for path in self.stores():
             # Out of sight first, in one rename: a kill while the tree is deleted leaves
             # no store that reads as a checkpoint with arrays missing.
-            hidden = path.with_name(f".{path.name}.removing")
-            os.rename(path, hidden)
+            hidden = path.with_name(f"{REMOVING}{path.name}")
+            try:
+                os.rename(path, hidden)
+            except OSError:  # deleted where it is, then; what stays is warned about
+                hidden = path
             shutil.rmtree(hidden, ignore_errors=True)
-            remove_empty_dirs(path.parent, self.directory.parent)
+        for directory in self._store_dirs():
+            for left in directory.glob(f"{REMOVING}*"):  # a removal a kill cut short
+                shutil.rmtree(left, ignore_errors=True)
+            remove_empty_dirs(directory, self.directory.parent)
         shutil.rmtree(self.states, ignore_errors=True)
         remove_empty_dirs(self.states.parent, self.directory.parent)
         if self.rank is None:
@@ -185,8 +196,15 @@ def other_parts(part: Part, world: int) -> list[Path]:
         path
         for other in parts
         for path, attributes in other.stores().items()
-        if NOTE_KEY in (attributes.get("note") or {})
+        if _checkpoint_note(attributes) is not None
     ]
+
+
+def _checkpoint_note(attributes: Any) -> Any:
+    """The checkpoint's part of a store root's note (None: no such part); what it
+    holds is checked where it is read."""
+    note = attributes.get("note") if isinstance(attributes, dict) else None
+    return note.get(NOTE_KEY) if isinstance(note, dict) else None
 
 
 def committed(part: Part) -> Checkpoint | None:
@@ -195,9 +213,9 @@ def committed(part: Part) -> Checkpoint | None:
     directory used by two runs at once) is refused."""
     found = []
     for path, attributes in part.stores().items():
-        note = attributes.get("note") or {}
-        if NOTE_KEY in note:
-            found.append((path, note[NOTE_KEY]))
+        note = _checkpoint_note(attributes)
+        if note is not None:
+            found.append((path, note))
     if not found:
         return None
     if len(found) > 1:
@@ -211,7 +229,7 @@ def committed(part: Part) -> Checkpoint | None:
         if note.get("format") != FORMAT:
             raise KeyError("format")
         return Checkpoint(note, path)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise CheckpointError(
             f"the checkpoint in {part.directory} is damaged or of another spillcache "
             f"version (its note in {path / 'zarr.json'} does not read); remove the "
@@ -222,7 +240,7 @@ def committed(part: Part) -> Checkpoint | None:
 def describe_store(path: Path, attributes: Mapping[str, Any]) -> dict[str, Any] | None:
     """What a store's root says of the checkpoint it commits, for ``spillcache du``,
     ``inspect`` and ``gc``; None if it commits none (or says it unreadably)."""
-    note = (attributes.get("note") or {}).get(NOTE_KEY) if isinstance(attributes, dict) else None
+    note = _checkpoint_note(attributes)
     try:
         states = list(note["states"])
         found = {
@@ -231,7 +249,7 @@ def describe_store(path: Path, attributes: Mapping[str, Any]) -> dict[str, Any] 
             "state_files": len(states),
             "state_bytes": sum(int(entry["bytes"]) for entry in states),
         }
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
     directory = next((up.parent for up in Path(path).parents if up.name == ACTIVATIONS), None)
     return {**found, "checkpoint_dir": None if directory is None else str(directory)}

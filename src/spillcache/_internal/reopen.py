@@ -91,7 +91,9 @@ def go_back_one_flush(path: str | os.PathLike[str]) -> int:
     before its last (which must have kept it: ``keep_previous``): its root, rewritten
     atomically and durably, counts that flush and carries its note. Batches the last
     flush wrote are then read as they were (their ``before``), and the arrays only the
-    last flush named are dropped when the store is opened. The flush's number."""
+    last flush named are dropped when the store is opened. The flush's number. For a
+    store whose flushes recorded the same batches (a calibration's pipeline cache): a
+    batch the last flush added has nothing to go back to, and is refused."""
     attributes = read_root_attributes(path)
     flush = attributes.get("flush")
     if "note_before" not in attributes or type(flush) is not int or flush < 1:

@@ -90,14 +90,14 @@ def run_with_checkpoints(
     except Exception as error:  # every rank raises it, rather than some waiting forever
         refusal = error
     done = ranks.agree(found, refusal)  # every rank's, or every rank raises
-    kept = cache_class(config.replace(keep_store=True, disk_path=str(part.activations)))
 
-    stock.LifecycleCallbacks.calibration_start()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(stock.calibration_forward_context(model))
-        stack.enter_context(stock.DisableQuantization(model))
         failed = None
         try:
+            kept = cache_class(config.replace(keep_store=True, disk_path=str(part.activations)))
+            stock.LifecycleCallbacks.calibration_start()
+            stack.enter_context(stock.calibration_forward_context(model))
+            stack.enter_context(stock.DisableQuantization(model))
             found = _go_back(ranks, part, found, done)
             activations = _ready(part, found, model, kept, dataloader, onload_device,
                                  offload_device)  # fmt: skip
@@ -232,8 +232,11 @@ def _resumable(
     if strays:
         raise CheckpointError(
             f"checkpoint_dir {directory} holds a checkpoint of a run with another number "
-            f"of processes than this one's {world} ({strays[0]}). Use another "
-            "checkpoint_dir for this run, or remove that directory to start afresh"
+            f"of processes, or started otherwise (under torchrun or not), than this one "
+            f"({world} process{'es' if world > 1 else ''}, "
+            f"{'rank ' + str(part.rank) if part.rank is not None else 'not under torchrun'}"
+            f"): {strays[0]}. Use another checkpoint_dir for this run, or remove that "
+            "directory to start afresh"
         )
     found = checkpoints.committed(part)
     if found is None or found.fingerprint == print_:
