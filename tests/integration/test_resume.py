@@ -77,6 +77,19 @@ def progress_labels(output: str, pass_name: str) -> list[int]:
     return sorted(found)
 
 
+def assert_resumes_with_stock_weights(tmp_path: Path, stock: dict, done: int) -> None:
+    found = checkpoints.committed(Part(tmp_path / "ckpt"))
+    assert found is not None and found.done == done
+    resumed = run_child(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    labels = progress_labels(resumed.stdout + resumed.stderr, "Calibrating")
+    assert labels == list(range(done + 1, LAYERS + 2))
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for name, tensor in stock.items():
+        assert_same(weights[name], tensor)
+    assert not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize(
     ("recipe", "kill_pass", "kill_batch"),
     [
@@ -133,15 +146,7 @@ def test_a_checkpoint_cut_short_resumes_from_the_one_before(step, stock_weights,
     killed = run_child(tmp_path, "--kill-in-checkpoint", "3", "--kill-step", step)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (tmp_path / "ckpt" / "states" / "0002.pt").exists()  # written, not committed
-    found = checkpoints.committed(Part(tmp_path / "ckpt"))
-    assert found is not None and found.done == 2
-    resumed = run_child(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert progress_labels(resumed.stdout + resumed.stderr, "Calibrating") == [3, 4, 5]
-    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
-    for name, tensor in stock_weights["gptq"].items():
-        assert_same(weights[name], tensor)
-    assert not (tmp_path / "ckpt").exists()
+    assert_resumes_with_stock_weights(tmp_path, stock_weights["gptq"], done=2)
 
 
 def killed_at_call(tmp_path: Path, number: int) -> str:
@@ -152,19 +157,6 @@ def killed_at_call(tmp_path: Path, number: int) -> str:
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     return killed.stdout
-
-
-def assert_resumes_with_stock_weights(tmp_path: Path, stock: dict, done: int) -> None:
-    found = checkpoints.committed(Part(tmp_path / "ckpt"))
-    assert found is not None and found.done == done
-    resumed = run_child(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    labels = progress_labels(resumed.stdout + resumed.stderr, "Calibrating")
-    assert labels == list(range(done + 1, LAYERS + 2))
-    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
-    for name, tensor in stock.items():
-        assert_same(weights[name], tensor)
-    assert not (tmp_path / "ckpt").exists()
 
 
 def test_killed_at_a_system_call_in_the_middle_of_a_checkpoint(stock_weights, tmp_path):
@@ -237,15 +229,7 @@ def test_a_run_ended_by_an_exception_keeps_only_its_checkpoint(stock_weights, tm
         "--raise-instead",
     )  # fmt: skip
     assert failed.returncode == 1 and "RuntimeError: injected at subgraph 3" in failed.stderr
-    found = checkpoints.committed(Part(tmp_path / "ckpt"))
-    assert found is not None and found.done == 2
-    resumed = run_child(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert progress_labels(resumed.stdout + resumed.stderr, "Calibrating") == [3, 4, 5]
-    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
-    for name, tensor in stock_weights["gptq"].items():
-        assert_same(weights[name], tensor)
-    assert not (tmp_path / "ckpt").exists()
+    assert_resumes_with_stock_weights(tmp_path, stock_weights["gptq"], done=2)
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):

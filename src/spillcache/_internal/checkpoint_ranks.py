@@ -70,10 +70,8 @@ class Ranks:
             if refusal is not None:
                 raise refusal
             return done
-        said = None if refusal is None else f"{type(refusal).__name__}: {refusal}"
         total = found.subgraphs if found is not None else None
-        every: list = [None] * self.world
-        torch.distributed.all_gather_object(every, (done, total, said))
+        every = self._gather((done, total, _said(refusal)))
         for rank, (_, _, why) in enumerate(every):
             if why is not None:
                 raise CheckpointError(
@@ -104,14 +102,18 @@ class Ranks:
             if error is not None:
                 raise error
             return
-        said = None if error is None else f"{type(error).__name__}: {error}"
-        every: list = [None] * self.world
-        torch.distributed.all_gather_object(every, said)
+        every = self._gather(_said(error))
         if error is not None:
             raise error
         for rank, why in enumerate(every):
             if why is not None:
                 raise CheckpointError(f"rank {rank} of {self.world} could not get ready: {why}")
+
+    def _gather(self, mine: object) -> list:
+        """What every rank says, by rank (one all_gather_object)."""
+        every: list = [None] * self.world
+        torch.distributed.all_gather_object(every, mine)
+        return every
 
     def go_back(self, part: Part, found: Checkpoint | None, done: int) -> Checkpoint | None:
         """This rank's checkpoint as of ``done`` subgraphs (``agree``'s answer): the one
@@ -145,3 +147,8 @@ class Ranks:
                 f"{done} subgraphs done. Remove the checkpoint directory to start afresh"
             )
         return earlier
+
+
+def _said(error: BaseException | None) -> str | None:
+    """An error as one rank tells the others of it."""
+    return None if error is None else f"{type(error).__name__}: {error}"

@@ -209,8 +209,7 @@ def make_durable(
             named_before = state.named
             doomed = _settle(pool.placement, state, snapshot, written, inline, committed)
             if committed is not None:  # what the flush before kept is let go now
-                older, state.previous = state.previous, set()
-                state.previous_named = set()
+                older = _let_go_of_previous(state)
                 if keep_previous:
                     doomed, state.previous = older, doomed
                     state.previous_named = named_before - state.named
@@ -231,11 +230,17 @@ def release_previous(pool: SharedPool, tenant: Tenant) -> None:
         if state is None:
             return
         pool.write_finished.wait_for(lambda: not state.flushing)
-        doomed, state.previous = state.previous, set()
-        state.previous_named = set()
+        doomed = _let_go_of_previous(state)
         store = tenant.store
     for name in doomed:
         store.delete_tensor(name)
+
+
+def _let_go_of_previous(state: _Kept) -> set[str]:
+    """Lock held: the arrays only the kept flush before the last named, to delete; the
+    store no longer keeps that flush."""
+    doomed, state.previous, state.previous_named = state.previous, set(), set()
+    return doomed
 
 
 def leave_as_flushed(tenant: Tenant) -> None:
