@@ -41,10 +41,12 @@ def _write_proc(path: str, text: str) -> bool:
         return False
 
 
-def drop_page_cache() -> bool:
-    """Write dirty pages and drop the page cache (root only); False if not allowed."""
+def drop_page_cache(metadata: bool = True) -> bool:
+    """Write dirty pages and drop the page cache (root only); False if not allowed.
+    With ``metadata`` (``echo 3``) the kernel's cached directory entries and inodes go
+    too; without (``echo 1``) only file data does."""
     os.sync()
-    return _write_proc("/proc/sys/vm/drop_caches", "3\n")
+    return _write_proc("/proc/sys/vm/drop_caches", "3\n" if metadata else "1\n")
 
 
 HUGE_PAGE = 2 * 2**20

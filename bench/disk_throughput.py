@@ -11,7 +11,11 @@ its default ``checksum = true``, the cache with ``checksum = false``) once, in a
 rotated from run to run, so that the disk's drift hits all of them alike; the cache's
 ratio to the limit is printed against the 0.95 target, and what the CRC32C costs (the
 two caches' medians) against a 3 % limit. Reads are
-cold (``sync`` and ``echo 3 > /proc/sys/vm/drop_caches`` first; root only).
+cold (``sync`` and ``echo 1 > /proc/sys/vm/drop_caches`` first; root only): the data
+is read from the device, the file system's directory entries and inodes stay cached, as
+they are in a run that wrote its store minutes before (``echo 3`` would also make each
+of the cache's files cost a directory lookup on the device, where the raw files share
+one directory).
 
 Like the raw loop's buffer, the cache's buffers are made before the timed runs: a cache
 of the same config stays open throughout, so every run's cache shares its pool (I/O
@@ -125,7 +129,7 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cache_round(config: CacheConfig, tensors: list[torch.Tensor]) -> dict:
+def cache_round(config: CacheConfig, tensors: list[torch.Tensor], drop_metadata: bool) -> dict:
     paths = config.disk_path
     directory = Path(paths if isinstance(paths, str) else paths[0])  # the device watched
     with IntermediatesCache.empty(len(tensors), "cpu", config=config) as cache:
@@ -137,7 +141,7 @@ def cache_round(config: CacheConfig, tensors: list[torch.Tensor]) -> dict:
             cache.flush()  # update does not wait for the disk: the background writes end here
             os.sync()  # and the bytes are on disk, not only in the page cache
             write = time.perf_counter() - start
-        drop_page_cache()
+        drop_page_cache(metadata=drop_metadata)
         with Watch(directory.parent) as cpu_read:
             start = time.perf_counter()
             for index, values in enumerate(cache.iter_prefetch(["hidden"])):
@@ -146,11 +150,13 @@ def cache_round(config: CacheConfig, tensors: list[torch.Tensor]) -> dict:
     return {"write": write, "read": read, "watch": {"write": cpu_write, "read": cpu_read}}
 
 
-def raw_round(directory: Path, file_bytes: int, count: int, threads: int) -> dict:
+def raw_round(
+    directory: Path, file_bytes: int, count: int, threads: int, drop_metadata: bool
+) -> dict:
     os.sync()  # as raw_direct_write does first: earlier work's writeback is not watched
     with Watch(directory.parent) as cpu_write:
         write = raw_direct_write(directory, file_bytes, count, threads)
-    drop_page_cache()
+    drop_page_cache(metadata=drop_metadata)
     with Watch(directory.parent) as cpu_read:
         read = raw_direct_read(directory, file_bytes, count, threads)
     shutil.rmtree(directory)
@@ -177,6 +183,11 @@ def main() -> None:
         "--dir", default=None, help="directory on the disk to test (default: $TMPDIR)"
     )
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--drop-metadata",
+        action="store_true",
+        help="before reads, drop cached directory entries and inodes too (echo 3)",
+    )
     parser.add_argument("--io-threads", type=int, default=CacheConfig.io_threads)
     parser.add_argument("--prefetch-depth", type=int, default=CacheConfig.prefetch_depth)
     add_publish_option(parser)
@@ -208,8 +219,10 @@ def main() -> None:
     # open between runs; they hold no values themselves.
     holders = [IntermediatesCache.empty(0, "cpu", config=c) for c in configs.values()]
     try:
-        first = cache_round(config, tensors)  # makes the pool's buffers
-        cache_round(configs[UNCHECKED], tensors)  # the same for the other pool, untimed
+        first = cache_round(config, tensors, args.drop_metadata)  # makes the pool's buffers
+        cache_round(
+            configs[UNCHECKED], tensors, args.drop_metadata
+        )  # the same for the other pool, untimed
         print(
             f"first use: cache {total / first['write'] / GB:.2f} / "
             f"{total / first['read'] / GB:.2f} GB/s write / read (buffers made while timed)",
@@ -221,10 +234,12 @@ def main() -> None:
             results = {}
             for name in order:
                 if name in configs:
-                    results[name] = cache_round(configs[name], tensors)
+                    results[name] = cache_round(configs[name], tensors, args.drop_metadata)
                 else:
                     threads = RAW_THREADS[variants.index(name)]
-                    results[name] = raw_round(base / "raw", tensor_bytes, count, threads)
+                    results[name] = raw_round(
+                        base / "raw", tensor_bytes, count, threads, args.drop_metadata
+                    )
             runs.append(results)
             print(
                 f"run {run + 1}/{args.runs} ({', '.join(order)}): "
@@ -320,7 +335,9 @@ def main() -> None:
         }
         for name in variants
     }
-    reads = "cold" if cold else "WARM (cannot drop the page cache: not root)"
+    reads = "WARM (cannot drop the page cache: not root)"
+    if cold:
+        reads = "cold (data and metadata)" if args.drop_metadata else "cold (data; metadata cached)"
     print(
         f"\n{count} tensors x {tensor_bytes >> 20} MiB = {total / GB:.2f} GB, median of "
         f"{args.runs} interleaved runs, {reads} page cache for reads; raw limit = the "
@@ -338,6 +355,7 @@ def main() -> None:
             "io_threads": args.io_threads,
             "prefetch_depth": args.prefetch_depth,
             "cold_reads": cold,
+            "cold_metadata": cold and args.drop_metadata,
             "target_ratio": TARGET,
             "raw_limit": {d: {"path": best[d], "GB/s": limit[d]} for d in limit},
             "ratio": ratios,

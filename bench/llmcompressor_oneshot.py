@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,13 @@ def main() -> None:
         child(args, Path(args.work))
         return
     work = Path(tempfile.mkdtemp(prefix="oneshot-bench-", dir=args.dir))
+    try:
+        measure(args, work)
+    finally:  # the models, weights and stores of every run
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
     spill = work / "spill"
     spill.mkdir()
     sizes = ["--hidden", args.hidden, "--layers", args.layers, "--samples", args.samples]

@@ -122,6 +122,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "store_dirs": (STORE, COMMAND, "where stores are: runs, ranks, sizes, owners alive"),
     "chunkio": (STORE, LANES, "one chunk file out: O_DIRECT, staging, .partial + rename"),
     "chunk_reads": (STORE, LANES, "one chunk file in: O_DIRECT, sizes and CRC32C checked"),
+    "device_turns": (STORE, LANES, "large direct reads take turns on their device"),
     "aio": (STORE, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
     "persist": (STORE, CALLER, "a kept store made durable: flush() writes unlocked, close locked"),
     "store_sync": (STORE, CALLER, "a kept store's writes not yet fsync'd, fsync'd before a commit"),

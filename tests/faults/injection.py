@@ -68,9 +68,8 @@ class Syscalls:
     def read_short(
         self, call: str, short: int = 0, *, path: str = "/tensors/", times: int = 1, **kw
     ) -> Rule:
-        """Those reads report at most ``short`` bytes (0: the end of the file); for
-        ``"aio"``, a queued read's completion does."""
-        assert call in ("preadv", "pread", "aio"), call
+        """Those reads report at most ``short`` bytes (0: the end of the file)."""
+        assert call in ("preadv", "pread"), call
         return self._add(Rule(call, path, times, short=short, **kw))
 
     def hold(self, call: str, gate: threading.Event, *, path: str, times: int = 1) -> Rule:
@@ -186,10 +185,10 @@ class Syscalls:
 
             mp.setattr(chunkio, "_fallocate", fallocate)
 
-        # Native AIO: a queued write's or read's completion carries -errno (as the kernel
-        # reports a failed direct request), or reports fewer bytes, found by the file its
+        # Native AIO: a queued write's completion carries -errno (as the kernel reports a
+        # failed direct request), or reports fewer bytes, found by the file its
         # submission named.
-        real_write, real_read = aio.Context.submit_write, aio.Context.submit_read
+        real_write = aio.Context.submit_write
         real_wait = aio.Context.wait
         paths = self._aio_paths
 
@@ -212,7 +211,6 @@ class Syscalls:
             return done
 
         mp.setattr(aio.Context, "submit_write", recorded(real_write))
-        mp.setattr(aio.Context, "submit_read", recorded(real_read))
         mp.setattr(aio.Context, "wait", wait)
 
 

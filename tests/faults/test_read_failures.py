@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from faults.injection import same_bits, unaligned
 from spill_testing import random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError, StoreError
-from spillcache._internal import aio
+from spillcache._internal import device_turns
 from spillcache._internal.store_format import chunk_name
 
 KIB64 = 64 * 2**10
@@ -151,37 +152,31 @@ def test_a_failed_read_ahead_is_raised_for_its_batch_and_loses_nothing(tmp_path,
         assert same_bits(again[1]["a"], values[(1, "a")])
 
 
-BIG = 3 * 2**20 + 4096 + 5  # a checked direct read queued in pieces (chunk_reads.CHECKED_PIECE)
+BIG = device_turns.TURN_BYTES + 4096 + 5  # read in its device's turn, with a partial page
 
 
-def aio_works() -> bool:
-    with aio.context() as ctx:
-        return ctx is not None
-
-
-@pytest.mark.skipif(not aio_works(), reason="no native AIO here")
-def test_a_queued_read_that_fails_names_the_entry_and_reads_again_later(tmp_path, syscalls):
-    values = {0: random_tensor(torch.float32, (BIG // 4,), 0)}
+@pytest.mark.parametrize("short", [None, 0, 4096 + 100])  # EIO, EOF, EOF inside a page
+def test_a_read_in_the_devices_turn_that_fails_hands_the_turn_on(tmp_path, syscalls, short):
+    """A large direct read that fails (EIO, or the file ends too soon) names its entry,
+    and the next large read on that device is not left waiting for a turn never given
+    back: it happens, and the value failed is read again once the fault is gone."""
+    values = {b: random_tensor(torch.float32, (BIG // 4,), b) for b in range(2)}
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), direct_io=True)
-    with IntermediatesCache([{"a": values[0]}], config=config) as cache:
+    with IntermediatesCache([{"a": values[0]}, {"a": values[1]}], config=config) as cache:
         cache.flush()
         chunk = chunk_of(cache, 0, "a")
-        rule = syscalls.fail("aio", errno.EIO, path=chunk)
-        with pytest.raises(StoreError) as raised:
+        if short is not None:
+            syscalls.read_short("preadv", short, path=chunk)
+            error, text = StoreCorruptError, f"ended after {short} bytes"
+        else:
+            syscalls.fail("preadv", errno.EIO, path=chunk)
+            error, text = StoreError, "Input/output error"
+        with pytest.raises(error) as raised:
             cache.fetch(0)
-        assert rule.hits and raised.value.errno == errno.EIO
-        message = raised.value.strerror
-        assert message.startswith("batch 0, key 'a': ") and chunk in message
-        assert same_bits(cache.fetch(0)["a"], values[0])  # not lost: read again
-
-
-@pytest.mark.skipif(not aio_works(), reason="no native AIO here")
-@pytest.mark.parametrize("short", [0, 4096, 4096 + 100])
-def test_a_queued_read_that_lands_short_goes_on_from_where_it_stopped(tmp_path, syscalls, short):
-    value = random_tensor(torch.float32, (BIG // 4,), 1)
-    config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), direct_io=True)
-    with IntermediatesCache([{"a": value}], config=config) as cache:
-        cache.flush()
-        rule = syscalls.read_short("aio", short, path=chunk_of(cache, 0, "a"), times=2)
-        assert same_bits(cache.fetch(0)["a"], value)
-        assert len(rule.hits) == 2
+        assert str(raised.value).count(chunk) == 1 and text in str(raised.value)
+        reader = threading.Thread(target=cache.fetch, args=(1,))
+        reader.start()
+        reader.join(timeout=60)  # a turn kept by the failed read would hang it
+        assert not reader.is_alive()
+        assert same_bits(cache.fetch(0)["a"], values[0])
+        assert same_bits(cache.fetch(1)["a"], values[1])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spill_testing import bits, random_tensor
-from spillcache._internal import aio, buffers, chunk_reads, chunkio, store_format
+from spillcache._internal import aio, buffers, chunk_reads, chunkio, device_turns, store_format
 from spillcache._internal.buffers import PAGE, StagingBuffers, aligned_empty
 from spillcache._internal.chunk_reads import map_file, read_file
 from spillcache._internal.chunkio import direct_io_supported, write_file
@@ -584,8 +584,8 @@ def test_large_buffers_are_huge_page_aligned_and_advised():
     assert small.data_ptr() % buffers.PAGE == 0
 
 
-PIECE = chunk_reads.CHECKED_PIECE
-CHECKED_SIZES = [0, 1, 4094, 4096, 2 * 4096 - 2, 3 * 4096 + 5, 3 * PIECE + 4096 + 7, 2 * PIECE]
+TURN = device_turns.TURN_BYTES  # from this size a direct read waits for its device's turn
+CHECKED_SIZES = [0, 1, 4094, 4096, 2 * 4096 - 2, 3 * 4096 + 5, TURN + 4096 + 7, TURN]
 
 
 def _checksummed_file(path, nbytes: int, direct: bool) -> torch.Tensor:
@@ -611,18 +611,18 @@ def test_a_checksum_is_written_after_the_data_and_checked_on_read(tmp_path, dire
 
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize(
-    "where", ["first piece", "a middle piece", "last whole page", "partial page", "checksum"]
+    "where", ["first page", "a middle page", "last whole page", "partial page", "checksum"]
 )
 def test_one_changed_byte_anywhere_fails_the_check(tmp_path, direct, where):
-    """Wherever the byte is (a piece read queued, checked while others are in flight,
-    the last piece, the partial page read after them, the checksum itself)."""
-    nbytes = 3 * PIECE + 4096 + 7
+    """Wherever the byte is (the whole pages read in the device's turn, the partial
+    page and the checksum read with them into a page of their own)."""
+    nbytes = TURN + 4096 + 7
     path = tmp_path / "chunk"
     _checksummed_file(path, nbytes, direct)
     position = {
-        "first piece": 5,
-        "a middle piece": PIECE + 12345,
-        "last whole page": 3 * PIECE + 100,
+        "first page": 5,
+        "a middle page": TURN // 2 + 12345,
+        "last whole page": TURN + 100,
         "partial page": nbytes - 1,
         "checksum": nbytes + 2,
     }[where]
@@ -902,39 +902,6 @@ def test_allocation_refused_or_out_of_space(tmp_path, staging, monkeypatch, code
         assert raised.value.errno == errno.ENOSPC
         assert list(tmp_path.iterdir()) == []
     assert staging.available == 2
-
-
-@needs_aio
-def test_a_checked_direct_read_is_queued_and_checksums_pieces_while_others_are_read(
-    tmp_path, monkeypatch
-):
-    """The CRC of a piece that has landed is computed while later pieces are still in
-    flight: the device is not left idle for the whole checksum after the read."""
-    nbytes = 6 * PIECE + PAGE + 3
-    path = tmp_path / "chunk"
-    data = _checksummed_file(path, nbytes, direct=True)
-    submitted: list[tuple[int, int]] = []
-    in_flight_at_crc: list[int] = []
-    contexts: list[aio.Context] = []
-    real_submit, real_extend = aio.Context.submit_read, chunk_reads.crc32c_extend
-
-    def submit_read(ctx, fd, address, size, offset, tag):
-        real_submit(ctx, fd, address, size, offset, tag)
-        contexts.append(ctx)
-        submitted.append((offset, size))
-
-    def extend(crc, piece):
-        in_flight_at_crc.append(contexts[-1].in_flight if contexts else -1)
-        return real_extend(crc, piece)
-
-    monkeypatch.setattr(aio.Context, "submit_read", submit_read)
-    monkeypatch.setattr(chunk_reads, "crc32c_extend", extend)
-    out = aligned_empty(nbytes)
-    chunk_reads.read_file(path, out, direct=True, checksum=True)
-    assert torch.equal(out, data)
-    whole = nbytes - nbytes % PAGE
-    assert sorted(submitted) == [(o, min(PIECE, whole - o)) for o in range(0, whole, PIECE)]
-    assert max(in_flight_at_crc) > 0, in_flight_at_crc  # some checked while reads ran
 
 
 @needs_aio

@@ -4,10 +4,10 @@ chunkio writes an unaligned tensor through page-aligned staging memory, one piec
 time. With ``pwrite`` the thread has nothing queued at the device while it copies the
 next piece (or waits for a core); with ``io_submit`` it queues each piece as soon as it
 is copied and copies the next while the device writes, so one writer keeps several
-requests queued all the time. A checked read likewise queues a chunk's pieces and
-computes the checksum of those that have landed while the device reads the rest. This
-module is only the system-call binding: no threads, no locks, no knowledge of files or
-formats.
+requests queued all the time; a page-aligned value is queued in pieces straight from
+its memory while its checksum is computed. Reads do not use it (chunk_reads.py reads a
+chunk in one ``preadv``, in its device's turn). This module is only the system-call
+binding: no threads, no locks, no knowledge of files or formats.
 
 Two costs shape it. ``io_destroy`` waits for an RCU grace period (longer than a whole
 chunk write; docs/benchmarks.md), so a context is never made per write: ``context()``
@@ -38,7 +38,6 @@ _NUMBERS = {
     "x86_64": {"setup": 206, "destroy": 207, "getevents": 208, "submit": 209},
     "aarch64": {"setup": 0, "destroy": 1, "submit": 2, "getevents": 4},
 }
-_PREAD = 0  # IOCB_CMD_PREAD
 _PWRITE = 1  # IOCB_CMD_PWRITE
 
 
@@ -101,8 +100,7 @@ class Context:
     """One kernel AIO context with at most ``DEPTH`` requests queued.
 
     ``submit_write`` queues a write of memory the caller keeps alive and unchanged until
-    its completion comes back from ``wait`` (``submit_read``: a read into memory the
-    caller keeps alive and leaves alone); ``drain`` waits for every queued request (an
+    its completion comes back from ``wait``; ``drain`` waits for every queued request (an
     error path must call it before it lets the memory go).
     """
 
@@ -123,10 +121,6 @@ class Context:
     def submit_write(self, fd: int, address: int, nbytes: int, offset: int, tag: int) -> None:
         """Queue ``pwrite(fd, <nbytes at address>, offset)``; ``tag`` comes back with it."""
         self._submit(_PWRITE, fd, address, nbytes, offset, tag)
-
-    def submit_read(self, fd: int, address: int, nbytes: int, offset: int, tag: int) -> None:
-        """Queue ``pread(fd, <nbytes into address>, offset)``; ``tag`` comes back with it."""
-        self._submit(_PREAD, fd, address, nbytes, offset, tag)
 
     def _submit(
         self, opcode: int, fd: int, address: int, nbytes: int, offset: int, tag: int
