@@ -28,6 +28,7 @@ from ._internal.config_cli import add_config_command
 from ._internal.demo_cli import add_demo_command
 from ._internal.dtypes import dtype_name
 from ._internal.plan_cli import add_plan_command
+from ._internal.report_cli import add_report_command
 from ._internal.resolved import disk_directories
 from ._internal.text import aligned, format_bytes
 from .config import CacheConfig
@@ -391,6 +392,7 @@ def _build_parser() -> argparse.ArgumentParser:
     du.set_defaults(run=_du)
 
     add_plan_command(commands)
+    add_report_command(commands)
     gc = commands.add_parser("gc", help="remove stores whose process is dead (dry run)")
     gc.add_argument("dir", nargs="?", help="where stores are (default: the config's disk_path)")
     gc.add_argument("--yes", action="store_true", help="delete them (default: only list them)")

@@ -424,6 +424,12 @@ class CacheCore:
                 disk_dirs=self.pool.disk_dirs,
             )
 
+    def values_held(self, *, reset_peak: bool = False) -> tuple[int, int]:
+        """Bytes of this cache's tiered values now (each once, wherever it is), and the
+        most since the last ``reset_peak``."""
+        with self._lock:
+            return self.placement.records.values_held(self.tenant, reset_peak=reset_peak)
+
     def store_path(self) -> str | None:
         with self._lock:
             return self._store_path_locked()

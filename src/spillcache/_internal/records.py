@@ -100,6 +100,8 @@ class RecordRegistry:
         # (tenant number, id(tensor)) -> the record it was stored as, for sharing.
         self._identity: dict[tuple[int, int], tuple[weakref.ref, TensorRecord]] = {}
         self.next_rid = 0
+        # tenant number -> [bytes of its records now, the most since values_held reset it]
+        self._held: dict[int, list[int]] = {}
 
     def __getitem__(self, rid: int) -> TensorRecord:
         return self._records[rid]
@@ -118,6 +120,10 @@ class RecordRegistry:
         record = TensorRecord(rid=self.next_rid, **fields)
         self.next_rid += 1
         self._records[record.rid] = record
+        if record.tenant is not None:
+            held = self._held.setdefault(record.tenant.number, [0, 0])
+            held[0] += record.nbytes
+            held[1] = max(held[1], held[0])
         if tensor is not None:
             key = (record.tenant.number, id(tensor))
             self._identity[key] = (weakref.ref(tensor), record)
@@ -141,8 +147,18 @@ class RecordRegistry:
         taken = [int(name.split(".")[0]) for name in names if name.split(".")[0].isdigit()]
         self.next_rid = max([self.next_rid, *(number + 1 for number in taken)])
 
+    def values_held(self, tenant: Tenant, *, reset_peak: bool) -> tuple[int, int]:
+        """Bytes of ``tenant``'s records now (each once, wherever it is), and the most
+        they were since the last ``reset_peak`` (then the count starts again from now)."""
+        held = self._held.get(tenant.number, [0, 0])
+        found = (held[0], held[1])
+        if reset_peak:
+            held[1] = held[0]
+        return found
+
     def forget(self, record: TensorRecord) -> None:
-        self._records.pop(record.rid, None)
+        if self._records.pop(record.rid, None) is not None and record.tenant is not None:
+            self._held[record.tenant.number][0] -= record.nbytes
         key = (record.tenant.number, record.identity)
         found = self._identity.get(key)
         if found is not None and found[1] is record:

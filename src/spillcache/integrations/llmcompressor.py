@@ -35,6 +35,7 @@ from typing import Any
 
 from .._internal.core import CacheCore
 from .._internal.resumable_pipeline import PIPELINE_MODULE, run_with_checkpoints
+from .._internal.run_watch import RunWatch, hook_pipeline, total_ram, watch_options
 from .._internal.stats import TIER_COUNTERS, TIERS
 from ..cache import IntermediatesCache as SpillcacheIntermediatesCache
 from ..config import CacheConfig
@@ -58,6 +59,8 @@ def enable(
     config: CacheConfig | str | os.PathLike[str] | None = None,
     *,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+    metrics_path: str | os.PathLike[str] | None = None,
     **fields: Any,
 ) -> CacheSwitch:
     """Make llm-compressor build spillcache caches until :func:`disable` is called.
@@ -69,6 +72,13 @@ def enable(
         subgraph, and where a rerun of the same calibration resumes from
         (``resumable_pipeline.py``). None: ``SPILLCACHE_CHECKPOINT_DIR`` if set, else no
         checkpoints.
+    :param progress: print a line per subgraph of the sequential pipeline on stderr
+        (where the caches spill at the start, a summary at the end; docs/watching.md).
+        None: ``SPILLCACHE_PROGRESS`` (``0``, ``false``, ``no`` or ``off`` turn it off),
+        else on.
+    :param metrics_path: a file to append one JSON line to per subgraph and one at the
+        end (``spillcache report`` reads it). None: ``SPILLCACHE_METRICS_PATH`` if set,
+        else no file.
     :param fields: config fields to override, e.g. ``host_bytes="16GiB"``.
     :returns: a :class:`CacheSwitch`; use it as a context manager to switch back on exit.
     :raises IntegrationError: llm-compressor is not installed, its cache module has no
@@ -78,6 +88,7 @@ def enable(
     """
     global _active
     resolved = _resolve_config(config, fields)
+    watch_setting = watch_options(progress, metrics_path)
     if checkpoint_dir is None:
         checkpoint_dir = os.environ.get(CHECKPOINT_DIR_VARIABLE) or None
     if importlib.util.find_spec(PACKAGE) is None:
@@ -95,6 +106,7 @@ def enable(
                 "the `with enable(...)` block) before enabling it again with another config"
             )
         switch = CacheSwitch(resolved)
+        switch.watch = RunWatch(switch, **watch_setting) if any(watch_setting.values()) else None
         cache_module = sys.modules.get(CACHE_MODULE)
         if checkpoint_dir is not None:
             switch.checkpoint_dir = Path(checkpoint_dir)
@@ -139,6 +151,8 @@ class CacheSwitch:
         self.config = config
         self.checkpoint_dir: Path | None = None
         self._stock_pipeline: Callable[..., Any] | None = None  # while checkpointing
+        self.watch: RunWatch | None = None  # progress lines and metrics (run_watch.py)
+        self._unhook: Callable[[], None] | None = None  # guarded by the module's _lock
         self.cache_class = _bind(config, self)
         self._lock = threading.Lock()
         self._caches_built = 0  # this, _open and _closed_totals are guarded by _lock
@@ -184,6 +198,54 @@ class CacheSwitch:
             # Weak: a closed cache's core (and its tensors) must not wait for stats().
             self._open[token] = weakref.ref(core)
         return token
+
+    def figures(self, *, reset_peak: bool = False) -> dict[str, Any]:
+        """What a run's progress line reports: the caches' disk traffic and stall so
+        far, what they hold now, and the most their values took since the last
+        ``reset_peak`` (run_watch.py)."""
+        totals = self.stats()
+        with self._lock:
+            open_cores = [core for ref in self._open.values() if (core := ref()) is not None]
+        held = dict.fromkeys(("host_bytes", "device_bytes", "disk_bytes", "values_bytes"), 0)
+        held |= {"values_peak_bytes": 0, "host_tier_budget_bytes": 0, "host_peak_bytes": 0}
+        for core in open_cores:
+            figures = core.stats()
+            for tier in TIERS:
+                held[f"{tier}_bytes"] += figures[tier]["bytes"]
+            values, peak = core.values_held(reset_peak=reset_peak)
+            held["values_bytes"] += values
+            # Caches' peaks need not coincide: their sum bounds the run's from above.
+            held["values_peak_bytes"] += peak
+            pool = figures["pool"]["host"]  # a pool's figures: the same for its caches
+            held["host_tier_budget_bytes"] = max(held["host_tier_budget_bytes"], pool["budget"])
+            held["host_peak_bytes"] = max(held["host_peak_bytes"], pool["peak_bytes"])
+        return {
+            "disk_written_bytes": totals["disk"]["bytes_written"],
+            "disk_read_bytes": totals["disk"]["bytes_read"],
+            "stall_seconds": totals["stall_seconds"],
+            **held,
+        }
+
+    def _watch_run(self, core: CacheCore) -> None:
+        """A cache was built: the pipeline's passes are watched from now on, and a run
+        starts if none is running."""
+        if self.watch is None:
+            return
+        with _lock:
+            module = sys.modules.get(PIPELINE_MODULE)
+            if self._unhook is None and module is not None and _active is self:
+                self._unhook = hook_pipeline(module, self.watch)
+        budgets = core.pool.budgets
+        self.watch.begin(
+            {
+                "host_budget_bytes": budgets.host_bytes,
+                "host_tier_bytes": budgets.host_tier_bytes,
+                "write_behind_bytes": core.config.write_behind_bytes,
+                "read_buffer_bytes": core.config.read_buffer_bytes,
+                "disk_paths": [str(path) for path in core.pool.disk_dirs],
+                "ram_bytes": total_ram(),
+            }
+        )
 
     def _closed(self, token: int, core: CacheCore) -> None:
         core.close()  # idempotent: the figures are final only once it is closed
@@ -234,6 +296,7 @@ def _bind(config: CacheConfig | None, switch: CacheSwitch) -> type[SpillcacheInt
         def _start(self, core: CacheCore) -> None:
             super()._start(core)
             token = switch._track(core)
+            switch._watch_run(core)
             # llm-compressor never calls close(): then the garbage collector reports.
             self._report_close = weakref.finalize(self, switch._closed, token, core)
 
@@ -332,6 +395,9 @@ def _switch_back() -> None:
         pipeline = vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"]
         pipeline.__call__ = _active._stock_pipeline
         _active._stock_pipeline = None
+    if _active is not None and _active._unhook is not None:
+        _active._unhook()
+        _active._unhook = None
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
     cache_module = sys.modules.get(CACHE_MODULE)

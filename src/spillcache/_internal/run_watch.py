@@ -1,0 +1,348 @@
+"""A calibration run watched subgraph by subgraph: a line each on stderr, and a JSON line
+each in a metrics file (docs/watching.md gives the lines and the file's schema).
+
+llm-compressor's sequential pipeline (and resumable_pipeline.py, its copy) shows each
+pass over the batches as a tqdm bar described ``(i/N): Calibrating`` or ``(i/N):
+Propagating``, and ends with ``LifecycleCallbacks.calibration_end()``. While spillcache
+is enabled, ``hook_pipeline`` wraps those two names of the pipeline module (the switch
+does it when its first cache is built, and puts them back when it is disabled): a pass
+of a new subgraph closes the one before it, ``calibration_end`` the last one and the
+run. Closing a subgraph reads the switch's figures (every cache built through it) and
+this process's memory, and reports what changed since the last line.
+
+A ``RunWatch`` is used by the thread running the pipeline only: it has no lock. A
+metrics file that cannot be written is warned about once and no longer written: a
+calibration of hours is not stopped for its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+from ..errors import ConfigError
+from .text import format_bytes
+
+__all__ = [
+    "METRICS_PATH_VARIABLE",
+    "METRICS_VERSION",
+    "PROGRESS_VARIABLE",
+    "RunWatch",
+    "hook_pipeline",
+    "process_memory",
+    "total_ram",
+    "watch_options",
+]
+
+METRICS_VERSION = 1
+PROGRESS_VARIABLE = "SPILLCACHE_PROGRESS"
+METRICS_PATH_VARIABLE = "SPILLCACHE_METRICS_PATH"
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+_SUBGRAPH = re.compile(r"\((\d+)/(\d+)\)")
+
+
+def watch_options(
+    progress: bool | None, metrics_path: str | os.PathLike[str] | None
+) -> dict[str, Any]:
+    """``enable``'s ``progress`` and ``metrics_path``, else their variables, checked:
+    ConfigError naming the option or variable, and the fix, for a bad one."""
+    if progress is None:
+        text = os.environ.get(PROGRESS_VARIABLE, "").strip().lower()
+        if text and text not in _OFF + _ON:
+            raise ConfigError(
+                f"{PROGRESS_VARIABLE}={os.environ[PROGRESS_VARIABLE]!r} is not a switch: "
+                f"set it to 0 (no progress lines) or 1"
+            )
+        progress = text not in _OFF
+    where = "metrics_path"
+    if metrics_path is None and os.environ.get(METRICS_PATH_VARIABLE):
+        metrics_path, where = os.environ[METRICS_PATH_VARIABLE], METRICS_PATH_VARIABLE
+    path = None if metrics_path is None else Path(metrics_path).expanduser().absolute()
+    if path is not None:
+        if path.is_dir():
+            raise ConfigError(
+                f"{where} {str(path)!r} is a directory: name a file in it, e.g. "
+                f"{str(path / 'metrics.jsonl')!r}"
+            )
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"{where} {str(path)!r}: the directory {str(path.parent)!r} does not exist; "
+                "create it first or name a file in an existing directory"
+            )
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(
+                f"{where} {str(path)!r} cannot be written by this process: name a file in "
+                "a directory it may write to"
+            )
+    return {"progress": bool(progress), "metrics_path": path}
+
+
+def total_ram() -> int:
+    """Bytes of RAM of this machine (MemTotal), for the metrics file; 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Figures(Protocol):
+    """What a run's caches did so far (the switch gives them)."""
+
+    def figures(self, *, reset_peak: bool = False) -> dict[str, Any]: ...
+
+
+def process_memory() -> tuple[int, int]:
+    """This process's resident bytes now and at most so far (VmRSS, VmHWM); zeros where
+    /proc is missing."""
+    found = {"VmRSS:": 0, "VmHWM:": 0}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                fields = line.split()
+                if fields and fields[0] in found:
+                    found[fields[0]] = int(fields[1]) * 1024
+    except OSError:
+        pass
+    return found["VmRSS:"], found["VmHWM:"]
+
+
+def _rank() -> tuple[int, int]:
+    from .ranks import rank_info  # reads the environment: only when a run starts
+
+    info = rank_info()
+    return (0, 1) if info is None else (info.rank, info.world_size)
+
+
+class RunWatch:
+    """One switch's runs: ``begin`` when its first cache is built, ``pass_started`` for
+    each pass's bar, ``finish`` at ``calibration_end``."""
+
+    def __init__(
+        self,
+        source: Figures,
+        *,
+        progress: bool,
+        metrics_path: Path | None,
+        write: Callable[[str], None] | None = None,
+    ) -> None:
+        self._source = source
+        self._progress = progress
+        self._metrics_path = metrics_path
+        self._write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._running = False
+        self._fd: int | None = None
+        self._spent = 0.0  # seconds this watch took from the run (reported at the end)
+
+    # ----------------------------------------------------------- the run's events
+
+    def begin(self, setting: dict[str, Any]) -> None:
+        """A cache was built (``setting``: its budgets and disk paths); starts a run if
+        none is running."""
+        if self._running:
+            return
+        started = time.perf_counter()
+        self._running = True
+        self._rank, self._world = _rank()
+        self._prefix = "spillcache: " if self._world == 1 else f"spillcache [rank {self._rank}]: "
+        self._start = self._last = time.perf_counter()
+        self._base = self._previous = self._source.figures(reset_peak=True)
+        self._subgraph: tuple[int, int] | None = None
+        self._done = 0
+        self._values_peak = 0  # the run's: the most of any subgraph's
+        self._rss_start = process_memory()[0]
+        self._open_metrics()
+        self._record({"event": "start", **setting, "pid": os.getpid()})
+        where = ", ".join(setting["disk_paths"]) or "no disk (disk_path is None)"
+        self._say(
+            f"host RAM budget {format_bytes(setting['host_budget_bytes'])} "
+            f"(its host tier {format_bytes(setting['host_tier_bytes'])}), spilling to {where}"
+            + (f"; metrics to {self._metrics_path}" if self._fd is not None else "")
+        )
+        self._spent += time.perf_counter() - started
+
+    def pass_started(self, desc: object) -> None:
+        """A pass over the batches begins (its bar's description)."""
+        found = _SUBGRAPH.search(desc) if isinstance(desc, str) else None
+        if not self._running or found is None:
+            return
+        started = time.perf_counter()
+        subgraph = (int(found.group(1)), int(found.group(2)))
+        if self._subgraph is not None and subgraph != self._subgraph:
+            self._close_subgraph()
+        self._subgraph = subgraph
+        self._spent += time.perf_counter() - started
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The calibration ended: the last subgraph's line, then the run's."""
+        if not self._running:
+            return
+        started = time.perf_counter()
+        if self._subgraph is not None:
+            self._close_subgraph()
+        now = self._source.figures()
+        rss, rss_peak = process_memory()
+        seconds = time.perf_counter() - self._start
+        self._spent += time.perf_counter() - started
+        totals = {
+            "subgraphs_done": self._done,
+            "seconds": seconds,
+            **_traffic(self._base, now),
+            "values_peak_bytes": self._values_peak,
+            "host_peak_bytes": now["host_peak_bytes"],
+            "host_tier_budget_bytes": now["host_tier_budget_bytes"],
+            "rss_bytes": rss,
+            "rss_peak_bytes": rss_peak,
+            "watch_seconds": self._spent,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+        }
+        self._record({"event": "end", **totals})
+        self._say(
+            f"done: {self._done} subgraph{'s' if self._done != 1 else ''} in {seconds:.1f} s; "
+            f"wrote {format_bytes(totals['written_bytes'])}, read "
+            f"{format_bytes(totals['read_bytes'])}, stalled {totals['stall_seconds']:.2f} s; "
+            f"host tier peak {format_bytes(now['host_peak_bytes'])} of "
+            f"{format_bytes(now['host_tier_budget_bytes'])}, RSS peak {format_bytes(rss_peak)}"
+            + (f"; see `spillcache report {self._metrics_path}`" if self._fd is not None else "")
+        )
+        self._close_metrics()
+        self._running = False
+
+    # ----------------------------------------------------------------- figures
+
+    def _close_subgraph(self) -> None:
+        assert self._subgraph is not None
+        now = self._source.figures(reset_peak=True)
+        clock = time.perf_counter()
+        seconds = clock - self._last
+        self._values_peak = max(self._values_peak, now["values_peak_bytes"])
+        rss, rss_peak = process_memory()
+        index, count = self._subgraph
+        figures = {
+            "subgraph": index,
+            "subgraphs": count,
+            "seconds": seconds,
+            "elapsed_seconds": clock - self._start,
+            **_traffic(self._previous, now),
+            **{key: now[key] for key in _HELD},
+            "values_peak_bytes": now["values_peak_bytes"],
+            "rss_bytes": rss,
+            "rss_peak_bytes": rss_peak,
+        }
+        self._record({"event": "subgraph", **figures})
+        self._say(_subgraph_line(figures))
+        self._previous, self._last = now, clock
+        self._done += 1
+
+    # ---------------------------------------------------------------- output
+
+    def _say(self, text: str) -> None:
+        if self._progress:
+            self._write(self._prefix + text)
+
+    def _open_metrics(self) -> None:
+        if self._metrics_path is None:
+            return
+        try:
+            self._fd = os.open(
+                self._metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+        except OSError as error:
+            self._metrics_failed(error)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self._fd is None:
+            return
+        record = {"version": METRICS_VERSION, "time": time.time(), "rank": self._rank,
+                  "world": self._world, **record}  # fmt: skip
+        # One write of one line: lines of several ranks appending to one file stay whole.
+        try:
+            os.write(self._fd, (json.dumps(record) + "\n").encode())
+        except OSError as error:
+            self._metrics_failed(error)
+
+    def _metrics_failed(self, error: OSError) -> None:
+        warnings.warn(
+            f"spillcache could not write the metrics file {self._metrics_path} "
+            f"({error.strerror or error}); the run goes on without it",
+            stacklevel=4,
+        )
+        self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# Figures of the caches held now (not changes): reported as they are at a line.
+_HELD = ("host_bytes", "host_tier_budget_bytes", "device_bytes", "disk_bytes", "values_bytes")
+
+
+def _traffic(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "written_bytes": after["disk_written_bytes"] - before["disk_written_bytes"],
+        "read_bytes": after["disk_read_bytes"] - before["disk_read_bytes"],
+        "stall_seconds": after["stall_seconds"] - before["stall_seconds"],
+    }
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
+
+
+def _subgraph_line(f: dict[str, Any]) -> str:
+    seconds = f["seconds"]
+    device = f", device {format_bytes(f['device_bytes'])}" if f["device_bytes"] else ""
+    return (
+        f"subgraph {f['subgraph']}/{f['subgraphs']} ({seconds:.1f} s): "
+        f"host {format_bytes(f['host_bytes'])}/{format_bytes(f['host_tier_budget_bytes'])}"
+        f"{device}, disk {format_bytes(f['disk_bytes'])}, "
+        f"wrote {format_bytes(f['written_bytes'])} ({_rate(f['written_bytes'], seconds)}), "
+        f"read {format_bytes(f['read_bytes'])} ({_rate(f['read_bytes'], seconds)}), "
+        f"stalled {f['stall_seconds']:.2f} s, RSS {format_bytes(f['rss_bytes'])}"
+    )
+
+
+def hook_pipeline(module: ModuleType, watch: RunWatch) -> Callable[[], None]:
+    """Wrap the pipeline module's ``tqdm`` and ``LifecycleCallbacks`` so that ``watch``
+    hears of every pass and of the calibration's end; returns what puts them back."""
+    stock_tqdm = vars(module)["tqdm"]
+    stock_callbacks = vars(module)["LifecycleCallbacks"]
+
+    def tqdm(*args: Any, **kwargs: Any) -> Any:
+        watch.pass_started(kwargs.get("desc"))
+        return stock_tqdm(*args, **kwargs)
+
+    class LifecycleCallbacks(stock_callbacks):  # type: ignore[misc, valid-type]
+        @classmethod
+        def calibration_end(cls, **kwargs: Any) -> Any:
+            watch.finish()  # the caches' work is done; what follows is compression
+            return super().calibration_end(**kwargs)
+
+    LifecycleCallbacks.__qualname__ = stock_callbacks.__qualname__
+    vars(module)["tqdm"] = tqdm
+    vars(module)["LifecycleCallbacks"] = LifecycleCallbacks
+
+    def unhook() -> None:
+        if vars(module).get("tqdm") is tqdm:
+            vars(module)["tqdm"] = stock_tqdm
+        if vars(module).get("LifecycleCallbacks") is LifecycleCallbacks:
+            vars(module)["LifecycleCallbacks"] = stock_callbacks
+
+    return unhook
