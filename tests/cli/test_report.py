@@ -20,7 +20,7 @@ KIB = 2**10
 
 def subgraph(index: int, *, read: int, values: int, tier: int = 12 * MIB, stall=0.5) -> dict:
     return {
-        "version": 1, "time": 0.0, "rank": 0, "world": 1, "event": "subgraph",
+        "version": 1, "time": 0.0, "rank": 0, "world": 1, "pid": 1, "event": "subgraph",
         "subgraph": index, "subgraphs": 3, "seconds": 2.0, "elapsed_seconds": 2.0 * index,
         "written_bytes": 8 * MIB, "read_bytes": read, "stall_seconds": stall,
         "host_bytes": tier, "host_tier_budget_bytes": tier, "device_bytes": 0,
@@ -35,7 +35,8 @@ START = {
     "read_buffer_bytes": "auto", "disk_paths": ["/nvme"], "ram_bytes": 24 * 2**30, "pid": 1,
 }  # fmt: skip
 END = {
-    "version": 1, "time": 0.0, "rank": 0, "world": 1, "event": "end", "subgraphs_done": 3,
+    "version": 1, "time": 0.0, "rank": 0, "world": 1, "pid": 1, "event": "end",
+    "subgraphs_done": 3,
     "seconds": 6.0, "written_bytes": 24 * MIB, "read_bytes": 2 * 52 * MIB, "stall_seconds": 1.5,
     "values_peak_bytes": 64 * MIB, "host_peak_bytes": 12 * MIB,
     "host_tier_budget_bytes": 12 * MIB, "rss_bytes": 900 * MIB, "rss_peak_bytes": 950 * MIB,
@@ -92,7 +93,18 @@ def test_a_run_that_read_nothing_needs_no_more_budget(tmp_path, capsys):
 def test_a_budget_beyond_the_nodes_ram_says_so(tmp_path, capsys):
     small_node = START | {"ram_bytes": 32 * MIB}
     assert main(["report", metrics_file(tmp_path, [small_node, *a_run()[1:]])]) == 0
-    assert "is more than this node's RAM (32.0 MiB)" in capsys.readouterr().out
+    assert "is more than this machine's RAM (32.0 MiB)" in capsys.readouterr().out
+
+
+def test_a_torn_line_is_skipped_and_said(tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    records = a_run()
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    path.write_text(text.replace(json.dumps(records[1]), json.dumps(records[1])[:40]))
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 line(s) of the file skipped: line 2: not a spillcache metrics record" in out
+    assert "3/3" in out and "1/3" not in out
 
 
 def test_a_run_that_did_not_end_is_reported_as_such(tmp_path, capsys):
@@ -117,7 +129,7 @@ def test_the_last_run_of_the_rank_asked_for(tmp_path, capsys):
     [
         ("", "holds no run: no 'start' record"),
         ("{not json\n", "line 1: not a spillcache metrics record"),
-        (json.dumps(END) + "\n", "line 1: a 'end' record before any 'start'"),
+        (json.dumps(END) + "\n", "line 1: a 'end' record before its run's 'start'"),
     ],
     ids=["empty", "not JSON", "no start"],
 )
@@ -149,3 +161,12 @@ def test_without_matplotlib_the_plot_says_what_to_install(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "--plot needs matplotlib" in err and "pip install 'spillcache[report]'" in err
     assert not (tmp_path / "run.png").exists()
+
+
+def test_a_host_tier_that_shrank_and_another_policy_are_said(tmp_path, capsys):
+    shrunk = [subgraph(i, read=r, values=64 * MIB, tier=8 * MIB) for i, r in ((2, MIB), (3, MIB))]
+    start = START | {"eviction": "lru"}
+    assert main(["report", metrics_file(tmp_path, [start, *shrunk, END])]) == 0
+    out = capsys.readouterr().out
+    assert "the host tier ran at 8.0 MiB of the 12.0 MiB configured" in out
+    assert 'these figures assume eviction = "scan"; with "lru"' in out

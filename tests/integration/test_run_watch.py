@@ -32,8 +32,11 @@ def watched_run(tmp_path, name: str, host_bytes: int, **enable) -> tuple[list[di
     return records, switch.stats()
 
 
-def test_a_oneshot_prints_a_line_per_subgraph_and_writes_the_metrics_file(tmp_path, capfd):
-    records, totals = watched_run(tmp_path, "small", hidden_state_bytes() // 8)
+def test_a_oneshot_prints_lines_writes_metrics_and_its_report_suggests_budgets_that_work(
+    tmp_path, capfd
+):
+    """The suggested budgets are checked by running again with them."""
+    records, totals = watched_run(tmp_path, "first", hidden_state_bytes() // 8)
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if "spillcache: " in line]
     # The tiny Llama's 2 layers make 3 subgraphs (the last one: norm and head).
@@ -51,25 +54,24 @@ def test_a_oneshot_prints_a_line_per_subgraph_and_writes_the_metrics_file(tmp_pa
     assert end["stall_seconds"] == pytest.approx(totals["stall_seconds"])
     assert end["values_peak_bytes"] >= hidden_state_bytes()
     assert 0 < end["watch_seconds"] < end["seconds"] / 10
+    assert main(["report", str(tmp_path / "first.jsonl"), "--json"]) == 0
+    found = json.loads(capfd.readouterr().out)["suggestion"]
+    read = end["read_bytes"]
+    assert found["read_bytes"] == read > 0
+
+    no_reads, _ = watched_run(tmp_path, "no-reads", found["no_reads_host_bytes"])
+    assert no_reads[-1]["read_bytes"] == 0
+    # ... and it is not far more than needed: a fifth less reads again.
+    less, _ = watched_run(tmp_path, "less", found["no_reads_host_bytes"] * 4 // 5)
+    assert less[-1]["read_bytes"] > 0
+    half, _ = watched_run(tmp_path, "half", found["half_reads_host_bytes"])
+    # Not exactly half: in this run too the host tier is lowered while reads land outside
+    # host_bytes' region, which the model does not foresee (0.56-0.57x measured; the
+    # report says when a run's tier shrank; docs/watching.md).
+    assert 0.35 * read <= half[-1]["read_bytes"] <= 0.65 * read
 
 
 def test_progress_off_prints_no_line(tmp_path, capfd):
     records, _ = watched_run(tmp_path, "quiet", hidden_state_bytes() // 8, progress=False)
     assert "spillcache: " not in capfd.readouterr().err
     assert records[-1]["event"] == "end"
-
-
-def test_the_suggested_budgets_do_what_the_report_says(tmp_path, capsys):
-    first, _ = watched_run(tmp_path, "first", hidden_state_bytes() // 8)
-    assert main(["report", str(tmp_path / "first.jsonl"), "--json"]) == 0
-    found = json.loads(capsys.readouterr().out)["suggestion"]
-    read = first[-1]["read_bytes"]
-    assert found["read_bytes"] == read > 0
-
-    no_reads, _ = watched_run(tmp_path, "no-reads", found["no_reads_host_bytes"])
-    assert no_reads[-1]["read_bytes"] == 0
-    half, _ = watched_run(tmp_path, "half", found["half_reads_host_bytes"])
-    # The model counts bytes; the tier holds whole values, and this model's values are
-    # large against its tier: "halved" comes out somewhat above half (docs/watching.md).
-    assert half[-1]["read_bytes"] <= 0.6 * read
-    assert found["half_reads_host_bytes"] < found["no_reads_host_bytes"]

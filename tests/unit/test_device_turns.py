@@ -115,15 +115,33 @@ def test_small_and_buffered_reads_take_no_turn(tmp_path, watched_turn, nbytes, d
     assert torch.equal(out, data)
 
 
-def test_devices_have_turns_of_their_own():
+def test_devices_have_turns_of_their_own(tmp_path):
     other_has_turn = threading.Event()
 
     def read_on_other_device() -> None:
-        with device_turns.turn(-2, TURN):
+        with device_turns.turn(-2, TURN, tmp_path):
             other_has_turn.set()
 
-    with device_turns.turn(-1, TURN):
+    with device_turns.turn(-1, TURN, tmp_path):
         thread = threading.Thread(target=read_on_other_device)
         thread.start()
         assert other_has_turn.wait(timeout=60)
     thread.join()
+
+
+def test_reads_from_a_network_file_system_take_no_turn(tmp_path, monkeypatch):
+    """Its servers serve several requests at once: reads there stay in parallel."""
+    monkeypatch.setattr(device_turns, "filesystem_type", lambda path: "nfs4")
+    monkeypatch.delitem(device_turns._turns, -3, raising=False)
+    other_read = threading.Event()
+
+    def read_beside() -> None:
+        with device_turns.turn(-3, TURN, tmp_path):
+            other_read.set()
+
+    with device_turns.turn(-3, TURN, tmp_path):
+        thread = threading.Thread(target=read_beside)
+        thread.start()
+        assert other_read.wait(timeout=60)  # not waiting for the turn held here
+    thread.join()
+    assert device_turns._turns.pop(-3) is None

@@ -221,3 +221,70 @@ def test_the_hooks_report_passes_and_the_end_and_go_back(tmp_path):
     assert [line.split(":")[1].split()[0] for line in lines] == ["host", "subgraph", "done"]
     unhook()
     assert module.tqdm is stock_tqdm and module.LifecycleCallbacks is Callbacks
+
+
+def test_a_calibration_that_failed_then_a_retry_are_two_runs(tmp_path):
+    """No calibration_end came (an exception); the same switch's next calibration
+    begins again at subgraph 1: the first run ends, saying why, and a new one starts."""
+    path = tmp_path / "run.jsonl"
+    watch, source, lines = watched(tmp_path, metrics_path=path)
+    watch.begin(SETTING)
+    watch.pass_started("(1/3): Calibrating")
+    watch.pass_started("(2/3): Calibrating")
+    source.move(disk_written_bytes=100)
+    watch.pass_started("(1/3): Calibrating")  # the retry
+    source.move(disk_written_bytes=7)
+    watch.pass_started("(2/3): Calibrating")
+    found = records(path)
+    events = [r["event"] for r in found]
+    assert events == ["start", "subgraph", "subgraph", "end", "start", "subgraph"]
+    assert found[3]["error"] == "a new calibration began before this one ended"
+    assert found[2]["written_bytes"] == 100 and found[5]["written_bytes"] == 7
+    assert any("ended early (a new calibration began" in line for line in lines)
+
+
+def test_a_run_ended_by_an_exception_says_so(tmp_path):
+    path = tmp_path / "run.jsonl"
+    watch, _, lines = watched(tmp_path, metrics_path=path)
+    watch.begin(SETTING)
+    watch.pass_started("(1/2): Calibrating")
+    watch.finish(MemoryError("out of memory"))
+    assert records(path)[-1]["error"] == "MemoryError: out of memory"
+    assert lines[-1].startswith("spillcache: ended early (MemoryError: out of memory): 1 subgraph")
+
+
+def test_a_watch_that_fails_warns_once_and_never_stops_the_run(tmp_path):
+    watch, source, lines = watched(tmp_path, metrics_path=tmp_path / "run.jsonl")
+    watch.safely(watch.begin, SETTING)
+
+    def broken(*, reset_peak=False):
+        raise KeyError("host")
+
+    source.figures = broken
+    with pytest.warns(UserWarning, match="stopped its progress lines and metrics file"):
+        watch.safely(watch.pass_started, "(1/2): Calibrating")
+        watch.safely(watch.pass_started, "(2/2): Calibrating")  # raises: warned, stopped
+    watch.safely(watch.finish)  # stopped: nothing more, and no second warning
+    assert len(lines) == 1
+
+
+def test_only_rank_0_prints_but_every_rank_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tmp_path / "run.jsonl"
+    watch, _, lines = watched(tmp_path, metrics_path=path)
+    watch.begin(SETTING)
+    watch.pass_started("(1/1): Calibrating")
+    watch.finish()
+    assert lines == []
+    found = records(path)
+    assert {(r["rank"], r["world"], r["pid"]) for r in found} == {(1, 2, os.getpid())}
+
+
+def test_a_pipeline_module_without_the_names_is_not_hooked(tmp_path):
+    module = types.ModuleType("pipeline")
+    watch, _, _ = watched(tmp_path)
+    with pytest.warns(UserWarning, match="has no tqdm or LifecycleCallbacks to watch"):
+        unhook = hook_pipeline(module, watch)
+    unhook()
+    assert not hasattr(module, "tqdm")

@@ -3,7 +3,8 @@ says and, where it carries one, its CRC-32C (chunkio.py writes it).
 
 Reads fill a 1-D uint8 CPU tensor (with O_DIRECT: a page-aligned one from the read
 buffers) or map the file (``map_file``). Like chunkio, this module starts no threads
-and takes no lock: every I/O thread of the cache calls it at once.
+and keeps no state: every I/O thread of the cache calls it at once, and the only lock a
+read takes is its device's turn.
 
 A large direct read waits for its device's turn (device_turns.py) and is one
 ``preadv`` of the whole chunk; its CRC is computed after the turn is handed on, while
@@ -61,7 +62,7 @@ def _read_direct(fd: int, out: torch.Tensor, path: Path, trailer: int, device: i
     # else. One preadv fills both, and the kernel stops it at EOF.
     tail = aligned_empty(round_up(total - whole)) if whole < total else None
     position = 0
-    with device_turns.turn(device, nbytes):
+    with device_turns.turn(device, nbytes, path):
         while position < total:
             buffers = [view[position:whole]] if position < whole else []
             if tail is not None:

@@ -125,6 +125,7 @@ class Placement(KeptCopies, Promotion):
                 self.write_behind.forget(record)
             self._discard(record)
         self._doomed = [item for item in self._doomed if item[0] is not tenant]
+        self.records.forget_tenant(tenant)
         self.tenants.remove(tenant)
 
     def records_of(self, tenant: Tenant) -> list[TensorRecord]:

@@ -156,6 +156,10 @@ class RecordRegistry:
             held[1] = held[0]
         return found
 
+    def forget_tenant(self, tenant: Tenant) -> None:
+        """A closed cache's byte counts go (its records went before)."""
+        self._held.pop(tenant.number, None)
+
     def forget(self, record: TensorRecord) -> None:
         if self._records.pop(record.rid, None) is not None and record.tenant is not None:
             self._held[record.tenant.number][0] -= record.nbytes

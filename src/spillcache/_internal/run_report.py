@@ -34,6 +34,7 @@ class Run:
     start: dict[str, Any]
     subgraphs: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] | None = None
+    skipped: list[str] = field(default_factory=list)  # the file's lines that were no records
 
     @property
     def rank(self) -> int:
@@ -50,29 +51,31 @@ def read_runs(path: Path) -> list[Run]:
     except OSError as error:
         raise MetricsError(f"cannot read {path}: {error.strerror or error}") from None
     runs: list[Run] = []
-    current: dict[int, Run] = {}  # rank -> its run being read
+    current: dict[tuple[int, Any], Run] = {}  # (rank, pid) -> its run being read
+    skipped: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            event, rank = record["event"], int(record.get("rank", 0))
+            event, key = record["event"], (int(record.get("rank", 0)), record.get("pid"))
         except (ValueError, KeyError, TypeError) as error:
-            raise MetricsError(
-                f"{path}, line {number}: not a spillcache metrics record ({error}); "
-                "is it the file metrics_path named?"
-            ) from None
+            skipped.append(f"line {number}: not a spillcache metrics record ({error})")
+            continue
         if event == "start":
-            current[rank] = Run(record)
-            runs.append(current[rank])
-        elif rank not in current:
-            raise MetricsError(f"{path}, line {number}: a {event!r} record before any 'start'")
+            current[key] = Run(record)
+            runs.append(current[key])
+        elif key not in current:
+            skipped.append(f"line {number}: a {event!r} record before its run's 'start'")
         elif event == "subgraph":
-            current[rank].subgraphs.append(record)
+            current[key].subgraphs.append(record)
         elif event == "end":
-            current[rank].end = record
+            current[key].end = record
     if not runs:
-        raise MetricsError(f"{path} holds no run: no 'start' record")
+        why = f" ({skipped[0]}; is it the file metrics_path named?)" if skipped else ""
+        raise MetricsError(f"{path} holds no run: no 'start' record{why}")
+    for run in runs:
+        run.skipped = skipped  # a torn line (ranks appending over NFS): said, not fatal
     return runs
 
 
@@ -102,6 +105,8 @@ def table(run: Run) -> str:
             ]
         )
     lines = [aligned(rows)]
+    if run.skipped:
+        lines.append(f"{len(run.skipped)} line(s) of the file skipped: {run.skipped[0]}")
     end = run.end
     if end is None:
         lines.append("the run did not reach the end of its calibration (killed, or an error)")
@@ -140,6 +145,12 @@ def suggest(run: Run) -> dict[str, Any]:
         "stall_seconds": stalled,
         "stall_share": stalled / seconds if seconds > 0 else 0.0,
         "ram_bytes": start.get("ram_bytes", 0),
+        "world": start.get("world", 1),
+        "host_tier_configured_bytes": start.get("host_tier_bytes", tier_now),
+        "host_tier_lowest_bytes": min(
+            [r["host_tier_budget_bytes"] for r in run.subgraphs], default=tier_now
+        ),
+        "eviction": start.get("eviction", "scan"),
         "no_reads_host_bytes": None,
         "half_reads_host_bytes": None,
     }
@@ -178,7 +189,7 @@ def advice(found: dict[str, Any]) -> str:
         return found["note"]
     if found["no_reads_host_bytes"] is None:
         return "nothing was read back from disk: the host budget held every value it needed"
-    ram = found["ram_bytes"]
+    ram, world = found["ram_bytes"], found["world"]
     lines = [
         f"the caches read {format_bytes(found['read_bytes'])} back from disk and the pipeline "
         f"waited {found['stall_seconds']:.2f} s for it ({found['stall_share']:.0%} of the "
@@ -189,10 +200,23 @@ def advice(found: dict[str, Any]) -> str:
         "(and so waited for no read)",
         f'- host_bytes = "{_size(found["half_reads_host_bytes"])}" would have halved the reads',
     ]
-    if ram and found["no_reads_host_bytes"] > ram:
+    if ram and found["no_reads_host_bytes"] * world > ram:
+        node = f" for each of {world} ranks" if world > 1 else ""
         lines.append(
-            f"- the first is more than this node's RAM ({format_bytes(ram)}): with what RAM "
-            "allows, a second drive in disk_path (a list) adds its bandwidth to the reads"
+            f"- the first{node} is more than this machine's RAM ({format_bytes(ram)}): with "
+            "what RAM allows, a second drive in disk_path (a list) adds its bandwidth"
+        )
+    if found["host_tier_lowest_bytes"] < found["host_tier_configured_bytes"]:
+        lines.append(
+            f"- the host tier ran at {format_bytes(found['host_tier_lowest_bytes'])} of the "
+            f"{format_bytes(found['host_tier_configured_bytes'])} configured: values read "
+            "back landed outside host_bytes' region and took its room; a budget above "
+            "shrinks alike unless read_buffer_bytes gives the reads more room"
+        )
+    if found["eviction"] != "scan":
+        lines.append(
+            f'- these figures assume eviction = "scan"; with "{found["eviction"]}" a '
+            "tier smaller than the values saves almost no reads"
         )
     lines.append("(one rank's host_bytes; under torchrun with budget_scope = \"node\" give "
                  "the node's: the ranks' sum)")  # fmt: skip

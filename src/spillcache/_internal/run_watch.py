@@ -143,20 +143,43 @@ class RunWatch:
         self._metrics_path = metrics_path
         self._write = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self._running = False
+        self._speaks = False
+        self._broken = False  # something failed: the watch stopped, the run goes on
         self._fd: int | None = None
         self._spent = 0.0  # seconds this watch took from the run (reported at the end)
+
+    def safely(self, event: Callable[..., None], *args: Any) -> None:
+        """Run one of the events below; whatever it raises (a figure that cannot be
+        read, a closed stderr) stops the watch with one warning, never the run."""
+        if self._broken:
+            return
+        try:
+            event(*args)
+        except Exception as error:  # the calibration matters more than its progress lines
+            self._broken = True
+            self._close_metrics()
+            warnings.warn(
+                f"spillcache stopped its progress lines and metrics file ({error!r}); "
+                "the run goes on",
+                stacklevel=3,
+            )
 
     # ----------------------------------------------------------- the run's events
 
     def begin(self, setting: dict[str, Any]) -> None:
         """A cache was built (``setting``: its budgets and disk paths); starts a run if
         none is running."""
+        self._setting = setting
         if self._running:
             return
         started = time.perf_counter()
         self._running = True
         self._rank, self._world = _rank()
-        self._prefix = "spillcache: " if self._world == 1 else f"spillcache [rank {self._rank}]: "
+        # Under torchrun rank 0 speaks for the job (every rank's figures go to the file).
+        self._speaks = self._progress and self._rank == 0
+        self._prefix = (
+            "spillcache: " if self._world == 1 else f"spillcache [rank 0 of {self._world}]: "
+        )
         self._start = self._last = time.perf_counter()
         self._base = self._previous = self._source.figures(reset_peak=True)
         self._subgraph: tuple[int, int] | None = None
@@ -164,7 +187,7 @@ class RunWatch:
         self._values_peak = 0  # the run's: the most of any subgraph's
         self._rss_start = process_memory()[0]
         self._open_metrics()
-        self._record({"event": "start", **setting, "pid": os.getpid()})
+        self._record({"event": "start", **setting})
         where = ", ".join(setting["disk_paths"]) or "no disk (disk_path is None)"
         self._say(
             f"host RAM budget {format_bytes(setting['host_budget_bytes'])} "
@@ -178,15 +201,21 @@ class RunWatch:
         found = _SUBGRAPH.search(desc) if isinstance(desc, str) else None
         if not self._running or found is None:
             return
-        started = time.perf_counter()
         subgraph = (int(found.group(1)), int(found.group(2)))
+        if self._subgraph is not None and subgraph < self._subgraph:
+            # An earlier subgraph again: a new calibration with the same switch, the last
+            # one having ended without calibration_end (an exception, then a retry).
+            self.finish(error="a new calibration began before this one ended")
+            self.begin(self._setting)
+        started = time.perf_counter()
         if self._subgraph is not None and subgraph != self._subgraph:
             self._close_subgraph()
         self._subgraph = subgraph
         self._spent += time.perf_counter() - started
 
-    def finish(self, error: BaseException | None = None) -> None:
-        """The calibration ended: the last subgraph's line, then the run's."""
+    def finish(self, error: BaseException | str | None = None) -> None:
+        """The calibration ended (``error``: why it ended early): the last subgraph's
+        line, then the run's."""
         if not self._running:
             return
         started = time.perf_counter()
@@ -206,11 +235,12 @@ class RunWatch:
             "rss_bytes": rss,
             "rss_peak_bytes": rss_peak,
             "watch_seconds": self._spent,
-            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "error": _error_text(error),
         }
         self._record({"event": "end", **totals})
+        ended = "done" if error is None else f"ended early ({_error_text(error)})"
         self._say(
-            f"done: {self._done} subgraph{'s' if self._done != 1 else ''} in {seconds:.1f} s; "
+            f"{ended}: {self._done} subgraph{'s' if self._done != 1 else ''} in {seconds:.1f} s; "
             f"wrote {format_bytes(totals['written_bytes'])}, read "
             f"{format_bytes(totals['read_bytes'])}, stalled {totals['stall_seconds']:.2f} s; "
             f"host tier peak {format_bytes(now['host_peak_bytes'])} of "
@@ -249,7 +279,7 @@ class RunWatch:
     # ---------------------------------------------------------------- output
 
     def _say(self, text: str) -> None:
-        if self._progress:
+        if self._speaks:
             self._write(self._prefix + text)
 
     def _open_metrics(self) -> None:
@@ -266,10 +296,12 @@ class RunWatch:
         if self._fd is None:
             return
         record = {"version": METRICS_VERSION, "time": time.time(), "rank": self._rank,
-                  "world": self._world, **record}  # fmt: skip
+                  "world": self._world, "pid": os.getpid(), **record}  # fmt: skip
         # One write of one line: lines of several ranks appending to one file stay whole.
+        line = (json.dumps(record) + "\n").encode()
         try:
-            os.write(self._fd, (json.dumps(record) + "\n").encode())
+            if os.write(self._fd, line) != len(line):
+                raise OSError(f"wrote part of a {len(line)}-byte line")
         except OSError as error:
             self._metrics_failed(error)
 
@@ -288,6 +320,12 @@ class RunWatch:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _error_text(error: BaseException | str | None) -> str | None:
+    if error is None or isinstance(error, str):
+        return error
+    return f"{type(error).__name__}: {error}"
 
 
 # Figures of the caches held now (not changes): reported as they are at a line.
@@ -321,18 +359,27 @@ def _subgraph_line(f: dict[str, Any]) -> str:
 
 def hook_pipeline(module: ModuleType, watch: RunWatch) -> Callable[[], None]:
     """Wrap the pipeline module's ``tqdm`` and ``LifecycleCallbacks`` so that ``watch``
-    hears of every pass and of the calibration's end; returns what puts them back."""
-    stock_tqdm = vars(module)["tqdm"]
-    stock_callbacks = vars(module)["LifecycleCallbacks"]
+    hears of every pass and of the calibration's end; returns what puts them back.
+    Where the module has no such names (another llm-compressor version) nothing is
+    wrapped: one warning, and the run has no progress lines."""
+    stock_tqdm = vars(module).get("tqdm")
+    stock_callbacks = vars(module).get("LifecycleCallbacks")
+    if not callable(stock_tqdm) or not isinstance(stock_callbacks, type):
+        warnings.warn(
+            f"{module.__name__} has no tqdm or LifecycleCallbacks to watch: spillcache "
+            "prints no progress lines and writes no metrics for its runs",
+            stacklevel=3,
+        )
+        return lambda: None
 
     def tqdm(*args: Any, **kwargs: Any) -> Any:
-        watch.pass_started(kwargs.get("desc"))
+        watch.safely(watch.pass_started, kwargs.get("desc"))
         return stock_tqdm(*args, **kwargs)
 
     class LifecycleCallbacks(stock_callbacks):  # type: ignore[misc, valid-type]
         @classmethod
         def calibration_end(cls, **kwargs: Any) -> Any:
-            watch.finish()  # the caches' work is done; what follows is compression
+            watch.safely(watch.finish)  # the caches' work is done; compression follows
             return super().calibration_end(**kwargs)
 
     LifecycleCallbacks.__qualname__ = stock_callbacks.__qualname__

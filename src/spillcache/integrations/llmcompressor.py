@@ -172,7 +172,9 @@ class CacheSwitch:
     def __enter__(self) -> CacheSwitch:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.watch is not None and exc_info[1] is not None:  # the run's end record says why
+            self.watch.safely(self.watch.finish, exc_info[1])
         self.disable()
 
     def stats(self) -> dict[str, Any]:
@@ -235,6 +237,9 @@ class CacheSwitch:
             module = sys.modules.get(PIPELINE_MODULE)
             if self._unhook is None and module is not None and _active is self:
                 self._unhook = hook_pipeline(module, self.watch)
+        self.watch.safely(self._begin_run, core)
+
+    def _begin_run(self, core: CacheCore) -> None:
         budgets = core.pool.budgets
         self.watch.begin(
             {
@@ -242,6 +247,7 @@ class CacheSwitch:
                 "host_tier_bytes": budgets.host_tier_bytes,
                 "write_behind_bytes": core.config.write_behind_bytes,
                 "read_buffer_bytes": core.config.read_buffer_bytes,
+                "eviction": core.config.eviction,
                 "disk_paths": [str(path) for path in core.pool.disk_dirs],
                 "ram_bytes": total_ram(),
             }
@@ -398,6 +404,8 @@ def _switch_back() -> None:
     if _active is not None and _active._unhook is not None:
         _active._unhook()
         _active._unhook = None
+    if _active is not None and _active.watch is not None:
+        _active.watch.safely(_active.watch.finish, "spillcache was disabled before it ended")
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
     cache_module = sys.modules.get(CACHE_MODULE)
