@@ -143,6 +143,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "cli": (CLI, COMMAND, "the spillcache command: parser; du, gc, inspect, show, verify"),
     "config_cli": (CLI, COMMAND, "spillcache config: settings and where each came from"),
     "plan_cli": (CLI, COMMAND, "spillcache plan: options, budgets per rank, report"),
+    "plan_text": (CLI, COMMAND, "spillcache plan's report and --write's TOML as text"),
     "report_cli": (CLI, COMMAND, "spillcache report: a metrics file's table and plot"),
     "run_report": (CLI, COMMAND, "a metrics file read back; the budget that spares reads"),
     "plan": (CLI, COMMAND, "a run's cache calls replayed at a reduced scale"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -30,9 +31,9 @@ from ._internal.dtypes import dtype_name
 from ._internal.plan_cli import add_plan_command
 from ._internal.report_cli import add_report_command
 from ._internal.resolved import disk_directories
-from ._internal.text import aligned, format_bytes
+from ._internal.text import aligned, format_bytes, os_error_text
 from .config import CacheConfig
-from .errors import SpillCacheError, StoreCorruptError
+from .errors import SpillCacheError, StoreCorruptError, StoreFormatError
 
 __all__ = ["main"]
 
@@ -147,7 +148,13 @@ def _inspect(args: argparse.Namespace) -> int:
     ranks = store_dirs.rank_dirs(args.path)
     if ranks:
         return _inspect_run(args, Path(args.path), ranks)
-    info = summarize(args.path)
+    try:
+        info = summarize(args.path)
+    except StoreFormatError as error:
+        problem = _root_damage(args.path, error)
+        if args.json:
+            print(json.dumps({"path": str(args.path), "problems": [problem]}))
+        return report_damage("inspect", [problem])
     if args.json:
         print(json.dumps(info))
         return 1 if info["problems"] else 0
@@ -271,12 +278,53 @@ def _describe(value: Any, indent: str, tensors: list) -> list[str]:
     return lines
 
 
+def _root_damage(path: str, error: StoreFormatError) -> str:
+    """A store whose root cannot be read is damaged (exit 1), naming the file; where
+    ``path`` is not laid out as a store, or its root reads, the store format's
+    ``error`` stands (not a spillcache store, another version: exit 2)."""
+    from ._internal.summary import root_damage
+
+    problem = root_damage(path)
+    if problem is None:
+        raise error
+    return problem
+
+
+def _check_export(path: Path) -> None:
+    """--export's file must be one that can be written: said before the value is read,
+    in one line naming the option and the fix, not as an errno (or torch's own error)."""
+    if path.suffix not in (".pt", ".npy"):
+        raise ValueError(f"--export: {path.name} must end in .pt or .npy")
+    directory = path.absolute().parent
+    if path.is_dir():
+        raise ValueError(f"--export: {path} is a directory; name a file such as {path / 'x.pt'}")
+    if not directory.is_dir():
+        raise ValueError(
+            f"--export: the directory {directory} does not exist; create it first, or name "
+            "a file in an existing directory"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--export: {directory} is not writable by this process; name a file in a "
+            "writable directory"
+        )
+
+
 def _export(tensor: torch.Tensor, path: Path) -> str:
+    try:
+        return _export_to(tensor, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a bad path as RuntimeError
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ValueError(
+            f"--export: cannot write {path} ({reason}); name a file in a writable directory "
+            "with room"
+        ) from None
+
+
+def _export_to(tensor: torch.Tensor, path: Path) -> str:
     if path.suffix == ".pt":
         torch.save(tensor.clone(), path)
         return f"wrote {path} (torch.save, {dtype_name(tensor.dtype)})"
-    if path.suffix != ".npy":
-        raise ValueError(f"--export: {path.name} must end in .pt or .npy")
     import numpy
 
     try:
@@ -296,10 +344,14 @@ def _show(args: argparse.Namespace) -> int:
     from ._internal.summary import load_value, report_damage, tensor_stats, undetectable_rot
 
     read: list = []
+    if args.export:  # found out before anything is read
+        _check_export(Path(args.export))
     try:
         value = load_value(args.path, args.batch, args.key, read)
     except StoreCorruptError as error:
         return report_damage("show", [str(error)])
+    except StoreFormatError as error:
+        return report_damage("show", [_root_damage(args.path, error)])
     rot = undetectable_rot(
         sum(not info.checksum for info in read), len(read), f"batch {args.batch}, key {args.key!r}"
     )
@@ -338,7 +390,16 @@ def _verify(args: argparse.Namespace) -> int:
     from ._internal.leftovers import verify_lines
     from ._internal.summary import undetectable_rot, verify
 
-    report = verify(args.path)
+    try:
+        report = verify(args.path)
+    except StoreFormatError as error:
+        problem = _root_damage(args.path, error)
+        report = {"path": str(args.path), "arrays": 0, "checksummed": 0, "unchecksummed": 0,
+                  "bad": [], "problems": [problem], "orphans": None}  # fmt: skip
+        if not args.json:
+            print(f"BAD {problem}")
+            print("its arrays were not checked: the root says which format they are in; 1 bad")
+            return 1
     if args.json:
         print(json.dumps(report))
     else:
@@ -410,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SpillCacheError, OSError, ValueError, TypeError, KeyError, IndexError) as error:
         # A KeyError's str() is the repr of its message: print the message itself.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if isinstance(error, OSError):
+            message = os_error_text(error)
         print(f"spillcache {args.command}: {message}", file=sys.stderr)
         return 2
 

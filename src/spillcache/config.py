@@ -7,8 +7,10 @@ package only ever sees ints (or the sentinels documented per field).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import decimal
+import functools
 import math
 import os
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._internal.policy import POLICIES
+from ._internal.text import did_you_mean
 from .errors import ConfigError
 
 __all__ = ["AUTO", "CacheConfig", "parse_size"]
@@ -29,6 +32,14 @@ READ_MODES = ("copy", "mmap")
 BUDGET_SCOPES = ("node", "rank")
 ENV_PREFIX = "SPILLCACHE_"
 ENV_CONFIG_FILE = "SPILLCACHE_CONFIG"
+# SPILLCACHE_ variables that are not config fields: read elsewhere (the llm-compressor
+# integration's enable(): checkpoint_dir, progress, metrics_path), so a cache reading
+# its environment passes over them rather than refusing them as unknown.
+OTHER_VARIABLES = (
+    "SPILLCACHE_CHECKPOINT_DIR",
+    "SPILLCACHE_PROGRESS",
+    "SPILLCACHE_METRICS_PATH",
+)
 
 _UNITS = {
     "": 1,
@@ -80,8 +91,26 @@ def _parse_size_string(field_name: str, text: str) -> int:
     if number > _MAX_SIZE:
         raise ConfigError(f"{field_name}: {text!r} is larger than any disk or memory")
     if number != number.to_integral_value():
-        raise ConfigError(f"{field_name}: {text!r} is not a whole number of bytes")
+        raise ConfigError(
+            f"{field_name}: {text!r} is not a whole number of bytes{_whole_size(number, unit)}"
+        )
     return int(number)
+
+
+# The unit a size that is not whole in a unit can be written in instead.
+_SMALLER = {"tib": "GiB", "gib": "MiB", "mib": "KiB", "kib": "B",
+            "tb": "GB", "gb": "MB", "mb": "kB", "kb": "B"}  # fmt: skip
+
+
+def _whole_size(number: decimal.Decimal, unit: str) -> str:
+    """The hint for a size of ``number`` bytes that is not whole: the whole size just
+    below it in the unit below ``unit`` ("23.4GiB" is 25125558681.6 bytes: "e.g.
+    '23961MiB'"); none for bytes, or where that would be 0."""
+    smaller = _SMALLER.get(unit)
+    if smaller is None:
+        return ""
+    whole = int(number // _UNITS[smaller.lower()])
+    return f"; write it in a smaller unit, e.g. '{whole}{smaller}'" if whole else ""
 
 
 def _parse_bool(field_name: str, value: Any) -> bool:
@@ -112,7 +141,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
+        raise FileNotFoundError(
+            f"config file {str(path)!r} does not exist; give the path of an existing TOML file"
+        ) from None
+    except OSError as error:  # a directory, or not readable: one line, not an errno
+        raise ConfigError(
+            f"config file {str(path)!r}: cannot read it ({error.strerror or error}); give "
+            "the path of a readable TOML file"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
 
@@ -239,6 +275,27 @@ class CacheConfig:
         # one place that writes.
         object.__setattr__(self, name, value)
 
+    # ------------------------------------------------------------ where values came from
+
+    def source_of(self, name: str) -> str | None:
+        """Where field ``name``'s value came from: the ``SPILLCACHE_`` variable that set
+        it, the config file's path, an option of the ``spillcache`` command ("--..."),
+        ``"default"``, or None where code gave it (``CacheConfig(...)``, ``replace()``,
+        ``enable()``). Messages about a value name it by this."""
+        return self._sources.get(name)
+
+    @property
+    def _sources(self) -> dict[str, str | None]:
+        # Not a field: two configs with the same values are equal (and share a pool)
+        # wherever their values came from.
+        return self.__dict__.get("_value_sources", {})
+
+    def _noting(self, sources: dict[str, str | None]) -> CacheConfig:
+        """This config (a copy), its fields in ``sources`` said to come from there."""
+        noted = copy.copy(self)  # the same values: nothing to check again
+        object.__setattr__(noted, "_value_sources", {**self._sources, **sources})
+        return noted
+
     @staticmethod
     def _checked_disk_path(value: Any) -> str | tuple[str, ...] | None:
         """One directory (a str), several (a tuple: one per drive), "auto" or None."""
@@ -276,16 +333,18 @@ class CacheConfig:
         """Build a config from a dict, rejecting keys that are not fields."""
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
+            suggestions = "".join(did_you_mean(key, cls.field_names()) for key in unknown)
             raise ConfigError(
                 f"{source}: unknown setting(s) {', '.join(map(repr, unknown))}; "
-                f"known settings are {', '.join(cls.field_names())}"
+                f"known settings are {', '.join(cls.field_names())}{suggestions}"
             )
         try:
-            return cls(**values)
+            config = cls(**values)
         except ConfigError as error:  # say where the bad value was written
             raise ConfigError(f"{source}: {error}") from None
         except TypeError as error:
             raise TypeError(f"{source}: {error}") from None
+        return config._noting(dict.fromkeys(values, source))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> CacheConfig:
@@ -309,26 +368,82 @@ class CacheConfig:
         sources = dict.fromkeys(cls.field_names(), "default")
         config_file = environ.pop(ENV_CONFIG_FILE, "").strip() if file is None else str(file)
         if config_file:
-            values.update(_read_toml(Path(config_file)))
+            values.update(_named_file(config_file, from_variable=file is None))
             cls.from_mapping(values, source=config_file)  # the file checked on its own first
             sources.update(dict.fromkeys(values, config_file))
         for name, text in environ.items():
-            if not name.startswith(ENV_PREFIX):
+            if not name.startswith(ENV_PREFIX) or name in OTHER_VARIABLES:
                 continue
             field_name = name[len(ENV_PREFIX) :].lower()
             if field_name not in cls.field_names():
-                known = ", ".join(ENV_PREFIX + f.upper() for f in cls.field_names())
-                raise ConfigError(
-                    f"environment: unknown variable {name}; known variables are "
-                    f"{ENV_CONFIG_FILE}, {known}"
-                )
+                raise ConfigError(_unknown_variable(name, cls.field_names()))
             if field_name == "disk_path" and os.pathsep in text:  # one per drive, as in PATH
                 values[field_name] = text.split(os.pathsep)
             else:
                 values[field_name] = text
             sources[field_name] = name
-        return cls(**values), sources
+        try:
+            config = cls(**values)
+        except (ConfigError, TypeError) as error:  # a variable's value: name the variable
+            field_name = str(error).split(":", 1)[0]
+            variable = sources.get(field_name, "")
+            if not variable.startswith(ENV_PREFIX):
+                raise
+            said = f"{error}; it came from {variable}: fix or unset it"
+            raise type(error)(said) from None
+        return config._noting(sources), sources
 
     def replace(self, **changes: Any) -> CacheConfig:
         """A copy with some fields changed (validated like a new config)."""
-        return dataclasses.replace(self, **changes)
+        changed = dataclasses.replace(self, **changes)
+        kept = {k: v for k, v in self._sources.items() if k not in changes}
+        return changed._noting({**dict.fromkeys(changes), **kept})
+
+
+def _named_file(path: str, *, from_variable: bool) -> dict[str, Any]:
+    """The TOML file a config names; read from ``SPILLCACHE_CONFIG``, a problem with it
+    names that variable (the file's path alone would not say where it was given)."""
+    try:
+        return _read_toml(Path(path))
+    except FileNotFoundError as error:
+        if not from_variable:
+            raise
+        raise FileNotFoundError(f"{ENV_CONFIG_FILE}: {error}") from None
+    except ConfigError as error:
+        if not from_variable:
+            raise
+        raise ConfigError(f"{ENV_CONFIG_FILE}: {error}") from None
+
+
+def _unknown_variable(name: str, field_names: tuple[str, ...]) -> str:
+    variables = [ENV_PREFIX + f.upper() for f in field_names]
+    known = ", ".join([ENV_CONFIG_FILE, *variables, *OTHER_VARIABLES])
+    suggestion = did_you_mean(name, [ENV_CONFIG_FILE, *variables, *OTHER_VARIABLES])
+    return (
+        f"environment: unknown variable {name}; known variables are {known}{suggestion} "
+        f"(unset {name}, or rename it)"
+    )
+
+
+# CacheConfig(host_byte=...) would be Python's "unexpected keyword argument": the same
+# error, with the setting it was probably meant to be; and where each value came from
+# starts here (given in code, or the default), for messages that name it.
+_dataclass_init = CacheConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: CacheConfig, *args: Any, **kwargs: Any) -> None:
+    names = CacheConfig.field_names()
+    unknown = [key for key in kwargs if key not in names]
+    if unknown:
+        raise TypeError(
+            f"CacheConfig: unknown setting {unknown[0]!r}{did_you_mean(unknown[0], names)} "
+            f"(known settings: {', '.join(names)})"
+        )
+    _dataclass_init(self, *args, **kwargs)
+    given = {*names[: len(args)], *kwargs}
+    sources = {name: None if name in given else "default" for name in names}
+    object.__setattr__(self, "_value_sources", sources)
+
+
+CacheConfig.__init__ = _init  # type: ignore[method-assign]

@@ -156,3 +156,28 @@ def test_direct_io_set_is_not_probed(config, probes, tmp_path, value):
     assert figures["direct_io"] == {"value": value == "true", "source": "SPILLCACHE_DIRECT_IO"}
     assert table["direct_io"] == value
     assert probes.asked == []
+
+
+def test_a_host_budget_a_cache_here_would_refuse_is_said_with_the_table(monkeypatch, capsys):
+    """The config may be meant for another node: it is shown, and one line on stderr
+    says what a cache made here would do with it (issue 23)."""
+    for name in [*TORCHRUN, *(k for k in os.environ if k.startswith("SPILLCACHE_"))]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "100TiB")
+    assert main(["config"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["setting", "value", "from"]
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        "spillcache config: a cache made here would refuse it: host_bytes: "
+        "100.0 TiB (SPILLCACHE_HOST_BYTES) is more than this machine's RAM"
+    )
+    monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "8GiB")
+    monkeypatch.setattr("spillcache._internal.resolved.available_ram", lambda: 4 * 2**30)
+    monkeypatch.setattr("spillcache._internal.resolved.ram_limit", lambda: (16 * 2**30, "RAM"))
+    assert main(["config"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "spillcache config: warning: spillcache's host_bytes, 8.0 GiB "
+        "(SPILLCACHE_HOST_BYTES), is more than the memory available now, 4.0 GiB"
+    )

@@ -3,15 +3,21 @@ thing, its JSON and config output, and its errors."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from spillcache import CacheConfig, cli
-from spillcache._internal import plan_cli
+from spillcache._internal import disk_probe, plan_cli
+from spillcache._internal import plan as plan_module
 from spillcache._internal.resolved import process_budgets, transit_bytes
+from spillcache._internal.text import format_bytes
 
 # The demo's sizes: 64 samples of 256 tokens, hidden 64 (64 KiB of hidden states and
 # 64 KiB of bool causal mask per sample: both tiered at the default inline_bytes).
@@ -105,7 +111,10 @@ def test_the_recommended_config_keeps_the_pass_in_the_tier_beside_its_parts(caps
     budgets = process_budgets(CacheConfig(**config))
     per_rank = DEMO_PLANNED // 2
     assert (budgets.write_behind_bytes, budgets.read_buffer_bytes) == (MiB, MiB // 2)
-    assert budgets.host_tier_bytes == per_rank + per_rank // 8  # the pass, plus an eighth
+    # The pass, plus an eighth; host_bytes rounded up to whole KiB (for the file) adds
+    # less than 1 KiB to each rank's tier.
+    wanted = per_rank + per_rank // 8
+    assert wanted <= budgets.host_tier_bytes < wanted + 2**10
 
 
 def test_parts_above_host_bytes_exit_2_naming_host_bytes(capsys, monkeypatch):
@@ -156,13 +165,18 @@ def test_ranks_share_the_node_budget_and_split_the_samples(capsys):
     assert two["disk_written_bytes"] < one["disk_written_bytes"]
 
 
-def test_write_gives_a_config_file_spillcache_reads(capsys, tmp_path):
+@pytest.mark.parametrize("host", ["1MiB", "1GiB"])  # spills (the budget given), or fits
+def test_write_gives_a_config_file_spillcache_reads_with_sizes_in_units(capsys, tmp_path, host):
     target = tmp_path / "plan.toml"
-    plan = planned(capsys, *DEMO, "--host-bytes", "1MiB", "--write", str(target))
+    plan = planned(capsys, *DEMO, "--host-bytes", host, "--disk-path", str(tmp_path),
+                   "--write", str(target))  # fmt: skip
     written = tomllib.loads(target.read_text())
-    assert written == plan["config"]
-    config = CacheConfig.from_file(target)
-    assert config.host_bytes == plan["config"]["host_bytes"]
+    assert written.keys() == plan["config"].keys()
+    sizes = {name: value for name, value in written.items() if name.endswith("_bytes")}
+    assert "host_bytes" in sizes and (host == "1MiB" or "disk_bytes" not in sizes)
+    for name, text in sizes.items():  # never a raw byte count: a number and a unit
+        assert re.fullmatch(r"\d+(\.\d\d?)?(KiB|MiB|GiB|TiB)", text), (name, text)
+    assert CacheConfig.from_file(target) == CacheConfig(**plan["config"])
 
 
 def test_check_exits_1_when_the_disk_is_too_small(capsys, tmp_path):
@@ -218,3 +232,146 @@ def test_a_model_config_without_the_sizes_names_what_is_missing(capsys, tmp_path
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     status, _, err = run(capsys, "plan", "--model", str(tmp_path), "--no-probe")
     assert status == 2 and "hidden_size" in err and "--hidden" in err
+
+
+# ------------------------------------------------------------------ the node (issue 23)
+
+# A small Llama-style model: hidden 64, 2 layers, 4 heads of 16, MLP 128, vocabulary 1000.
+SMALL_MODEL = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 128, "vocab_size": 1000, "torch_dtype": "bfloat16",
+}  # fmt: skip
+# Per layer: q, k, v, o 4 x 64 x 64; gate, up, down 3 x 64 x 128; two norms of 64. Then
+# the final norm, the embeddings and the (untied) LM head, 1000 x 64 each. bfloat16.
+SMALL_MODEL_BYTES = 2 * (2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64 + 2 * 1000 * 64)
+TINY = ["--samples", "4", "--seq-len", "32"]
+KiB = 2**10
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    for name in ("SPILLCACHE_HOST_BYTES", "SPILLCACHE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(SMALL_MODEL))
+    return directory
+
+
+def test_labels_say_where_each_figure_came_from(capsys, monkeypatch):
+    monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "1MiB")
+    status, out, err = run(capsys, "plan", *DEMO, "--no-probe")
+    assert status == 0, err
+    assert "the budget given" not in out
+    assert "node: RAM" in out and "this machine's available RAM now, not the target" in out
+    assert "host_bytes 1.0 MiB, from SPILLCACHE_HOST_BYTES," in out
+    assert "host_bytes = 1.0 MiB    # from SPILLCACHE_HOST_BYTES (1.0 MiB for the node" in out
+    monkeypatch.delenv("SPILLCACHE_HOST_BYTES")
+    plan = planned(capsys, *DEMO, "--ram", "4MiB")
+    assert plan["host_bytes"] == 2 * MiB and plan["sources"]["ram_bytes"] == "--ram"
+    assert plan["sources"]["host_bytes"] == ('the default host_bytes: "auto", half of the RAM')
+    assert plan["sources"]["disk_path"] == "the default disk_path"
+    assert plan["weights_bytes"] is None and plan["weights_host_bytes"] is None
+
+
+def test_the_weights_on_the_cpu_take_host_ram_and_are_warned_about(capsys, model_dir):
+    ram = str(SMALL_MODEL_BYTES + 256 * KiB)  # room for the weights and 256 KiB more
+    plan = planned(capsys, "--model", str(model_dir), *TINY, "--ram", ram, "--host-bytes", "128KiB")
+    assert plan["weights_bytes"] == plan["weights_host_bytes"] == SMALL_MODEL_BYTES
+    assert plan["sources"]["weights_bytes"] == (
+        "210240 parameters of bfloat16 counted from config.json's sizes"
+    )
+    assert plan["fits_ram"] and plan["fits"]
+    # A host budget that, with the weights, is more than the RAM: warned, and --check fails.
+    argv = ["plan", "--model", str(model_dir), *TINY, "--ram", ram, "--host-bytes", "512KiB",
+            "--no-probe"]  # fmt: skip
+    status, out, _ = run(capsys, *argv, "--check")
+    assert status == 1
+    (warning,) = [line for line in out.splitlines() if "WARNING" in line]
+    assert (
+        "host_bytes, 512.0 KiB (--host-bytes), and the weights on the CPU, 410.6 KiB, are "
+        "together more than the RAM" in warning
+    )
+    assert f"more than the RAM, {format_bytes(int(ram))}" in warning
+    # On the GPUs they take no host RAM: the same budget fits.
+    plan = planned(capsys, *argv[1:-1], "--weights-device", "gpu")
+    assert plan["weights_bytes"] == SMALL_MODEL_BYTES and plan["weights_host_bytes"] == 0
+    assert plan["fits_ram"]
+    # Weights that alone are more than the RAM: said so, whatever host_bytes comes to.
+    status, out, _ = run(capsys, "plan", "--model", str(model_dir), *TINY, "--ram", "100KiB",
+                         "--no-probe")  # fmt: skip
+    assert status == 0  # only --check fails a plan that does not fit
+    assert "WARNING: the weights on the CPU alone are more than the RAM, 100.0 KiB" in out
+
+
+def test_auto_host_bytes_is_half_of_what_the_weights_leave(capsys, model_dir):
+    ram = SMALL_MODEL_BYTES + 4 * MiB
+    plan = planned(capsys, "--model", str(model_dir), *TINY, "--ram", str(ram))
+    assert plan["host_bytes"] == 2 * MiB
+    assert "half of the RAM the weights on the CPU leave" in plan["sources"]["host_bytes"]
+    plan = planned(capsys, "--model", str(model_dir), *TINY, "--ram", str(ram),
+                   "--weights-device", "cuda")  # fmt: skip
+    assert plan["host_bytes"] == ram // 2
+
+
+def test_a_checkpoints_own_size_is_used_where_it_has_one(capsys, model_dir):
+    (model_dir / "model-00001-of-00001.safetensors").write_bytes(b"x" * 1000)
+    plan = planned(capsys, "--model", str(model_dir / "config.json"), *TINY)
+    assert plan["weights_bytes"] == 1000
+    assert plan["sources"]["weights_bytes"] == "its 1 .safetensors file(s)"
+    index = {"metadata": {"total_size": 123456789}, "weight_map": {}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    plan = planned(capsys, "--model", str(model_dir), *TINY)
+    assert plan["weights_bytes"] == 123456789
+    assert plan["sources"]["weights_bytes"] == "model.safetensors.index.json's total_size"
+
+
+def no_replay(monkeypatch):
+    """Bad paths are found before the replay (and the probe) run."""
+    monkeypatch.setattr(plan_cli, "replay", lambda *a, **k: pytest.fail("replayed"))
+
+
+def test_write_into_a_missing_directory_is_one_line_before_the_plan(capsys, tmp_path, monkeypatch):
+    no_replay(monkeypatch)
+    target = tmp_path / "no" / "plan.toml"
+    status, out, err = run(capsys, "plan", *DEMO, "--no-probe", "--write", str(target))
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--write: {target.parent} is not an existing directory; create it first" in err
+
+
+def test_a_read_only_disk_path_is_one_line_naming_the_option(capsys, read_only_dir, monkeypatch):
+    no_replay(monkeypatch)
+    status, out, err = run(capsys, "plan", *DEMO, "--disk-path", str(read_only_dir))
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--disk-path: {read_only_dir} is not writable by this process" in err
+    assert "Errno" not in err
+    status, _, err = run(capsys, "plan", *DEMO, "--write", str(read_only_dir / "plan.toml"))
+    assert status == 2 and f"--write: {read_only_dir} is not writable" in err, err
+
+
+def test_a_probe_that_fails_is_one_line_naming_the_option(capsys, tmp_path, monkeypatch):
+    def probe(path, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "probe"))
+
+    monkeypatch.setattr(disk_probe, "probe", probe)
+    status, out, err = run(capsys, "plan", *DEMO, "--disk-path", str(tmp_path))
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--disk-path: cannot write the probe's files in {tmp_path} (No space left" in err
+    assert "--no-probe" in err and "Errno" not in err
+
+
+@pytest.mark.parametrize(
+    ("config", "published"),
+    [
+        (json.loads((Path(__file__).parents[2] / "docs/examples/llama-3-70b-config.json")
+                    .read_text()), 70.55e9),  # Llama-3-70B
+        ({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+          "num_local_experts": 8}, 46.70e9),  # Mixtral-8x7B
+    ],
+    ids=["llama-3-70b", "mixtral-8x7b"],
+)  # fmt: skip
+def test_a_config_only_counts_the_parameters_a_checkpoint_of_it_has(config, published):
+    nbytes, how = plan_module.model_weights(config, torch.bfloat16, None)
+    assert abs(nbytes / 2 - published) < 0.01 * published, (nbytes / 2, published)
+    assert how.endswith("parameters of bfloat16 counted from config.json's sizes")

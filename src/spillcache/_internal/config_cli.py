@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+import warnings
 from typing import Any
 
 import torch
 
 from ..config import AUTO, CacheConfig
+from ..errors import ConfigError
 from . import sysinfo, tensor_store
 from .resolved import disk_directories
 from .text import aligned, format_bytes
@@ -30,6 +33,7 @@ def add_config_command(commands: Any) -> None:
 def _config(args: argparse.Namespace) -> int:
     config, sources = CacheConfig.explain(file=args.file)
     values = {name: getattr(config, name) for name in CacheConfig.field_names()}
+    _check_host_budget(config)
     resolved = _resolved_here(config)
     if args.json:
         figures = {name: {"value": values[name], "source": sources[name]} for name in values}
@@ -46,6 +50,26 @@ def _config(args: argparse.Namespace) -> int:
         rows.append([name, text, sources[name]])
     print(aligned(rows))
     return 0
+
+
+def _check_host_budget(config: CacheConfig) -> None:
+    """What a cache made here with ``config`` would say of its host budget (refused
+    beyond this machine's RAM, warned about beyond what is available now): one line on
+    stderr, the table still printed. The config may be meant for another node (a
+    torchrun job's, planned from a login node): it is shown either way."""
+    from . import resolved
+
+    budgets = resolved.process_budgets(config)  # its own errors (RANK=x) are the command's
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            resolved.check_host_budget(config, budgets)
+        except ConfigError as refusal:
+            print(
+                f"spillcache config: a cache made here would refuse it: {refusal}", file=sys.stderr
+            )
+    for warning in said:
+        print(f"spillcache config: warning: {warning.message}", file=sys.stderr)
 
 
 def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:

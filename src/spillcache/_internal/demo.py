@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,13 +32,18 @@ from tqdm import tqdm
 
 from ..cache import IntermediatesCache
 from ..config import CacheConfig
+from ..errors import ConfigError
 from .plan import host_bytes_for_tier
-from .resolved import process_budgets
+from .resolved import check_host_budget, checked_disk_dirs, process_budgets
+from .sysinfo import ram_limit
+from .text import format_bytes
 
 __all__ = [
     "DEFAULT_SIZES",
     "DemoResult",
     "DemoRun",
+    "PROGRESS_BARS",
+    "PROGRESS_LINES",
     "activation_bytes",
     "hidden_state_bytes",
     "calibrate",
@@ -55,6 +63,14 @@ VOCAB = 1000
 # the model's float32 matmuls, growing linearly with samples x layers. Three layers are
 # the fewest that rewrite every cached hidden state twice. (The tests pass small sizes.)
 DEFAULT_SIZES = {"samples": 512, "seq_len": 256, "hidden": 256, "layers": 3}
+
+# How a run shows its progress (``progress``): tqdm bars, redrawn in place, for a
+# terminal; one line per stage when it ends, for a log (a bar redrawn into a file is
+# a line per redraw, some 1,400 of them); or nothing (None or False).
+PROGRESS_BARS = "bars"
+PROGRESS_LINES = "lines"
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -157,6 +173,19 @@ def reference_config(cached_bytes: int) -> CacheConfig:
     return CacheConfig(host_bytes=4 * cached_bytes + 2**20, disk_path=None)
 
 
+def _check_reference_fits(cached_bytes: int) -> None:
+    """The all-in-RAM run maps a region of ``reference_config``'s host_bytes: one
+    larger than the RAM is refused by the kernel, so refuse the sizes first."""
+    region = reference_config(cached_bytes).host_bytes
+    ram_bytes, ram_what = ram_limit()
+    if region > ram_bytes:
+        raise ConfigError(
+            f"the all-in-RAM reference run holds these sizes' {format_bytes(cached_bytes)} "
+            f"of activations in a region of {format_bytes(region, tib=True)}, more than "
+            f"{ram_what}, {format_bytes(ram_bytes)}: lower --samples, --seq-len or --hidden"
+        )
+
+
 def _model(layers: int, hidden: int, seed: int) -> tuple[nn.Embedding, list[DecoderBlock]]:
     torch.manual_seed(seed)
     embed = nn.Embedding(VOCAB, hidden)
@@ -175,11 +204,28 @@ def hidden_key(block: int) -> str:
     return f"hidden.{block}"
 
 
+def _stage(
+    items: Iterable[Item], desc: str, total: int, progress: str | bool | None
+) -> Iterator[Item]:
+    """``items``, one stage of a run, shown as ``progress`` says (``PROGRESS_BARS``, or
+    True: a tqdm bar on stderr; ``PROGRESS_LINES``: one line on stderr as it ends)."""
+    if progress in (True, PROGRESS_BARS):
+        yield from tqdm(items, desc=desc, total=total, leave=False)
+        return
+    start, count = time.perf_counter(), 0
+    for item in items:
+        count += 1
+        yield item
+    if progress == PROGRESS_LINES:
+        seconds = time.perf_counter() - start
+        print(f"{desc}: {count} batches, {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def _pipeline(
     cache: IntermediatesCache,
     embed: nn.Embedding,
     blocks: list[DecoderBlock],
-    progress: bool,
+    progress: str | bool | None,
     label: str,
 ) -> dict[str, torch.Tensor]:
     """llm-compressor's sequential pipeline, call for call (``spillcache plan`` predicts
@@ -193,15 +239,15 @@ def _pipeline(
         block = blocks[subgraph - 1] if subgraph else None
         names = ["input_ids"] if block is None else [hidden_key(subgraph - 1), "causal_mask"]
         handles = [] if block is None else _statistics_hooks(block, subgraph - 1, hessians)
-        bar = dict(total=len(cache), leave=False, disable=not progress)
-        passes = tqdm(cache.iter_prefetch(names), desc=f"{label}{subgraph} calibrate", **bar)
+        stage = f"{label}subgraph {subgraph} of {len(blocks)}"
+        passes = _stage(cache.iter_prefetch(names), f"{stage}, calibrate", len(cache), progress)
         for inputs in passes:
             if block is not None:
                 block(inputs[hidden_key(subgraph - 1)], inputs["causal_mask"])
         for handle in handles:
             handle.remove()
         last = subgraph == len(blocks)
-        passes = tqdm(cache.iter_prefetch(names), desc=f"{label}{subgraph} propagate", **bar)
+        passes = _stage(cache.iter_prefetch(names), f"{stage}, propagate", len(cache), progress)
         for batch_index, inputs in enumerate(passes):
             if last:
                 continue  # its outputs are not cached: the pass only reads
@@ -242,12 +288,13 @@ def calibrate(
     hidden: int,
     layers: int,
     seed: int = 0,
-    progress: bool = False,
+    progress: str | bool | None = None,
     label: str = "",
 ) -> DemoRun:
     """One timed calibration through a cache built with ``config``: fill, then the
     pipeline's passes. The model and the inputs depend on the sizes and ``seed`` only.
-    ``label`` prefixes the progress bars."""
+    ``progress``: ``PROGRESS_BARS``, ``PROGRESS_LINES`` or None (see ``_stage``);
+    ``label`` prefixes each stage's name."""
     _check_sizes(samples=samples, seq_len=seq_len, hidden=hidden, layers=layers)
     embed, blocks = _model(layers, hidden, seed)
     with torch.no_grad():
@@ -258,9 +305,7 @@ def calibrate(
         gc.collect()
         start = time.perf_counter()
         with IntermediatesCache.empty(samples, offload_device="cpu", config=config) as cache:
-            fill = tqdm(
-                range(samples), desc=f"{label}fill the cache", leave=False, disable=not progress
-            )
+            fill = _stage(range(samples), f"{label}fill the cache", samples, progress)
             for index in fill:  # as from_dataloader fills it: the token ids
                 cache.update(index, {"input_ids": _tokens(seq_len, seed, index), "position": index})
             hessians = _pipeline(cache, embed, blocks, progress, label)
@@ -291,20 +336,25 @@ def run_demo(
     layers: int = DEFAULT_SIZES["layers"],
     config: CacheConfig | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: str | bool | None = None,
 ) -> DemoResult:
     """Calibrate once all in RAM and once through ``config``; compare the statistics.
 
     ``config`` None: the defaults with a host tier of a quarter of the activations
-    (``default_host_bytes``).
+    (``default_host_bytes``). ``progress``: as for ``calibrate``.
     """
     cached_bytes = activation_bytes(samples, seq_len, hidden)
     sizes = dict(samples=samples, seq_len=seq_len, hidden=hidden, layers=layers, seed=seed)
     if config is None:
         config = CacheConfig(host_bytes=default_host_bytes(cached_bytes))
-    # Checked before either run (parts of host_bytes above it are refused); "auto" is
-    # measured now, as the cache measures it.
-    host_bytes = process_budgets(config).host_bytes
+    # Checked before either run, not after the all-in-RAM one (parts of host_bytes above
+    # it, a budget beyond the RAM, a disk_path that cannot hold a store are refused);
+    # "auto" is measured now, as the cache measures it. The cache warns when it is made.
+    _check_reference_fits(cached_bytes)
+    budgets = process_budgets(config)
+    check_host_budget(config, budgets, warn=False)
+    checked_disk_dirs(config, warn_ram_backed=False)
+    host_bytes = budgets.host_bytes
     reference = calibrate(
         reference_config(cached_bytes), progress=progress, label="all in RAM: ", **sizes
     )

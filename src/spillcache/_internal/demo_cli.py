@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AUTO, CacheConfig, parse_size
+from ..errors import ConfigError
 from .text import aligned, format_bytes
 
 __all__ = ["add_demo_command"]
@@ -59,7 +60,8 @@ def add_demo_command(commands: Any) -> None:
         "--json",
         action="store_true",
         help="print the summary as one JSON object, nothing else on stdout; progress bars "
-        "only where stderr is a terminal (default: a table)",
+        "only where stderr is a terminal, else nothing on stderr (default: a table, with "
+        "progress bars on a terminal and one line per stage otherwise)",
     )
     demo.set_defaults(run=_demo)
 
@@ -73,12 +75,12 @@ _DEMO_SIZE_OPTIONS = (
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import activation_bytes, default_host_bytes, run_demo
+    from .demo import PROGRESS_BARS, PROGRESS_LINES, activation_bytes, default_host_bytes, run_demo
 
     for flag, size, _ in _DEMO_SIZE_OPTIONS:
         if getattr(args, size) < 1:
             raise ValueError(f"{flag}: must be at least 1, got {getattr(args, size)}")
-    config = CacheConfig.from_file(args.config) if args.config else CacheConfig.from_env()
+    config = _config_file(args.config) if args.config else CacheConfig.from_env()
     changes = {"keep_store": True} if args.keep_store else {}
     if args.host_bytes is not None:
         changes["host_bytes"] = parse_size("--host-bytes", args.host_bytes)
@@ -87,18 +89,35 @@ def _demo(args: argparse.Namespace) -> int:
     if config.host_bytes == AUTO:
         # The demo is about spilling: default to a host tier a quarter of its activations.
         config = config.replace(host_bytes=default_host_bytes(cached, config))
+    if config.source_of("host_bytes") is None:  # given here: a message names the option
+        config = config._noting({"host_bytes": "--host-bytes"})
+    # tqdm redraws its bars on stderr: on a terminal, in place; into a log file, a line
+    # per redraw. Elsewhere one line per stage, and with --json (a script reading the
+    # output) nothing unless a person is watching.
+    if sys.stderr.isatty():
+        progress = PROGRESS_BARS
+    else:
+        progress = None if args.json else PROGRESS_LINES
     result = run_demo(
         samples=args.samples,
         seq_len=args.seq_len,
         hidden=args.hidden,
         layers=args.layers,
         config=config,
-        # tqdm draws on stderr; with --json a script reading stderr gets no bar lines
-        # unless a person is watching it.
-        progress=not args.json or sys.stderr.isatty(),
+        progress=progress,
     )
     print(_demo_summary(args, result))
     return 0 if result.identical else 1
+
+
+def _config_file(path: str) -> CacheConfig:
+    """--config's file; a problem with it names the option."""
+    try:
+        return CacheConfig.from_file(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--config: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"--config: {error}") from None
 
 
 def _demo_summary(args: argparse.Namespace, result: Any) -> str:

@@ -19,6 +19,7 @@ the plan says it is an estimate).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -41,7 +43,9 @@ __all__ = [
     "Traffic",
     "Workload",
     "awq_caches",
+    "awq_figures",
     "host_bytes_for_tier",
+    "model_weights",
     "rank_budgets",
     "replay",
     "sequential_pipeline",
@@ -156,6 +160,22 @@ def awq_caches(shape: ModelShape) -> tuple[tuple[Cached, ...], ...]:
 IDS = 8  # bytes of an int64 token id or position id
 
 
+def awq_figures(shape: ModelShape, samples: int, offload: str) -> dict[str, object]:
+    """AWQ's caches of one layer, for the node: what they hold, and where."""
+    per_layer = samples * sum(c.nbytes for cache in awq_caches(shape) for c in cache)
+    if offload == "gpu":
+        note = (
+            "they keep their values on the GPUs (offload_device None): GPU memory, "
+            "not host RAM or disk; the disk figures are the pipeline's cache's"
+        )
+    else:
+        note = (
+            f"they share the host budget with the pipeline's cache, and what spills is "
+            f"read back {AWQ_READS} times per layer: included in the disk figures"
+        )
+    return {"per_layer_bytes": per_layer, "offload": offload, "note": note}
+
+
 def sequential_pipeline(
     shape: ModelShape, samples: int, *, awq: bool = False
 ) -> Callable[[int], Workload]:
@@ -201,6 +221,72 @@ def sequential_pipeline(
         return Workload(samples, layers, inputs, tuple(passes))
 
     return workload
+
+
+def model_weights(config: dict, dtype: torch.dtype, directory: Path | None) -> tuple[int, str]:
+    """Bytes of a model's weights, and how they were counted: the checkpoint's own
+    figure where ``directory`` holds one (``model.safetensors.index.json``'s
+    ``total_size``, else the size of its ``*.safetensors`` files), else the parameters
+    of a Llama-style decoder of ``config``'s sizes (a Hugging Face config.json: dense or
+    mixture-of-experts MLP) at ``dtype``."""
+    if directory is not None:
+        index = directory / "model.safetensors.index.json"
+        try:
+            total = json.loads(index.read_text())["metadata"]["total_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            total = None
+        if isinstance(total, int) and total > 0:
+            return total, f"{index.name}'s total_size"
+        files = sorted(directory.glob("*.safetensors"))
+        if files:
+            return sum(f.stat().st_size for f in files), f"its {len(files)} .safetensors file(s)"
+    count = _parameters(config)
+    counted = next(
+        (
+            f"{count / scale:.1f}{unit}"
+            for unit, scale in (("B", 1e9), ("M", 1e6))
+            if count >= scale
+        ),
+        str(count),
+    )
+    return count * dtype.itemsize, (
+        f"{counted} parameters of {_name(dtype)} counted from config.json's sizes"
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parameters(config: dict) -> int:
+    """Parameters of a Llama-style decoder (attention with grouped key-value heads, a
+    gated MLP or gated experts, RMS norms, embeddings and, unless tied, an LM head):
+    within a few percent of the checkpoints of that family; biases are not counted."""
+
+    def size(*names: str, default: int = 0) -> int:
+        for name in names:
+            if isinstance(config.get(name), int):
+                return config[name]
+        return default
+
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = size("num_attention_heads", default=1)
+    kv_heads = size("num_key_value_heads", default=heads)
+    head_dim = size("head_dim", default=hidden // heads)
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    width = size("intermediate_size", default=4 * hidden)
+    experts = size("num_local_experts", "num_experts", "n_routed_experts")
+    if experts:
+        expert_width = size("moe_intermediate_size", default=width)
+        shared = size("shared_expert_intermediate_size") or (
+            size("n_shared_experts") * expert_width
+        )
+        mlp = 3 * hidden * (experts * expert_width + shared) + hidden * experts  # + router
+    else:
+        mlp = 3 * hidden * width
+    embeddings = size("vocab_size") * hidden
+    head = 0 if config.get("tie_word_embeddings") else embeddings
+    return layers * (attention + mlp + 2 * hidden) + hidden + embeddings + head
 
 
 def rank_budgets(config: CacheConfig, ranks: int = 1) -> ResolvedBudgets:

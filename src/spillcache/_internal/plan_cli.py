@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,17 @@ from ..config import AUTO, CacheConfig, parse_size
 from ..errors import ConfigError
 from . import disk_probe, dtypes, sysinfo
 from .plan import (
-    AWQ_READS,
     ModelShape,
-    awq_caches,
+    awq_figures,
     host_bytes_for_tier,
+    model_weights,
     rank_budgets,
     replay,
     sequential_pipeline,
 )
-from .resolved import ResolvedBudgets, auto_host_bytes, disk_directories
-from .text import format_bytes
+from .plan_text import config_toml, plan_text
+from .resolved import ResolvedBudgets, auto_host_bytes, disk_directories, setting_origin
+from .text import format_bytes, rounded_up_size
 
 __all__ = ["add_plan_command"]
 
@@ -76,6 +79,14 @@ def add_plan_command(commands: Any) -> None:
         type=int,
         help="rotary head dimension (default: the model's; none without --model)",
     )
+    model.add_argument(
+        "--weights-device",
+        choices=("cpu", "gpu", "cuda"),
+        default="cpu",
+        help="where the model's weights are held during the run (with --model): cpu "
+        "(offloaded, as llm-compressor's sequential pipeline does: they take host RAM "
+        "beside host_bytes, counted once per node) or gpu/cuda (not host RAM) (default cpu)",
+    )
     run = plan.add_argument_group("the run")
     run.add_argument("--samples", type=int, default=512, help="calibration samples (default 512)")
     run.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (default 2048)")
@@ -99,7 +110,8 @@ def add_plan_command(commands: Any) -> None:
         "--host-bytes",
         help="host_bytes for the node: all the host RAM the cache holds values in, the "
         "host tier and the parts for values on their way to and from disk "
-        "(write_behind_bytes, read_buffer_bytes) (default: the config's, auto: half of --ram)",
+        "(write_behind_bytes, read_buffer_bytes) (default: the config's; auto: half of --ram "
+        "less the weights on the CPU)",
     )
     node.add_argument(
         "--disk-path",
@@ -107,7 +119,11 @@ def add_plan_command(commands: Any) -> None:
         metavar="DIR",
         help="one directory per drive (default: the config's)",
     )
-    node.add_argument("--ram", help="the node's available RAM (default: this machine's)")
+    node.add_argument(
+        "--ram",
+        help="the target node's available RAM, before the model is loaded (default: this "
+        "machine's available RAM now, which may not be the target node's)",
+    )
     node.add_argument("--no-probe", action="store_true", help="do not measure the disks")
     out = plan.add_argument_group("output")
     out.add_argument("--check", action="store_true", help="exit 1 when the run will not fit")
@@ -118,14 +134,34 @@ def add_plan_command(commands: Any) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     try:
+        if args.write:  # found out now, not after the replay and the probe
+            _check_writable("--write", Path(args.write).absolute().parent, "the file")
         plan = make_plan(args)
+        if args.write:
+            try:
+                Path(args.write).write_text(config_toml(plan["config"]))
+            except OSError as error:
+                raise PlanInputError(
+                    f"--write: cannot write {args.write} ({error.strerror or error}); name "
+                    "a file in a writable directory with room"
+                ) from None
     except PlanInputError as error:
         print(f"spillcache plan: {error}", file=sys.stderr)
         return 2
-    if args.write:
-        Path(args.write).write_text(_toml(plan["config"]))
-    print(json.dumps(plan) if args.json else _text(plan))
+    print(json.dumps(plan) if args.json else plan_text(plan))
     return 1 if args.check and not plan["fits"] else 0
+
+
+def _check_writable(where: str, directory: str | Path, what: str) -> None:
+    """``directory`` must exist and take ``what`` (the file --write names, the probe's
+    files): said before the plan is made, in one line naming ``where`` it was given."""
+    if not Path(directory).is_dir():
+        raise PlanInputError(f"{where}: {directory} is not an existing directory; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PlanInputError(
+            f"{where}: {directory} is not writable by this process, and {what} is written "
+            "there; name a writable directory"
+        )
 
 
 # ------------------------------------------------------------------ inputs
@@ -153,7 +189,9 @@ def _dtype(option: str, name: str) -> torch.dtype:
         ) from None
 
 
-def _model_config(path: str) -> dict:
+def _model_config(path: str) -> tuple[dict, Path]:
+    """The config.json --model names (a text_config inside it where there is one), and
+    the directory it is in (the checkpoint's, where its weights are)."""
     file = Path(path)
     file = file / "config.json" if file.is_dir() else file
     try:
@@ -174,13 +212,25 @@ def _model_config(path: str) -> dict:
         raise PlanInputError(
             f"--model: {file} has no {' or '.join(missing)}; give --hidden and --layers instead"
         )
-    return config
+    return config, file.parent
 
 
-def _shape(args: argparse.Namespace) -> tuple[ModelShape, int]:
+@dataclass(frozen=True)
+class _Weights:
+    """The model's weights: bytes, how they were counted, and the bytes they take in
+    host RAM (all of them with ``--weights-device cpu``, else none)."""
+
+    nbytes: int
+    how: str
+    host_bytes: int
+
+
+def _shape(args: argparse.Namespace) -> tuple[ModelShape, int, _Weights | None]:
     seq_len = _positive("--seq-len", args.seq_len)
+    model_config = directory = None
     if args.model:
-        config = _model_config(args.model)
+        config, directory = _model_config(args.model)
+        model_config = config
         hidden, layers = config["hidden_size"], config["num_hidden_layers"]
         heads = config.get("num_attention_heads")
         intermediate = config.get("intermediate_size")
@@ -208,18 +258,30 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, int]:
         intermediate = _positive("--intermediate", args.intermediate)
     intermediate = intermediate if isinstance(intermediate, int) else None
     shape = ModelShape(hidden, seq_len, dtype, mask, head_dim, intermediate, o_proj_mapped)
-    return shape, layers
+    weights = None
+    if model_config is not None:
+        nbytes, how = model_weights(model_config, dtype, directory)
+        weights = _Weights(nbytes, how, nbytes if args.weights_device == "cpu" else 0)
+    return shape, layers, weights
 
 
-def _node_config(args: argparse.Namespace, ram: int) -> CacheConfig:
+def _node_config(
+    args: argparse.Namespace, ram: int, sources: dict[str, str], weights: _Weights | None
+) -> CacheConfig:
+    """The node's config; where its host_bytes and disk_path came from go in ``sources``."""
     base = CacheConfig.from_env()
     host = base.host_bytes if args.host_bytes is None else _size("--host-bytes", args.host_bytes)
-    if host == AUTO:
-        host = auto_host_bytes(ram)
+    sources["host_bytes"] = (
+        "--host-bytes" if args.host_bytes else setting_origin(base, "host_bytes")
+    )
+    if host == AUTO:  # a cache is made once the model is loaded: half of what that leaves
+        host = auto_host_bytes(max(ram - (weights.host_bytes if weights else 0), 0))
+        of = "the RAM the weights on the CPU leave" if weights and weights.host_bytes else "the RAM"
+        sources["host_bytes"] += f': "auto", half of {of}'
     paths = args.disk_path or disk_directories(base.disk_path)
-    for path in paths:
-        if not Path(path).is_dir():
-            raise PlanInputError(f"--disk-path: {path} is not an existing directory")
+    sources["disk_path"] = "--disk-path" if args.disk_path else setting_origin(base, "disk_path")
+    for path in paths:  # the probe writes there (and the run's stores)
+        _check_writable(sources["disk_path"], path, "the probe's files and the run's stores")
     disk_path = paths[0] if len(paths) == 1 else tuple(paths)
     return base.replace(host_bytes=host, disk_path=disk_path, budget_scope="node")
 
@@ -229,16 +291,25 @@ def _node_config(args: argparse.Namespace, ram: int) -> CacheConfig:
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``spillcache plan`` says, as the JSON it prints."""
-    shape, layers = _shape(args)
+    shape, layers, weights = _shape(args)
     samples = _positive("--samples", args.samples)
     ranks = _positive("--ranks", args.ranks)
-    ram = sysinfo.available_ram() if args.ram is None else _size("--ram", args.ram)
-    node = _node_config(args, ram)
+    if args.ram is None:
+        ram = sysinfo.available_ram()
+        sources = {
+            "ram_bytes": "this machine's available RAM now, not the target node's: give --ram"
+        }
+    else:
+        ram, sources = _size("--ram", args.ram), {"ram_bytes": "--ram"}
+    if weights:
+        sources["weights_bytes"] = weights.how
+    node = _node_config(args, ram, sources, weights)
     per_rank = math.ceil(samples / ranks)
     try:
         budgets = rank_budgets(node, ranks)  # one rank's, "auto" parts resolved
     except ConfigError as error:
-        raise PlanInputError(f"--host-bytes: {error}: raise it, or lower them") from None
+        where = "--host-bytes" if args.host_bytes else "host_bytes"
+        raise PlanInputError(f"{where}: {error}: raise it, or lower them") from None
     rank_config = node.replace(
         host_bytes=budgets.host_bytes,
         write_behind_bytes=budgets.write_behind_bytes,
@@ -260,13 +331,12 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     tiered_keys = sum(1 for c in cached if c.nbytes >= node.inline_bytes and c.what != "token ids")
     need = ranks * (traffic.disk_peak + (tiered_keys + 1) * per_rank * ARRAY_OVERHEAD)
     need = need if traffic.disk_peak else 0
-    disks = [
-        _disk(path, need // len(paths), args.no_probe, len(paths), node.io_threads)
-        for path in paths
-    ]
+    probe = None if args.no_probe else (PROBE_SECONDS / len(paths), node.io_threads)
+    disks = [_disk(path, need // len(paths), probe, sources["disk_path"]) for path in paths]
     written, read = ranks * traffic.written, ranks * traffic.read
     io_seconds = _io_seconds(disks, written, read)
-    fits = all(d["free_bytes"] >= d["needed_bytes"] for d in disks) and node.host_bytes <= ram
+    fits_ram = node.host_bytes + (weights.host_bytes if weights else 0) <= ram
+    fits = all(d["free_bytes"] >= d["needed_bytes"] for d in disks) and fits_ram
     plan = {
         "model": {"hidden": shape.hidden, "layers": layers, "dtype": _name(shape.dtype),
                   "mask": _name(shape.mask), "head_dim": shape.head_dim},
@@ -274,7 +344,9 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "per_sample_bytes": per_sample,
         "cached_bytes": sample_bytes * samples,
         "host_bytes": node.host_bytes, "host_tier_bytes": ranks * budgets.host_tier_bytes,
-        "ram_bytes": ram,
+        "ram_bytes": ram, "fits_ram": fits_ram,
+        "weights_bytes": weights and weights.nbytes,
+        "weights_host_bytes": weights and weights.host_bytes, "sources": sources,
         "fits_host": sample_bytes * per_rank <= budgets.host_tier_bytes,
         "disk_written_bytes": written, "disk_read_bytes": read, "disk_needed_bytes": need,
         "disks": disks, "io_seconds": io_seconds, "fits": fits,
@@ -283,7 +355,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     _recommend(plan, node, budgets, sample_bytes * per_rank)
     if args.recipe == "awq":
-        plan["awq"] = _awq_figures(shape, samples, args.awq_offload)
+        plan["awq"] = awq_figures(shape, samples, args.awq_offload)
     return plan
 
 
@@ -291,10 +363,19 @@ def _name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _disk(path: str, needed: int, no_probe: bool, count: int, threads: int) -> dict[str, Any]:
+def _disk(path: str, needed: int, probe: tuple[float, int] | None, where: str) -> dict[str, Any]:
+    """A disk path's free space, its share of what the run needs, and, with ``probe``
+    (seconds, threads), its measured speed; ``where``: where the path was given."""
     disk = {"path": path, "free_bytes": shutil.disk_usage(path).free, "needed_bytes": needed}
-    if not no_probe:
-        speed = disk_probe.probe(path, seconds=PROBE_SECONDS / count, threads=threads)
+    if probe is not None:
+        try:
+            speed = disk_probe.probe(path, seconds=probe[0], threads=probe[1])
+        except OSError as error:  # full, gone, an I/O error: one line, not an errno
+            raise PlanInputError(
+                f"{where}: cannot write the probe's files in {path} ({error.strerror or error}); "
+                "name a writable directory with room on each drive, or skip the probe with "
+                "--no-probe"
+            ) from None
         disk["write_bytes_per_second"] = round(speed.write_bytes_per_second)
         disk["read_bytes_per_second"] = round(speed.read_bytes_per_second)
         disk["direct_io"] = speed.direct_io
@@ -325,7 +406,8 @@ def _recommend(plan: dict, node: CacheConfig, budgets: ResolvedBudgets, rank_cac
             v if v == AUTO else v // shares
             for v in (node.write_behind_bytes, node.read_buffer_bytes)
         ]
-        config["host_bytes"] = shares * host_bytes_for_tier(tier, *rank_parts)
+        # Rounded up (by under 0.1 %) to a size a person would write in the file.
+        config["host_bytes"] = rounded_up_size(shares * host_bytes_for_tier(tier, *rank_parts))
         why["host_bytes"] = (
             f"a host tier of {f(ranks * tier)} holds every cached value (plus an eighth), and "
             f"{f(config['host_bytes'] - ranks * tier)} is for values on their way to and from "
@@ -334,7 +416,7 @@ def _recommend(plan: dict, node: CacheConfig, budgets: ResolvedBudgets, rank_cac
     else:
         config["host_bytes"] = node.host_bytes
         why["host_bytes"] = (
-            f"the budget given ({f(node.host_bytes)} for the node, "
+            f"from {plan['sources']['host_bytes']} ({f(node.host_bytes)} for the node, "
             f"{f(budgets.host_bytes)} per rank: a host tier of {f(budgets.host_tier_bytes)} "
             f"and {f(parts)} for values on their way to and from disk); the rest spills"
         )
@@ -350,7 +432,8 @@ def _recommend(plan: dict, node: CacheConfig, budgets: ResolvedBudgets, rank_cac
         else ("the only drive given; one directory per drive spreads the load over several")
     )
     if plan["disk_needed_bytes"]:
-        config["disk_bytes"] = plan["disk_needed_bytes"] + plan["disk_needed_bytes"] // 4
+        needed = plan["disk_needed_bytes"]
+        config["disk_bytes"] = rounded_up_size(needed + needed // 4)
         why["disk_bytes"] = (
             "the run's peak on disk plus a quarter: a runaway run stops with a clear error"
         )
@@ -369,73 +452,4 @@ def _recommend(plan: dict, node: CacheConfig, budgets: ResolvedBudgets, rank_cac
     why["budget_scope"] = f"sizes are the node's, shared by its {ranks} rank(s)"
 
 
-def _awq_figures(shape: ModelShape, samples: int, offload: str) -> dict[str, Any]:
-    """AWQ's caches of one layer, for the node: what they hold, and where."""
-    per_layer = samples * sum(c.nbytes for cache in awq_caches(shape) for c in cache)
-    if offload == "gpu":
-        note = (
-            "they keep their values on the GPUs (offload_device None): GPU memory, "
-            "not host RAM or disk; the disk figures are the pipeline's cache's"
-        )
-    else:
-        note = (
-            f"they share the host budget with the pipeline's cache, and what spills is "
-            f"read back {AWQ_READS} times per layer: included in the disk figures"
-        )
-    return {"per_layer_bytes": per_layer, "offload": offload, "note": note}
-
-
 # ------------------------------------------------------------------ output
-
-
-def _toml(config: dict[str, Any]) -> str:
-    lines = ["# written by spillcache plan"]
-    for name, value in config.items():
-        lines.append(f"{name} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _text(plan: dict[str, Any]) -> str:
-    model, f = plan["model"], format_bytes
-    lines = [
-        f"model: hidden {model['hidden']}, {model['layers']} layers, {model['dtype']}, "
-        f"mask {model['mask'] or 'none'}, rotary head dim {model['head_dim'] or 'none'}",
-        f"run: {plan['samples']} samples x {plan['seq_len']} tokens, "
-        f"{plan['ranks']} rank(s), {plan['recipe']}",
-        "",
-        "cached per sample: "
-        + ", ".join(f"{what} {f(n)}" for what, n in plan["per_sample_bytes"].items()),
-        f"cached per pass: {f(plan['cached_bytes'])} against a host tier of "
-        f"{f(plan['host_tier_bytes'])} (host_bytes {f(plan['host_bytes'])}, less the parts "
-        "for values on their way to and from disk): "
-        + ("fits, nothing spills" if plan["fits_host"] else "spills to disk"),
-        f"whole run, disk: {f(plan['disk_written_bytes'])} written, "
-        f"{f(plan['disk_read_bytes'])} read",
-    ]
-    for disk in plan["disks"]:
-        line = f"  {disk['path']}: needs {f(disk['needed_bytes'])} of {f(disk['free_bytes'])} free"
-        if "write_bytes_per_second" in disk:
-            line += (
-                f"; measured {f(disk['write_bytes_per_second'])}/s write, "
-                f"{f(disk['read_bytes_per_second'])}/s read"
-            )
-        if disk["needed_bytes"] > disk["free_bytes"]:
-            line += "  WARNING: not enough free space: free some, or add a drive to disk_path"
-        lines.append(line)
-    if plan["replayed_layers"] < plan["model"]["layers"]:
-        lines.append(
-            f"  (an estimate: {plan['replayed_layers']} layers replayed, the others counted "
-            "as the last but one)"
-        )
-    if plan["io_seconds"] is not None:
-        lines.append(f"disk I/O at that speed: {plan['io_seconds']:.0f} s over the run")
-    if "awq" in plan:
-        awq = plan["awq"]
-        lines.append(f"AWQ caches {f(awq['per_layer_bytes'])} per layer; {awq['note']}")
-    lines += ["", "recommended config (per node):"]
-    for name, value in plan["config"].items():
-        shown = f(value) if name.endswith("_bytes") else value
-        lines.append(f"  {name} = {shown}    # {plan['why'][name]}")
-    if not plan["fits"]:
-        lines.append("the run does not fit: see the warnings above")
-    return "\n".join(lines)

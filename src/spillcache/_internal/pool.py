@@ -35,7 +35,7 @@ from .persist import defers_deletion
 from .placement import Placement, TensorRecord
 from .ranks import store_parent
 from .records import WRITING
-from .resolved import checked_disk_dirs, process_budgets
+from .resolved import checked_disk_dirs, checked_process_budgets
 from .store_dirs import remove_empty_dirs
 from .sysinfo import nearest_existing
 from .tenants import Tenant
@@ -85,7 +85,7 @@ class SharedPool:
         self.members = 0  # caches built on it and not yet closed (guarded by the registry)
         # This process's share: "auto" resolved, node-wide sizes divided among the
         # node's ranks under torchrun (resolved.process_budgets).
-        self.budgets = process_budgets(config)
+        self.budgets = checked_process_budgets(config)
         self.disk_dirs = checked_disk_dirs(config)  # one per drive; [] for no disk tier
         self.lock = threading.Lock()
         # Notified whenever a background write finishes (backpressure, flush, close).

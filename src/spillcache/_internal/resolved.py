@@ -17,18 +17,22 @@ import torch
 from ..config import AUTO, CacheConfig
 from ..errors import ConfigError
 from .ranks import rank_info
-from .sysinfo import RAM_BACKED, available_ram, filesystem_type, nearest_existing
+from .sysinfo import RAM_BACKED, available_ram, filesystem_type, nearest_existing, ram_limit
 from .text import format_bytes
 
 __all__ = [
     "NODE_SIZES",
     "ResolvedBudgets",
     "auto_host_bytes",
+    "check_host_budget",
     "checked_disk_dirs",
+    "checked_process_budgets",
     "disk_directories",
     "keeps_device_tier",
     "resolve_offload_device",
     "process_budgets",
+    "setting_fix",
+    "setting_origin",
     "transit_bytes",
 ]
 
@@ -109,6 +113,92 @@ def process_budgets(
     return budgets
 
 
+def checked_process_budgets(config: CacheConfig) -> ResolvedBudgets:
+    """``process_budgets(config)`` for a cache being made in this process: its host
+    budget checked against this machine's memory (``check_host_budget``)."""
+    budgets = process_budgets(config)
+    check_host_budget(config, budgets)
+    return budgets
+
+
+def check_host_budget(
+    config: CacheConfig,
+    budgets: ResolvedBudgets,
+    *,
+    ram: tuple[int, str] | None = None,
+    available: int | None = None,
+    warn: bool = True,
+    stacklevel: int = 5,  # the IntermediatesCache constructor's caller, from the pool
+) -> None:
+    """Refuse a host budget this machine can never hold, and warn about one it cannot
+    hold now, before anything is stored: a region larger than the RAM is only found
+    out hours into a run, when the kernel's OOM killer ends it as the region fills.
+
+    What is compared is the node's figure: host_bytes under budget_scope = "node" (and
+    outside torchrun), each rank's host_bytes times the node's ranks under "rank".
+    Above the RAM (``sysinfo.ram_limit``: MemTotal, or the cgroup's limit where lower):
+    ConfigError. Above what is available now (MemAvailable), but within the RAM: a
+    warning (the model and other processes hold the difference now; they may let go),
+    unless ``warn`` is False (a check ahead of the cache, which will warn). "auto" is
+    half the available RAM and never either; 0 maps no region. ``ram`` and
+    ``available``: this machine's, measured now, unless given."""
+    if config.host_bytes == AUTO or budgets.host_bytes == 0:
+        return
+    info = rank_info()
+    ranks = 1 if info is None else info.local_world_size
+    node_bytes = budgets.host_bytes * ranks if budgets.shares == 1 else config.host_bytes
+    what = format_bytes(node_bytes, tib=True)
+    if budgets.shares == 1 and ranks > 1:
+        what = (
+            f"{format_bytes(budgets.host_bytes, tib=True)} for each of this node's {ranks} "
+            f'ranks (budget_scope = "rank"): {format_bytes(node_bytes, tib=True)} in all'
+        )
+    origin, fix = setting_origin(config, "host_bytes"), setting_fix(config, "host_bytes")
+    ram_bytes, ram_what = ram_limit() if ram is None else ram
+    if node_bytes > ram_bytes:
+        raise ConfigError(
+            f"host_bytes: {what} ({origin}) is more than {ram_what}, "
+            f"{format_bytes(ram_bytes)}: a cache would be killed for want of memory as "
+            f"it fills; {fix} to what the node can spare besides the model and the "
+            'program, or to "auto" (half the available RAM)'
+        )
+    free_now = available_ram() if available is None else available
+    if warn and node_bytes > free_now:
+        warnings.warn(
+            f"spillcache's host_bytes, {what} ({origin}), is more than the memory "
+            f"available now, {format_bytes(free_now)} of {format_bytes(ram_bytes)} "
+            f"({ram_what}): as the cache fills, the machine may swap or kill the run; "
+            f"{fix} lower, or free memory first",
+            stacklevel=stacklevel,
+        )
+
+
+def setting_origin(config: CacheConfig, name: str) -> str:
+    """Where setting ``name`` came from, for a message: "SPILLCACHE_HOST_BYTES",
+    "--host-bytes", "host_bytes in spill.toml", "host_bytes as given in code"."""
+    source = config.source_of(name)
+    if source is None:
+        return f"{name} as given in code"
+    if source == "default":
+        return f"the default {name}"
+    if source.startswith(("SPILLCACHE_", "--")):
+        return source
+    return f"{name} in {source}"
+
+
+def setting_fix(config: CacheConfig, name: str) -> str:
+    """How to change setting ``name`` where it was set ("set SPILLCACHE_HOST_BYTES"),
+    to be followed by what to set it to."""
+    source = config.source_of(name)
+    if source is None or source == "default":
+        return f"set {name}"
+    if source.startswith("SPILLCACHE_"):
+        return f"set {source}"
+    if source.startswith("--"):
+        return f"give {source}"
+    return f"set {name} in {source}"
+
+
 def auto_host_bytes(ram_available: int, ranks_on_node: int = 1) -> int:
     """What host_bytes = "auto" gives each rank: half the node's available RAM (the
     rest is the model's, the page cache's and everything else's), shared evenly."""
@@ -144,15 +234,17 @@ def disk_directories(disk_path: str | tuple[str, ...] | None) -> list[str]:
     return [disk_path] if isinstance(disk_path, str) else list(disk_path)
 
 
-def checked_disk_dirs(config: CacheConfig) -> list[str]:
+def checked_disk_dirs(config: CacheConfig, *, warn_ram_backed: bool = True) -> list[str]:
     """The disk tier's directories, one per drive ([] for no disk tier): refused when
-    they can never hold a store, with a warning for RAM-backed ones."""
+    they can never hold a store, with a warning for RAM-backed ones (unless
+    ``warn_ram_backed`` is False: a check ahead of the cache that will warn)."""
     if config.disk_path is None:
         return []
     disk_dirs = disk_directories(config.disk_path)
+    fix = setting_fix(config, "disk_path")
     for disk_dir in disk_dirs:
-        _check_writable(disk_dir)
-        if filesystem_type(disk_dir) in RAM_BACKED:
+        _check_writable(disk_dir, fix)
+        if warn_ram_backed and filesystem_type(disk_dir) in RAM_BACKED:
             warnings.warn(
                 f"spillcache's disk tier is at {disk_dir}, which is RAM-backed "
                 f"({filesystem_type(disk_dir)}): spilled values still use RAM. Set disk_path "
@@ -162,17 +254,17 @@ def checked_disk_dirs(config: CacheConfig) -> list[str]:
     return disk_dirs
 
 
-def _check_writable(disk_dir: str) -> None:
+def _check_writable(disk_dir: str, fix: str) -> None:
     """A disk_path that can never hold a store is refused when the cache is made, not
-    when its first value spills."""
+    when its first value spills; ``fix``: how to change it where it was set."""
     path = nearest_existing(disk_dir)  # made on first use, in its parent
     if not path.is_dir():
         raise ConfigError(
-            f"disk_path: {disk_dir} is not a directory ({path} is a file); set disk_path "
-            "to a directory on a local disk"
+            f"disk_path: {disk_dir} is not a directory ({path} is a file); {fix} to a "
+            "directory on a local disk"
         )
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(
             f"disk_path: {disk_dir} is not writable ({path} is read-only to this process); "
-            "set disk_path to a writable directory on a local disk"
+            f"{fix} to a writable directory on a local disk"
         )

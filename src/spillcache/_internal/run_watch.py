@@ -87,15 +87,11 @@ def watch_options(
 
 
 def total_ram() -> int:
-    """Bytes of RAM of this machine (MemTotal), for the metrics file; 0 if unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Bytes of memory this process can ever have (the machine's RAM, or its cgroup's
+    limit where lower), for the metrics file."""
+    from .sysinfo import ram_limit
+
+    return ram_limit()[0]
 
 
 class Figures(Protocol):

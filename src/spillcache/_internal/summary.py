@@ -9,6 +9,7 @@ raises ``StoreCorruptError`` saying which batch and key.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ from . import store_checks, store_dirs, store_format, tensor_store
 from .checkpoints import describe_store
 from .dtypes import RAW_DTYPES, dtype_name
 from .leftovers import find_orphans
+from .small_files import NotPlainFile, read_small_file
 from .tree import unflatten
 
 __all__ = [
     "load_value",
     "report_damage",
+    "root_damage",
     "state_text",
     "summarize",
     "tensor_stats",
@@ -69,6 +72,31 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "problems": found.all_problems(),
         "checkpoint": describe_store(store.path, attributes),
     }
+
+
+def root_damage(path: str | Path) -> str | None:
+    """What is wrong with the root ``zarr.json`` of a directory laid out as a store (it
+    holds the store's ``tensors`` group) whose root cannot be read: missing, not a
+    regular file, or not a JSON object (cut short, overwritten). None for a directory
+    that is not laid out as a store, or whose root reads (then what the store format's
+    reader says of it stands: not a spillcache store, or another format version)."""
+    path = Path(path)
+    if not (path / store_format.TENSORS).is_dir():
+        return None
+    root = path / "zarr.json"
+    try:
+        metadata = json.loads(read_small_file(root, 1 << 20))
+    except FileNotFoundError:
+        return f"{root} is missing: the store's root metadata (format version, state) is gone"
+    except NotPlainFile as error:
+        return f"{root} {error}"
+    except OSError as error:
+        return f"{root} cannot be read ({error.strerror or error})"
+    except (ValueError, RecursionError) as error:  # cut short, or overwritten
+        return f"{root} is not valid JSON ({error}): the store's root metadata is damaged"
+    if not isinstance(metadata, dict):
+        return f"{root} is not a JSON object: the store's root metadata is damaged"
+    return None
 
 
 def state_text(info: dict[str, Any]) -> str:

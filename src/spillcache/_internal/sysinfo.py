@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["available_ram", "filesystem_type", "nearest_existing"]
+__all__ = ["available_ram", "filesystem_type", "nearest_existing", "ram_limit"]
 
 RAM_BACKED = ("tmpfs", "ramfs")
+# A cgroup v1 memory limit at or above this is "no limit" (the kernel writes the
+# largest page-aligned long there).
+_NO_CGROUP_LIMIT = 2**60
 
 
 def available_ram() -> int:
@@ -20,6 +23,67 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def ram_limit(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"):
+    """The most memory this process can ever have, and what that figure is: the
+    machine's RAM (MemTotal), or its cgroup's memory limit where that is lower (a
+    container, a Slurm job): ``(bytes, "this machine's RAM")``. A memory budget beyond
+    it can never be held; the parameters are for tests."""
+    total = _mem_total()
+    limit = _cgroup_memory_limit(Path(cgroup_root), Path(self_cgroup))
+    if limit is not None and limit < total:
+        return limit, "this process's cgroup memory limit"
+    return total, "this machine's RAM"
+
+
+def _cgroup_memory_limit(root: Path, self_cgroup: Path) -> int | None:
+    """The lowest memory limit on the way from this process's cgroup up to the root
+    (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``), None where none is set."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    places = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":  # v2: one unified hierarchy
+            places.append((root, parts[2], "memory.max"))
+        elif "memory" in parts[1].split(","):  # v1: the memory controller's hierarchy
+            places.append((root / "memory", parts[2], "memory.limit_in_bytes"))
+    limits = []
+    for mount, inside, name in places:
+        directory = mount / inside.lstrip("/")
+        while True:
+            limits.append(_read_limit(directory / name))
+            if directory == mount or mount not in directory.parents:
+                break
+            directory = directory.parent
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:  # no such controller file here (or not readable): no limit known
+        return None
+    if not text.isdigit() or int(text) >= _NO_CGROUP_LIMIT:  # "max", or v1's no limit
+        return None
+    return int(text)
 
 
 def nearest_existing(path: str | os.PathLike[str]) -> Path:
