@@ -181,7 +181,6 @@ class RunWatch:
         self._subgraph: tuple[int, int] | None = None
         self._done = 0
         self._values_peak = 0  # the run's: the most of any subgraph's
-        self._rss_start = process_memory()[0]
         self._open_metrics()
         self._record({"event": "start", **setting})
         where = ", ".join(setting["disk_paths"]) or "no disk (disk_path is None)"

@@ -13,27 +13,26 @@ RAM_BACKED = ("tmpfs", "ramfs")
 _NO_CGROUP_LIMIT = 2**60
 
 
-def available_ram() -> int:
-    """Bytes of RAM the system could give this process now (MemAvailable on Linux)."""
+def _meminfo(field: str, pages: str) -> int:
+    """Bytes of /proc/meminfo's ``field`` ("MemTotal"); where Linux's /proc is not
+    there, ``pages`` (a sysconf name) times the page size."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_ram() -> int:
+    """Bytes of RAM the system could give this process now (MemAvailable on Linux)."""
+    return _meminfo("MemAvailable", "SC_AVPHYS_PAGES")
 
 
 def _mem_total() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return _meminfo("MemTotal", "SC_PHYS_PAGES")
 
 
 def ram_limit(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"):

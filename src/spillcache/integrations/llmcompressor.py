@@ -182,14 +182,23 @@ class CacheSwitch:
         still ``open``, per tier the hits, misses, bytes read and written and evictions,
         and ``stall_seconds``. A cache counts from the moment it is built; llm-compressor
         never closes its caches, so one is closed when it is garbage-collected."""
+        totals, open_figures, built = self._closed_totals_and_open_figures()
+        for _, figures in open_figures:
+            _add_stats(totals, figures)
+        return {"caches": built, "open": len(open_figures), **totals}
+
+    def _closed_totals_and_open_figures(
+        self,
+    ) -> tuple[dict[str, Any], list[tuple[CacheCore, dict[str, Any]]], int]:
+        """The closed caches' totals, each open cache with its ``stats()``, and how many
+        caches were built."""
         with self._lock:
             self._settle_closed()
             totals = _copy_totals(self._closed_totals)
             open_cores = [core for ref in self._open.values() if (core := ref()) is not None]
             built = self._caches_built
-        for core in open_cores:  # outside our lock: a core's stats take the core's lock
-            _add_stats(totals, core.stats())
-        return {"caches": built, "open": len(open_cores), **totals}
+        # Outside our lock: a core's stats take the core's lock.
+        return totals, [(core, core.stats()) for core in open_cores], built
 
     def _track(self, core: CacheCore) -> int:
         """Count a new cache's core; the token its close reports with."""
@@ -205,13 +214,11 @@ class CacheSwitch:
         """What a run's progress line reports: the caches' disk traffic and stall so
         far, what they hold now, and the most their values took since the last
         ``reset_peak`` (run_watch.py)."""
-        totals = self.stats()
-        with self._lock:
-            open_cores = [core for ref in self._open.values() if (core := ref()) is not None]
+        totals, open_figures, _ = self._closed_totals_and_open_figures()
         held = dict.fromkeys(("host_bytes", "device_bytes", "disk_bytes", "values_bytes"), 0)
         held |= {"values_peak_bytes": 0, "host_tier_budget_bytes": 0, "host_peak_bytes": 0}
-        for core in open_cores:
-            figures = core.stats()
+        for core, figures in open_figures:
+            _add_stats(totals, figures)
             for tier in TIERS:
                 held[f"{tier}_bytes"] += figures[tier]["bytes"]
             values, peak = core.values_held(reset_peak=reset_peak)
