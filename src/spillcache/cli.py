@@ -3,6 +3,8 @@ effective config, a run's plan, and the demo.
 
 Every subcommand prints aligned tables for people (``--json`` for scripts where a
 script would want it) and exits 0; a problem is one line on stderr and exit status 2.
+``verify`` and ``inspect`` exit 1 for a store that is damaged, ``demo`` for a run
+that differs from its all-in-RAM twin.
 """
 
 # This module holds the parser and the store subcommands; config, plan and demo have
@@ -31,6 +33,7 @@ from ._internal.dtypes import dtype_name
 from ._internal.plan_cli import add_plan_command
 from ._internal.report_cli import add_report_command
 from ._internal.resolved import disk_directories
+from ._internal.summary import state_text
 from ._internal.text import aligned, format_bytes, os_error_text
 from .config import CacheConfig
 from .errors import SpillCacheError, StoreCorruptError, StoreFormatError
@@ -104,9 +107,7 @@ def _du(args: argparse.Namespace) -> int:
     if plain or not runs:
         table = [["store", "size", "pid", "process", "state"]]
         for row in plain:
-            state = "complete" if row["complete"] else "in use or left by a crash"
-            if row["checkpoint"]:
-                state = store_text(row["checkpoint"])
+            state = state_text({**row, "owner_alive": row["alive"]}, detailed=False)
             table.append(
                 [row["path"], format_bytes(row["bytes"]), str(row["pid"]),
                  _alive_text(row["alive"]), state]
@@ -143,7 +144,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ._internal.summary import report_damage, state_text, summarize
+    from ._internal.summary import report_damage, summarize
 
     ranks = store_dirs.rank_dirs(args.path)
     if ranks:
@@ -199,17 +200,6 @@ def _checksum_text(info: dict) -> str:
     return warning or "a CRC32C on every chunk, checked on every read"
 
 
-def _store_state(info: dict) -> str:
-    if problems := len(info["problems"]):
-        return f"damaged ({problems} problem{'s' * (problems > 1)}: inspect the store)"
-    if info["checkpoint"]:
-        return store_text(info["checkpoint"])
-    if info["complete"]:
-        return "complete"
-    alive = info["owner_alive"]
-    return {True: "open", False: "left by a crash", None: "open on another host?"}[alive]
-
-
 def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]) -> int:
     """A run directory: each rank's stores (state, owner, arrays, bytes) and totals."""
     from ._internal.summary import summarize
@@ -246,8 +236,9 @@ def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]
                 table.append([str(entry["rank"]), name, f"unreadable: {info['error']}", "", "", ""])
                 continue
             owner = f"pid {info['pid']} ({_alive_text(info['owner_alive'])})"
+            state = state_text(info, detailed=False)
             table.append(
-                [str(entry["rank"]), name, _store_state(info), owner, str(info["arrays"]),
+                [str(entry["rank"]), name, state, owner, str(info["arrays"]),
                  format_bytes(info["bytes"])]
             )  # fmt: skip
     table.append(["total", f"{count} stores", "", "", str(arrays), format_bytes(nbytes)])
@@ -418,7 +409,6 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if report["bad"] or report["problems"] else 0
 
 
-# The demo's size options: flag, the size it sets (demo.DEFAULT_SIZES key), help.
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spillcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -266,3 +266,6 @@ def test_use_after_close_is_a_clear_error(make_cache):
         cache.fetch(0)
     with pytest.raises(CacheClosedError):
         cache.update(0, {"x": 1})
+    for call in (cache.flush, lambda: cache.fetch(0), lambda: cache.update(0, {"x": 1})):
+        with pytest.raises(CacheClosedError, match="create a new one"):  # the fix, every call
+            call()

@@ -19,6 +19,7 @@ import torch
 from faults.injection import leftovers, same_bits, unaligned
 from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
 from spillcache._internal.placement import Placement
+from spillcache._internal.records import Admission
 from spillcache._internal.tenants import Tenant
 from spillcache._internal.tensor_store import Store
 from spillcache._internal.tiers import DiskTier
@@ -219,11 +220,12 @@ def test_a_refused_admission_puts_a_cascade_of_moves_back(tmp_path):
     the accelerator: the tenant's device tier targets it.)"""
     cpu = torch.device("cpu")
     placement = Placement(
-        device_budget=KIB64, host_budget=KIB64, disk=DiskTier(KIB64), eviction="lru", pin_host=False
+        device_budget=KIB64, host_budget=KIB64, disk=DiskTier(KIB64), pin_host=False
     )
     store = lambda disk: Store.create(tmp_path / "stores")  # noqa: E731
     tenant = placement.add_tenant(Tenant(store, "lru", device_target=cpu))
-    a, b = placement.admit([(unaligned(KIB64, 0), cpu), (unaligned(KIB64, 1), cpu)], tenant=tenant)
+    admissions = [Admission(unaligned(KIB64, 0), cpu), Admission(unaligned(KIB64, 1), cpu)]
+    a, b = placement.admit(admissions, tenant=tenant)
     assert (a.resident, b.resident) == ("host", "device")
 
     def where() -> list:
@@ -238,7 +240,8 @@ def test_a_refused_admission_puts_a_cascade_of_moves_back(tmp_path):
 
     before = where()
     with pytest.raises(CapacityError):  # x: a to disk, b to host; y: no room anywhere
-        placement.admit([(unaligned(KIB64, 2), cpu), (unaligned(KIB64, 3), cpu)], tenant=tenant)
+        admissions = [Admission(unaligned(KIB64, 2), cpu), Admission(unaligned(KIB64, 3), cpu)]
+        placement.admit(admissions, tenant=tenant)
     assert where() == before
     assert placement.take_writes() == [] and placement.take_deletions() == []
     # The store the first move made is gone too (its disk directory, "stores", stays).

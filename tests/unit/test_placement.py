@@ -8,6 +8,7 @@ import torch
 from spillcache._internal import transfers
 from spillcache._internal.dtypes import RAW_DTYPES
 from spillcache._internal.placement import Placement, TensorRecord
+from spillcache._internal.records import Admission
 from spillcache._internal.tenants import Tenant
 from spillcache._internal.tensor_store import Store
 from spillcache._internal.tiers import DiskTier
@@ -53,7 +54,6 @@ def make(tmp_path, host: int | None, disk: int | None | bool = None) -> Placemen
         device_budget=0,
         host_budget=host,
         disk=tier,
-        eviction="lru",
         pin_host=False,
     )
     opener = None if disk is False else (lambda disk: Store.create(tmp_path / "stores"))
@@ -88,7 +88,7 @@ class World:
 
     def admit(self, *tensors: torch.Tensor) -> list[TensorRecord]:
         try:
-            records = self.p.admit([(t, CPU) for t in tensors], tenant=self.tenant)
+            records = self.p.admit([Admission(t, CPU) for t in tensors], tenant=self.tenant)
         finally:
             self.drain()
         for record, tensor in zip(records, tensors, strict=True):
@@ -133,7 +133,9 @@ class World:
         for record, _ in self.live.values():
             assert record.resident is not None or record.on_disk or record.rid in p.write_behind
             assert record.refs > 0
-        assert p.write_behind.in_flight == 0 and p.write_behind.nbytes == 0  # drain() ran them all
+        tenants = list(p.tenants)
+        assert p.write_behind.nbytes == 0  # drain() ran them all
+        assert all(tenant.writes_in_flight == 0 for tenant in tenants)
 
     def check_all_loadable(self, *, budgets: bool = True) -> None:
         for record, _ in list(self.live.values()):

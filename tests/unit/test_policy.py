@@ -106,6 +106,11 @@ def test_make_policy_unknown_name(name):
 # ------------------------------------------------------------------ scan
 
 
+def newcomer_victims(policy, batch: int) -> list[int]:
+    """What a record of ``batch`` may evict in its own cache, as placement asks for it."""
+    return list(merged_victims([policy], policy.bypass_score(batch)))
+
+
 def scan_with(members: dict[int, int], position: int, num_batches: int) -> ScanPolicy:
     """A scan policy holding ``rid -> batch``, with the reader at ``position``."""
     policy = ScanPolicy()
@@ -136,9 +141,9 @@ def test_scan_evicts_the_furthest_next_use_first():
 def test_scan_offers_only_victims_needed_later_than_the_newcomer():
     policy = scan_with({10: 0, 11: 2, 12: 3, 13: 5}, position=2, num_batches=6)
     # A record for batch 4 (distance 2) may evict those needed after it, not batch 3.
-    assert list(policy.victims(for_batch=4)) == [11, 10, 13]
+    assert newcomer_victims(policy, 4) == [11, 10, 13]
     # A record for the batch just read (distance 6, the furthest) evicts nothing: it bypasses.
-    assert list(policy.victims(for_batch=2)) == []
+    assert newcomer_victims(policy, 2) == []
 
 
 def test_scan_keeps_all_records_of_a_batch_together():
@@ -151,7 +156,7 @@ def test_scan_remove_and_reinsert_moves_a_record_between_batches():
     policy.remove(1)
     assert 1 not in policy and len(policy) == 1
     policy.insert(2, batch=0)  # inserting again replaces the batch it belongs to
-    assert list(policy.victims(for_batch=1)) == []
+    assert newcomer_victims(policy, 1) == []
     assert list(policy.victims()) == [2]
 
 
@@ -164,7 +169,7 @@ def test_scan_counts_batches_past_the_known_number():
 def test_lru_ignores_batches_and_positions():
     policy = filled(1, 2, 3)
     policy.reached(2, 3)
-    assert list(policy.victims(for_batch=0)) == [1, 2, 3]
+    assert newcomer_victims(policy, 0) == [1, 2, 3]
     assert LRUPolicy.promotes_by_eviction and not ScanPolicy.promotes_by_eviction
 
 

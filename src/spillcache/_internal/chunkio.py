@@ -56,7 +56,6 @@ def check_bytes(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} must be on the CPU, not {tensor.device}")
 
 
-# Transparent huge pages: 2 MiB of physically contiguous memory each.
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

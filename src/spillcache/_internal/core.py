@@ -28,7 +28,7 @@ from .persist import leave_as_flushed, make_durable, persist, release_previous
 from .placement import TensorRecord
 from .pool import pool_for
 from .reads import Fetched
-from .records import Entry, InlineTensor
+from .records import Admission, Entry, InlineTensor
 from .records import records_of as _records_of
 from .resolved import keeps_device_tier
 from .tenants import Tenant
@@ -139,8 +139,7 @@ class CacheCore:
         in its root: it is committed with this flush (what a checkpoint says); with
         ``keep_previous`` the flush before stays readable until ``release_previous``."""
         with self._lock:
-            if self._closed:
-                raise CacheClosedError("this cache is closed")
+            self._check_open(report=False)
             self._wait_for_writes(lambda: self.tenant.writes_in_flight == 0)
             self._report_write_failures()
         if self.config.keep_store:
@@ -209,25 +208,17 @@ class CacheCore:
 
     def _store_prepared(self, index: int, prepared: list[Prepared]) -> None:
         """Lock held: place the prepared values in batch ``index``; all or nothing."""
-        to_admit, originals, labels, keys = [], [], [], []
-        for item in prepared:
-            for leaf, offloaded, tiered in item.leaves:
-                if tiered:
-                    to_admit.append((offloaded, leaf.onload_device))
-                    originals.append(leaf.tensor)
-                    labels.append(f"batch {index}, key {item.key!r}")
-                    keys.append(item.key)
-        self.placement.tenants.used(self.tenant)
-        records = iter(
-            self.placement.admit(
-                to_admit,
-                tenant=self.tenant,
-                batch=index,
-                labels=labels,
-                originals=originals,
-                keys=keys,
+        admissions = [
+            Admission(
+                offloaded, leaf.onload_device, leaf.tensor, f"batch {index}, key {item.key!r}",
+                item.key,
             )
-        )
+            for item in prepared
+            for leaf, offloaded, tiered in item.leaves
+            if tiered
+        ]  # fmt: skip
+        self.placement.tenants.used(self.tenant)
+        records = iter(self.placement.admit(admissions, tenant=self.tenant, batch=index))
         batch = self._batches[index]
         replaced: list[TensorRecord] = []
         for item in prepared:
@@ -317,7 +308,7 @@ class CacheCore:
             self.tenant.track(job)  # closing waits for it
             return job
 
-    def _prefetch(self, batch_index: int, input_names: Collection[str] | None) -> tuple:
+    def _prefetch(self, batch_index: int, input_names: Collection[str] | None) -> Fetched:
         return self.fetch_versioned(batch_index, input_names, by_reader=False)
 
     def add_stall(self, seconds: float) -> None:

@@ -87,11 +87,9 @@ class Offload:
     def _offload_tiered(self, tensor: torch.Tensor) -> torch.Tensor:
         """What placement stores of a tiered tensor: the tensor itself where it may stay
         in the device tier, else its compact host copy (itself if it is one already)."""
-        tenant = self.tenant
-        if self.placement.device.budget != 0 and tenant.device_tier:
-            if tenant.device_target is not None or tensor.device.type != "cpu":
-                return tensor.detach()
         placement = self.placement
+        if placement.wants_device_tier(self.tenant, tensor):
+            return tensor.detach()
         return self.transfers.to_host(
             tensor.detach(), pin=placement.pin_host, arena=placement.arena
         )

@@ -16,7 +16,8 @@ the root does not count yet. Batches whose structure did not change are not writ
 
 During a run the cache deletes arrays it no longer needs in the background
 (``pool.start_queued_disk_io``); for a kept store, a deletion of an array the flushed
-structures name waits here (``defers_deletion``) for the next flush or close.
+structures name waits for the next flush or close (``KeptStructures.defers_deletion``:
+what this module knows of the store's structures lives on its ``Tenant``).
 
 A flush may also keep the flush before it readable (``keep_previous``): the arrays
 only that one names stay until ``release_previous``, the batches keep its structures
@@ -37,7 +38,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,7 @@ from .store_format import (
     tensors_dir,
     unstored_tensor_node,
 )
-from .tenants import Tenant
+from .tenants import KeptStructures, Tenant
 from .tensor_store import Store, write_root_json
 from .tree import spec_to_json
 
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
     from .pool import SharedPool
 
 __all__ = [
-    "defers_deletion",
     "leave_as_flushed",
     "make_durable",
     "opened",
@@ -75,52 +74,10 @@ __all__ = [
 ]
 
 
-@dataclass
-class _Kept:
-    """What a kept store's cache knows of the structures on its disk. Guarded by the
-    pool's lock."""
-
-    named: set[str] = field(default_factory=set)  # arrays structures on disk may name
-    deferred: set[str] = field(default_factory=set)  # deletions waiting for new structures
-    unowned: set[str] = field(default_factory=set)  # arrays a flush wrote that no record holds
-    # Small tensors a flush wrote, by id(leaf): (leaf, array). The leaf is held so that
-    # its id is not reused while it is here.
-    inline: dict[int, tuple[InlineTensor, str]] = field(default_factory=dict)
-    flushing: bool = False
-    flush: int = 0  # the last flush whose structures are all on disk (the root says so)
-    # Each batch's structure as that flush recorded it: (the flush that wrote it, JSON).
-    committed: dict[int, tuple[int, dict]] = field(default_factory=dict)
-    # A flush failed half-way: batches on disk may hold what it wrote, so the next one
-    # rewrites them all rather than skip those that look unchanged.
-    rewrite_all: bool = False
-    # Arrays only the flush before the last names, kept by a flush with keep_previous
-    # until release_previous (or the next flush, or close).
-    previous: set[str] = field(default_factory=set)
-    # What the flush before the last named and the last does not, while it is kept: a
-    # deletion queued before the last flush may reach the pool after it.
-    previous_named: set[str] = field(default_factory=set)
-
-
-_kept: weakref.WeakKeyDictionary[Tenant, _Kept] = weakref.WeakKeyDictionary()
-
-
-def _state(tenant: Tenant) -> _Kept:
-    return _kept.setdefault(tenant, _Kept())
-
-
-def defers_deletion(tenant: Tenant, name: str) -> bool:
-    """Pool's lock held: whether deleting ``name`` must wait, because structures on
-    disk may name it; if so it is deleted by the next flush or close."""
-    state = _kept.get(tenant)
-    if state is None:
-        return False
-    if name in state.named:
-        state.deferred.add(name)
-    elif name in state.previous_named:
-        state.previous.add(name)
-    else:
-        return False
-    return True
+def _state(tenant: Tenant) -> KeptStructures:
+    if tenant.kept is None:
+        tenant.kept = KeptStructures()
+    return tenant.kept
 
 
 def opened(
@@ -180,7 +137,7 @@ def make_durable(
         state.flushing = True
         try:
             store = tenant.store
-            snapshot = _snapshot(pool.placement, tenant, batches, state)
+            snapshot = _snapshot(pool.placement, batches, state)
             state.named |= {record.array for record in _records_on_disk(snapshot)}
             state.named |= {name for _, name, _ in snapshot.records.values()}
         except BaseException:
@@ -226,7 +183,7 @@ def release_previous(pool: SharedPool, tenant: Tenant) -> None:
     ``keep_previous``): the store can no longer go back to it. Call without the
     pool's lock."""
     with pool.lock:
-        state = _kept.get(tenant)
+        state = tenant.kept
         if state is None:
             return
         pool.write_finished.wait_for(lambda: not state.flushing)
@@ -236,7 +193,7 @@ def release_previous(pool: SharedPool, tenant: Tenant) -> None:
         store.delete_tensor(name)
 
 
-def _let_go_of_previous(state: _Kept) -> set[str]:
+def _let_go_of_previous(state: KeptStructures) -> set[str]:
     """Lock held: the arrays only the kept flush before the last named, to delete; the
     store no longer keeps that flush."""
     doomed, state.previous, state.previous_named = state.previous, set(), set()
@@ -250,7 +207,7 @@ def leave_as_flushed(tenant: Tenant) -> None:
     into the store, whatever made the cache close (an exception, the interpreter's
     exit); its root says the process let it go, so that it opens as the last flush
     left it, in this process too (``reopen``)."""
-    _kept.pop(tenant, None)
+    tenant.kept = None
     if not tenant.has_store:
         return
     path = tenant.store.path
@@ -260,7 +217,7 @@ def leave_as_flushed(tenant: Tenant) -> None:
 
 
 def _snapshot(
-    placement: Placement, tenant: Tenant, batches: list[dict[str, Entry]], state: _Kept
+    placement: Placement, batches: list[dict[str, Entry]], state: KeptStructures
 ) -> _Snapshot:
     """Lock held: the batches' entries as they are, and the values to write."""
     snapshot = _Snapshot([list(batch.items()) for batch in batches])
@@ -297,7 +254,7 @@ def _records_on_disk(snapshot: _Snapshot) -> Iterator[TensorRecord]:
 def _write(
     store: Store,
     snapshot: _Snapshot,
-    state: _Kept,
+    state: KeptStructures,
     written: list[tuple[TensorRecord, str]],
     inline: dict[int, tuple[InlineTensor, str]],
 ) -> dict[int, tuple[int, dict]]:
@@ -329,7 +286,7 @@ def _write(
 
 
 def _commit(
-    store: Store, state: _Kept, structures: list[dict], *, complete: bool
+    store: Store, state: KeptStructures, structures: list[dict], *, complete: bool
 ) -> dict[int, tuple[int, dict]]:
     """Write the batches whose structure changed since the last flush, each keeping the
     one it replaces as ``before``; then the root, which completes this flush: until
@@ -352,7 +309,7 @@ def _commit(
 
 def _settle(
     placement: Placement,
-    state: _Kept,
+    state: KeptStructures,
     snapshot: _Snapshot,
     written: list[tuple[TensorRecord, str]],
     inline: dict[int, tuple[InlineTensor, str]],
@@ -381,7 +338,7 @@ def _settle(
     return doomed
 
 
-def _inline_names(store: Store, state: _Kept) -> Iterator[str]:
+def _inline_names(store: Store, state: KeptStructures) -> Iterator[str]:
     """Fresh names for small tensors: none an array (whole or half-written) has."""
     taken = set(os.listdir(tensors_dir(store.path))) | {name for _, name in state.inline.values()}
     return (name for n in itertools.count() if (name := f"i{n}") not in taken)
@@ -456,7 +413,7 @@ def persist(
     superseded = doomed | state.deferred | state.unowned | state.previous | tenant.deleting
     for name in superseded - referenced:
         store.delete_tensor(name)
-    _kept.pop(tenant, None)
+    tenant.kept = None
 
 
 def _close_leaf(

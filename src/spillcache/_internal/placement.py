@@ -33,7 +33,7 @@ from . import transfers
 from .failures import errno_of, refusal
 from .kept_copies import KeptCopies
 from .promotion import Promotion
-from .records import QUEUED, WRITING, RecordRegistry, TensorRecord
+from .records import Admission, RecordRegistry, TensorRecord, Tier, WriteState
 from .rollback import NO_JOURNAL, Journal
 from .stats import COUNTERS
 from .tenants import Tenant, Tenants
@@ -67,16 +67,14 @@ class Placement(KeptCopies, Promotion):
         device_budget: int | None,
         host_budget: int | None,
         disk: DiskTier | None,
-        eviction: str,
         pin_host: bool,
         write_behind_budget: int = 256 * 2**20,
         transfers: Transfers | None = None,
         arena: Arena | None = None,
     ) -> None:
-        self.device = MemoryTier("device", device_budget)
-        self.host = MemoryTier("host", host_budget)
+        self.device = MemoryTier(Tier.DEVICE, device_budget)
+        self.host = MemoryTier(Tier.HOST, host_budget)
         self.disk = disk
-        self.eviction = eviction
         self.tenants = Tenants()
         self.pin_host = pin_host
         self._transfers = transfers or Transfers()
@@ -91,7 +89,7 @@ class Placement(KeptCopies, Promotion):
         self._journal = NO_JOURNAL  # the steps of the admit under way, to undo on failure
 
     def _memory_tier(self, name: str) -> MemoryTier:
-        return self.device if name == "device" else self.host
+        return self.device if name == Tier.DEVICE else self.host
 
     def _count(self, tenant: Tenant, counter: str, amount: int = 1) -> None:
         if counter not in COUNTERS:
@@ -111,7 +109,7 @@ class Placement(KeptCopies, Promotion):
         and no new write of them starts) whose store goes: its values leave every tier
         now, except those being written (their jobs are still running)."""
         for record in self.records_of(tenant):
-            if record.write_state != WRITING:
+            if record.write_state != WriteState.WRITING:
                 self._discard(record)
 
     def remove_tenant(self, tenant: Tenant) -> None:
@@ -119,7 +117,8 @@ class Placement(KeptCopies, Promotion):
         its write is in (the caller made sure no job of it is still running). Its
         arrays are not deleted one by one: its store is removed or kept whole."""
         for record in self.records_of(tenant):
-            if record.write_state == WRITING:  # its job was cancelled: no write_done comes
+            # Its job was cancelled: no write_done comes.
+            if record.write_state == WriteState.WRITING:
                 self.write_behind.pop(record.rid)
                 self.disk.unreserve(record.rid)
                 self.write_behind.forget(record)
@@ -140,20 +139,13 @@ class Placement(KeptCopies, Promotion):
     # ----------------------------------------------------------------- admit
 
     def admit(
-        self,
-        tensors: Sequence[tuple[torch.Tensor, torch.device]],
-        *,
-        tenant: Tenant,
-        batch: int = 0,
-        labels: Sequence[str] | None = None,
-        originals: Sequence[torch.Tensor] | None = None,
-        keys: Sequence[str] | None = None,
+        self, admissions: Sequence[Admission], *, tenant: Tenant, batch: int = 0
     ) -> list[TensorRecord]:
-        """Store tensors of ``tenant`` (each with its onload device); one reference per item.
+        """Store tensors of ``tenant``; one reference per item.
 
-        ``originals`` are the caller's tensors where ``tensors`` holds copies of them
-        made beforehand (outside the lock). A tensor already stored by this tenant (the
-        same object, still alive) is shared, not stored again.
+        A tensor already stored by this tenant (the same object, still alive: the
+        ``original`` where the value is a copy made beforehand) is shared, not stored
+        again.
         All or nothing: if any tensor finds no room (``CapacityError``, or
         ``DiskFullError`` and other StoreErrors for the disk), every step is undone (new
         records removed, records moved to make room moved back) and the error propagates.
@@ -163,15 +155,13 @@ class Placement(KeptCopies, Promotion):
         created: list[TensorRecord] = []
         journal = self._journal = Journal(self)
         try:
-            for index, (tensor, onload_device) in enumerate(tensors):
-                original = tensor if originals is None else originals[index]
+            for tensor, onload_device, original, label, key in admissions:
+                original = tensor if original is None else original
                 record = self.records.shared(tenant, original, onload_device)
                 if record is None:
-                    label = (
-                        labels[index] if labels is not None else f"tensor {self.records.next_rid}"
-                    )
+                    label = label or f"tensor {self.records.next_rid}"
                     record = self._new_record(tenant, original, onload_device, batch, label)
-                    record.key = keys[index] if keys is not None else None
+                    record.key = key
                     created.append(record)
                     self._place_new(record, tensor.detach())
                 records.append(record)
@@ -252,14 +242,17 @@ class Placement(KeptCopies, Promotion):
         """New records must not be named like arrays already in the store."""
         self.records.skip(names)
 
-    def _wants_device_tier(self, tenant: Tenant, tensor: torch.Tensor) -> bool:
+    def wants_device_tier(self, tenant: Tenant, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` of ``tenant`` goes to the device tier if it has room: the
+        one place that decides it (``Offload`` asks too, to leave such a tensor where
+        it is rather than copy it to the host first)."""
         if self.device.budget == 0 or not tenant.device_tier:
             return False
         return tenant.device_target is not None or tensor.device.type != "cpu"
 
     def _place_new(self, record: TensorRecord, tensor: torch.Tensor) -> None:
         tenant = record.tenant
-        if self._wants_device_tier(tenant, tensor) and self._make_room(self.device, record):
+        if self.wants_device_tier(tenant, tensor) and self._make_room(self.device, record):
             target = tenant.device_target or tensor.device
             self._put_memory(self.device, record, transfers.move(tensor, target))
             return
@@ -410,7 +403,7 @@ class Placement(KeptCopies, Promotion):
         writes again). ``free``: the disk's reading just after a write failed for lack
         of space; that disk takes nothing more until it shows room again.
         """
-        if record.write_state != WRITING:
+        if record.write_state != WriteState.WRITING:
             return False  # persisted meanwhile: nothing waits on this one
         tensor = self.write_behind.pop(record.rid)
         self.write_behind.forget(record, job_ends=True)
@@ -427,8 +420,8 @@ class Placement(KeptCopies, Promotion):
         if not record.alive:
             return False
         self.host.put(record.rid, tensor)
-        record.tenant.policies["host"].insert(record.rid, record.batch)
-        record.resident = "host"
+        record.tenant.policies[Tier.HOST].insert(record.rid, record.batch)
+        record.resident = Tier.HOST
         record.write_error = error
         self.write_behind.unwritten_bytes += record.nbytes
         return True
@@ -452,13 +445,13 @@ class Placement(KeptCopies, Promotion):
             self._memory_tier(record.resident).pop(record.rid)
             record.tenant.policies[record.resident].remove(record.rid)
             record.resident = None
-        if record.write_state == QUEUED:
+        if record.write_state == WriteState.QUEUED:
             self.disk.unreserve(record.rid)
             self.write_behind.pop(record.rid)
             self.write_behind.forget(record)
         elif record.write_state is None and record.on_disk:
             self._drop_disk_copy(record)
-        # WRITING: write_done deletes the file once the write is over.
+        # WriteState.WRITING: write_done deletes the file once the write is over.
         if record.write_error is not None:
             self.write_behind.unwritten_bytes -= record.nbytes
             record.write_error = None

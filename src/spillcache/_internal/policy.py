@@ -2,8 +2,9 @@
 
 A policy sees record ids come (``insert``, with the batch they belong to), get used
 (``touch``) and go (``remove``), hears where the reader is (``reached``), and answers
-``victims(for_batch)``: the ids worth evicting to make room for a record of
-``for_batch``, first choice first. It never moves data; the placement does.
+``victims()`` (its ids, first choice first) and ``scored()`` (the same with scores that
+compare across caches; ``bypass_score(batch)``: the score a victim must beat to make
+room for a record of ``batch``). It never moves data; the placement does.
 
 Two policies:
 
@@ -50,7 +51,7 @@ class EvictionPolicy(Protocol):
     def remove(self, rid: int) -> None: ...
     def reached(self, batch: int, num_batches: int) -> None: ...
     def resized(self, num_batches: int) -> None: ...
-    def victims(self, for_batch: int | None = None) -> Iterator[int]: ...
+    def victims(self) -> Iterator[int]: ...
     def scored(self) -> list[tuple[float, int]]: ...
     def bypass_score(self, for_batch: int) -> float: ...
 
@@ -92,7 +93,7 @@ class LRUPolicy:
     def resized(self, num_batches: int) -> None:
         """LRU does not need to know how many batches there are."""
 
-    def victims(self, for_batch: int | None = None) -> Iterator[int]:
+    def victims(self) -> Iterator[int]:
         # A snapshot: the caller evicts while iterating.
         return iter(list(self._order))
 
@@ -156,12 +157,10 @@ class ScanPolicy:
         count = max(self._num_batches, batch + 1, self._position + 1, 1)
         return (batch - self._position - 1) % count + 1
 
-    def victims(self, for_batch: int | None = None) -> Iterator[int]:
+    def victims(self) -> Iterator[int]:
         # A snapshot: the caller evicts while iterating.
-        limit = 0 if for_batch is None else self.distance(for_batch)
         order = sorted(self._by_batch, key=self.distance, reverse=True)
-        worth = [batch for batch in order if self.distance(batch) > limit]
-        return iter([rid for batch in worth for rid in self._by_batch[batch]])
+        return iter([rid for batch in order for rid in self._by_batch[batch]])
 
     def _cycle_fraction(self, batch: int) -> float:
         # Distances of caches with different batch counts compare as fractions of a pass.

@@ -31,10 +31,9 @@ from .arena import Arena
 from .buffers import SharedBuffers
 from .failures import WriteFailure, errno_of
 from .io_threads import WRITE, IOPool
-from .persist import defers_deletion
 from .placement import Placement, TensorRecord
 from .ranks import store_parent
-from .records import WRITING
+from .records import WriteState
 from .resolved import checked_disk_dirs, checked_process_budgets
 from .store_dirs import remove_empty_dirs
 from .sysinfo import nearest_existing
@@ -107,7 +106,6 @@ class SharedPool:
             device_budget=self.budgets.device_bytes,
             host_budget=self.budgets.host_tier_bytes,
             disk=disk,
-            eviction=config.eviction,
             pin_host=torch.cuda.is_available(),
             write_behind_budget=self.budgets.write_behind_bytes,
             transfers=self.transfers,
@@ -198,7 +196,8 @@ class SharedPool:
             job = io.submit(WRITE, self._write_to_disk, record, value, lane=record.disk)
             record.tenant.track(job)
         for tenant, disk, name in placement.take_deletions():
-            if defers_deletion(tenant, name):  # a kept store's flushed structures name it
+            # A kept store's flushed structures may name it: the next flush deletes it.
+            if tenant.kept is not None and tenant.kept.defers_deletion(name):
                 continue
             tenant.deleting.add(name)
             tenant.track(io.submit(WRITE, self._delete_from_disk, tenant, disk, name, lane=disk))
@@ -232,7 +231,7 @@ class SharedPool:
         if error is not None and errno_of(error) == errno.ENOSPC:
             (free,) = self.placement.disk.read_free(record.disk)  # what is left, unlocked
         with self.lock:
-            ours = record.write_state == WRITING
+            ours = record.write_state == WriteState.WRITING
             if self.placement.write_done(record, error, free):
                 failure = WriteFailure(record.label, record.nbytes, str(store.path), error)
                 record.tenant.write_failed(record.disk, failure)

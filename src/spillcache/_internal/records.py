@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -22,18 +23,30 @@ if TYPE_CHECKING:
     from .tenants import Tenant
 
 __all__ = [
-    "QUEUED",
-    "WRITING",
+    "Admission",
     "Entry",
     "InlineTensor",
     "RecordRegistry",
     "TensorRecord",
+    "Tier",
+    "WriteState",
     "records_of",
 ]
 
-# TensorRecord.write_state: where its pending disk write stands.
-QUEUED = "queued"  # in the write-behind area, not yet handed to a thread
-WRITING = "writing"  # handed to a thread
+class Tier(StrEnum):
+    """The memory tier holding a record's value (``TensorRecord.resident``; None: neither).
+    Also each ``MemoryTier``'s name and its counters' prefix ("host.evictions")."""
+
+    DEVICE = "device"
+    HOST = "host"
+
+
+class WriteState(StrEnum):
+    """Where a record's pending disk write stands (``TensorRecord.write_state``; None:
+    none pending)."""
+
+    QUEUED = "queued"  # in the write-behind area, not yet handed to a thread
+    WRITING = "writing"  # handed to a thread
 
 
 @dataclass(eq=False)
@@ -49,8 +62,8 @@ class TensorRecord:
     key: str | None = None  # the key it was stored under, recorded in its array's attributes
     refs: int = 0
     on_disk: bool = False
-    resident: str | None = None  # "device" or "host"; None when not in a memory tier
-    write_state: str | None = None  # QUEUED, WRITING, or None: no pending write
+    resident: Tier | None = None  # None when not in a memory tier
+    write_state: WriteState | None = None  # None: no pending write
     loading: Future | None = None  # a disk read in flight; others wait on it
     alive: bool = True
     identity: int = 0  # id() of the tensor it was stored from, for sharing
@@ -65,6 +78,19 @@ class TensorRecord:
     def owner(self) -> tuple[int, str] | None:
         """(batch, key) its array records in its attributes; None where the key is not known."""
         return None if self.key is None else (self.batch, self.key)
+
+
+class Admission(NamedTuple):
+    """One tensor for ``Placement.admit`` to store: the value stored (the caller's
+    tensor, or a copy of it made before the lock), the device it is returned on, the
+    caller's tensor where ``tensor`` is a copy (what sharing compares), a label for
+    errors ("batch 3, key 'hidden'") and the key it is stored under."""
+
+    tensor: torch.Tensor
+    onload_device: torch.device
+    original: torch.Tensor | None = None
+    label: str | None = None
+    key: str | None = None
 
 
 class InlineTensor(NamedTuple):

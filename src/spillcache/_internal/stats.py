@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .records import QUEUED, WRITING
+from .records import WriteState
 from .tenants import Tenant
 
 if TYPE_CHECKING:  # placement imports this module's COUNTERS
@@ -84,7 +84,7 @@ def _share(placement: Placement, tenant: Tenant) -> dict[str, Any]:
         if placement.disk is not None and record.rid in placement.disk:
             held["disk"] += record.nbytes
             held["disks"][record.disk] += record.nbytes
-        if record.write_state in (QUEUED, WRITING):
+        if record.write_state in (WriteState.QUEUED, WriteState.WRITING):
             held["write_behind"] += record.nbytes
         if record.write_error is not None:  # in the host tier, its write failed
             held["unwritten"] += record.nbytes

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import StoreError
 from . import store_checks, store_dirs, store_format, tensor_store
-from .checkpoints import describe_store
+from .checkpoints import describe_store, store_text
 from .dtypes import RAW_DTYPES, dtype_name
 from .leftovers import find_orphans
 from .small_files import NotPlainFile, read_small_file
@@ -99,8 +99,21 @@ def root_damage(path: str | Path) -> str | None:
     return None
 
 
-def state_text(info: dict[str, Any]) -> str:
-    """A summary's state, in words (``spillcache inspect``)."""
+def state_text(info: dict[str, Any], *, detailed: bool = True) -> str:
+    """A store's state in words, the one wording every command uses. ``info`` holds
+    ``complete`` and ``owner_alive``, and where known ``checkpoint`` (``describe_store``'s
+    answer), ``problems`` and ``batches`` (how many its last flush recorded).
+    ``detailed``: a sentence (``spillcache inspect`` of a store); else a table cell
+    (``du``, ``inspect`` of a run)."""
+    if not detailed:
+        if problems := len(info.get("problems") or ()):
+            return f"damaged ({problems} problem{'s' * (problems > 1)}: inspect the store)"
+        if info.get("checkpoint"):
+            return store_text(info["checkpoint"])
+        if info["complete"]:
+            return "complete"
+        alive = info["owner_alive"]
+        return {True: "open", False: "left by a crash", None: "open on another host?"}[alive]
     if info["complete"]:
         return "complete (kept when its cache closed)"
     flushed = ""

@@ -18,6 +18,8 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,9 +27,46 @@ from .failures import WriteFailure, errno_of
 from .policy import make_policy, merged_victims
 from .tensor_store import Store
 
-__all__ = ["Tenant", "Tenants"]
+__all__ = ["KeptStructures", "Tenant", "Tenants"]
 
 _numbers = itertools.count()
+
+
+@dataclass
+class KeptStructures:
+    """What a kept store's cache knows of the structures on its disk (persist.py keeps
+    it up to date). Guarded by the pool's lock."""
+
+    named: set[str] = field(default_factory=set)  # arrays structures on disk may name
+    deferred: set[str] = field(default_factory=set)  # deletions waiting for new structures
+    unowned: set[str] = field(default_factory=set)  # arrays a flush wrote that no record holds
+    # Small tensors a flush wrote, by id(leaf): (leaf, array). The leaf is held so that
+    # its id is not reused while it is here.
+    inline: dict[int, tuple[Any, str]] = field(default_factory=dict)  # records.InlineTensor
+    flushing: bool = False
+    flush: int = 0  # the last flush whose structures are all on disk (the root says so)
+    # Each batch's structure as that flush recorded it: (the flush that wrote it, JSON).
+    committed: dict[int, tuple[int, dict]] = field(default_factory=dict)
+    # A flush failed half-way: batches on disk may hold what it wrote, so the next one
+    # rewrites them all rather than skip those that look unchanged.
+    rewrite_all: bool = False
+    # Arrays only the flush before the last names, kept by a flush with keep_previous
+    # until release_previous (or the next flush, or close).
+    previous: set[str] = field(default_factory=set)
+    # What the flush before the last named and the last does not, while it is kept: a
+    # deletion queued before the last flush may reach the pool after it.
+    previous_named: set[str] = field(default_factory=set)
+
+    def defers_deletion(self, name: str) -> bool:
+        """Whether deleting ``name`` must wait, because structures on disk may name it;
+        if so it is deleted by the next flush or close."""
+        if name in self.named:
+            self.deferred.add(name)
+        elif name in self.previous_named:
+            self.previous.add(name)
+        else:
+            return False
+        return True
 
 
 class Tenant:
@@ -58,6 +97,8 @@ class Tenant:
         self.device_tier = device_tier
         self.counters: Counter[str] = Counter()
         self.last_used = 0  # the pool's clock when the cache was last used
+        # A kept store's structures on disk, from its first flush (persist.py).
+        self.kept: KeptStructures | None = None
         self.num_batches = 0
         self.writes_in_flight = 0  # its values queued or being written
         self.write_failures: list[WriteFailure] = []  # not yet reported to its caller

@@ -417,17 +417,6 @@ class Store:
             os.unlink(self._array_dir(name) / "zarr.json")
         shutil.rmtree(self._array_dir(name), ignore_errors=True)
 
-    def array_names(self) -> list[str]:
-        """Every complete array in the store (an array's zarr.json is written last);
-        never one reached through a symbolic link."""
-        found = []
-        with os.scandir(tensors_dir(self.path)) as entries:
-            for entry in entries:
-                metadata = os.path.join(entry.path, "zarr.json")
-                if entry.is_dir(follow_symlinks=False) and os.path.isfile(metadata):
-                    found.append(entry.name)
-        return sorted(found)
-
     # ------------------------------------------------------------- batches
 
     def write_batch(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .records import QUEUED, WRITING, TensorRecord
+from .records import TensorRecord, WriteState
 
 if TYPE_CHECKING:
     from .arena import Arena
@@ -31,7 +31,6 @@ class WriteBehind:
         self.budget = budget
         self._values: dict[int, torch.Tensor] = {}
         self.nbytes = 0
-        self.in_flight = 0  # writes queued or running
         self.unwritten_bytes = 0
         self._queued: list[TensorRecord] = []
         # Told of every write queued and ended, so that a take waiting for room knows
@@ -51,9 +50,8 @@ class WriteBehind:
         """``record``'s value waits here for its disk write, now queued."""
         self._values[record.rid] = tensor
         self.nbytes += record.nbytes
-        self.in_flight += 1
         record.tenant.writes_in_flight += 1
-        record.write_state = QUEUED
+        record.write_state = WriteState.QUEUED
         self._queued.append(record)
         if self._arena is not None:
             self._arena.expect_return()
@@ -62,7 +60,7 @@ class WriteBehind:
         """The writes queued since the last call, now the caller's to run."""
         queued, self._queued = self._queued, []
         for record in queued:
-            record.write_state = WRITING
+            record.write_state = WriteState.WRITING
         return [(record, self._values[record.rid]) for record in queued]
 
     def pop(self, rid: int) -> torch.Tensor | None:
@@ -73,11 +71,10 @@ class WriteBehind:
         """``record``'s write is over, or will not be reported back: its counts go.
         ``job_ends``: the write's own job reports its end to the arena, once it has let
         go of the value (else it is reported here: no job will run, or one was cancelled)."""
-        if record.write_state in (QUEUED, WRITING):
-            if record.write_state == QUEUED:
+        if record.write_state in (WriteState.QUEUED, WriteState.WRITING):
+            if record.write_state == WriteState.QUEUED:
                 self._queued.remove(record)
             self.nbytes -= record.nbytes
-            self.in_flight -= 1
             record.tenant.writes_in_flight -= 1
             if self._arena is not None and not job_ends:
                 self._arena.returned_expected()

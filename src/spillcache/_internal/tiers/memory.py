@@ -24,9 +24,3 @@ class MemoryTier(BudgetedTier[torch.Tensor]):
 
     def pop(self, rid: int) -> torch.Tensor:
         return self._remove(rid, self._items[rid].nbytes)
-
-    def bytes_by_device(self) -> dict[torch.device, int]:
-        sizes: dict[torch.device, int] = {}
-        for tensor in self._items.values():
-            sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
-        return sizes
