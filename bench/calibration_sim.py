@@ -67,7 +67,7 @@ from common import (
     verdict,
 )
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.plan import host_bytes_for_tier
+from spillcache._internal.cli.plan import host_bytes_for_tier
 
 TARGET_RAM, TARGET_LIMIT, TARGET_READS = 1.05, 1.15, 0.05  # the last: |ratio - (1-C/N)|
 

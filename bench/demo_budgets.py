@@ -1,6 +1,6 @@
 """What does `spillcache demo` cost at different host budgets?
 
-The demo's own calibration (spillcache._internal.demo.calibrate: a random-weight decoder-only
+The demo's own calibration (spillcache._internal.cli.demo.calibrate: a random-weight decoder-only
 transformer, X^T X of every linear layer, the sequential pipeline's passes through an
 IntermediatesCache) at several host budgets, each a fraction of the cached activations:
 
@@ -43,14 +43,14 @@ import torch
 
 from common import add_publish_option, drop_page_cache, proc_io, report
 from spillcache import CacheConfig
-from spillcache._internal.demo import (
+from spillcache._internal.cli.demo import (
     DEFAULT_SIZES,
     activation_bytes,
     calibrate,
     identical,
     reference_config,
 )
-from spillcache._internal.plan import host_bytes_for_tier
+from spillcache._internal.cli.plan import host_bytes_for_tier
 
 MiB = 2**20
 

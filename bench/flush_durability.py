@@ -43,7 +43,7 @@ import torch
 
 from common import GB, add_publish_option, median, report
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.store.tensor_store import Store
 
 HIDDEN = (4096, 2048)  # 16 MiB of bf16
 SMALL = (256, 256)  # 256 KiB of fp32: tiered, written by its own array

@@ -55,7 +55,7 @@ from common import (  # noqa: E402
     verdict,
 )
 from spillcache import CacheConfig, IntermediatesCache  # noqa: E402
-from spillcache._internal.demo import identical  # noqa: E402
+from spillcache._internal.cli.demo import identical  # noqa: E402
 from spillcache.integrations.llmcompressor import enable  # noqa: E402
 from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator  # noqa: E402
 

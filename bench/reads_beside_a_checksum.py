@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from common import GB, add_publish_option, drop_page_cache, median, report
-from spillcache._internal import buffers, chunkio, store_format
+from spillcache._internal.io import buffers, chunkio
+from spillcache._internal.store import store_format
 
 FILE_BYTES = 16 * 2**20
 

@@ -129,6 +129,15 @@ def reads_beside_a_checksum(data: dict) -> list[str]:
     return markdown(["raw O_DIRECT reads", "GB/s", "x alone", "run by run"], rows)
 
 
+def write_steps(data: dict) -> list[str]:
+    """bench/write_steps.py: the steps of a chunk write against the raw O_DIRECT loop."""
+    rows = [
+        [row["way"], fixed(row["GB/s"], 3), fixed(row["x raw"], 3), row["runs"]]
+        for row in data["rows"]
+    ]
+    return markdown(["16 MiB files written", "GB/s", "x raw", "run by run"], rows)
+
+
 def flush_durability(data: dict) -> list[str]:
     """bench/flush_durability.py: a kept store's updates and flush(), each variant
     against keep_store = false with an os.sync() at the end (medians)."""
@@ -356,6 +365,7 @@ TABLES: dict[str, Callable[[dict], list[str]]] = {
     "disk_throughput_prefetch4": disk_throughput,
     "flush_durability": flush_durability,
     "reads_beside_a_checksum": reads_beside_a_checksum,
+    "write_steps": write_steps,
     "flush_durability_compute": flush_durability,
     "two_disks": two_disks,
     "host_memory": host_memory,

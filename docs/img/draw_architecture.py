@@ -48,6 +48,10 @@ TABLES = "docs/img/architecture_tables.py"
 # ------------------------------------------------------------------ the code's modules
 
 
+# The folders _internal's modules are sorted into (tests/unit/test_import_rules.py).
+INTERNAL_FOLDERS = ("engine", "io", "store", "runtime", "process", "stock", "llmcompressor", "cli")
+
+
 def module_files(src: Path = SRC) -> dict[str, str]:
     """Every module the picture must show: its MODULES name -> its path under ``src``.
 
@@ -66,6 +70,9 @@ def module_files(src: Path = SRC) -> dict[str, str]:
     for relative in relatives:
         name = relative.removesuffix(".py")
         short = name.removeprefix("_internal/")
+        # The folders of _internal (engine, io, store, ...) are the picture's groups.
+        if "/" in short and short.split("/")[0] in INTERNAL_FOLDERS:
+            short = short.split("/", 1)[1]
         # An internal module keeps its prefix only where a public one has its name.
         found[name if short in outside else short] = relative
     return found

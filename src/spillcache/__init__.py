@@ -1,9 +1,9 @@
 """spillcache: llm-compressor's IntermediatesCache over GPU, host RAM and zarr on disk."""
 
-from ._internal.stock_types import IntermediateValue, OverrideEqMode
-from .cache import IntermediatesCache
-from .config import CacheConfig
-from .errors import (
+from spillcache._internal.stock_types import IntermediateValue, OverrideEqMode
+from spillcache.cache import IntermediatesCache
+from spillcache.config import CacheConfig
+from spillcache.errors import (
     CacheClosedError,
     CapacityError,
     CheckpointError,

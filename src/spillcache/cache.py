@@ -12,12 +12,17 @@ from weakref import WeakKeyDictionary
 import torch
 from tqdm import tqdm
 
-from ._internal import cleanup
-from ._internal.core import CacheCore
-from ._internal.resolved import resolve_offload_device
-from ._internal.stock_api import BatchIntermediates, offload_value, onload_value, pin_intermediate
-from ._internal.stock_types import IntermediateValue
-from .config import CacheConfig
+from spillcache._internal.process import cleanup
+from spillcache._internal.process.resolved import resolve_offload_device
+from spillcache._internal.runtime.core import CacheCore
+from spillcache._internal.stock.stock_api import (
+    BatchIntermediates,
+    offload_value,
+    onload_value,
+    pin_intermediate,
+)
+from spillcache._internal.stock_types import IntermediateValue
+from spillcache.config import CacheConfig
 
 __all__ = ["IntermediatesCache"]
 
@@ -130,7 +135,7 @@ class IntermediatesCache:
         naming the batch and key) and a format version this spillcache does not know.
         Never runs code from the store: dataclasses and namedtuples it names are rebuilt
         field by field, without calling their constructors."""
-        from ._internal.reopen import reopen
+        from spillcache._internal.runtime.reopen import reopen
 
         cache = cls.__new__(cls)
         cache.offload_device = torch.device("cpu")

@@ -24,19 +24,18 @@ from typing import Any
 
 import torch
 
-from spillcache._internal import store_dirs
-
-from ._internal.checkpoints import ACTIVATIONS, describe_store, store_text
-from ._internal.config_cli import add_config_command
-from ._internal.demo_cli import add_demo_command
-from ._internal.dtypes import dtype_name
-from ._internal.plan_cli import add_plan_command
-from ._internal.report_cli import add_report_command
-from ._internal.resolved import disk_directories
-from ._internal.summary import state_text
-from ._internal.text import aligned, format_bytes, os_error_text
-from .config import CacheConfig
-from .errors import SpillCacheError, StoreCorruptError, StoreFormatError
+from spillcache._internal.cli.config_cli import add_config_command
+from spillcache._internal.cli.demo_cli import add_demo_command
+from spillcache._internal.cli.plan_cli import add_plan_command
+from spillcache._internal.cli.report_cli import add_report_command
+from spillcache._internal.dtypes import dtype_name
+from spillcache._internal.process.resolved import disk_directories
+from spillcache._internal.store import store_dirs
+from spillcache._internal.store.checkpoints import ACTIVATIONS, describe_store, store_text
+from spillcache._internal.store.summary import state_text
+from spillcache._internal.text import aligned, format_bytes, os_error_text
+from spillcache.config import CacheConfig
+from spillcache.errors import SpillCacheError, StoreCorruptError, StoreFormatError
 
 __all__ = ["main"]
 
@@ -136,7 +135,7 @@ def _du(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from ._internal.leftovers import collect_garbage
+    from spillcache._internal.store.leftovers import collect_garbage
 
     for line in collect_garbage(*_survey(_stores_dirs(args)), remove=args.yes, everything=args.all):
         print(line)
@@ -144,7 +143,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ._internal.summary import report_damage, summarize
+    from spillcache._internal.store.summary import report_damage, summarize
 
     ranks = store_dirs.rank_dirs(args.path)
     if ranks:
@@ -192,7 +191,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _checksum_text(info: dict) -> str:
-    from ._internal.summary import undetectable_rot
+    from spillcache._internal.store.summary import undetectable_rot
 
     if not info["arrays"]:
         return "-"
@@ -202,7 +201,7 @@ def _checksum_text(info: dict) -> str:
 
 def _inspect_run(args: argparse.Namespace, run_dir: Path, ranks: dict[int, Path]) -> int:
     """A run directory: each rank's stores (state, owner, arrays, bytes) and totals."""
-    from ._internal.summary import summarize
+    from spillcache._internal.store.summary import summarize
 
     listing = []
     for rank, rank_dir in ranks.items():
@@ -273,7 +272,7 @@ def _root_damage(path: str, error: StoreFormatError) -> str:
     """A store whose root cannot be read is damaged (exit 1), naming the file; where
     ``path`` is not laid out as a store, or its root reads, the store format's
     ``error`` stands (not a spillcache store, another version: exit 2)."""
-    from ._internal.summary import root_damage
+    from spillcache._internal.store.summary import root_damage
 
     problem = root_damage(path)
     if problem is None:
@@ -332,7 +331,12 @@ def _export_to(tensor: torch.Tensor, path: Path) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ._internal.summary import load_value, report_damage, tensor_stats, undetectable_rot
+    from spillcache._internal.store.summary import (
+        load_value,
+        report_damage,
+        tensor_stats,
+        undetectable_rot,
+    )
 
     read: list = []
     if args.export:  # found out before anything is read
@@ -378,8 +382,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ._internal.leftovers import verify_lines
-    from ._internal.summary import undetectable_rot, verify
+    from spillcache._internal.store.leftovers import verify_lines
+    from spillcache._internal.store.summary import undetectable_rot, verify
 
     try:
         report = verify(args.path)

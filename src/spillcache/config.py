@@ -20,9 +20,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ._internal.policy import POLICIES
-from ._internal.text import did_you_mean
-from .errors import ConfigError
+from spillcache._internal.engine.policy import POLICIES
+from spillcache._internal.text import did_you_mean
+from spillcache.errors import ConfigError
 
 __all__ = ["AUTO", "CacheConfig", "parse_size"]
 

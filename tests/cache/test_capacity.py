@@ -9,7 +9,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.store.tensor_store import Store
 
 KIB64 = (64, 256)  # 64 KiB of float32
 VALUE = 64 * 1024  # bytes of one KIB64 tensor

@@ -16,8 +16,8 @@ import pytest
 
 from spill_testing import console_script
 from spillcache import CacheConfig, cli
-from spillcache._internal import demo
-from spillcache._internal.resolved import transit_bytes
+from spillcache._internal.cli import demo
+from spillcache._internal.process.resolved import transit_bytes
 from spillcache._internal.text import format_bytes
 
 SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()

@@ -111,7 +111,7 @@ def test_regression_a_cache_collected_while_a_new_pool_is_made_does_not_deadlock
     middle of it, closing another config's last cache: that close leaves its pool,
     which takes the pool registry's lock. Found by the property tests' shrinker with
     the registry lock held across the new pool's construction (a self-deadlock)."""
-    from spillcache._internal import pool as pool_module
+    from spillcache._internal.runtime import pool as pool_module
 
     other_config = CacheConfig(host_bytes=4096, inline_bytes=0, disk_path=str(tmp_path / "a"))
     holder = [IntermediatesCache.empty(1, "cpu", config=other_config)]

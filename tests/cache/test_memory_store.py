@@ -13,8 +13,8 @@ from memory_store import MemoryStore
 from spill_testing import ALL_DTYPES, assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.dtypes import is_tierable
-from spillcache._internal.pool import SharedPool
-from spillcache._internal.tensor_store import Store, TensorStore
+from spillcache._internal.runtime.pool import SharedPool
+from spillcache._internal.store.tensor_store import Store, TensorStore
 
 PROTOCOL_METHODS = sorted(
     name

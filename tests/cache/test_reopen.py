@@ -10,7 +10,7 @@ import torch
 
 from spill_testing import ALL_DTYPES, assert_same, random_tensor, tensor_variants
 from spillcache import CacheConfig, IntermediatesCache, StoreFormatError, StoreNotFoundError
-from spillcache._internal.store_format import read_root_attributes
+from spillcache._internal.store.store_format import read_root_attributes
 
 
 def kept(tmp_path, batches, **settings) -> str:

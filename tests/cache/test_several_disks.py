@@ -10,8 +10,8 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.io_threads import READ, WRITE, IOPool
-from spillcache._internal.tiers import DiskTier
+from spillcache._internal.engine.tiers import DiskTier
+from spillcache._internal.io.io_threads import READ, WRITE, IOPool
 from spillcache.errors import ConfigError
 
 SHAPE = (32, 64)  # 4 KiB of bfloat16

@@ -12,8 +12,8 @@ import zarr
 
 from spill_testing import ALL_DTYPES, assert_same, bits, random_tensor
 from spillcache import CacheConfig, ConfigError, IntermediatesCache, StoreError
-from spillcache._internal import chunkio
 from spillcache._internal.dtypes import dtype_name
+from spillcache._internal.io import chunkio
 
 
 def _kept(tmp_path, batches: list[dict], **settings) -> str:

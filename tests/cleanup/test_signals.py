@@ -19,8 +19,9 @@ import torch
 
 from spill_testing import child_process
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal import cleanup, owners
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.process import cleanup
+from spillcache._internal.store import owners
+from spillcache._internal.store.tensor_store import Store
 from spillcache.errors import StoreError
 
 CHILD = Path(__file__).with_name("signal_child.py")

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal import cleanup, owners, store_dirs, store_format
-from spillcache._internal.store_dirs import owner_alive, store_bytes
-from spillcache._internal.store_format import read_root_attributes
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.process import cleanup
+from spillcache._internal.store import owners, store_dirs, store_format
+from spillcache._internal.store.store_dirs import owner_alive, store_bytes
+from spillcache._internal.store.store_format import read_root_attributes
+from spillcache._internal.store.tensor_store import Store
 from spillcache._internal.text import format_bytes
 
 # Two caches, one kept, each with a flushed value on disk; killed with SIGKILL.

@@ -22,8 +22,8 @@ MAKER = textwrap.dedent(
     from pathlib import Path
     import torch
     from spillcache import CacheConfig, IntermediatesCache
-    from spillcache._internal import checkpoints
-    from spillcache._internal.checkpoints import NOTE_KEY, Checkpoint, Part
+    from spillcache._internal.store import checkpoints
+    from spillcache._internal.store.checkpoints import NOTE_KEY, Checkpoint, Part
 
     def checkpoint(directory, rank=None):
         part = Part(Path(directory), rank)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spillcache import CacheConfig
-from spillcache._internal import chunkio
+from spillcache._internal.io import chunkio
 from spillcache.cli import main
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
@@ -173,8 +173,9 @@ def test_a_host_budget_a_cache_here_would_refuse_is_said_with_the_table(monkeypa
         "100.0 TiB (SPILLCACHE_HOST_BYTES) is more than this machine's RAM"
     )
     monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "8GiB")
-    monkeypatch.setattr("spillcache._internal.resolved.available_ram", lambda: 4 * 2**30)
-    monkeypatch.setattr("spillcache._internal.resolved.ram_limit", lambda: (16 * 2**30, "RAM"))
+    monkeypatch.setattr("spillcache._internal.process.resolved.available_ram", lambda: 4 * 2**30)
+    ram = (16 * 2**30, "RAM")
+    monkeypatch.setattr("spillcache._internal.process.resolved.ram_limit", lambda: ram)
     assert main(["config"]) == 0
     err = capsys.readouterr().err
     assert err.startswith(

@@ -12,7 +12,7 @@ import pytest
 
 from spill_testing import console_script
 from spillcache import cli
-from spillcache._internal import demo
+from spillcache._internal.cli import demo
 
 SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()
 

@@ -15,7 +15,7 @@ import pytest
 
 from spill_testing import console_script
 from spillcache import cli
-from spillcache._internal import demo
+from spillcache._internal.cli import demo
 
 # 64 KiB per hidden state: not below the default inline_bytes, so each one is tiered.
 SIZES = {"samples": 8, "seq_len": 128, "hidden": 128, "layers": 3}

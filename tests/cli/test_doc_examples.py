@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, IntermediatesCache, cli
-from spillcache._internal import plan_cli
-from spillcache._internal.stats import TIERS
+from spillcache._internal.cli import plan_cli
+from spillcache._internal.engine.stats import TIERS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

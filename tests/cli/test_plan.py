@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, cli
-from spillcache._internal import disk_probe, plan_cli
-from spillcache._internal import plan as plan_module
-from spillcache._internal.resolved import process_budgets, transit_bytes
+from spillcache._internal.cli import disk_probe, plan_cli
+from spillcache._internal.cli import plan as plan_module
+from spillcache._internal.process.resolved import process_budgets, transit_bytes
 from spillcache._internal.text import format_bytes
 
 # The demo's sizes: 64 samples of 256 tokens, hidden 64 (64 KiB of hidden states and

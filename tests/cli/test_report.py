@@ -73,7 +73,7 @@ def test_the_table_the_totals_and_the_advice(tmp_path, capsys):
 
 
 def test_the_suggested_budgets_follow_the_scan_model(tmp_path, capsys):
-    from spillcache._internal.plan import host_bytes_for_tier
+    from spillcache._internal.cli.plan import host_bytes_for_tier
 
     assert main(["report", metrics_file(tmp_path, a_run()), "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["suggestion"]

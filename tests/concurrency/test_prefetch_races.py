@@ -9,7 +9,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.store.tensor_store import Store
 
 SHAPE = (32, 32)
 

@@ -17,13 +17,13 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError
-from spillcache._internal import records
-from spillcache._internal.placement import Placement
-from spillcache._internal.pool import SharedPool, pool_for
-from spillcache._internal.records import TensorRecord, records_of
-from spillcache._internal.store_format import chunk_name, tensors_dir
-from spillcache._internal.tensor_store import Store
-from spillcache._internal.tiers import DiskTier
+from spillcache._internal.engine import records
+from spillcache._internal.engine.placement import Placement
+from spillcache._internal.engine.records import TensorRecord, records_of
+from spillcache._internal.engine.tiers import DiskTier
+from spillcache._internal.runtime.pool import SharedPool, pool_for
+from spillcache._internal.store.store_format import chunk_name, tensors_dir
+from spillcache._internal.store.tensor_store import Store
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int64)
 BATCHES = 3

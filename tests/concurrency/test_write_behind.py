@@ -11,7 +11,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor, tier_sizes
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.store.tensor_store import Store
 
 SHAPE = (32, 64)  # 8 KiB of float32
 NBYTES = 8 * 1024

@@ -28,8 +28,8 @@ import torch
 
 from spill_testing import bits, clone_bits, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal import chunkio
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.io import chunkio
+from spillcache._internal.store.tensor_store import Store
 from spillcache.errors import SpillCacheError
 
 sys.path.insert(0, str(Path(__file__).parent))

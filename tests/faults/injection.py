@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spillcache._internal import aio, buffers, chunkio
+from spillcache._internal.io import aio, buffers, chunkio
 
 CALLS = ("pwrite", "preadv", "pread", "open", "replace", "fsync", "fallocate", "aio")
 

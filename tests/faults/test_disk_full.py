@@ -18,12 +18,12 @@ import torch
 
 from faults.injection import leftovers, same_bits, unaligned
 from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesCache, StoreError
-from spillcache._internal.placement import Placement
-from spillcache._internal.records import Admission
-from spillcache._internal.tenants import Tenant
-from spillcache._internal.tensor_store import Store
-from spillcache._internal.tiers import DiskTier
-from spillcache._internal.tiers.disk import footprint
+from spillcache._internal.engine.placement import Placement
+from spillcache._internal.engine.records import Admission
+from spillcache._internal.engine.tenants import Tenant
+from spillcache._internal.engine.tiers import DiskTier
+from spillcache._internal.engine.tiers.disk import footprint
+from spillcache._internal.store.tensor_store import Store
 
 KIB64 = 64 * 2**10
 ROOM = footprint(KIB64)  # what one 64 KiB value may take on disk, files and metadata

@@ -17,8 +17,8 @@ import torch
 from faults.injection import same_bits, unaligned
 from spill_testing import random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError, StoreError
-from spillcache._internal import device_turns
-from spillcache._internal.store_format import chunk_name
+from spillcache._internal.io import device_turns
+from spillcache._internal.store.store_format import chunk_name
 
 KIB64 = 64 * 2**10
 

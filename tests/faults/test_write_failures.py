@@ -19,9 +19,10 @@ import pytest
 from faults.injection import aligned, leftovers, same_bits, unaligned
 from spill_testing import tier_sizes
 from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError
-from spillcache._internal import aio, pool
-from spillcache._internal.store_format import read_root_attributes
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.io import aio
+from spillcache._internal.runtime import pool
+from spillcache._internal.store.store_format import read_root_attributes
+from spillcache._internal.store.tensor_store import Store
 
 KIB64 = 64 * 2**10
 MIB4 = 4 * 2**20  # above a staging buffer's piece (2 MiB): queued with native AIO

@@ -8,8 +8,8 @@ import torch
 
 from spill_testing import ALL_DTYPES, assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.arena import Arena
-from spillcache._internal.transfers import Ready, Transfers
+from spillcache._internal.io.arena import Arena
+from spillcache._internal.io.transfers import Ready, Transfers
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,7 +7,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.transfers import Ready, Transfers
+from spillcache._internal.io.transfers import Ready, Transfers
 
 pytestmark = [
     pytest.mark.gpu,

@@ -45,7 +45,7 @@ def record_progress(said: list[str]) -> None:
     """Every progress bar's title and every line spillcache logs, into ``said``."""
     from llmcompressor.pipelines.sequential import pipeline
 
-    from spillcache._internal import resumable_pipeline
+    from spillcache._internal.llmcompressor import resumable_pipeline
 
     tqdm, say = pipeline.tqdm, resumable_pipeline._say
 
@@ -64,7 +64,7 @@ def record_progress(said: list[str]) -> None:
 def kill_in_checkpoint_after_the_others(subgraph: int, victim: int, rank: int, world: int) -> None:
     """Rank ``victim`` dies as it is about to commit subgraph ``subgraph``'s checkpoint,
     after every other rank committed its own; they say so on torchrun's store."""
-    from spillcache._internal.tensor_store import Store
+    from spillcache._internal.store.tensor_store import Store
 
     store = dist.distributed_c10d._get_default_store()
     write_root = Store.write_root_attributes

@@ -58,8 +58,8 @@ def kill_in_checkpoint(subgraph: int, step: str) -> None:
     """SIGKILL this process inside subgraph ``subgraph``'s checkpoint: once its state
     file is written ("states"), or as the flush that commits it is about to write the
     store's root ("commit")."""
-    from spillcache._internal import checkpoints
-    from spillcache._internal.tensor_store import Store
+    from spillcache._internal.store import checkpoints
+    from spillcache._internal.store.tensor_store import Store
 
     save_states = checkpoints.save_states
     write_root = Store.write_root_attributes
@@ -92,8 +92,8 @@ def kill_at_call(subgraph: int, number: int) -> None:
     ends with fewer calls says how many it made."""
     import threading
 
-    from spillcache._internal import checkpoints
-    from spillcache._internal.core import CacheCore
+    from spillcache._internal.runtime.core import CacheCore
+    from spillcache._internal.store import checkpoints
 
     counting = threading.Event()
     made = [0]

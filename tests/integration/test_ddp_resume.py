@@ -31,7 +31,7 @@ pytest.importorskip(
     reason="llm-compressor is not installed: pip install -e '.[llmcompressor]'",
 )
 
-from spillcache._internal import checkpoints  # noqa: E402
+from spillcache._internal.store import checkpoints  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

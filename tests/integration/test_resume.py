@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from spill_testing import assert_same  # noqa: E402
 from spillcache import CheckpointError  # noqa: E402
-from spillcache._internal import checkpoints  # noqa: E402
-from spillcache._internal.checkpoints import Part  # noqa: E402
+from spillcache._internal.store import checkpoints  # noqa: E402
+from spillcache._internal.store.checkpoints import Part  # noqa: E402
 from tiny_llama import RECIPES, calibrate, stock_pin_memory_without_accelerator  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 
 from spill_testing import assert_same, bits, exploring, machine_settings, random_tensor
 from spillcache import CacheConfig, CapacityError, IntermediatesCache
-from spillcache._internal import transfers
+from spillcache._internal.io import transfers
 
 SETTINGS = machine_settings(max_examples=25)
 EXPLORE_500 = exploring(SETTINGS, max_examples=500)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spill_testing import random_tensor  # noqa: E402
 from spillcache import CacheConfig, IntermediatesCache  # noqa: E402
-from spillcache._internal.tensor_store import Store  # noqa: E402
+from spillcache._internal.store.tensor_store import Store  # noqa: E402
 
 DTYPES = [
     torch.float32, torch.bfloat16, torch.float16, torch.int64,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from spillcache import IntermediatesCache, StoreFormatError
-from spillcache._internal.reopen import go_back_one_flush
-from spillcache._internal.store_format import read_root_attributes
+from spillcache._internal.runtime.reopen import go_back_one_flush
+from spillcache._internal.store.store_format import read_root_attributes
 from spillcache.cli import main
 from store import kept_writer
 from store.test_kept_store_after_crash import (

@@ -17,9 +17,9 @@ import torch
 
 from spill_testing import assert_same, child_process, random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreError, StoreFormatError
-from spillcache._internal.store_format import read_root_attributes
-from spillcache._internal.summary import load_value
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.store.store_format import read_root_attributes
+from spillcache._internal.store.summary import load_value
+from spillcache._internal.store.tensor_store import Store
 from spillcache.cli import main
 from store import kept_writer
 
@@ -276,7 +276,7 @@ def test_a_deletion_cut_short_leaves_a_half_written_array_that_never_stops_an_op
     shutil.copytree(path / "tensors" / name, path / "tensors" / "999")
     seen = []
     monkeypatch.setattr(
-        "spillcache._internal.tensor_store.shutil.rmtree",
+        "spillcache._internal.store.tensor_store.shutil.rmtree",
         lambda directory, **_: seen.append(sorted(os.listdir(directory))),  # then "crash"
     )
     store.delete_tensor("999")

@@ -1,4 +1,4 @@
-"""spillcache._internal.aio: queued O_DIRECT writes, contexts lent and taken back."""
+"""spillcache._internal.io.aio: queued O_DIRECT writes, contexts lent and taken back."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from spillcache._internal import aio
-from spillcache._internal.chunkio import PAGE, aligned_empty
+from spillcache._internal.io import aio
+from spillcache._internal.io.chunkio import PAGE, aligned_empty
 
 
 def _works() -> bool:

@@ -1,4 +1,4 @@
-"""spillcache._internal.arena: one region, page-aligned slots, reused only once nobody
+"""spillcache._internal.io.arena: one region, page-aligned slots, reused only once nobody
 holds them, waits that end when a slot comes back, overflow counted and warned about."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from spill_testing import ALL_DTYPES, HOLDING_FORMS, assert_same, random_tensor
-from spillcache._internal.arena import Arena
-from spillcache._internal.buffers import PAGE
+from spillcache._internal.io.arena import Arena
+from spillcache._internal.io.buffers import PAGE
 
 MIB = 2**20
 

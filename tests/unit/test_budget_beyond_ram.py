@@ -10,8 +10,9 @@ import warnings
 import pytest
 
 from spillcache import CacheConfig, IntermediatesCache, cli
-from spillcache._internal import demo, sysinfo
-from spillcache._internal.resolved import (
+from spillcache._internal import sysinfo
+from spillcache._internal.cli import demo
+from spillcache._internal.process.resolved import (
     check_host_budget,
     checked_process_budgets,
     process_budgets,

@@ -1,4 +1,4 @@
-"""spillcache._internal.buffers: read buffers are reused only once nobody holds them."""
+"""spillcache._internal.io.buffers: read buffers are reused only once nobody holds them."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spill_testing import HOLDING_FORMS
-from spillcache._internal import buffers
-from spillcache._internal.buffers import BufferPool
+from spillcache._internal.io import buffers
+from spillcache._internal.io.buffers import BufferPool
 
 MIB = 2**20
 

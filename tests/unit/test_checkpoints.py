@@ -1,4 +1,4 @@
-"""spillcache._internal.checkpoints: a checkpoint directory's state files, commit and
+"""spillcache._internal.store.checkpoints: a checkpoint directory's state files, commit and
 fingerprint, without llm-compressor."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 
 from spill_testing import ALL_DTYPES, assert_same, random_tensor
 from spillcache import CacheConfig, CheckpointError, IntermediatesCache
-from spillcache._internal import checkpoints
-from spillcache._internal.checkpoints import ACTIVATIONS, NOTE_KEY, STATES, Checkpoint, Part
-from spillcache._internal.store_format import read_root_attributes
-from spillcache._internal.tensor_store import write_root_json
+from spillcache._internal.store import checkpoints
+from spillcache._internal.store.checkpoints import ACTIVATIONS, NOTE_KEY, STATES, Checkpoint, Part
+from spillcache._internal.store.store_format import read_root_attributes
+from spillcache._internal.store.tensor_store import write_root_json
 
 
 def tensors_of_every_dtype() -> dict[str, torch.Tensor]:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
-from spillcache._internal import dtypes, transfers
+from spillcache._internal import dtypes
 from spillcache._internal.dtypes import RAW_DTYPES
+from spillcache._internal.io import transfers
 
 CPU = torch.device("cpu")
 

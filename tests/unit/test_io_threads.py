@@ -1,4 +1,4 @@
-"""spillcache._internal.io_threads: the I/O pool's order, cancellation and shutdown."""
+"""spillcache._internal.io.io_threads: the I/O pool's order, cancellation and shutdown."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from spillcache._internal.io_threads import READ, WRITE, IOPool
+from spillcache._internal.io.io_threads import READ, WRITE, IOPool
 
 
 def blocked_pool(threads: int = 1) -> tuple[IOPool, threading.Event]:

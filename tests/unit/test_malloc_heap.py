@@ -1,11 +1,11 @@
-"""spillcache._internal.malloc_heap: the heap's stranded free bytes are given back once
+"""spillcache._internal.io.malloc_heap: the heap's stranded free bytes are given back once
 enough slots have been handed out, and only where there are enough of them."""
 
 from __future__ import annotations
 
 import pytest
 
-from spillcache._internal import malloc_heap
+from spillcache._internal.io import malloc_heap
 
 
 class FakeGlibc:

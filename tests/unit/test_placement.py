@@ -1,18 +1,18 @@
-"""spillcache._internal.placement: records in the host and disk tiers, within their budgets."""
+"""engine/placement.py: records in the host and disk tiers, within their budgets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spillcache._internal import transfers
 from spillcache._internal.dtypes import RAW_DTYPES
-from spillcache._internal.placement import Placement, TensorRecord
-from spillcache._internal.records import Admission
-from spillcache._internal.tenants import Tenant
-from spillcache._internal.tensor_store import Store
-from spillcache._internal.tiers import DiskTier
-from spillcache._internal.tiers.disk import Reading
+from spillcache._internal.engine.placement import Placement, TensorRecord
+from spillcache._internal.engine.records import Admission
+from spillcache._internal.engine.tenants import Tenant
+from spillcache._internal.engine.tiers import DiskTier
+from spillcache._internal.engine.tiers.disk import Reading
+from spillcache._internal.io import transfers
+from spillcache._internal.store.tensor_store import Store
 from spillcache.errors import CapacityError, DiskFullError, StoreError
 
 CPU = torch.device("cpu")

@@ -1,10 +1,10 @@
-"""spillcache._internal.policy: eviction order."""
+"""spillcache._internal.engine.policy: eviction order."""
 
 from __future__ import annotations
 
 import pytest
 
-from spillcache._internal.policy import LRUPolicy, ScanPolicy, make_policy, merged_victims
+from spillcache._internal.engine.policy import LRUPolicy, ScanPolicy, make_policy, merged_victims
 
 
 def filled(*rids: int) -> LRUPolicy:

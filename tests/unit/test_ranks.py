@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from spillcache._internal import resolved, store_dirs, tensor_store
-from spillcache._internal.ranks import RankInfo, rank_info, run_id, store_parent
-from spillcache._internal.resolved import process_budgets
+from spillcache._internal.process import resolved
+from spillcache._internal.process.ranks import RankInfo, rank_info, run_id, store_parent
+from spillcache._internal.process.resolved import process_budgets
+from spillcache._internal.store import store_dirs, tensor_store
 from spillcache.config import CacheConfig
 from spillcache.errors import ConfigError, StoreError
 
@@ -280,7 +281,7 @@ def test_store_parent_is_the_rank_directory_of_the_run(monkeypatch):
 AGREE = textwrap.dedent(
     """
     import sys
-    from spillcache._internal.ranks import store_parent
+    from spillcache._internal.process.ranks import store_parent
     print(store_parent(sys.argv[1]))
     """
 )

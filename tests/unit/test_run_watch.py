@@ -11,8 +11,8 @@ import types
 import pytest
 
 from spillcache import ConfigError
-from spillcache._internal import run_watch
-from spillcache._internal.run_watch import RunWatch, hook_pipeline, watch_options
+from spillcache._internal.llmcompressor import run_watch
+from spillcache._internal.llmcompressor.run_watch import RunWatch, hook_pipeline, watch_options
 
 MIB = 2**20
 SETTING = {

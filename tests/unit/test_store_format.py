@@ -1,4 +1,4 @@
-"""spillcache._internal.store_format: the on-disk store, bit-exact and readable by plain zarr."""
+"""store/store_format.py: the on-disk store, bit-exact and readable by plain zarr."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import torch
 import zarr
 
 from spill_testing import ALL_DTYPES, NUMPY_KNOWN, random_tensor
-from spillcache._internal import chunkio, store_dirs
-from spillcache._internal import store_format as fmt
 from spillcache._internal.dtypes import RAW_DTYPES
-from spillcache._internal.store_format import SUPPORTED_VERSIONS
-from spillcache._internal.tensor_store import Store
+from spillcache._internal.io import chunkio
+from spillcache._internal.store import store_dirs
+from spillcache._internal.store import store_format as fmt
+from spillcache._internal.store.store_format import SUPPORTED_VERSIONS
+from spillcache._internal.store.tensor_store import Store
 from spillcache.errors import StoreCorruptError, StoreError, StoreFormatError, StoreNotFoundError
 
 SHAPES = {"contiguous": (3, 5), "zero_d": (), "empty": (0, 4), "three_d": (2, 1, 3)}

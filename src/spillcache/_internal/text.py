@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import errno
 
-from ..errors import SpillCacheError
+from spillcache.errors import SpillCacheError
 
 __all__ = [
     "aligned",

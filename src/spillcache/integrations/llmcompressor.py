@@ -33,13 +33,21 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .._internal.core import CacheCore
-from .._internal.resumable_pipeline import PIPELINE_MODULE, run_with_checkpoints
-from .._internal.run_watch import RunWatch, hook_pipeline, total_ram, watch_options
-from .._internal.stats import TIER_COUNTERS, TIERS
-from ..cache import IntermediatesCache as SpillcacheIntermediatesCache
-from ..config import CacheConfig
-from ..errors import IntegrationError
+from spillcache._internal.engine.stats import TIER_COUNTERS, TIERS
+from spillcache._internal.llmcompressor.resumable_pipeline import (
+    PIPELINE_MODULE,
+    run_with_checkpoints,
+)
+from spillcache._internal.llmcompressor.run_watch import (
+    RunWatch,
+    hook_pipeline,
+    total_ram,
+    watch_options,
+)
+from spillcache._internal.runtime.core import CacheCore
+from spillcache.cache import IntermediatesCache as SpillcacheIntermediatesCache
+from spillcache.config import CacheConfig
+from spillcache.errors import IntegrationError
 
 __all__ = ["CacheSwitch", "active", "disable", "enable"]
 

@@ -1,0 +1,218 @@
+"""The disk tier: the bytes of tensors on one or more disks, with a byte budget, and
+how much room each disk has left."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import NamedTuple
+
+from ...store.store_format import chunk_bytes
+from .budget import BudgetedTier
+
+__all__ = ["DiskTier", "Reading", "footprint"]
+
+# Disks whose free space is within this much of the freest one count as equally free.
+_EQUAL_FREE_FRACTION = 0.01
+_EQUAL_FREE_BYTES = 64 * 2**20
+
+_BLOCK = 4096  # the largest filesystem block an array's files are rounded up to
+
+
+def footprint(nbytes: int) -> int:
+    """Disk space one array of ``nbytes`` may take: its chunk file (with a checksum
+    trailer) rounded up to whole blocks, plus its directory, its zarr.json and that
+    file's ``.partial`` twin while it is renamed into place."""
+    return -(-chunk_bytes(nbytes, checksum=True) // _BLOCK) * _BLOCK + 3 * _BLOCK
+
+
+class Reading(NamedTuple):
+    """One free-space reading of a disk (a statvfs, made outside the pool's lock)."""
+
+    free: int  # bytes the filesystem still gives an unprivileged process
+    mark: int  # DiskTier.finished[disk] just before it was read
+    shown: int = 0  # footprints of writes it shows that were not ``written`` yet
+
+
+class _Full(NamedTuple):
+    """A write to the disk failed for lack of space."""
+
+    free: int  # bytes free just after it failed
+    needed: int  # the footprint of the value it was writing
+
+
+class DiskTier(BudgetedTier[int]):
+    """Sizes of the tensors it holds on disk, by record id (``None`` budget: no limit
+    over all disks together), and the room left on each disk.
+
+    A tensor's bytes are *reserved* when its background write is queued, so the budget
+    holds while writes are in flight. The files themselves are in each cache's stores
+    (``Tenant.store_on``), one per disk; writing, reading and deleting them is the
+    cache's, on its I/O threads.
+
+    Room is tracked without a system call under the pool's lock: the cache reads each
+    disk's free space (``read_free``) before it takes the lock and hands the readings
+    in (``observe``); a disk's room is then its last reading less the writes queued or
+    running there and those finished since the reading, but for those whose bytes
+    were on disk when it was read (``landed`` says so without the lock).
+    A disk where a write failed for lack of space takes nothing more until a reading
+    shows room for that write beyond what was free when it failed.
+
+    :param disks: how many disk directories there are (``disk_path`` may list several)
+    :param free_bytes: free space of disk ``i`` now (a statvfs, given by the pool so
+        that the tier itself stays a plain container); ``None``: never known
+    :param paths: the disk directories, for messages
+    """
+
+    name = "disk"
+
+    def __init__(
+        self,
+        budget: int | None,
+        disks: int = 1,
+        free_bytes: Callable[[int], int] | None = None,
+        paths: list[str] | None = None,
+    ) -> None:
+        super().__init__(budget)
+        self.disks = disks
+        self.paths = paths or [f"disk {index}" for index in range(disks)]
+        self._free_bytes = free_bytes
+        self._disk_of: dict[int, int] = {}
+        self.bytes_on = [0] * disks  # reserved bytes per disk
+        self._last = -1  # the disk chosen last, for round-robin among equals
+        self._writing: dict[int, int] = {}  # rid -> footprint, of writes queued or running
+        self.writing_on = [0] * disks  # their footprints, per disk
+        self.finished = [0] * disks  # footprints of writes ended (or dropped), ever
+        self._landed: set[int] = set()  # writes whose bytes are on disk, not yet ``written``
+        self._readings: list[Reading | None] = [None] * disks
+        self.full: dict[int, _Full] = {}  # disks refused since a write failed for space
+
+    # ------------------------------------------------------------ free space
+
+    def read_free(self, disk: int | None = None) -> list[Reading | None]:
+        """Free space of every disk (or of ``disk`` alone), without the pool's lock:
+        one statvfs each. None where it cannot be read."""
+        readings: list[Reading | None] = []
+        for index in range(self.disks) if disk is None else [disk]:
+            # In this order: a write ending meanwhile may count twice, never not at all.
+            mark = self.finished[index]
+            landed = set(self._landed)  # one C call: atomic against the writers' add
+            shown = sum(self._writing.get(rid, 0) for rid in landed if self.disk_of(rid) == index)
+            try:
+                free = None if self._free_bytes is None else self._free_bytes(index)
+            except OSError:
+                free = None
+            readings.append(None if free is None else Reading(free, mark, shown))
+        return readings
+
+    def observe(self, readings: list[Reading | None]) -> None:
+        """Lock held: take readings of every disk from ``read_free()``."""
+        # A write taken back while it ran (a kept store's close) is never ``written``.
+        self._landed.intersection_update(self._writing)
+        for disk, reading in enumerate(readings):
+            if reading is None:
+                continue
+            self._readings[disk] = reading
+            full = self.full.get(disk)
+            if full is not None and reading.free >= full.free + full.needed:
+                del self.full[disk]  # space was freed: try that disk again
+
+    def room(self, disk: int) -> int | None:
+        """Bytes new arrays may still take on ``disk``; None: not known yet."""
+        reading = self._readings[disk]
+        if reading is None:
+            return None
+        ended = self.finished[disk] - reading.mark
+        return reading.free - self.writing_on[disk] - ended + reading.shown
+
+    def fits(self, disk: int, nbytes: int) -> bool:
+        room = self.room(disk)
+        return disk not in self.full and (room is None or room >= footprint(nbytes))
+
+    def mark_full(self, disk: int, reading: Reading | None, nbytes: int) -> None:
+        """A write of ``nbytes`` to ``disk`` failed for lack of space; ``reading`` was
+        taken just after (None: unknown)."""
+        full = _Full(0 if reading is None else reading.free, footprint(nbytes))
+        known = self.full.get(disk)
+        # Writes failing together report back in any order: the highest bar stands.
+        if known is None or sum(full) > sum(known):
+            self.full[disk] = full
+
+    def why_full(self, disk: int, nbytes: int) -> str:
+        """Why ``disk`` cannot take ``nbytes`` now, for DiskFullError."""
+        path = self.paths[disk]
+        full = self.full.get(disk)
+        if full is not None:
+            reading = self._readings[disk]
+            now = "not read since" if reading is None else f"{_size(reading.free)} now"
+            return (
+                f"{path}: a write there failed for lack of space (ENOSPC) with "
+                f"{_size(full.free)} free; nothing more goes there until "
+                f"{_size(full.free + full.needed)} are free ({now})"
+            )
+        reading = self._readings[disk]
+        room = self.room(disk)
+        return (
+            f"{path}: {_size(max(room, 0))} free for new values ({_size(reading.free)} free "
+            f"on the filesystem, less {_size(reading.free - room)} for writes in flight or just "
+            f"done), "
+            f"{_size(footprint(nbytes))} needed"
+        )
+
+    # ------------------------------------------------------------ placement
+
+    def choose(self, nbytes: int = 0, exclude: Collection[int] = ()) -> int | None:
+        """The disk for a new tensor of ``nbytes``: of those with room for it (and not
+        in ``exclude``), the one with the most, round-robin among disks about as free as
+        it (so identical drives take turns). None if no disk has room."""
+        candidates = [
+            disk for disk in range(self.disks) if disk not in exclude and self.fits(disk, nbytes)
+        ]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        room = [self.room(disk) or 0 for disk in range(self.disks)]
+        most = max(room[disk] for disk in candidates)
+        slack = max(_EQUAL_FREE_BYTES, int(most * _EQUAL_FREE_FRACTION))
+        for step in range(1, self.disks + 1):
+            disk = (self._last + step) % self.disks
+            if disk in candidates and room[disk] >= most - slack:
+                self._last = disk
+                return disk
+        raise AssertionError("the freest disk is always a candidate")
+
+    def reserve(self, rid: int, nbytes: int, disk: int = 0, *, writing: bool = False) -> None:
+        """Count ``nbytes`` on ``disk`` for a tensor whose file is about to be written;
+        ``writing``: by a background write, whose space the disk's readings do not show
+        until it is ``written``."""
+        self._add(rid, nbytes, nbytes)
+        self._disk_of[rid] = disk
+        self.bytes_on[disk] += nbytes
+        if writing:
+            self._writing[rid] = footprint(nbytes)
+            self.writing_on[disk] += self._writing[rid]
+
+    def landed(self, rid: int) -> None:
+        """Without the pool's lock, on the writing thread: the write's bytes are on disk."""
+        self._landed.add(rid)
+
+    def disk_of(self, rid: int) -> int:
+        return self._disk_of.get(rid, -1)
+
+    def written(self, rid: int) -> None:
+        """The background write of a reserved tensor ended (or will never run)."""
+        self._landed.discard(rid)  # first: see read_free
+        size = self._writing.pop(rid, 0)
+        disk = self._disk_of[rid]
+        self.writing_on[disk] -= size
+        self.finished[disk] += size
+
+    def unreserve(self, rid: int) -> None:
+        """Forget a reservation (its file was never written, or is deleted)."""
+        self.written(rid)
+        nbytes = self._items[rid]
+        self._remove(rid, nbytes)
+        self.bytes_on[self._disk_of.pop(rid)] -= nbytes
+
+
+def _size(nbytes: int) -> str:
+    unit, scale = ("GiB", 2**30) if abs(nbytes) >= 2**30 else ("MiB", 2**20)
+    return f"{nbytes} bytes ({nbytes / scale:.1f} {unit})"

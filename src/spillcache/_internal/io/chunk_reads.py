@@ -1,0 +1,162 @@
+"""One chunk file in, at the device's speed, checked: its size against what its metadata
+says and, where it carries one, its CRC-32C (chunkio.py writes it).
+
+Reads fill a 1-D uint8 CPU tensor (with O_DIRECT: a page-aligned one from the read
+buffers) or map the file (``map_file``). Like chunkio, this module starts no threads
+and keeps no state: every I/O thread of the cache calls it at once, and the only lock a
+read takes is its device's turn.
+
+A large direct read waits for its device's turn (device_turns.py) and is one
+``preadv`` of the whole chunk; its CRC is computed after the turn is handed on, while
+the next read has the device.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from spillcache.errors import StoreCorruptError
+
+from . import device_turns
+from .buffers import PAGE, aligned_empty, round_up
+from .checksums import CRC32C_BYTES, crc32c_extend
+from .chunkio import check_bytes
+
+__all__ = ["check_crc", "map_file", "read_file"]
+
+
+def _open_checked(path: Path, nbytes: int, flags: int) -> tuple[int, int]:
+    """Open a chunk file that must hold exactly ``nbytes``, StoreCorruptError otherwise;
+    return its descriptor and its file system's ``st_dev``."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StoreCorruptError(f"chunk file {path} is missing") from None
+    try:
+        status = os.fstat(fd)  # of the file we opened, whatever is renamed over it later
+        size = status.st_size
+        if size != nbytes:
+            raise StoreCorruptError(f"chunk file {path} holds {size} bytes, expected {nbytes}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, status.st_dev
+
+
+def _shrank(path: Path, got: int, nbytes: int) -> StoreCorruptError:
+    return StoreCorruptError(f"chunk file {path} ended after {got} bytes, expected {nbytes}")
+
+
+def _read_direct(fd: int, out: torch.Tensor, path: Path, trailer: int, device: int) -> bytes:
+    """Read the file into ``out``, then its trailer, in the device's turn (a large
+    read); return the trailer's bytes."""
+    nbytes = out.numel()
+    total = nbytes + trailer
+    whole = nbytes - nbytes % PAGE
+    view = memoryview(out.numpy())
+    # The last partial page (and the trailer) lands in pages of its own, not in ``out``'s
+    # storage past its end: ``out`` may be a view whose next bytes belong to someone
+    # else. One preadv fills both, and the kernel stops it at EOF.
+    tail = aligned_empty(round_up(total - whole)) if whole < total else None
+    position = 0
+    with device_turns.turn(device, nbytes, path):
+        while position < total:
+            buffers = [view[position:whole]] if position < whole else []
+            if tail is not None:
+                buffers.append(memoryview(tail.numpy()))
+            end = position + os.preadv(fd, buffers, position)
+            if end >= total:
+                break
+            if end == position or end % PAGE:  # EOF before the size fstat reported
+                raise _shrank(path, end, total)
+            position = end
+    if tail is None:
+        return b""
+    tail_bytes = memoryview(tail.numpy())
+    view[whole:] = tail_bytes[: nbytes - whole]
+    return bytes(tail_bytes[nbytes - whole : total - whole])
+
+
+def _read_range(
+    fd: int, out: torch.Tensor, path: Path, start: int, end: int, expected: int, direct: bool
+) -> None:
+    """Read bytes ``start:end`` of the file (of ``expected`` bytes) into ``out``; a direct
+    read goes on from the page boundary at or before ``start`` (the bytes before it are
+    read again)."""
+    view = memoryview(out.numpy())
+    position = start - start % PAGE if direct else start
+    while position < end:
+        got = os.preadv(fd, [view[position:end]], position)  # readinto: no bytes object
+        if got == 0:
+            raise _shrank(path, position, expected)
+        position += got
+        if direct and position % PAGE and position < end:  # EOF before the size fstat said
+            raise _shrank(path, position, expected)
+
+
+def read_file(path: Path, out: torch.Tensor, *, direct: bool, checksum: bool = False) -> None:
+    """Fill ``out`` (1-D uint8, CPU) with the bytes of ``path``, which must hold exactly
+    that many (plus, with ``checksum``, their CRC-32C: 4 bytes, little-endian).
+
+    A missing, shorter or longer file raises StoreCorruptError naming the path and the
+    sizes, and so does a checksum that does not match. With ``direct``, ``out`` must
+    start on a PAGE boundary if it holds a page or more (use aligned_empty, a
+    StagingBuffers buffer or an arena slot), or ValueError. A large direct read waits
+    for its device's turn (device_turns.py).
+    """
+    check_bytes(out, "out")
+    path = Path(path)
+    nbytes = out.numel()
+    trailer = CRC32C_BYTES if checksum else 0
+    # Less than a page is all tail: read into a page of its own, then copied.
+    if direct and nbytes >= PAGE and out.data_ptr() % PAGE:
+        raise ValueError(
+            f"read_file(direct=True) needs a {PAGE}-byte aligned tensor; "
+            "allocate it with buffers.aligned_empty"
+        )
+    fd, device = _open_checked(path, nbytes + trailer, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        if direct:
+            stored = _read_direct(fd, out, path, trailer, device)
+        else:
+            _read_range(fd, out, path, 0, nbytes, nbytes + trailer, direct=False)
+            stored = os.pread(fd, trailer, nbytes) if trailer else b""
+            if len(stored) != trailer:
+                raise _shrank(path, nbytes + len(stored), nbytes + trailer)
+    finally:
+        os.close(fd)
+    if checksum:  # after the turn: the next read has the device meanwhile
+        check_crc(path, stored, out)
+
+
+def check_crc(path: Path, stored: bytes, data: torch.Tensor) -> None:
+    """StoreCorruptError unless ``stored`` (a chunk file's trailer) is the CRC-32C of
+    ``data`` (its bytes)."""
+    if stored != crc32c_extend(0, data).to_bytes(CRC32C_BYTES, "little"):
+        raise StoreCorruptError(
+            f"chunk file {path} fails its CRC32C check: its bytes changed after they were written"
+        )
+
+
+def map_file(path: Path, nbytes: int) -> torch.Tensor:
+    """A zero-copy uint8 tensor over the ``nbytes`` of ``path`` (mmap, copy-on-write).
+
+    Pages are read on first touch. The mapping is private (MAP_PRIVATE): writing to the
+    tensor never reaches the file, and it stays valid after the file is unlinked or
+    replaced by a rename (the inode lives while mapped). Truncating the file in place
+    would make its pages fault (SIGBUS); write_file never does that. mmap of the fd we
+    checked, not torch.from_file(name), so the size check and the mapping see one file.
+    """
+    path = Path(path)
+    fd, _ = _open_checked(path, nbytes, os.O_RDONLY)
+    try:
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)  # mmap refuses an empty mapping
+        mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps ``mapping`` alive

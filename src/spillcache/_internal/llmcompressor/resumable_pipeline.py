@@ -1,0 +1,355 @@
+"""llm-compressor's sequential pipeline with a checkpoint after every subgraph, and a
+rerun that resumes after the last one committed.
+
+``enable(checkpoint_dir=...)`` puts :func:`run_with_checkpoints` in the place of
+``SequentialPipeline.__call__``. It does what llm-compressor's own pipeline does (0.14:
+trace the model into subgraphs, fill the cache from the dataloader, per subgraph a
+calibration pass, the epoch's end, a propagation pass), with three differences:
+
+- the cache is a kept store in ``checkpoint_dir/activations`` (checkpoints.py);
+- after each subgraph's last pass, the tensors of the model it changed are saved and
+  the cache is flushed with a note that commits the checkpoint;
+- when ``checkpoint_dir`` holds a committed checkpoint of the same run (its
+  fingerprint: the model's config and starting weights, the recipe, the samples, the
+  pipeline's settings, the world size and the versions), the cache is reopened instead
+  of filled, the saved tensors are loaded after the modifiers started calibrating, and
+  the loop begins at the first subgraph not committed, under llm-compressor's own
+  ``(k/N): Calibrating`` progress.
+
+After a run that finishes, the checkpoint directory's contents are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spillcache import __version__
+from spillcache.config import CacheConfig
+from spillcache.errors import CheckpointError
+
+from ..store import checkpoints
+from ..store.checkpoints import NOTE_KEY, Checkpoint
+from .checkpoint_ranks import Ranks
+
+__all__ = ["PIPELINE_MODULE", "run_with_checkpoints"]
+
+PIPELINE_MODULE = "llmcompressor.pipelines.sequential.pipeline"
+# The parameters compressed-tensors adds to a module it will quantize: made with
+# torch.empty before calibration (so their bits differ from run to run) and calibrated
+# later, they are no part of the model's starting weights.
+QUANTIZATION_PARAMETER = re.compile(r"_(scale|zero_point|g_idx|global_scale)$")
+
+
+def run_with_checkpoints(
+    model: torch.nn.Module,
+    dataloader: Any,
+    dataset_args: Any,
+    *,
+    directory: Path,
+    cache_class: Callable[[CacheConfig], type],
+    config: CacheConfig,
+) -> None:
+    """The sequential pipeline over ``model``, checkpointed in ``directory``.
+
+    :param cache_class: the switch's cache class for a config (its caches report to
+        the switch)
+    :param config: the switch's config; the pipeline cache keeps its store in
+        ``directory/activations``
+    """
+    stock = sys.modules[PIPELINE_MODULE]
+    session = stock.active_session()
+    onload_device = stock.get_main_device()
+    offload_device = torch.device(dataset_args.sequential_offload_device)
+    stock.set_onload_device(model, onload_device)
+    modifiers = session.lifecycle.recipe.modifiers
+    if any(type(m).__name__ == "AutoRoundModifier" for m in modifiers):
+        dataset_args.propagate_error = False  # as llm-compressor's own pipeline does
+    targets = stock.infer_sequential_targets(model, dataset_args.sequential_targets)
+    sample_input = next(iter(dataloader))
+    subgraphs = stock.trace_subgraphs(
+        model,
+        sample_input,
+        targets,
+        dataset_args.tracing_ignore,
+        dataset_args.sequential_targets_per_subgraph,
+    )
+    parts = run_parts(model, dataloader, dataset_args, modifiers, len(subgraphs))
+    print_ = checkpoints.fingerprint(parts)
+    ranks = Ranks()
+    part = ranks.part(directory)
+    found, refusal = None, None
+    try:
+        found = _resumable(part, ranks.world, print_, parts)
+    except Exception as error:  # every rank raises it, rather than some waiting forever
+        refusal = error
+    done = ranks.agree(found, refusal)  # every rank's, or every rank raises
+
+    with contextlib.ExitStack() as stack:
+        failed = None
+        try:
+            kept = cache_class(config.replace(keep_store=True, disk_path=str(part.activations)))
+            stock.LifecycleCallbacks.calibration_start()
+            stack.enter_context(stock.calibration_forward_context(model))
+            stack.enter_context(stock.DisableQuantization(model))
+            found = _go_back(ranks, part, found, done)
+            activations = _ready(part, found, model, kept, dataloader, onload_device,
+                                 offload_device)  # fmt: skip
+            # Whatever ends the run, the store stays as the last checkpoint left it:
+            # values written since belong to no checkpoint.
+            activations._core.keeps_only_flushed = True
+            stack.callback(activations.close)
+        except Exception as error:
+            failed = error
+        # The ranks may share the weights: all loaded before any goes on. A rank that
+        # failed makes every rank raise.
+        ranks.all_ready(failed)
+        start, states = (0, []) if found is None else (found.done, list(found.states))
+        if getattr(dataset_args, "use_loss_mask", False):
+            session.state.loss_masks = [
+                activations.fetch(index, ["loss_mask"]).get("loss_mask")
+                for index in range(len(dataloader))
+            ]
+        else:
+            session.state.loss_masks = None
+        prefetch = getattr(dataset_args, "sequential_prefetch", False)
+        session.state.sequential_prefetch = prefetch
+
+        for index in range(start, len(subgraphs)):
+            subgraph = subgraphs[index]
+            before = checkpoints.TensorCRCs(_named_tensors(model, subgraph.submodules(model)))
+            _calibrate_subgraph(stock, session, model, subgraph, index, subgraphs, activations,
+                                dataset_args, len(dataloader), prefetch)  # fmt: skip
+            # Every rank done with the subgraph and with its checkpoint before: what the
+            # flush before kept can go, and the weights saved now are final everywhere.
+            ranks.wait_for_all()
+            activations._core.release_previous()
+            changed = before.changed(_named_tensors(model, subgraph.submodules(model)))
+            states.append(checkpoints.save_states(part, index, changed))
+            note = Checkpoint.note(print_, parts, index + 1, len(subgraphs), states)
+            activations._core.flush(note={NOTE_KEY: note}, keep_previous=ranks.several)
+        stock.LifecycleCallbacks.calibration_end()
+    ranks.wait_for_all()  # no rank's part goes while another rank may still need its own
+    part.remove()
+    left = part.stores()
+    if left:
+        warnings.warn(f"could not remove {', '.join(map(str, left))}", stacklevel=2)
+
+
+def _calibrate_subgraph(
+    stock, session, model, subgraph, index, subgraphs, activations, dataset_args, batches, prefetch
+) -> None:
+    """One subgraph's passes, as llm-compressor's own pipeline runs them."""
+    count = len(subgraphs)
+    last = index == count - 1
+    with stock.disable_offloading():
+        for batch_index, inputs in _batches(
+            stock, activations, batches, subgraph, f"({index + 1}/{count}): Calibrating", prefetch
+        ):
+            session.state.current_batch_idx = batch_index
+            outputs = subgraph.forward(model, **inputs)
+            if not dataset_args.propagate_error and not last:
+                activations.update(batch_index, outputs)
+                activations.delete(batch_index, subgraph.consumed_names)
+        stock.LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
+        if dataset_args.propagate_error:
+            with stock.HooksMixin.disable_hooks():
+                for batch_index, inputs in _batches(
+                    stock, activations, batches, subgraph,
+                    f"({index + 1}/{count}): Propagating", prefetch,
+                ):  # fmt: skip
+                    output = subgraph.forward(model, **inputs)
+                    if not last:
+                        activations.update(batch_index, output)
+                        activations.delete(batch_index, subgraph.consumed_names)
+
+
+def _batches(
+    stock, activations, batches: int, subgraph, desc: str, prefetch: bool
+) -> Iterator[tuple[int, dict]]:
+    names = subgraph.input_names
+    source = activations.iter_prefetch(names) if prefetch else activations.iter(names)
+    yield from enumerate(stock.tqdm(source, total=batches, desc=desc))
+
+
+def run_parts(
+    model: torch.nn.Module, dataloader: Any, dataset_args: Any, modifiers: list, subgraphs: int
+) -> dict[str, str]:
+    """What determines the calibration's result, each part a string (the fingerprint's
+    parts; a refusal names those that differ)."""
+    import llmcompressor  # the switch runs only where it is installed
+
+    config = getattr(model, "config", None)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    samples = (
+        (f"{index}.{key}", value)
+        for index, batch in enumerate(dataloader)
+        for key, value in sorted(batch.items())
+    )
+    return {
+        "model config": config.to_json_string(use_diff=False) if config is not None else "",
+        "model weights": checkpoints.digest_tensors(
+            (name, tensor)
+            for name, tensor in model.state_dict().items()
+            if not QUANTIZATION_PARAMETER.search(name)
+        ),
+        "recipe": repr([repr(modifier) for modifier in modifiers]),
+        "calibration samples": checkpoints.digest_tensors(samples),
+        "batches": str(len(dataloader)),
+        "pipeline": repr(
+            {
+                name: getattr(dataset_args, name, None)
+                for name in (
+                    "propagate_error",
+                    "sequential_targets",
+                    "sequential_targets_per_subgraph",
+                    "tracing_ignore",
+                    "sequential_offload_device",
+                    "use_loss_mask",
+                )
+            }
+        ),  # fmt: skip
+        "subgraphs": str(subgraphs),
+        "world size": str(world),
+        "versions": f"llmcompressor {llmcompressor.__version__}, torch {torch.__version__}, "
+        f"spillcache {__version__}",
+    }
+
+
+def _resumable(
+    part: checkpoints.Part, world: int, print_: str, parts: dict[str, str]
+) -> Checkpoint | None:
+    """The committed checkpoint to resume from; None to start afresh; CheckpointError
+    for another run's."""
+    directory = part.directory
+    strays = checkpoints.other_parts(part, world)
+    if strays:
+        raise CheckpointError(
+            f"checkpoint_dir {directory} holds a checkpoint of a run with another number "
+            f"of processes, or started otherwise (under torchrun or not), than this one "
+            f"({world} process{'es' if world > 1 else ''}, "
+            f"{'rank ' + str(part.rank) if part.rank is not None else 'not under torchrun'}"
+            f"): {strays[0]}. Use another checkpoint_dir for this run, or remove that "
+            "directory to start afresh"
+        )
+    found = checkpoints.committed(part)
+    if found is None or found.fingerprint == print_:
+        return found
+    differ = checkpoints.describe_difference(found.parts, parts)
+    raise CheckpointError(
+        f"checkpoint_dir {directory} holds a checkpoint of another calibration "
+        f"({found.done} of {found.subgraphs} subgraphs done); what differs: {differ}. "
+        "Use another checkpoint_dir for this run, or remove that directory to start afresh"
+    )
+
+
+def _go_back(
+    ranks: Ranks, part: checkpoints.Part, found: Checkpoint | None, done: int
+) -> Checkpoint | None:
+    """This rank's checkpoint as of ``done`` subgraphs (what every rank agreed), with
+    the state files no commit names removed."""
+    if found is not None and found.done > done:
+        _say(
+            f"spillcache: rank {ranks.rank} got further than another rank before the "
+            f"run ended ({found.done} subgraphs): going back to {done}"
+        )
+    found = ranks.go_back(part, found, done)
+    checkpoints.remove_unnamed_states(part, found)
+    return found
+
+
+def _ready(part, found, model, kept, dataloader, onload_device, offload_device) -> Any:
+    """The pipeline's cache: filled from the dataloader, or the checkpoint's store
+    reopened once its saved tensors are loaded into the model."""
+    if found is None:
+        return kept.from_dataloader(dataloader, onload_device, offload_device)
+    _load_states(part, found, model)
+    activations = kept.open(str(found.store))
+    _say(
+        f"spillcache: resuming from checkpoint_dir {part.directory}: {found.done} of "
+        f"{found.subgraphs} subgraphs done, going on with subgraph {found.done + 1}"
+    )
+    return activations
+
+
+def _load_states(part: checkpoints.Part, found: Checkpoint, model: torch.nn.Module) -> None:
+    """The checkpoint's saved tensors into the model: every state file checked whole,
+    and every tensor checked to fit, before any is loaded."""
+    checkpoints.check_states(part, found)
+    own = _own_tensors(model)
+    for tensors in checkpoints.iter_states(part, found):
+        _check_fits(own, tensors, part.directory)
+    for tensors in checkpoints.iter_states(part, found):
+        _load_into(own, tensors)
+
+
+def _named_tensors(
+    model: torch.nn.Module, modules: list[torch.nn.Module]
+) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of ``modules`` (each once), by the names the model's
+    ``state_dict`` gives them."""
+    paths = {id(module): prefix for prefix, module in model.named_modules()}
+    named = {}
+    for module in modules:
+        prefix = paths.get(id(module))
+        if prefix is None:
+            raise CheckpointError(
+                f"a module of the subgraph ({type(module).__name__}) belongs to no module "
+                "of the model"
+            )
+        for name, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            named[f"{prefix}.{name}" if prefix else name] = tensor
+    return named
+
+
+def _check_fits(
+    own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """CheckpointError unless every saved tensor names one of the model's (``own``), of
+    the same dtype and shape (else it is another model's, or another version's)."""
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(
+            f"the checkpoint in {directory} holds tensors this model does not have "
+            f"({', '.join(unknown[:5])}); nothing of it was loaded. Remove the directory "
+            "to start afresh"
+        )
+    for name, saved in tensors.items():
+        target = own[name]
+        if target.shape != saved.shape or target.dtype != saved.dtype:
+            raise CheckpointError(
+                f"the checkpoint in {directory} holds {name} as {saved.dtype} "
+                f"{tuple(saved.shape)}, the model has {target.dtype} {tuple(target.shape)}; "
+                "nothing of it was loaded. Remove the directory to start afresh"
+            )
+
+
+def _load_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """The saved tensors into the model's own, bit for bit (checked by _check_fits)."""
+    with torch.no_grad():
+        for name, saved in tensors.items():
+            own[name].copy_(saved)
+
+
+def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by their ``state_dict`` names."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    return own
+
+
+def _say(message: str) -> None:
+    """A line in llm-compressor's log (loguru, which it depends on)."""
+    from loguru import logger
+
+    logger.info(message)
