@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,6 +32,7 @@ from spillcache._internal.process.resolved import disk_directories
 from spillcache._internal.store import store_dirs
 from spillcache._internal.store.checkpoints import ACTIVATIONS, describe_store, store_text
 from spillcache._internal.store.summary import state_text
+from spillcache._internal.sysinfo import directory_problem
 from spillcache._internal.text import aligned, format_bytes, os_error_text
 from spillcache.config import CacheConfig
 from spillcache.errors import SpillCacheError, StoreCorruptError, StoreFormatError
@@ -288,12 +288,13 @@ def _check_export(path: Path) -> None:
     directory = path.absolute().parent
     if path.is_dir():
         raise ValueError(f"--export: {path} is a directory; name a file such as {path / 'x.pt'}")
-    if not directory.is_dir():
+    problem = directory_problem(directory)
+    if problem == "missing":
         raise ValueError(
             f"--export: the directory {directory} does not exist; create it first, or name "
             "a file in an existing directory"
         )
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if problem == "read-only":
         raise ValueError(
             f"--export: {directory} is not writable by this process; name a file in a "
             "writable directory"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["available_ram", "filesystem_type", "nearest_existing", "ram_limit"]
+__all__ = ["available_ram", "directory_problem", "filesystem_type", "nearest_existing", "ram_limit"]
 
 RAM_BACKED = ("tmpfs", "ramfs")
 # A cgroup v1 memory limit at or above this is "no limit" (the kernel writes the
@@ -93,6 +93,18 @@ def nearest_existing(path: str | os.PathLike[str]) -> Path:
     while not found.exists() and found != found.parent:
         found = found.parent
     return found
+
+
+def directory_problem(directory: str | os.PathLike[str]) -> str | None:
+    """Why this process cannot make files in ``directory``: "missing" (no directory
+    there), "read-only" (it may not write or enter it), or None. Each caller words the
+    problem for the option it checks."""
+    path = Path(directory)
+    if not path.is_dir():
+        return "missing"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "read-only"
+    return None
 
 
 def filesystem_type(path: str) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -157,9 +156,10 @@ def _plan(args: argparse.Namespace) -> int:
 def _check_writable(where: str, directory: str | Path, what: str) -> None:
     """``directory`` must exist and take ``what`` (the file --write names, the probe's
     files): said before the plan is made, in one line naming ``where`` it was given."""
-    if not Path(directory).is_dir():
+    problem = sysinfo.directory_problem(directory)
+    if problem == "missing":
         raise PlanInputError(f"{where}: {directory} is not an existing directory; create it first")
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if problem == "read-only":
         raise PlanInputError(
             f"{where}: {directory} is not writable by this process, and {what} is written "
             "there; name a writable directory"

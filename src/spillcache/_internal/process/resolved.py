@@ -6,7 +6,6 @@ and never reads "auto" itself; ``spillcache config`` shows the same resolution.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -17,7 +16,14 @@ import torch
 from spillcache.config import AUTO, CacheConfig
 from spillcache.errors import ConfigError
 
-from ..sysinfo import RAM_BACKED, available_ram, filesystem_type, nearest_existing, ram_limit
+from ..sysinfo import (
+    RAM_BACKED,
+    available_ram,
+    directory_problem,
+    filesystem_type,
+    nearest_existing,
+    ram_limit,
+)
 from ..text import format_bytes
 from .ranks import rank_info
 
@@ -259,12 +265,13 @@ def _check_writable(disk_dir: str, fix: str) -> None:
     """A disk_path that can never hold a store is refused when the cache is made, not
     when its first value spills; ``fix``: how to change it where it was set."""
     path = nearest_existing(disk_dir)  # made on first use, in its parent
-    if not path.is_dir():
+    problem = directory_problem(path)
+    if problem == "missing":  # nearest_existing found something: a file
         raise ConfigError(
             f"disk_path: {disk_dir} is not a directory ({path} is a file); {fix} to a "
             "directory on a local disk"
         )
-    if not os.access(path, os.W_OK | os.X_OK):
+    if problem == "read-only":
         raise ConfigError(
             f"disk_path: {disk_dir} is not writable ({path} is read-only to this process); "
             f"{fix} to a writable directory on a local disk"
