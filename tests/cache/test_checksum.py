@@ -3,13 +3,11 @@ checked on read."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 import zarr
 
-from spill_testing import assert_same, console_script, random_tensor
+from spill_testing import assert_same, random_tensor, run_console
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError
 
 SHAPE = (64, 64)
@@ -84,9 +82,7 @@ def test_one_flipped_byte_in_a_kept_store_written_with_the_defaults(tmp_path):
         byte = handle.read(1)
         handle.seek(4097)
         handle.write(bytes([byte[0] ^ 0x01]))
-    done = subprocess.run(
-        [console_script(), "verify", cache.store_path], capture_output=True, text=True
-    )
+    done = run_console("verify", cache.store_path)
     assert done.returncode == 1
     assert f"BAD {name} (batch 1, key 'h'):" in done.stdout and "CRC32C" in done.stdout
     reopened = IntermediatesCache.open(cache.store_path)

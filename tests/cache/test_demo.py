@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spill_testing import console_script
+from spill_testing import run_console
 from spillcache import CacheConfig, cli
 from spillcache._internal.cli import demo
 from spillcache._internal.process.resolved import transit_bytes
@@ -30,8 +30,7 @@ PARTS = 2 * PART
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    command = [console_script(), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return run_console(*args, timeout=300)
 
 
 @pytest.fixture(autouse=True)

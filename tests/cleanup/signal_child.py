@@ -50,8 +50,15 @@ def main() -> None:
 
         signal.signal(signal.SIGTERM, previous)
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=disk_dir, io_threads=2)
+    if scenario == "keyboard-interrupt":
+        # SIGINT blocked in the I/O threads (they inherit the mask they are started
+        # with): the kernel then delivers it to the main thread, whose read of stdin it
+        # interrupts. Delivered to an I/O thread, Python's handler would only run once
+        # that read returned, and the caught KeyboardInterrupt would never come.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     cache = IntermediatesCache([{"h": VALUE}, {"h": VALUE + 1}], config=config)
     cache.flush()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if scenario != "keyboard-interrupt":
         say("store", cache.store_path)
     if scenario == "writing":

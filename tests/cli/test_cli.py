@@ -1,4 +1,9 @@
-"""The ``spillcache`` console script, run as a user runs it, on real stores."""
+"""The ``spillcache`` console script, run as a user runs it, on real stores.
+
+Each run is a process of its own, forked from one that imported spillcache already
+(``spill_testing.run_console``); one (``test_verify_of_no_store_is_one_clear_line``)
+starts a new interpreter, to see that importing spillcache adds nothing to what a
+command prints."""
 
 from __future__ import annotations
 
@@ -6,24 +11,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 
 import numpy
 import pytest
 import torch
 
-from spill_testing import assert_same, console_script
+from spill_testing import assert_same, console_script, run_console, run_preloaded_python
 from spillcache import CacheConfig, IntermediatesCache
 
-SCRIPT = [console_script()]
 
-
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """The console script with ``args`` (``fresh``: in a new interpreter)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SPILLCACHE_")}
     environ.update(env or {})
+    if not fresh:
+        return run_console(*args, env=environ)
     return subprocess.run(
-        [*SCRIPT, *args], capture_output=True, text=True, timeout=120, env=environ
+        [console_script(), *args], capture_output=True, text=True, timeout=120, env=environ
     )
 
 
@@ -82,7 +87,7 @@ def test_config_missing_file_and_bad_variable():
 
 CHILD = textwrap.dedent(
     """
-    import sys, torch
+    import os, signal, sys, torch
     from spillcache import CacheConfig, IntermediatesCache
     keep = sys.argv[2] == "keep"
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=sys.argv[1], keep_store=keep,
@@ -93,7 +98,7 @@ CHILD = textwrap.dedent(
     if keep:
         cache.close()
     else:
-        sys.stdin.read()  # until killed
+        os.kill(os.getpid(), signal.SIGKILL)
     """
 )
 
@@ -105,19 +110,12 @@ def stores(tmp_path):
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
     live = IntermediatesCache([{"h": torch.ones(64, 64)}], config=config)
     live.flush()
-    killed = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path), "crash"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    crashed = killed.stdout.readline().strip()  # the store exists once this line comes
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=60)
-    kept = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path), "keep"],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout.strip()  # fmt: skip
+    killed = run_preloaded_python("-c", CHILD, str(tmp_path), "crash")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    crashed = killed.stdout.strip()  # printed once the store held its flushed value
+    done = run_preloaded_python("-c", CHILD, str(tmp_path), "keep")
+    assert done.returncode == 0, done.stderr
+    kept = done.stdout.strip()
     yield {"live": live.store_path, "crashed": crashed, "kept": kept, "dir": str(tmp_path)}
     live.close()
 
@@ -341,4 +339,4 @@ def test_a_store_with_checksums_says_so_and_warns_of_nothing(checksummed):
 
 
 def test_verify_of_no_store_is_one_clear_line():
-    one_line_error(run("verify", "/no/such/store"), "no store at")
+    one_line_error(run("verify", "/no/such/store", fresh=True), "no store at")

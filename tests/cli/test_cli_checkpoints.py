@@ -4,13 +4,12 @@ what each checkpoint holds and how far it got, and gc never removes one."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from spill_testing import run_preloaded_python
 from spillcache.cli import main
 
 # Made by a process that ends without closing its caches, as a killed calibration
@@ -47,7 +46,8 @@ MAKER = textwrap.dedent(
 def made(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     one, job = root / "one", root / "job"
-    subprocess.run([sys.executable, "-c", MAKER, str(one), str(job)], check=True, timeout=120)
+    done = run_preloaded_python("-c", MAKER, str(one), str(job))
+    assert done.returncode == 0, done.stderr
     return one, job
 
 

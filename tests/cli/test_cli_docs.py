@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from spill_testing import console_script
+from spill_testing import run_console
 from spillcache import CacheConfig, IntermediatesCache
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
@@ -66,10 +65,7 @@ def test_cli_example(world, command, shown):
         data = bytearray(chunk.read_bytes())
         data[0] ^= 0xFF
         chunk.write_bytes(bytes(data))
-    done = subprocess.run(
-        [console_script(), *argv[1:]],
-        capture_output=True, text=True, timeout=120, cwd=world["cwd"], env=environ,
-    )  # fmt: skip
+    done = run_console(*argv[1:], cwd=world["cwd"], env=environ)
     expected = 2 if shown[0].startswith("spillcache ") else 1 if shown[0].startswith("BAD") else 0
     assert done.returncode == expected, (done.stdout, done.stderr)
     actual = (done.stdout or done.stderr).splitlines()

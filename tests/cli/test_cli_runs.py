@@ -8,14 +8,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from spill_testing import console_script
+from spill_testing import run_console, run_preloaded_python
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.process.ranks import store_parent
 from spillcache._internal.text import format_bytes
@@ -26,14 +25,12 @@ TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTI
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The console script, as a user runs it (2 s of imports: used sparingly)."""
+    """The console script, as a user runs it (a process of its own: run_console)."""
     environ = {
         k: v for k, v in os.environ.items() if not k.startswith("SPILLCACHE_") and k not in TORCHRUN
     }
     environ.update(env or {})
-    return subprocess.run(
-        [console_script(), *args], capture_output=True, text=True, timeout=120, env=environ
-    )
+    return run_console(*args, env=environ)
 
 
 @pytest.fixture
@@ -59,16 +56,16 @@ def worker_env(rank: int) -> dict[str, str]:
 
 
 # A rank that spills one tensor (into its rank directory: the cache puts it there), then
-# waits to be killed.
+# is killed with SIGKILL.
 RANK_CHILD = textwrap.dedent(
     """
-    import sys, torch
+    import os, signal, sys, torch
     from spillcache import CacheConfig, IntermediatesCache
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=sys.argv[1])
     cache = IntermediatesCache([{"h": torch.ones(64, 64)}], config=config)
     cache.flush()
     print(cache.store_path, flush=True)
-    sys.stdin.read()
+    os.kill(os.getpid(), signal.SIGKILL)
     """
 )
 
@@ -77,12 +74,6 @@ def make_job(tmp_path: Path) -> dict:
     """A run of three ranks: rank 0 alive (this process), rank 1 killed with SIGKILL
     (its store left behind), rank 2 closed cleanly (its directory left empty); and a
     store of a lone process beside the run."""
-    environ = {k: v for k, v in os.environ.items() if k not in TORCHRUN}
-    killed = subprocess.Popen(
-        [sys.executable, "-c", RANK_CHILD, str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**environ, **worker_env(1)},
-    )  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         for name, value in worker_env(0).items():
             patch.setenv(name, value)
@@ -95,9 +86,12 @@ def make_job(tmp_path: Path) -> dict:
     lone = IntermediatesCache([{"h": torch.ones(16, 64)}], config=alone)
     lone.flush()
     (tmp_path / RUN / "rank2").mkdir()
-    crashed = killed.stdout.readline().strip()
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=60)
+    # Killed once this process's caches are made (making one removes the stores of dead
+    # processes it finds), as a rank that dies while the others run.
+    environ = {k: v for k, v in os.environ.items() if k not in TORCHRUN}
+    killed = run_preloaded_python("-c", RANK_CHILD, str(tmp_path), env={**environ, **worker_env(1)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    crashed = killed.stdout.strip()
     assert Path(crashed).parent == tmp_path / RUN / "rank1"
     return {"dir": tmp_path, "run": tmp_path / RUN, "live": live, "crashed": crashed,
             "lone": lone, "lone_path": lone.store_path}  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spill_testing import console_script
+from spill_testing import run_console
 from spillcache import cli
 from spillcache._internal.cli import demo
 
@@ -20,10 +20,7 @@ SMALL = "--samples 8 --seq-len 128 --hidden 128 --layers 3".split()
 def run(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SPILLCACHE_")}
     start = time.monotonic()
-    done = subprocess.run(
-        [console_script(), *args], capture_output=True, text=True, timeout=300,
-        env={**environ, **env},
-    )  # fmt: skip
+    done = run_console(*args, timeout=300, env={**environ, **env})
     return done, time.monotonic() - start
 
 

@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spill_testing import run_preloaded_python
 from spillcache import CacheConfig, IntermediatesCache, cli
 from spillcache._internal.cli import plan_cli
 from spillcache._internal.engine.stats import TIERS
@@ -283,9 +283,7 @@ def test_the_70b_page_runs_from_plan_to_clean_up(tmp_path, capsys, monkeypatch):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPILLCACHE_")}
     env.update(RANK="3", WORLD_SIZE="8", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8")
     env.update(TORCHELASTIC_RUN_ID="llama70b-gptq")
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RANK, "spill.toml"], env=env, capture_output=True
-    )
+    killed = run_preloaded_python("-c", KILLED_RANK, "spill.toml", env=env)
     assert killed.returncode == -9, killed.stderr
     left = sorted(tmp_path.glob("nvme*/spill/llama70b-gptq/rank3/spillcache-*"))
     assert len(left) == 2, left

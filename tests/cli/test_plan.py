@@ -180,7 +180,9 @@ def test_write_gives_a_config_file_spillcache_reads_with_sizes_in_units(capsys, 
 
 
 def test_check_exits_1_when_the_disk_is_too_small(capsys, tmp_path):
-    huge = ["--samples", "512", "--seq-len", "8192", "--hidden", "65536", "--layers", "2"]
+    # Half a TiB a pass, over 16 samples of 32 GiB of hidden states (the replay runs
+    # each sample: 512 samples of 1 GiB, the same bytes, took seconds).
+    huge = ["--samples", "16", "--seq-len", "8192", "--hidden", "2097152", "--layers", "2"]
     status, out, _ = run(
         capsys, "plan", *huge, "--host-bytes", "1GiB", "--disk-path", str(tmp_path),
         "--no-probe", "--check",

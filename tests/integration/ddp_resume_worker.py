@@ -16,6 +16,13 @@ runs give the same weights), through ``enable(checkpoint_dir=...)``.
   commit subgraph K's checkpoint, once every other rank has committed its own (the
   ranks wait on torchrun's key-value store, never on time): the other ranks' parts
   are then one checkpoint ahead of rank R's.
+- ``--reference DIR``: first an uninterrupted run, in the same processes (with
+  ``DIR/ckpt`` as its checkpoint_dir and ``DIR`` for its work), whose records go to
+  ``DIR/out``; then the run asked for (the killed one). One launch of torchrun (and
+  one import of llm-compressor per rank) for both.
+- ``--refused DIR``: first a run from the checkpoint_dir ``DIR`` that must not get
+  going (a damaged one): the error each rank's ``oneshot`` raised (None if it
+  returned) goes to ``DIR/refusal/rank<R>.json``; then the run asked for.
 
 A rank that finishes writes ``OUT/rank<R>.json``: the subgraphs its progress bars
 announced, what spillcache said when it resumed, and a digest of every weight.
@@ -91,34 +98,64 @@ def main() -> None:
     parser.add_argument("--kill-subgraph", type=int)
     parser.add_argument("--kill-in-checkpoint", type=int)
     parser.add_argument("--kill-rank", type=int, default=0)
+    parser.add_argument("--reference", type=Path)
+    parser.add_argument("--refused", type=Path)
     args = parser.parse_args()
 
-    from spillcache.integrations.llmcompressor import enable
+    import spillcache.integrations.llmcompressor  # noqa: F401  (before the kills are set up)
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    (args.work / "spill").mkdir(parents=True, exist_ok=True)
     said: list[str] = []
     record_progress(said)
-    if args.kill_subgraph is not None:
-        kill_at(args.kill_subgraph, "calibrating", 1)
-    if args.kill_in_checkpoint is not None:
-        kill_in_checkpoint_after_the_others(args.kill_in_checkpoint, args.kill_rank, rank, world)
     try:
-        with gptq_barrier(True), enable(
-            host_bytes=hidden_state_bytes(samples=1),
-            inline_bytes=1024,
-            disk_path=str(args.work / "spill"),
-            checkpoint_dir=str(args.checkpoint_dir),
-        ):  # fmt: skip
-            weights = calibrate_share(
-                args.work / "model" / f"rank{rank}", share(rank, world), prefetch=True, layers=4
+        if args.reference is not None:
+            run(args.reference / "ckpt", args.reference, args.reference / "out", said)
+            said.clear()
+        if args.refused is not None:
+            refuse(args.refused, args.work, rank)
+            said.clear()
+        if args.kill_subgraph is not None:
+            kill_at(args.kill_subgraph, "calibrating", 1)
+        if args.kill_in_checkpoint is not None:
+            kill_in_checkpoint_after_the_others(
+                args.kill_in_checkpoint, args.kill_rank, rank, world
             )
+        run(args.checkpoint_dir, args.work, args.out, said)
     finally:
         dist.destroy_process_group()
-    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def refuse(checkpoint_dir: Path, work: Path, rank: int) -> None:
+    """A run from ``checkpoint_dir``, which must fail on every rank: what each raised."""
+    try:
+        run(checkpoint_dir, work, checkpoint_dir / "out", [])
+    except Exception as error:
+        raised = f"{type(error).__name__}: {error}"
+    else:
+        raised = None
+    (checkpoint_dir / "refusal").mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / "refusal" / f"rank{rank}.json").write_text(json.dumps({"raised": raised}))
+
+
+def run(checkpoint_dir: Path, work: Path, out: Path, said: list[str]) -> None:
+    """One run of this rank, checkpointed in ``checkpoint_dir``; its record in ``out``."""
+    from spillcache.integrations.llmcompressor import enable
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    (work / "spill").mkdir(parents=True, exist_ok=True)
+    with gptq_barrier(True), enable(
+        host_bytes=hidden_state_bytes(samples=1),
+        inline_bytes=1024,
+        disk_path=str(work / "spill"),
+        checkpoint_dir=str(checkpoint_dir),
+    ):  # fmt: skip
+        weights = calibrate_share(
+            work / "model" / f"rank{rank}", share(rank, world), prefetch=True, layers=4
+        )
+    out.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "said": said, "weights": digests(weights)}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

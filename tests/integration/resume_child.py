@@ -149,7 +149,7 @@ def main() -> None:
                         help="with --kill-step call: the call to die at (0: count)")  # fmt: skip
     args = parser.parse_args()
 
-    from spillcache.integrations.llmcompressor import enable
+    import spillcache.integrations.llmcompressor  # noqa: F401  (before the kills are set up)
 
     if args.kill_subgraph is not None:
         kill_at(
@@ -159,22 +159,42 @@ def main() -> None:
         kill_at_call(args.kill_in_checkpoint, args.kill_call)
     elif args.kill_in_checkpoint is not None:
         kill_in_checkpoint(args.kill_in_checkpoint, args.kill_step)
-    with enable(
-        host_bytes=hidden_state_bytes() // 2,
-        inline_bytes=1024,
-        disk_path=args.spill_dir,
-        checkpoint_dir=args.checkpoint_dir,
-    ):
-        weights = calibrate(
-            Path(args.out).parent / "model",
-            RECIPES[args.recipe](),
-            prefetch=True,
-            layers=args.layers,
-            **({"propagate_error": False} if args.no_propagate_error else {}),
-        )  # fmt: skip
+    weights = checkpointed_run(
+        args.checkpoint_dir, args.spill_dir, args.out, recipe=args.recipe, layers=args.layers,
+        propagate_error=not args.no_propagate_error,
+    )  # fmt: skip
     import torch
 
     torch.save(weights, args.out)
+
+
+def checkpointed_run(
+    checkpoint_dir: str | Path,
+    spill_dir: str | Path,
+    out: str | Path,
+    *,
+    recipe: str = "gptq",
+    layers: int = 4,
+    propagate_error: bool = True,
+) -> dict:
+    """The run this script makes (its kills aside): the tiny Llama through ``oneshot``
+    under ``enable(checkpoint_dir=...)``; the calibrated state dict. test_resume.py
+    also calls it in its own process, to resume a run this script left."""
+    from spillcache.integrations.llmcompressor import enable
+
+    with enable(
+        host_bytes=hidden_state_bytes() // 2,
+        inline_bytes=1024,
+        disk_path=str(spill_dir),
+        checkpoint_dir=str(checkpoint_dir),
+    ):
+        return calibrate(
+            Path(out).parent / "model",
+            RECIPES[recipe](),
+            prefetch=True,
+            layers=layers,
+            **({} if propagate_error else {"propagate_error": False}),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

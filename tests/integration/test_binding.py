@@ -3,7 +3,6 @@ llm-compressor is imported before ``enable()`` or after it."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
@@ -14,6 +13,7 @@ pytest.importorskip(
     reason="llm-compressor is not installed: pip install -e '.[llmcompressor]'",
 )
 
+from spill_testing import run_preloaded_python  # noqa: E402
 from spillcache.integrations import llmcompressor as integration  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -63,9 +63,9 @@ def test_imported_after_enable():
         print("restored:", stock.__module__, all(m.IntermediatesCache is stock for m in modules))
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
+    # A process where llm-compressor was never imported (forked from one that imported
+    # torch and spillcache, not llm-compressor: see spill_testing.run_preloaded_python).
+    result = run_preloaded_python("-c", script, timeout=300)
     assert result.returncode == 0, result.stderr
     # llm-compressor logs to stdout too: read only the script's own lines.
     lines = [

@@ -1,6 +1,7 @@
 """A data-parallel oneshot (2 gloo ranks under torchrun) killed with SIGKILL resumes
 from its checkpoint_dir on both ranks, from the same subgraph, with the weights of an
-uninterrupted run bit for bit.
+uninterrupted run bit for bit (made by the ranks of the killed launch before the run
+they kill, ``--reference``; for the slow test, by a launch of its own).
 
 The ranks run ``ddp_resume_worker.py``: GPTQ over their halves of the samples, waiting
 for each other after each layer's compression (``gptq_barrier``), which makes two
@@ -74,6 +75,15 @@ def uninterrupted(tmp_path_factory) -> list[dict]:
     return records(root / "out")
 
 
+def uninterrupted_before(reference: Path) -> list[dict]:
+    """The records of the uninterrupted run a launch with ``--reference reference``
+    made before its killed run (in the same processes: one launch, one import of
+    llm-compressor per rank, for both)."""
+    found = records(reference / "out")
+    assert not (reference / "ckpt").exists()  # it finished: its checkpoint went with it
+    return found
+
+
 def resumed_from(record: dict) -> tuple[int, int]:
     """(subgraphs done, the one it went on with), from what the rank's run said."""
     found = [RESUMED.search(line) for line in record["said"]]
@@ -90,10 +100,13 @@ def calibrated(record: dict) -> list[int]:
     ]
 
 
-def assert_resumed(tmp_path: Path, uninterrupted: list[dict], done: int | None) -> None:
-    """Run again: every rank resumes from the same subgraph (``done`` if given) and
-    finishes with the uninterrupted run's weights; nothing of the checkpoint stays."""
-    run = launch(tmp_path, tmp_path / "ckpt", tmp_path / "out")
+def assert_resumed(
+    tmp_path: Path, uninterrupted: list[dict], done: int | None, *options: str
+) -> None:
+    """Run again (with the worker's ``options``): every rank resumes from the same
+    subgraph (``done`` if given) and finishes with the uninterrupted run's weights;
+    nothing of the checkpoint stays."""
+    run = launch(tmp_path, tmp_path / "ckpt", tmp_path / "out", *options)
     assert run.returncode == 0, run.stdout[-6000:]
     ranks = records(tmp_path / "out")
     points = {resumed_from(record) for record in ranks}
@@ -107,29 +120,35 @@ def assert_resumed(tmp_path: Path, uninterrupted: list[dict], done: int | None) 
     assert list((tmp_path / "spill").iterdir()) == []
 
 
-def test_a_rank_one_checkpoint_ahead_goes_back_and_both_resume(tmp_path, uninterrupted):
+def test_a_rank_one_checkpoint_ahead_goes_back_and_both_resume(tmp_path):
     killed = launch(
         tmp_path, tmp_path / "ckpt", tmp_path / "killed",
-        "--kill-in-checkpoint", "3", "--kill-rank", "1",
+        "--kill-in-checkpoint", "3", "--kill-rank", "1", "--reference", str(tmp_path / "ref"),
     )  # fmt: skip
     assert killed.returncode != 0 and "rank 1: killing before the commit" in killed.stdout
+    uninterrupted = uninterrupted_before(tmp_path / "ref")
     parts = [checkpoints.committed(checkpoints.Part(tmp_path / "ckpt", r)) for r in (0, 1)]
     assert [part.done for part in parts] == [3, 2]  # rank 0 committed, rank 1 did not
 
     # A copy with rank 1's first state file damaged: found as rank 1 loads its part,
-    # after the ranks agreed; every rank stops with an error naming it (none hangs).
+    # after the ranks agreed; every rank's oneshot stops with an error naming it (none
+    # hangs). Run from the copy first by the launch that then resumes.
     damaged = tmp_path / "damaged"
     shutil.copytree(tmp_path / "ckpt", damaged / "ckpt", symlinks=True)
     state = damaged / "ckpt" / "states" / "rank1" / "0001.pt"
     state.write_bytes(state.read_bytes()[:-1])
-    refused = launch(tmp_path, damaged / "ckpt", damaged / "out")
-    assert refused.returncode != 0
-    assert "rank 1 of 2 could not get ready: CheckpointError" in refused.stdout
-    assert "0001.pt holds" in refused.stdout
 
-    assert_resumed(tmp_path, uninterrupted, done=2)
-    said = (tmp_path / "out.log").read_text()
-    assert "rank 0 got further than another rank before the run ended" in said
+    assert_resumed(tmp_path, uninterrupted, 2, "--refused", str(damaged / "ckpt"))
+    raised = [
+        json.loads((damaged / "ckpt" / "refusal" / f"rank{rank}.json").read_text())["raised"]
+        for rank in range(WORLD)
+    ]
+    assert all(raised), raised
+    assert raised[0].startswith("CheckpointError: rank 1 of 2 could not get ready: CheckpointError")
+    assert raised[1].startswith("CheckpointError: ") and "0001.pt holds" in raised[1]
+    # What rank 0 said as it resumed (not as it was refused: that went back too).
+    said = records(tmp_path / "out")[0]["said"]
+    assert any("rank 0 got further than another rank before the run ended" in s for s in said)
 
 
 @pytest.mark.slow

@@ -85,10 +85,9 @@ def test_the_docs_inspect_example_is_what_a_kept_store_shows(tmp_path):
     )
     if installed != made_with:
         pytest.skip(f"the docs example shows what llm-compressor {made_with} caches")
-    import subprocess
     from pathlib import Path
 
-    from spill_testing import console_script
+    from spill_testing import run_console
 
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
@@ -96,9 +95,9 @@ def test_the_docs_inspect_example_is_what_a_kept_store_shows(tmp_path):
     with integration.enable(config):
         calibrate(tmp_path / "model", gptq_recipe(), prefetch=True)
     (store,) = spill_dir.iterdir()
-    shown = subprocess.run(
-        [console_script(), "inspect", str(store)], capture_output=True, text=True, check=True
-    ).stdout
+    done = run_console("inspect", str(store))
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout
     page = (Path(__file__).resolve().parents[2] / "docs" / "llmcompressor.md").read_text()
     (example,) = re.findall(r"```console\n\$ spillcache inspect .*?\n\.\.\.\n(.*?)```", page, re.S)
     assert example.strip() in shown

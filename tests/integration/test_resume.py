@@ -1,19 +1,22 @@
 """A oneshot killed with SIGKILL resumes from its checkpoint_dir: same weights, bit for bit.
 
-Each run is a child process (resume_child.py) that kills itself at a forward call
-counted from the subgraphs' calls (never by timing): as subgraph 3 of 5 begins, in the
-middle of a calibrating pass and of a propagating pass. The same command run again with
-the same checkpoint_dir must finish with the weights of an uninterrupted run with
+Each killed run is a child process (resume_child.py, forked from a process that
+imported llm-compressor already: preloaded.py) that kills itself at a forward call
+counted from the subgraphs' calls (never by timing): as subgraph 3 of 5 begins, in
+the middle of a calibrating pass and of a propagating pass. The same run made again
+with the same checkpoint_dir must finish with the weights of an uninterrupted run with
 llm-compressor's own cache, without calibrating the committed subgraphs again, and
-leave no activation store and no checkpoint behind.
+leave no activation store and no checkpoint behind. That run is resume_child.py's own
+(``checkpointed_run``), made in this process: llm-compressor is imported here already,
+and a child would spend most of its time importing it again.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +26,7 @@ pytest.importorskip(
     reason="llm-compressor is not installed: pip install -e '.[llmcompressor]'",
 )
 
-import torch  # noqa: E402
-
+import preloaded  # noqa: E402
 from spill_testing import assert_same  # noqa: E402
 from spillcache import CheckpointError  # noqa: E402
 from spillcache._internal.store import checkpoints  # noqa: E402
@@ -59,13 +61,69 @@ def stock_weights(tmp_path_factory) -> StockWeights:
     return StockWeights(tmp_path_factory)
 
 
+def child_module():
+    """resume_child.py as a module (its ``checkpointed_run`` and nothing else is used)."""
+    spec = importlib.util.spec_from_file_location("resume_child", CHILD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+checkpointed_run = child_module().checkpointed_run
+
+
+# What resume_child.py imports, and what its run imports as it goes: imported once, by
+# the process its runs are forked from (preloaded.py), rather than for 8 s in each.
+CHILD_MODULES = (
+    "tiny_llama", "llmcompressor", "llmcompressor.pipelines.sequential.helpers",
+    "llmcompressor.pipelines.sequential.pipeline", "llmcompressor.modifiers.quantization",
+    "llmcompressor.modifiers.transform.awq", "llmcompressor.modeling.moe.gpt_oss",
+    "compressed_tensors.linear.compressed_linear", "transformers.models.llama.modeling_llama",
+    "transformers.models.gpt_oss.modeling_gpt_oss", "torch.utils.serialization",
+    "multiprocessing.synchronize", "spillcache.integrations.llmcompressor",
+    "spillcache._internal.llmcompressor.resumable_pipeline",
+)  # fmt: skip
+
+
 def run_child(work: Path, *options: str) -> subprocess.CompletedProcess:
+    """resume_child.py run with ``options``, as a process of its own."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(CHILD), str(work / "ckpt"), str(work / "spill"),
-         str(work / "weights.pt"), "--layers", str(LAYERS), *options],
-        capture_output=True, text=True, env=env, timeout=300,
+    return preloaded.run(
+        [CHILD, str(work / "ckpt"), str(work / "spill"), str(work / "weights.pt"),
+         "--layers", str(LAYERS), *options],
+        preload=CHILD_MODULES, env=env, timeout=300,
     )  # fmt: skip
+
+
+def resume_here(
+    work: Path, *, recipe: str = "gptq", propagate_error: bool = True
+) -> tuple[dict, str]:
+    """The run ``run_child(work, ...)`` makes when nothing kills it, made in this
+    process: its weights, and what it said (each progress bar's title, as
+    ``progress <title>``, and every line spillcache logged)."""
+    from llmcompressor.pipelines.sequential import pipeline
+
+    from spillcache._internal.llmcompressor import resumable_pipeline
+
+    said: list[str] = []
+    tqdm, say = pipeline.tqdm, resumable_pipeline._say
+
+    def titled(*args, **kwargs):
+        said.append(f"progress {kwargs.get('desc')}")
+        return tqdm(*args, **kwargs)
+
+    def saying(message: str) -> None:
+        said.append(message)
+        say(message)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "tqdm", titled)
+        patch.setattr(resumable_pipeline, "_say", saying)
+        weights = checkpointed_run(
+            work / "ckpt", work / "spill", work / "weights.pt", recipe=recipe, layers=LAYERS,
+            propagate_error=propagate_error,
+        )  # fmt: skip
+    return weights, "\n".join(said)
 
 
 def progress_labels(output: str, pass_name: str) -> list[int]:
@@ -80,11 +138,9 @@ def progress_labels(output: str, pass_name: str) -> list[int]:
 def assert_resumes_with_stock_weights(tmp_path: Path, stock: dict, done: int) -> None:
     found = checkpoints.committed(Part(tmp_path / "ckpt"))
     assert found is not None and found.done == done
-    resumed = run_child(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    labels = progress_labels(resumed.stdout + resumed.stderr, "Calibrating")
+    weights, output = resume_here(tmp_path)
+    labels = progress_labels(output, "Calibrating")
     assert labels == list(range(done + 1, LAYERS + 2))
-    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
     for name, tensor in stock.items():
         assert_same(weights[name], tensor)
     assert not (tmp_path / "ckpt").exists()
@@ -120,13 +176,10 @@ def test_a_killed_oneshot_resumes_with_the_stock_weights(
     found = checkpoints.committed(Part(tmp_path / "ckpt"))
     assert found is not None and found.done == 2 and found.subgraphs == LAYERS + 1
 
-    resumed = run_child(tmp_path, "--recipe", recipe)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    output = resumed.stdout + resumed.stderr
+    weights, output = resume_here(tmp_path, recipe=recipe)
     assert "resuming from checkpoint_dir" in output and "2 of 5 subgraphs done" in output
     # The committed subgraphs are not calibrated again; the rest are, in order.
     assert progress_labels(output, "Calibrating") == [3, 4, 5]
-    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
     reference = stock_weights[recipe]
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():
@@ -207,12 +260,9 @@ def test_without_error_propagation_a_killed_oneshot_resumes_with_the_stock_weigh
         tmp_path, "--no-propagate-error", "--kill-subgraph", "3", "--kill-batch", "9"
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_child(tmp_path, "--no-propagate-error")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    output = resumed.stdout + resumed.stderr
+    weights, output = resume_here(tmp_path, propagate_error=False)
     assert progress_labels(output, "Calibrating") == [3, 4, 5]
     assert progress_labels(output, "Propagating") == []
-    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
     for name, tensor in reference.items():
         assert_same(weights[name], tensor)
     assert not (tmp_path / "ckpt").exists()
@@ -236,11 +286,11 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     (tmp_path / "spill").mkdir()
     killed = run_child(tmp_path, "--kill-subgraph", "2", "--kill-batch", "1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    other = run_child(tmp_path, "--recipe", "awq")
-    assert other.returncode != 0
-    assert "CheckpointError" in other.stderr
-    assert "holds a checkpoint of another calibration" in other.stderr
-    assert "recipe" in other.stderr and "remove that directory" in other.stderr
+    with pytest.raises(CheckpointError) as other:
+        resume_here(tmp_path, recipe="awq")
+    refusal = str(other.value)
+    assert "holds a checkpoint of another calibration" in refusal
+    assert "recipe" in refusal and "remove that directory" in refusal
     found = checkpoints.committed(Part(tmp_path / "ckpt"))
     assert found is not None and found.done == 1  # the refusal changed nothing
 
@@ -254,10 +304,11 @@ def test_a_damaged_state_file_is_refused_and_nothing_is_loaded(tmp_path):
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0x10
     state.write_bytes(bytes(data))
-    resumed = run_child(tmp_path)
-    assert resumed.returncode != 0
-    assert "is damaged" in resumed.stderr and "0001.pt" in resumed.stderr
-    assert "does not match its CRC-32C" in resumed.stderr
+    with pytest.raises(CheckpointError) as resumed:
+        resume_here(tmp_path)
+    refusal = str(resumed.value)
+    assert "is damaged" in refusal and "0001.pt" in refusal
+    assert "does not match its CRC-32C" in refusal
     with pytest.raises(CheckpointError, match="does not match its CRC-32C"):
         part = Part(tmp_path / "ckpt")
         checkpoints.check_states(part, checkpoints.committed(part))
