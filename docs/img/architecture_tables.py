@@ -54,8 +54,7 @@ GROUPS = {  # key: (title, what it is)
     PUBLIC: ("public surface", "what users import, and what stock-API code reaches"),
     STATE: (
         "the cache's state",
-        "one pool lock guards it all; I/O under it: a store made on a first spill, "
-        "a kept store on close",
+        "one pool lock guards it all; decisions under it, their slow work outside it",
     ),
     BYTES: ("moving bytes", "copies, flattening, reads, the I/O threads"),
     STORE: ("the store on disk", "zarr v3 layout, chunk files, durability, reading stores as data"),
@@ -97,18 +96,14 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "run_watch": (PUBLIC, CALLER, "a run's line per subgraph and metrics file"),
     "core": (STATE, LOCKED, "CacheCore: batches, entries, generations; update, fetch, close"),
     "placement": (STATE, LOCKED, "Placement: each record's tier; admit, evict, spill, promote"),
-    "records": (STATE, LOCKED, "TensorRecord, Entry, InlineTensor; the records by number"),
-    "write_behind": (STATE, LOCKED, "values in RAM until their disk write lands"),
+    "records": (STATE, LOCKED, "TensorRecord, Entry; the records; the write-behind area"),
+    "transaction": (STATE, LOCKED, "a decision's needs, and the journal that takes it back"),
     "policy": (STATE, LOCKED, "scan and lru eviction policies: they only name victims"),
     "tenants": (STATE, LOCKED, "one cache's share of a pool; eviction across caches"),
-    "rollback": (STATE, LOCKED, "a failed admit undone: the update stores and moves nothing"),
-    "kept_copies": (STATE, LOCKED, "placement's part of a kept store's flush and close"),
-    "promotion": (STATE, LOCKED, "placement's part of a read: hits, misses, promotion"),
+    "reads_and_kept": (STATE, LOCKED, "placement's part of a read and of a kept store"),
     "failures": (STORE, LOCKED, "failed writes kept per cache, reported once; DiskFullError"),
     "stats": (STATE, LOCKED, "stats(): the placement's counters as one dict"),
-    "tiers/budget": (STATE, LOCKED, "what every tier shares: items by record id, a byte budget"),
-    "tiers/memory": (STATE, LOCKED, "the device and host tiers: tensors in memory"),
-    "tiers/disk": (STATE, LOCKED, "the disk tier: bytes reserved per record, room per disk"),
+    "tiers": (STATE, LOCKED, "the device, host and disk tiers: bytes against budgets"),
     "offload": (BYTES, CALLER, "a value checked, flattened, copied off the GPU, before the lock"),
     "reads": (BYTES, LANES, "one fetch's disk reads: planned under the lock, read outside it"),
     "io_threads": (BYTES, LANES, "IOPool: the only module that starts threads; a lane per disk"),
@@ -126,7 +121,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "checksums": (STORE, ANY, "CRC-32C of a chunk (zarr's crc32c codec), other threads running"),
     "device_turns": (STORE, LANES, "large direct reads take turns on their device"),
     "aio": (STORE, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
-    "persist": (STORE, CALLER, "a kept store made durable: flush() writes unlocked, close locked"),
+    "persist": (STORE, CALLER, "a kept store made durable on flush() and close, unlocked"),
     "store_sync": (STORE, CALLER, "a kept store's writes not yet fsync'd, fsync'd before a commit"),
     "reopen": (STORE, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
     "checkpoints": (STORE, CALLER, "a checkpoint_dir: fingerprint, changed tensors, the commit"),
@@ -135,7 +130,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "small_files": (STORE, CALLER, "zarr.json files read safely: no links, bounded size"),
     "summary": (STORE, COMMAND, "what a store holds, for inspect and verify"),
     "leftovers": (STORE, COMMAND, "what cut-short writes leave; gc of dead stores"),
-    "pool": (PROCESS, LOCKED, "SharedPool: one lock, placement, I/O lanes per config"),
+    "pool": (PROCESS, LOCKED, "SharedPool: one lock, its transactions, I/O lanes per config"),
     "resolved": (PROCESS, CALLER, "a config resolved: auto sizes, rank shares, disks, device"),
     "ranks": (PROCESS, CALLER, "rank, node and run under torchrun; the store directory"),
     "sysinfo": (PROCESS, CALLER, "available RAM, filesystem type"),
@@ -198,7 +193,7 @@ UPDATE = Route(
         ),
         Step(
             (
-                "CacheCore._check_open",
+                "SharedPool.transact",
                 "CacheCore._wait_for_write_room",
                 "CacheCore._store_prepared",
                 "Placement.admit",
@@ -206,35 +201,33 @@ UPDATE = Route(
             ),
             LOCKED,
             "caller's thread, pool lock held",
-            "earlier failed writes reported; backpressure while the write-behind area is over "
-            "budget; then each tensor goes to the first tier with room, all or nothing",
+            "a transaction: earlier failed writes reported, backpressure while the write-behind "
+            "area is over budget, then the decision: each tensor to the first tier with room, "
+            "all or nothing",
         ),
         Step(
-            ("Placement._make_room", "Tenants.victims", "Placement._evict"),
+            ("Placement._make_room", "Tenants.victims", "Placement._evict", "Placement._spill"),
             LOCKED,
             "caller's thread, pool lock held",
-            "no room in the tier: the policies' victims, across caches, move down; a device-tier "
-            "victim to the host tier, or straight to disk when the host tier cannot make room",
+            "no room in the tier: the policies' victims, across caches, move down; a value bound "
+            "for disk gets a disk, its bytes reserved and a place in the write-behind area, its "
+            "write queued as an effect; a missing store or a device value's host copy is asked "
+            "for (NeedsFirst) and the admit taken back",
         ),
         Step(
-            ("Placement._spill", "Tenant.open_store", "Store.create", "WriteBehind.queue"),
-            LOCKED,
-            "caller's thread, pool lock held",
-            "a value bound for disk (new, or a victim) gets a disk and its bytes reserved, and "
-            "waits in RAM in the write-behind area; a cache's first spill to a disk makes its "
-            "store there (directories, an O_DIRECT probe file, the pool's staging buffers the "
-            "first time, three zarr.json files)",
+            ("SharedPool._make_stores", "SharedPool.make_store", "Store.create"),
+            CALLER,
+            "caller's thread, no lock",
+            "only when the decision asked: the cache's store made on a disk it never wrote to "
+            "(directories, an O_DIRECT probe file, three zarr.json), device values copied to "
+            "the host; then the transaction decides again (step 2)",
         ),
         Step(
-            (
-                "CacheCore._start_queued_disk_io",
-                "SharedPool.start_queued_disk_io",
-                "Placement.take_writes",
-                "IOPool.submit",
-            ),
+            ("SharedPool._hand_effects_to_lanes", "Placement.take_writes", "IOPool.submit"),
             LOCKED,
             "caller's thread, pool lock held",
-            "the queued writes go to their disk's lane at write priority; update returns",
+            "the end of the transaction: its writes and deletions go to their disk's lane at "
+            "write priority; update returns",
         ),
         Step(
             (
@@ -252,7 +245,7 @@ UPDATE = Route(
             "after the data); the chunk renamed into place, then zarr.json",
         ),
         Step(
-            ("Placement.write_done", "Tenant.write_failed"),
+            ("SharedPool.transact", "Placement.write_done", "Tenant.write_failed"),
             LOCKED,
             "the same lane, pool lock held",
             "the record is on disk and its RAM copy dropped (a failed write: the value back in "
@@ -279,7 +272,7 @@ FETCH = Route(
                 "CacheCore._prefetch",
                 "CacheCore.fetch_versioned",
                 "reads.plan",
-                "Promotion.begin_load",
+                "ReadsAndKept.begin_load",
                 "Placement.hold",
             ),
             LOCKED,
@@ -291,7 +284,7 @@ FETCH = Route(
             (
                 "CacheCore._finish_loads",
                 "reads.read",
-                "CacheCore._read_record",
+                "reads._read_record",
                 "Store.read_tensor",
                 "BufferPool.take",
                 "chunk_reads.read_file",
@@ -303,11 +296,11 @@ FETCH = Route(
             "for, not read twice",
         ),
         Step(
-            ("Promotion.read_done", "Placement.release", "CacheCore._start_queued_disk_io"),
+            ("SharedPool.transact", "ReadsAndKept.read_done", "Placement.release"),
             LOCKED,
             "the same lane, pool lock held",
-            "the read recorded and the holds released; promotion into the host tier waits for "
-            "the reader",
+            "a transaction: the read recorded and the holds released (a deletion this frees "
+            "handed to a lane); promotion into the host tier waits for the reader",
         ),
         Step(
             ("CacheCore._assemble", "Transfers.onload"),
@@ -320,8 +313,8 @@ FETCH = Route(
             (
                 "CacheCore.add_stall",
                 "CacheCore.mark_read",
-                "Promotion.promote",
-                "CacheCore._start_queued_disk_io",
+                "SharedPool.transact",
+                "ReadsAndKept.promote",
                 "CacheCore.generation",
             ),
             LOCKED,

@@ -9,6 +9,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
+from spillcache._internal.runtime import reads
 from spillcache._internal.store.tensor_store import Store
 
 SHAPE = (32, 32)
@@ -149,19 +150,18 @@ def _tiers_after_a_propagation_pass(tmp_path, monkeypatch, order: str) -> dict:
     cache = IntermediatesCache.empty(3, "cpu", config=config)
     for index in range(3):  # batch 0 resident, 1 and 2 on disk
         cache.update(index, {"h": random_tensor(torch.int64, SHAPE, index)})
-    core = cache._core
-    original = core._read_record
+    original = reads._read_record
     read_done, may_read = threading.Event(), threading.Event()
 
-    def gated(record):
+    def gated(record, *args):
         if record.label.startswith("batch 1,") and order == "after":
             assert may_read.wait(timeout=30)
-        tensor = original(record)
+        tensor = original(record, *args)
         if record.label.startswith("batch 1,"):
             read_done.set()
         return tensor
 
-    monkeypatch.setattr(core, "_read_record", gated)
+    monkeypatch.setattr(reads, "_read_record", gated)
     batches = cache.iter(["h"]) if order == "plain" else cache.iter_prefetch(["h"])
     for index, _ in enumerate(batches):
         if index == 0 and order == "before":

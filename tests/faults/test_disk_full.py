@@ -21,8 +21,8 @@ from spillcache import CacheConfig, CapacityError, DiskFullError, IntermediatesC
 from spillcache._internal.engine.placement import Placement
 from spillcache._internal.engine.records import Admission
 from spillcache._internal.engine.tenants import Tenant
-from spillcache._internal.engine.tiers import DiskTier
-from spillcache._internal.engine.tiers.disk import footprint
+from spillcache._internal.engine.tiers import DiskTier, footprint
+from spillcache._internal.engine.transaction import NeedsFirst
 from spillcache._internal.store.tensor_store import Store
 
 KIB64 = 64 * 2**10
@@ -128,6 +128,8 @@ def test_a_refused_update_moves_nothing_not_even_what_it_evicted(tmp_path, free_
         with pytest.raises(expected):
             cache.update(2, {"x": x, "y": y})
         assert state(cache) == before
+        # The store made for it (the first spill) is gone too, with the directories it made.
+        assert not cache._core.tenant.has_store and leftovers(tmp_path / "spill") == []
         cache.flush()
         assert cache.stats()["disk"]["bytes_written"] == 0  # a was never written
         assert not list((tmp_path / "spill").rglob("c.*"))
@@ -222,8 +224,7 @@ def test_a_refused_admission_puts_a_cascade_of_moves_back(tmp_path):
     placement = Placement(
         device_budget=KIB64, host_budget=KIB64, disk=DiskTier(KIB64), pin_host=False
     )
-    store = lambda disk: Store.create(tmp_path / "stores")  # noqa: E731
-    tenant = placement.add_tenant(Tenant(store, "lru", device_target=cpu))
+    tenant = placement.add_tenant(Tenant(True, "lru", device_target=cpu))
     admissions = [Admission(unaligned(KIB64, 0), cpu), Admission(unaligned(KIB64, 1), cpu)]
     a, b = placement.admit(admissions, tenant=tenant)
     assert (a.resident, b.resident) == ("host", "device")
@@ -236,13 +237,16 @@ def test_a_refused_admission_puts_a_cascade_of_moves_back(tmp_path):
             (t.nbytes, t.peak, list(t)) for t in (placement.device, placement.host, placement.disk)
         ]
         policies = {name: list(policy.victims()) for name, policy in tenant.policies.items()}
-        return [records, tiers, policies, dict(placement.counters), placement.write_behind.nbytes]
+        return [records, tiers, policies, placement.counters.copy(), placement.write_behind.nbytes]
 
     before = where()
+    admissions = [Admission(unaligned(KIB64, 2), cpu), Admission(unaligned(KIB64, 3), cpu)]
+    with pytest.raises(NeedsFirst):  # a to disk needs the store made first, outside the lock
+        placement.admit(admissions, tenant=tenant)
+    assert placement.take_needs().stores == {(tenant, 0)}
+    assert where() == before
+    tenant.attach(Store.create(tmp_path / "stores"))  # as the pool makes it
     with pytest.raises(CapacityError):  # x: a to disk, b to host; y: no room anywhere
-        admissions = [Admission(unaligned(KIB64, 2), cpu), Admission(unaligned(KIB64, 3), cpu)]
         placement.admit(admissions, tenant=tenant)
     assert where() == before
     assert placement.take_writes() == [] and placement.take_deletions() == []
-    # The store the first move made is gone too (its disk directory, "stores", stays).
-    assert not tenant.has_store and leftovers(tmp_path / "stores") == []

@@ -8,6 +8,7 @@ import torch
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.io.transfers import Ready, Transfers
+from spillcache._internal.runtime import reads
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,6 +62,7 @@ def test_spilled_values_for_the_gpu_are_read_into_pinned_memory(tmp_path):
         cache.flush()
         record = cache._core._batches[0]["h"].leaves[0]
         assert record.resident is None and record.on_disk
-        read = cache._core._read_record(record)  # the disk read a fetch does
+        core = cache._core  # the disk read a fetch does:
+        read = reads._read_record(record, core.placement.pin_host, core.config.read_mode)
         assert read.is_pinned() and read.device.type == "cpu"
         assert_same(cache.fetch(0)["h"], values[0])

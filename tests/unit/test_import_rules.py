@@ -1,7 +1,7 @@
 """The folders of spillcache._internal say what their modules may import (each folder's
 __init__.py says why): the rules below are checked on every import in src, type-only
 imports (under TYPE_CHECKING) included; and no module imports itself back through
-others, apart from the cycles listed, which the work on issue 24 removes."""
+others."""
 
 from __future__ import annotations
 
@@ -34,11 +34,6 @@ ALLOWED = {
 }  # fmt: skip
 FOLDERS = set(ALLOWED) - {"base"}
 MOST_PER_FOLDER = 15
-# Cycles still to be taken apart (issue 24, "decisions return effects"): each a set of
-# modules. A new cycle fails; so does one of these once it is gone (remove it here).
-KNOWN_CYCLES = [
-    {"engine.placement", "engine.rollback", "engine.stats"},
-]
 
 
 def module_name(path: Path) -> str:
@@ -132,9 +127,9 @@ def test_every_import_follows_its_folders_rule():
     assert broken_rules(import_graph()) == []
 
 
-def test_no_module_imports_itself_back_but_the_known_cycles():
+def test_no_module_imports_itself_back():
     found = [{short(m) for m in component} for component in cycles(import_graph())]
-    assert sorted(map(sorted, found)) == sorted(map(sorted, KNOWN_CYCLES))
+    assert found == []
 
 
 def test_no_folder_holds_more_than_fifteen_modules():
@@ -155,5 +150,5 @@ def test_the_checks_see_what_they_are_for():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]
     # The graph of src sees type-only imports and sibling imports within a folder.
     real = import_graph()
-    assert f"{INTERNAL}.engine.rollback" in real[f"{INTERNAL}.engine.placement"]
+    assert f"{INTERNAL}.engine.transaction" in real[f"{INTERNAL}.engine.placement"]
     assert f"{INTERNAL}.engine.placement" in real[f"{INTERNAL}.engine.stats"]  # TYPE_CHECKING

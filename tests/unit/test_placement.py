@@ -9,9 +9,10 @@ from spillcache._internal.dtypes import RAW_DTYPES
 from spillcache._internal.engine.placement import Placement, TensorRecord
 from spillcache._internal.engine.records import Admission
 from spillcache._internal.engine.tenants import Tenant
-from spillcache._internal.engine.tiers import DiskTier
-from spillcache._internal.engine.tiers.disk import Reading
+from spillcache._internal.engine.tiers import DiskTier, Reading
+from spillcache._internal.engine.transaction import NeedsFirst
 from spillcache._internal.io import transfers
+from spillcache._internal.io.arena import Arena
 from spillcache._internal.store.tensor_store import Store
 from spillcache.errors import CapacityError, DiskFullError, StoreError
 
@@ -56,16 +57,17 @@ def make(tmp_path, host: int | None, disk: int | None | bool = None) -> Placemen
         disk=tier,
         pin_host=False,
     )
-    opener = None if disk is False else (lambda disk: Store.create(tmp_path / "stores"))
-    placement.add_tenant(Tenant(opener, "lru"))
+    placement.add_tenant(Tenant(disk is not False, "lru"))
+    placement.store_dir = tmp_path / "stores"  # where World makes the store it needs
     return placement
 
 
 class World:
     """A placement plus the tensors it should hold, checked after every step.
 
-    It plays the cache's part synchronously: queued writes run (and are reported back)
-    right after each step, and a load reads from disk itself when memory has no copy.
+    It plays the pool's part synchronously: a store or a copy placement needs is made
+    and the admit made again, queued writes run (and are reported back) right after each step,
+    and a load reads from disk itself when memory has no copy.
     """
 
     def __init__(self, placement: Placement) -> None:
@@ -74,7 +76,15 @@ class World:
         self.live: dict[int, tuple[TensorRecord, torch.Tensor]] = {}
         self.failed_writes: list[TensorRecord] = []
 
+    def meet_needs(self) -> None:
+        """What the pool does outside its lock: the stores made, the host copies made."""
+        needs = self.p.take_needs()
+        for tenant, disk in needs.stores:
+            tenant.attach(Store.create(self.p.store_dir), disk)
+        self.p.premade = {rid: transfers.to_host(t) for rid, t in needs.copies.items()}
+
     def drain(self) -> None:
+        self.meet_needs()
         for record, tensor in self.p.take_writes():
             error = None
             try:
@@ -87,8 +97,14 @@ class World:
             tenant.store_on(disk).delete_tensor(name)
 
     def admit(self, *tensors: torch.Tensor) -> list[TensorRecord]:
+        admissions = [Admission(t, CPU) for t in tensors]
         try:
-            records = self.p.admit([Admission(t, CPU) for t in tensors], tenant=self.tenant)
+            while True:
+                try:
+                    records = self.p.admit(admissions, tenant=self.tenant)
+                    break
+                except NeedsFirst:
+                    self.meet_needs()
         finally:
             self.drain()
         for record, tensor in zip(records, tensors, strict=True):
@@ -184,14 +200,14 @@ def test_load_from_disk_promotes_to_host_and_keeps_clean_copy(world):
     records = world.admit(*(value(i) for i in range(5)))
     first = records[0]
     assert first.resident is None and first.on_disk
-    written = world.p.counters["disk.bytes_written"]
+    written = world.p.counters.disk.bytes_written
     world.load(first)
     assert first.resident == "host" and first.on_disk
     # Evicting it again costs no write: its disk copy is clean.
     for i in range(3):
         world.admit(value(10 + i))
     assert first.resident is None and first.on_disk
-    assert world.p.counters["disk.bytes_written"] - written == 3 * SIZE  # the other evictions only
+    assert world.p.counters.disk.bytes_written - written == 3 * SIZE  # the other evictions only
     world.check_all_loadable()
 
 
@@ -339,22 +355,28 @@ def test_clean_disk_copies_are_dropped_when_disk_is_tight(tmp_path):
     world.check_all_loadable()
 
 
-def test_to_persist_gives_every_record_a_disk_copy(tmp_path):
-    """What persist._write_whole does on close, placement's part: every record without a
-    finished disk copy taken, written by the caller, then marked persisted."""
+def test_to_persist_hands_over_every_record_without_a_disk_copy(tmp_path):
+    """What persist does on close, placement's part: every record without a finished
+    disk copy handed over with its value and an array name no copy has, for the caller
+    to write outside the lock; a write still queued is dropped."""
     world = World(make(tmp_path, host=3 * SIZE, disk=2 * SIZE))
     records = world.admit(*(value(i) for i in range(4)))
-    for record, tensor in world.p.to_persist(world.tenant):
+    kept = world.p.admit([Admission(value(9), CPU)], tenant=world.tenant)  # a write queued
+    world.live[kept[0].rid] = (kept[0], value(9))
+    assert world.p.write_behind.nbytes > 0
+    on_disk = {r.rid: r.array for r in records if r.on_disk and r.write_state is None}
+    taken = world.p.to_persist(world.tenant)
+    assert world.p.write_behind.nbytes == 0 and not world.p.take_writes()
+    want = {r.rid for r in world.p.records_of(world.tenant)} - set(on_disk)
+    assert {record.rid for record, _ in taken} == want
+    for record, tensor in taken:
+        assert record.array not in on_disk.values() and record.disk == 0
+        assert same_bits(tensor, world.live[record.rid][1])
         world.tenant.store.write_tensor(record.array, tensor, durable=True)
-        world.p.persisted(record)
-    world.check(budgets=False)  # persist may exceed disk_bytes, by design
-    assert all(r.on_disk for r in records)
-    assert array_dirs(world.p) == {str(r.rid) for r in records}
     store = Store.open(world.tenant.store.path)
-    for record, want in world.live.values():
-        assert same_bits(store.read_tensor(record.array, record.shape, record.dtype), want)
-    assert [r.resident for r in records].count("host") == 3
-    world.check_all_loadable(budgets=False)
+    for rid, (record, value_bits) in world.live.items():
+        array = on_disk.get(rid, record.array)
+        assert same_bits(store.read_tensor(array, record.shape, record.dtype), value_bits)
 
 
 def test_load_survives_a_failed_demotion_during_promotion(tmp_path, monkeypatch):
@@ -396,10 +418,30 @@ def test_a_record_written_again_gets_a_new_array_so_old_deletions_cannot_hit_it(
     world.check_all_loadable()
 
 
-def test_a_counter_name_that_is_not_a_counter_is_refused(tmp_path):
-    """A typo in a counter name would start a counter stats() never shows."""
-    world = World(make(tmp_path, host=3 * SIZE, disk=2 * SIZE))
-    with pytest.raises(ValueError, match="no counter named 'host.hit'"):
-        world.p._count(world.tenant, "host.hit")
-    world.p._count(world.tenant, "host.hits")
-    assert world.tenant.counters["host.hits"] == 1
+def test_a_device_tier_victims_host_copy_is_asked_for_and_the_admit_taken_back():
+    """Evicting a device-tier value to the host tier needs a copy into the arena:
+    placement asks for it (``NeedsFirst``, ``needs.copies``) instead of copying under
+    the lock, takes the admit back, and uses the copy made meanwhile when asked again.
+    (The CPU stands in for the accelerator: the tenant's device tier targets it.)"""
+    arena = Arena(2**20)
+    placement = Placement(
+        device_budget=SIZE, host_budget=4 * SIZE, disk=None, pin_host=False, arena=arena
+    )
+    tenant = placement.add_tenant(Tenant(False, "lru", device_target=CPU))
+    a, b = value(0), value(1)
+    (first,) = placement.admit([Admission(a, CPU)], tenant=tenant)
+    assert first.resident == "device" and not arena.holds(placement.device.get(first.rid))
+    with pytest.raises(NeedsFirst):
+        placement.admit([Admission(b, CPU)], tenant=tenant)  # a must move to the host tier
+    needs = placement.take_needs()
+    assert list(needs.copies) == [first.rid]
+    assert needs.copies[first.rid] is placement.device.get(first.rid)  # not copied here
+    assert first.resident == "device" and len(placement.records_of(tenant)) == 1
+    assert placement.host.nbytes == 0 and placement.counters.device.evictions == 0
+    made = arena.copy_in(a)  # what the pool's transaction does with the lock released
+    placement.premade = {first.rid: made}
+    (second,) = placement.admit([Admission(b, CPU)], tenant=tenant)
+    assert (first.resident, second.resident) == ("host", "device")
+    assert placement.host.get(first.rid) is made and same_bits(made, a)
+    assert placement.premade == {} and not placement.take_needs()
+    arena.close()

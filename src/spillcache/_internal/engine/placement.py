@@ -7,41 +7,36 @@ to disk keeps that copy while it is also in memory, so evicting it again costs n
 ("clean" copy). Records never change after they are stored; ``update`` of a key makes
 new records.
 
-Placement never does I/O of its own on the hot path and never waits: a move to disk
-puts the value in the write-behind area and queues a write, which the cache takes with
-``take_writes()``, runs on a background thread, and reports back with ``write_done``
-(a failed write's value goes back to the host tier). ``admit`` is all or nothing:
-``rollback.Journal`` undoes every move of an admit that fails.
-A read from disk is done by the caller between ``begin_load`` (None: not in memory)
-and ``read_done`` (which may promote the value into the host tier).
+Placement never does I/O and never waits: a move to disk puts the value in the
+write-behind area and queues a write, an effect the pool's transaction takes
+(``take_writes``, ``take_deletions``) and hands to a lane once the decision is over;
+the lane reports back with ``write_done`` (a failed write's value goes back to the host
+tier). What only slow work can give (a store made on a disk, a device value copied to
+host memory) is asked for with ``NeedsFirst``; ``admit`` is all or nothing: its
+``Journal`` takes back every move of an admit that fails or needs something first (see
+``transaction.py``). A read from disk is done by the caller between ``begin_load``
+(None: not in memory) and ``read_done`` (which may promote the value into the host tier).
 
-Not thread-safe: the cache calls it with its lock held.
+Not thread-safe: the pool calls it with its lock held.
 """
 
 from __future__ import annotations
 
 import errno
-import math
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from spillcache.errors import CapacityError, StoreError
 
-from ..io import transfers
 from ..io.transfers import Transfers
 from ..store.failures import errno_of, refusal
-from .kept_copies import KeptCopies
-from .promotion import Promotion
-from .records import Admission, RecordRegistry, TensorRecord, Tier, WriteState
-from .rollback import NO_JOURNAL, Journal
-from .stats import COUNTERS
-from .tenants import Tenant, Tenants
-from .tiers import DiskTier, MemoryTier
-from .tiers.disk import Reading
-from .write_behind import WriteBehind
+from .reads_and_kept import ReadsAndKept
+from .records import Admission, RecordRegistry, TensorRecord, Tier, WriteBehind, WriteState
+from .tenants import Counters, Tenant, Tenants
+from .tiers import DiskTier, MemoryTier, Reading
+from .transaction import FINAL, Journal, Needs, NeedsFirst
 
 if TYPE_CHECKING:
     from ..io.arena import Arena
@@ -49,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["Placement", "TensorRecord"]
 
 
-class Placement(KeptCopies, Promotion):
+class Placement(ReadsAndKept):
     """Places tensors of one or more caches (``Tenant``s) in the device, host and disk
     tiers within budgets they share.
 
@@ -84,20 +79,22 @@ class Placement(KeptCopies, Promotion):
         self._short_seen = 0  # the arena's short_bytes already taken from the host tier
         self._host_floor = None if host_budget is None else host_budget // 2
         self.write_behind = WriteBehind(write_behind_budget, arena)
-        # Arrays of disk copies no longer wanted; the cache deletes them in the background.
+        # Arrays of disk copies no longer wanted; the pool deletes them in the background.
         self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
-        self.counters: Counter[str] = Counter()  # totals over every tenant, closed ones too
-        self._journal = NO_JOURNAL  # the steps of the admit under way, to undo on failure
+        self.counters = Counters()  # totals over every tenant, closed ones too
+        self._journal: Journal = FINAL  # the steps of the admit under way, to take back
+        self.needs = Needs()  # slow work asked for, for the transaction to do
+        # Host copies of device values made outside the lock (needs.copies), by rid.
+        self.premade: dict[int, torch.Tensor] = {}
+        self.copies_under_lock = False  # the last try of a transaction: copy here
 
     def _memory_tier(self, name: str) -> MemoryTier:
         return self.device if name == Tier.DEVICE else self.host
 
-    def _count(self, tenant: Tenant, counter: str, amount: int = 1) -> None:
-        if counter not in COUNTERS:
-            raise ValueError(f"no counter named {counter!r}; the counters are {sorted(COUNTERS)}")
-        self._journal.counted(tenant, counter, amount)
-        tenant.counters[counter] += amount
-        self.counters[counter] += amount
+    def _count(self, tenant: Tenant, event: Callable[..., None], *args: object) -> None:
+        """Count one ``Counters`` event for ``tenant`` and for the pool."""
+        for counters in (tenant.counters, self.counters):
+            event(counters, *args)
 
     # --------------------------------------------------------------- tenants
 
@@ -120,9 +117,8 @@ class Placement(KeptCopies, Promotion):
         for record in self.records_of(tenant):
             # Its job was cancelled: no write_done comes.
             if record.write_state == WriteState.WRITING:
-                self.write_behind.pop(record.rid)
                 self.disk.unreserve(record.rid)
-                self.write_behind.forget(record)
+                self.write_behind.leave(record)
             self._discard(record)
         self._doomed = [item for item in self._doomed if item[0] is not tenant]
         self.records.forget_tenant(tenant)
@@ -148,13 +144,16 @@ class Placement(KeptCopies, Promotion):
         ``original`` where the value is a copy made beforehand) is shared, not stored
         again.
         All or nothing: if any tensor finds no room (``CapacityError``, or
-        ``DiskFullError`` and other StoreErrors for the disk), every step is undone (new
-        records removed, records moved to make room moved back) and the error propagates.
+        ``DiskFullError`` and other StoreErrors for the disk), or the admit needs slow
+        work first (``NeedsFirst``: it asked for it in ``needs``), every step is taken
+        back (new records removed, records moved to make room moved back) and the error
+        propagates.
         """
         self._follow_arena()
         records: list[TensorRecord] = []
         created: list[TensorRecord] = []
-        journal = self._journal = Journal(self)
+        journal = self._journal = self._new_journal()
+        journal.on_undo(self.tenants.used(tenant))
         try:
             for tensor, onload_device, original, label, key in admissions:
                 original = tensor if original is None else original
@@ -166,17 +165,39 @@ class Placement(KeptCopies, Promotion):
                     created.append(record)
                     self._place_new(record, tensor.detach())
                 records.append(record)
+            if self.needs.copies:  # asked for as they came: all of them at once
+                raise NeedsFirst("host copies of device values, made outside the lock")
         except BaseException:
-            self._journal = NO_JOURNAL
+            self._journal = FINAL
             journal.undo()
             for record in created:
                 self._discard(record)
             raise
-        self._journal = NO_JOURNAL
+        self._journal = FINAL
         journal.commit()
         for record in records:
             record.refs += 1
         return records
+
+    def _new_journal(self) -> Journal:
+        """A journal for one admit or promotion, whose first step (so undone last) gives
+        back the counts, the tiers' peaks and the disks' rotation as they are now."""
+        journal = Journal()
+        counters = [(owner, owner.counters.copy()) for owner in (self, *self.tenants)]
+        tiers = [tier for tier in (self.device, self.host, self.disk) if tier is not None]
+        peaks = [(tier, tier.peak) for tier in tiers]
+        last_chosen = None if self.disk is None else self.disk.last_chosen
+
+        def restore() -> None:
+            for owner, saved in counters:
+                owner.counters.restore(saved)
+            for tier, peak in peaks:
+                tier.peak = peak
+            if last_chosen is not None:
+                self.disk.last_chosen = last_chosen
+
+        journal.on_undo(restore)
+        return journal
 
     def _follow_arena(self) -> None:
         """What the arena had to put outside its region for want of room comes out of
@@ -209,40 +230,6 @@ class Placement(KeptCopies, Promotion):
             tenant=tenant,
         )
 
-    def adopt(
-        self,
-        array: str,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        onload_device: torch.device,
-        requires_grad: bool,
-        *,
-        tenant: Tenant,
-        batch: int,
-        label: str,
-    ) -> TensorRecord:
-        """A record for an array already in the tenant's store (a reopened cache); no reference
-        yet (``hold`` one per use). Its disk bytes count against the disk budget."""
-        record = self.records.add(
-            shape=shape,
-            dtype=dtype,
-            nbytes=math.prod(shape) * dtype.itemsize,
-            onload_device=onload_device,
-            requires_grad=requires_grad,
-            batch=batch,
-            label=label,
-            array=array,
-            disk_writes=1,  # a later write gets "<rid>.2", never an existing name
-            tenant=tenant,
-        )
-        self.disk.reserve(record.rid, record.nbytes)
-        record.on_disk = True  # only once counted: discarding it then uncounts it
-        return record
-
-    def skip_record_ids(self, names: list[str]) -> None:
-        """New records must not be named like arrays already in the store."""
-        self.records.skip(names)
-
     def wants_device_tier(self, tenant: Tenant, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` of ``tenant`` goes to the device tier if it has room: the
         one place that decides it (``Offload`` asks too, to leave such a tensor where
@@ -254,24 +241,45 @@ class Placement(KeptCopies, Promotion):
     def _place_new(self, record: TensorRecord, tensor: torch.Tensor) -> None:
         tenant = record.tenant
         if self.wants_device_tier(tenant, tensor) and self._make_room(self.device, record):
-            target = tenant.device_target or tensor.device
-            self._put_memory(self.device, record, transfers.move(tensor, target))
+            # Offload moved it to its tier's device, before the lock.
+            self._put_memory(self.device, record, tensor)
             return
         if self._make_room(self.host, record):
-            self._put_memory(self.host, record, self._host_copy(tensor))
+            self._put_memory(self.host, record, self._host_copy(record, tensor))
             return
-        self._spill(record, self._host_copy(tensor))
+        self._spill(record, self._host_copy(record, tensor))
 
-    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        # Lock held: a full arena is not waited for (the copy goes outside it).
-        return self._transfers.to_host(tensor, pin=self.pin_host, arena=self.arena, wait=False)
+    def _host_copy(self, record: TensorRecord, tensor: torch.Tensor) -> torch.Tensor:
+        """``record``'s value in host memory as the host tier keeps it. A value already
+        so is its own copy (``Offload`` copied a new one into the arena before the lock;
+        the host tier's are slots). Any other copy (a device-tier value's) is made
+        outside the lock (``needs.copies``): until the transaction made it, the value
+        itself stands in, and the admit is taken back."""
+        transfers = self._transfers
+        if not transfers.copies_to_host(tensor, self.arena) or self.copies_under_lock:
+            # Lock held: a full arena is not waited for (the copy goes outside it).
+            return transfers.to_host(tensor, pin=self.pin_host, arena=self.arena, wait=False)
+        made = self.premade.pop(record.rid, None)
+        if made is not None:
+            return made
+        if self._journal is FINAL:  # no admit to take back
+            raise NeedsFirst(f"a host copy of {record.label}")
+        self.needs.copies[record.rid] = tensor
+        return tensor
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
-        self._journal.put(tier, record, record.resident)
+        before = record.resident
         tier.put(record.rid, tensor)
         record.tenant.policies[tier.name].insert(record.rid, record.batch)
         record.resident = tier.name
-        self._count(record.tenant, f"{tier.name}.bytes_written", record.nbytes)
+        self._count(record.tenant, Counters.wrote, tier.name, record.nbytes)
+
+        def take_out() -> None:
+            tier.pop(record.rid)
+            record.tenant.policies[tier.name].remove(record.rid)
+            record.resident = before
+
+        self._journal.on_undo(take_out)
 
     # ------------------------------------------------------------- eviction
 
@@ -315,14 +323,24 @@ class Placement(KeptCopies, Promotion):
         tier = self._memory_tier(record.resident)
         tensor = tier.get(record.rid)
         if tier is self.device and self._make_room(self.host, record):
-            self._put_memory(self.host, record, self._host_copy(tensor))
+            self._put_memory(self.host, record, self._host_copy(record, tensor))
         elif not record.on_disk and record.write_state is None:
-            self._spill(record, self._host_copy(tensor))
+            self._spill(record, self._host_copy(record, tensor))
         tier.pop(record.rid)
-        self._journal.popped(tier, record, tensor)  # its policy forgets it (at commit)
         if record.resident == tier.name:
             record.resident = None
-        self._count(record.tenant, f"{tier.name}.evictions")
+        self._count(record.tenant, Counters.evicted, tier.name)
+
+        def put_back() -> None:  # its policy still has it: it forgets it at commit
+            tier.put(record.rid, tensor)
+            record.resident = tier.name
+
+        def forget_in_policy() -> None:
+            if record.resident != tier.name:
+                record.tenant.policies[tier.name].remove(record.rid)
+
+        self._journal.on_undo(put_back)
+        self._journal.at_commit(forget_in_policy)
 
     def _spill(self, record: TensorRecord, tensor: torch.Tensor) -> None:
         """Put a value in the write-behind area and queue its disk write."""
@@ -334,11 +352,11 @@ class Placement(KeptCopies, Promotion):
         disk = self.disk.choose(record.nbytes, exclude=record.tenant.broken)
         if disk is None:
             raise refusal(self.disk, record.tenant.broken, record.nbytes, record.label)
+        if not record.tenant.has_store_on(disk):  # made with the lock released
+            self.needs.stores.add((record.tenant, disk))
+            raise NeedsFirst(f"a store on {self.disk.paths[disk]}")
         self._make_disk_room(record.nbytes)
-        # The store is made now, under the caller's lock, not by two write threads.
-        if record.tenant.open_store(disk):
-            self._journal.opened(record.tenant, disk)
-        self._journal.spilled(record)
+        before = (record.array, record.disk, record.disk_writes, record.write_error)
         record.disk = disk
         self.disk.reserve(record.rid, record.nbytes, disk, writing=True)
         if record.write_error is not None:  # written again: no longer unwritten
@@ -346,6 +364,15 @@ class Placement(KeptCopies, Promotion):
             record.write_error = None
         record.array = self._next_array_name(record)
         self.write_behind.queue(record, tensor)
+
+        def unqueue() -> None:
+            self.write_behind.leave(record)  # out of the queue and the write-behind counts
+            self.disk.unreserve(record.rid)
+            record.array, record.disk, record.disk_writes, record.write_error = before
+            if record.write_error is not None:  # a value whose earlier write had failed
+                self.write_behind.unwritten_bytes += record.nbytes
+
+        self._journal.on_undo(unqueue)
 
     @staticmethod
     def _next_array_name(record: TensorRecord) -> str:
@@ -355,10 +382,17 @@ class Placement(KeptCopies, Promotion):
         return str(record.rid) if record.disk_writes == 1 else f"{record.rid}.{record.disk_writes}"
 
     def _drop_disk_copy(self, record: TensorRecord) -> None:
-        self._journal.dropped(record)
+        doomed = (record.tenant, record.disk, record.array)
         self.disk.unreserve(record.rid)
-        self._doomed.append((record.tenant, record.disk, record.array))
+        self._doomed.append(doomed)
         record.on_disk = False
+
+        def keep() -> None:
+            self._doomed.remove(doomed)
+            self.disk.reserve(record.rid, record.nbytes, doomed[1])
+            record.on_disk = True
+
+        self._journal.on_undo(keep)
 
     def take_deletions(self, tenant: Tenant | None = None) -> list[tuple[Tenant, int, str]]:
         """Arrays to delete since the last call, as (cache, disk, array), of ``tenant``
@@ -391,8 +425,13 @@ class Placement(KeptCopies, Promotion):
     # ---------------------------------------------------------- write-behind
 
     def take_writes(self) -> list[tuple[TensorRecord, torch.Tensor]]:
-        """The writes queued since the last call, now the caller's to run."""
+        """The writes queued since the last call (effects), now the caller's to run."""
         return self.write_behind.take_queued()
+
+    def take_needs(self) -> Needs:
+        """The slow work decisions asked for since the last call, now the caller's."""
+        needs, self.needs = self.needs, Needs()
+        return needs
 
     def write_done(
         self, record: TensorRecord, error: BaseException | None, free: Reading | None = None
@@ -406,12 +445,11 @@ class Placement(KeptCopies, Promotion):
         """
         if record.write_state != WriteState.WRITING:
             return False  # persisted meanwhile: nothing waits on this one
-        tensor = self.write_behind.pop(record.rid)
-        self.write_behind.forget(record, job_ends=True)
+        tensor = self.write_behind.leave(record, job_ends=True)
         if error is None:
             self.disk.written(record.rid)
             record.on_disk = True
-            self._count(record.tenant, "disk.bytes_written", record.nbytes)
+            self._count(record.tenant, Counters.wrote, "disk", record.nbytes)
             if not record.alive:
                 self._drop_disk_copy(record)
             return False
@@ -448,8 +486,7 @@ class Placement(KeptCopies, Promotion):
             record.resident = None
         if record.write_state == WriteState.QUEUED:
             self.disk.unreserve(record.rid)
-            self.write_behind.pop(record.rid)
-            self.write_behind.forget(record)
+            self.write_behind.leave(record)
         elif record.write_state is None and record.on_disk:
             self._drop_disk_copy(record)
         # WriteState.WRITING: write_done deletes the file once the write is over.

@@ -7,21 +7,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .records import WriteState
-from .tenants import Tenant
+from .tenants import TIER_COUNTERS, Tenant
 
-if TYPE_CHECKING:  # placement imports this module's COUNTERS
+if TYPE_CHECKING:
     from .placement import Placement
 
-__all__ = ["COUNTERS", "TIERS", "TIER_COUNTERS", "cache_memory", "memory_by_device", "report"]
+__all__ = ["TIERS", "cache_memory", "memory_by_device", "report"]
 
 TIERS = ("device", "host", "disk")
-# What report() gives for each of TIERS (besides bytes held and budget).
-TIER_COUNTERS = ("hits", "misses", "bytes_read", "bytes_written", "evictions")
-# Every counter a cache keeps (placement refuses any other name: a typo would otherwise
-# start a counter nobody reads).
-COUNTERS = frozenset(
-    [f"{tier}.{counter}" for tier in TIERS for counter in TIER_COUNTERS] + ["write_behind.hits"]
-)
 
 
 def report(
@@ -43,7 +36,7 @@ def report(
     share = _share(placement, tenant)
 
     def tier(name: str, nbytes: int, budget: int | None) -> dict[str, Any]:
-        figures = {counter: counters[f"{name}.{counter}"] for counter in TIER_COUNTERS}
+        figures = {counter: getattr(counters.of(name), counter) for counter in TIER_COUNTERS}
         return {"bytes": nbytes, "budget": budget, **figures}
 
     return {
@@ -66,7 +59,7 @@ def report(
             "bytes": share["write_behind"],
             "budget": write_behind_budget,
             "writes": tenant.writes_in_flight,
-            "hits": counters["write_behind.hits"],
+            "hits": counters.write_behind_hits,
             "unwritten_bytes": share["unwritten"],
         },
         "stall_seconds": stall_seconds,

@@ -15,10 +15,9 @@ from __future__ import annotations
 import errno
 import itertools
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -27,9 +26,81 @@ from ..store.failures import WriteFailure, errno_of
 from ..store.tensor_store import Store
 from .policy import make_policy, merged_victims
 
-__all__ = ["KeptStructures", "Tenant", "Tenants"]
+__all__ = ["TIER_COUNTERS", "Counters", "KeptStructures", "Tenant", "Tenants", "TierCounters"]
 
 _numbers = itertools.count()
+
+
+@dataclass
+class TierCounters:
+    """What one tier counts for a cache (or a pool)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+
+
+# What ``stats()`` gives for each tier (besides bytes held and budget), in order.
+TIER_COUNTERS = tuple(counter.name for counter in fields(TierCounters))
+
+
+@dataclass
+class Counters:
+    """A cache's counts (each ``Tenant``'s), or a pool's over all its caches."""
+
+    device: TierCounters = field(default_factory=TierCounters)
+    host: TierCounters = field(default_factory=TierCounters)
+    disk: TierCounters = field(default_factory=TierCounters)
+    write_behind_hits: int = 0  # reads served from values waiting for their disk write
+
+    def of(self, tier: str) -> TierCounters:
+        return {"device": self.device, "host": self.host, "disk": self.disk}[tier]
+
+    def copy(self) -> Counters:
+        return Counters(
+            replace(self.device), replace(self.host), replace(self.disk), self.write_behind_hits
+        )
+
+    def restore(self, saved: Counters) -> None:
+        """Take the counts of ``saved`` (a ``copy()``): a failed admit counted nothing."""
+        self.device, self.host, self.disk = (
+            replace(saved.device),
+            replace(saved.host),
+            replace(saved.disk),
+        )
+        self.write_behind_hits = saved.write_behind_hits
+
+    # What placement counts, one method a kind of event.
+
+    def hit(self, tier: str, nbytes: int) -> None:
+        counters = self.of(tier)
+        counters.hits += 1
+        counters.bytes_read += nbytes
+
+    def missed(self, tier: str) -> None:
+        self.of(tier).misses += 1
+
+    def wrote(self, tier: str, nbytes: int) -> None:
+        self.of(tier).bytes_written += nbytes
+
+    def evicted(self, tier: str) -> None:
+        self.of(tier).evictions += 1
+
+    def write_behind_hit(self) -> None:
+        self.write_behind_hits += 1
+
+    def names(self) -> dict[str, int]:
+        """The counts that are not zero, as ``"tier.counter"`` names (the pool's
+        ``stats()["pool"]["counters"]``)."""
+        named = {
+            f"{tier}.{counter}": getattr(self.of(tier), counter)
+            for tier in ("device", "host", "disk")
+            for counter in TIER_COUNTERS
+        }
+        named["write_behind.hits"] = self.write_behind_hits
+        return {name: count for name, count in named.items() if count}
 
 
 @dataclass
@@ -72,8 +143,8 @@ class KeptStructures:
 class Tenant:
     """One cache in a pool.
 
-    :param open_store: makes the cache's store on disk ``i`` (``open_store(i)``), called
-        the first time one of its values goes to that disk (``None``: no disk tier)
+    :param disk_tier: whether its values may go to disk; its store on a disk is made
+        (outside the pool's lock, by the pool's transaction) the first time one does
     :param eviction: the eviction policy's name (``policy.POLICIES``)
     :param device_target: the accelerator its device-tier values move to, or ``None``
         to keep them on their own device
@@ -83,19 +154,19 @@ class Tenant:
 
     def __init__(
         self,
-        open_store: Callable[[int], Store] | None,
+        disk_tier: bool,
         eviction: str,
         *,
         device_target: torch.device | None = None,
         device_tier: bool = True,
     ) -> None:
         self.number = next(_numbers)
-        self._open_store = open_store
+        self._disk_tier = disk_tier
         self._stores: dict[int, Store] = {}  # by disk (disk_path may list several)
         self.policies = {"device": make_policy(eviction), "host": make_policy(eviction)}
         self.device_target = device_target
         self.device_tier = device_tier
-        self.counters: Counter[str] = Counter()
+        self.counters = Counters()
         self.last_used = 0  # the pool's clock when the cache was last used
         # A kept store's structures on disk, from its first flush (persist.py).
         self.kept: KeptStructures | None = None
@@ -117,30 +188,21 @@ class Tenant:
 
     @property
     def has_disk(self) -> bool:
-        return self._open_store is not None or bool(self._stores)
+        return self._disk_tier or bool(self._stores)
+
+    def has_store_on(self, disk: int) -> bool:
+        return disk in self._stores
 
     def store_on(self, disk: int) -> Store:
-        """The cache's store on ``disk``, made on first use."""
-        if disk not in self._stores:
-            if self._open_store is None:
-                raise RuntimeError("this cache has no disk tier")
-            self._stores[disk] = self._open_store(disk)
+        """The cache's store on ``disk``; placement sends nothing to a disk before the
+        store there is made (``attach``)."""
         return self._stores[disk]
 
     @property
     def store(self) -> Store:
-        """The store on the first disk: the only one unless disk_path lists several."""
-        return self.store_on(0)
-
-    def open_store(self, disk: int = 0) -> bool:
-        """Make the store on ``disk`` now if it does not exist yet; True if it did not."""
-        made = disk not in self._stores
-        self.store_on(disk)
-        return made
-
-    def forget_store(self, disk: int) -> Store:
-        """Stop using the store on ``disk`` (the caller removes it)."""
-        return self._stores.pop(disk)
+        """Its first store made, by disk: the only one unless disk_path lists several
+        (a kept store's is on the first disk)."""
+        return self.stores[0]
 
     @property
     def has_store(self) -> bool:
@@ -151,9 +213,13 @@ class Tenant:
         """The stores made so far, by disk."""
         return [self._stores[disk] for disk in sorted(self._stores)]
 
-    def attach(self, store: Store) -> None:
-        """Use an existing store (a reopened cache's) instead of creating one."""
-        self._stores[0] = store
+    def attach(self, store: Store, disk: int = 0) -> None:
+        """Use ``store`` on ``disk``: one just made, or a reopened cache's."""
+        self._stores[disk] = store
+
+    def detach(self, disk: int) -> Store:
+        """Stop using the store on ``disk`` (the caller removes it)."""
+        return self._stores.pop(disk)
 
     def write_failed(self, disk: int, failure: WriteFailure) -> None:
         """A background write of one of its values failed: the caller's next call
@@ -206,10 +272,16 @@ class Tenants:
     def remove(self, tenant: Tenant) -> None:
         self._members.remove(tenant)
 
-    def used(self, tenant: Tenant) -> None:
-        """A cache was used (fetched from or stored into) now."""
+    def used(self, tenant: Tenant) -> Callable[[], None]:
+        """A cache was used (fetched from or stored into) now; what takes it back."""
+        clock, last_used = self._clock, tenant.last_used
         self._clock += 1
         tenant.last_used = self._clock
+
+        def take_back() -> None:
+            self._clock, tenant.last_used = clock, last_used
+
+        return take_back
 
     def reached(self, tenant: Tenant, batch: int, num_batches: int) -> None:
         """A cache's reader took ``batch``: its policies learn where the reader is."""

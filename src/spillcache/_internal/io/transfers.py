@@ -156,6 +156,16 @@ class Transfers:
         # Taken before the copy is queued: a full arena may be waited for.
         return self._copy_off(tensor, arena.take_like(tensor, pin=True, wait=wait))
 
+    @staticmethod
+    def copies_to_host(tensor: torch.Tensor, arena: Arena | None) -> bool:
+        """Whether ``to_host(tensor, arena=arena)`` makes a copy (else it gives
+        ``tensor`` itself back)."""
+        if tensor.device.type != "cpu":
+            return True
+        if arena is not None and arena.capacity:
+            return not arena.holds(tensor)
+        return not is_compact(tensor)
+
     def _copy_off(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``tensor`` copied off its GPU into ``out`` (CPU, its shape, its raw dtype) on
         the side stream; the caller waits for that copy only."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from spillcache.config import CacheConfig
-from spillcache.errors import CacheClosedError, ConfigError, StoreError
+from spillcache.errors import CacheClosedError, ConfigError
 
 from ..engine import stats
 from ..engine.placement import TensorRecord
@@ -29,11 +29,11 @@ from ..engine.tenants import Tenant
 from ..io.io_threads import READ, WRITE
 from ..io.transfers import Ready
 from ..process.resolved import keeps_device_tier
-from ..store.failures import naming, write_report
+from ..store.failures import write_report
 from ..tree import unflatten
 from . import reads
 from .offload import Offload, Prepared, may_spill, tiered_bytes
-from .persist import leave_as_flushed, make_durable, persist, release_previous
+from .persist import complete_on_close, make_durable, release_previous
 from .pool import pool_for
 from .reads import Fetched
 
@@ -65,7 +65,7 @@ class CacheCore:
         self.io = self.pool.io
         self.transfers = self.pool.transfers
         tenant = Tenant(
-            self.pool.store_maker(),
+            self.pool.has_disk_tier,
             config.eviction,
             device_target=accelerator,
             device_tier=keeps_device_tier(config, offload_device),
@@ -107,10 +107,6 @@ class CacheCore:
         return index % count
 
     # ---------------------------------------------------------- write-behind
-
-    def _start_queued_disk_io(self) -> None:
-        """Hand the disk writes and deletions queued meanwhile to the I/O threads."""
-        self.pool.start_queued_disk_io()
 
     def _wait_for_write_room(self, incoming: int) -> None:
         """Backpressure: wait (lock held, released while waiting) until the write-behind
@@ -174,7 +170,8 @@ class CacheCore:
         """Store ``values`` as a new last batch; on error the cache is unchanged."""
         prepared = self._offload.prepare(values, onload_device)
         readings = self.pool.read_free_space() if may_spill(prepared) else None
-        with self._lock:
+
+        def store_as_new_batch() -> int:
             self._check_open()
             self._wait_for_write_room(tiered_bytes(prepared))
             self.pool.observe_free_space(readings)
@@ -188,9 +185,9 @@ class CacheCore:
                 self._generations.pop()
                 self.placement.tenants.resized(self.tenant, len(self._batches))
                 raise
-            finally:
-                self._start_queued_disk_io()
             return len(self._batches) - 1
+
+        return self.pool.transact(store_as_new_batch)
 
     def update(self, batch_index: int, values: dict[str, Any]) -> None:
         with self._lock:  # refused before anything is copied into the arena
@@ -198,15 +195,15 @@ class CacheCore:
             self._index(batch_index)
         prepared = self._offload.prepare(values, None)
         readings = self.pool.read_free_space() if may_spill(prepared) else None
-        with self._lock:
+
+        def store_in_batch() -> None:
             self._check_open()
             index = self._index(batch_index)
             self._wait_for_write_room(tiered_bytes(prepared))
             self.pool.observe_free_space(readings)
-            try:
-                self._store_prepared(index, prepared)
-            finally:
-                self._start_queued_disk_io()
+            self._store_prepared(index, prepared)
+
+        self.pool.transact(store_in_batch)
 
     def _store_prepared(self, index: int, prepared: list[Prepared]) -> None:
         """Lock held: place the prepared values in batch ``index``; all or nothing."""
@@ -219,7 +216,6 @@ class CacheCore:
             for leaf, offloaded, tiered in item.leaves
             if tiered
         ]  # fmt: skip
-        self.placement.tenants.used(self.tenant)
         records = iter(self.placement.admit(admissions, tenant=self.tenant, batch=index))
         batch = self._batches[index]
         replaced: list[TensorRecord] = []
@@ -290,13 +286,15 @@ class CacheCore:
     def mark_read(self, batch_index: int, read: list[tuple[TensorRecord, torch.Tensor]]) -> None:
         """The caller took a prefetched batch: the scan policy's position moves to it,
         and the values its prefetch read from disk are promoted as a fetch would."""
-        with self._lock:
+
+        def take_prefetched() -> None:
             self.placement.tenants.reached(
                 self.tenant, self._index(batch_index), len(self._batches)
             )
             for record, tensor in read:
                 self.placement.promote(record, tensor)
-            self._start_queued_disk_io()
+
+        self.pool.transact(take_prefetched)
 
     def generation(self, batch_index: int) -> int:
         with self._lock:
@@ -330,12 +328,13 @@ class CacheCore:
         if not loads.held:
             return loads.found
         start = time.perf_counter()
-        error = reads.read(loads, self._read_record)
-        with self._lock:
+        error = reads.read(loads, pin_host=self.placement.pin_host, read_mode=self.config.read_mode)
+
+        def count_promote_release() -> None:
             for record in loads.to_read:
                 record.loading = None
                 if record.rid in loads.read:
-                    promote = not self._maps(record)
+                    promote = not reads.maps(record, self.config.read_mode)
                     if promote and not by_reader and deferred is not None:
                         deferred.append((record, loads.read[record.rid]))
                         promote = False
@@ -343,25 +342,13 @@ class CacheCore:
                         record, loads.read[record.rid], promote=promote, asked=asked
                     )
             self.placement.release(loads.held)
-            self._start_queued_disk_io()
             if by_reader:
                 self._stall_seconds += time.perf_counter() - start
+
+        self.pool.transact(count_promote_release)
         if error is not None:
             raise error
         return {**loads.found, **loads.read}
-
-    def _maps(self, record: TensorRecord) -> bool:
-        """read_mode "mmap": a value for the CPU is mapped, not read (nor promoted)."""
-        return self.config.read_mode == "mmap" and record.onload_device.type == "cpu"
-
-    def _read_record(self, record: TensorRecord) -> torch.Tensor:
-        pin = self.placement.pin_host and record.onload_device.type != "cpu"
-        try:
-            return record.tenant.store_on(record.disk).read_tensor(
-                record.array, record.shape, record.dtype, pin=pin, mapped=self._maps(record)
-            )
-        except StoreError as error:  # name the entry, not just the file
-            raise naming(error, record.label) from None
 
     def _assemble(self, entry: Entry, tensors: dict[int, torch.Tensor], ready: Ready | None) -> Any:
         onload = self.transfers.onload
@@ -453,24 +440,11 @@ class CacheCore:
             jobs = tenant.take_jobs()
         self._end_jobs(jobs)
         try:  # a kept store that cannot be completed still gives the pool its share back
-            with self._lock:
-                try:
-                    if self.config.keep_store and self.keeps_only_flushed:
-                        leave_as_flushed(tenant)
-                    elif self.config.keep_store:
-                        tenant.open_store()  # a kept store exists even if nothing spilled
-                        # Deletions the pool did not get to: a kept store holds no stray
-                        # arrays (deleted once structures that do not name them are on disk).
-                        taken = self.placement.take_deletions(tenant)
-                        doomed = tenant.deleting | {name for _, _, name in taken}
-                        persist(self.pool, tenant, self._batches, doomed)
-                except StoreError as error:
-                    where = tenant.store.path if tenant.has_store else self.pool.disk_dirs[0]
-                    note = "the store stays, not marked complete"
-                    raise naming(error, f"completing the kept store {where}", note) from None
-                finally:
-                    self.placement.remove_tenant(tenant)
+            if self.config.keep_store:
+                complete_on_close(self.pool, tenant, self._batches, self.keeps_only_flushed)
         finally:
+            with self._lock:
+                self.placement.remove_tenant(tenant)
             if tenant.has_store:
                 if self.config.keep_store:
                     tenant.store.close()

@@ -41,10 +41,7 @@ def may_spill(prepared: list[Prepared]) -> bool:
 def tiered_bytes(prepared: list[Prepared]) -> int:
     """The bytes of ``prepared`` that go to the tiers (what making room for them may evict)."""
     return sum(
-        offloaded.nbytes
-        for item in prepared
-        for _, offloaded, tiered in item.leaves
-        if tiered
+        offloaded.nbytes for item in prepared for _, offloaded, tiered in item.leaves if tiered
     )
 
 
@@ -87,11 +84,12 @@ class Offload:
         return prepared
 
     def _offload_tiered(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What placement stores of a tiered tensor: the tensor itself where it may stay
-        in the device tier, else its compact host copy (itself if it is one already)."""
+        """What placement stores of a tiered tensor: where it may stay in the device
+        tier, the tensor on its tier's device (moved there now, before the lock); else
+        its compact host copy (itself if it is one already)."""
         placement = self.placement
         if placement.wants_device_tier(self.tenant, tensor):
-            return tensor.detach()
+            return transfers.move(tensor.detach(), self.tenant.device_target or tensor.device)
         return self.transfers.to_host(
             tensor.detach(), pin=placement.pin_host, arena=placement.arena
         )

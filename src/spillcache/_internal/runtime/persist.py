@@ -14,8 +14,8 @@ keeps the structure it replaces (``before``), and the root's ``flush`` number, w
 last, is what completes it; readers take ``before`` from a batch written by a flush
 the root does not count yet. Batches whose structure did not change are not written.
 
-During a run the cache deletes arrays it no longer needs in the background
-(``pool.start_queued_disk_io``); for a kept store, a deletion of an array the flushed
+During a run the cache deletes arrays it no longer needs in the background (a
+transaction's effects); for a kept store, a deletion of an array the flushed
 structures name waits for the next flush or close (``KeptStructures.defers_deletion``:
 what this module knows of the store's structures lives on its ``Tenant``).
 
@@ -29,8 +29,9 @@ until they say so.
 ``flush()`` writes outside the pool's lock: under it, a snapshot of the structures
 and the values only in memory (and a fresh array name for each), then the writes
 with the lock released, then, under it again, each written record takes its copy
-unless it changed meanwhile. Closing writes under the lock, as it always did: no
-other thread uses the cache any more.
+unless it changed meanwhile. Closing writes without the lock too: under it, the
+values handed over and the deletions taken; then nothing else uses the closed
+cache's values nor its store (other caches evict none of them, its jobs are over).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ..engine.records import Entry, InlineTensor
 from ..engine.tenants import KeptStructures, Tenant
 from ..io import transfers
 from ..io.chunkio import fsync_directory
+from ..store.failures import naming
 from ..store.store_checks import array_name
 from ..store.store_format import (
     batch_dir,
@@ -67,13 +69,7 @@ from ..tree import spec_to_json
 if TYPE_CHECKING:
     from .pool import SharedPool
 
-__all__ = [
-    "leave_as_flushed",
-    "make_durable",
-    "opened",
-    "persist",
-    "release_previous",
-]
+__all__ = ["complete_on_close", "make_durable", "opened", "release_previous"]
 
 
 def _state(tenant: Tenant) -> KeptStructures:
@@ -129,6 +125,7 @@ def make_durable(
     where given), all durably; arrays that no structure on disk names any more deleted
     last, or with ``keep_previous`` kept (with the flush before's note) until
     ``release_previous``. Call without the pool's lock."""
+    pool.make_store(tenant, 0)  # a kept store exists from its first flush
     with pool.lock:
         state = _state(tenant)
         pool.write_finished.wait_for(
@@ -202,14 +199,18 @@ def _let_go_of_previous(state: KeptStructures) -> set[str]:
     return doomed
 
 
-def leave_as_flushed(tenant: Tenant) -> None:
-    """Pool's lock held, on close of a cache that keeps only what its flushes committed
+def leave_as_flushed(pool: SharedPool, tenant: Tenant) -> None:
+    """On close of a cache that keeps only what its flushes committed
     (``CacheCore.keeps_only_flushed``: a calibration checkpoint's store, whose
     values between two checkpoints belong to no checkpoint): nothing more is written
     into the store, whatever made the cache close (an exception, the interpreter's
     exit); its root says the process let it go, so that it opens as the last flush
-    left it, in this process too (``reopen``)."""
-    tenant.kept = None
+    left it, in this process too (``reopen``). Call without the pool's lock."""
+    with pool.lock:
+        state = tenant.kept
+        # A flush() on another thread writes into the store with the lock released.
+        pool.write_finished.wait_for(lambda: state is None or not state.flushing)
+        tenant.kept = None
     if not tenant.has_store:
         return
     path = tenant.store.path
@@ -371,28 +372,43 @@ def _unstored(leaf: InlineTensor) -> dict:
 # ---------------------------------------------------------------------- close
 
 
-def _write_whole(pool: SharedPool, tenant: Tenant) -> None:
-    """Pool's lock held, on close: every tiered value of the cache without a finished
-    disk copy written durably into its store, whatever disk_bytes says (a write still
-    marked pending is simply written again, atomically)."""
-    for record, tensor in pool.placement.to_persist(tenant):
-        tenant.store.write_tensor(record.array, tensor, owner=record.owner)
-        pool.placement.persisted(record)  # after: a failed write reserves nothing
-
-
-def persist(
-    pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]], doomed: set[str]
+def complete_on_close(
+    pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]], only_flushed: bool
 ) -> None:
-    """Pool's lock held, on close: every tensor of the cache (from every tier) and every
-    batch's structure, durably; then the arrays in ``doomed`` and those no structure
-    names any more are deleted; then the root's ``complete`` flag, last: a store marked
-    complete holds everything, and nothing but what its structures name."""
-    state = _state(tenant)
-    # A flush() on another thread writes into the store with the lock released: its
-    # structures must not land after these.
-    pool.write_finished.wait_for(lambda: not state.flushing)
+    """On close, without the pool's lock (nothing else uses a closed cache's values nor
+    writes into its store any more): the kept store completed (``persist``), or with
+    ``only_flushed`` left as its last flush committed it (``leave_as_flushed``)."""
+    try:
+        if only_flushed:
+            leave_as_flushed(pool, tenant)
+        else:
+            pool.make_store(tenant, 0, closing=True)  # kept even if nothing spilled
+            persist(pool, tenant, batches)
+    except StoreError as error:
+        where = tenant.store.path if tenant.has_store else pool.disk_dirs[0]
+        note = "the store stays, not marked complete"
+        raise naming(error, f"completing the kept store {where}", note) from None
+
+
+def persist(pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]]) -> None:
+    """On close, without the pool's lock: every tensor of the cache (from every tier,
+    whatever disk_bytes says: a write still marked pending is simply written again,
+    atomically) and every batch's structure, durably; then the arrays no structure
+    names any more are deleted (those whose background deletion the pool did not get
+    to among them); then the root's ``complete`` flag, last: a store marked complete
+    holds everything, and nothing but what its structures name."""
+    with pool.lock:
+        state = _state(tenant)
+        # A flush() on another thread writes into the store with the lock released: its
+        # structures must not land after these.
+        pool.write_finished.wait_for(lambda: not state.flushing)
+        values = pool.placement.to_persist(tenant)
+        taken = pool.placement.take_deletions(tenant)
+        doomed = tenant.deleting | {name for _, _, name in taken}
     store = tenant.store
-    _write_whole(pool, tenant)
+    for record, tensor in values:
+        tensor = transfers.to_host(tensor.detach()).contiguous()
+        store.write_tensor(record.array, tensor, owner=record.owner)
     names = _inline_names(store, state)
     known = state.inline
     referenced: set[str] = set()

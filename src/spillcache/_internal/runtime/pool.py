@@ -11,18 +11,22 @@ different config gets a pool of its own.
 The pool is made when the first cache of its config is built and closed (threads
 joined, buffers freed) when the last one closes; a later cache makes a new one.
 
-This is also where a spilled value goes to disk: ``start_queued_disk_io`` hands the
-writes that placement queued to the I/O threads, and ``_write_to_disk`` writes one
-(outside the lock) and reports back under it.
+Every change to what the caches hold is a transaction (``transact``): the pool's lock
+taken, placement's decision made under it, and its effects run, the slow ones with the
+lock released (a store made on a disk, a device value copied to the host: the decision
+is then made again, see ``engine/transaction.py``). This is also where a spilled value
+goes to disk: a transaction hands the writes placement queued to the I/O lanes, and
+``_write_to_disk`` writes one (outside the lock) and reports back in a transaction.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,9 +35,8 @@ from spillcache.config import CacheConfig
 from ..engine.placement import Placement, TensorRecord
 from ..engine.records import WriteState
 from ..engine.tenants import Tenant
-from ..engine.tiers import DiskTier
-from ..engine.tiers.budget import BudgetedTier
-from ..engine.tiers.disk import Reading
+from ..engine.tiers import BudgetedTier, DiskTier, Reading
+from ..engine.transaction import Needs, NeedsFirst
 from ..io.arena import Arena, SharedBuffers
 from ..io.io_threads import WRITE, IOPool
 from ..io.transfers import Transfers
@@ -46,6 +49,12 @@ from ..sysinfo import nearest_existing
 from ..text import format_bytes
 
 __all__ = ["SharedPool", "pool_for"]
+
+Result = TypeVar("Result")
+
+# Tries of a decision whose device values' copies, made outside the lock, were taken
+# by others meanwhile (their victims changed); the last try copies under the lock.
+_COPY_TRIES = 3
 
 # Reentrant: a garbage-collection finalizer may close a cache (and so ``leave`` its
 # pool) on a thread that is inside ``pool_for`` already.
@@ -87,6 +96,9 @@ class SharedPool:
         self.budgets = checked_process_budgets(config)
         self.disk_dirs = checked_disk_dirs(config)  # one per drive; [] for no disk tier
         self.lock = threading.Lock()
+        # Held while a store is made (disk I/O, the pool's lock released): one at a time,
+        # so that two transactions needing the same store make it once.
+        self._making_stores = threading.Lock()
         # Notified whenever a background write finishes (backpressure, flush, close).
         self.write_finished = threading.Condition(self.lock)
         self.transfers = Transfers()
@@ -122,12 +134,116 @@ class SharedPool:
             "the rest read back or held by tensors fetch returned"
         )
 
-    def store_maker(self) -> Callable[[int], Store] | None:
-        """A function that makes a new cache's store on disk ``i`` (on its first spill
-        there), or None without a disk tier."""
-        if not self.disk_dirs:
-            return None
-        return self._create_store
+    @property
+    def has_disk_tier(self) -> bool:
+        return bool(self.disk_dirs)
+
+    # ---------------------------------------------------------- transactions
+
+    def transact(self, decide: Callable[[], Result]) -> Result:
+        """``decide()`` under the pool's lock; then its effects. Writes and deletions
+        are handed to the lanes before the lock is released (a queue's put: so that a
+        closing cache, which takes its jobs under the lock, sees every one of them).
+        Work the decision needs first is done with the lock released, and ``decide`` is
+        called again: it must take itself back when it raises ``NeedsFirst``, as
+        ``Placement.admit`` does; a store made for a decision that then failed goes
+        again, as if never made. Work a decision that went through only asked for (a
+        promotion's store) is done after it; a failure there is left for the next
+        decision that needs it to report."""
+        placement = self.placement
+        copies: dict[int, torch.Tensor] = {}
+        stores: list[tuple[Tenant, int]] = []  # made for this transaction
+        unused: list[tuple[Store, int]] = []
+        copy_tries = 0
+        while True:
+            try:
+                with self.lock:
+                    placement.premade = copies
+                    placement.copies_under_lock = copy_tries == _COPY_TRIES - 1
+                    try:
+                        result = decide()
+                    except NeedsFirst:
+                        needs, again = placement.take_needs(), True
+                    except BaseException:
+                        unused = self._take_back_unused(stores)
+                        raise
+                    else:
+                        needs, again = placement.take_needs(), False
+                    finally:
+                        placement.premade, placement.copies_under_lock = {}, False
+                        self._hand_effects_to_lanes()
+            finally:
+                for store, disk in unused:
+                    self._remove_store(store, disk)
+            if not again:
+                if self._make_stores(needs, optional=True) and needs.promotions:
+                    self.transact(functools.partial(self._promote, needs.promotions))
+                return result
+            self._make_stores(needs, optional=False)
+            copies = self._copy_to_host(needs)
+            stores.extend(needs.stores)
+            copy_tries += bool(needs.copies)
+
+    def _take_back_unused(self, stores: list[tuple[Tenant, int]]) -> list[tuple[Store, int]]:
+        """Lock held: of the stores a failed transaction made, those nothing went to
+        since (no value of the cache there, no deletion running), taken off their cache."""
+        taken = []
+        for tenant, disk in stores:
+            if not tenant.has_store_on(disk) or tenant.deleting or tenant.kept is not None:
+                continue
+            used = any(
+                record.disk == disk and (record.on_disk or record.write_state is not None)
+                for record in self.placement.records_of(tenant)
+            )
+            if not used:
+                taken.append((tenant.detach(disk), disk))
+        return taken
+
+    def _make_stores(self, needs: Needs, *, optional: bool) -> bool:
+        """Lock NOT held: make the stores ``needs`` asks for; True if all are there.
+        ``optional``: one that cannot be made is not an error."""
+        for tenant, disk in needs.stores:
+            try:
+                made = self.make_store(tenant, disk)
+            except Exception:
+                if optional:
+                    return False
+                raise
+            if not made:  # the cache closed meanwhile: its values go nowhere else
+                if optional:
+                    return False
+                raise RuntimeError(f"{tenant} closed while its store on disk {disk} was made")
+        return True
+
+    def _copy_to_host(self, needs: Needs) -> dict[int, torch.Tensor]:
+        """Lock NOT held: the host copies of the device values ``needs`` asks for, by
+        record (a full arena is waited for here: the lock is not held)."""
+        pin = self.placement.pin_host
+        return {
+            rid: self.transfers.to_host(tensor, pin=pin, arena=self.arena)
+            for rid, tensor in needs.copies.items()
+        }
+
+    def _promote(self, waiting: list[tuple[TensorRecord, torch.Tensor, bool]]) -> None:
+        for record, tensor, asked in waiting:
+            self.placement.promote(record, tensor, asked=asked)
+
+    def make_store(self, tenant: Tenant, disk: int, *, closing: bool = False) -> bool:
+        """Lock NOT held: ``tenant``'s store on ``disk``, made if it has none yet; False
+        if it has none (it closed: a closed cache's stores are being removed or kept).
+        ``closing``: its own close makes it (a kept store, even if nothing spilled)."""
+        with self._making_stores:
+            with self.lock:
+                if tenant.has_store_on(disk) or (tenant.closed and not closing):
+                    return tenant.has_store_on(disk)
+            store = self._create_store(disk)
+            with self.lock:
+                attached = closing or not tenant.closed
+                if attached:
+                    tenant.attach(store, disk)
+            if not attached:
+                self._remove_store(store, disk)
+            return attached
 
     def read_free_space(self) -> list[Reading | None] | None:
         """Lock NOT held (a statvfs per disk): each disk's free space, for
@@ -168,6 +284,10 @@ class SharedPool:
         for disk_dir in self.disk_dirs:
             remove_empty_dirs(store_parent(disk_dir), disk_dir)
 
+    def _remove_store(self, store: Store, disk: int) -> None:
+        store.remove()
+        remove_empty_dirs(store_parent(self.disk_dirs[disk]), self.disk_dirs[disk])
+
     def leave(self) -> None:
         """A member closed; the last one out closes the pool."""
         with _registry_lock:
@@ -182,8 +302,9 @@ class SharedPool:
 
     # ---------------------------------------------------------- write-behind
 
-    def start_queued_disk_io(self) -> None:
-        """Hand the writes and deletions placement queued to the I/O threads (lock held).
+    def _hand_effects_to_lanes(self) -> None:
+        """Lock held, at the end of a transaction: hand the writes and deletions
+        placement queued to the I/O lanes.
 
         Deleting a chunk file (freeing its extents) takes milliseconds: not on the
         caller's thread, and not under the lock.
@@ -204,8 +325,7 @@ class SharedPool:
 
     def _delete_from_disk(self, tenant: Tenant, disk: int, name: str) -> None:
         tenant.store_on(disk).delete_tensor(name)
-        with self.lock:
-            tenant.deleting.discard(name)
+        self.transact(lambda: tenant.deleting.discard(name))
 
     def _write_to_disk(self, record: TensorRecord, value: list[torch.Tensor]) -> None:
         """A background write: the file outside the lock, the bookkeeping inside it. A
@@ -230,13 +350,16 @@ class SharedPool:
         free = None
         if error is not None and errno_of(error) == errno.ENOSPC:
             (free,) = self.placement.disk.read_free(record.disk)  # what is left, unlocked
-        with self.lock:
+
+        def report() -> bool:
             ours = record.write_state == WriteState.WRITING
             if self.placement.write_done(record, error, free):
                 failure = WriteFailure(record.label, record.nbytes, str(store.path), error)
                 record.tenant.write_failed(record.disk, failure)
             self.write_finished.notify_all()
-        return ours
+            return ours
+
+        return self.transact(report)
 
     # ------------------------------------------------------------- reporting
 
@@ -266,6 +389,6 @@ class SharedPool:
                 "budget": self.budgets.write_behind_bytes,
                 "unwritten_bytes": placement.write_behind.unwritten_bytes,
             },
-            "counters": dict(placement.counters),
+            "counters": placement.counters.names(),
             "arena": self.arena.stats(),
         }

@@ -9,16 +9,19 @@ cache then finishes under the lock: promotion, release, and clearing ``loading``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import torch
 
+from spillcache.errors import StoreError
+
 from ..engine.placement import Placement, TensorRecord
 from ..io.transfers import Ready
+from ..store.failures import naming
 
-__all__ = ["Fetched", "Loads", "plan", "read"]
+__all__ = ["Fetched", "Loads", "maps", "plan", "read"]
 
 
 class Fetched(NamedTuple):
@@ -61,15 +64,16 @@ def plan(placement: Placement, records: Iterable[TensorRecord]) -> Loads:
     return loads
 
 
-def read(loads: Loads, read_record: Callable[[TensorRecord], torch.Tensor]) -> BaseException | None:
+def read(loads: Loads, *, pin_host: bool, read_mode: str) -> BaseException | None:
     """Lock not held: read (or wait for) the held records; the first error, if any.
+    ``pin_host``: values for an accelerator are read into pinned memory.
 
     Every read's outcome goes to its ``loading`` Future too, for whoever waits on it.
     """
     error: BaseException | None = None
     for record in loads.to_read:
         try:
-            tensor = read_record(record)
+            tensor = _read_record(record, pin_host, read_mode)
         except BaseException as caught:
             record.loading.set_exception(caught)
             error = error or caught
@@ -82,3 +86,18 @@ def read(loads: Loads, read_record: Callable[[TensorRecord], torch.Tensor]) -> B
         except BaseException as caught:
             error = error or caught
     return error
+
+
+def maps(record: TensorRecord, read_mode: str) -> bool:
+    """read_mode "mmap": a value for the CPU is mapped, not read (nor promoted)."""
+    return read_mode == "mmap" and record.onload_device.type == "cpu"
+
+
+def _read_record(record: TensorRecord, pin_host: bool, read_mode: str) -> torch.Tensor:
+    pin = pin_host and record.onload_device.type != "cpu"
+    try:
+        return record.tenant.store_on(record.disk).read_tensor(
+            record.array, record.shape, record.dtype, pin=pin, mapped=maps(record, read_mode)
+        )
+    except StoreError as error:  # name the entry, not just the file
+        raise naming(error, record.label) from None

@@ -29,7 +29,7 @@ _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Disks(Protocol):
-    """What ``refusal`` reads of the disk tier (``engine.tiers.disk.DiskTier``)."""
+    """What ``refusal`` reads of the disk tier (``engine.tiers.DiskTier``)."""
 
     disks: int
     paths: list[str]

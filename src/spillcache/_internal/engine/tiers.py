@@ -1,15 +1,83 @@
-"""The disk tier: the bytes of tensors on one or more disks, with a byte budget, and
-how much room each disk has left."""
+"""The tiers: plain containers of record ids with a byte budget. The device and host
+tiers hold tensors (``MemoryTier``); the disk tier holds the sizes of the arrays on one
+or more disks, and how much room each disk has left (``DiskTier``).
+
+Tiers never call each other, start threads or take locks; placement decides what moves
+where (see ``spillcache._internal.engine.placement``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from typing import NamedTuple
+from collections.abc import Callable, Collection, Iterator
+from typing import Generic, NamedTuple, TypeVar
 
-from ...store.store_format import chunk_bytes
-from .budget import BudgetedTier
+import torch
 
-__all__ = ["DiskTier", "Reading", "footprint"]
+from ..store.store_format import chunk_bytes
+
+__all__ = ["BudgetedTier", "DiskTier", "MemoryTier", "Reading", "footprint"]
+
+Item = TypeVar("Item")
+
+
+class BudgetedTier(Generic[Item]):
+    """Items by record id with a running byte count against a budget (``None``: no limit)."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self._items: dict[int, Item] = {}
+        self._nbytes = 0
+        self.peak = 0  # the most bytes it has held at once
+
+    def __contains__(self, rid: int) -> bool:
+        return rid in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[int]:
+        # A snapshot: callers evict while iterating.
+        return iter(list(self._items))
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def can_ever_hold(self, nbytes: int) -> bool:
+        return self.budget is None or nbytes <= self.budget
+
+    def has_room(self, nbytes: int) -> bool:
+        return self.budget is None or self._nbytes + nbytes <= self.budget
+
+    def _add(self, rid: int, item: Item, nbytes: int) -> None:
+        if rid in self._items:
+            raise KeyError(f"record {rid} is already in the {self.name} tier")
+        self._items[rid] = item
+        self._nbytes += nbytes
+        self.peak = max(self.peak, self._nbytes)
+
+    def _remove(self, rid: int, nbytes: int) -> Item:
+        item = self._items.pop(rid)
+        self._nbytes -= nbytes
+        return item
+
+
+class MemoryTier(BudgetedTier[torch.Tensor]):
+    """Tensors by record id, with a byte budget (``None``: no limit)."""
+
+    def __init__(self, name: str, budget: int | None) -> None:
+        super().__init__(budget)
+        self.name = name
+
+    def put(self, rid: int, tensor: torch.Tensor) -> None:
+        self._add(rid, tensor, tensor.nbytes)
+
+    def get(self, rid: int) -> torch.Tensor:
+        return self._items[rid]
+
+    def pop(self, rid: int) -> torch.Tensor:
+        return self._remove(rid, self._items[rid].nbytes)
+
 
 # Disks whose free space is within this much of the freest one count as equally free.
 _EQUAL_FREE_FRACTION = 0.01
@@ -78,7 +146,7 @@ class DiskTier(BudgetedTier[int]):
         self._free_bytes = free_bytes
         self._disk_of: dict[int, int] = {}
         self.bytes_on = [0] * disks  # reserved bytes per disk
-        self._last = -1  # the disk chosen last, for round-robin among equals
+        self.last_chosen = -1  # the disk chosen last, for round-robin among equals
         self._writing: dict[int, int] = {}  # rid -> footprint, of writes queued or running
         self.writing_on = [0] * disks  # their footprints, per disk
         self.finished = [0] * disks  # footprints of writes ended (or dropped), ever
@@ -173,9 +241,9 @@ class DiskTier(BudgetedTier[int]):
         most = max(room[disk] for disk in candidates)
         slack = max(_EQUAL_FREE_BYTES, int(most * _EQUAL_FREE_FRACTION))
         for step in range(1, self.disks + 1):
-            disk = (self._last + step) % self.disks
+            disk = (self.last_chosen + step) % self.disks
             if disk in candidates and room[disk] >= most - slack:
-                self._last = disk
+                self.last_chosen = disk
                 return disk
         raise AssertionError("the freest disk is always a candidate")
 
