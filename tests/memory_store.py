@@ -26,6 +26,7 @@ class MemoryStore:
         self.arrays: dict[str, tuple[torch.Tensor, tuple[int, ...], torch.dtype]] = {}
         self.batches: dict[int, dict] = {}
         self.root: dict | None = None
+        self.attributes: dict = {}  # the root's, as a kept store's flush sets its note
         self.written: list[str] = []  # every array name written, in order
         self.deleted: list[str] = []
         self.removed = False

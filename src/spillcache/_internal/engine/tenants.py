@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..store.failures import WriteFailure, errno_of
-from ..store.tensor_store import Store
+from ..store.tensor_store import TensorStore
 from .policy import make_policy, merged_victims
 
 __all__ = ["TIER_COUNTERS", "Counters", "KeptStructures", "Tenant", "Tenants", "TierCounters"]
@@ -162,7 +162,7 @@ class Tenant:
     ) -> None:
         self.number = next(_numbers)
         self._disk_tier = disk_tier
-        self._stores: dict[int, Store] = {}  # by disk (disk_path may list several)
+        self._stores: dict[int, TensorStore] = {}  # by disk (disk_path may list several)
         self.policies = {"device": make_policy(eviction), "host": make_policy(eviction)}
         self.device_target = device_target
         self.device_tier = device_tier
@@ -193,13 +193,13 @@ class Tenant:
     def has_store_on(self, disk: int) -> bool:
         return disk in self._stores
 
-    def store_on(self, disk: int) -> Store:
+    def store_on(self, disk: int) -> TensorStore:
         """The cache's store on ``disk``; placement sends nothing to a disk before the
         store there is made (``attach``)."""
         return self._stores[disk]
 
     @property
-    def store(self) -> Store:
+    def store(self) -> TensorStore:
         """Its first store made, by disk: the only one unless disk_path lists several
         (a kept store's is on the first disk)."""
         return self.stores[0]
@@ -209,15 +209,15 @@ class Tenant:
         return bool(self._stores)
 
     @property
-    def stores(self) -> list[Store]:
+    def stores(self) -> list[TensorStore]:
         """The stores made so far, by disk."""
         return [self._stores[disk] for disk in sorted(self._stores)]
 
-    def attach(self, store: Store, disk: int = 0) -> None:
+    def attach(self, store: TensorStore, disk: int = 0) -> None:
         """Use ``store`` on ``disk``: one just made, or a reopened cache's."""
         self._stores[disk] = store
 
-    def detach(self, disk: int) -> Store:
+    def detach(self, disk: int) -> TensorStore:
         """Stop using the store on ``disk`` (the caller removes it)."""
         return self._stores.pop(disk)
 

@@ -63,7 +63,7 @@ from ..store.store_format import (
     tensors_dir,
     unstored_tensor_node,
 )
-from ..store.tensor_store import Store, write_root_json
+from ..store.tensor_store import TensorStore, write_root_json
 from ..tree import spec_to_json
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ def _records_on_disk(snapshot: _Snapshot) -> Iterator[TensorRecord]:
 
 
 def _write(
-    store: Store,
+    store: TensorStore,
     snapshot: _Snapshot,
     state: KeptStructures,
     written: list[tuple[TensorRecord, str]],
@@ -289,7 +289,7 @@ def _write(
 
 
 def _commit(
-    store: Store, state: KeptStructures, structures: list[dict], *, complete: bool
+    store: TensorStore, state: KeptStructures, structures: list[dict], *, complete: bool
 ) -> dict[int, tuple[int, dict]]:
     """Write the batches whose structure changed since the last flush, each keeping the
     one it replaces as ``before``; then the root, which completes this flush: until
@@ -341,7 +341,7 @@ def _settle(
     return doomed
 
 
-def _inline_names(store: Store, state: KeptStructures) -> Iterator[str]:
+def _inline_names(store: TensorStore, state: KeptStructures) -> Iterator[str]:
     """Fresh names for small tensors: none an array (whole or half-written) has."""
     taken = set(os.listdir(tensors_dir(store.path))) | {name for _, name in state.inline.values()}
     return (name for n in itertools.count() if (name := f"i{n}") not in taken)
@@ -435,7 +435,7 @@ def persist(pool: SharedPool, tenant: Tenant, batches: list[dict[str, Entry]]) -
 
 
 def _close_leaf(
-    store: Store,
+    store: TensorStore,
     leaf: TensorRecord | InlineTensor,
     known: dict[int, tuple[InlineTensor, str]],
     names: Iterator[str],

@@ -44,7 +44,7 @@ from ..process.ranks import store_parent
 from ..process.resolved import checked_disk_dirs, checked_process_budgets
 from ..store.failures import WriteFailure, errno_of
 from ..store.store_dirs import remove_empty_dirs
-from ..store.tensor_store import Store
+from ..store.tensor_store import Store, TensorStore
 from ..sysinfo import nearest_existing
 from ..text import format_bytes
 
@@ -153,7 +153,7 @@ class SharedPool:
         placement = self.placement
         copies: dict[int, torch.Tensor] = {}
         stores: list[tuple[Tenant, int]] = []  # made for this transaction
-        unused: list[tuple[Store, int]] = []
+        unused: list[tuple[TensorStore, int]] = []
         copy_tries = 0
         while True:
             try:
@@ -184,7 +184,7 @@ class SharedPool:
             stores.extend(needs.stores)
             copy_tries += bool(needs.copies)
 
-    def _take_back_unused(self, stores: list[tuple[Tenant, int]]) -> list[tuple[Store, int]]:
+    def _take_back_unused(self, stores: list[tuple[Tenant, int]]) -> list[tuple[TensorStore, int]]:
         """Lock held: of the stores a failed transaction made, those nothing went to
         since (no value of the cache there, no deletion running), taken off their cache."""
         taken = []
@@ -284,7 +284,7 @@ class SharedPool:
         for disk_dir in self.disk_dirs:
             remove_empty_dirs(store_parent(disk_dir), disk_dir)
 
-    def _remove_store(self, store: Store, disk: int) -> None:
+    def _remove_store(self, store: TensorStore, disk: int) -> None:
         store.remove()
         remove_empty_dirs(store_parent(self.disk_dirs[disk]), self.disk_dirs[disk])
 

@@ -59,6 +59,9 @@ class TensorStore(Protocol):
 
     path: Path
     keep: bool  # a kept store (keep_store): no signal, sweep or plain gc removes it
+    # The root's spillcache attributes as last read or written; a kept store's flush
+    # sets its note here, written with the root
+    attributes: dict
     # An I/O thread's write is fsync'd as it lands (pool passes durable=True)
     syncs_background_writes: bool
 
