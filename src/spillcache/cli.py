@@ -135,7 +135,7 @@ def _du(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from spillcache._internal.store.leftovers import collect_garbage
+    from spillcache._internal.store.summary import collect_garbage
 
     for line in collect_garbage(*_survey(_stores_dirs(args)), remove=args.yes, everything=args.all):
         print(line)
@@ -383,8 +383,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from spillcache._internal.store.leftovers import verify_lines
-    from spillcache._internal.store.summary import undetectable_rot, verify
+    from spillcache._internal.store.summary import undetectable_rot, verify, verify_lines
 
     try:
         report = verify(args.path)
