@@ -32,7 +32,7 @@ import torch
 
 from spillcache.errors import CheckpointError, StoreFormatError
 
-from ..process.ranks import rank_info
+from ..process.resolved import rank_info
 from ..runtime.reopen import go_back_one_flush
 from ..store import checkpoints
 from ..store.checkpoints import NOTE_KEY, Checkpoint, Part

@@ -117,7 +117,7 @@ def process_memory() -> tuple[int, int]:
 
 
 def _rank() -> tuple[int, int]:
-    from ..process.ranks import rank_info  # reads the environment: only when a run starts
+    from ..process.resolved import rank_info  # reads the environment: only when a run starts
 
     info = rank_info()
     return (0, 1) if info is None else (info.rank, info.world_size)

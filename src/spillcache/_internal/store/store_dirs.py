@@ -69,7 +69,7 @@ def find_stores(directory: str | os.PathLike[str]) -> dict[Path, dict]:
 
 def run_store_parent(disk_dir: str | os.PathLike[str], run_id: str, rank: int) -> Path:
     """Where rank ``rank`` of run ``run_id`` creates its stores (``run_id`` is already a
-    safe directory name: see ``ranks.run_id``)."""
+    safe directory name: see ``resolved.run_id``)."""
     return Path(disk_dir) / run_id / f"{RANK_PREFIX}{rank}"
 
 
