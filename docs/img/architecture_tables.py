@@ -85,9 +85,12 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "cache": (PUBLIC, CALLER, "IntermediatesCache: the documented API, iter_prefetch, finalizer"),
     "config": (PUBLIC, CALLER, "CacheConfig: every knob, parsed and validated once"),
     "errors": (PUBLIC, ANY, "the exception tree"),
-    "stock_api": (PUBLIC, CALLER, "batch_intermediates as a live view; the stock helpers"),
+    "stock_api": (
+        PUBLIC,
+        CALLER,
+        "batch_intermediates as a live view; stock helpers, OverrideEqMode",
+    ),
     "stock_batch": (PUBLIC, CALLER, "a batch as a dict read from the cache; its trees"),
-    "stock_types": (PUBLIC, ANY, "IntermediateValue and OverrideEqMode as the stock class has"),
     "integrations/llmcompressor": (PUBLIC, CALLER, "enable/disable: llm-compressor rebound"),
     "resumable_pipeline": (
         PUBLIC,
@@ -120,7 +123,11 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     ),
     "transfers": (BYTES, STREAMS, "every copy between devices; side streams, with events"),
     "dtypes": (BYTES, ANY, "torch dtype <-> stored type; raw same-width views"),
-    "tree": (BYTES, ANY, "nested values <-> spec and tensor leaves; specs <-> JSON"),
+    "tree": (
+        BYTES,
+        ANY,
+        "nested values <-> spec and tensor leaves; specs <-> JSON; IntermediateValue",
+    ),
     "store_format": (STORE, ANY, "the layout; zarr.json read safely; what a commit must fsync"),
     "tensor_store": (STORE, LANES, "TensorStore; Store: made, opened, written, read, removed"),
     "store_dirs": (STORE, COMMAND, "where stores are, and whose; this process's unkept stores"),
