@@ -7,9 +7,9 @@ script would want it) and exits 0; a problem is one line on stderr and exit stat
 that differs from its all-in-RAM twin.
 """
 
-# This module holds the parser and the store subcommands; config, plan and demo have
-# modules of their own under _internal (config_cli, plan_cli, demo_cli). Its docstring
-# is the command's --help text.
+# This module holds the parser and the store subcommands; config, plan, report and demo
+# have modules of their own under _internal (config_cli, plan_cli, report_cli,
+# demo_cli). Its docstring is the command's --help text.
 
 from __future__ import annotations
 
