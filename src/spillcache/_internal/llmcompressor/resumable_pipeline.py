@@ -39,13 +39,42 @@ from ..store import checkpoints
 from ..store.checkpoints import NOTE_KEY, Checkpoint
 from .checkpoint_ranks import Ranks
 
-__all__ = ["PIPELINE_MODULE", "run_with_checkpoints"]
+__all__ = ["PIPELINE_MODULE", "hook_checkpoints", "run_with_checkpoints"]
 
 PIPELINE_MODULE = "llmcompressor.pipelines.sequential.pipeline"
 # The parameters compressed-tensors adds to a module it will quantize: made with
 # torch.empty before calibration (so their bits differ from run to run) and calibrated
 # later, they are no part of the model's starting weights.
 QUANTIZATION_PARAMETER = re.compile(r"_(scale|zero_point|g_idx|global_scale)$")
+
+
+def hook_checkpoints(
+    directory: Path, cache_class: Callable[[CacheConfig], type], config: CacheConfig | None
+) -> Callable[[], None]:
+    """Make llm-compressor's sequential pipeline (its module imported) run
+    ``run_with_checkpoints`` in ``directory``, with ``config`` (None: read from the
+    environment when the pipeline runs); returns what puts llm-compressor's own back."""
+    module = sys.modules[PIPELINE_MODULE]
+    pipeline = vars(module)["SequentialPipeline"]
+    stock = vars(pipeline)["__call__"]
+
+    def call(model: Any, dataloader: Any, dataset_args: Any) -> None:
+        run_with_checkpoints(
+            model,
+            dataloader,
+            dataset_args,
+            directory=directory,
+            cache_class=cache_class,
+            config=config or CacheConfig.from_env(),
+        )
+
+    # As llm-compressor's own: an out-of-memory error says which settings to lower.
+    pipeline.__call__ = staticmethod(module.handle_sequential_oom(call))
+
+    def unhook() -> None:
+        vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"].__call__ = stock
+
+    return unhook
 
 
 def run_with_checkpoints(
