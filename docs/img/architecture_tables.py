@@ -95,7 +95,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "resumable_pipeline": (
         PUBLIC,
         CALLER,
-        "the sequential pipeline, checkpointed per subgraph; resumes",
+        "the sequential pipeline, checkpointed per subgraph; resumes, the ranks agreeing",
     ),
     "run_watch": (PUBLIC, CALLER, "a run's line per subgraph and metrics file"),
     "core": (STATE, LOCKED, "CacheCore: batches, entries, generations; update, fetch, close"),
@@ -142,7 +142,6 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "persist": (STORE, CALLER, "a kept store made durable: flush() writes unlocked, close locked"),
     "reopen": (STORE, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
     "checkpoints": (STORE, CALLER, "a checkpoint_dir: fingerprint, changed tensors, the commit"),
-    "checkpoint_ranks": (STORE, CALLER, "torchrun ranks checkpointing together; resume agreed"),
     "store_checks": (STORE, CALLER, "a store read as data: names, links and sizes checked first"),
     "summary": (STORE, COMMAND, "what a store holds and what cut-short writes left; gc"),
     "pool": (PROCESS, LOCKED, "SharedPool: one lock, placement, I/O lanes per config"),
