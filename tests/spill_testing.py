@@ -126,9 +126,8 @@ def console_script() -> str:
 
 # What the console script imports, and what its commands import as they run.
 CONSOLE_MODULES = (
-    "spillcache.cli", "spillcache._internal.cli.demo", "spillcache._internal.store.leftovers",
-    "spillcache._internal.store.summary", "spillcache._internal.process.resolved",
-    "spillcache._internal.process.ranks",
+    "spillcache.cli", "spillcache._internal.cli.demo", "spillcache._internal.store.summary",
+    "spillcache._internal.process.resolved",
 )  # fmt: skip
 
 

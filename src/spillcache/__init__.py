@@ -1,6 +1,7 @@
 """spillcache: llm-compressor's IntermediatesCache over GPU, host RAM and zarr on disk."""
 
-from spillcache._internal.stock_types import IntermediateValue, OverrideEqMode
+from spillcache._internal.stock.stock_api import OverrideEqMode
+from spillcache._internal.tree import IntermediateValue
 from spillcache.cache import IntermediatesCache
 from spillcache.config import CacheConfig
 from spillcache.errors import (

@@ -21,7 +21,7 @@ from spillcache._internal.stock.stock_api import (
     onload_value,
     pin_intermediate,
 )
-from spillcache._internal.stock_types import IntermediateValue
+from spillcache._internal.tree import IntermediateValue
 from spillcache.config import CacheConfig
 
 __all__ = ["IntermediatesCache"]

@@ -7,9 +7,9 @@ script would want it) and exits 0; a problem is one line on stderr and exit stat
 that differs from its all-in-RAM twin.
 """
 
-# This module holds the parser and the store subcommands; config, plan and demo have
-# modules of their own under _internal (config_cli, plan_cli, demo_cli). Its docstring
-# is the command's --help text.
+# This module holds the parser and the store subcommands; config, plan, report and demo
+# have modules of their own under _internal (config_cli, plan_cli, report_cli,
+# demo_cli). Its docstring is the command's --help text.
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def _du(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from spillcache._internal.store.leftovers import collect_garbage
+    from spillcache._internal.store.summary import collect_garbage
 
     for line in collect_garbage(*_survey(_stores_dirs(args)), remove=args.yes, everything=args.all):
         print(line)
@@ -383,8 +383,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from spillcache._internal.store.leftovers import verify_lines
-    from spillcache._internal.store.summary import undetectable_rot, verify
+    from spillcache._internal.store.summary import undetectable_rot, verify, verify_lines
 
     try:
         report = verify(args.path)

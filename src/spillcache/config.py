@@ -215,7 +215,7 @@ class CacheConfig:
       ``False`` stores plain bytes: bit rot in such a store cannot be detected.
     - ``budget_scope``: under torchrun, whether the explicit sizes ``host_bytes``,
       ``write_behind_bytes``, ``read_buffer_bytes`` and ``disk_bytes`` are for the whole
-      node (``"node"``, the default: each rank gets its share, see ``ranks.py``) or for
+      node (``"node"``, the default: each rank gets its share, see ``resolved.py``) or for
       each rank (``"rank"``). ``device_bytes`` is always per GPU; outside torchrun the
       scope changes nothing.
     - ``remove_stores_on_signal``: on SIGTERM, SIGHUP (and SIGINT where its action is

@@ -13,7 +13,7 @@ import torch
 
 from spill_testing import assert_same
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.store import owners
+from spillcache._internal.store import store_dirs
 from spillcache._internal.store.summary import verify
 from spillcache.cli import main
 
@@ -58,7 +58,7 @@ def litter(store: Path) -> dict[str, Path]:
 def dead(store: Path) -> None:
     """Make the store's owner a dead process (its pid since reused: start time differs)."""
     root = json.loads((store / "zarr.json").read_text())
-    root["attributes"]["spillcache"]["start_time"] = owners.identity()["start_time"] - 1
+    root["attributes"]["spillcache"]["start_time"] = store_dirs.owner_identity()["start_time"] - 1
     (store / "zarr.json").write_text(json.dumps(root))
 
 
@@ -163,8 +163,8 @@ def test_gc_never_follows_a_link_out_of_a_tampered_store(tmp_path, cli):
 
 def test_a_structure_nested_too_deeply_for_json_leaves_orphans_unjudged(tmp_path):
     """Found by tests/store's tampered stores: json.loads raised RecursionError."""
-    from spillcache._internal.store.leftovers import find_orphans
     from spillcache._internal.store.store_format import read_root_attributes
+    from spillcache._internal.store.summary import find_orphans
 
     store = kept_store(tmp_path)
     (store / "batches" / "0" / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -177,8 +177,8 @@ def test_regression_an_unfinished_flushs_arrays_are_the_orphans_not_the_last_flu
     new array, keeping the last completed flush's structure as ``before``, but the root
     still says flush 1. What reopening keeps (and so what is not an orphan) is flush 1's
     array; the new one is the leftover. Leftovers used to read ``entries`` regardless."""
-    from spillcache._internal.store.leftovers import find_orphans
     from spillcache._internal.store.store_format import read_root_attributes
+    from spillcache._internal.store.summary import find_orphans
 
     config = CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path), keep_store=True)
     with IntermediatesCache([{"h": VALUES["h"]}], config=config) as cache:

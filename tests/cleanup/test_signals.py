@@ -20,7 +20,7 @@ import torch
 from spill_testing import child_process
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.process import cleanup
-from spillcache._internal.store import owners
+from spillcache._internal.store import store_dirs
 from spillcache._internal.store.tensor_store import Store
 from spillcache.errors import StoreError
 
@@ -172,15 +172,15 @@ def test_the_setting_off_installs_nothing(fresh_signals, tmp_path):
 def test_only_stores_not_kept_are_registered_and_removing_one_unregisters_it(tmp_path):
     plain = Store.create(tmp_path)
     kept = Store.create(tmp_path, keep=True)
-    assert plain.path in owners.registered() and kept.path not in owners.registered()
+    assert plain.path in store_dirs.registered() and kept.path not in store_dirs.registered()
     plain.remove()
     kept.remove()
-    assert plain.path not in owners.registered()
+    assert plain.path not in store_dirs.registered()
 
 
 def test_a_store_made_while_a_signal_ends_the_process_removes_itself(tmp_path, monkeypatch):
-    monkeypatch.setattr(owners, "_ending", True)
-    monkeypatch.setattr(owners, "_live", {})
+    monkeypatch.setattr(store_dirs, "_ending", True)
+    monkeypatch.setattr(store_dirs, "_live", {})
     with pytest.raises(StoreError, match="a signal is ending this process"):
         Store.create(tmp_path)
     assert nothing_under(tmp_path) == []
@@ -203,18 +203,18 @@ def test_removal_tries_again_when_a_writer_adds_a_file_mid_removal(tmp_path, mon
         return real_rmdir(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "rmdir", rmdir_after_a_late_write)
-    monkeypatch.setattr(owners, "_live", {str(store.path): os.getpid()})
+    monkeypatch.setattr(store_dirs, "_live", {str(store.path): os.getpid()})
     cleanup.remove_own_stores()
-    assert owners.registered() == []
+    assert store_dirs.registered() == []
     monkeypatch.undo()
     assert added and nothing_under(tmp_path) == []
-    owners.unregister(store.path)  # made before the registry was swapped for the test's
+    store_dirs.unregister(store.path)  # made before the registry was swapped for the test's
 
 
 def test_removing_on_a_signal_empties_the_rank_and_run_directories(tmp_path, monkeypatch):
     rank = tmp_path / "run-1" / "rank3"
     store = Store.create(rank)
-    monkeypatch.setattr(owners, "_live", {str(store.path): os.getpid()})
+    monkeypatch.setattr(store_dirs, "_live", {str(store.path): os.getpid()})
     cleanup.remove_own_stores()
     assert nothing_under(tmp_path) == []
-    owners.unregister(store.path)
+    store_dirs.unregister(store.path)

@@ -1,6 +1,6 @@
 """A new cache removes the stores that dead processes left where it spills, never a
 kept one nor another host's, and says so in one warning line (issue 10, item 2); who
-counts as dead (``owners.alive``, behind ``format.owner_alive``)."""
+counts as dead (``store_dirs.owner_alive``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.process import cleanup
-from spillcache._internal.store import owners, store_dirs, store_format
+from spillcache._internal.store import store_dirs, store_format
 from spillcache._internal.store.store_dirs import owner_alive, store_bytes
 from spillcache._internal.store.store_format import read_root_attributes
 from spillcache._internal.store.tensor_store import Store
@@ -57,14 +57,14 @@ def forge(store: Path, **changes) -> Path:
 def made_here(parent: Path) -> Path:
     """A store of this process (not kept), its registration dropped: the test owns it."""
     store = Store.create(parent)
-    owners.unregister(store.path)
+    store_dirs.unregister(store.path)
     return store.path
 
 
 def reused(store: Path) -> Path:
     """A copy of ``store`` whose pid is this live process's, but whose start time is
     not: the pid was reused, its owner is dead."""
-    start_time = owners.identity()["start_time"]
+    start_time = store_dirs.owner_identity()["start_time"]
     return forge(store, pid=os.getpid(), start_time=start_time - 1)
 
 
@@ -99,7 +99,7 @@ def test_a_killed_processs_store_goes_its_kept_one_and_other_hosts_stay(
         assert Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z"
         assert owner_alive(read_root_attributes(plain)) is False
         elsewhere = forge(plain, hostname=f"not-{socket.gethostname()}")
-        alive = forge(plain, pid=os.getpid(), **owners.identity())
+        alive = forge(plain, pid=os.getpid(), **store_dirs.owner_identity())
         pid_reused = reused(plain)
         freed = format_bytes(store_bytes(plain) + store_bytes(pid_reused))
         caplog.set_level(logging.WARNING, logger="spillcache")
@@ -164,11 +164,11 @@ def test_stores_made_to_be_kept_or_by_an_older_spillcache_are_never_swept(tmp_pa
     assert kept.is_dir() and complete.is_dir() and older.is_dir()
 
 
-# ------------------------------------------------------------------ owners.alive
+# ------------------------------------------------------------------ owner_alive
 
 
 def attributes_of_this_process() -> dict:
-    return {"pid": os.getpid(), "hostname": socket.gethostname(), **owners.identity()}
+    return {"pid": os.getpid(), "hostname": socket.gethostname(), **store_dirs.owner_identity()}
 
 
 def test_the_root_attributes_record_who_made_the_store_and_whether_it_is_kept(tmp_path):
@@ -185,13 +185,13 @@ def test_the_root_attributes_record_who_made_the_store_and_whether_it_is_kept(tm
 
 def test_a_live_owner_is_alive_and_a_changed_identity_is_not(tmp_path):
     mine = attributes_of_this_process()
-    assert owners.alive(mine) is True
-    assert owners.alive({**mine, "start_time": mine["start_time"] + 1}) is False  # pid reused
-    assert owners.alive({**mine, "boot_id": "another-boot"}) is False
-    assert owners.alive({**mine, "hostname": "elsewhere"}) is None
-    assert owners.alive({**mine, "pid_namespace": "pid:[1]"}) is None  # another container
+    assert owner_alive(mine) is True
+    assert owner_alive({**mine, "start_time": mine["start_time"] + 1}) is False  # pid reused
+    assert owner_alive({**mine, "boot_id": "another-boot"}) is False
+    assert owner_alive({**mine, "hostname": "elsewhere"}) is None
+    assert owner_alive({**mine, "pid_namespace": "pid:[1]"}) is None  # another container
     written_before = {"pid": os.getpid(), "hostname": socket.gethostname()}
-    assert owners.alive(written_before) is True  # no start time recorded: pid only
+    assert owner_alive(written_before) is True  # no start time recorded: pid only
 
 
 def test_a_zombie_and_a_reaped_process_are_dead():

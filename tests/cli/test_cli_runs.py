@@ -16,7 +16,7 @@ import torch
 
 from spill_testing import run_console, run_preloaded_python
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.process.ranks import store_parent
+from spillcache._internal.process.resolved import store_parent
 from spillcache._internal.text import format_bytes
 from spillcache.cli import main
 

@@ -31,7 +31,7 @@ import torch
 
 from spill_testing import run_preloaded_python
 from spillcache import CacheConfig, IntermediatesCache, cli
-from spillcache._internal.cli import plan_cli
+from spillcache._internal.cli import plan_figures
 from spillcache._internal.engine.stats import TIERS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +164,7 @@ def clean_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("SPILLCACHE_") or name in TORCHRUN_VARIABLES:
             monkeypatch.delenv(name)
-    monkeypatch.setattr(plan_cli, "PROBE_SECONDS", PROBE_SECONDS)
+    monkeypatch.setattr(plan_figures, "PROBE_SECONDS", PROBE_SECONDS)
 
 
 # ------------------------------------------------------------------ docs/analysis.md

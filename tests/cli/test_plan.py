@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from spillcache import CacheConfig, cli
-from spillcache._internal.cli import disk_probe, plan_cli
 from spillcache._internal.cli import plan as plan_module
+from spillcache._internal.cli import plan_figures
 from spillcache._internal.process.resolved import process_budgets, transit_bytes
 from spillcache._internal.text import format_bytes
 
@@ -194,7 +194,7 @@ def test_check_exits_1_when_the_disk_is_too_small(capsys, tmp_path):
 
 
 def test_the_probe_measures_each_disk_and_leaves_nothing(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(plan_cli, "PROBE_SECONDS", 1.0)
+    monkeypatch.setattr(plan_figures, "PROBE_SECONDS", 1.0)
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
     status, out, err = run(
@@ -330,7 +330,7 @@ def test_a_checkpoints_own_size_is_used_where_it_has_one(capsys, model_dir):
 
 def no_replay(monkeypatch):
     """Bad paths are found before the replay (and the probe) run."""
-    monkeypatch.setattr(plan_cli, "replay", lambda *a, **k: pytest.fail("replayed"))
+    monkeypatch.setattr(plan_figures, "replay", lambda *a, **k: pytest.fail("replayed"))
 
 
 def test_write_into_a_missing_directory_is_one_line_before_the_plan(capsys, tmp_path, monkeypatch):
@@ -355,7 +355,7 @@ def test_a_probe_that_fails_is_one_line_naming_the_option(capsys, tmp_path, monk
     def probe(path, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "probe"))
 
-    monkeypatch.setattr(disk_probe, "probe", probe)
+    monkeypatch.setattr(plan_figures, "probe_disk", probe)
     status, out, err = run(capsys, "plan", *DEMO, "--disk-path", str(tmp_path))
     assert status == 2 and out == "" and err.count("\n") == 1, err
     assert f"--disk-path: cannot write the probe's files in {tmp_path} (No space left" in err

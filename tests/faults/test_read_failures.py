@@ -17,7 +17,7 @@ import torch
 from faults.injection import same_bits, unaligned
 from spill_testing import random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreCorruptError, StoreError
-from spillcache._internal.io import device_turns
+from spillcache._internal.io import chunk_reads
 from spillcache._internal.store.store_format import chunk_name
 
 KIB64 = 64 * 2**10
@@ -152,7 +152,7 @@ def test_a_failed_read_ahead_is_raised_for_its_batch_and_loses_nothing(tmp_path,
         assert same_bits(again[1]["a"], values[(1, "a")])
 
 
-BIG = device_turns.TURN_BYTES + 4096 + 5  # read in its device's turn, with a partial page
+BIG = chunk_reads.TURN_BYTES + 4096 + 5  # read in its device's turn, with a partial page
 
 
 @pytest.mark.parametrize("short", [None, 0, 4096 + 100])  # EIO, EOF, EOF inside a page

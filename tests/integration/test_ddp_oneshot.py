@@ -36,13 +36,12 @@ What is compared, and why it is sound:
   run's bit for bit.
 
 Also checked: the ranks really split the samples; every rank read values back from disk;
-no store is left under the runs' ``disk_path``; and, once ``process/ranks.py`` exists,
-that a run's stores live under ``<disk_path>/<run>/rank<R>/``.
+no store is left under the runs' ``disk_path``; and that a run's stores live under
+``<disk_path>/<run>/rank<R>/``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -251,8 +250,6 @@ def test_no_store_is_left(ddp, run):
 def test_a_runs_stores_live_under_one_run_dir_per_rank(ddp, run):
     """``<disk_path>/<run>/rank<R>/``, ``<run>`` being torchrun's run id (a fresh one with
     ``--standalone``): one run dir for all ranks, one dir per rank."""
-    if importlib.util.find_spec("spillcache._internal.process.ranks") is None:
-        pytest.skip("the per-rank store layout (process/ranks.py) is not built yet")
     for rank in range(WORLD):
         log = ddp.log(run, rank)
         (store,) = log["store_paths"].values()

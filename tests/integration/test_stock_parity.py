@@ -25,7 +25,7 @@ stock_module = pytest.importorskip(
 import spillcache  # noqa: E402
 from spill_testing import bits, random_tensor  # noqa: E402
 from spillcache import IntermediatesCache, IntermediateValue  # noqa: E402
-from spillcache._internal.stock_types import is_intermediate_value  # noqa: E402
+from spillcache._internal.tree import is_intermediate_value  # noqa: E402
 from spillcache.integrations import llmcompressor as integration  # noqa: E402
 
 pytestmark = pytest.mark.integration

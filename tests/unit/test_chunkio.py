@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spill_testing import bits, random_tensor
-from spillcache._internal.io import aio, buffers, checksums, chunk_reads, chunkio, device_turns
+from spillcache._internal.io import aio, buffers, checksums, chunk_reads, chunkio
 from spillcache._internal.io.buffers import PAGE, StagingBuffers, aligned_empty
 from spillcache._internal.io.chunk_reads import map_file, read_file
 from spillcache._internal.io.chunkio import direct_io_supported, write_file
@@ -584,7 +584,7 @@ def test_large_buffers_are_huge_page_aligned_and_advised():
     assert small.data_ptr() % buffers.PAGE == 0
 
 
-TURN = device_turns.TURN_BYTES  # from this size a direct read waits for its device's turn
+TURN = chunk_reads.TURN_BYTES  # from this size a direct read waits for its device's turn
 CHECKED_SIZES = [0, 1, 4094, 4096, 2 * 4096 - 2, 3 * 4096 + 5, TURN + 4096 + 7, TURN]
 
 

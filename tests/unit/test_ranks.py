@@ -1,5 +1,6 @@
-"""ranks.py under torchrun-like environments: rank and run detection, each rank's share
-of the node's budgets, the run directory layout (and store_format.py's run-directory helpers)."""
+"""This process under torchrun-like environments (resolved.py): rank and run detection,
+each rank's share of the node's budgets, the run directory layout (and store_dirs.py's
+run-directory helpers)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ import pytest
 import torch.distributed as dist
 
 from spillcache._internal.process import resolved
-from spillcache._internal.process.ranks import RankInfo, rank_info, run_id, store_parent
-from spillcache._internal.process.resolved import process_budgets
+from spillcache._internal.process.resolved import (
+    RankInfo,
+    process_budgets,
+    rank_info,
+    run_id,
+    store_parent,
+)
 from spillcache._internal.store import store_dirs, tensor_store
 from spillcache.config import CacheConfig
 from spillcache.errors import ConfigError, StoreError
@@ -203,8 +209,11 @@ def test_no_region_keeps_the_old_transit_sizes_and_no_host_tier():
 
 def test_parts_larger_than_host_bytes_are_refused_naming_all_three():
     config = CacheConfig(host_bytes="1GiB", write_behind_bytes="768MiB", read_buffer_bytes="512MiB")
-    with pytest.raises(ConfigError, match=r"write_behind_bytes \(768\.0 MiB\) and read_buffer_"
-                       r"bytes \(512\.0 MiB\) are parts of host_bytes \(1\.0 GiB\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"write_behind_bytes \(768\.0 MiB\) and read_buffer_"
+        r"bytes \(512\.0 MiB\) are parts of host_bytes \(1\.0 GiB\)",
+    ):
         process_budgets(config)
 
 
@@ -281,7 +290,7 @@ def test_store_parent_is_the_rank_directory_of_the_run(monkeypatch):
 AGREE = textwrap.dedent(
     """
     import sys
-    from spillcache._internal.process.ranks import store_parent
+    from spillcache._internal.process.resolved import store_parent
     print(store_parent(sys.argv[1]))
     """
 )

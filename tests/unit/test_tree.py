@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from spillcache._internal.stock_types import IntermediateValue
 from spillcache._internal.tree import (
+    IntermediateValue,
     StoredClass,
     TensorLeaf,
     flatten,

@@ -20,6 +20,7 @@ __all__ = [
     "byte_view",
     "dtype_from_name",
     "dtype_name",
+    "is_storable",
     "is_tierable",
     "raw_dtype",
     "storage_dtype_name",
@@ -84,6 +85,18 @@ def raw_dtype(dtype: torch.dtype) -> torch.dtype:
     move as themselves.
     """
     return RAW_DTYPES.get(dtype.itemsize, dtype)
+
+
+def is_storable(dtype: torch.dtype) -> bool:
+    """A dtype a store holds: a fixed width it has a raw type for, not quantized
+    (quantized tensors need scales and stay in RAM)."""
+    if dtype_name(dtype).startswith(("qint", "quint")):
+        return False
+    try:
+        storage_dtype_name(dtype)
+    except KeyError:
+        return False
+    return True
 
 
 def is_tierable(tensor: torch.Tensor) -> bool:

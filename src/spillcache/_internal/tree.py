@@ -21,6 +21,12 @@ Spec nodes::
     ("opaque", i)                    i indexes the opaque leaves (kept as they are, in RAM)
 
 A class read from JSON is a ``StoredClass(cls)`` in place of ``cls``.
+
+``IntermediateValue`` is the stock cache's wrapper of a value and the device to onload
+it to (accepted wherever the stock cache accepts it: a ``batch_intermediates`` list
+passed to the constructor); ``flatten`` unwraps it, spillcache's or llm-compressor's
+own (``is_intermediate_value``), its device becoming the onload device of the tensors
+inside.
 """
 
 from __future__ import annotations
@@ -36,21 +42,48 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .stock_types import is_intermediate_value
-
 __all__ = [
     "Flat",
+    "IntermediateValue",
     "StoredClass",
     "StructureError",
     "TensorLeaf",
     "build_dataclass",
     "flatten",
+    "is_intermediate_value",
     "spec_from_json",
     "spec_to_json",
     "unflatten",
 ]
 
 _PRIMITIVES = (type(None), bool, int, float, str)
+
+
+@dataclasses.dataclass
+class IntermediateValue:
+    """An offloaded value and the device to onload it to.
+
+    :param value: an offloaded tensor, a primitive, or a nested value (possibly made
+        of further IntermediateValues)
+    :param device: for a tensor, the device to onload it to; otherwise None
+    """
+
+    value: torch.Tensor | IntermediateValue | Any
+    device: torch.device | None
+
+
+def is_intermediate_value(node: Any) -> bool:
+    """Whether ``node`` is an IntermediateValue: spillcache's, or llm-compressor's own
+    (a dataclass of that name with the same two fields), as the stock class's
+    ``_offload_value`` makes them."""
+    if isinstance(node, IntermediateValue):
+        return True
+    cls = type(node)
+    return (
+        cls.__name__ == "IntermediateValue"
+        and dataclasses.is_dataclass(cls)
+        and [f.name for f in dataclasses.fields(cls)] == ["value", "device"]
+    )
 
 
 class TensorLeaf(NamedTuple):

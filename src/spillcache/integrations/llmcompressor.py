@@ -34,16 +34,8 @@ from types import ModuleType
 from typing import Any
 
 from spillcache._internal.engine.stats import TIER_COUNTERS, TIERS
-from spillcache._internal.llmcompressor.resumable_pipeline import (
-    PIPELINE_MODULE,
-    run_with_checkpoints,
-)
-from spillcache._internal.llmcompressor.run_watch import (
-    RunWatch,
-    hook_pipeline,
-    total_ram,
-    watch_options,
-)
+from spillcache._internal.llmcompressor.resumable_pipeline import PIPELINE_MODULE, hook_checkpoints
+from spillcache._internal.llmcompressor.run_watch import RunWatch, hook_pipeline, watch_options
 from spillcache._internal.runtime.core import CacheCore
 from spillcache.cache import IntermediatesCache as SpillcacheIntermediatesCache
 from spillcache.config import CacheConfig
@@ -131,7 +123,9 @@ def enable(
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
         if switch.checkpoint_dir is not None:
-            _checkpointing_pipeline(switch)
+            switch._unhook_checkpoints = hook_checkpoints(
+                switch.checkpoint_dir, lambda config: _bind(config, switch), switch.config
+            )
         _active = switch
     return switch
 
@@ -158,7 +152,7 @@ class CacheSwitch:
     def __init__(self, config: CacheConfig | None) -> None:
         self.config = config
         self.checkpoint_dir: Path | None = None
-        self._stock_pipeline: Callable[..., Any] | None = None  # while checkpointing
+        self._unhook_checkpoints: Callable[[], None] | None = None  # guarded by the module's _lock
         self.watch: RunWatch | None = None  # progress lines and metrics (run_watch.py)
         self._unhook: Callable[[], None] | None = None  # guarded by the module's _lock
         self.cache_class = _bind(config, self)
@@ -252,21 +246,7 @@ class CacheSwitch:
             module = sys.modules.get(PIPELINE_MODULE)
             if self._unhook is None and module is not None and _active is self:
                 self._unhook = hook_pipeline(module, self.watch)
-        self.watch.safely(self._begin_run, core)
-
-    def _begin_run(self, core: CacheCore) -> None:
-        budgets = core.pool.budgets
-        self.watch.begin(
-            {
-                "host_budget_bytes": budgets.host_bytes,
-                "host_tier_bytes": budgets.host_tier_bytes,
-                "write_behind_bytes": core.config.write_behind_bytes,
-                "read_buffer_bytes": core.config.read_buffer_bytes,
-                "eviction": core.config.eviction,
-                "disk_paths": [str(path) for path in core.pool.disk_dirs],
-                "ram_bytes": total_ram(),
-            }
-        )
+        self.watch.safely(self.watch.cache_built, core)
 
     def _closed(self, token: int, core: CacheCore) -> None:
         core.close()  # idempotent: the figures are final only once it is closed
@@ -387,35 +367,12 @@ def _rebind_everywhere(
     return replaced
 
 
-def _checkpointing_pipeline(switch: CacheSwitch) -> None:
-    """_lock held: llm-compressor's sequential pipeline runs ``run_with_checkpoints``."""
-    module = sys.modules[PIPELINE_MODULE]
-    pipeline = vars(module)["SequentialPipeline"]
-    stock = vars(pipeline)["__call__"]
-    directory = switch.checkpoint_dir
-
-    def call(model: Any, dataloader: Any, dataset_args: Any) -> None:
-        run_with_checkpoints(
-            model,
-            dataloader,
-            dataset_args,
-            directory=directory,
-            cache_class=lambda config: _bind(config, switch),
-            config=switch.config or CacheConfig.from_env(),
-        )
-
-    # As llm-compressor's own: an out-of-memory error says which settings to lower.
-    pipeline.__call__ = staticmethod(module.handle_sequential_oom(call))
-    switch._stock_pipeline = stock
-
-
 def _switch_back() -> None:
     """_lock held: the stock class everywhere a switch's class is bound; no import hook;
     llm-compressor's own sequential pipeline back."""
-    if _active is not None and _active._stock_pipeline is not None:
-        pipeline = vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"]
-        pipeline.__call__ = _active._stock_pipeline
-        _active._stock_pipeline = None
+    if _active is not None and _active._unhook_checkpoints is not None:
+        _active._unhook_checkpoints()
+        _active._unhook_checkpoints = None
     if _active is not None and _active._unhook is not None:
         _active._unhook()
         _active._unhook = None

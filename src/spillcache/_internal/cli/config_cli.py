@@ -77,9 +77,9 @@ def _check_host_budget(config: CacheConfig) -> None:
 def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
     """What "auto" and node-wide settings come to in this process: setting -> (keys for
     --json, a note for people), for the settings where the value used differs."""
-    from ..process import ranks, resolved
+    from ..process import resolved
 
-    info = ranks.rank_info()
+    info = resolved.rank_info()
     budgets = resolved.process_budgets(config)
     here: dict[str, tuple[dict, str]] = {}
     for name in resolved.NODE_SIZES:
@@ -100,12 +100,12 @@ def _resolved_here(config: CacheConfig) -> dict[str, tuple[dict, str]]:
             here[name] = ({"resolved": used}, note)
     if config.disk_path is not None:
         disk_dirs = disk_directories(config.disk_path)
-        parents = [str(ranks.store_parent(disk_dir)) for disk_dir in disk_dirs]
+        parents = [str(resolved.store_parent(disk_dir)) for disk_dir in disk_dirs]
         notes = [f"= {disk_dirs[0]}"] if config.disk_path == AUTO else []
         notes += [] if info is None else [f"this rank's stores in {', '.join(parents)}"]
         if notes:
-            resolved = parents[0] if len(parents) == 1 else parents
-            here["disk_path"] = ({"resolved": resolved}, "; ".join(notes))
+            where = parents[0] if len(parents) == 1 else parents
+            here["disk_path"] = ({"resolved": where}, "; ".join(notes))
     if config.device_bytes == AUTO:
         here["device_bytes"] = _device_bytes_here()
     if config.direct_io == AUTO:
@@ -142,14 +142,14 @@ def _device_bytes_here() -> tuple[dict, str]:
 def _direct_io_here(disk_path: str | tuple[str, ...] | None) -> tuple[dict, str]:
     """direct_io "auto": whether each disk_path directory takes O_DIRECT, asked of the
     store format's own decision (one probe file, written and removed)."""
-    from ..process import ranks
+    from ..process import resolved
 
     if disk_path is None:
         return {"resolved": None}, "unused: no disk tier"
     answers, notes, errors = [], [], {}
     for disk_dir in disk_directories(disk_path):
         # A store directory is made on first use: probe the filesystem it will be made on.
-        probed = sysinfo.nearest_existing(ranks.store_parent(disk_dir))
+        probed = sysinfo.nearest_existing(resolved.store_parent(disk_dir))
         try:
             direct = tensor_store.resolve_direct_io(probed, AUTO)
         except OSError as error:  # unwritable, say: the cache itself would fail there too

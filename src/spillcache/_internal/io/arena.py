@@ -41,7 +41,6 @@ import torch
 
 from ..dtypes import raw_dtype
 from ..text import format_bytes
-from . import malloc_heap
 from .buffers import (
     HUGE_PAGE,
     PAGE,
@@ -49,6 +48,7 @@ from .buffers import (
     BufferPool,
     StagingBuffers,
     aligned_empty,
+    heap_moved,
     round_up,
 )
 
@@ -225,8 +225,8 @@ class Arena:
             return self._overflow(nbytes, size, pin)
         weakref.finalize(slot, self._give_back, offset, size)
         # The caller's own tensors come and go at this pace too (values copied in and
-        # freed, values compared with what was read): see malloc_heap.
-        malloc_heap.moved(size)
+        # freed, values compared with what was read): see buffers.heap_moved.
+        heap_moved(size)
         return torch.frombuffer(slot, dtype=torch.uint8)[:nbytes]
 
     def take_like(

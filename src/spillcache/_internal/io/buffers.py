@@ -1,6 +1,6 @@
-"""Page-aligned host memory for disk I/O: reusable read buffers (``BufferPool``),
-staging buffers for direct writes (``StagingBuffers``), and the two as a pool shares
-them (``SharedBuffers``).
+"""Page-aligned host memory for disk I/O: reusable read buffers (``BufferPool``) and
+staging buffers for direct writes (``StagingBuffers``); and glibc's heap, kept from
+holding on to the tensors the caller frees (``heap_moved``).
 
 Every value read back from disk needs host memory. Taking it fresh each time costs
 twice on VMs: touching new pages can be slower than the disk (memory idle for a while
@@ -13,11 +13,27 @@ array over it, the host tier's copy) is alive any more.
 "Nobody holds it" is read from the storage's reference count, which torch exposes
 only privately (``torch._C._storage_Use_Count``); where it is missing, the pool
 allocates every time and recycles nothing, which is slower but still correct.
+
+The heap. Once ``update`` has copied a value into a slot of the pool's arena, the
+caller's tensor is freed as soon as the caller drops it; but glibc (once its mmap
+threshold has risen after the first large free) serves large blocks from its heap, and
+a freed tensor that lies below a live small block (a slot's tensor object, say) is
+never given back, nor taken again: torch asks for 64-byte-aligned blocks, which need a
+little more than the block freed. The heap then grows by about one value per update,
+and RSS with it (docs/benchmarks.md, "Host memory"). So after every ``HEAP_CHECK_EVERY``
+bytes of slots handed out (values copied in, values read back: the program's own
+tensors come and go at that pace), the heap's free bytes below its top are read
+(``mallinfo2``), and where they pass ``HEAP_STRANDED_LIMIT`` they are given back to the
+system (``malloc_trim``: the pages of free blocks, which stay free blocks). This costs
+nothing where the heap does not grow, unlike setting glibc's mmap threshold low, which
+makes every large allocation of the program fresh pages. Outside glibc (or before 2.33,
+without ``mallinfo2``) nothing is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import threading
 from collections.abc import Iterator
@@ -25,12 +41,16 @@ from collections.abc import Iterator
 import torch
 
 __all__ = [
+    "HEAP_CHECK_EVERY",
+    "HEAP_STRANDED_LIMIT",
     "HUGE_PAGE",
     "PAGE",
     "STAGING_BYTES",
     "BufferPool",
     "StagingBuffers",
     "aligned_empty",
+    "heap_moved",
+    "heap_trims",
     "round_up",
 ]
 
@@ -227,3 +247,55 @@ class BufferPool:
 
 
 STAGING_BYTES = 8 * 2**20  # per buffer: smaller pieces lose the disk's queue depth
+
+
+# ------------------------------------------------------------------------ heap
+
+HEAP_CHECK_EVERY = 16 * 2**20
+HEAP_STRANDED_LIMIT = 32 * 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _load_glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        mallinfo2, malloc_trim = libc.mallinfo2, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return mallinfo2, malloc_trim
+
+
+_glibc = _load_glibc()
+_heap_lock = threading.Lock()
+_heap_since_check = 0
+heap_trims = 0  # how many times free heap bytes were given back (for tests and reports)
+
+
+def heap_moved(nbytes: int) -> None:
+    """A slot of ``nbytes`` was handed out (any thread): check the heap once enough
+    have been since the last check."""
+    global _heap_since_check, heap_trims
+    if _glibc is None:
+        return
+    with _heap_lock:
+        _heap_since_check += nbytes
+        if _heap_since_check < HEAP_CHECK_EVERY:
+            return
+        _heap_since_check = 0
+    mallinfo2, malloc_trim = _glibc
+    info = mallinfo2()
+    if info.fordblks - info.keepcost > HEAP_STRANDED_LIMIT:  # free, and not at the heap's top
+        malloc_trim(0)
+        with _heap_lock:
+            heap_trims += 1

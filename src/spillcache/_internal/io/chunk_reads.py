@@ -2,31 +2,95 @@
 says and, where it carries one, its CRC-32C (chunkio.py writes it).
 
 Reads fill a 1-D uint8 CPU tensor (with O_DIRECT: a page-aligned one from the read
-buffers) or map the file (``map_file``). Like chunkio, this module starts no threads
-and keeps no state: every I/O thread of the cache calls it at once, and the only lock a
-read takes is its device's turn.
+buffers) or map the file (``map_file``). Like chunkio, this module starts no threads:
+every I/O thread of the cache calls it at once, and the only lock a read takes is its
+device's turn.
 
-A large direct read waits for its device's turn (device_turns.py) and is one
-``preadv`` of the whole chunk; its CRC is computed after the turn is handed on, while
-the next read has the device.
+Large direct reads take turns on their device (``turn``): one at a time per file
+system. Two large O_DIRECT reads in flight on one disk share its bandwidth and end at
+about the same time; then both threads checksum what they read while the device has
+nothing to do. One large read at a time, each a single ``preadv`` of the whole chunk
+(which the kernel already splits into as many device requests as the queue takes),
+keeps the device reading while the thread that has just read checksums and hands its
+value on, as long as the next read is already waiting for its turn (``iter_prefetch``
+at its default depth of 2 keeps one waiting; docs/benchmarks.md, "Disk throughput").
+So a read's CRC is computed after its turn is handed on, while the next read has the
+device.
+
+Reads below ``TURN_BYTES`` do not take turns: one of them does not fill a device's queue
+by itself, and several in parallel is how a device is kept busy with small values. Nor
+do reads from network file systems (NFS, Lustre, GPFS, ...), whose servers and stripes
+serve several requests at once: turns were measured on a local disk only.
+
+A thread gives up its core for a moment as it hands a turn on, so that the next
+reader starts at once rather than after the checksum that follows.
+
+The turns are the process's (every cache, pool and thread reading from one file system
+waits for the same one), keyed by the ``st_dev`` of the file being read. A turn is held
+only around the read system calls, and nothing else is taken while it is held.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from spillcache.errors import StoreCorruptError
 
-from . import device_turns
+from ..sysinfo import filesystem_type
 from .buffers import PAGE, aligned_empty, round_up
 from .checksums import CRC32C_BYTES, crc32c_extend
 from .chunkio import check_bytes
 
-__all__ = ["check_crc", "map_file", "read_file"]
+__all__ = ["NETWORK_FILESYSTEMS", "TURN_BYTES", "check_crc", "map_file", "read_file", "turn"]
+
+# ---------------------------------------------------------------------- turns
+
+TURN_BYTES = 4 * 2**20
+
+# File systems whose reads do not take turns (as /proc/mounts names them).
+NETWORK_FILESYSTEMS = frozenset(
+    ["nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "ceph", "beegfs", "9p", "fuse.glusterfs"]
+)
+
+_turns: dict[int, threading.Lock | None] = {}  # st_dev -> its turn; None: takes none
+_turns_lock = threading.Lock()
+
+
+def _turn_of(device: int, path: str | os.PathLike[str]) -> threading.Lock | None:
+    with _turns_lock:
+        if device in _turns:
+            return _turns[device]
+    # The file system's type, once per device: outside the lock (it reads /proc/mounts).
+    network = filesystem_type(str(path)) in NETWORK_FILESYSTEMS
+    with _turns_lock:
+        return _turns.setdefault(device, None if network else threading.Lock())
+
+
+@contextmanager
+def turn(device: int, nbytes: int, path: str | os.PathLike[str]) -> Iterator[None]:
+    """Wait for ``device``'s turn (``st_dev`` of the file at ``path``) if a read of
+    ``nbytes`` is large enough to need one, and hold it for the ``with`` block."""
+    lock = _turn_of(device, path) if nbytes >= TURN_BYTES else None
+    if lock is None:
+        yield
+        return
+    with lock:
+        yield
+    # Let the thread woken for the turn run now: Linux tends to queue it on this core,
+    # behind this thread's checksum, and the device would wait that long (about 2 ms a
+    # 16 MiB chunk here; docs/benchmarks.md, "Disk throughput"). If nobody was woken
+    # this returns at once.
+    os.sched_yield()
+
+
+# ---------------------------------------------------------------------- reads
 
 
 def _open_checked(path: Path, nbytes: int, flags: int) -> tuple[int, int]:
@@ -63,7 +127,7 @@ def _read_direct(fd: int, out: torch.Tensor, path: Path, trailer: int, device: i
     # else. One preadv fills both, and the kernel stops it at EOF.
     tail = aligned_empty(round_up(total - whole)) if whole < total else None
     position = 0
-    with device_turns.turn(device, nbytes, path):
+    with turn(device, nbytes, path):
         while position < total:
             buffers = [view[position:whole]] if position < whole else []
             if tail is not None:
@@ -106,7 +170,7 @@ def read_file(path: Path, out: torch.Tensor, *, direct: bool, checksum: bool = F
     sizes, and so does a checksum that does not match. With ``direct``, ``out`` must
     start on a PAGE boundary if it holds a page or more (use aligned_empty, a
     StagingBuffers buffer or an arena slot), or ValueError. A large direct read waits
-    for its device's turn (device_turns.py).
+    for its device's turn (``turn``).
     """
     check_bytes(out, "out")
     path = Path(path)

@@ -17,6 +17,30 @@ calibration pass, the epoch's end, a propagation pass), with three differences:
   ``(k/N): Calibrating`` progress.
 
 After a run that finishes, the checkpoint directory's contents are removed.
+
+Under torchrun the ranks checkpoint one calibration together (``Ranks``). Each rank
+writes its own part of every checkpoint (``checkpoints.Part``: its store and its state
+files). A checkpoint counts once every rank's part of it is durable, which no rank can
+know alone; so the parts are kept at most one checkpoint apart, and a rerun resumes
+every rank from the lower of the two:
+
+- **One collective per subgraph**, a barrier before the checkpoint is written
+  (``wait_for_all``): a rank begins checkpoint k only once every rank has finished
+  checkpoint k-1 and subgraph k, so the weights it saves are final on every rank.
+- **Each rank keeps its checkpoint before the last** until that barrier: its store's
+  flush keeps the flush before (``flush(keep_previous=True)``), and the arrays only
+  that one names are deleted after the next barrier (``release_previous``). A rank
+  ahead of the others after a kill goes back to it (``reopen.go_back_one_flush``).
+- **The rerun agrees first** (``agree``, one ``all_gather_object``): every rank says
+  how far its part got and whether it refuses the checkpoint (another run's, damaged);
+  all resume from the same subgraph, or all raise the same error. Once each has loaded
+  its part (or filled its cache), a second one (``all_ready``) makes a failure on one
+  rank an error on every rank, not a barrier the others wait at forever.
+- **A finished run's removal cut short**: each rank removes its part after the last
+  barrier, so a kill then leaves some parts with every subgraph done and some gone;
+  every rank starts afresh.
+
+One process (no process group, or a world of 1) makes no collective at all.
 """
 
 from __future__ import annotations
@@ -33,19 +57,50 @@ import torch
 
 from spillcache import __version__
 from spillcache.config import CacheConfig
-from spillcache.errors import CheckpointError
+from spillcache.errors import CheckpointError, StoreFormatError
 
+from ..process.resolved import rank_info
+from ..runtime.reopen import go_back_one_flush
 from ..store import checkpoints
-from ..store.checkpoints import NOTE_KEY, Checkpoint
-from .checkpoint_ranks import Ranks
+from ..store.checkpoints import NOTE_KEY, Checkpoint, Part, named_tensors
+from ..store.store_format import read_root_attributes
 
-__all__ = ["PIPELINE_MODULE", "run_with_checkpoints"]
+__all__ = ["PIPELINE_MODULE", "Ranks", "hook_checkpoints", "run_with_checkpoints"]
 
 PIPELINE_MODULE = "llmcompressor.pipelines.sequential.pipeline"
 # The parameters compressed-tensors adds to a module it will quantize: made with
 # torch.empty before calibration (so their bits differ from run to run) and calibrated
 # later, they are no part of the model's starting weights.
 QUANTIZATION_PARAMETER = re.compile(r"_(scale|zero_point|g_idx|global_scale)$")
+
+
+def hook_checkpoints(
+    directory: Path, cache_class: Callable[[CacheConfig], type], config: CacheConfig | None
+) -> Callable[[], None]:
+    """Make llm-compressor's sequential pipeline (its module imported) run
+    ``run_with_checkpoints`` in ``directory``, with ``config`` (None: read from the
+    environment when the pipeline runs); returns what puts llm-compressor's own back."""
+    module = sys.modules[PIPELINE_MODULE]
+    pipeline = vars(module)["SequentialPipeline"]
+    stock = vars(pipeline)["__call__"]
+
+    def call(model: Any, dataloader: Any, dataset_args: Any) -> None:
+        run_with_checkpoints(
+            model,
+            dataloader,
+            dataset_args,
+            directory=directory,
+            cache_class=cache_class,
+            config=config or CacheConfig.from_env(),
+        )
+
+    # As llm-compressor's own: an out-of-memory error says which settings to lower.
+    pipeline.__call__ = staticmethod(module.handle_sequential_oom(call))
+
+    def unhook() -> None:
+        vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"].__call__ = stock
+
+    return unhook
 
 
 def run_with_checkpoints(
@@ -124,14 +179,14 @@ def run_with_checkpoints(
 
         for index in range(start, len(subgraphs)):
             subgraph = subgraphs[index]
-            before = checkpoints.TensorCRCs(_named_tensors(model, subgraph.submodules(model)))
+            before = checkpoints.TensorCRCs(named_tensors(model, subgraph.submodules(model)))
             _calibrate_subgraph(stock, session, model, subgraph, index, subgraphs, activations,
                                 dataset_args, len(dataloader), prefetch)  # fmt: skip
             # Every rank done with the subgraph and with its checkpoint before: what the
             # flush before kept can go, and the weights saved now are final everywhere.
             ranks.wait_for_all()
             activations._core.release_previous()
-            changed = before.changed(_named_tensors(model, subgraph.submodules(model)))
+            changed = before.changed(named_tensors(model, subgraph.submodules(model)))
             states.append(checkpoints.save_states(part, index, changed))
             note = Checkpoint.note(print_, parts, index + 1, len(subgraphs), states)
             activations._core.flush(note={NOTE_KEY: note}, keep_previous=ranks.several)
@@ -270,7 +325,7 @@ def _ready(part, found, model, kept, dataloader, onload_device, offload_device) 
     reopened once its saved tensors are loaded into the model."""
     if found is None:
         return kept.from_dataloader(dataloader, onload_device, offload_device)
-    _load_states(part, found, model)
+    checkpoints.load_states(part, found, model)
     activations = kept.open(str(found.store))
     _say(
         f"spillcache: resuming from checkpoint_dir {part.directory}: {found.done} of "
@@ -279,77 +334,125 @@ def _ready(part, found, model, kept, dataloader, onload_device, offload_device) 
     return activations
 
 
-def _load_states(part: checkpoints.Part, found: Checkpoint, model: torch.nn.Module) -> None:
-    """The checkpoint's saved tensors into the model: every state file checked whole,
-    and every tensor checked to fit, before any is loaded."""
-    checkpoints.check_states(part, found)
-    own = _own_tensors(model)
-    for tensors in checkpoints.iter_states(part, found):
-        _check_fits(own, tensors, part.directory)
-    for tensors in checkpoints.iter_states(part, found):
-        _load_into(own, tensors)
-
-
-def _named_tensors(
-    model: torch.nn.Module, modules: list[torch.nn.Module]
-) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of ``modules`` (each once), by the names the model's
-    ``state_dict`` gives them."""
-    paths = {id(module): prefix for prefix, module in model.named_modules()}
-    named = {}
-    for module in modules:
-        prefix = paths.get(id(module))
-        if prefix is None:
-            raise CheckpointError(
-                f"a module of the subgraph ({type(module).__name__}) belongs to no module "
-                "of the model"
-            )
-        for name, tensor in [
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        ]:
-            named[f"{prefix}.{name}" if prefix else name] = tensor
-    return named
-
-
-def _check_fits(
-    own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path
-) -> None:
-    """CheckpointError unless every saved tensor names one of the model's (``own``), of
-    the same dtype and shape (else it is another model's, or another version's)."""
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise CheckpointError(
-            f"the checkpoint in {directory} holds tensors this model does not have "
-            f"({', '.join(unknown[:5])}); nothing of it was loaded. Remove the directory "
-            "to start afresh"
-        )
-    for name, saved in tensors.items():
-        target = own[name]
-        if target.shape != saved.shape or target.dtype != saved.dtype:
-            raise CheckpointError(
-                f"the checkpoint in {directory} holds {name} as {saved.dtype} "
-                f"{tuple(saved.shape)}, the model has {target.dtype} {tuple(target.shape)}; "
-                "nothing of it was loaded. Remove the directory to start afresh"
-            )
-
-
-def _load_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """The saved tensors into the model's own, bit for bit (checked by _check_fits)."""
-    with torch.no_grad():
-        for name, saved in tensors.items():
-            own[name].copy_(saved)
-
-
-def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters and buffers by their ``state_dict`` names."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    return own
-
-
 def _say(message: str) -> None:
     """A line in llm-compressor's log (loguru, which it depends on)."""
     from loguru import logger
 
     logger.info(message)
+
+
+# ------------------------------------------------------------------ the ranks
+
+
+class Ranks:
+    """This process's place among the ranks that checkpoint one calibration."""
+
+    def __init__(self) -> None:
+        # Where its part is: where spillcache puts this process's stores (a torchrun
+        # job of one process has a rank too).
+        info = rank_info()
+        self.rank: int | None = None if info is None else info.rank
+        self.world = 1 if info is None else info.world_size
+        dist = torch.distributed
+        self.several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def part(self, directory: Path) -> Part:
+        return Part(directory, self.rank)
+
+    def wait_for_all(self) -> None:
+        """The barrier of a subgraph boundary (nothing for one process)."""
+        if self.several:
+            torch.distributed.barrier()
+
+    def agree(self, found: Checkpoint | None, refusal: BaseException | None) -> int:
+        """How many subgraphs every rank resumes after (0: start afresh), from each
+        rank's committed checkpoint (``found``) or why it refuses its part
+        (``refusal``); CheckpointError on every rank if any refuses, or if the parts
+        are further apart than a kill can leave them."""
+        done = found.done if found is not None else 0
+        if not self.several:
+            if refusal is not None:
+                raise refusal
+            return done
+        total = found.subgraphs if found is not None else None
+        every = self._gather((done, total, _said(refusal)))
+        for rank, (_, _, why) in enumerate(every):
+            if why is not None:
+                raise CheckpointError(
+                    f"rank {rank} of {self.world} refuses its checkpoint: {why}"
+                ) from refusal
+        counts = [count for count, _, _ in every]
+        totals = [count for _, count, _ in every if count is not None]
+        if min(counts) == 0 and totals and max(counts) == max(totals):
+            # Every rank had finished (a rank removes its part only after the last
+            # barrier): a kill cut the removal short. What is left is of no use to a
+            # rank whose part went: every rank starts afresh.
+            return 0
+        if max(counts) - min(counts) > 1:
+            listed = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(counts))
+            raise CheckpointError(
+                f"the ranks' parts of the checkpoint are too far apart to resume ({listed} "
+                "subgraphs done; a kill leaves them at most one apart): they were written "
+                "by different runs, or a run's part was removed. Remove the checkpoint "
+                "directory to start afresh"
+            )
+        return min(counts)
+
+    def all_ready(self, error: BaseException | None) -> None:
+        """After each rank made ready to go on (its checkpoint loaded, or its cache
+        filled): ``error`` raised on this rank, and CheckpointError on every other
+        rank if any failed, rather than a collective that waits for it forever."""
+        if not self.several:
+            if error is not None:
+                raise error
+            return
+        every = self._gather(_said(error))
+        if error is not None:
+            raise error
+        for rank, why in enumerate(every):
+            if why is not None:
+                raise CheckpointError(f"rank {rank} of {self.world} could not get ready: {why}")
+
+    def _gather(self, mine: object) -> list:
+        """What every rank says, by rank (one all_gather_object)."""
+        every: list = [None] * self.world
+        torch.distributed.all_gather_object(every, mine)
+        return every
+
+    def go_back(self, part: Part, found: Checkpoint | None, done: int) -> Checkpoint | None:
+        """This rank's checkpoint as of ``done`` subgraphs (``agree``'s answer): the one
+        found, or the one before it when this rank got one checkpoint further than
+        another (None: start afresh, this rank's part removed)."""
+        if found is None or found.done == done:
+            return found
+        if done == 0:
+            part.remove()
+            return None
+        kept = read_root_attributes(found.store).get("note_before")
+        before = kept.get(NOTE_KEY) if isinstance(kept, dict) else None
+        if not isinstance(before, dict) or before.get("subgraphs_done") != done:
+            raise CheckpointError(
+                f"rank {self.rank} got one checkpoint further than another rank, and its "
+                f"store ({found.store}) keeps no checkpoint of {done} subgraphs to go back "
+                "to. Remove the checkpoint directory to start afresh"
+            )
+        try:
+            go_back_one_flush(found.store)
+        except StoreFormatError as error:
+            raise CheckpointError(
+                f"rank {self.rank} got one checkpoint further than another rank and "
+                f"cannot go back to the one before: {error}. Remove the checkpoint "
+                "directory to start afresh"
+            ) from None
+        earlier = checkpoints.committed(part)
+        if earlier is None or earlier.done != done:
+            raise CheckpointError(
+                f"rank {self.rank}'s checkpoint before the last does not read as "
+                f"{done} subgraphs done. Remove the checkpoint directory to start afresh"
+            )
+        return earlier
+
+
+def _said(error: BaseException | None) -> str | None:
+    """An error as one rank tells the others of it."""
+    return None if error is None else f"{type(error).__name__}: {error}"

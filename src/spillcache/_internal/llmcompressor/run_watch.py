@@ -26,11 +26,14 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spillcache.errors import ConfigError
 
 from ..text import format_bytes
+
+if TYPE_CHECKING:
+    from ..runtime.core import CacheCore
 
 __all__ = [
     "METRICS_PATH_VARIABLE",
@@ -39,7 +42,6 @@ __all__ = [
     "RunWatch",
     "hook_pipeline",
     "process_memory",
-    "total_ram",
     "watch_options",
 ]
 
@@ -117,7 +119,7 @@ def process_memory() -> tuple[int, int]:
 
 
 def _rank() -> tuple[int, int]:
-    from ..process.ranks import rank_info  # reads the environment: only when a run starts
+    from ..process.resolved import rank_info  # reads the environment: only when a run starts
 
     info = rank_info()
     return (0, 1) if info is None else (info.rank, info.world_size)
@@ -162,6 +164,22 @@ class RunWatch:
             )
 
     # ----------------------------------------------------------- the run's events
+
+    def cache_built(self, core: CacheCore) -> None:
+        """A cache was built: starts a run if none is running, with the setting of the
+        cache's pool and config."""
+        budgets = core.pool.budgets
+        self.begin(
+            {
+                "host_budget_bytes": budgets.host_bytes,
+                "host_tier_bytes": budgets.host_tier_bytes,
+                "write_behind_bytes": core.config.write_behind_bytes,
+                "read_buffer_bytes": core.config.read_buffer_bytes,
+                "eviction": core.config.eviction,
+                "disk_paths": [str(path) for path in core.pool.disk_dirs],
+                "ram_bytes": total_ram(),
+            }
+        )
 
     def begin(self, setting: dict[str, Any]) -> None:
         """A cache was built (``setting``: its budgets and disk paths); starts a run if

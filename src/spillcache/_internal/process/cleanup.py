@@ -5,7 +5,7 @@ Signals. On SIGTERM and SIGHUP (what SLURM and Kubernetes send at a time limit o
 preemption, and a closed terminal) exit handlers do not run, so a store would stay on
 disk. Where such a signal would end the process outright (its action is the default,
 ``SIG_DFL``), spillcache's handler removes every store of this process that is not kept
-(the ``owners`` registry), then puts the default action back and sends the signal
+(the ``store_dirs`` registry), then puts the default action back and sends the signal
 again: the process ends as the signal would have made it (killed by it: exit status
 143 for SIGTERM). A signal the program handles itself is left to the program: an
 ignored one stays ignored, and a Python handler it installed stays in place, because
@@ -22,7 +22,7 @@ and removes a tree again if a file appeared in it meanwhile.
 Dead processes' stores. A cache removes, once per directory per process, the stores
 under each of its ``disk_path`` directories (and in their run directories' rank
 directories) that were not made to be kept and whose owner on this host is dead
-(``owners.alive``), and logs one warning saying what it freed.
+(``store_dirs.owner_alive``), and logs one warning saying what it freed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from spillcache.config import CacheConfig
 
-from ..store import owners, store_dirs
+from ..store import store_dirs
 from ..text import format_bytes
 
 __all__ = ["SIGNALS", "install_signal_handlers", "on_new_cache", "sweep"]
@@ -85,7 +85,7 @@ def install_signal_handlers() -> None:
 
 def _on_signal(signum: int, frame: object) -> None:
     try:
-        owners.stop_registering()  # a store made from now on removes itself
+        store_dirs.stop_registering()  # a store made from now on removes itself
         remove_own_stores()
     finally:  # whatever happened, the process ends as the signal says
         signal.signal(signum, signal.SIG_DFL)
@@ -97,12 +97,12 @@ def remove_own_stores() -> None:
     """Remove every registered store of this process, and the rank and run directories
     that leaves empty. Takes no lock (see the module docstring)."""
     for _ in range(3):  # stores registered while the last ones were being removed
-        paths = owners.registered()
+        paths = store_dirs.registered()
         if not paths:
             return
         for path in paths:
             remove_tree(path)
-            owners.unregister(path)
+            store_dirs.unregister(path)
             _remove_empty_rank_dir(path.parent)
 
 

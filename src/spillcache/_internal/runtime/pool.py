@@ -40,8 +40,7 @@ from ..engine.transaction import Needs, NeedsFirst
 from ..io.arena import Arena, SharedBuffers
 from ..io.io_threads import WRITE, IOPool
 from ..io.transfers import Transfers
-from ..process.ranks import store_parent
-from ..process.resolved import checked_disk_dirs, checked_process_budgets
+from ..process.resolved import checked_disk_dirs, checked_process_budgets, store_parent
 from ..store.failures import WriteFailure, errno_of
 from ..store.store_dirs import remove_empty_dirs
 from ..store.tensor_store import Store, TensorStore

@@ -8,7 +8,8 @@ checks keys in it, and calls those helpers. Here:
 - ``BatchIntermediates`` is a live view of a spillcache cache shaped like that list,
   each batch a ``dict`` that reads and writes the cache (``stock_batch.BatchView``).
 - ``offload_value``, ``onload_value`` and ``pin_intermediate`` are the helpers with
-  the stock semantics.
+  the stock semantics; ``OverrideEqMode`` is the stock module's mode in which
+  ``tensor == tensor`` compares identity and returns one bool.
 
 Writing through the view goes to the cache (``cache.update``, ``cache.delete``,
 ``cache.append``); what the view cannot mean (removing a batch, which would shift
@@ -24,17 +25,37 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..stock_types import IntermediateValue, OverrideEqMode, is_intermediate_value
-from ..tree import build_dataclass
+from ..tree import IntermediateValue, build_dataclass, is_intermediate_value
 from .stock_batch import BatchView, ViewedCache
 
-__all__ = ["BatchIntermediates", "offload_value", "onload_value", "pin_intermediate"]
+__all__ = [
+    "BatchIntermediates",
+    "OverrideEqMode",
+    "offload_value",
+    "onload_value",
+    "pin_intermediate",
+]
 
 _PLAIN = (int, str, float, bool, torch.dtype, torch.device, type(None))
 
 
 # ------------------------------------------------------------ stock helpers
+
+
+class OverrideEqMode(TorchDispatchMode):
+    """Make ``torch.eq`` on two tensors an identity check returning a 0-d bool tensor.
+
+    Lets tensors be looked up in lists and sets by identity (``x in values``) without
+    the "truth value of a tensor with more than one element is ambiguous" error.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.eq.Tensor:
+            return torch.tensor(args[0] is args[1])
+        return func(*args, **kwargs)
 
 
 def offload_value(

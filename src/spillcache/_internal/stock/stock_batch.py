@@ -25,8 +25,7 @@ from collections.abc import ItemsView, Iterable, Iterator, KeysView, ValuesView
 from typing import Any, Protocol
 from weakref import WeakKeyDictionary, WeakValueDictionary
 
-from ..stock_types import IntermediateValue
-from ..tree import unflatten
+from ..tree import IntermediateValue, unflatten
 
 
 class ViewedCache(Protocol):

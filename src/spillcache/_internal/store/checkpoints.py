@@ -6,8 +6,10 @@ The directory holds
 - ``activations/``: the sequential pipeline's cache, a kept spillcache store. After each
   subgraph it holds the next subgraph's inputs; its ``flush()`` makes them durable.
 - ``states/NNNN.pt``: the model's tensors that subgraph NNNN changed (weights,
-  quantization parameters, observers' buffers), each file written and fsync'd whole
-  before anything names it.
+  quantization parameters, observers' buffers, by their ``state_dict`` names), each
+  file written and fsync'd whole before anything names it. A rerun loads them into the
+  model (``load_states``) only once every file is whole and every tensor fits the
+  model's own.
 
 Under torchrun each rank has its own part: its store where spillcache puts a rank's
 stores (``activations/<run>/rank<R>/``, the run's name changing from launch to launch)
@@ -59,6 +61,8 @@ __all__ = [
     "digest_tensors",
     "fingerprint",
     "iter_states",
+    "load_states",
+    "named_tensors",
     "remove_unnamed_states",
     "save_states",
     "store_text",
@@ -264,6 +268,28 @@ def store_text(found: Mapping[str, Any]) -> str:
     )
 
 
+def named_tensors(
+    model: torch.nn.Module, modules: list[torch.nn.Module]
+) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of ``modules`` (each once), by the names the model's
+    ``state_dict`` gives them."""
+    paths = {id(module): prefix for prefix, module in model.named_modules()}
+    named = {}
+    for module in modules:
+        prefix = paths.get(id(module))
+        if prefix is None:
+            raise CheckpointError(
+                f"a module of the subgraph ({type(module).__name__}) belongs to no module "
+                "of the model"
+            )
+        for name, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            named[f"{prefix}.{name}" if prefix else name] = tensor
+    return named
+
+
 class TensorCRCs:
     """The CRC-32C of each of a set of named tensors, to tell which changed since."""
 
@@ -355,6 +381,53 @@ def iter_states(part: Part, checkpoint: Checkpoint) -> Iterator[dict[str, torch.
             key: raw.view(dtype_from_name(saved["dtypes"][key]))
             for key, raw in saved["tensors"].items()
         }
+
+
+def load_states(part: Part, checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """The checkpoint's saved tensors into the model: every state file checked whole,
+    and every tensor checked to fit, before any is loaded."""
+    check_states(part, checkpoint)
+    own = _own_tensors(model)
+    for tensors in iter_states(part, checkpoint):
+        _check_fits(own, tensors, part.directory)
+    for tensors in iter_states(part, checkpoint):
+        _load_into(own, tensors)
+
+
+def _check_fits(
+    own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """CheckpointError unless every saved tensor names one of the model's (``own``), of
+    the same dtype and shape (else it is another model's, or another version's)."""
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(
+            f"the checkpoint in {directory} holds tensors this model does not have "
+            f"({', '.join(unknown[:5])}); nothing of it was loaded. Remove the directory "
+            "to start afresh"
+        )
+    for name, saved in tensors.items():
+        target = own[name]
+        if target.shape != saved.shape or target.dtype != saved.dtype:
+            raise CheckpointError(
+                f"the checkpoint in {directory} holds {name} as {saved.dtype} "
+                f"{tuple(saved.shape)}, the model has {target.dtype} {tuple(target.shape)}; "
+                "nothing of it was loaded. Remove the directory to start afresh"
+            )
+
+
+def _load_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """The saved tensors into the model's own, bit for bit (checked by _check_fits)."""
+    with torch.no_grad():
+        for name, saved in tensors.items():
+            own[name].copy_(saved)
+
+
+def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by their ``state_dict`` names."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    return own
 
 
 def _damaged(part: Part, what: str) -> CheckpointError:

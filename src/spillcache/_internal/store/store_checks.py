@@ -36,7 +36,6 @@ from spillcache.errors import StoreCorruptError, StoreError
 from .. import dtypes
 from ..tree import StructureError, spec_from_json
 from . import store_format, tensor_store
-from .small_files import NotPlainFile, read_small_file
 from .store_format import ARRAY_PREFIX, BATCHES, TENSORS, batch_dir, tensors_dir
 
 __all__ = [
@@ -116,13 +115,13 @@ def _relative(root: Path, path: Path) -> str:
 
 
 def _read_json(root: Path, path: Path, limit: int, where: str) -> Any:
-    """The JSON in a regular file of the store (``small_files``)."""
+    """The JSON in a regular file of the store (``store_format.read_small_file``)."""
     name = _relative(root, path)
     try:
-        text = read_small_file(path, limit)
+        text = store_format.read_small_file(path, limit)
     except FileNotFoundError:
         raise _corrupt(where, f"{name} is missing") from None
-    except NotPlainFile as error:
+    except store_format.NotPlainFile as error:
         raise _corrupt(where, f"{name} {error}") from None
     except OSError as error:
         raise _unreadable(error, where, path) from None
@@ -237,21 +236,9 @@ def _stored_dtype(name: Any, where: str) -> torch.dtype:
         except ValueError:
             pass
         else:
-            if _storable(dtype):
+            if dtypes.is_storable(dtype):
                 return dtype
     raise _corrupt(where, f"its torch_dtype {_shown(name)} is not a dtype spillcache stores")
-
-
-def _storable(dtype: torch.dtype) -> bool:
-    """A dtype the writer stores: a fixed width it has a raw type for, not quantized
-    (quantized tensors need scales and stay in RAM)."""
-    if dtypes.dtype_name(dtype).startswith(("qint", "quint")):
-        return False
-    try:
-        dtypes.storage_dtype_name(dtype)
-    except KeyError:
-        return False
-    return True
 
 
 def array_name(reference: Any) -> str:

@@ -20,14 +20,37 @@ strings inside attributes, so no key can escape the store or collide with anothe
 Every file is written to a ``.partial`` name and renamed into place, and an array's
 ``zarr.json`` is written after its chunk, so a reader (or a crash) never sees half
 an array.
+
+A store's small files (its ``zarr.json`` files) are read as data (``read_small_file``):
+never through a symbolic link (which could lead anywhere, /dev/zero included), never a
+file that is not a regular one, never more bytes than the format writes there.
+
+What of a kept store has not reached the disk yet (``Unsynced``). A file written and
+renamed into place lives in the page cache until it is fsync'd (with O_DIRECT its bytes
+are on the device, but its size and blocks are only in the file system's journal), and
+a directory's entries likewise until the directory is fsync'd: a power loss undoes
+whatever was not. A kept store's flush commits batch structures that name arrays, so
+before it writes them, every file those structures name, every ``zarr.json``, and
+every directory entry on the way to them must be durable: each array's chunk,
+``zarr.json`` and directory, ``tensors/``, and once per store its skeleton (the
+``tensors`` and ``batches`` groups, the store root, the store's entry in its parent and
+the parents made for it, up to the file system's mount point). ``Unsynced`` keeps that
+list for one store: the background writes add the arrays they land (``written``, from
+any I/O thread), and ``sync`` fsyncs what is listed, from the thread that flushes or
+closes; so do flush and close for what they write themselves. Where the I/O threads
+fsync each write as it lands (``Store.syncs_background_writes``), only flush's and
+close's own writes are listed.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import stat
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +60,7 @@ from spillcache.errors import StoreFormatError, StoreNotFoundError
 
 from .. import dtypes
 from ..io.checksums import CRC32C_BYTES
-from .small_files import read_small_file
+from ..io.chunkio import fsync_directory, fsync_file
 
 __all__ = [
     "ARRAY_PREFIX",
@@ -47,6 +70,8 @@ __all__ = [
     "STORE_PREFIX",
     "SUPPORTED_VERSIONS",
     "TENSORS",
+    "NotPlainFile",
+    "Unsynced",
     "array_metadata",
     "array_metadata_text",
     "array_ref",
@@ -56,6 +81,7 @@ __all__ = [
     "chunk_name",
     "group",
     "read_root_attributes",
+    "read_small_file",
     "stored_tensor_node",
     "tensors_dir",
     "unstored_tensor_node",
@@ -195,6 +221,32 @@ def chunk_bytes(nbytes: int, checksum: bool) -> int:
     return nbytes + (CRC32C_BYTES if checksum else 0)
 
 
+# ---------------------------------------------------------------- small files
+
+
+class NotPlainFile(ValueError):
+    """A path where a store keeps a small regular file holds something else."""
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at ``path``; FileNotFoundError if there is none,
+    NotPlainFile (saying what is there instead) for a link, a directory or a device, or
+    a file of more than ``limit`` bytes; OSError if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotPlainFile("is a symbolic link; a store holds none") from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotPlainFile("is not a regular file")
+        if info.st_size > limit:
+            raise NotPlainFile(f"holds {info.st_size} bytes, more than spillcache writes there")
+        return handle.read(limit + 1)
+
+
 def read_root_attributes(path: str | os.PathLike[str]) -> dict:
     """The spillcache attributes of the store at ``path``, or a clear error."""
     path = Path(path)
@@ -212,3 +264,80 @@ def read_root_attributes(path: str | os.PathLike[str]) -> dict:
     if not isinstance(attributes, dict):
         raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)")
     return attributes
+
+
+# ----------------------------------------------------------------- durability
+
+
+class Unsynced:
+    """The arrays of one store written since they were last made durable, and whether
+    its skeleton has been. Thread-safe: I/O threads add, the flushing thread syncs."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._arrays: set[str] = set()  # guarded by _lock
+        # The directories not yet fsync'd since the store was made (the syncing thread's)
+        self._skeleton = True
+
+    def written(self, name: str) -> None:
+        """Array ``name`` was written (whole, renamed into place) without an fsync."""
+        with self._lock:
+            self._arrays.add(name)
+
+    def sync(self) -> None:
+        """fsync every array written since the last call (its files, then its
+        directory), then ``tensors/``, and the skeleton the first time. On an error the
+        arrays stay listed for the next call."""
+        with self._lock:
+            arrays, self._arrays = self._arrays, set()
+        try:
+            for name in sorted(arrays):
+                _sync_array(tensors_dir(self._path) / name)
+            if self._skeleton:
+                _sync_skeleton(self._path)  # tensors/ among the rest
+                self._skeleton = False
+            else:
+                fsync_directory(tensors_dir(self._path))
+        except BaseException:
+            with self._lock:
+                self._arrays |= arrays
+            raise
+
+
+def _sync_array(directory: Path) -> None:
+    """fsync one array's files, then its directory (their entries); nothing if it is
+    gone (deleted since: no structure names it)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(".partial"):  # a write cut short: no structure names it
+            try:
+                fsync_file(directory / name)
+            except FileNotFoundError:
+                continue
+    fsync_directory(directory)
+
+
+def _sync_skeleton(path: Path) -> None:
+    """fsync the groups' ``zarr.json``, the group directories, the store root, and the
+    directories above it on the same file system (the store's own entry and those of
+    the run and rank directories made for it)."""
+    for group in (TENSORS, BATCHES):
+        fsync_file(path / group / "zarr.json")
+        fsync_directory(path / group)
+    fsync_directory(path)
+    device = os.stat(path).st_dev
+    directory = path.parent
+    while True:
+        try:
+            if os.stat(directory).st_dev != device:
+                return  # above the mount point: not this file system's entries
+            fsync_directory(directory)
+        except PermissionError:
+            return  # a directory this user cannot open was not made for the store
+        if directory.parent == directory:
+            return
+        directory = directory.parent

@@ -30,7 +30,7 @@ from ..io import chunk_reads, chunkio
 from ..io.arena import SharedBuffers
 from ..io.buffers import PAGE, STAGING_BYTES, BufferPool, StagingBuffers
 from ..io.checksums import crc32c
-from . import failures, owners
+from . import failures, store_dirs
 from .store_format import (
     ATTRS_KEY,
     BATCHES,
@@ -38,6 +38,7 @@ from .store_format import (
     STORE_PREFIX,
     SUPPORTED_VERSIONS,
     TENSORS,
+    Unsynced,
     array_metadata_text,
     batch_attributes,
     batch_dir,
@@ -47,7 +48,6 @@ from .store_format import (
     read_root_attributes,
     tensors_dir,
 )
-from .store_sync import Unsynced
 
 __all__ = ["Store", "TensorStore", "resolve_direct_io", "write_root_json"]
 
@@ -188,7 +188,7 @@ class Store:
             path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             _make_store_dir(path)
             if not keep:
-                owners.register(path)
+                store_dirs.register(path)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
             if shared is not None:
@@ -284,7 +284,7 @@ class Store:
             "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
             "keep": complete or self.keep or any(map(self.attributes.get, ("keep", "complete"))),
-            **owners.identity(),  # start time, boot and pid namespace: pid reuse shows
+            **store_dirs.owner_identity(),  # start time, boot and pid namespace: pid reuse shows
         }
         if flush is not None:  # the last flush (or close) whose structures are all written
             state["flush"] = flush
@@ -298,7 +298,7 @@ class Store:
     def sync_written(self) -> None:
         """A kept store's flush or close, before it commits structures: fsync every
         array written since the last call without an fsync, and the store's directories
-        the first time (store_sync.py). A failed fsync is a StoreError naming the store
+        the first time (``store_format.Unsynced``). A failed fsync is a StoreError naming the store
         (what it could not sync is synced again by the next call)."""
         try:
             self.unsynced.sync()
@@ -309,7 +309,7 @@ class Store:
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
-        owners.unregister(self.path)
+        store_dirs.unregister(self.path)
 
     def close(self) -> None:
         """Free the staging and read buffers (the files stay), unless they are shared."""

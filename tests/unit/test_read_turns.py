@@ -1,4 +1,4 @@
-"""Large direct reads take turns on their device (device_turns.py, chunk_reads.py).
+"""Large direct reads take turns on their device (chunk_reads.turn, chunk_reads.read_file).
 
 Each test holds a device's turn itself and watches, through a lock that reports who
 waits for it, what a reader in another thread does meanwhile: never timed.
@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from spillcache._internal.io import buffers, checksums, chunk_reads, chunkio, device_turns
+from spillcache._internal.io import buffers, checksums, chunk_reads, chunkio
 
-TURN = device_turns.TURN_BYTES
+TURN = chunk_reads.TURN_BYTES
 
 
 class WatchedLock:
@@ -42,7 +42,7 @@ class WatchedLock:
 def watched_turn(tmp_path, monkeypatch):
     """The turn of tmp_path's device, replaced by a WatchedLock."""
     lock = WatchedLock()
-    monkeypatch.setitem(device_turns._turns, os.stat(tmp_path).st_dev, lock)
+    monkeypatch.setitem(chunk_reads._turns, os.stat(tmp_path).st_dev, lock)
     return lock
 
 
@@ -119,10 +119,10 @@ def test_devices_have_turns_of_their_own(tmp_path):
     other_has_turn = threading.Event()
 
     def read_on_other_device() -> None:
-        with device_turns.turn(-2, TURN, tmp_path):
+        with chunk_reads.turn(-2, TURN, tmp_path):
             other_has_turn.set()
 
-    with device_turns.turn(-1, TURN, tmp_path):
+    with chunk_reads.turn(-1, TURN, tmp_path):
         thread = threading.Thread(target=read_on_other_device)
         thread.start()
         assert other_has_turn.wait(timeout=60)
@@ -131,17 +131,17 @@ def test_devices_have_turns_of_their_own(tmp_path):
 
 def test_reads_from_a_network_file_system_take_no_turn(tmp_path, monkeypatch):
     """Its servers serve several requests at once: reads there stay in parallel."""
-    monkeypatch.setattr(device_turns, "filesystem_type", lambda path: "nfs4")
-    monkeypatch.delitem(device_turns._turns, -3, raising=False)
+    monkeypatch.setattr(chunk_reads, "filesystem_type", lambda path: "nfs4")
+    monkeypatch.delitem(chunk_reads._turns, -3, raising=False)
     other_read = threading.Event()
 
     def read_beside() -> None:
-        with device_turns.turn(-3, TURN, tmp_path):
+        with chunk_reads.turn(-3, TURN, tmp_path):
             other_read.set()
 
-    with device_turns.turn(-3, TURN, tmp_path):
+    with chunk_reads.turn(-3, TURN, tmp_path):
         thread = threading.Thread(target=read_beside)
         thread.start()
         assert other_read.wait(timeout=60)  # not waiting for the turn held here
     thread.join()
-    assert device_turns._turns.pop(-3) is None
+    assert chunk_reads._turns.pop(-3) is None

@@ -1,4 +1,4 @@
-"""llmcompressor/checkpoint_ranks.py: how the ranks of a job agree where to resume,
+"""resumable_pipeline.Ranks: how the ranks of a job agree where to resume,
 with torch.distributed's calls answered by the test (what the other ranks say)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spillcache import CheckpointError
-from spillcache._internal.llmcompressor.checkpoint_ranks import Ranks
+from spillcache._internal.llmcompressor.resumable_pipeline import Ranks
 from spillcache._internal.store import checkpoints
 from spillcache._internal.store.checkpoints import Checkpoint, Part
 from unit.test_checkpoints import commit
