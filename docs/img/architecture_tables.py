@@ -41,33 +41,44 @@ THREADS = {  # key: (legend, fill, stroke)
 }
 
 # ----------------------------------------------------------------------------- groups
-# The layers, top (what users call) to bottom (the disk), then what serves them all.
+# The folders of src/spillcache/_internal (each with its rule of what it may import:
+# tests/unit/test_import_rules.py), the public package and the helpers beside them.
+# A module's group is its folder.
 
 PUBLIC = "public"
-STATE = "state"
-BYTES = "bytes"
+RUNTIME = "runtime"
+ENGINE = "engine"
+IO = "io"
 STORE = "store"
 PROCESS = "process"
+STOCK = "stock"
+LLMCOMPRESSOR = "llmcompressor"
 CLI = "cli"
+HELPERS = "helpers"
 
 GROUPS = {  # key: (title, what it is)
-    PUBLIC: ("public surface", "what users import, and what stock-API code reaches"),
-    STATE: (
-        "the cache's state",
-        "one pool lock guards it all; decisions under it, their slow work outside it",
-    ),
-    BYTES: ("moving bytes", "copies, flattening, reads, the I/O threads"),
-    STORE: ("the store on disk", "zarr v3 layout, chunk files, durability, reading stores as data"),
-    PROCESS: ("process-wide", "shared by every cache of a process"),
-    CLI: (
-        "command line",
-        "spillcache config / plan / demo / inspect / show / verify / du / gc",
-    ),
+    PUBLIC: ("public", "what users import, and the command"),
+    STOCK: ("stock/", "what stock-cache code reaches"),
+    RUNTIME: ("runtime/", "where a cache's calls run; each change a transaction"),
+    LLMCOMPRESSOR: ("llmcompressor/", "the switch's pipeline and watch"),
+    ENGINE: ("engine/", "decisions under the pool's lock: no I/O, copies or waits"),
+    IO: ("io/", "moving bytes: lanes, chunk files, memory, copies"),
+    STORE: ("store/", "the store on disk: format, checks, finding stores"),
+    PROCESS: ("process/", "this process and its node"),
+    HELPERS: ("helpers", "pure helpers in _internal/"),
+    CLI: ("cli/", "the subcommands"),
 }
 
 # Rows of the picture: the groups side by side in each, and how many columns of
 # modules each group takes (two columns fill the width).
-LAYOUT = [[(PUBLIC, 2)], [(STATE, 2)], [(BYTES, 2)], [(STORE, 2)], [(PROCESS, 1), (CLI, 1)]]
+LAYOUT = [
+    [(PUBLIC, 1), (STOCK, 1)],
+    [(RUNTIME, 1), (LLMCOMPRESSOR, 1)],
+    [(ENGINE, 2)],
+    [(IO, 1), (STORE, 1)],
+    [(PROCESS, 1), (HELPERS, 1)],
+    [(CLI, 2)],
+]
 
 # ---------------------------------------------------------------------------- modules
 # Every module of src/spillcache, named as docs/architecture.md names it: its path
@@ -75,75 +86,66 @@ LAYOUT = [[(PUBLIC, 2)], [(STATE, 2)], [(BYTES, 2)], [(STORE, 2)], [(PROCESS, 1)
 # A module added, moved or removed there must be added, moved or removed here.
 
 MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it owns)
-    "__init__": (
-        PUBLIC,
-        ANY,
-        "the public names: IntermediatesCache, CacheConfig, IntermediateValue, "
-        "OverrideEqMode, errors",
-    ),
+    "__init__": (PUBLIC, ANY, "the public names: IntermediatesCache, CacheConfig, the errors"),
     "cache": (PUBLIC, CALLER, "IntermediatesCache: the documented API, iter_prefetch, finalizer"),
     "config": (PUBLIC, CALLER, "CacheConfig: every knob, parsed and validated once"),
     "errors": (PUBLIC, ANY, "the exception tree"),
     "stock_api": (
-        PUBLIC,
+        STOCK,
         CALLER,
         "batch_intermediates as a live view; stock helpers, OverrideEqMode",
     ),
-    "stock_batch": (PUBLIC, CALLER, "a batch as a dict read from the cache; its trees"),
+    "stock_batch": (STOCK, CALLER, "a batch as a dict read from the cache; its trees"),
     "integrations/llmcompressor": (PUBLIC, CALLER, "enable/disable: llm-compressor rebound"),
     "resumable_pipeline": (
-        PUBLIC,
+        LLMCOMPRESSOR,
         CALLER,
         "the sequential pipeline, checkpointed per subgraph; resumes, the ranks agreeing",
     ),
-    "run_watch": (PUBLIC, CALLER, "a run's line per subgraph and metrics file"),
-    "core": (STATE, LOCKED, "CacheCore: batches, entries, generations; update, fetch, close"),
-    "placement": (STATE, LOCKED, "Placement: each record's tier; admit, evict, spill, promote"),
-    "records": (STATE, LOCKED, "TensorRecord, Entry; the records; the write-behind area"),
-    "transaction": (STATE, LOCKED, "a decision's needs, and the journal that takes it back"),
-    "policy": (STATE, LOCKED, "scan and lru eviction policies: they only name victims"),
-    "tenants": (STATE, LOCKED, "one cache's share of a pool; eviction across caches"),
-    "reads_and_kept": (STATE, LOCKED, "placement's part of a read and of a kept store"),
+    "run_watch": (LLMCOMPRESSOR, CALLER, "a run's line per subgraph and metrics file"),
+    "core": (RUNTIME, LOCKED, "CacheCore: batches, entries, generations; update, fetch, close"),
+    "placement": (ENGINE, LOCKED, "Placement: each record's tier; admit, evict, spill, promote"),
+    "records": (ENGINE, LOCKED, "TensorRecord, Entry; the records; the write-behind area"),
+    "transaction": (ENGINE, LOCKED, "a decision's needs, and the journal that takes it back"),
+    "tenants": (ENGINE, LOCKED, "one cache's share of a pool; eviction across caches"),
+    "reads_and_kept": (ENGINE, LOCKED, "placement's part of a read and of a kept store"),
     "failures": (STORE, LOCKED, "failed writes kept per cache, reported once; DiskFullError"),
-    "stats": (STATE, LOCKED, "stats(): the placement's counters as one dict"),
-    "tiers": (STATE, LOCKED, "the device, host and disk tiers: bytes against budgets"),
-    "offload": (BYTES, CALLER, "a value checked, flattened, copied off the GPU, before the lock"),
-    "reads": (BYTES, LANES, "one fetch's disk reads: planned under the lock, read outside it"),
-    "io_threads": (BYTES, LANES, "IOPool: the only module that starts threads; a lane per disk"),
-    "arena": (BYTES, ANY, "the pool's host memory: one region cut into slots"),
+    "tiers": (ENGINE, LOCKED, "the device, host and disk tiers; the eviction policies"),
+    "unlocked": (RUNTIME, CALLER, "a value prepared before the lock; a fetch's reads outside it"),
+    "io_threads": (IO, LANES, "IOPool: the only module that starts threads; a lane per disk"),
+    "arena": (IO, ANY, "the pool's host memory: one region cut into slots"),
     "buffers": (
-        BYTES,
+        IO,
         LANES,
         "aligned I/O memory: staging buffers, read buffers without an arena; glibc's heap trimmed",
     ),
-    "transfers": (BYTES, STREAMS, "every copy between devices; side streams, with events"),
-    "dtypes": (BYTES, ANY, "torch dtype <-> stored type; raw same-width views"),
+    "transfers": (IO, STREAMS, "every copy between devices; side streams, with events"),
+    "dtypes": (HELPERS, ANY, "torch dtype <-> stored type; raw same-width views"),
     "tree": (
-        BYTES,
+        HELPERS,
         ANY,
         "nested values <-> spec and tensor leaves; specs <-> JSON; IntermediateValue",
     ),
     "store_format": (STORE, ANY, "the layout; zarr.json read safely; what a commit must fsync"),
     "tensor_store": (STORE, LANES, "TensorStore; Store: made, opened, written, read, removed"),
     "store_dirs": (STORE, COMMAND, "where stores are, and whose; this process's unkept stores"),
-    "chunkio": (STORE, LANES, "one chunk file out: O_DIRECT, staging, .partial + rename"),
+    "chunkio": (IO, LANES, "one chunk file out: O_DIRECT, staging, .partial + rename"),
     "chunk_reads": (
-        STORE,
+        IO,
         LANES,
         "one chunk file in: O_DIRECT, large ones in turns, CRC32C checked",
     ),
-    "checksums": (STORE, ANY, "CRC-32C of a chunk (zarr's crc32c codec), other threads running"),
-    "aio": (STORE, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
-    "persist": (STORE, CALLER, "a kept store made durable on flush() and close, unlocked"),
-    "reopen": (STORE, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
+    "aio": (IO, LANES, "Linux native AIO (io_submit) for chunkio's queued writes"),
+    "persist": (RUNTIME, CALLER, "a kept store made durable on flush() and close, unlocked"),
+    "reopen": (RUNTIME, CALLER, "IntermediatesCache.open: a kept store back as a cache"),
     "checkpoints": (STORE, CALLER, "a checkpoint_dir: fingerprint, changed tensors, the commit"),
     "store_checks": (STORE, CALLER, "a store read as data: names, links and sizes checked first"),
     "summary": (STORE, COMMAND, "what a store holds and what cut-short writes left; gc"),
-    "pool": (PROCESS, LOCKED, "SharedPool: one lock, its transactions, I/O lanes per config"),
+    "pool": (RUNTIME, LOCKED, "SharedPool: one lock, its transactions, I/O lanes per config"),
     "resolved": (PROCESS, CALLER, "a config resolved: ranks under torchrun, shares, disks, device"),
-    "sysinfo": (PROCESS, CALLER, "available RAM, filesystem type"),
+    "sysinfo": (HELPERS, CALLER, "available RAM, filesystem type"),
     "cleanup": (PROCESS, SIGNAL, "signals left at SIG_DFL remove own stores; dead ones swept"),
-    "cli": (CLI, COMMAND, "the spillcache command: parser; du, gc, inspect, show, verify"),
+    "cli": (PUBLIC, COMMAND, "the spillcache command: parser; du, gc, inspect, show, verify"),
     "config_cli": (CLI, COMMAND, "spillcache config: settings and where each came from"),
     "plan_cli": (CLI, COMMAND, "spillcache plan: options; the report, its JSON and TOML"),
     "plan_figures": (
@@ -155,7 +157,7 @@ MODULES: dict[str, tuple[str, str, str]] = {  # module: (group, thread, what it 
     "plan": (CLI, COMMAND, "a run's cache calls replayed at a reduced scale"),
     "demo_cli": (CLI, COMMAND, "spillcache demo: options and summary"),
     "demo": (CLI, COMMAND, "a random-weight transformer calibrated through the cache"),
-    "text": (CLI, COMMAND, "byte sizes and aligned tables as printed"),
+    "text": (HELPERS, COMMAND, "byte sizes and aligned tables as printed"),
 }
 
 # ------------------------------------------------------------------------------ paths
@@ -280,7 +282,7 @@ FETCH = Route(
             (
                 "CacheCore._prefetch",
                 "CacheCore.fetch_versioned",
-                "reads.plan",
+                "unlocked.plan",
                 "ReadsAndKept.begin_load",
                 "Placement.hold",
             ),
@@ -292,8 +294,8 @@ FETCH = Route(
         Step(
             (
                 "CacheCore._finish_loads",
-                "reads.read",
-                "reads._read_record",
+                "unlocked.read",
+                "unlocked._read_record",
                 "Store.read_tensor",
                 "BufferPool.take",
                 "chunk_reads.read_file",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from spillcache._internal.engine.policy import POLICIES
+from spillcache._internal.engine.tiers import POLICIES
 from spillcache._internal.text import did_you_mean
 from spillcache.errors import ConfigError
 

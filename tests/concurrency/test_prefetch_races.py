@@ -9,7 +9,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.runtime import reads
+from spillcache._internal.runtime import unlocked
 from spillcache._internal.store.tensor_store import Store
 
 SHAPE = (32, 32)
@@ -150,7 +150,7 @@ def _tiers_after_a_propagation_pass(tmp_path, monkeypatch, order: str) -> dict:
     cache = IntermediatesCache.empty(3, "cpu", config=config)
     for index in range(3):  # batch 0 resident, 1 and 2 on disk
         cache.update(index, {"h": random_tensor(torch.int64, SHAPE, index)})
-    original = reads._read_record
+    original = unlocked._read_record
     read_done, may_read = threading.Event(), threading.Event()
 
     def gated(record, *args):
@@ -161,7 +161,7 @@ def _tiers_after_a_propagation_pass(tmp_path, monkeypatch, order: str) -> dict:
             read_done.set()
         return tensor
 
-    monkeypatch.setattr(reads, "_read_record", gated)
+    monkeypatch.setattr(unlocked, "_read_record", gated)
     batches = cache.iter(["h"]) if order == "plain" else cache.iter_prefetch(["h"])
     for index, _ in enumerate(batches):
         if index == 0 and order == "before":

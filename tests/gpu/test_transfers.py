@@ -8,7 +8,7 @@ import torch
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 from spillcache._internal.io.transfers import Ready, Transfers
-from spillcache._internal.runtime import reads
+from spillcache._internal.runtime import unlocked
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,6 +63,6 @@ def test_spilled_values_for_the_gpu_are_read_into_pinned_memory(tmp_path):
         record = cache._core._batches[0]["h"].leaves[0]
         assert record.resident is None and record.on_disk
         core = cache._core  # the disk read a fetch does:
-        read = reads._read_record(record, core.placement.pin_host, core.config.read_mode)
+        read = unlocked._read_record(record, core.placement.pin_host, core.config.read_mode)
         assert read.is_pinned() and read.device.type == "cpu"
         assert_same(cache.fetch(0)["h"], values[0])

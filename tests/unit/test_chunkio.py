@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spill_testing import bits, random_tensor
-from spillcache._internal.io import aio, buffers, checksums, chunk_reads, chunkio
+from spillcache._internal.io import aio, buffers, chunk_reads, chunkio
 from spillcache._internal.io.buffers import PAGE, StagingBuffers, aligned_empty
 from spillcache._internal.io.chunk_reads import map_file, read_file
 from spillcache._internal.io.chunkio import direct_io_supported, write_file
@@ -356,7 +356,7 @@ def test_a_direct_read_of_less_than_a_page_takes_any_tensor(tmp_path, checksum):
     # All of it is the last partial page, read into a page of its own and copied.
     path = tmp_path / "c"
     data = payload(100, aligned=True)
-    trailer = checksums.crc32c(data) if checksum else b""
+    trailer = chunk_reads.crc32c(data) if checksum else b""
     write_file(path, data, direct=True, staging=None, trailer=trailer)
     out = aligned_empty(101)[1:]
     read_file(path, out, direct=True, checksum=checksum)
@@ -591,7 +591,7 @@ CHECKED_SIZES = [0, 1, 4094, 4096, 2 * 4096 - 2, 3 * 4096 + 5, TURN + 4096 + 7, 
 def _checksummed_file(path, nbytes: int, direct: bool) -> torch.Tensor:
     data = buffers.aligned_empty(nbytes)
     data.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
-    trailer = checksums.crc32c(data)
+    trailer = chunk_reads.crc32c(data)
     chunkio.write_file(path, data, direct=direct, staging=None, trailer=trailer)
     return data
 
@@ -915,7 +915,7 @@ def test_an_aligned_source_is_queued_in_place_and_its_checksum_made_meanwhile(
 
     def checksum() -> bytes:
         in_flight_at_checksum.append(spy.most_in_flight)
-        return checksums.crc32c(data)
+        return chunk_reads.crc32c(data)
 
     write_file(tmp_path / "c", data, direct=True, staging=None, trailer=checksum)
     whole = nbytes - nbytes % PAGE
@@ -924,7 +924,7 @@ def test_an_aligned_source_is_queued_in_place_and_its_checksum_made_meanwhile(
     # a time; the checksum asked for once, with writes already queued.
     assert sorted(spy.submitted) == [(o, min(piece, whole - o)) for o in range(0, whole, piece)]
     assert in_flight_at_checksum == [min(aio.DEPTH, -(-whole // piece))]
-    assert (tmp_path / "c").read_bytes() == bits(data) + checksums.crc32c(data)
+    assert (tmp_path / "c").read_bytes() == bits(data) + chunk_reads.crc32c(data)
     assert leftovers(tmp_path) == []
 
 

@@ -151,4 +151,4 @@ def test_the_checks_see_what_they_are_for():
     # The graph of src sees type-only imports and sibling imports within a folder.
     real = import_graph()
     assert f"{INTERNAL}.engine.transaction" in real[f"{INTERNAL}.engine.placement"]
-    assert f"{INTERNAL}.engine.placement" in real[f"{INTERNAL}.engine.stats"]  # TYPE_CHECKING
+    assert f"{INTERNAL}.engine.records" in real[f"{INTERNAL}.engine.transaction"]  # type-only

@@ -1,10 +1,10 @@
-"""spillcache._internal.engine.policy: eviction order."""
+"""spillcache._internal.engine.tiers: eviction policies and their order."""
 
 from __future__ import annotations
 
 import pytest
 
-from spillcache._internal.engine.policy import LRUPolicy, ScanPolicy, make_policy, merged_victims
+from spillcache._internal.engine.tiers import LRUPolicy, ScanPolicy, make_policy, merged_victims
 
 
 def filled(*rids: int) -> LRUPolicy:

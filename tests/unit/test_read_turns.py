@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from spillcache._internal.io import buffers, checksums, chunk_reads, chunkio
+from spillcache._internal.io import buffers, chunk_reads, chunkio
 
 TURN = chunk_reads.TURN_BYTES
 
@@ -49,7 +49,7 @@ def watched_turn(tmp_path, monkeypatch):
 def checked_file(path, nbytes: int) -> torch.Tensor:
     data = buffers.aligned_empty(nbytes)
     data.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
-    trailer = checksums.crc32c(data)
+    trailer = chunk_reads.crc32c(data)
     chunkio.write_file(path, data, direct=True, staging=None, trailer=trailer)
     return data
 

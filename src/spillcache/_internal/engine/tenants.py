@@ -24,7 +24,7 @@ import torch
 
 from ..store.failures import WriteFailure, errno_of
 from ..store.tensor_store import TensorStore
-from .policy import make_policy, merged_victims
+from .tiers import make_policy, merged_victims
 
 __all__ = ["TIER_COUNTERS", "Counters", "KeptStructures", "Tenant", "Tenants", "TierCounters"]
 

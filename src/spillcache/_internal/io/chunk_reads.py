@@ -1,5 +1,11 @@
 """One chunk file in, at the device's speed, checked: its size against what its metadata
-says and, where it carries one, its CRC-32C (chunkio.py writes it).
+says and, where it carries one, its CRC-32C; and that checksum itself.
+
+CRC-32C is the checksum of zarr's ``crc32c`` codec: a chunk file's last
+``CRC32C_BYTES`` bytes, after its data (little-endian; the store computes it as it
+writes, ``crc32c``). It is computed by google_crc32c's own library called through
+ctypes where it can be found: that lets other threads run while it computes (see
+``_load_crc32c_extend``).
 
 Reads fill a 1-D uint8 CPU tensor (with O_DIRECT: a page-aligned one from the read
 buffers) or map the file (``map_file``). Like chunkio, this module starts no threads:
@@ -32,6 +38,8 @@ only around the read system calls, and nothing else is taken while it is held.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 import threading
@@ -39,16 +47,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import google_crc32c
 import torch
 
 from spillcache.errors import StoreCorruptError
 
 from ..sysinfo import filesystem_type
 from .buffers import PAGE, aligned_empty, round_up
-from .checksums import CRC32C_BYTES, crc32c_extend
 from .chunkio import check_bytes
 
-__all__ = ["NETWORK_FILESYSTEMS", "TURN_BYTES", "check_crc", "map_file", "read_file", "turn"]
+__all__ = [
+    "CRC32C_BYTES",
+    "NETWORK_FILESYSTEMS",
+    "TURN_BYTES",
+    "check_crc",
+    "crc32c",
+    "crc32c_extend",
+    "map_file",
+    "read_file",
+    "turn",
+]
 
 # ---------------------------------------------------------------------- turns
 
@@ -224,3 +242,45 @@ def map_file(path: Path, nbytes: int) -> torch.Tensor:
     finally:
         os.close(fd)
     return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps ``mapping`` alive
+
+
+CRC32C_BYTES = 4  # the codec's trailer: a chunk file's last bytes, after the data
+
+
+def crc32c(data: torch.Tensor) -> bytes:
+    """zarr's crc32c codec: CRC-32C of the chunk's bytes (1-D uint8, CPU, contiguous),
+    4 bytes little-endian."""
+    return crc32c_extend(0, data).to_bytes(CRC32C_BYTES, "little")
+
+
+def crc32c_extend(crc: int, data: torch.Tensor) -> int:
+    """The CRC-32C of the bytes ``crc`` covers followed by ``data`` (1-D uint8, CPU,
+    contiguous); ``crc`` 0 starts one."""
+    if _crc32c_extend is None or not data.numel():
+        return google_crc32c.extend(crc, data.numpy())
+    return _crc32c_extend(crc, data.data_ptr(), data.numel())
+
+
+def _load_crc32c_extend():
+    """google_crc32c's own library called through ctypes, which lets other threads run
+    while it computes: google_crc32c's module holds the interpreter's lock for anything
+    but a ``bytes`` object, so one I/O thread's checksum would stall every other
+    thread (the other reads and writes, and the caller). None where the library cannot
+    be found (a build linked to a system library elsewhere): then google_crc32c's
+    function, holding the lock."""
+    package = Path(google_crc32c.__file__).parent
+    candidates = sorted(package.parent.glob("google_crc32c.libs/libcrc32c*.so*"))
+    if (found := ctypes.util.find_library("crc32c")) is not None:
+        candidates.append(Path(found))
+    for candidate in candidates:
+        try:
+            function = ctypes.CDLL(str(candidate)).crc32c_extend
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        function.restype = ctypes.c_uint32
+        return function
+    return None
+
+
+_crc32c_extend = _load_crc32c_extend()

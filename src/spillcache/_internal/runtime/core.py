@@ -21,7 +21,6 @@ import torch
 from spillcache.config import CacheConfig
 from spillcache.errors import CacheClosedError, ConfigError
 
-from ..engine import stats
 from ..engine.placement import TensorRecord
 from ..engine.records import Admission, Entry, InlineTensor
 from ..engine.records import records_of as _records_of
@@ -31,11 +30,10 @@ from ..io.transfers import Ready
 from ..process.resolved import keeps_device_tier
 from ..store.failures import write_report
 from ..tree import unflatten
-from . import reads
-from .offload import Offload, Prepared, may_spill, tiered_bytes
+from . import unlocked
 from .persist import complete_on_close, make_durable, release_previous
-from .pool import pool_for
-from .reads import Fetched
+from .pool import cache_memory, pool_for, report
+from .unlocked import Fetched, Offload, Prepared, may_spill, tiered_bytes
 
 __all__ = ["CacheCore"]
 
@@ -275,7 +273,7 @@ class CacheCore:
                 self.placement.tenants.reached(self.tenant, index, len(self._batches))
             generation = self._generations[index]
             entries = _selected(self._batches[index], input_names)
-            loads = reads.plan(self.placement, _records_in(entries))
+            loads = unlocked.plan(self.placement, _records_in(entries))
         deferred: list[tuple[TensorRecord, torch.Tensor]] = []
         tensors = self._finish_loads(loads, by_reader=by_reader, deferred=deferred)
         ready = Ready()
@@ -317,7 +315,7 @@ class CacheCore:
 
     def _finish_loads(
         self,
-        loads: reads.Loads,
+        loads: unlocked.Loads,
         *,
         by_reader: bool,
         asked: bool = False,
@@ -328,13 +326,15 @@ class CacheCore:
         if not loads.held:
             return loads.found
         start = time.perf_counter()
-        error = reads.read(loads, pin_host=self.placement.pin_host, read_mode=self.config.read_mode)
+        error = unlocked.read(
+            loads, pin_host=self.placement.pin_host, read_mode=self.config.read_mode
+        )
 
         def count_promote_release() -> None:
             for record in loads.to_read:
                 record.loading = None
                 if record.rid in loads.read:
-                    promote = not reads.maps(record, self.config.read_mode)
+                    promote = not unlocked.maps(record, self.config.read_mode)
                     if promote and not by_reader and deferred is not None:
                         deferred.append((record, loads.read[record.rid]))
                         promote = False
@@ -377,7 +377,7 @@ class CacheCore:
         with self._lock:
             self._check_open()
             entries = _selected(self._batches[self._index(batch_index)], input_names)
-            loads = reads.plan(self.placement, _records_in(entries))
+            loads = unlocked.plan(self.placement, _records_in(entries))
         tensors = self._finish_loads(loads, by_reader=True, asked=asked)
         return {key: (entry, _held(entry, tensors)) for key, entry in entries}
 
@@ -390,11 +390,11 @@ class CacheCore:
 
     def size(self) -> dict[torch.device, int]:
         with self._lock:
-            return stats.cache_memory(self.placement, self.tenant, self._batches)
+            return cache_memory(self.placement, self.tenant, self._batches)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return stats.report(
+            return report(
                 self.placement,
                 self.tenant,
                 write_behind_budget=self.pool.budgets.write_behind_bytes,

@@ -45,7 +45,7 @@ from spillcache.errors import CheckpointError
 
 from ..dtypes import byte_view, dtype_from_name, dtype_name, raw_dtype
 from ..io import chunkio
-from ..io.checksums import crc32c_extend
+from ..io.chunk_reads import crc32c_extend
 from ..text import format_bytes
 from .store_dirs import RANK_PREFIX, find_stores, rank_dirs, remove_empty_dirs
 

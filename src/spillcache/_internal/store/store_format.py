@@ -59,7 +59,7 @@ import torch
 from spillcache.errors import StoreFormatError, StoreNotFoundError
 
 from .. import dtypes
-from ..io.checksums import CRC32C_BYTES
+from ..io.chunk_reads import CRC32C_BYTES
 from ..io.chunkio import fsync_directory, fsync_file
 
 __all__ = [

@@ -29,7 +29,7 @@ from .. import dtypes
 from ..io import chunk_reads, chunkio
 from ..io.arena import SharedBuffers
 from ..io.buffers import PAGE, STAGING_BYTES, BufferPool, StagingBuffers
-from ..io.checksums import crc32c
+from ..io.chunk_reads import crc32c
 from . import failures, store_dirs
 from .store_format import (
     ATTRS_KEY,
