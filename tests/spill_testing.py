@@ -193,3 +193,24 @@ def child_process(script: str | Path, *args: object):
     import preloaded
 
     return preloaded.Child([str(script), *map(str, args)], preload=CONSOLE_MODULES)
+
+
+def progress_spies(said: list[str]) -> list[tuple[object, str, object]]:
+    """Replacements ``(module, name, spy)`` that record in ``said`` every progress bar's
+    title (as ``progress <title>``) and every line spillcache's resumable pipeline
+    logs, each still shown as before; set them with ``setattr`` or a MonkeyPatch."""
+    from llmcompressor.pipelines.sequential import pipeline
+
+    from spillcache._internal.llmcompressor import resumable_pipeline
+
+    tqdm, say = pipeline.tqdm, resumable_pipeline._say
+
+    def titled(*args, **kwargs):
+        said.append(f"progress {kwargs.get('desc')}")
+        return tqdm(*args, **kwargs)
+
+    def saying(message: str) -> None:
+        said.append(message)
+        say(message)
+
+    return [(pipeline, "tqdm", titled), (resumable_pipeline, "_say", saying)]

@@ -49,7 +49,10 @@ def state(cache: IntermediatesCache) -> dict:
         for r in core.placement.records_of(core.tenant)
     ]
     policies = {name: list(policy.victims()) for name, policy in core.tenant.policies.items()}
-    return {"stats": stats, "records": records, "policies": policies, "batches": len(cache)}
+    return {
+        "stats": stats, "records": records, "policies": policies, "batches": len(cache),
+        "values held, peak": core.values_held(),
+    }  # fmt: skip
 
 
 def test_an_update_that_must_spill_is_refused_up_front(tmp_path, free_space):
@@ -81,6 +84,21 @@ def test_an_update_that_must_spill_is_refused_up_front(tmp_path, free_space):
         cache.update(1, {"h": values[1]})
         cache.flush()
         assert same_bits(cache.fetch(1)["h"], values[1])
+    assert leftovers(disk) == []
+
+
+def test_a_disk_directory_not_yet_made_counts_its_parents_free_space(tmp_path, free_space):
+    disk = tmp_path / "not" / "made" / "yet"  # made when the first value spills
+    free_space.set(tmp_path, ROOM - 1)  # the filesystem it will be made on is full
+    with make(str(disk)) as cache:
+        with pytest.raises(DiskFullError):
+            cache.update(0, {"h": unaligned(KIB64, 0)})
+        assert not disk.exists()
+        free_space.set(tmp_path, 10 * ROOM)
+        value = unaligned(KIB64, 1)
+        cache.update(0, {"h": value})
+        cache.flush()
+        assert disk.exists() and same_bits(cache.fetch(0)["h"], value)
     assert leftovers(disk) == []
 
 

@@ -45,27 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other workers
 from ddp_oneshot_worker import calibrate_share, digests, gptq_barrier, share  # noqa: E402
 from resume_child import kill_at  # noqa: E402
 
+from spill_testing import progress_spies  # noqa: E402
 from tiny_llama import hidden_state_bytes  # noqa: E402
-
-
-def record_progress(said: list[str]) -> None:
-    """Every progress bar's title and every line spillcache logs, into ``said``."""
-    from llmcompressor.pipelines.sequential import pipeline
-
-    from spillcache._internal.llmcompressor import resumable_pipeline
-
-    tqdm, say = pipeline.tqdm, resumable_pipeline._say
-
-    def titled(*args, **kwargs):
-        said.append(f"progress {kwargs.get('desc')}")
-        return tqdm(*args, **kwargs)
-
-    def saying(message: str) -> None:
-        said.append(message)
-        say(message)
-
-    pipeline.tqdm = titled
-    resumable_pipeline._say = saying
 
 
 def kill_in_checkpoint_after_the_others(subgraph: int, victim: int, rank: int, world: int) -> None:
@@ -107,7 +88,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     said: list[str] = []
-    record_progress(said)
+    for module, name, spy in progress_spies(said):
+        setattr(module, name, spy)
     try:
         if args.reference is not None:
             run(args.reference / "ckpt", args.reference, args.reference / "out", said)

@@ -27,7 +27,7 @@ pytest.importorskip(
 )
 
 import preloaded  # noqa: E402
-from spill_testing import assert_same  # noqa: E402
+from spill_testing import assert_same, progress_spies  # noqa: E402
 from spillcache import CheckpointError  # noqa: E402
 from spillcache._internal.store import checkpoints  # noqa: E402
 from spillcache._internal.store.checkpoints import Part  # noqa: E402
@@ -101,24 +101,10 @@ def resume_here(
     """The run ``run_child(work, ...)`` makes when nothing kills it, made in this
     process: its weights, and what it said (each progress bar's title, as
     ``progress <title>``, and every line spillcache logged)."""
-    from llmcompressor.pipelines.sequential import pipeline
-
-    from spillcache._internal.llmcompressor import resumable_pipeline
-
     said: list[str] = []
-    tqdm, say = pipeline.tqdm, resumable_pipeline._say
-
-    def titled(*args, **kwargs):
-        said.append(f"progress {kwargs.get('desc')}")
-        return tqdm(*args, **kwargs)
-
-    def saying(message: str) -> None:
-        said.append(message)
-        say(message)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "tqdm", titled)
-        patch.setattr(resumable_pipeline, "_say", saying)
+        for module, name, spy in progress_spies(said):
+            patch.setattr(module, name, spy)
         weights = checkpointed_run(
             work / "ckpt", work / "spill", work / "weights.pt", recipe=recipe, layers=LAYERS,
             propagate_error=propagate_error,

@@ -181,11 +181,12 @@ class Placement(ReadsAndKept):
 
     def _new_journal(self) -> Journal:
         """A journal for one admit or promotion, whose first step (so undone last) gives
-        back the counts, the tiers' peaks and the disks' rotation as they are now."""
+        back the counts, the peaks (tiers', values') and the disks' rotation as now."""
         journal = Journal()
         counters = [(owner, owner.counters.copy()) for owner in (self, *self.tenants)]
         tiers = [tier for tier in (self.device, self.host, self.disk) if tier is not None]
         peaks = [(tier, tier.peak) for tier in tiers]
+        held_peaks = self.records.held_peaks()
         last_chosen = None if self.disk is None else self.disk.last_chosen
 
         def restore() -> None:
@@ -193,6 +194,7 @@ class Placement(ReadsAndKept):
                 owner.counters.restore(saved)
             for tier, peak in peaks:
                 tier.peak = peak
+            self.records.restore_peaks(held_peaks)
             if last_chosen is not None:
                 self.disk.last_chosen = last_chosen
 

@@ -185,6 +185,15 @@ class RecordRegistry:
             held[1] = held[0]
         return found
 
+    def held_peaks(self) -> dict[int, int]:
+        """Each tenant's peak now, for ``restore_peaks`` when a transaction is undone."""
+        return {number: held[1] for number, held in self._held.items()}
+
+    def restore_peaks(self, peaks: dict[int, int]) -> None:
+        """The peaks as ``held_peaks`` saw them (a tenant counted since then: as now)."""
+        for number, held in self._held.items():
+            held[1] = peaks.get(number, held[0])
+
     def forget_tenant(self, tenant: Tenant) -> None:
         """A closed cache's byte counts go (its records went before)."""
         self._held.pop(tenant.number, None)

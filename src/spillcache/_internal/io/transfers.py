@@ -145,21 +145,26 @@ class Transfers:
         tensor that is a whole slot already is returned as it is. ``wait``: whether a
         full arena may be waited for (see ``Arena.take``).
         """
-        if arena is None or not arena.capacity:
-            if tensor.device.type != "cuda":
-                return to_host(tensor, pin=pin)
-            raw_type = dtypes.raw_dtype(tensor.dtype)
-            out = torch.empty(tensor.shape, dtype=raw_type, pin_memory=True)
+        if not self.copies_to_host(tensor, arena):
+            return tensor
+        in_arena = arena is not None and arena.capacity > 0
+        if tensor.device.type == "cuda":
+            # A slot is taken before the copy is queued: a full arena may be waited for.
+            if in_arena:
+                out = arena.take_like(tensor, pin=True, wait=wait)
+            else:
+                out = torch.empty(
+                    tensor.shape, dtype=dtypes.raw_dtype(tensor.dtype), pin_memory=True
+                )
             return self._copy_off(tensor, out)
-        if tensor.device.type != "cuda":
-            return tensor if arena.holds(tensor) else arena.copy_in(tensor, wait=wait)
-        # Taken before the copy is queued: a full arena may be waited for.
-        return self._copy_off(tensor, arena.take_like(tensor, pin=True, wait=wait))
+        if in_arena:
+            return arena.copy_in(tensor, wait=wait)
+        return compact_copy(tensor, torch.device("cpu"), pin=pin)
 
     @staticmethod
     def copies_to_host(tensor: torch.Tensor, arena: Arena | None) -> bool:
         """Whether ``to_host(tensor, arena=arena)`` makes a copy (else it gives
-        ``tensor`` itself back)."""
+        ``tensor`` itself back): the one place that decides."""
         if tensor.device.type != "cpu":
             return True
         if arena is not None and arena.capacity:

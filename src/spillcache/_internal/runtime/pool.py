@@ -260,9 +260,11 @@ class SharedPool:
     def _free_bytes(self, disk: int) -> int:
         """Free space where disk ``disk``'s stores go (a directory made on first use:
         until then, the filesystem of its nearest existing parent)."""
-        path = nearest_existing(self.disk_dirs[disk])
         # A statvfs reads the filesystem's counters in memory: no disk I/O.
-        stat = os.statvfs(path)
+        try:
+            stat = os.statvfs(self.disk_dirs[disk])
+        except FileNotFoundError:
+            stat = os.statvfs(nearest_existing(self.disk_dirs[disk]))
         return stat.f_bavail * stat.f_frsize
 
     def _create_store(self, disk: int) -> Store:
