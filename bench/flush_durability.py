@@ -81,9 +81,7 @@ class FsyncCounter:
 def batches(count: int) -> list[dict[str, torch.Tensor]]:
     seed = torch.randint(-(2**15), 2**15, HIDDEN, dtype=torch.int16)
     small = torch.randn(SMALL)
-    return [
-        {"hidden": (seed + i).view(torch.bfloat16), "small": small + i} for i in range(count)
-    ]
+    return [{"hidden": (seed + i).view(torch.bfloat16), "small": small + i} for i in range(count)]
 
 
 def compute_step(milliseconds: float):

@@ -200,7 +200,9 @@ CASES = {
     "symlinked chunk": (symlinked_file("c.0.0"), "h", "is a symbolic link; a store holds none"),
     "symlinked zarr.json": (symlinked_file("zarr.json"), "h", "zarr.json is a symbolic link"),
     "huge shape": (
-        huge_shape, "h", "(1000000, 1000000) float32 with a CRC32C: 4000000000004 bytes"
+        huge_shape,
+        "h",
+        "(1000000, 1000000) float32 with a CRC32C: 4000000000004 bytes",
     ),
     "wrong size": (truncated_chunk, "h", "its chunk file holds 100 bytes"),
     "unknown dtype": (h_attribute("torch_dtype", "float128"), "h", "torch_dtype 'float128'"),
