@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -57,3 +59,47 @@ def test_host_copies_are_pinned(tmp_path):
         cache.update(0, {"x": torch.randn(64, 64, device=CUDA)})
         record = cache._core._batches[0]["x"].leaves[0]
         assert cache._core.placement.host.get(record.rid).is_pinned()
+
+
+def test_a_device_tier_eviction_copies_to_the_host_without_the_pools_lock(tmp_path):
+    """The device-tier value an update evicts is copied off the GPU with the pool's lock
+    released: another thread's fetch finishes while that copy is held up."""
+    mib = 2**20
+    config = CacheConfig(
+        device_bytes=mib, host_bytes="64MiB", inline_bytes=0, disk_path=str(tmp_path)
+    )
+    on_host = torch.randn(256, 1024)  # 1 MiB, a CPU value: the host tier
+    victim, newcomer = (torch.randn(256, 1024, device=CUDA) for _ in range(2))
+    with IntermediatesCache.empty(3, "cpu", config=config) as cache:
+        cache.update(2, {"h": on_host})
+        cache.update(0, {"h": victim})
+        assert cache.stats()["device"]["bytes"] == mib  # the device tier is full
+        transfers = cache._core.transfers
+        plain_to_host = transfers.to_host
+        copying, release = threading.Event(), threading.Event()
+
+        def held_up(tensor, **options):
+            if tensor.device.type == "cuda" and torch.equal(tensor, victim):
+                copying.set()
+                release.wait()  # the eviction's copy "takes" until the test lets it end
+            return plain_to_host(tensor, **options)
+
+        transfers.to_host = held_up
+        updater = threading.Thread(target=cache.update, args=(1, {"h": newcomer}))
+        updater.start()
+        try:
+            assert copying.wait(timeout=30), "the update evicted nothing from the device tier"
+            fetched: list = []
+            reader = threading.Thread(target=lambda: fetched.append(cache.fetch(2)["h"]))
+            reader.start()
+            reader.join(timeout=30)
+            assert not reader.is_alive(), "a fetch waited for the eviction's copy"
+            assert_same(fetched[0], on_host)
+            assert updater.is_alive()  # the copy was still held up meanwhile
+        finally:
+            release.set()
+            updater.join(timeout=30)
+        assert not updater.is_alive()
+        assert cache.stats()["device"]["bytes"] == mib
+        for index, value in enumerate([victim, newcomer, on_host]):
+            assert_same(cache.fetch(index)["h"], value)
