@@ -10,7 +10,7 @@ import torch
 
 from spill_testing import assert_same, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
-from spillcache._internal.engine.tiers import DiskTier
+from spillcache._internal.engine.tiers import DiskTier, Reading
 from spillcache._internal.io.io_threads import READ, WRITE, IOPool
 from spillcache.errors import ConfigError
 
@@ -63,12 +63,16 @@ def test_values_spread_over_two_directories_and_come_back(tmp_path, prefetch_dep
 
 def test_the_freest_disk_is_chosen_and_equals_take_turns():
     free = {0: 10 * 2**30, 1: 50 * 2**30, 2: 50 * 2**30 - 2**20}
-    tier = DiskTier(None, disks=3, free_bytes=free.__getitem__)
-    tier.observe(tier.read_free())  # the cache reads free space before it takes its lock
+    tier = DiskTier(None, disks=3)
+
+    def readings() -> list[Reading]:  # the pool reads them before it takes its lock
+        return [Reading(free[disk], *tier.writes_counted(disk)) for disk in range(3)]
+
+    tier.observe(readings())
     # Disks 1 and 2 are equally free (within 64 MiB); disk 0 is far behind.
     assert [tier.choose() for _ in range(4)] == [1, 2, 1, 2]
     free[0] = 60 * 2**30
-    tier.observe(tier.read_free())
+    tier.observe(readings())
     assert [tier.choose() for _ in range(2)] == [0, 0]
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import torch
@@ -151,17 +151,16 @@ class DiskTier(BudgetedTier[int]):
     (``Tenant.store_on``), one per disk; writing, reading and deleting them is the
     cache's, on its I/O threads.
 
-    Room is tracked without a system call under the pool's lock: the cache reads each
-    disk's free space (``read_free``) before it takes the lock and hands the readings
-    in (``observe``); a disk's room is then its last reading less the writes queued or
-    running there and those finished since the reading, but for those whose bytes
-    were on disk when it was read (``landed`` says so without the lock).
+    Room is tracked without a system call under the pool's lock: the pool reads each
+    disk's free space (``writes_counted``, then a statvfs) before it takes the lock
+    and hands the readings in (``observe``); a disk's room is then its last reading
+    less the writes queued or running there and those finished since the reading, but
+    for those whose bytes were on disk when it was read (``landed`` says so without
+    the lock).
     A disk where a write failed for lack of space takes nothing more until a reading
     shows room for that write beyond what was free when it failed.
 
     :param disks: how many disk directories there are (``disk_path`` may list several)
-    :param free_bytes: free space of disk ``i`` now (a statvfs, given by the pool so
-        that the tier itself stays a plain container); ``None``: never known
     :param paths: the disk directories, for messages
     """
 
@@ -171,13 +170,11 @@ class DiskTier(BudgetedTier[int]):
         self,
         budget: int | None,
         disks: int = 1,
-        free_bytes: Callable[[int], int] | None = None,
         paths: list[str] | None = None,
     ) -> None:
         super().__init__(budget)
         self.disks = disks
         self.paths = paths or [f"disk {index}" for index in range(disks)]
-        self._free_bytes = free_bytes
         self._disk_of: dict[int, int] = {}
         self.bytes_on = [0] * disks  # reserved bytes per disk
         self.last_chosen = -1  # the disk chosen last, for round-robin among equals
@@ -190,24 +187,18 @@ class DiskTier(BudgetedTier[int]):
 
     # ------------------------------------------------------------ free space
 
-    def read_free(self, disk: int | None = None) -> list[Reading | None]:
-        """Free space of every disk (or of ``disk`` alone), without the pool's lock:
-        one statvfs each. None where it cannot be read."""
-        readings: list[Reading | None] = []
-        for index in range(self.disks) if disk is None else [disk]:
-            # In this order: a write ending meanwhile may count twice, never not at all.
-            mark = self.finished[index]
-            landed = set(self._landed)  # one C call: atomic against the writers' add
-            shown = sum(self._writing.get(rid, 0) for rid in landed if self.disk_of(rid) == index)
-            try:
-                free = None if self._free_bytes is None else self._free_bytes(index)
-            except OSError:
-                free = None
-            readings.append(None if free is None else Reading(free, mark, shown))
-        return readings
+    def writes_counted(self, disk: int) -> tuple[int, int]:
+        """Lock NOT held, just before disk ``disk``'s free space is read: the writes
+        finished there so far, and the footprints of those whose bytes have landed
+        (the reading shows them): a ``Reading``'s ``mark`` and ``shown``. In this
+        order, so that a write ending meanwhile may count twice, never not at all."""
+        mark = self.finished[disk]
+        landed = set(self._landed)  # one C call: atomic against the writers' add
+        shown = sum(self._writing.get(rid, 0) for rid in landed if self.disk_of(rid) == disk)
+        return mark, shown
 
     def observe(self, readings: list[Reading | None]) -> None:
-        """Lock held: take readings of every disk from ``read_free()``."""
+        """Lock held: take readings of every disk (``None``: not read)."""
         # A write taken back while it ran (a kept store's close) is never ``written``.
         self._landed.intersection_update(self._writing)
         for disk, reading in enumerate(readings):
@@ -301,7 +292,7 @@ class DiskTier(BudgetedTier[int]):
 
     def written(self, rid: int) -> None:
         """The background write of a reserved tensor ended (or will never run)."""
-        self._landed.discard(rid)  # first: see read_free
+        self._landed.discard(rid)  # first: see writes_counted
         size = self._writing.pop(rid, 0)
         disk = self._disk_of[rid]
         self.writing_on[disk] -= size

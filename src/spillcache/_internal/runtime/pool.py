@@ -112,9 +112,7 @@ class SharedPool:
         self.buffers = SharedBuffers(self.budgets.read_buffer_bytes, self.arena)
         disk = None
         if self.disk_dirs:
-            disk = DiskTier(
-                self.budgets.disk_bytes, len(self.disk_dirs), self._free_bytes, self.disk_dirs
-            )
+            disk = DiskTier(self.budgets.disk_bytes, len(self.disk_dirs), self.disk_dirs)
         self.placement = Placement(
             device_budget=self.budgets.device_bytes,
             host_budget=self.budgets.host_tier_bytes,
@@ -246,12 +244,22 @@ class SharedPool:
                 self._remove_store(store, disk)
             return attached
 
-    def read_free_space(self) -> list[Reading | None] | None:
-        """Lock NOT held (a statvfs per disk): each disk's free space, for
-        ``observe_free_space`` under the lock before values that may spill are placed
-        (placement refuses a value no disk has room for); None without a disk tier."""
-        disk = self.placement.disk
-        return None if disk is None else disk.read_free()
+    def read_free_space(self, disk: int | None = None) -> list[Reading | None] | None:
+        """Lock NOT held (a statvfs per disk): each disk's free space (or ``disk``'s
+        alone; None where it cannot be read), for ``observe_free_space`` under the
+        lock before values that may spill are placed (placement refuses a value no
+        disk has room for); None without a disk tier."""
+        tier = self.placement.disk
+        if tier is None:
+            return None
+        readings: list[Reading | None] = []
+        for index in range(tier.disks) if disk is None else [disk]:
+            mark, shown = tier.writes_counted(index)  # before the statvfs: see there
+            try:
+                readings.append(Reading(self._free_bytes(index), mark, shown))
+            except OSError:
+                readings.append(None)
+        return readings
 
     def observe_free_space(self, readings: list[Reading | None] | None) -> None:
         if readings is not None:
@@ -352,7 +360,7 @@ class SharedPool:
             error = caught
         free = None
         if error is not None and errno_of(error) == errno.ENOSPC:
-            (free,) = self.placement.disk.read_free(record.disk)  # what is left, unlocked
+            (free,) = self.read_free_space(record.disk)  # what is left, unlocked
 
         def report() -> bool:
             ours = record.write_state == WriteState.WRITING
