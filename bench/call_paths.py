@@ -9,10 +9,13 @@ that spills crosses at most 8 modules on the caller's thread).
 The cache: a host tier of two values (``host_bytes`` of four 1 MiB values, half of it
 the write-behind and read parts), ``checksum`` and the rest at their defaults. Four
 values are stored first, so the host tier is full; the fifth ``update`` is profiled
-(it spills the least recently used value), then ``flush()`` waits for its write. The
-first value that spilled is then read back with ``fetch`` (its page cache is not
-dropped: the path taken is the same cold or warm). The caller's figures are of the
-call alone; the pool threads' run until the write is done (``flush()``).
+(the default ``scan`` policy sends that value, needed furthest ahead, straight to
+disk), then ``flush()`` waits for its write. The first value that spilled is then read
+back with ``fetch`` (its page cache is not dropped: the path taken is the same cold or
+warm). The caller's figures are of the call alone and the same from run to run; the
+pool threads' run until the write is done (``flush()``), and vary a little with the
+threads' timing (which thread gives an arena slot back; work of an earlier call that
+a lane is still finishing).
 
     python bench/call_paths.py [--list] [--json]
 """

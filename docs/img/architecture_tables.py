@@ -297,14 +297,14 @@ FETCH = Route(
                 "unlocked.read",
                 "unlocked._read_record",
                 "Store.read_tensor",
-                "BufferPool.take",
+                "Arena.take",
                 "chunk_reads.read_file",
             ),
             LANES,
             "the same lane, no lock",
-            "O_DIRECT where the filesystem takes it, into a reused buffer, the CRC32C of "
-            "pieces checked as they land; a record another thread is reading is waited "
-            "for, not read twice",
+            "O_DIRECT where the filesystem takes it, into a slot of the pool's arena, its "
+            "CRC32C checked once read; a record another thread is reading is waited for, "
+            "not read twice",
         ),
         Step(
             ("SharedPool.transact", "ReadsAndKept.read_done", "Placement.release"),

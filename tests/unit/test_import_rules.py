@@ -34,6 +34,8 @@ ALLOWED = {
 }  # fmt: skip
 FOLDERS = set(ALLOWED) - {"base"}
 MOST_PER_FOLDER = 15
+MOST_MODULES = 48  # in src, not counting the folders' __init__.py
+MOST_LINES = 500  # per module
 
 
 def module_name(path: Path) -> str:
@@ -138,6 +140,13 @@ def test_no_folder_holds_more_than_fifteen_modules():
         if path.name != "__init__.py" and "__pycache__" not in path.parts:
             counts[path.parent.relative_to(SRC)] += 1
     assert {str(d): n for d, n in counts.items() if n > MOST_PER_FOLDER} == {}
+
+
+def test_src_holds_at_most_48_modules_of_at_most_500_lines():
+    files = [path for path in SRC.rglob("*.py") if "__pycache__" not in path.parts]
+    assert len([path for path in files if path.name != "__init__.py"]) <= MOST_MODULES
+    lines = {str(path.relative_to(SRC)): len(path.read_text().splitlines()) for path in files}
+    assert {name: n for name, n in lines.items() if n > MOST_LINES} == {}
 
 
 def test_the_checks_see_what_they_are_for():

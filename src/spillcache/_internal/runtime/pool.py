@@ -203,15 +203,12 @@ class SharedPool:
         ``optional``: one that cannot be made is not an error."""
         for tenant, disk in needs.stores:
             try:
-                made = self.make_store(tenant, disk)
+                if not self.make_store(tenant, disk):  # closed meanwhile: values go nowhere
+                    raise RuntimeError(f"{tenant} closed while its store on disk {disk} was made")
             except Exception:
                 if optional:
                     return False
                 raise
-            if not made:  # the cache closed meanwhile: its values go nowhere else
-                if optional:
-                    return False
-                raise RuntimeError(f"{tenant} closed while its store on disk {disk} was made")
         return True
 
     def _copy_to_host(self, needs: Needs) -> dict[int, torch.Tensor]:
@@ -245,34 +242,34 @@ class SharedPool:
             return attached
 
     def read_free_space(self, disk: int | None = None) -> list[Reading | None] | None:
-        """Lock NOT held (a statvfs per disk): each disk's free space (or ``disk``'s
-        alone; None where it cannot be read), for ``observe_free_space`` under the
-        lock before values that may spill are placed (placement refuses a value no
-        disk has room for); None without a disk tier."""
-        tier = self.placement.disk
-        if tier is None:
+        """Lock NOT held: each disk's free space (or ``disk``'s; None if unreadable),
+        for ``observe_free_space`` under the lock before values that may spill are
+        placed (placement refuses a value no disk has room for); None: no disk tier."""
+        if (tier := self.placement.disk) is None:
             return None
         readings: list[Reading | None] = []
         for index in range(tier.disks) if disk is None else [disk]:
             mark, shown = tier.writes_counted(index)  # before the statvfs: see there
-            try:
-                readings.append(Reading(self._free_bytes(index), mark, shown))
-            except OSError:
-                readings.append(None)
+            free = self._free_bytes(index)
+            readings.append(None if free is None else Reading(free, mark, shown))
         return readings
 
     def observe_free_space(self, readings: list[Reading | None] | None) -> None:
         if readings is not None:
             self.placement.disk.observe(readings)
 
-    def _free_bytes(self, disk: int) -> int:
+    def _free_bytes(self, disk: int) -> int | None:
         """Free space where disk ``disk``'s stores go (a directory made on first use:
-        until then, the filesystem of its nearest existing parent)."""
-        # A statvfs reads the filesystem's counters in memory: no disk I/O.
+        until then, its nearest existing parent's filesystem); None if unreadable. A
+        statvfs reads the filesystem's counters in memory: no disk I/O."""
+        path = self.disk_dirs[disk]
         try:
-            stat = os.statvfs(self.disk_dirs[disk])
-        except FileNotFoundError:
-            stat = os.statvfs(nearest_existing(self.disk_dirs[disk]))
+            try:
+                stat = os.statvfs(path)
+            except FileNotFoundError:
+                stat = os.statvfs(nearest_existing(path))
+        except OSError:
+            return None
         return stat.f_bavail * stat.f_frsize
 
     def _create_store(self, disk: int) -> Store:
