@@ -32,7 +32,7 @@ import torch
 from spill_testing import run_preloaded_python
 from spillcache import CacheConfig, IntermediatesCache, cli
 from spillcache._internal.cli import plan_figures
-from spillcache._internal.runtime.pool import TIERS
+from spillcache._internal.engine.tenants import TIERS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

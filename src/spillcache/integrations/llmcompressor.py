@@ -33,11 +33,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from spillcache._internal.engine.tenants import TIER_COUNTERS
+from spillcache._internal.engine.tenants import TIER_COUNTERS, TIERS
 from spillcache._internal.llmcompressor.resumable_pipeline import PIPELINE_MODULE, hook_checkpoints
 from spillcache._internal.llmcompressor.run_watch import RunWatch, hook_pipeline, watch_options
 from spillcache._internal.runtime.core import CacheCore
-from spillcache._internal.runtime.pool import TIERS
 from spillcache.cache import IntermediatesCache as SpillcacheIntermediatesCache
 from spillcache.config import CacheConfig
 from spillcache.errors import IntegrationError

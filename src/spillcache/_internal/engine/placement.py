@@ -36,7 +36,7 @@ from .reads_and_kept import ReadsAndKept
 from .records import Admission, RecordRegistry, TensorRecord, Tier, WriteBehind, WriteState
 from .tenants import Counters, Tenant, Tenants
 from .tiers import DiskTier, MemoryTier, Reading
-from .transaction import FINAL, Journal, Needs, NeedsFirst
+from .transaction import FINAL, Journal, Needs, NeedsFirst, copy_key
 
 if TYPE_CHECKING:
     from ..io.arena import Arena
@@ -84,8 +84,8 @@ class Placement(ReadsAndKept):
         self.counters = Counters()  # totals over every tenant, closed ones too
         self._journal: Journal = FINAL  # the steps of the admit under way, to take back
         self.needs = Needs()  # slow work asked for, for the transaction to do
-        # Host copies of device values made outside the lock (needs.copies), by rid.
-        self.premade: dict[int, torch.Tensor] = {}
+        # Host copies of device values made outside the lock (needs.copies), by copy_key.
+        self.premade: dict[tuple, torch.Tensor] = {}
         self.copies_under_lock = False  # the last try of a transaction: copy here
 
     def _memory_tier(self, name: str) -> MemoryTier:
@@ -261,12 +261,13 @@ class Placement(ReadsAndKept):
         if not transfers.copies_to_host(tensor, self.arena) or self.copies_under_lock:
             # Lock held: a full arena is not waited for (the copy goes outside it).
             return transfers.to_host(tensor, pin=self.pin_host, arena=self.arena, wait=False)
-        made = self.premade.pop(record.rid, None)
+        key = copy_key(tensor)
+        made = self.premade.pop(key, None)
         if made is not None:
             return made
         if self._journal is FINAL:  # no admit to take back
             raise NeedsFirst(f"a host copy of {record.label}")
-        self.needs.copies[record.rid] = tensor
+        self.needs.copies[key] = tensor
         return tensor
 
     def _put_memory(self, tier: MemoryTier, record: TensorRecord, tensor: torch.Tensor) -> None:
@@ -369,7 +370,7 @@ class Placement(ReadsAndKept):
 
         def unqueue() -> None:
             self.write_behind.leave(record)  # out of the queue and the write-behind counts
-            self.disk.unreserve(record.rid)
+            self.disk.unreserve(record.rid, ran=False)  # the disk never saw it
             record.array, record.disk, record.disk_writes, record.write_error = before
             if record.write_error is not None:  # a value whose earlier write had failed
                 self.write_behind.unwritten_bytes += record.nbytes

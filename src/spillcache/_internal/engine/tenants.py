@@ -26,7 +26,15 @@ from ..store.failures import WriteFailure, errno_of
 from ..store.tensor_store import TensorStore
 from .tiers import make_policy, merged_victims
 
-__all__ = ["TIER_COUNTERS", "Counters", "KeptStructures", "Tenant", "Tenants", "TierCounters"]
+__all__ = [
+    "TIERS",
+    "TIER_COUNTERS",
+    "Counters",
+    "KeptStructures",
+    "Tenant",
+    "Tenants",
+    "TierCounters",
+]
 
 _numbers = itertools.count()
 
@@ -42,6 +50,7 @@ class TierCounters:
     evictions: int = 0
 
 
+TIERS = ("device", "host", "disk")  # the tiers ``stats()`` reports, in order
 # What ``stats()`` gives for each tier (besides bytes held and budget), in order.
 TIER_COUNTERS = tuple(counter.name for counter in fields(TierCounters))
 

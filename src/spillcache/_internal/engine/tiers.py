@@ -290,17 +290,20 @@ class DiskTier(BudgetedTier[int]):
     def disk_of(self, rid: int) -> int:
         return self._disk_of.get(rid, -1)
 
-    def written(self, rid: int) -> None:
-        """The background write of a reserved tensor ended (or will never run)."""
+    def written(self, rid: int, *, ran: bool = True) -> None:
+        """The background write of a reserved tensor ended (or will never run; ``ran``
+        False: it was taken back before it started, so no reading can show its bytes)."""
         self._landed.discard(rid)  # first: see writes_counted
         size = self._writing.pop(rid, 0)
         disk = self._disk_of[rid]
         self.writing_on[disk] -= size
-        self.finished[disk] += size
+        if ran:
+            self.finished[disk] += size
 
-    def unreserve(self, rid: int) -> None:
-        """Forget a reservation (its file was never written, or is deleted)."""
-        self.written(rid)
+    def unreserve(self, rid: int, *, ran: bool = True) -> None:
+        """Forget a reservation (its file was never written, or is deleted; ``ran``: see
+        ``written``)."""
+        self.written(rid, ran=ran)
         nbytes = self._items[rid]
         self._remove(rid, nbytes)
         self.bytes_on[self._disk_of.pop(rid)] -= nbytes

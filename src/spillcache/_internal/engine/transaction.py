@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .records import TensorRecord
     from .tenants import Tenant
 
-__all__ = ["FINAL", "Journal", "Needs", "NeedsFirst"]
+__all__ = ["FINAL", "Journal", "Needs", "NeedsFirst", "copy_key"]
 
 
 class NeedsFirst(Exception):
@@ -38,12 +38,23 @@ class NeedsFirst(Exception):
     reaches a caller of the cache: the transaction does the work and decides again."""
 
 
+def copy_key(tensor: torch.Tensor) -> tuple:
+    """What a host copy of ``tensor`` is asked for and found by: the bytes it views
+    (device, storage, offset, shape, strides, dtype). A new value's record is made anew
+    each time its decision is, with a new id, so a copy made for one try is found by
+    the next through its bytes; ``Needs`` holds the tensor, so they stay the same."""
+    return (
+        tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+        tuple(tensor.shape), tensor.stride(), tensor.dtype,
+    )  # fmt: skip
+
+
 @dataclass
 class Needs:
     """The slow work decisions asked for since the transaction began."""
 
     stores: set[tuple[Tenant, int]] = field(default_factory=set)  # (cache, disk) to make
-    copies: dict[int, torch.Tensor] = field(default_factory=dict)  # rid -> a device value
+    copies: dict[tuple, torch.Tensor] = field(default_factory=dict)  # copy_key -> a value
     # Values read from disk whose promotion waits for a store: (record, value, asked).
     promotions: list[tuple[TensorRecord, torch.Tensor, bool]] = field(default_factory=list)
 

@@ -63,7 +63,7 @@ class CacheCore:
         self.io = self.pool.io
         self.transfers = self.pool.transfers
         tenant = Tenant(
-            self.pool.has_disk_tier,
+            bool(self.pool.disk_dirs),
             config.eviction,
             device_target=accelerator,
             device_tier=keeps_device_tier(config, offload_device),

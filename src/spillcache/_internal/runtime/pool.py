@@ -49,7 +49,7 @@ from ..store.tensor_store import Store, TensorStore
 from ..sysinfo import nearest_existing
 from ..text import format_bytes
 
-__all__ = ["SharedPool", "TIERS", "cache_memory", "memory_by_device", "pool_for", "report"]
+__all__ = ["SharedPool", "cache_memory", "pool_for", "report"]
 
 Result = TypeVar("Result")
 
@@ -133,10 +133,6 @@ class SharedPool:
             "the rest read back or held by tensors fetch returned"
         )
 
-    @property
-    def has_disk_tier(self) -> bool:
-        return bool(self.disk_dirs)
-
     # ---------------------------------------------------------- transactions
 
     def transact(self, decide: Callable[[], Result]) -> Result:
@@ -150,45 +146,51 @@ class SharedPool:
         promotion's store) is done after it; a failure there is left for the next
         decision that needs it to report."""
         placement = self.placement
-        copies: dict[int, torch.Tensor] = {}
+        copies: dict[tuple, torch.Tensor] = {}  # made for this transaction, by copy_key
         stores: list[tuple[Tenant, int]] = []  # made for this transaction
-        unused: list[tuple[TensorStore, int]] = []
         copy_tries = 0
-        while True:
-            try:
+        try:
+            while True:
                 with self.lock:
-                    placement.premade = copies
+                    placement.premade = dict(copies)  # a try taken back used none
                     placement.copies_under_lock = copy_tries == _COPY_TRIES - 1
                     try:
                         result = decide()
                     except NeedsFirst:
                         needs, again = placement.take_needs(), True
                     except BaseException:
-                        unused = self._take_back_unused(stores)
+                        placement.take_needs()  # what a failed decision asked for goes too
                         raise
                     else:
                         needs, again = placement.take_needs(), False
                     finally:
                         placement.premade, placement.copies_under_lock = {}, False
                         self._hand_effects_to_lanes()
-            finally:
-                for store, disk in unused:
-                    self._remove_store(store, disk)
-            if not again:
-                if self._make_stores(needs, optional=True) and needs.promotions:
-                    self.transact(functools.partial(self._promote, needs.promotions))
-                return result
-            self._make_stores(needs, optional=False)
-            copies = self._copy_to_host(needs)
-            stores.extend(needs.stores)
-            copy_tries += bool(needs.copies)
+                if not again:
+                    if self._make_stores(needs, optional=True) and needs.promotions:
+                        self.transact(functools.partial(self._promote, needs.promotions))
+                    return result
+                stores.extend(needs.stores)
+                self._make_stores(needs, optional=False)
+                copies.update(self._copy_to_host(needs))
+                copy_tries += bool(needs.copies)
+        except BaseException:
+            with self.lock:
+                unused = self._take_back_unused(stores)
+            for store, disk in unused:
+                self._remove_store(store, disk)
+            raise
 
     def _take_back_unused(self, stores: list[tuple[Tenant, int]]) -> list[tuple[TensorStore, int]]:
         """Lock held: of the stores a failed transaction made, those nothing went to
-        since (no value of the cache there, no deletion running), taken off their cache."""
+        since (no value of the cache there, no deletion running), taken off their cache.
+        A kept store is never taken back (its cache's flush or close completes it), nor
+        a closed cache's (its close removes or keeps them)."""
+        if self.config.keep_store:
+            return []
         taken = []
         for tenant, disk in stores:
-            if not tenant.has_store_on(disk) or tenant.deleting or tenant.kept is not None:
+            if not tenant.has_store_on(disk) or tenant.deleting or tenant.closed:
                 continue
             used = any(
                 record.disk == disk and (record.on_disk or record.write_state is not None)
@@ -199,16 +201,18 @@ class SharedPool:
         return taken
 
     def _make_stores(self, needs: Needs, *, optional: bool) -> bool:
-        """Lock NOT held: make the stores ``needs`` asks for; True if all are there.
-        ``optional``: one that cannot be made is not an error."""
+        """Lock NOT held: make the stores ``needs`` asks for; True if all are there. A
+        cache closed meanwhile gets none: deciding again finds its values gone (or, for
+        the deciding cache, closed). ``optional``: one that cannot be made is no error."""
         for tenant, disk in needs.stores:
             try:
-                if not self.make_store(tenant, disk):  # closed meanwhile: values go nowhere
-                    raise RuntimeError(f"{tenant} closed while its store on disk {disk} was made")
+                made = self.make_store(tenant, disk)
             except Exception:
                 if optional:
                     return False
                 raise
+            if not made and optional:
+                return False
         return True
 
     def _copy_to_host(self, needs: Needs) -> dict[int, torch.Tensor]:
@@ -216,8 +220,8 @@ class SharedPool:
         record (a full arena is waited for here: the lock is not held)."""
         pin = self.placement.pin_host
         return {
-            rid: self.transfers.to_host(tensor, pin=pin, arena=self.arena)
-            for rid, tensor in needs.copies.items()
+            key: self.transfers.to_host(tensor, pin=pin, arena=self.arena)
+            for key, tensor in needs.copies.items()
         }
 
     def _promote(self, waiting: list[tuple[TensorRecord, torch.Tensor, bool]]) -> None:
@@ -404,8 +408,6 @@ class SharedPool:
 
 # ----------------------------------------------------------- a cache's figures
 
-TIERS = ("device", "host", "disk")
-
 
 def report(
     placement: Placement,
@@ -474,20 +476,15 @@ def _share(placement: Placement, tenant: Tenant) -> dict[str, Any]:
     return held
 
 
-def memory_by_device(placement: Placement, tenant: Tenant) -> dict[torch.device, int]:
-    """Bytes of one cache's tiered values in memory (tiers and write-behind), by device."""
+def cache_memory(placement: Placement, tenant: Tenant, batches: list[dict]) -> dict:
+    """``size()``: bytes of memory a cache's values use, by device: its tiered values in
+    memory (tiers and write-behind), and the tensors kept with its entries (inline, or
+    opaque values)."""
     sizes: dict[torch.device, int] = {}
     for record in placement.records_of(tenant):
         tensor = placement.memory_copy(record)
         if tensor is not None:
             sizes[tensor.device] = sizes.get(tensor.device, 0) + tensor.nbytes
-    return sizes
-
-
-def cache_memory(placement: Placement, tenant: Tenant, batches: list[dict]) -> dict:
-    """``size()``: bytes of memory a cache's values use, by device: its tiered values in
-    memory, and the tensors kept with its entries (inline, or opaque values)."""
-    sizes = memory_by_device(placement, tenant)
     seen: set[int] = set()
     for batch in batches:
         for entry in batch.values():
