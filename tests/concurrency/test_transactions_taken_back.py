@@ -37,9 +37,10 @@ def value(seed: int, nbytes: int = KIB64) -> torch.Tensor:
     return torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(seed))
 
 
-def gate(owner, name: str, when=lambda *args, **kwargs: True, *, after: bool = False):
+def gate(owner, name: str, when=lambda *args, **kwargs: True, *, after: bool = False, patch=None):
     """``owner.name`` made to stop (``reached`` set) until ``go`` is set, where ``when``
-    holds for its arguments: before it runs, or ``after`` it returned."""
+    holds for its arguments: before it runs, or ``after`` it returned. An ``owner``
+    that outlives the test (a class) is patched with ``patch`` (a MonkeyPatch)."""
     reached, go = threading.Event(), threading.Event()
     real = getattr(owner, name)
 
@@ -50,7 +51,7 @@ def gate(owner, name: str, when=lambda *args, **kwargs: True, *, after: bool = F
             assert go.wait(30), "the test never let the gated step go on"
         return result if after else real(*args, **kwargs)
 
-    setattr(owner, name, gated)
+    (setattr if patch is None else patch.setattr)(owner, name, gated)
     return reached, go
 
 
@@ -244,3 +245,29 @@ def test_a_store_made_for_a_transaction_that_fails_later_is_removed(tmp_path):
             cache.update(0, {"a": value(0), "b": value(1)})  # "a" to d0, "b" to d1
         assert not cache._core.tenant.has_store
         assert leftovers(disks[0]) == [] and leftovers(disks[1]) == []
+
+
+def test_a_copy_made_for_a_deleted_value_is_not_used_for_a_new_one_in_its_memory():
+    """A stored value's memory is the caller's again once it is deleted: a copy made of
+    it outside the lock must not stand in for a new value stored in the same memory."""
+    config = CacheConfig(host_bytes="1MiB", inline_bytes=0, disk_path=None, eviction="lru")
+    with IntermediatesCache.empty(3, "cpu", config=config) as cache:
+        with_cpu_device_tier(cache, KIB64)  # the device tier holds one value
+        buffer = value(0).clone()  # the caller's buffer, reused from value to value
+        cache.update(0, {"x": buffer})  # the device tier holds the buffer itself
+        copied, go = gate(cache._core.pool, "_copy_to_host", after=True)
+        # The new value takes the device tier: x is evicted to the host tier, and its
+        # host copy is made outside the lock.
+        updater, errors = run_in_thread(lambda: cache.update(1, {"n": value(1)}))
+        assert copied.wait(30)
+        cache.delete(0)  # x goes: the caller may use its buffer again
+        buffer.copy_(value(2))
+        cache.update(2, {"y": buffer})  # in the device tier, where x was
+        go.set()
+        updater.join(30)
+        assert errors == []
+        # The retry evicts y, whose bytes' copy_key is x's: x's copy stands in for it.
+        assert_same(cache.fetch(1)["n"], value(1))
+        got = cache.fetch(2)["y"]
+        assert not torch.equal(got, value(0)), "y reads back as x, the value deleted"
+        assert_same(got, value(2))

@@ -10,7 +10,7 @@ from spillcache._internal.engine.placement import Placement, TensorRecord
 from spillcache._internal.engine.records import Admission
 from spillcache._internal.engine.tenants import Tenant
 from spillcache._internal.engine.tiers import DiskTier, Reading
-from spillcache._internal.engine.transaction import NeedsFirst, copy_key
+from spillcache._internal.engine.transaction import NeedsFirst
 from spillcache._internal.io import transfers
 from spillcache._internal.io.arena import Arena
 from spillcache._internal.store.tensor_store import Store
@@ -435,12 +435,12 @@ def test_a_device_tier_victims_host_copy_is_asked_for_and_the_admit_taken_back()
         placement.admit([Admission(b, CPU)], tenant=tenant)  # a must move to the host tier
     needs = placement.take_needs()
     on_device = placement.device.get(first.rid)
-    assert list(needs.copies) == [copy_key(on_device)]  # asked for by the bytes it views
-    assert needs.copies[copy_key(on_device)] is on_device  # not copied here
+    assert list(needs.copies) == [("record", first.rid)]  # a stored value's: by its record
+    assert needs.copies["record", first.rid] is on_device  # not copied here
     assert first.resident == "device" and len(placement.records_of(tenant)) == 1
     assert placement.host.nbytes == 0 and placement.counters.device.evictions == 0
     made = arena.copy_in(a)  # what the pool's transaction does with the lock released
-    placement.premade = {copy_key(on_device): made}
+    placement.premade = {("record", first.rid): made}
     (second,) = placement.admit([Admission(b, CPU)], tenant=tenant)
     assert (first.resident, second.resident) == ("host", "device")
     assert placement.host.get(first.rid) is made and same_bits(made, a)

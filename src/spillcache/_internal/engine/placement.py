@@ -247,21 +247,21 @@ class Placement(ReadsAndKept):
             self._put_memory(self.device, record, tensor)
             return
         if self._make_room(self.host, record):
-            self._put_memory(self.host, record, self._host_copy(record, tensor))
+            self._put_memory(self.host, record, self._host_copy(record, tensor, new=True))
             return
-        self._spill(record, self._host_copy(record, tensor))
+        self._spill(record, self._host_copy(record, tensor, new=True))
 
-    def _host_copy(self, record: TensorRecord, tensor: torch.Tensor) -> torch.Tensor:
-        """``record``'s value in host memory as the host tier keeps it. A value already
-        so is its own copy (``Offload`` copied a new one into the arena before the lock;
-        the host tier's are slots). Any other copy (a device-tier value's) is made
-        outside the lock (``needs.copies``): until the transaction made it, the value
-        itself stands in, and the admit is taken back."""
+    def _host_copy(self, record: TensorRecord, tensor: torch.Tensor, new=False) -> torch.Tensor:
+        """``record``'s value in host memory as the host tier keeps it: the value itself
+        where it is so already (``Offload`` copied a new one into the arena before the
+        lock), else a copy made outside the lock (``needs.copies``; the admit is taken
+        back meanwhile) found by the record's id, or for a ``new`` value, whose record is
+        made anew each try, by the bytes it views (``copy_key``)."""
         transfers = self._transfers
         if not transfers.copies_to_host(tensor, self.arena) or self.copies_under_lock:
             # Lock held: a full arena is not waited for (the copy goes outside it).
             return transfers.to_host(tensor, pin=self.pin_host, arena=self.arena, wait=False)
-        key = copy_key(tensor)
+        key = copy_key(tensor) if new else ("record", record.rid)
         made = self.premade.pop(key, None)
         if made is not None:
             return made

@@ -68,7 +68,7 @@ class ReadsAndKept:
         (a record deleted or brought up meanwhile stays as it is). Where making room
         needs a store made first, the moves are taken back and the promotion waits for
         it (``needs.promotions``: the transaction promotes again once it is made)."""
-        if not record.alive or record.resident is not None:
+        if not record.alive or record.resident is not None or record.write_state is not None:
             return
         self._follow_arena()
         journal = self._journal = self._new_journal()

@@ -39,10 +39,11 @@ class NeedsFirst(Exception):
 
 
 def copy_key(tensor: torch.Tensor) -> tuple:
-    """What a host copy of ``tensor`` is asked for and found by: the bytes it views
-    (device, storage, offset, shape, strides, dtype). A new value's record is made anew
-    each time its decision is, with a new id, so a copy made for one try is found by
-    the next through its bytes; ``Needs`` holds the tensor, so they stay the same."""
+    """What a host copy of a new value is asked for and found by: the bytes it views
+    (device, storage, offset, shape, strides, dtype). Its record is made anew each time
+    its decision is, with a new id, so a copy made for one try is found by the next
+    through its bytes, which the caller's ``update`` holds meanwhile. (A stored value's
+    copy is found by its record: its memory may be the caller's again once deleted.)"""
     return (
         tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
         tuple(tensor.shape), tensor.stride(), tensor.dtype,
@@ -54,7 +55,7 @@ class Needs:
     """The slow work decisions asked for since the transaction began."""
 
     stores: set[tuple[Tenant, int]] = field(default_factory=set)  # (cache, disk) to make
-    copies: dict[tuple, torch.Tensor] = field(default_factory=dict)  # copy_key -> a value
+    copies: dict[tuple, torch.Tensor] = field(default_factory=dict)  # see copy_key
     # Values read from disk whose promotion waits for a store: (record, value, asked).
     promotions: list[tuple[TensorRecord, torch.Tensor, bool]] = field(default_factory=list)
 

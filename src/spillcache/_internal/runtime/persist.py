@@ -110,6 +110,9 @@ class _Snapshot:
     inline: dict[int, tuple[InlineTensor, str | None, tuple[int, str]]] = field(
         default_factory=dict
     )  # id(leaf) -> (leaf, its array if a flush wrote it already, owner)
+    # rid -> its array, for values on disk when the snapshot was taken (a record may be
+    # written again under another name while the flush runs without the lock)
+    on_disk: dict[int, str] = field(default_factory=dict)
 
 
 def make_durable(
@@ -137,7 +140,7 @@ def make_durable(
         try:
             store = tenant.store
             snapshot = _snapshot(pool.placement, batches, state)
-            state.named |= {record.array for record in _records_on_disk(snapshot)}
+            state.named |= set(snapshot.on_disk.values())
             state.named |= {name for _, name, _ in snapshot.records.values()}
         except BaseException:
             state.flushing = False
@@ -228,7 +231,10 @@ def _snapshot(
         for key, entry in batch:
             for leaf in entry.leaves:
                 if isinstance(leaf, TensorRecord):
-                    if leaf.rid in snapshot.records or _on_disk(leaf):
+                    if leaf.rid in snapshot.records or leaf.rid in snapshot.on_disk:
+                        continue
+                    if _on_disk(leaf):
+                        snapshot.on_disk[leaf.rid] = leaf.array
                         continue
                     value = placement.memory_copy(leaf)
                     if value is None:  # never: writes were waited for, and nothing else drops it
@@ -244,14 +250,6 @@ def _snapshot(
 
 def _on_disk(record: TensorRecord) -> bool:
     return record.on_disk and record.write_state is None
-
-
-def _records_on_disk(snapshot: _Snapshot) -> Iterator[TensorRecord]:
-    for batch in snapshot.batches:
-        for _, entry in batch:
-            for leaf in entry.leaves:
-                if isinstance(leaf, TensorRecord) and leaf.rid not in snapshot.records:
-                    yield leaf
 
 
 def _write(
@@ -277,7 +275,8 @@ def _write(
     # These arrays and those the I/O threads wrote since the last flush, with every
     # directory on the way to them, fsync'd before any structure names them.
     store.sync_written()
-    planned = {rid: name for rid, (_, _, name) in snapshot.records.items()}
+    planned = {**snapshot.on_disk}
+    planned.update({rid: name for rid, (_, _, name) in snapshot.records.items()})
     structures = []
     for batch in snapshot.batches:
         entries = {}
@@ -332,7 +331,7 @@ def _settle(
     state.committed = committed
     state.rewrite_all = False
     names = {name for _, name in written} | {array for _, array in inline.values()}
-    names |= {record.array for record in _records_on_disk(snapshot)}
+    names |= set(snapshot.on_disk.values())
     doomed = (state.deferred | state.unowned) - names
     state.deferred -= doomed
     state.unowned -= doomed
