@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import ctypes
 import mmap
 import threading
@@ -405,7 +406,10 @@ class Arena:
             if self.slots == 0:
                 self._unregister()
                 if mapping is not None:
-                    mapping.close()
+                    # A slot whose finalizer ran on another thread may not have let go of
+                    # its buffer yet: the mapping is then unmapped when it does.
+                    with contextlib.suppress(BufferError):
+                        mapping.close()
             self._condition.notify_all()
 
 

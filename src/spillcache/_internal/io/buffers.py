@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -177,21 +178,25 @@ class StagingBuffers:
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _holders(block: torch.Tensor) -> int:
-    return _use_count(block.untyped_storage()._cdata)
-
-
 class _Block:
-    __slots__ = ("tensor", "idle_holders")
+    __slots__ = ("tensor", "storage", "idle_holders", "idle_refs")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
-        # The count when only the pool holds it (the pool's own references included).
-        self.idle_holders = _holders(tensor)
+        # The storage's one Python object, kept: whoever holds the storage from Python
+        # (``untyped_storage()``, ``storage()``) holds this object, which owns a single
+        # reference to the storage however many hold it, so its own references count too.
+        self.storage = tensor.untyped_storage()
+        # The counts when only the pool holds it (the pool's own references included).
+        self.idle_holders = _use_count(self.storage._cdata)
+        self.idle_refs = sys.getrefcount(self.storage)
 
     @property
     def idle(self) -> bool:
-        return _holders(self.tensor) == self.idle_holders
+        return (
+            _use_count(self.storage._cdata) == self.idle_holders
+            and sys.getrefcount(self.storage) == self.idle_refs
+        )
 
 
 class BufferPool:

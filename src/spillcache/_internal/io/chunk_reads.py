@@ -148,8 +148,8 @@ def _read_direct(fd: int, out: torch.Tensor, path: Path, trailer: int, device: i
     with turn(device, nbytes, path):
         while position < total:
             buffers = [view[position:whole]] if position < whole else []
-            if tail is not None:
-                buffers.append(memoryview(tail.numpy()))
+            if tail is not None:  # from where ``position`` falls in it (a short read)
+                buffers.append(memoryview(tail.numpy())[max(position - whole, 0) :])
             end = position + os.preadv(fd, buffers, position)
             if end >= total:
                 break

@@ -108,12 +108,15 @@ def direct_io_supported(directory: str | os.PathLike[str]) -> bool:
 def _pwrite_all(fd: int, view: memoryview, offset: int, *, direct: bool) -> None:
     """pwrite all of ``view`` at ``offset``, looping on short writes."""
     done = 0
+    stalls = 0  # writes in a row that ended inside the page they started
     while done < len(view):
         written = os.pwrite(fd, view[done:], offset + done)
         if direct:
-            # O_DIRECT can only go on from a page boundary: rewrite a partial page.
+            # O_DIRECT can only go on from a page boundary: rewrite a partial page (a
+            # write that stopped inside its first page made progress: try it again).
             written -= written % PAGE
-        if written <= 0:
+            stalls = stalls + 1 if written <= 0 else 0
+        if written < 0 or (written == 0 and (not direct or stalls > 3)):
             raise OSError(errno.EIO, f"write made no progress at offset {offset + done}")
         done += written
 

@@ -1,0 +1,126 @@
+"""The I/O layer at its edges: a direct read or write the kernel cuts short where the
+code must resume exactly where it stopped, a read buffer held only through its storage,
+and an arena closed while another thread lets go of its last slot."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+
+import pytest
+import torch
+
+from spill_testing import bits, random_tensor
+from spillcache._internal.io import chunk_reads
+from spillcache._internal.io.arena import Arena
+from spillcache._internal.io.buffers import PAGE, aligned_empty
+from spillcache._internal.io.chunk_reads import read_file
+from spillcache._internal.io.chunkio import write_file
+
+
+def _capped(real, limit):
+    """preadv that stops after ``limit`` bytes on its first call (a short read at a
+    page boundary), then reads normally."""
+    calls = []
+
+    def preadv(fd, buffers, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            return real(fd, buffers, offset)
+        cut, left = [], limit
+        for buffer in buffers:
+            if left <= 0:
+                break
+            cut.append(buffer[:left])
+            left -= len(cut[-1])
+        return real(fd, cut, offset)
+
+    return preadv, calls
+
+
+@pytest.mark.parametrize("nbytes", [4093, 4095, 2 * PAGE - 1], ids=str)
+def test_a_short_direct_read_ending_inside_the_tail_pages_resumes_there(
+    tmp_path, monkeypatch, nbytes
+):
+    # Data + CRC trailer spill over a page boundary past ``whole``: the tail buffer is
+    # two pages. A short read ending on the page boundary inside it is resumed at the
+    # right file offset, but into the tail buffer's FIRST byte.
+    path = tmp_path / "c"
+    data = random_tensor(torch.uint8, (nbytes,), 3)
+    write_file(path, data, direct=False, staging=None, trailer=chunk_reads.crc32c(data))
+    whole = nbytes - nbytes % PAGE
+    preadv, calls = _capped(os.preadv, whole + PAGE)
+    monkeypatch.setattr(os, "preadv", preadv)
+    out = aligned_empty(nbytes)
+    read_file(path, out, direct=True, checksum=True)  # HEAD: StoreCorruptError (CRC)
+    assert calls == [0, whole + PAGE]
+    assert bits(out) == bits(data)
+
+
+def test_close_while_another_threads_slot_finalizer_waits_for_the_lock():
+    # Thread B drops the last slot: its finalizer queues the return, then waits for
+    # the arena's lock, which close() holds (simulated by holding it around close);
+    # close() takes the return back, sees slots == 0 and closes the mmap while B's
+    # ctypes slot object still exports a buffer over it -> BufferError.
+    arena = Arena(1 << 20)
+    held = [arena.take(PAGE)]
+    appended = threading.Event()
+
+    class Signalling(collections.deque):
+        def append(self, item):
+            super().append(item)
+            appended.set()
+
+    arena._returned = Signalling(arena._returned)
+    with arena._condition:
+        dropper = threading.Thread(target=held.clear)
+        dropper.start()
+        assert appended.wait(10)
+        arena.close()  # HEAD: BufferError: cannot close exported pointers exist
+    dropper.join(10)
+    assert not dropper.is_alive()
+    assert arena.stats()["slots"] == 0
+
+
+def test_a_read_buffer_held_through_its_storage_is_not_handed_out_again():
+    # A caller who keeps a value's storage (``untyped_storage()``, ``storage()``: pickling,
+    # set_ later, a storage-keyed dict) still views its bytes; BufferPool counts holders
+    # by the storage's use count, which the storage's Python object -- the same object
+    # the pool's own untyped_storage() call gets back -- raises only once.
+    from spillcache._internal.io.buffers import BufferPool
+
+    pool = BufferPool(1 << 20)
+    value = pool.take(5000)
+    value.fill_(1)
+    address, offset = value.data_ptr(), value.storage_offset()
+    storage = value.untyped_storage()
+    del value
+    again = pool.take(5000)
+    again.fill_(2)
+    kept = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (5000,))
+    assert again.data_ptr() != address  # HEAD: the same block, handed out again
+    assert bool((kept == 1).all())  # HEAD: the kept bytes now read 2
+
+
+def test_a_direct_write_cut_short_inside_its_first_page_is_written_again(tmp_path, monkeypatch):
+    # A short O_DIRECT write can end on a logical-block (512 B) boundary inside a page:
+    # bytes were written, so it is progress, but rounding down to a page makes it 0 and
+    # _pwrite_all reports "no progress" (EIO) instead of writing that page again.
+    from spillcache._internal.io import chunkio
+
+    real_pwrite = os.pwrite
+    offsets = []
+
+    def short_first(fd, data, offset):
+        offsets.append(offset)
+        if len(offsets) == 1:
+            return 512  # as if the device stopped after one 512-byte sector
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", short_first)
+    data = aligned_empty(3 * PAGE)
+    data.copy_(random_tensor(torch.uint8, (3 * PAGE,), 5))
+    chunkio.write_file(tmp_path / "c", data, direct=True, staging=None)  # HEAD: OSError EIO
+    assert offsets == [0, 0]
+    assert (tmp_path / "c").read_bytes() == bits(data)
