@@ -298,3 +298,17 @@ def test_a_damaged_state_file_is_refused_and_nothing_is_loaded(tmp_path):
     with pytest.raises(CheckpointError, match="does not match its CRC-32C"):
         part = Part(tmp_path / "ckpt")
         checkpoints.check_states(part, checkpoints.committed(part))
+
+
+def test_runs_killed_before_their_first_checkpoint_leave_no_store_behind(tmp_path):
+    """A run killed once its activations spilled but before its first commit leaves a
+    kept store that commits nothing (no sweep removes a kept store): the next run,
+    starting afresh, removes it, so attempts killed early do not pile up stores."""
+    (tmp_path / "spill").mkdir()
+    for _ in range(2):
+        killed = run_child(
+            tmp_path, "--kill-subgraph", "1", "--kill-pass", "propagating", "--kill-batch", "14"
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # The second attempt started afresh and removed the first's store: its own is left.
+    assert len(Part(tmp_path / "ckpt").stores()) == 1

@@ -391,3 +391,37 @@ def test_a_class_whose_fields_changed_comes_back_as_a_dict(store):
         value = cache.fetch(0)["rec"]
     assert type(value) is dict and value["__class__"] == 5
     assert not dataclasses.is_dataclass(value)
+
+
+def test_a_linked_batches_dir_in_a_store_with_no_batch_is_refused_and_nothing_outside_goes(
+    tmp_path,
+):
+    """A kept store whose process died before its first flush records no batch, and
+    opening it tidies its ``batches/``: where that is a symbolic link, the store is
+    refused before anything is removed, and nothing it points to is touched."""
+    import warnings
+
+    config = CacheConfig(
+        host_bytes=0, inline_bytes=0, disk_path=str(tmp_path / "spill"), keep_store=True
+    )
+    cache = IntermediatesCache([{"h": torch.arange(4096.0)}], config=config)
+    cache.close()
+    path = Path(cache.store_path)
+    root = path / "zarr.json"
+    document = json.loads(root.read_text())
+    own = document["attributes"]["spillcache"]
+    own.update(complete=False, num_batches=0, released=True, keep=True)
+    own.pop("flush", None)
+    root.write_text(json.dumps(document))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "0").mkdir(parents=True)
+    (elsewhere / "0" / "precious").write_text("keep me")
+    (elsewhere / "notes.partial").write_text("keep me too")
+    shutil.rmtree(path / "batches")
+    os.symlink(elsewhere, path / "batches")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(StoreCorruptError, match="batches"):
+            IntermediatesCache.open(str(path))
+    assert (elsewhere / "0" / "precious").read_text() == "keep me"
+    assert (elsewhere / "notes.partial").read_text() == "keep me too"

@@ -317,6 +317,8 @@ def _go_back(
         )
     found = ranks.go_back(part, found, done)
     checkpoints.remove_unnamed_states(part, found)
+    if found is None:  # afresh: what runs killed before their first commit left goes
+        checkpoints.remove_uncommitted_stores(part)
     return found
 
 

@@ -47,7 +47,7 @@ from ..dtypes import byte_view, dtype_from_name, dtype_name, raw_dtype
 from ..io import chunkio
 from ..io.chunk_reads import crc32c_extend
 from ..text import format_bytes
-from .store_dirs import RANK_PREFIX, find_stores, rank_dirs, remove_empty_dirs
+from .store_dirs import RANK_PREFIX, find_stores, owner_alive, rank_dirs, remove_empty_dirs
 
 __all__ = [
     "NOTE_KEY",
@@ -63,6 +63,7 @@ __all__ = [
     "iter_states",
     "load_states",
     "named_tensors",
+    "remove_uncommitted_stores",
     "remove_unnamed_states",
     "save_states",
     "store_text",
@@ -240,6 +241,17 @@ def committed(part: Part) -> Checkpoint | None:
             f"version (its note in {path / 'zarr.json'} does not read); remove the "
             "directory to start afresh"
         ) from None
+
+
+def remove_uncommitted_stores(part: Part) -> list[Path]:
+    """Remove the stores of ``part`` that commit no checkpoint and whose process is dead
+    (a run killed before its first commit): a run that starts afresh makes its own."""
+    removed = []
+    for path, attributes in part.stores().items():
+        if _checkpoint_note(attributes) is None and owner_alive(attributes) is False:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def describe_store(path: Path, attributes: Mapping[str, Any]) -> dict[str, Any] | None:

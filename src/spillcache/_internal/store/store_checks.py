@@ -315,8 +315,10 @@ def recorded_batches(store: tensor_store.Store) -> int:
     count = store.attributes.get("num_batches", 0)
     if type(count) is not int or count < 0:
         raise _corrupt("root zarr.json", f"num_batches {_shown(count)} is not a count")
+    # Checked even with no batch recorded: a crashed store's batches/ is tidied
+    # (reopen._stray_files), and a link there would lead outside the store.
+    _check_dir(store.path, batch_dir(store.path), BATCHES)
     if count:
-        _check_dir(store.path, batch_dir(store.path), BATCHES)
         with os.scandir(batch_dir(store.path)) as entries:
             present = sum(1 for entry in entries if _BATCH_NAME.fullmatch(entry.name))
         if count > present:
