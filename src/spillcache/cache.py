@@ -190,6 +190,7 @@ class IntermediatesCache:
                 self._core.add_stall(time.perf_counter() - start)
                 self._core.mark_read(batch_index, read)
                 if generation != self._core.generation(batch_index):
+                    ready.let_go()  # not used: its copies' sources go once they ran
                     values = self.fetch(batch_index, input_names)
                 elif ready:
                     ready.wait()  # the consumer's stream waits for the side-stream copies
@@ -197,6 +198,7 @@ class IntermediatesCache:
         finally:
             for future in pending:
                 future.cancel()
+                future.add_done_callback(_let_go_unused)
 
     def pin_memory(self, batch_index: int, input_names: Collection[str] | None = None) -> None:
         """Bring a batch's values up to host RAM so that onloading them is fast."""
@@ -286,3 +288,10 @@ class IntermediatesCache:
             f"IntermediatesCache(batches={len(self)}, offload_device={self.offload_device}, "
             f"store={self.store_path})"
         )
+
+
+def _let_go_unused(future) -> None:
+    """A prefetch the iteration left unused: the host sources of its copies go once
+    those ran (``Ready.let_go``)."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().ready.let_go()

@@ -124,3 +124,29 @@ def test_a_direct_write_cut_short_inside_its_first_page_is_written_again(tmp_pat
     chunkio.write_file(tmp_path / "c", data, direct=True, staging=None)  # HEAD: OSError EIO
     assert offsets == [0, 0]
     assert (tmp_path / "c").read_bytes() == bits(data)
+
+
+def test_a_prefetch_copys_host_source_is_held_until_the_copy_ran():
+    """A prefetch's host-to-device copy reads an arena slot or a read buffer, which
+    torch does not keep from reuse as it keeps its own pinned memory: ``Ready`` holds
+    the source until the copy's event completed (``let_go``, after ``wait`` or for a
+    batch never used). A stand-in event counts the waits (no GPU here)."""
+    import weakref
+
+    from spillcache._internal.io.transfers import Ready
+
+    class Event:
+        def __init__(self) -> None:
+            self.waited = 0
+
+        def synchronize(self) -> None:
+            self.waited += 1
+
+    event, source = Event(), torch.ones(16)
+    alive = weakref.ref(source)
+    ready = Ready()
+    ready.add(torch.device("cpu"), event, torch.empty(16), source)
+    del source
+    assert alive() is not None and event.waited == 0  # still held: the copy may be running
+    ready.let_go()
+    assert event.waited == 1 and alive() is None and not ready

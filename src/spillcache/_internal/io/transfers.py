@@ -100,24 +100,41 @@ def to_host(tensor: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
 
 
 class Ready:
-    """The copies a prefetched batch still has in flight on side streams."""
+    """The copies a prefetched batch still has in flight on side streams, and the host
+    tensors they copy from. Those are arena slots or read buffers, not torch's pinned
+    memory, which torch itself keeps from reuse until a copy from it ran: each is held
+    here until its copy's event completed, or a later read could overwrite it mid-copy."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[torch.device, torch.cuda.Event, list[torch.Tensor]]] = []
+        self._pending: list[tuple[torch.device, torch.cuda.Event, torch.Tensor, torch.Tensor]] = []
 
-    def add(self, device: torch.device, event: torch.cuda.Event, tensor: torch.Tensor) -> None:
-        self._pending.append((device, event, [tensor]))
+    def add(
+        self,
+        device: torch.device,
+        event: torch.cuda.Event,
+        tensor: torch.Tensor,
+        source: torch.Tensor,
+    ) -> None:
+        self._pending.append((device, event, tensor, source))
 
     def __bool__(self) -> bool:
         return bool(self._pending)
 
     def wait(self) -> None:
-        """Make the calling thread's current stream wait for every copy (GPU-side)."""
-        for device, event, tensors in self._pending:
+        """Make the calling thread's current stream wait for every copy (GPU-side), then
+        let the host sources go (``let_go``)."""
+        for device, event, tensor, _ in self._pending:
             stream = torch.cuda.current_stream(device)
             stream.wait_event(event)
-            for tensor in tensors:
-                tensor.record_stream(stream)
+            tensor.record_stream(stream)
+        self.let_go()
+
+    def let_go(self) -> None:
+        """Wait (on the CPU) until every copy ran, then drop the host tensors it copied
+        from, whose memory may be reused at once: also for a batch never used. A
+        prefetch queues its copies a batch or more ahead, so they have mostly run."""
+        for _, event, _, _ in self._pending:
+            event.synchronize()
         self._pending.clear()
 
 
@@ -201,7 +218,7 @@ class Transfers:
             moved = move(tensor, device, non_blocking=tensor.is_pinned())
             done = torch.cuda.Event()
             done.record(side)
-        ready.add(device, done, moved)
+        ready.add(device, done, moved, tensor)
         if requires_grad:
             moved.requires_grad_(True)
         return moved
