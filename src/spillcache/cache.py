@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
 
@@ -113,12 +113,12 @@ class IntermediatesCache:
         model_device = torch.device(model_device)
         cache = cls(None, offload_device, config=config)
         for batch in tqdm(dataloader, desc="Preparing intermediates cache"):
-            if not isinstance(batch, dict):
+            if not isinstance(batch, Mapping):
                 raise TypeError(
                     f"from_dataloader needs batches that are dicts of name -> value, got "
                     f"{type(batch).__name__}; wrap the dataset to yield dicts"
                 )
-            cache._core.append(batch, onload_device=model_device)
+            cache._core.append(dict(batch.items()), onload_device=model_device)
         return cache
 
     @classmethod

@@ -87,7 +87,15 @@ def _parse_size_string(field_name: str, text: str) -> int:
             f"(units: {units}, any case)"
         )
     # Decimal, not float: "8.2MB" is exactly 8200000 and "9007199254740993" stays exact.
-    number = decimal.Decimal(match.group(1)) * _UNITS[unit]
+    try:
+        with decimal.localcontext() as context:  # exact, or refused: never rounded
+            context.prec = 100
+            context.traps[decimal.Inexact] = context.traps[decimal.Underflow] = True
+            number = decimal.Decimal(match.group(1)) * _UNITS[unit]
+    except decimal.Overflow:
+        raise ConfigError(f"{field_name}: {text!r} is larger than any disk or memory") from None
+    except ArithmeticError:  # digits beyond any size, or a size below one byte
+        raise ConfigError(f"{field_name}: {text!r} is not a whole number of bytes") from None
     if number > _MAX_SIZE:
         raise ConfigError(f"{field_name}: {text!r} is larger than any disk or memory")
     if number != number.to_integral_value():

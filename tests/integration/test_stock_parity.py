@@ -8,6 +8,7 @@ values in RAM and spilled."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import inspect
@@ -235,3 +236,55 @@ def test_a_batch_used_as_a_dict_gives_what_the_stock_class_gives(spilled, tmp_pa
     assert [label for label, _ in got] == [label for label, _ in expected]
     for (label, mine), (_, theirs) in zip(got, expected, strict=True):
         assert mine == theirs, label
+
+
+def test_batches_that_are_mappings_but_not_dicts_are_taken_as_the_stock_class_takes_them(
+    tmp_path,
+):
+    """llm-compressor's ``data_collator="padding"`` (``DataCollatorWithPadding``) yields
+    ``BatchEncoding``s, a ``UserDict``: the stock class reads any batch by ``.items()``."""
+    from transformers import BatchEncoding
+
+    config = spillcache.CacheConfig(host_bytes=0, inline_bytes=0, disk_path=str(tmp_path))
+    batches = [BatchEncoding({"input_ids": random_tensor(torch.int64, (1, 7), seed)})
+               for seed in range(2)]  # fmt: skip
+    stock = Stock.from_dataloader(batches)
+    with IntermediatesCache.from_dataloader(batches, config=config) as cache:
+        for ours, theirs in zip(cache, stock, strict=True):
+            assert bits(ours["input_ids"]) == bits(theirs["input_ids"])
+        cache.update(0, collections.UserDict({"x": torch.ones(2)}))  # update, likewise
+        assert bits(cache.fetch(0)["x"]) == bits(torch.ones(2))
+
+
+@pytest.mark.parametrize("where", ["host", "disk"])
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_conjugate_and_negative_views_come_back_as_their_values(tmp_path, where, view):
+    """A lazy conjugate or negation has no same-width raw view of its bits: it is
+    stored resolved, and comes back equal to what the stock class gives back."""
+    base = random_tensor(torch.complex64 if view == "conj" else torch.float32, (64,))
+    base = torch.nan_to_num(base)  # compared with torch.equal: no NaN
+    value = base.conj() if view == "conj" else base._neg_view()
+    stock = Stock.empty(1, "cpu")
+    stock.update(0, {"a": value})
+    host = "64MiB" if where == "host" else 0
+    config = spillcache.CacheConfig(host_bytes=host, inline_bytes=0, disk_path=str(tmp_path))
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
+        cache.update(0, {"a": value})
+        cache.flush()
+        assert torch.equal(cache.fetch(0)["a"], stock.fetch(0)["a"])
+
+
+def test_one_small_tensor_stored_twice_comes_back_as_one_object_as_in_the_stock_class(tmp_path):
+    t = torch.randn(3, 4)  # small: kept with its entry (inline)
+    values = {"a": t, "b": [t, t]}
+    stock = Stock.empty(1, "cpu")
+    stock.update(0, values)
+    theirs = stock.fetch(0)
+    config = spillcache.CacheConfig(disk_path=str(tmp_path))
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
+        cache.update(0, values)
+        ours = cache.fetch(0)
+    assert (ours["a"] is ours["b"][0], ours["b"][0] is ours["b"][1]) == (
+        theirs["a"] is theirs["b"][0],
+        theirs["b"][0] is theirs["b"][1],
+    )

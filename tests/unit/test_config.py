@@ -65,6 +65,10 @@ def test_parse_size_units_are_case_insensitive(text):
         (-1.0, ConfigError, r"host_bytes: sizes cannot be negative"),
         ("1.5B", ConfigError, r"host_bytes: '1.5B' is not a whole number of bytes"),
         ("0.1GiB", ConfigError, r"host_bytes: .* not a whole number"),
+        # Past decimal's default 28 digits: refused, never rounded to 0 or to 1 KiB.
+        ("1e-2000000GiB", ConfigError, r"host_bytes: '1e-2000000GiB' is not a whole number"),
+        ("1.00000000000000000000000000001KiB", ConfigError, r"not a whole number"),
+        ("1e999999999GiB", ConfigError, r"'1e999999999GiB' is larger than any disk or memory"),
         (1.5, ConfigError, r"host_bytes: 1.5 is not a whole number"),
         (float("inf"), ConfigError, r"host_bytes: inf is not a whole number"),
         (float("nan"), ConfigError, r"host_bytes: nan is not a whole number"),

@@ -16,7 +16,7 @@ then finishes in a transaction: promotion, release, and clearing ``loading``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -81,20 +81,29 @@ class Offload:
         """Everything about storing ``values`` that needs no lock: checking them,
         flattening them, and their copies off the accelerator (and compact copies of
         views), so that a slow device-to-host transfer holds up no other thread."""
+        if isinstance(values, Mapping) and not isinstance(values, dict):
+            values = dict(values.items())  # as the stock class: anything with .items()
         if not isinstance(values, dict):
             raise TypeError(f"values must be a dict of name -> value, got {type(values).__name__}")
         for key in values:
             if not isinstance(key, str):
                 raise TypeError(f"keys must be str, got {key!r} ({type(key).__name__})")
         prepared = []
+        inline: dict[int, torch.Tensor] = {}  # one copy per tensor given (stock: one object)
         for key, value in values.items():
             flat = flatten(value, onload_device)
             leaves = []
-            for leaf in flat.tensors:
+            for i, leaf in enumerate(flat.tensors):
+                if leaf.tensor.is_conj() or leaf.tensor.is_neg():  # no raw view of lazy bits
+                    leaf = flat.tensors[i] = leaf._replace(
+                        tensor=leaf.tensor.resolve_conj().resolve_neg()
+                    )
                 if self._is_tiered(leaf.tensor):
                     leaves.append((leaf, self._offload_tiered(leaf.tensor), True))
                 else:
-                    leaves.append((leaf, self._offload_inline(leaf.tensor), False))
+                    if id(leaf.tensor) not in inline:
+                        inline[id(leaf.tensor)] = self._offload_inline(leaf.tensor)
+                    leaves.append((leaf, inline[id(leaf.tensor)], False))
             prepared.append(Prepared(key, flat, leaves))
         return prepared
 
