@@ -198,3 +198,27 @@ def test_regression_an_unfinished_flushs_arrays_are_the_orphans_not_the_last_flu
     dead(image)
     orphans = find_orphans(image, read_root_attributes(image))
     assert orphans["unreferenced"] == [new]
+
+
+def test_gc_says_removed_only_for_what_it_removed(tmp_path, cli):
+    """A store gc finds through a link (or one not this user's to delete) stays: gc says
+    so, and counts it in neither the stores nor the bytes it removed."""
+    from spillcache._internal.store.tensor_store import Store
+
+    store = Store.create(tmp_path / "elsewhere")
+    root = store.path / "zarr.json"
+    root.write_text(root.read_text().replace(f'"pid": {os.getpid()}', '"pid": 999999999'))
+    listed = tmp_path / "disk"
+    listed.mkdir()
+    link = listed / store.path.name
+    link.symlink_to(store.path, target_is_directory=True)
+    try:
+        status, lines = cli("gc", str(listed), "--yes")
+        assert status == 0
+        assert os.path.lexists(link) and store.path.is_dir()  # nothing was removed
+        assert f"could not remove {link}" in "\n".join(lines)
+        assert not any(line.startswith(f"removed {link}") for line in lines), lines
+        assert lines[-1].startswith("removed 0 of 1 stores"), lines
+    finally:
+        store_dirs.unregister(store.path)
+        shutil.rmtree(tmp_path / "elsewhere")

@@ -288,3 +288,40 @@ def test_a_pipeline_module_without_the_names_is_not_hooked(tmp_path):
         unhook = hook_pipeline(module, watch)
     unhook()
     assert not hasattr(module, "tqdm")
+
+
+def test_a_line_torn_by_a_full_disk_does_not_swallow_the_next_runs_start(tmp_path, monkeypatch):
+    from spillcache._internal.cli.report_cli import read_runs
+
+    path = tmp_path / "run.jsonl"
+    first, _, _ = watched(tmp_path, metrics_path=path)
+    first.begin(SETTING)
+    first.pass_started("(1/2): Calibrating")
+    real_write = os.write
+    monkeypatch.setattr(run_watch.os, "write", lambda fd, data: real_write(fd, data[:10]))
+    with pytest.warns(UserWarning, match="could not write the metrics file"):
+        first.safely(first.pass_started, "(2/2): Calibrating")  # a torn line; the run goes on
+    monkeypatch.setattr(run_watch.os, "write", real_write)
+    second, _, _ = watched(tmp_path, metrics_path=path)
+    monkeypatch.setattr(run_watch.os, "getpid", lambda: 999_999)  # another process
+    second.begin(SETTING)
+    second.pass_started("(1/1): Calibrating")
+    second.finish()
+    runs = read_runs(path)
+    assert len(runs) == 2 and runs[1].end is not None
+
+
+def test_a_retry_after_a_failure_in_the_first_subgraph_is_a_new_run(tmp_path):
+    path = tmp_path / "run.jsonl"
+    watch, source, _ = watched(tmp_path, metrics_path=path)
+    watch.begin(SETTING)
+    watch.pass_started("(1/2): Calibrating")
+    source.move(disk_written_bytes=100)  # it fails here, and never says calibration_end
+    watch.pass_started("(1/2): Calibrating")  # the retry
+    source.move(disk_written_bytes=7)
+    watch.pass_started("(1/2): Propagating")
+    watch.pass_started("(2/2): Calibrating")
+    found = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in found] == ["start", "subgraph", "end", "start", "subgraph"]
+    assert found[2]["error"] == "a new calibration began before this one ended"
+    assert found[1]["written_bytes"] == 100 and found[4]["written_bytes"] == 7

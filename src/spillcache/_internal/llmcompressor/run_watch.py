@@ -198,6 +198,7 @@ class RunWatch:
         self._start = self._last = time.perf_counter()
         self._base = self._previous = self._source.figures(reset_peak=True)
         self._subgraph: tuple[int, int] | None = None
+        self._calibrated = False  # the current subgraph's calibrating pass began
         self._done = 0
         self._values_peak = 0  # the run's: the most of any subgraph's
         self._open_metrics()
@@ -216,14 +217,18 @@ class RunWatch:
         if not self._running or found is None:
             return
         subgraph = (int(found.group(1)), int(found.group(2)))
-        if self._subgraph is not None and subgraph < self._subgraph:
-            # An earlier subgraph again: a new calibration with the same switch, the last
-            # one having ended without calibration_end (an exception, then a retry).
+        calibrating = "Calibrating" in desc
+        again = subgraph == self._subgraph and calibrating and self._calibrated
+        if self._subgraph is not None and (subgraph < self._subgraph or again):
+            # An earlier subgraph, or this one's calibrating pass, again: a new calibration
+            # with the same switch, the last one having ended without calibration_end (an
+            # exception, then a retry).
             self.finish(error="a new calibration began before this one ended")
             self.begin(self._setting)
         started = time.perf_counter()
         if self._subgraph is not None and subgraph != self._subgraph:
             self._close_subgraph()
+        self._calibrated = calibrating or (subgraph == self._subgraph and self._calibrated)
         self._subgraph = subgraph
         self._spent += time.perf_counter() - started
 
@@ -303,6 +308,12 @@ class RunWatch:
             self._fd = os.open(
                 self._metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
+            # A line an earlier run tore (a full disk) ends here, not inside our first.
+            with open(self._metrics_path, "rb") as existing:
+                if existing.seek(0, os.SEEK_END):  # not empty: does its last line end?
+                    existing.seek(-1, os.SEEK_END)
+                    if existing.read(1) != b"\n":
+                        os.write(self._fd, b"\n")
         except OSError as error:
             self._metrics_failed(error)
 

@@ -411,9 +411,14 @@ def collect_garbage(
     attributes = {row["path"]: _attributes(row["path"]) for row in dead}
     kept = {path for path, found in attributes.items() if _kept(found)}
     doomed = [row for row in dead if everything or row["path"] not in kept]
+    failed = []  # still there after rmtree: a link, or not this user's to delete
     for row in doomed:
         if remove:
             shutil.rmtree(row["path"], ignore_errors=True)
+            if os.path.lexists(row["path"]):
+                failed.append(row)
+                yield f"could not remove {row['path']} (a link, or not this user's to delete)"
+                continue
         yield f"{verb} {row['path']} ({format_bytes(row['bytes'])}, pid {row['pid']} is dead)"
     orphans = 0
     orphan_bytes = 0
@@ -434,6 +439,7 @@ def collect_garbage(
             f"(pid {row['pid']} is dead)"
         )
     emptied = yield from _empty_directories(runs, {row["path"] for row in doomed}, remove, verb)
+    doomed = [row for row in doomed if row not in failed]
     freed = format_bytes(sum(row["bytes"] for row in doomed))
     plural = "directory" if len(emptied) == 1 else "directories"
     directories = f" and {len(emptied)} empty {plural}" if emptied else ""
