@@ -118,7 +118,7 @@ class IntermediatesCache:
                     f"from_dataloader needs batches that are dicts of name -> value, got "
                     f"{type(batch).__name__}; wrap the dataset to yield dicts"
                 )
-            cache._core.append(dict(batch.items()), onload_device=model_device)
+            cache._core.append(batch, onload_device=model_device)
         return cache
 
     @classmethod

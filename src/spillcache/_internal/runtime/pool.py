@@ -215,9 +215,9 @@ class SharedPool:
                 return False
         return True
 
-    def _copy_to_host(self, needs: Needs) -> dict[int, torch.Tensor]:
+    def _copy_to_host(self, needs: Needs) -> dict[tuple, torch.Tensor]:
         """Lock NOT held: the host copies of the device values ``needs`` asks for, by
-        record (a full arena is waited for here: the lock is not held)."""
+        the key it asks by (a full arena is waited for here: the lock is not held)."""
         pin = self.placement.pin_host
         return {
             key: self.transfers.to_host(tensor, pin=pin, arena=self.arena)

@@ -243,15 +243,12 @@ def committed(part: Part) -> Checkpoint | None:
         ) from None
 
 
-def remove_uncommitted_stores(part: Part) -> list[Path]:
+def remove_uncommitted_stores(part: Part) -> None:
     """Remove the stores of ``part`` that commit no checkpoint and whose process is dead
     (a run killed before its first commit): a run that starts afresh makes its own."""
-    removed = []
     for path, attributes in part.stores().items():
         if _checkpoint_note(attributes) is None and owner_alive(attributes) is False:
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def describe_store(path: Path, attributes: Mapping[str, Any]) -> dict[str, Any] | None:
