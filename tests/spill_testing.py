@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -214,3 +215,36 @@ def progress_spies(said: list[str]) -> list[tuple[object, str, object]]:
         say(message)
 
     return [(pipeline, "tqdm", titled), (resumable_pipeline, "_say", saying)]
+
+
+def fetch_finishes_during_a_held_copy(cache, held, update, batch: int, expected) -> None:
+    """``update()`` runs on a thread of its own while the pool's host copy of the tensor
+    ``held(tensor)`` picks is held up: meanwhile another thread's ``fetch`` of ``batch``
+    must finish (``["h"]``, equal to ``expected``), which it cannot if the copy runs
+    under the pool's lock. The copy is then let go and the update must end."""
+    transfers = cache._core.transfers
+    plain_to_host = transfers.to_host
+    copying, release = threading.Event(), threading.Event()
+
+    def held_up(tensor, **options):
+        if held(tensor):
+            copying.set()
+            release.wait()  # the copy "takes" until the test lets it end
+        return plain_to_host(tensor, **options)
+
+    transfers.to_host = held_up
+    updater = threading.Thread(target=update)
+    updater.start()
+    try:
+        assert copying.wait(timeout=30), "no copy of the tensor was made"
+        fetched: list = []
+        reader = threading.Thread(target=lambda: fetched.append(cache.fetch(batch)["h"]))
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "a fetch of another batch waited for the copy"
+        assert_same(fetched[0], expected)
+        assert updater.is_alive()  # the copy was still held up meanwhile
+    finally:
+        release.set()
+        updater.join(timeout=30)
+    assert not updater.is_alive()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
-from spill_testing import ALL_DTYPES, assert_same, random_tensor
+from spill_testing import ALL_DTYPES, assert_same, fetch_finishes_during_a_held_copy, random_tensor
 from spillcache import CacheConfig, IntermediatesCache
 
 pytestmark = [
@@ -74,32 +72,13 @@ def test_a_device_tier_eviction_copies_to_the_host_without_the_pools_lock(tmp_pa
         cache.update(2, {"h": on_host})
         cache.update(0, {"h": victim})
         assert cache.stats()["device"]["bytes"] == mib  # the device tier is full
-        transfers = cache._core.transfers
-        plain_to_host = transfers.to_host
-        copying, release = threading.Event(), threading.Event()
-
-        def held_up(tensor, **options):
-            if tensor.device.type == "cuda" and torch.equal(tensor, victim):
-                copying.set()
-                release.wait()  # the eviction's copy "takes" until the test lets it end
-            return plain_to_host(tensor, **options)
-
-        transfers.to_host = held_up
-        updater = threading.Thread(target=cache.update, args=(1, {"h": newcomer}))
-        updater.start()
-        try:
-            assert copying.wait(timeout=30), "the update evicted nothing from the device tier"
-            fetched: list = []
-            reader = threading.Thread(target=lambda: fetched.append(cache.fetch(2)["h"]))
-            reader.start()
-            reader.join(timeout=30)
-            assert not reader.is_alive(), "a fetch waited for the eviction's copy"
-            assert_same(fetched[0], on_host)
-            assert updater.is_alive()  # the copy was still held up meanwhile
-        finally:
-            release.set()
-            updater.join(timeout=30)
-        assert not updater.is_alive()
+        fetch_finishes_during_a_held_copy(
+            cache,
+            lambda tensor: tensor.device.type == "cuda" and torch.equal(tensor, victim),
+            lambda: cache.update(1, {"h": newcomer}),
+            batch=2,
+            expected=on_host,
+        )
         assert cache.stats()["device"]["bytes"] == mib
         for index, value in enumerate([victim, newcomer, on_host]):
             assert_same(cache.fetch(index)["h"], value)

@@ -288,21 +288,41 @@ def test_failed_write_leaves_no_partial_and_the_old_file(
     assert staging.available == 2
 
 
-def test_short_direct_write_resumes_from_a_page_boundary(tmp_path, monkeypatch):
+def first_pwrite_cut_short(monkeypatch, written: int, reported: int) -> list[int]:
+    """``os.pwrite`` whose first call writes ``written`` bytes and reports ``reported``
+    (a device that stopped inside the request); the offset of every call."""
     real_pwrite = os.pwrite
-    offsets = []
+    offsets: list[int] = []
 
-    def short_first(fd, data, offset):
+    def pwrite(fd, data, offset):
         offsets.append(offset)
-        if len(offsets) == 1:
-            real_pwrite(fd, data[: 2 * PAGE], offset)
-            return PAGE + 100  # as if the device stopped inside the second page
-        return real_pwrite(fd, data, offset)
+        if len(offsets) > 1:
+            return real_pwrite(fd, data, offset)
+        if written:
+            real_pwrite(fd, data[:written], offset)
+        return reported
 
-    monkeypatch.setattr(os, "pwrite", short_first)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return offsets
+
+
+def test_short_direct_write_resumes_from_a_page_boundary(tmp_path, monkeypatch):
+    # As if the device stopped inside the second page.
+    offsets = first_pwrite_cut_short(monkeypatch, written=2 * PAGE, reported=PAGE + 100)
     data = payload(3 * PAGE, aligned=True)
     write_file(tmp_path / "c", data, direct=True, staging=None)
     assert offsets == [0, PAGE]  # not PAGE + 100: O_DIRECT needs aligned offsets
+    assert (tmp_path / "c").read_bytes() == bits(data)
+
+
+def test_a_direct_write_cut_short_inside_its_first_page_is_written_again(tmp_path, monkeypatch):
+    # A short O_DIRECT write can end on a logical-block (512 B) boundary inside a page:
+    # bytes were written, so it is progress, though rounding down to a page makes it 0;
+    # that page is written again (it used to fail with "no progress", EIO).
+    offsets = first_pwrite_cut_short(monkeypatch, written=0, reported=512)
+    data = payload(3 * PAGE, aligned=True)
+    write_file(tmp_path / "c", data, direct=True, staging=None)
+    assert offsets == [0, 0]
     assert (tmp_path / "c").read_bytes() == bits(data)
 
 

@@ -1,6 +1,7 @@
-"""The I/O layer at its edges: a direct read or write the kernel cuts short where the
-code must resume exactly where it stopped, a read buffer held only through its storage,
-and an arena closed while another thread lets go of its last slot."""
+"""The I/O layer at its edges: a direct read the kernel cuts short where the code must
+resume exactly where it stopped, a read buffer held only through its storage, an arena
+closed while another thread lets go of its last slot, and a prefetch's host source
+held until its copy ran. (A direct write cut short: tests/unit/test_chunkio.py.)"""
 
 from __future__ import annotations
 
@@ -101,29 +102,6 @@ def test_a_read_buffer_held_through_its_storage_is_not_handed_out_again():
     kept = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (5000,))
     assert again.data_ptr() != address  # HEAD: the same block, handed out again
     assert bool((kept == 1).all())  # HEAD: the kept bytes now read 2
-
-
-def test_a_direct_write_cut_short_inside_its_first_page_is_written_again(tmp_path, monkeypatch):
-    # A short O_DIRECT write can end on a logical-block (512 B) boundary inside a page:
-    # bytes were written, so it is progress, but rounding down to a page makes it 0 and
-    # _pwrite_all reports "no progress" (EIO) instead of writing that page again.
-    from spillcache._internal.io import chunkio
-
-    real_pwrite = os.pwrite
-    offsets = []
-
-    def short_first(fd, data, offset):
-        offsets.append(offset)
-        if len(offsets) == 1:
-            return 512  # as if the device stopped after one 512-byte sector
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", short_first)
-    data = aligned_empty(3 * PAGE)
-    data.copy_(random_tensor(torch.uint8, (3 * PAGE,), 5))
-    chunkio.write_file(tmp_path / "c", data, direct=True, staging=None)  # HEAD: OSError EIO
-    assert offsets == [0, 0]
-    assert (tmp_path / "c").read_bytes() == bits(data)
 
 
 def test_a_prefetch_copys_host_source_is_held_until_the_copy_ran():
