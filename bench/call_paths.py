@@ -17,13 +17,24 @@ pool threads' run until the write is done (``flush()``), and vary a little with 
 threads' timing (which thread gives an arena slot back; work of an earlier call that
 a lane is still finishing).
 
+With each figure comes the fewest modules that could hold the same calls under issue
+24's other rules: a module lives in one folder (the folders say what their files may
+assume), holds at most 500 lines, and keeps each class and top-level function whole.
+The lines of the top-level definitions the call runs are added up per folder; each
+folder needs at least that many lines over 500, rounded up, modules. Imports,
+docstrings and the definitions the call does not run are left out, so the true least
+is higher.
+
     python bench/call_paths.py [--list] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
+import math
 import sys
 import tempfile
 import threading
@@ -37,6 +48,7 @@ from spillcache import CacheConfig, IntermediatesCache
 PACKAGE = "spillcache"
 MiB = 2**20
 VALUE_SHAPE = (MiB // 2,)  # 1 MiB of bf16
+MODULE_LINES = 500  # issue 24's bound on a module, held by tests/unit/test_import_rules.py
 
 
 class CallMap:
@@ -65,9 +77,34 @@ class CallMap:
                 "modules": len({module for module, _ in calls}),
                 "module_names": sorted({module for module, _ in calls}),
                 "function_names": sorted(f"{m}:{f}" for m, f in calls),
+                **fewest_modules(calls),
             }
             for role, calls in sorted(self.calls.items())
         }
+
+
+def fewest_modules(calls: set[tuple[str, str]]) -> dict:
+    """The least number of modules the called definitions fit in (the module docstring
+    says under which rules), and the lines per folder it comes from."""
+    lines_by_folder: dict[str, int] = defaultdict(int)
+    for module, top in {(module, name.split(".")[0]) for module, name in calls}:
+        lines = definition_lines(module, top)
+        if lines:  # a dataclass's generated __init__ has no definition of its own
+            lines_by_folder[module.rpartition(".")[0]] += lines
+    return {
+        "fewest_modules": sum(math.ceil(n / MODULE_LINES) for n in lines_by_folder.values()),
+        "lines_by_folder": dict(sorted(lines_by_folder.items())),
+    }
+
+
+def definition_lines(module: str, name: str) -> int:
+    """Lines of the top-level class or function ``name`` of ``module``, decorators in."""
+    source = Path(importlib.import_module(module).__file__).read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef) and node.name == name:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            return node.end_lineno - first + 1
+    return 0
 
 
 def measure() -> dict[str, dict]:
@@ -133,6 +170,12 @@ def main() -> None:
             print(
                 "    " + ", ".join(m.removeprefix("spillcache.") for m in figures["module_names"])
             )
+            folders = ", ".join(
+                f"{folder.removeprefix('spillcache.') or 'spillcache'} {lines}"
+                for folder, lines in figures["lines_by_folder"].items()
+            )
+            print(f"    fewest modules that could hold them: {figures['fewest_modules']} "
+                  f"(lines run, by folder: {folders})")  # fmt: skip
             if args.list:
                 for function in figures["function_names"]:
                     print("      " + function)
