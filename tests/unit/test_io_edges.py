@@ -1,12 +1,18 @@
 """The I/O layer at its edges: a direct read the kernel cuts short where the code must
 resume exactly where it stopped, a read buffer held only through its storage, an arena
-closed while another thread lets go of its last slot, and a prefetch's host source
-held until its copy ran. (A direct write cut short: tests/unit/test_chunkio.py.)"""
+closed while another thread lets go of its last slot, a prefetch's host source held
+until its copy ran, a read buffer that could not be made, an error with writes queued,
+and slots still held at interpreter exit. (A direct write cut short:
+tests/unit/test_chunkio.py.)"""
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -128,3 +134,86 @@ def test_a_prefetch_copys_host_source_is_held_until_the_copy_ran():
     assert alive() is not None and event.waited == 0  # still held: the copy may be running
     ready.let_go()
     assert event.waited == 1 and alive() is None and not ready
+
+
+def test_a_read_buffer_that_could_not_be_made_leaves_the_pools_budget_as_it_was(monkeypatch):
+    # take counts a kept block's bytes before it allocates them (so that two threads do
+    # not both pass max_bytes); an allocation that fails (no memory, a pinned block
+    # refused) must not leave them counted, or the pool stops keeping blocks for good.
+    from spillcache._internal.io import buffers
+
+    pool = buffers.BufferPool(PAGE)
+    real = buffers.aligned_empty
+
+    def refused(nbytes, *, pin=False):
+        monkeypatch.setattr(buffers, "aligned_empty", real)
+        raise MemoryError("no memory for a read buffer")
+
+    monkeypatch.setattr(buffers, "aligned_empty", refused)
+    with pytest.raises(MemoryError):
+        pool.take(PAGE)
+    assert pool.nbytes == 0  # HEAD: 4096, counted for a block that was never made
+    first = pool.take(PAGE)
+    address = first.data_ptr()
+    del first
+    assert pool.nbytes == PAGE and pool.take(PAGE).data_ptr() == address  # kept, reused
+
+
+def test_an_error_in_a_block_with_writes_queued_is_not_replaced_by_one_while_draining(
+    monkeypatch,
+):
+    # The block's error names the cause (ENOSPC: a full disk, DiskFullError); one from
+    # waiting for the queued writes afterwards must not take its place.
+    from spillcache._internal.io import aio
+
+    class FailingDrain:
+        destroyed = False
+
+        def drain(self):
+            raise OSError(errno.EINVAL, "getevents: Invalid argument")
+
+        def destroy(self):
+            self.destroyed = True
+
+    ctx = FailingDrain()
+    monkeypatch.setattr(aio, "available", lambda: True)
+    monkeypatch.setattr(aio, "_idle", [ctx])
+    with pytest.raises(OSError) as raised:
+        with aio.context():
+            raise OSError(errno.ENOSPC, "write at offset 0: No space left on device")
+    assert raised.value.errno == errno.ENOSPC  # HEAD: EINVAL, the drain's
+    assert "getevents" in "".join(getattr(raised.value, "__notes__", []))
+    assert ctx.destroyed and aio._idle == []  # a context that failed is not lent again
+
+
+def test_slots_still_held_at_interpreter_exit_are_not_handed_out_again(tmp_path):
+    # weakref.finalize runs pending finalizers at exit, newest first: a slot's finalizer
+    # (atexit=True) would put a slot still held back in the free list before an older
+    # finalizer (a cache's close, made before its slots) runs, which could then be handed
+    # that memory over a value it is still writing out.
+    script = tmp_path / "exit.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import weakref
+            from spillcache._internal.io.arena import Arena
+
+            arena = Arena(1 << 20)
+
+            def close_at_exit():
+                slots = arena.stats()["slots"]
+                fresh = arena.take(4096)
+                fresh.fill_(2)
+                print(slots, fresh.data_ptr() == held.data_ptr(), bool((held == 1).all()))
+
+            weakref.finalize(arena, close_at_exit)
+            held = arena.take(4096)
+            held.fill_(1)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.split() == ["1", "False", "True"]  # HEAD: 0 True False

@@ -216,11 +216,25 @@ def context() -> Iterator[Context | None]:
                 ctx = None  # EAGAIN (aio-max-nr) and the like: this write goes without
     try:
         yield ctx
-    finally:
+    except BaseException as error:
         if ctx is not None:
-            try:
-                ctx.drain()
-            except BaseException:
-                ctx.destroy()  # waits for whatever is still queued; the context is gone
-                raise
-            _idle.append(ctx)
+            _lend_again_when_drained(ctx, failed=error)
+        raise
+    if ctx is not None:
+        _lend_again_when_drained(ctx)
+
+
+def _lend_again_when_drained(ctx: Context, failed: BaseException | None = None) -> None:
+    """Back to the free list once nothing is queued; destroyed if waiting fails. Where
+    the block already ``failed``, that error is kept (a later one is only noted on it)."""
+    try:
+        ctx.drain()
+    except BaseException as error:
+        ctx.destroy()  # waits for whatever is still queued; the context is gone
+        if failed is None:
+            raise
+        # The block's error names the cause (its errno: ENOSPC is a full disk, a
+        # DiskFullError); one from waiting afterwards must not take its place.
+        failed.add_note(f"then waiting for its queued writes failed: {error!r}")
+        return
+    _idle.append(ctx)

@@ -224,7 +224,9 @@ class Arena:
                 slot = _slot_type(size).from_buffer(self._mapping, offset)
         if offset is None:
             return self._overflow(nbytes, size, pin)
-        weakref.finalize(slot, self._give_back, offset, size)
+        # Not at exit: weakref runs pending finalizers newest first, so a slot still held
+        # would be freed before an older one (a cache's close) that may take it again.
+        weakref.finalize(slot, self._give_back, offset, size).atexit = False
         # The caller's own tensors come and go at this pace too (values copied in and
         # freed, values compared with what was read): see buffers.heap_moved.
         heap_moved(size)

@@ -234,10 +234,16 @@ class BufferPool:
             keep = self._bytes + size <= self.max_bytes
             if keep:
                 self._bytes += size
-        tensor = aligned_empty(size, pin=pin)
-        # Touch every page once, on this thread and in order: later reads then land in
-        # resident memory, and the block's pages stay as contiguous as they came.
-        tensor.numpy().fill(0)
+        try:
+            tensor = aligned_empty(size, pin=pin)
+            # Touch every page once, on this thread and in order: later reads then land
+            # in resident memory, and the block's pages stay as contiguous as they came.
+            tensor.numpy().fill(0)
+        except BaseException:
+            if keep:  # counted for a block never made: else the pool stops keeping blocks
+                with self._lock:
+                    self._bytes -= size
+            raise
         if keep:
             block = _Block(tensor)
             with self._lock:
