@@ -331,6 +331,15 @@ def _export_to(tensor: torch.Tensor, path: Path) -> str:
     return f"wrote {path} (numpy {array.dtype}{note})"
 
 
+def _check_leaf(leaf: int, count: int) -> None:
+    """--leaf must number one of the value's ``count`` tensors (as ``show`` numbers them)."""
+    if not 0 <= leaf < count:
+        fix = {0: "it holds none: leave out --leaf", 1: "it holds one: give 0"}.get(
+            count, f"its tensors are numbered 0 to {count - 1}: give one of those"
+        )
+        raise ValueError(f"--leaf: {leaf} is not a tensor of this value; {fix}")
+
+
 def _show(args: argparse.Namespace) -> int:
     from spillcache._internal.store.summary import (
         load_value,
@@ -353,6 +362,8 @@ def _show(args: argparse.Namespace) -> int:
     )
     tensors: list[torch.Tensor] = []
     lines = _describe(value, "", tensors)
+    if args.leaf is not None:  # refused with or without --export, before anything is printed
+        _check_leaf(args.leaf, len(tensors))
     stats = [tensor_stats(tensor) for tensor in tensors]
     if rot:  # the statistics below may be of damaged bytes, and nothing could tell
         print(f"WARNING {rot}", file=sys.stderr)
@@ -371,11 +382,7 @@ def _show(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--export: the value holds {len(tensors)} tensors; pick one with --leaf N"
             )
-        leaf = args.leaf or 0
-        if not 0 <= leaf < len(tensors):
-            raise ValueError(
-                f"--leaf: {leaf} is not a tensor of this value (0..{len(tensors) - 1})"
-            )
+        leaf = args.leaf or 0  # in range: checked above, or the value's only tensor
         print(
             _export(tensors[leaf], Path(args.export)), file=sys.stderr if args.json else sys.stdout
         )

@@ -259,6 +259,11 @@ def test_show_exports_a_tensor_bit_for_bit(kept_store, tmp_path):
 def test_show_errors_are_one_clear_line(kept_store, stores, tmp_path):
     path, _ = kept_store
     one_line_error(run("show", path, "0", "nope"), "no key 'nope'", "'h'")
+    for leaf in ("2", "-1"):  # refused without --export too, and before any statistics
+        done = run("show", path, "0", "pair", "--leaf", leaf)
+        one_line_error(done, f"--leaf: {leaf} is not a tensor", "numbered 0 to 1")
+        assert done.stdout == "", done.stdout
+    one_line_error(run("show", path, "0", "h", "--leaf", "1", "--json"), "it holds one: give 0")
     one_line_error(run("show", path, "7", "h"), "batch 7 is out of range", "1 batches")
     one_line_error(run("show", path, "0", "pair", "--export", "x.pt"), "2 tensors", "--leaf")
     one_line_error(run("show", path, "0", "h", "--export", str(tmp_path / "h.csv")), ".pt or .npy")

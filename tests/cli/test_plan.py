@@ -230,6 +230,24 @@ def test_bad_input_exits_2_with_one_line_naming_the_option(capsys, argv, names):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("layers", [10**12, 1001])  # 1001: one past MAX_LAYERS
+def test_more_layers_than_any_model_is_one_line_before_the_workload(
+    capsys, tmp_path, monkeypatch, layers
+):
+    def no_workload(*args, **kwargs):  # a pass list of 10**12 layers would never end
+        raise AssertionError(f"the plan went on to build the workload of {layers} layers")
+
+    monkeypatch.setattr(plan_figures, "sequential_pipeline", no_workload)
+    status, out, err = run(capsys, "plan", "--hidden", "8", "--layers", str(layers), "--no-probe")
+    assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"--layers: {layers} layers is more than any decoder model has" in err
+    (tmp_path / "config.json").write_text(
+        json.dumps({"hidden_size": 8, "num_hidden_layers": layers})
+    )
+    status, _, err = run(capsys, "plan", "--model", str(tmp_path), "--no-probe")
+    assert status == 2 and "num_hidden_layers: " in err and "config.json" in err, err
+
+
 def test_a_model_config_without_the_sizes_names_what_is_missing(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     status, _, err = run(capsys, "plan", "--model", str(tmp_path), "--no-probe")

@@ -107,6 +107,29 @@ def test_a_torn_line_is_skipped_and_said(tmp_path, capsys):
     assert "3/3" in out and "1/3" not in out
 
 
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ('{"event": "checkpoint", "rank": 0, "pid": 1}', "an unknown 'checkpoint' record"),
+        ('{"kind": "gpu", "util": 0.9}', "not a spillcache metrics record"),
+        ('{"event": "subgraph", "rank": 0, "pid": 1, "subgraph": 4}',
+         "a 'subgraph' record without a number for subgraphs, seconds"),
+        (json.dumps(subgraph(4, read=0, values=0) | {"seconds": "2.0"}),
+         "a 'subgraph' record without a number for seconds"),
+        ('{"event": "end", "rank": Infinity}', "not a spillcache metrics record"),
+    ],
+    ids=["unknown event", "no event", "missing fields", "a string", "rank Infinity"],
+)  # fmt: skip
+def test_a_foreign_record_is_skipped_and_said(tmp_path, capsys, line, said):
+    path = tmp_path / "run.jsonl"
+    records = [json.dumps(record) for record in a_run()]
+    path.write_text("\n".join([*records[:2], line, *records[2:]]) + "\n")
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 line(s) of the file skipped: line 3: {said}" in out
+    assert "3/3" in out and "total: 6.0 s" in out
+
+
 def test_a_run_that_did_not_end_is_reported_as_such(tmp_path, capsys):
     assert main(["report", metrics_file(tmp_path, a_run()[:3])]) == 0
     assert "did not reach the end of its calibration" in capsys.readouterr().out
@@ -130,8 +153,12 @@ def test_the_last_run_of_the_rank_asked_for(tmp_path, capsys):
         ("", "holds no run: no 'start' record"),
         ("{not json\n", "line 1: not a spillcache metrics record"),
         (json.dumps(END) + "\n", "line 1: a 'end' record before its run's 'start'"),
+        (
+            json.dumps({k: v for k, v in START.items() if k != "host_budget_bytes"}) + "\n",
+            "line 1: a 'start' record without a number for host_budget_bytes",
+        ),
     ],
-    ids=["empty", "not JSON", "no start"],
+    ids=["empty", "not JSON", "no start", "a start without its figures"],
 )
 def test_a_file_that_is_no_metrics_file_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     path = tmp_path / "run.jsonl"

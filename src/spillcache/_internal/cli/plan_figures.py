@@ -53,6 +53,10 @@ ARRAY_OVERHEAD = 8192  # a chunk's last partial block and its zarr.json, at most
 SMALL_BATCH = 4 << 20
 PROBE_FILE_BYTES = 8 << 20  # the size of a large cached tensor's chunk
 PROBE_MAX_BYTES = 2 << 30  # enough for a steady figure on an NVMe drive
+# The deepest published decoders have about 130 layers (Llama 3.1 405B: 126): some
+# eight times that is no model but a typo. The plan builds two passes per layer and may
+# replay every layer: 1000 layers of a few samples take seconds, 10**12 would never end.
+MAX_LAYERS = 1000
 
 
 class PlanInputError(ValueError):
@@ -155,7 +159,14 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, int, _Weights | None]:
         intermediate, o_proj_mapped = None, False
         dtype_name = args.dtype or "bfloat16"
     hidden = _positive("--hidden", hidden)
-    layers = _positive("--layers", layers)
+    where = f"--model: {args.model}'s num_hidden_layers" if args.model else "--layers"
+    layers = _positive(where, layers)
+    if layers > MAX_LAYERS:
+        raise PlanInputError(
+            f"{where}: {layers} layers is more than any decoder model has (at most "
+            f"{MAX_LAYERS} here); "
+            + ("is it a model's config.json?" if args.model else "give the model's own count")
+        )
     head_dim = args.head_dim if args.head_dim is not None else head_dim
     if head_dim is not None:
         _positive("--head-dim", head_dim)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,42 @@ class Run:
         return int(self.start.get("rank", 0))
 
 
+# The figures the report reads from each event's records (run_watch.py writes them): a
+# record of another event, or without one of them as a number (another program's line,
+# another version's), is skipped and said like a torn line, not read half-way.
+_NUMBERS = {
+    "start": ("host_budget_bytes",),
+    "subgraph": ("subgraph", "subgraphs", "seconds", "written_bytes", "read_bytes",
+                 "stall_seconds", "host_bytes", "host_tier_budget_bytes", "disk_bytes",
+                 "values_bytes", "values_peak_bytes", "rss_bytes"),
+    "end": ("seconds", "written_bytes", "read_bytes", "stall_seconds", "rss_peak_bytes",
+            "watch_seconds"),
+}  # fmt: skip
+# A start record's figures read where it has them (a default where not): numbers, the
+# two parts of host_bytes also "auto".
+_START_NUMBERS = ("world", "ram_bytes", "host_tier_bytes")
+_START_PARTS = ("write_behind_bytes", "read_buffer_bytes")
+
+
+def _number(value: Any) -> bool:
+    """A figure the report can add and compare: JSON's NaN and Infinity are none."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _record_problem(record: dict[str, Any], event: Any) -> str | None:
+    """Why the report cannot read ``record`` (its ``event``), or None."""
+    if not isinstance(event, str) or event not in _NUMBERS:
+        return f"an unknown {event!r} record, not one spillcache writes"
+    bad = [name for name in _NUMBERS[event] if not _number(record.get(name))]
+    if event == "start":
+        bad += [name for name in _START_NUMBERS if name in record and not _number(record[name])]
+        bad += [
+            name for name in _START_PARTS
+            if name in record and not (_number(record[name]) or record[name] == "auto")
+        ]  # fmt: skip
+    return f"a {event!r} record without a number for {', '.join(bad)}" if bad else None
+
+
 def read_runs(path: Path) -> list[Run]:
     """Every run in a metrics file, in the order they started (several ranks, or several
     runs appended to one file). MetricsError naming the file and line otherwise."""
@@ -148,10 +185,13 @@ def read_runs(path: Path) -> list[Run]:
         try:
             record = json.loads(line)
             event, key = record["event"], (int(record.get("rank", 0)), record.get("pid"))
-        except (ValueError, KeyError, TypeError) as error:
+            hash(key)  # a pid that is a list or an object is no process's
+        except (ValueError, KeyError, TypeError, OverflowError) as error:  # rank Infinity
             skipped.append(f"line {number}: not a spillcache metrics record ({error})")
             continue
-        if event == "start":
+        if problem := _record_problem(record, event):
+            skipped.append(f"line {number}: {problem}")
+        elif event == "start":
             current[key] = Run(record)
             runs.append(current[key])
         elif key not in current:
@@ -162,7 +202,7 @@ def read_runs(path: Path) -> list[Run]:
             current[key].end = record
     if not runs:
         why = f" ({skipped[0]}; is it the file metrics_path named?)" if skipped else ""
-        raise MetricsError(f"{path} holds no run: no 'start' record{why}")
+        raise MetricsError(f"{path} holds no run: no 'start' record it can read{why}")
     for run in runs:
         run.skipped = skipped  # a torn line (ranks appending over NFS): said, not fatal
     return runs
