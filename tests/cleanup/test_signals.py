@@ -213,8 +213,23 @@ def test_removal_tries_again_when_a_writer_adds_a_file_mid_removal(tmp_path, mon
 
 def test_removing_on_a_signal_empties_the_rank_and_run_directories(tmp_path, monkeypatch):
     rank = tmp_path / "run-1" / "rank3"
-    store = Store.create(rank)
+    store = Store.create(rank, root=tmp_path)  # as the pool makes it under torchrun
     monkeypatch.setattr(store_dirs, "_live", {str(store.path): os.getpid()})
     cleanup.remove_own_stores()
     assert nothing_under(tmp_path) == []
     store_dirs.unregister(store.path)
+
+
+def test_removing_on_a_signal_leaves_a_disk_path_named_like_a_rank_directory(tmp_path, monkeypatch):
+    """The user's disk_path is itself named rank0, alone in its own directory: both
+    look like a run's rank and run directories, but spillcache made neither."""
+    disk_path = tmp_path / "mine" / "rank0"
+    disk_path.mkdir(parents=True)
+    cache = build(disk_path, remove_stores_on_signal=False)
+    store = Path(cache.store_path)
+    monkeypatch.setattr(store_dirs, "_live", {str(store): os.getpid()})
+    cleanup.remove_own_stores()
+    monkeypatch.undo()
+    assert not store.exists()
+    assert disk_path.is_dir(), "a signal removed the user's own directories"
+    cache.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 
 import torch
 
@@ -136,6 +138,48 @@ def test_abandoned_iteration_and_close_join_the_threads(tmp_path):
     iterator.close()  # queued prefetches are cancelled
     cache.close()
     assert not any(t.name.startswith("spillcache-io") for t in threading.enumerate())
+
+
+def test_closing_during_a_prefetch_read_deletes_nothing_under_it_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    """close() waits for the cache's prefetch still reading; a transaction meanwhile
+    (another cache's, of the same pool) must hand the lanes no deletion of the closing
+    cache's arrays: close would not wait for it, and it would delete the file under the
+    read. The read gives its value, and nothing of the cache is left after close."""
+    closing = make(tmp_path, 2, prefetch_depth=1)
+    other = IntermediatesCache.empty(1, "cpu", config=closing.config)  # the same pool
+    core, store = closing._core, Path(closing.store_path)
+    blocked = BlockedReads(closing, monkeypatch)
+    waiting, real_end_jobs = threading.Event(), core._end_jobs
+
+    def end_jobs(jobs):
+        waiting.set()
+        real_end_jobs(jobs)
+
+    handed, real_submit = [], core.io.submit
+
+    def submit(priority, fn, *args, lane=0):
+        job = real_submit(priority, fn, *args, lane=lane)
+        if getattr(fn, "__name__", "") == "_delete_from_disk" and args[0] is core.tenant:
+            handed.append(job)
+        return job
+
+    monkeypatch.setattr(core, "_end_jobs", end_jobs)
+    monkeypatch.setattr(core.io, "submit", submit)
+    future = core.submit_fetch(1, None)
+    assert blocked.reading.wait(timeout=30)
+    closer = threading.Thread(target=closing.close)
+    closer.start()
+    assert waiting.wait(timeout=30)  # close waits for the read in flight
+    other.update(0, {"h": random_tensor(torch.int64, SHAPE, 9)})
+    concurrent.futures.wait(handed, timeout=30)  # what that handed over has run
+    blocked.release.set()
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    assert_same(future.result(timeout=30).values["h"], random_tensor(torch.int64, SHAPE, 1))
+    assert handed == [] and not store.exists()
+    other.close()
 
 
 def _tiers_after_a_propagation_pass(tmp_path, monkeypatch, order: str) -> dict:

@@ -19,6 +19,7 @@ import pytest
 from faults.injection import aligned, leftovers, same_bits, unaligned
 from spill_testing import tier_sizes
 from spillcache import CacheConfig, DiskFullError, IntermediatesCache, StoreError
+from spillcache._internal.engine.placement import Placement
 from spillcache._internal.io import aio
 from spillcache._internal.runtime import pool
 from spillcache._internal.store.store_format import read_root_attributes
@@ -143,6 +144,38 @@ def test_a_read_ahead_leaves_the_report_to_the_caller(tmp_path, syscalls):
         assert same_bits(values["h"], value)
         with pytest.raises(StoreError, match=r"(?s)failed since the last report.*batch 0"):
             cache.fetch(0)
+        assert same_bits(cache.fetch(0)["h"], value)
+
+
+def test_a_write_whose_bookkeeping_fails_is_reported_and_its_waiters_wake(tmp_path, monkeypatch):
+    """The transaction a lane runs after a write raises: the failure goes to the cache
+    as a failed write's does, the write's end reaches the arena, and waiters are woken
+    to a write that is over (else a flush or a full write-behind area waits forever)."""
+    real_write_done, broken = Placement.write_done, []
+
+    def write_done(placement, record, error, free=None):
+        if not broken:
+            broken.append(record)
+            raise RuntimeError("the bookkeeping broke")
+        return real_write_done(placement, record, error, free)
+
+    monkeypatch.setattr(Placement, "write_done", write_done)
+    value = unaligned(KIB64, 0)
+    with make(tmp_path) as cache:
+        core = cache._core
+        woken, real_notify = [], core.pool.write_finished.notify_all
+
+        def notify_all():  # waiters woken: how many writes were in flight then
+            woken.append(core.tenant.writes_in_flight)
+            real_notify()
+
+        monkeypatch.setattr(core.pool.write_finished, "notify_all", notify_all)
+        cache.update(0, {"h": value})
+        core.io.wait_idle()  # the write and its bookkeeping are over
+        assert broken and core.tenant.writes_in_flight == 0, "the write never ended"
+        assert woken[-1] == 0 and core.pool.arena._expected == 0  # woken to it over
+        with pytest.raises(StoreError, match=r"(?s)batch 0.*RuntimeError: the bookkeeping broke"):
+            cache.flush()
         assert same_bits(cache.fetch(0)["h"], value)
 
 

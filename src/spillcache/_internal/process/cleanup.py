@@ -94,16 +94,17 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def remove_own_stores() -> None:
-    """Remove every registered store of this process, and the rank and run directories
-    that leaves empty. Takes no lock (see the module docstring)."""
+    """Remove every registered store of this process, and the run and rank directories
+    under its disk_path that leaves empty. Takes no lock (see the module docstring)."""
     for _ in range(3):  # stores registered while the last ones were being removed
         paths = store_dirs.registered()
         if not paths:
             return
         for path in paths:
+            root = store_dirs.root_of(path)  # its disk_path: neither it nor above is ours
             remove_tree(path)
             store_dirs.unregister(path)
-            _remove_empty_rank_dir(path.parent)
+            store_dirs.remove_empty_dirs(path.parent, root)
 
 
 def remove_tree(path: Path) -> bool:
@@ -114,18 +115,6 @@ def remove_tree(path: Path) -> bool:
         if not os.path.lexists(path):
             return True
     return False
-
-
-def _remove_empty_rank_dir(parent: Path) -> None:
-    """The rank directory a store was in (``<disk_path>/<run>/rank<R>``) and its run
-    directory, if the store was the last thing in them."""
-    if store_dirs.rank_dirs(parent.parent).get(_rank_of(parent)) == parent:
-        store_dirs.remove_empty_dirs(parent, parent.parent.parent)
-
-
-def _rank_of(directory: Path) -> int:
-    name = directory.name.removeprefix(store_dirs.RANK_PREFIX)
-    return int(name) if name.isdigit() else -1
 
 
 # ---------------------------------------------------------------- dead owners' stores

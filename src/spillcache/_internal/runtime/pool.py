@@ -201,18 +201,17 @@ class SharedPool:
         return taken
 
     def _make_stores(self, needs: Needs, *, optional: bool) -> bool:
-        """Lock NOT held: make the stores ``needs`` asks for; True if all are there. A
-        cache closed meanwhile gets none: deciding again finds its values gone (or, for
-        the deciding cache, closed). ``optional``: one that cannot be made is no error."""
+        """Lock NOT held: make the stores ``needs`` asks for. A cache closed meanwhile
+        gets none: deciding again finds its values gone (or, for the deciding cache,
+        closed). ``optional``: False if one is not made, not an error; else always True."""
         for tenant, disk in needs.stores:
             try:
-                made = self.make_store(tenant, disk)
+                if not self.make_store(tenant, disk) and optional:
+                    return False
             except Exception:
                 if optional:
                     return False
                 raise
-            if not made and optional:
-                return False
         return True
 
     def _copy_to_host(self, needs: Needs) -> dict[tuple, torch.Tensor]:
@@ -287,6 +286,7 @@ class SharedPool:
             checksum=config.checksum,
             shared=self.buffers,
             keep=config.keep_store,
+            root=self.disk_dirs[disk],  # a signal removes what it leaves empty up to here
         )
 
     def remove_stores(self, tenant: Tenant) -> None:
@@ -316,19 +316,18 @@ class SharedPool:
 
     def _hand_effects_to_lanes(self) -> None:
         """Lock held, at the end of a transaction: hand the writes and deletions
-        placement queued to the I/O lanes.
-
-        Deleting a chunk file (freeing its extents) takes milliseconds: not on the
-        caller's thread, and not under the lock.
-        """
-        placement = self.placement
-        io = self.io
+        placement queued to the I/O lanes. Deleting a chunk file (freeing its extents)
+        takes milliseconds: not on the caller's thread, and not under the lock."""
+        placement, io = self.placement, self.io
         # The job gets its value in a one-item list it empties when it starts: holding
         # it only while it writes, its arena slot comes back as soon as the write ends.
         for record, value in [(record, [tensor]) for record, tensor in placement.take_writes()]:
             job = io.submit(WRITE, self._write_to_disk, record, value, lane=record.disk)
             record.tenant.track(job)
         for tenant, disk, name in placement.take_deletions():
+            # A closed cache's store goes whole once its reads end (not from under one).
+            if tenant.closed and not self.config.keep_store:
+                continue
             # A kept store's flushed structures may name it: the next flush deletes it.
             if tenant.kept is not None and tenant.kept.defers_deletion(name):
                 continue
@@ -341,8 +340,8 @@ class SharedPool:
 
     def _write_to_disk(self, record: TensorRecord, value: list[torch.Tensor]) -> None:
         """A background write: the file outside the lock, the bookkeeping inside it. A
-        failure goes to the value's cache, whose next call reports it. Its end is
-        announced to the arena only once the value is let go (``returned_expected``)."""
+        failure of either goes to the value's cache, whose next call reports it. Its end
+        is announced to the arena only once the value is let go (``returned_expected``)."""
         tensor = value.pop()
         ended = self._write_value(record, tensor)
         del tensor
@@ -359,19 +358,23 @@ class SharedPool:
             self.placement.disk.landed(record.rid)  # free-space readings show it from now
         except BaseException as caught:  # reported to the caller, never lost on this thread
             error = caught
-        free = None
-        if error is not None and errno_of(error) == errno.ENOSPC:
-            (free,) = self.read_free_space(record.disk)  # what is left, unlocked
+        # What is left after a write failed for lack of space (read unlocked).
+        free = self.read_free_space(record.disk)[0] if errno_of(error) == errno.ENOSPC else None
+        ours: list[bool] = []  # still this job's to report, as the first try found it
 
-        def report() -> bool:
-            ours = record.write_state == WriteState.WRITING
-            if self.placement.write_done(record, error, free):
-                failure = WriteFailure(record.label, record.nbytes, str(store.path), error)
+        def report(failed: Exception | None = None) -> bool:
+            ours.append(record.write_state == WriteState.WRITING)
+            lost = failed or error
+            if self.placement.write_done(record, lost, free) or failed is not None:
+                failure = WriteFailure(record.label, record.nbytes, str(store.path), lost)
                 record.tenant.write_failed(record.disk, failure)
             self.write_finished.notify_all()
-            return ours
+            return ours[0]
 
-        return self.transact(report)
+        try:
+            return self.transact(report)
+        except Exception as failed:  # else the write would never end: a failed one now
+            return self.transact(functools.partial(report, failed))
 
     # ------------------------------------------------------------- reporting
 

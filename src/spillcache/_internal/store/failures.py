@@ -46,7 +46,7 @@ class WriteFailure(NamedTuple):
     error: BaseException
 
 
-def errno_of(error: BaseException) -> int | None:
+def errno_of(error: BaseException | None) -> int | None:
     return getattr(error, "errno", None)
 
 

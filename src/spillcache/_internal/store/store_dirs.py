@@ -39,6 +39,7 @@ __all__ = [
     "register",
     "registered",
     "remove_empty_dirs",
+    "root_of",
     "run_store_parent",
     "stop_registering",
     "store_bytes",
@@ -142,6 +143,10 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # str(path) -> pid of the process that made it (a forked child inherits the dict but
 # owns none of those stores).
 _live: dict[str, int] = {}
+# str(path) -> the directory its maker was given (disk_path): only the run and rank
+# directories between the two are spillcache's to remove once empty (a disk_path, or a
+# user's directory above it, may be named like them).
+_roots: dict[str, str] = {}
 _ending = False  # a signal is ending this process: stores made now are removed at once
 _identity: dict[int, dict] = {}  # by pid (a fork has a new one)
 
@@ -229,9 +234,13 @@ def _answers_signal(pid: int) -> bool:
 # ---------------------------------------------------------------- this process's stores
 
 
-def register(path: Path) -> None:
-    """A store that is not kept was made at ``path``: a signal removes it. Raises
-    StoreError if a signal is ending the process (the maker removes what it made)."""
+def register(path: Path, root: str | os.PathLike[str] | None = None) -> None:
+    """A store that is not kept was made at ``path`` under ``root`` (its parent if
+    None): a signal removes it, and the directories between it and ``root`` it leaves
+    empty. Raises StoreError if a signal is ending the process (the maker removes what
+    it made)."""
+    # Before _live: a signal that finds the store registered finds its root too.
+    _roots[str(path)] = str(path.parent if root is None else root)
     _live[str(path)] = os.getpid()
     if _ending:
         raise StoreError(f"not creating {path}: a signal is ending this process")
@@ -239,6 +248,12 @@ def register(path: Path) -> None:
 
 def unregister(path: Path) -> None:
     _live.pop(str(path), None)
+    _roots.pop(str(path), None)
+
+
+def root_of(path: Path) -> Path:
+    """The directory a registered store was made under (``register``'s ``root``)."""
+    return Path(_roots.get(str(path), path.parent))
 
 
 def registered() -> list[Path]:

@@ -174,6 +174,7 @@ class Store:
         checksum: bool = False,
         shared: SharedBuffers | None = None,
         keep: bool = False,
+        root: str | os.PathLike[str] | None = None,
     ) -> Store:
         """Make a new private store directory under ``parent``.
 
@@ -181,14 +182,15 @@ class Store:
         ``writers`` is how many threads may write at once (one staging buffer each);
         ``read_buffer_bytes`` bounds the memory kept for reuse by reads. With
         ``shared``, the store uses those buffers (several caches' stores share them)
-        instead of making its own (left alone on close). Unless ``keep``, a signal removes it.
+        instead of making its own (left alone on close). Unless ``keep``, a signal removes
+        it, and the directories it leaves empty up to ``root`` (disk_path; else ``parent``).
         """
         parent = Path(parent)
         try:
             path = parent / f"{STORE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             _make_store_dir(path)
             if not keep:
-                store_dirs.register(path)
+                store_dirs.register(path, root)
             # mkdir's mode is filtered by the umask; make "private" exact.
             os.chmod(path, 0o700)
             if shared is not None:
