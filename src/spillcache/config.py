@@ -196,9 +196,10 @@ class CacheConfig:
       available when the cache is created. 0: no region (values in transit use
       ordinary memory, unbounded; for tests).
     - ``disk_path``: directory in which each cache creates its store; ``None`` turns
-      the disk tier off. ``"auto"`` is the system temp directory (``$TMPDIR``). A list
-      of directories (one per drive; ``SPILLCACHE_DISK_PATH`` separates them with
-      ``os.pathsep``) spreads arrays over them, most free space first.
+      the disk tier off (an empty path is refused). ``"auto"`` is the system temp
+      directory (``$TMPDIR``). A list of directories (one per drive;
+      ``SPILLCACHE_DISK_PATH`` separates them with ``os.pathsep``) spreads arrays over
+      them, most free space first.
     - ``disk_bytes``: budget of the disk tier; ``None`` means no limit but the disk.
     - ``inline_bytes``: tensors smaller than this stay in RAM with their entry's
       structure and never get a file of their own (0 tiers every tensor).
@@ -314,6 +315,11 @@ class CacheConfig:
             if len(set(map(os.path.realpath, paths))) < len(paths):
                 raise ConfigError(f"disk_path: {paths} names a directory twice")
             return paths[0] if len(paths) == 1 else tuple(paths)
+        if isinstance(value, str) and not value.strip():  # `disk_path=$SCRATCH`, SCRATCH unset
+            raise ConfigError(
+                'disk_path: the path is empty; give a directory, "auto" (the temp directory), or '
+                '"none" to turn the disk tier off'
+            )
         if value is None or _is_none_text(value):
             return None
         path = CacheConfig._one_disk_path(value, listed=False)
@@ -374,7 +380,8 @@ class CacheConfig:
         environ = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
         sources = dict.fromkeys(cls.field_names(), "default")
-        config_file = environ.pop(ENV_CONFIG_FILE, "").strip() if file is None else str(file)
+        named = environ.pop(ENV_CONFIG_FILE, "").strip()  # not a field; --file wins over it
+        config_file = named if file is None else str(file)
         if config_file:
             values.update(_named_file(config_file, from_variable=file is None))
             cls.from_mapping(values, source=config_file)  # the file checked on its own first

@@ -138,6 +138,20 @@ def test_quantized_tensors_stay_in_ram_as_they_are(make_cache, placement):
     assert cache.stats()["disk"]["bytes_written"] == 0
 
 
+@pytest.mark.placements_only("nested tensors never reach the disk")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+def test_nested_tensors_stay_in_ram_as_they_are(make_cache, placement):
+    cache = make_cache(num_batches=1)
+    parts = [torch.arange(n, dtype=torch.float32) for n in (20_000, 30_000)]  # past inline
+    nested = torch.nested.nested_tensor(parts)
+    with pytest.warns(UserWarning, match="layout nested .* in RAM as they are"):
+        cache.update(0, {"n": nested})
+    got = cache.fetch(0)["n"]
+    assert got.is_nested and all(map(torch.equal, got.unbind(), parts))
+    cache.flush()
+    assert cache.stats()["disk"]["bytes_written"] == 0
+
+
 @pytest.mark.placements_only("which tier holds a value is placement's; no I/O mode changes it")
 def test_spilling_placements_really_use_the_disk(make_cache, placement):
     cache = make_cache(num_batches=2)

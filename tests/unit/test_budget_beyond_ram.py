@@ -149,6 +149,40 @@ def test_the_cgroup_limit_counts_where_it_is_lower_than_the_ram(tmp_path):
     assert sysinfo.ram_limit(v2, tmp_path / "cgroup2") == total
 
 
+def test_auto_host_bytes_is_half_of_what_the_cgroup_still_allows(tmp_path, monkeypatch):
+    """In a Slurm job (--mem) or a container the machine's MemAvailable is not this
+    process's: what is available is also at most each limited cgroup's limit less what
+    its processes hold (page cache the kernel reclaims first not counted), and "auto"
+    takes half of the lower figure, so the region cannot outgrow the job."""
+    machine = sysinfo.available_ram(tmp_path / "none", tmp_path / "none")
+    assert machine > 0
+    # cgroup v2: the job's 8 GiB limit, 6 GiB held of which 1 GiB reclaimable page cache
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    (v2 / "job" / "step" / "memory.max").write_text("max\n")
+    (v2 / "job" / "memory.max").write_text(f"{8 * GiB}\n")
+    (v2 / "job" / "memory.current").write_text(f"{6 * GiB}\n")
+    (v2 / "job" / "memory.stat").write_text(f"anon {5 * GiB}\ninactive_file {GiB}\n")
+    (tmp_path / "cgroup2").write_text("0::/job/step\n")
+    assert sysinfo.available_ram(v2, tmp_path / "cgroup2") == min(machine, 3 * GiB)
+    (v2 / "job" / "memory.current").write_text(f"{10 * GiB}\n")  # over it: none, not less
+    assert sysinfo.available_ram(v2, tmp_path / "cgroup2") == 0
+    # cgroup v1: memory.usage_in_bytes and total_inactive_file, the lowest room wins
+    v1 = tmp_path / "v1" / "memory"
+    (v1 / "slurm" / "job").mkdir(parents=True)
+    for directory, limit, usage in ((v1 / "slurm", 4, 1), (v1 / "slurm" / "job", 3, 1)):
+        (directory / "memory.limit_in_bytes").write_text(str(limit * GiB))
+        (directory / "memory.usage_in_bytes").write_text(str(usage * GiB))
+    (tmp_path / "cgroup1").write_text("4:memory:/slurm/job\n0::/\n")
+    assert sysinfo.available_ram(v1.parent, tmp_path / "cgroup1") == min(machine, 2 * GiB)
+
+    monkeypatch.setattr(
+        "spillcache._internal.process.resolved.available_ram",
+        lambda: sysinfo.available_ram(v1.parent, tmp_path / "cgroup1"),
+    )
+    assert process_budgets(CacheConfig()).host_bytes == min(machine, 2 * GiB) // 2
+
+
 def test_the_demo_refuses_it_before_either_run(monkeypatch, capsys):
     monkeypatch.setenv("SPILLCACHE_HOST_BYTES", "100TiB")
 

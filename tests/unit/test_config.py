@@ -145,7 +145,6 @@ def test_auto_is_kept_as_the_string_auto(text):
         (None, None),
         ("none", None),
         ("None", None),
-        ("", None),
         ("auto", "auto"),
         ("/tmp/cache", "/tmp/cache"),
         (Path("/var/spill"), "/var/spill"),
@@ -153,6 +152,21 @@ def test_auto_is_kept_as_the_string_auto(text):
 )
 def test_disk_path(value, expected):
     assert CacheConfig(disk_path=value).disk_path == expected
+
+
+def test_an_empty_disk_path_is_refused_and_only_none_turns_the_disk_tier_off(tmp_path):
+    """``export SPILLCACHE_DISK_PATH=$SCRATCH`` with SCRATCH unset gives "": refused,
+    saying how to turn the disk tier off, however it was given; never read as None."""
+    fix = 'give a directory, "auto" (the temp directory), or "none" to turn the disk tier off'
+    for empty in ("", "  "):
+        with pytest.raises(ConfigError, match=re.escape(f"disk_path: the path is empty; {fix}")):
+            CacheConfig(disk_path=empty)
+        with pytest.raises(ConfigError, match="it came from SPILLCACHE_DISK_PATH: fix or unset it"):
+            CacheConfig.from_env({"SPILLCACHE_DISK_PATH": empty})
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path))}.*the path is empty"):
+        CacheConfig.from_file(_write(tmp_path, 'disk_path = ""\n'))
+    assert CacheConfig(disk_path=None).disk_path is None
+    assert CacheConfig.from_env({"SPILLCACHE_DISK_PATH": "none"}).disk_path is None
 
 
 @pytest.mark.parametrize("value", [None, "none", ""])
@@ -374,6 +388,16 @@ def test_from_env_config_file_with_override(tmp_path):
     assert config.host_bytes == 2**20
     assert config.prefetch_depth == 7
     assert config.disk_path is None
+
+
+def test_a_file_given_to_explain_wins_over_spillcache_config(tmp_path):
+    """``spillcache config --file b.toml`` where SPILLCACHE_CONFIG names a.toml: b.toml
+    is read, a.toml is not, and the variable is not refused as an unknown one."""
+    a = _write(tmp_path, 'host_bytes = "1GiB"\nprefetch_depth = 5\n', name="a.toml")
+    b = _write(tmp_path, 'host_bytes = "2GiB"\n', name="b.toml")
+    config, sources = CacheConfig.explain({"SPILLCACHE_CONFIG": str(a)}, file=b)
+    assert config.host_bytes == 2 * 2**30 and sources["host_bytes"] == str(b)
+    assert config.prefetch_depth == 2 and sources["prefetch_depth"] == "default"
 
 
 def test_from_env_config_file_errors_propagate(tmp_path):

@@ -215,6 +215,15 @@ def test_sparse_tensors_are_not_tierable(make):
     assert not dtypes.is_tierable(make())
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+def test_nested_tensors_are_not_tierable():
+    """torch.nested.nested_tensor's default layout is strided, yet it has no one shape
+    to store (its sizes() is an internal error): it stays in RAM, as sparse ones do."""
+    nested = torch.nested.nested_tensor([torch.randn(200), torch.randn(300)])
+    assert nested.layout == torch.strided
+    assert not dtypes.is_tierable(nested)
+
+
 def test_meta_tensors_are_not_tierable():
     assert not dtypes.is_tierable(torch.empty(3, 4, device="meta"))
     assert dtypes.is_tierable(torch.empty(3, 4))

@@ -183,6 +183,17 @@ def test_auto_host_bytes_is_this_rank_share_of_half_the_ram(monkeypatch):
     assert process_budgets(rank_scope, ram_available=ram).host_bytes == alone // 4
 
 
+def test_auto_host_bytes_with_almost_no_ram_available_is_refused_not_unbounded(monkeypatch):
+    # Half of nothing is 0, which maps no region: values in transit would take ordinary
+    # memory without bound, the opposite of what "auto" promises.
+    with pytest.raises(ConfigError, match=r'host_bytes "auto" .* 1\.5 MiB .* set host_bytes'):
+        process_budgets(CacheConfig(), ram_available=3 * MiB // 2)
+    torchrun(monkeypatch, local_world=8)
+    with pytest.raises(ConfigError, match=r"shared by 8 rank\(s\)"):
+        process_budgets(CacheConfig(), ram_available=8 * MiB)
+    assert process_budgets(CacheConfig(), ram_available=16 * MiB).host_bytes == MiB
+
+
 def test_write_behind_and_reads_are_parts_of_host_bytes_and_the_tier_holds_the_rest(monkeypatch):
     budgets = process_budgets(CacheConfig(host_bytes="1GiB"))
     # "auto": an eighth of host_bytes each.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
+import re
 import sys
 from collections import OrderedDict, namedtuple
 from dataclasses import dataclass, field
@@ -67,6 +69,39 @@ CALLS: list = []
 class Boom:  # neither a namedtuple nor a dict: a stored spec must never get it called
     def __init__(self, *args):
         CALLS.append(args)
+
+
+@dataclass
+class Mapped(OrderedDict):
+    """As transformers' ModelOutput: a dataclass and an OrderedDict, whose
+    __post_init__ makes each field that is set a key too."""
+
+    a: object = None
+    b: object = None
+    c: object = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+
+@dataclass
+class WithInitVar:
+    x: object
+    scale: dataclasses.InitVar[float]
+
+
+@dataclass
+class OwnInit:
+    x: object
+
+    def __init__(self, value):
+        self.x = value
+
+
+class Kind(int, enum.Enum):  # an int mixin, not an IntEnum: str(Kind.A) is "Kind.A"
+    A = 1
 
 
 def assert_same(actual, expected):
@@ -162,6 +197,26 @@ def test_init_false_field_keeps_stored_value(cls):
     assert json_roundtrip(value).doubled == 99
 
 
+@pytest.mark.parametrize("source", ["like_model_output", "transformers"])
+def test_a_dataclass_that_is_a_mapping_comes_back_from_json_with_its_keys(source):
+    """A ModelOutput is read back without running its __post_init__, which fills its
+    mapping view: the view is rebuilt as it fills it (each field that is not None, in
+    field order), so out["name"], out[0] and out.keys() work as on the original."""
+    if source == "transformers":
+        outputs = pytest.importorskip("transformers.modeling_outputs")
+        value = outputs.BaseModelOutputWithPast(last_hidden_state=T1, hidden_states=(T2,))
+    else:
+        value = Mapped(c=T2, a=T1)
+    back = json_roundtrip(value)
+    assert type(back) is type(value)
+    assert list(back.keys()) == list(value.keys())
+    for name in value:
+        assert_same(back[name], value[name])
+    if source == "transformers":  # its int index reads the mapping view too
+        assert_same(back[0], T1)
+        assert_same(back.to_tuple()[1][0], T2)
+
+
 def test_all_torch_dtypes_survive_json():
     dtypes = sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str)
     assert len(dtypes) > 10
@@ -217,6 +272,17 @@ def test_intermediate_values_in_a_list():
     flat = flatten(value)
     assert [leaf.onload_device for leaf in flat.tensors] == [META, CPU]
     assert_same(roundtrip(value), [T1, None, T2])
+
+
+def test_an_intermediate_value_device_given_as_text_becomes_a_torch_device():
+    """The stock class takes IntermediateValue(t, "cpu"); the onload device is read as
+    a torch.device (its .type) at every fetch, so text is made one, and text that names
+    no device is refused when flattened, before anything is stored."""
+    flat = flatten([IntermediateValue(T1, "cpu"), IntermediateValue(T2, "meta")])
+    assert [leaf.onload_device for leaf in flat.tensors] == [CPU, META]
+    assert all(type(leaf.onload_device) is torch.device for leaf in flat.tensors)
+    with pytest.raises(ValueError, match="IntermediateValue: device 'gpu0' is not a torch"):
+        flatten({"x": IntermediateValue(T1, "gpu0")})
 
 
 # ------------------------------------------------------------- opaque leaves
@@ -281,6 +347,15 @@ def test_json_ints_and_floats_are_exact():
     assert back[7] is True and type(back[8]) is int
 
 
+def test_an_int_enum_member_is_stored_as_its_number():
+    """An (int, Enum) member's str() is "Kind.A": written as that, no reader (nor a
+    kept store's open) would take it back. Its number is written instead."""
+    node = spec_to_json(flatten([Kind.A]).spec, lambda i: {})
+    assert node["items"] == [{"type": "int", "value": "1"}]
+    back = json_roundtrip({"kind": Kind.A})
+    assert back == {"kind": 1} and type(back["kind"]) is int
+
+
 def test_json_huge_int():
     assert json_roundtrip([10**5000]) == [10**5000]
 
@@ -331,6 +406,23 @@ def test_json_class_must_be_a_namedtuple_or_dict(kind):
     unflatten(spec, [], [])
     assert CALLS == [], "a class named in stored JSON was called"
     assert spec[1] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (WithInitVar(T1, 2.0), "missing a required argument: 'scale'"),
+        (OwnInit(T1), "missing a required argument: 'value'"),
+    ],
+)
+def test_a_dataclass_its_fields_cannot_rebuild_is_refused_when_flattened(value, why):
+    """A fetch rebuilds a dataclass by calling it with its init fields: a class that
+    call fails for (an InitVar without a default, an __init__ of its own) is refused
+    when flattened, as the stock class refuses it at update, not stored to fail every
+    fetch of its batch."""
+    name = type(value).__qualname__
+    with pytest.raises(TypeError, match=f"cannot store a {name}: .*{re.escape(why)}"):
+        flatten({"fine": T1, "extra": [value]})
 
 
 def test_unknown_nodes_raise():

@@ -100,9 +100,11 @@ def is_storable(dtype: torch.dtype) -> bool:
 
 
 def is_tierable(tensor: torch.Tensor) -> bool:
-    """Plain dense tensors with a fixed element width can leave RAM; others cannot."""
+    """Plain dense tensors with a fixed element width can leave RAM; others cannot (a
+    nested tensor is strided too, but has no one shape to store)."""
     return (
         tensor.layout == torch.strided
+        and not tensor.is_nested
         and not tensor.is_quantized
         and not tensor.is_meta
         and (tensor.dtype.itemsize in RAW_DTYPES or tensor.dtype in _NATIVE)

@@ -26,9 +26,15 @@ def _meminfo(field: str, pages: str) -> int:
     return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
 
 
-def available_ram() -> int:
-    """Bytes of RAM the system could give this process now (MemAvailable on Linux)."""
-    return _meminfo("MemAvailable", "SC_AVPHYS_PAGES")
+def available_ram(
+    cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"
+) -> int:
+    """Bytes of RAM the system could give this process now: MemAvailable on Linux, or
+    what its cgroup still allows where that is less (a container, a Slurm job's --mem:
+    the machine's free RAM is not this process's to take). Parameters for tests."""
+    free = _meminfo("MemAvailable", "SC_AVPHYS_PAGES")
+    room = _cgroup_memory_room(Path(cgroup_root), Path(self_cgroup))
+    return free if room is None else min(free, room)
 
 
 def _mem_total() -> int:
@@ -47,32 +53,71 @@ def ram_limit(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/sel
     return total, "this machine's RAM"
 
 
+# Per cgroup version: a cgroup's limit file, its usage file, and memory.stat's count of
+# page cache not recently used, which the kernel reclaims before it kills (as
+# MemAvailable counts it): usage less that is what the cgroup's processes hold.
+_V2_FILES = ("memory.max", "memory.current", "inactive_file")
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
 def _cgroup_memory_limit(root: Path, self_cgroup: Path) -> int | None:
     """The lowest memory limit on the way from this process's cgroup up to the root
     (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``), None where none is set."""
+    found = [limit for limit, _, _ in _cgroup_limits(root, self_cgroup)]
+    return min(found) if found else None
+
+
+def _cgroup_memory_room(root: Path, self_cgroup: Path) -> int | None:
+    """The least any cgroup with a limit, from this process's up to the root, still
+    allows: its limit less what its processes hold (v2 ``memory.current``, v1
+    ``memory.usage_in_bytes``, less reclaimable page cache); None where none is set."""
+    rooms = []
+    for limit, directory, (_, usage_file, cache_name) in _cgroup_limits(root, self_cgroup):
+        usage = _read_limit(directory / usage_file)  # a number of bytes, as a limit is
+        if usage is not None:
+            rooms.append(max(limit - usage + _memory_stat(directory, cache_name), 0))
+    return min(rooms) if rooms else None
+
+
+def _cgroup_limits(root: Path, self_cgroup: Path) -> list[tuple[int, Path, tuple[str, ...]]]:
+    """(limit, directory, its files) of each cgroup with a memory limit, from this
+    process's up to the root of each hierarchy."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
-        return None
+        return []
     places = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         if parts[0] == "0" and parts[1] == "":  # v2: one unified hierarchy
-            places.append((root, parts[2], "memory.max"))
+            places.append((root, parts[2], _V2_FILES))
         elif "memory" in parts[1].split(","):  # v1: the memory controller's hierarchy
-            places.append((root / "memory", parts[2], "memory.limit_in_bytes"))
+            places.append((root / "memory", parts[2], _V1_FILES))
     limits = []
-    for mount, inside, name in places:
+    for mount, inside, files in places:
         directory = mount / inside.lstrip("/")
         while True:
-            limits.append(_read_limit(directory / name))
+            limit = _read_limit(directory / files[0])
+            if limit is not None:
+                limits.append((limit, directory, files))
             if directory == mount or mount not in directory.parents:
                 break
             directory = directory.parent
-    found = [limit for limit in limits if limit is not None]
-    return min(found) if found else None
+    return limits
+
+
+def _memory_stat(directory: Path, name: str) -> int:
+    """Bytes of ``name`` in the cgroup's memory.stat (0 where not there)."""
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, number = line.partition(" ")
+            if key == name and number.strip().isdigit():
+                return int(number)
+    except OSError:
+        pass
+    return 0
 
 
 def _read_limit(path: Path) -> int | None:

@@ -32,6 +32,7 @@ inside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import sys
 import types
@@ -126,7 +127,7 @@ def _visit(node: Any, onload: torch.device | None, tensors: list, opaques: list)
     # (function -> cell -> function) that would keep every tensor it saw alive until
     # the cyclic garbage collector happens to run.
     if is_intermediate_value(node):
-        device = node.device if node.device is not None else onload
+        device = onload if node.device is None else _onload_device(node.device)
         return _visit(node.value, device, tensors, opaques)
     if isinstance(node, torch.Tensor):
         tensors.append(TensorLeaf(node, onload if onload is not None else node.device))
@@ -138,6 +139,7 @@ def _visit(node: Any, onload: torch.device | None, tensors: list, opaques: list)
     if isinstance(node, torch.device):
         return ("device", node)
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        _refuse_unbuildable(type(node))
         items = [
             (f.name, _visit(getattr(node, f.name), onload, tensors, opaques))
             for f in dataclasses.fields(node)
@@ -163,6 +165,42 @@ def _visit(node: Any, onload: torch.device | None, tensors: list, opaques: list)
     )
     opaques.append(node)
     return ("opaque", len(opaques) - 1)
+
+
+def _onload_device(device: Any) -> torch.device:
+    # The stock class takes IntermediateValue(t, "cpu") (it only calls t.to(device));
+    # the cache reads the onload device's .type, so a str becomes a device here.
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"IntermediateValue: device {device!r} is not a torch device; give one such as "
+            "'cpu' or 'cuda:0', or None (the cache's onload device)"
+        ) from None
+
+
+def _refuse_unbuildable(cls: type) -> None:
+    problem = _unbuildable_because(cls)
+    if problem is not None:  # stored, it would fail every fetch of its batch instead
+        name = cls.__qualname__
+        raise TypeError(
+            f"cannot store a {name}: a fetch rebuilds it as {name}(**its init fields), "
+            f"which fails ({problem}); the stock cache refuses it too"
+        )
+
+
+@functools.lru_cache(maxsize=1024)  # once per class: update calls this for every instance
+def _unbuildable_because(cls: type) -> str | None:
+    """Why ``build_dataclass`` cannot call ``cls`` with its init fields (an InitVar
+    without a default, an ``__init__`` of its own), or None."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    try:
+        inspect.signature(cls).bind(**dict.fromkeys(names))
+    except TypeError as error:
+        return str(error)
+    except ValueError:  # no signature to read: the call itself will say
+        return None
+    return None
 
 
 def unflatten(
@@ -227,6 +265,11 @@ def _rebuild_dataclass(cls: type, values: dict[str, Any]) -> Any:
     instance = _bare_new(cls)(cls)
     for name, value in values.items():
         object.__setattr__(instance, name, value)
+    if isinstance(instance, dict):  # a ModelOutput: its __post_init__ fills this view
+        setitem = OrderedDict.__setitem__ if isinstance(instance, OrderedDict) else dict.__setitem__
+        for field in dataclasses.fields(cls):
+            if values.get(field.name) is not None:
+                setitem(instance, field.name, values[field.name])
     return instance
 
 
@@ -272,8 +315,9 @@ def spec_to_json(spec: tuple, tensor_json: Callable[[int], dict]) -> dict:
         if isinstance(value, bool):
             return {"type": "bool", "value": value}
         if isinstance(value, int):
-            # Decimal for people; hex past Python's 4300-digit str() limit.
-            text = str(value) if value.bit_length() < 13_000 else hex(value)
+            # Decimal for people; hex past Python's 4300-digit str() limit. int's own
+            # repr: an (int, Enum) member's str() is "Kind.A", which no reader takes.
+            text = int.__repr__(value) if value.bit_length() < 13_000 else hex(value)
             return {"type": "int", "value": text}
         if isinstance(value, float):
             return {"type": "float", "value": value.hex()}

@@ -225,6 +225,10 @@ def transit_bytes(host_bytes: int) -> int:
     return min(host_bytes // TRANSIT_FRACTION, TRANSIT_MAX)
 
 
+# The least "auto" gives: below it the host tier holds nothing worth its bookkeeping.
+AUTO_HOST_FLOOR = 2**20
+
+
 def process_budgets(
     config: CacheConfig, ram_available: int | None = None, ranks_on_node: int | None = None
 ) -> ResolvedBudgets:
@@ -243,6 +247,13 @@ def process_budgets(
         if value == AUTO and name == "host_bytes":  # the node's RAM, shared among its ranks
             ram = available_ram() if ram_available is None else ram_available
             sizes[name] = auto_host_bytes(ram, ranks_on_node)
+            if sizes[name] < AUTO_HOST_FLOOR:  # 0 would mean no region: unbounded memory
+                raise ConfigError(
+                    f'host_bytes "auto" is half the RAM available now, {format_bytes(ram)} '
+                    f"(MemAvailable, or what this process's cgroup still allows), shared by "
+                    f"{ranks_on_node} rank(s): less than {format_bytes(AUTO_HOST_FLOOR)}; "
+                    "free memory, or set host_bytes to what this process may use"
+                )
         elif value == AUTO:  # a part of this process's host_bytes
             sizes[name] = transit_bytes(sizes["host_bytes"])
         else:
@@ -285,11 +296,12 @@ def check_host_budget(
     What is compared is the node's figure: host_bytes under budget_scope = "node" (and
     outside torchrun), each rank's host_bytes times the node's ranks under "rank".
     Above the RAM (``sysinfo.ram_limit``: MemTotal, or the cgroup's limit where lower):
-    ConfigError. Above what is available now (MemAvailable), but within the RAM: a
-    warning (the model and other processes hold the difference now; they may let go),
-    unless ``warn`` is False (a check ahead of the cache, which will warn). "auto" is
-    half the available RAM and never either; 0 maps no region. ``ram`` and
-    ``available``: this machine's, measured now, unless given."""
+    ConfigError. Above what is available now (``sysinfo.available_ram``: MemAvailable,
+    or what the cgroup still allows where less), but within the RAM: a warning (the
+    model and other processes hold the difference now; they may let go), unless
+    ``warn`` is False (a check ahead of the cache, which will warn). "auto" is half the
+    available RAM and never either; 0 maps no region. ``ram`` and ``available``: this
+    machine's, measured now, unless given."""
     if config.host_bytes == AUTO or budgets.host_bytes == 0:
         return
     info = rank_info()

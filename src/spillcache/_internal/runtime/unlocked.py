@@ -130,8 +130,9 @@ class Offload:
 
     def _is_tiered(self, tensor: torch.Tensor) -> bool:
         if not dtypes.is_tierable(tensor):
+            layout = "nested" if tensor.is_nested else tensor.layout  # a nested one is strided
             warnings.warn(
-                f"spillcache keeps {tensor.dtype} tensors with layout {tensor.layout} "
+                f"spillcache keeps {tensor.dtype} tensors with layout {layout} "
                 f"({type(tensor).__name__}) in RAM as they are; only dense tensors spill",
                 stacklevel=5,
             )
