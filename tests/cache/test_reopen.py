@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from spill_testing import ALL_DTYPES, assert_same, random_tensor, tensor_variants
-from spillcache import CacheConfig, IntermediatesCache, StoreFormatError, StoreNotFoundError
+from spillcache import (
+    CacheConfig,
+    IntermediatesCache,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
 from spillcache._internal.store.store_format import read_root_attributes
 
 
@@ -99,3 +107,49 @@ def test_opening_never_imports_a_class_named_in_the_store(tmp_path):
     value = cache.fetch(0)["h"]
     assert type(value) is tuple and value[1] == 1
     cache.close()
+
+
+def test_a_partial_file_with_a_foreign_digit_in_its_name_is_passed_over(tmp_path):
+    """Only names the writer makes give record numbers: "²".isdigit() is true, but "²"
+    is no number (int() refuses it), and a leftover so named is no array of the store."""
+    path = kept(tmp_path, [{"h": torch.ones(64, 64)}], inline_bytes=0)
+    (Path(path) / "tensors" / "²0.0a1b2c3d.partial").write_bytes(b"x")
+    with IntermediatesCache.open(path) as cache:
+        assert_same(cache.fetch(0)["h"], torch.ones(64, 64))
+        cache.update(0, {"g": torch.zeros(64, 64)})
+    with IntermediatesCache.open(path) as again:
+        assert_same(again.fetch(0)["g"], torch.zeros(64, 64))
+
+
+def test_a_complete_store_with_a_bad_array_nothing_names_is_refused(tmp_path):
+    """Only a crash leaves arrays that do not read (and only a crashed store drops
+    them): in a complete store a symbolic link where a chunk should be is damage, named,
+    even in an array no batch refers to."""
+    path = kept(tmp_path, [{"h": torch.ones(64, 64)}], inline_bytes=0)
+    tensors = Path(path) / "tensors"
+    (array,) = [entry for entry in tensors.iterdir() if entry.is_dir()]
+    shutil.copytree(array, tensors / "7")
+    (tensors / "7" / "c.0.0").unlink()
+    (tensors / "7" / "c.0.0").symlink_to(array / "c.0.0")
+    with pytest.raises(StoreCorruptError, match=r"damaged.*tensors/7: .* is a symbolic link"):
+        IntermediatesCache.open(path)
+
+
+def test_values_of_a_gpu_this_host_lacks_are_fetched_to_the_cpu(tmp_path, monkeypatch):
+    """A store written on cuda:7 of an 8-GPU node, opened on a 1-GPU one: its values go
+    to the CPU (cuda:7 is an invalid ordinal there); those of cuda:0 stay on cuda:0."""
+    path = kept(tmp_path, [{"h0": torch.ones(8), "h7": torch.zeros(8)}], inline_bytes=0)
+    batch = f"{path}/batches/0/zarr.json"
+    metadata = json.loads(open(batch).read())
+    for key in ("h0", "h7"):
+        metadata["attributes"]["spillcache"]["entries"][key]["device"] = f"cuda:{key[1]}"
+    with open(batch, "w") as handle:
+        json.dump(metadata, handle)
+    with monkeypatch.context() as gpus:  # a 1-GPU host; nothing is fetched meanwhile
+        gpus.setattr(torch.cuda, "is_available", lambda: True)
+        gpus.setattr(torch.cuda, "device_count", lambda: 1)
+        cache = IntermediatesCache.open(path)
+    core = cache._core
+    onload = {record.key: record.onload_device for record in core.placement.records_of(core.tenant)}
+    cache.close()
+    assert onload == {"h0": torch.device("cuda:0"), "h7": torch.device("cpu")}

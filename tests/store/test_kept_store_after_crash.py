@@ -287,3 +287,24 @@ def test_a_deletion_cut_short_leaves_a_half_written_array_that_never_stops_an_op
     os.unlink(path / "tensors" / "998" / "c.0.0")
     with IntermediatesCache.open(path) as again:  # complete: the leftover stays for gc
         assert_value(again.fetch(0)["h"], 0, "h")
+
+
+def test_a_batch_directory_named_with_a_foreign_digit_is_no_batch_and_left_alone(tmp_path):
+    """Tidying a crashed store removes batch directories past the recorded count, by
+    the names the writer gives them: "²" is none ("²".isdigit() is true, int("²")
+    raises), so it is neither counted nor removed, and the store opens."""
+    config = kept_writer.config(str(tmp_path))
+    with IntermediatesCache.empty(1, "cpu", config=config) as cache:
+        cache.update(0, kept_writer.batch_values(0))
+    path = Path(cache.store_path)
+    root = path / "zarr.json"
+    metadata = json.loads(root.read_text())
+    # As a run that flushed and then let its store go leaves it: opened as after a crash.
+    metadata["attributes"]["spillcache"].update(complete=False, released=True)
+    root.write_text(json.dumps(metadata))
+    (path / "batches" / "²").mkdir()
+    cache, warning = open_after_crash(str(path))
+    with cache:
+        assert_value(cache.fetch(0)["h"], 0, "h")
+    assert "opened the 1 batches" in warning
+    assert (path / "batches" / "²").is_dir()

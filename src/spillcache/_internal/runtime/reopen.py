@@ -63,7 +63,10 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
         found = store_checks.survey(store, structures=True)
         leftovers = _leftovers(found)  # a complete store keeps its own (`spillcache gc`)
         dropped = list(leftovers.items()) if crashed else []
-        _refuse_damage(store, found, allowed=set(leftovers))
+        # What a crash left may not read; in a complete store only an array a deletion
+        # cut short may not (one with a symbolic link for its chunk is damage there).
+        allowed = {name for name in leftovers if crashed or _deletion_cut_short(store, name)}
+        _refuse_damage(store, found, allowed=allowed)
         store.checksum = _checksum(store, found, config)
         said = _remove_leftovers(store, found, dropped) if crashed else ""
         if said:
@@ -136,7 +139,10 @@ def _adopt(
     """Pool's lock held, no I/O: the store's arrays become records of the cache (disk
     bytes counted), its entries the cache's batches; how many batches there are."""
     core.tenant.attach(store)
-    core.placement.skip_record_ids(list(found.kinds))  # every name, removed ones too
+    # Every array name, removed ones too; other names in tensors/ (a foreign "²0.x.partial")
+    # are no record numbers.
+    names = [name for name in found.kinds if store_checks.ARRAY_NAME.fullmatch(name)]
+    core.placement.skip_record_ids(names)
     records: dict[str, TensorRecord] = {}
     batches: list[dict[str, Entry]] = [{} for _ in range(found.batches)]
     for index, key, spec, refs in found.entries:
@@ -204,6 +210,18 @@ def _leftovers(found: store_checks.Survey) -> dict[str, str]:
         elif kind in ("array", "incomplete", "partial"):
             leftovers[name] = "incomplete"
     return leftovers
+
+
+def _deletion_cut_short(store: Store, name: str) -> bool:
+    """Whether array ``name`` of ``store`` holds its ``zarr.json`` alone: what a
+    deletion cut short leaves where it took the chunk first (`spillcache gc` removes an
+    array's files in any order). Nothing is read from it, and `gc` removes it."""
+    try:
+        with os.scandir(tensors_dir(store.path) / name) as entries:
+            held = [(entry.name, entry.is_file(follow_symlinks=False)) for entry in entries]
+    except OSError:  # not a directory one can list: not what a deletion leaves
+        return False
+    return held == [("zarr.json", True)]
 
 
 def _refuse_damage(store: Store, found: store_checks.Survey, allowed: set[str]) -> None:
@@ -279,7 +297,13 @@ def _stray_files(store: Store, batches: int) -> list[Path]:
     for entry in (store.path / "batches").iterdir():
         if entry.name.endswith(".partial"):
             found.append(entry)
-        elif entry.name.isdigit() and not entry.is_symlink() and entry.is_dir():
+        # Only the names the writer gives batches (and recorded_batches counts): "²" or
+        # "007" is none, and str.isdigit() takes "²" while int() refuses it.
+        elif (
+            store_checks._BATCH_NAME.fullmatch(entry.name)
+            and not entry.is_symlink()
+            and entry.is_dir()
+        ):
             if int(entry.name) >= batches:
                 found.append(entry)
             else:
@@ -331,10 +355,16 @@ def _devices(found: store_checks.Survey) -> dict[torch.device, torch.device]:
 
 
 def _device(device: torch.device) -> torch.device:
-    """Where a value goes when fetched: its recorded device, or the CPU where that kind
-    of device is not present."""
+    """Where a value goes when fetched: its recorded device, or the CPU where that
+    device is not present (no device of its kind, or fewer than its index: a store
+    written on cuda:7 of an 8-GPU node, opened on a 1-GPU machine)."""
     if device.type == "cpu":
         return device
     module = getattr(torch, device.type, None)
     available = getattr(module, "is_available", None)
-    return device if callable(available) and available() else CPU
+    if not (callable(available) and available()):
+        return CPU
+    count = getattr(module, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        return CPU
+    return device
