@@ -35,7 +35,7 @@ from spillcache._internal.store.summary import state_text
 from spillcache._internal.sysinfo import directory_problem
 from spillcache._internal.text import aligned, format_bytes, os_error_text
 from spillcache.config import CacheConfig
-from spillcache.errors import SpillCacheError, StoreCorruptError, StoreFormatError
+from spillcache.errors import SpillCacheError, StoreCorruptError
 
 __all__ = ["main"]
 
@@ -150,8 +150,8 @@ def _inspect(args: argparse.Namespace) -> int:
         return _inspect_run(args, Path(args.path), ranks)
     try:
         info = summarize(args.path)
-    except StoreFormatError as error:
-        problem = _root_damage(args.path, error)
+    except StoreCorruptError as error:  # its root: the arrays are not read without it
+        problem = str(error)
         if args.json:
             print(json.dumps({"path": str(args.path), "problems": [problem]}))
         return report_damage("inspect", [problem])
@@ -268,18 +268,6 @@ def _describe(value: Any, indent: str, tensors: list) -> list[str]:
     return lines
 
 
-def _root_damage(path: str, error: StoreFormatError) -> str:
-    """A store whose root cannot be read is damaged (exit 1), naming the file; where
-    ``path`` is not laid out as a store, or its root reads, the store format's
-    ``error`` stands (not a spillcache store, another version: exit 2)."""
-    from spillcache._internal.store.summary import root_damage
-
-    problem = root_damage(path)
-    if problem is None:
-        raise error
-    return problem
-
-
 def _check_export(path: Path) -> None:
     """--export's file must be one that can be written: said before the value is read,
     in one line naming the option and the fix, not as an errno (or torch's own error)."""
@@ -355,8 +343,6 @@ def _show(args: argparse.Namespace) -> int:
         value = load_value(args.path, args.batch, args.key, read)
     except StoreCorruptError as error:
         return report_damage("show", [str(error)])
-    except StoreFormatError as error:
-        return report_damage("show", [_root_damage(args.path, error)])
     rot = undetectable_rot(
         sum(not info.checksum for info in read), len(read), f"batch {args.batch}, key {args.key!r}"
     )
@@ -394,8 +380,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         report = verify(args.path)
-    except StoreFormatError as error:
-        problem = _root_damage(args.path, error)
+    except StoreCorruptError as error:  # its root: the arrays are not read without it
+        problem = str(error)
         report = {"path": str(args.path), "arrays": 0, "checksummed": 0, "unchecksummed": 0,
                   "bad": [], "problems": [problem], "orphans": None}  # fmt: skip
         if not args.json:

@@ -293,11 +293,19 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_a_tampered_store_is_damaged_everywhere(store, capsys, case):
     tamper, key, said = CASES[case]
     tamper(store)
-    # open(): refused, naming what is wrong (and where: batch and key, or the file)
+    assert_damaged_everywhere(store, capsys, key, said, entry=case not in ROOT_CASES)
+
+
+def assert_damaged_everywhere(
+    store: Path, capsys, key: str | None, said: str, entry: bool = True
+) -> None:
+    """open() refuses the store, naming what is wrong (and where: batch and key, for an
+    ``entry``'s damage); verify, inspect and show (of batch 0's ``key``) report it as
+    damaged: exit 1, one line."""
     with pytest.raises(StoreCorruptError, match="is damaged, so it is not opened") as refused:
         IntermediatesCache.open(store)
     assert said in str(refused.value) and "\n" not in str(refused.value)
-    if key in ("h", "meta", "pair", "rec") and case not in ROOT_CASES:
+    if key in ("h", "meta", "pair", "rec") and entry:
         assert f"batch 0, key '{key}'" in str(refused.value) or "batch 0:" in str(refused.value)
     # verify: exit 1, one BAD line (for the one problem), the count on the last line
     status, out, _ = run(capsys, "verify", str(store))
@@ -425,3 +433,164 @@ def test_a_linked_batches_dir_in_a_store_with_no_batch_is_refused_and_nothing_ou
             IntermediatesCache.open(str(path))
     assert (elsewhere / "0" / "precious").read_text() == "keep me"
     assert (elsewhere / "notes.partial").read_text() == "keep me too"
+
+
+# ----------------------------------------- rot no check caught (a review found each)
+
+
+def kept_store(directory: Path, batches: list[dict]) -> Path:
+    """A complete kept store of ``batches`` (checksums on), made in ``directory``."""
+    config = CacheConfig(host_bytes=0, inline_bytes="1KiB", disk_path=str(directory),
+                         keep_store=True)  # fmt: skip
+    cache = IntermediatesCache(batches, config=config)
+    cache.close()
+    return Path(cache.store_path)
+
+
+def test_a_complete_store_whose_root_counts_fewer_batches_than_it_holds_is_damaged(store, capsys):
+    """A rotten num_batches (2 -> 0) is no empty store, and its arrays no orphans that
+    `spillcache gc --yes` would delete."""
+    from spillcache._internal.store.summary import find_orphans
+
+    root_attribute("num_batches", 0)(store)
+    said = "num_batches is 0, but this complete store wrote batches/0"
+    assert_damaged_everywhere(store, capsys, "h", said, entry=False)
+    attributes = json.loads((store / "zarr.json").read_text())["attributes"]["spillcache"]
+    assert find_orphans(store, attributes)["unreferenced"] == []
+
+
+def test_a_crashed_store_whose_root_counts_fewer_batches_than_a_completed_flush_wrote_is_damaged(
+    store, capsys
+):
+    """Past the count, a crashed store may hold a batch of a flush that did not finish,
+    never one of a flush its root says completed."""
+    edit_json(store / "zarr.json", lambda g: g["attributes"]["spillcache"].update(
+        complete=False, released=True, num_batches=1))  # fmt: skip
+    said = "num_batches is 1, but flush 1, which completed, wrote batches/1"
+    assert_damaged_everywhere(store, capsys, "h", said, entry=False)
+
+
+def test_a_batch_past_the_count_that_an_unfinished_flush_wrote_is_still_a_leftover(store):
+    """What the two tests above refuse is not what a crash leaves: a batch written by
+    the flush the crash cut short (its number past the root's) is dropped on open."""
+    edit_json(store / "zarr.json", lambda g: g["attributes"]["spillcache"].update(
+        complete=False, released=True, num_batches=1))  # fmt: skip
+    edit_json(group_file(store, 1), lambda g: g["attributes"]["spillcache"].update(flush=2))
+    with pytest.warns(UserWarning, match="unrecorded batches"):
+        cache = IntermediatesCache.open(store)
+    with cache:
+        assert len(cache) == 1
+        assert_same(cache.fetch(0)["h"], H)
+    assert not (store / "batches" / "1").exists()
+
+
+def test_a_dict_key_that_cannot_hash_is_damage_not_a_typeerror_at_fetch(store, capsys):
+    """A list node as a dict key would build dict([([], ...)]): a TypeError (unhashable
+    type: 'list') at every fetch of the batch, after verify called the store sound."""
+    edit_entries(
+        store, lambda e: e["meta"]["items"][0].__setitem__(0, {"type": "list", "items": []})
+    )
+    assert_damaged_everywhere(store, capsys, "meta", "has a key no dict can have")
+
+
+def test_dict_keys_that_hash_come_back(tmp_path):
+    keys = {Settings(0.5, "k"): 1, Point(1, 2): 2, (torch.float16, ("x", None)): 3,
+            torch.device("cpu"): 4, 5: 5}  # fmt: skip
+    with IntermediatesCache.open(kept_store(tmp_path, [{"d": keys}])) as cache:
+        assert cache.fetch(0)["d"] == keys
+
+
+def test_requires_grad_on_an_integer_tensor_is_damage_not_a_runtimeerror_at_fetch(store, capsys):
+    """torch lets only floating-point and complex tensors require grad: an int64 tensor
+    marked so failed every fetch of its batch with a RuntimeError."""
+    edit_entries(store, lambda e: e["rec"]["fields"][0][1].__setitem__("requires_grad", True))
+    said = "its int64 tensor requires grad, which only floating-point and complex ones can"
+    assert_damaged_everywhere(store, capsys, "rec", said)
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, 10**30], [0, 2**63], [0, 2**62, 2]], ids=["1e30", "2**63", "strides"]
+)
+def test_an_empty_array_whose_sizes_overflow_int64_is_damage_not_a_torch_error(
+    tmp_path, capsys, shape
+):
+    """An empty array has no chunk whose size bounds its shape: a size past int64 made
+    verify and show print torch's C++ stack, and fetch raise a TypeError."""
+    path = kept_store(tmp_path, [{"h": torch.ones(0, 3)}])
+
+    def change(metadata: dict) -> None:
+        metadata["shape"] = shape
+        metadata["chunk_grid"]["configuration"]["chunk_shape"] = [max(1, n) for n in shape]
+
+    edit_json(path / "tensors" / array_of(path, "h") / "zarr.json", change)
+    assert_damaged_everywhere(path, capsys, "h", "is more than torch can hold")
+
+
+@pytest.mark.parametrize("version", ["missing", "1", 1.0, True, None])
+def test_a_root_without_a_numeric_format_version_is_damaged_not_from_a_newer_spillcache(
+    store, capsys, version
+):
+    """No spillcache writes such a root: "upgrade spillcache" would be the wrong fix."""
+
+    def change(own: dict) -> None:
+        if version == "missing":
+            del own["format_version"]
+        else:
+            own["format_version"] = version
+
+    edit_json(store / "zarr.json", lambda g: change(g["attributes"]["spillcache"]))
+    with pytest.raises(StoreCorruptError) as refused:
+        IntermediatesCache.open(store)
+    said = f"{store / 'zarr.json'}: its format_version "
+    assert str(refused.value).startswith(said) and "is damaged" in str(refused.value)
+    assert "upgrade" not in str(refused.value)
+    status, out, _ = run(capsys, "verify", str(store))
+    assert status == 1 and out.startswith(f"BAD {said}"), out
+    for command in (["inspect"], ["show", "0", "h"]):
+        status, _, err = run(capsys, command[0], str(store), *command[1:])
+        assert status == 1 and f"damaged: {said}" in err, err
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_open_of_a_store_whose_root_is_damaged_names_the_file(store, damage):
+    """Not "is not a spillcache store (no spillcache attributes)": the CLI's words."""
+    root = store / "zarr.json"
+    if damage == "missing":
+        root.unlink()
+    else:
+        root.write_bytes(root.read_bytes()[: len(root.read_bytes()) // 2])
+    with pytest.raises(StoreCorruptError) as refused:
+        IntermediatesCache.open(store)
+    said = "is not valid JSON" if damage == "cut short" else "is missing"
+    assert str(refused.value).startswith(f"{root} {said}"), str(refused.value)
+
+
+def test_an_array_numbered_past_what_a_reopened_cache_can_follow_is_damage(store, capsys):
+    """A reopened cache numbers new records past the store's largest: from an 18-digit
+    name, the next would have 19, which close() refused, losing the value."""
+    big = "9" * 18
+    os.rename(store / "tensors" / array_of(store, "h"), store / "tensors" / big)
+    for batch in (0, 1):
+        edit_entries(store, lambda e: e["h"].__setitem__("array", f"tensors/{big}"), batch)
+    with pytest.raises(StoreCorruptError, match="is damaged, so it is not opened") as refused:
+        IntermediatesCache.open(store)
+    assert f"'tensors/{big}', which is not one spillcache writes" in str(refused.value)
+    assert "a stored n < 10**17" in str(refused.value)
+    status, out, _ = run(capsys, "verify", str(store))
+    assert status == 1 and f"tensors/'{big}' is a directory not named as arrays are" in out
+
+
+def test_a_reopened_cache_goes_on_from_a_large_array_number_it_reads(store):
+    """The numbers a reader takes leave the writer room: a name of 16 digits is followed
+    by ones of 17, which the next open reads."""
+    large = "9" * 16
+    os.rename(store / "tensors" / array_of(store, "h"), store / "tensors" / large)
+    for batch in (0, 1):
+        edit_entries(store, lambda e: e["h"].__setitem__("array", f"tensors/{large}"), batch)
+    config = CacheConfig(host_bytes=0, inline_bytes="1KiB")
+    with IntermediatesCache.open(store, config=config) as cache:
+        cache.update(0, {"h2": torch.full((64, 64), 2.0)})
+    with IntermediatesCache.open(store) as again:
+        assert torch.equal(again.fetch(0)["h2"], torch.full((64, 64), 2.0))
+        assert_same(again.fetch(1)["h"], H)
+    assert any(len(name) == 17 for name in os.listdir(store / "tensors"))

@@ -379,9 +379,9 @@ def spec_from_json(node: Any, tensor_leaf: Callable[[dict], int | None]) -> tupl
     if kind == "device":
         return ("device", _parsed(node, torch.device, kind, "a torch device"))
     if kind == "list":
-        return ("list", [spec_from_json(c, tensor_leaf) for c in _items(node, kind)])
+        return ("list", [spec_from_json(c, tensor_leaf) for c in _field(node, "items", list, kind)])
     if kind == "tuple":
-        items = [spec_from_json(c, tensor_leaf) for c in _items(node, kind)]
+        items = [spec_from_json(c, tensor_leaf) for c in _field(node, "items", list, kind)]
         cls = _class_or_none(node, _is_namedtuple, lambda cls: len(cls._fields) == len(items))
         return ("tuple", cls if cls is None else StoredClass(cls), items)
     if kind == "dict":
@@ -389,6 +389,8 @@ def spec_from_json(node: Any, tensor_leaf: Callable[[dict], int | None]) -> tupl
             (spec_from_json(k, tensor_leaf), spec_from_json(v, tensor_leaf))
             for k, v in _pairs(node, "items", kind, lambda key: key)
         ]
+        if not all(_hashable(key) for key, _ in items):  # building the dict would fail
+            raise StructureError("a 'dict' node has a key no dict can have (a list, a dict)")
         return ("dict", _class_or_none(node, lambda cls: cls is OrderedDict), items)
     if kind == "dataclass":
         fields = [
@@ -415,11 +417,6 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def _class_text(name: str) -> str:
-    """A stored class name in a warning: as it is, unless it is long or odd."""
-    return name if name.isprintable() and len(name) <= 100 else _shown(name)
-
-
 def _field(node: Any, name: str, kind: type, what: str) -> Any:
     if not isinstance(node, dict):
         raise StructureError(f"{what} is {type(node).__name__} {_shown(node)}, not an object")
@@ -440,8 +437,13 @@ def _parsed(node: dict, parse: Callable[..., Any], kind: str, meaning: str, **op
         raise StructureError(f"a {kind!r} node's value {_shown(text)} is not {meaning}") from None
 
 
-def _items(node: dict, kind: str) -> list:
-    return _field(node, "items", list, kind)
+def _hashable(spec: tuple) -> bool:
+    """Whether what ``spec`` builds hashes, as a dict key must: a tuple (or namedtuple)
+    or frozen dataclass of such does, a list, a dict or another dataclass does not."""
+    kind = spec[0]
+    if kind == "tuple" or (kind == "dataclass" and spec[1].cls.__hash__ is not None):
+        return all(_hashable(child if kind == "tuple" else child[1]) for child in spec[2])
+    return kind in ("value", "dtype", "device", "tensor")
 
 
 def _pairs(node: dict, name: str, kind: str, first: Callable[[Any], Any]) -> list[tuple]:
@@ -479,16 +481,17 @@ def _class_or_none(
     if type(name) is not str:
         raise StructureError(f"a {node['type']!r} node's 'class' is {_shown(name)}, not a str")
     cls = _resolve_class(name)
+    shown = name if name.isprintable() and len(name) <= 100 else _shown(name)  # in a warning
     if cls is None or not allowed(cls):
         warnings.warn(
-            f"class {_class_text(name)} is not imported or not a {node['type']} class; returning "
+            f"class {shown} is not imported or not a {node['type']} class; returning "
             "a plain container instead (import its module first to get the class back)",
             stacklevel=3,
         )
         return None
     if not fits(cls):
         warnings.warn(
-            f"class {_class_text(name)} does not have the fields the store gives (the class "
+            f"class {shown} does not have the fields the store gives (the class "
             "changed since the store was written?); returning a plain container instead",
             stacklevel=3,
         )

@@ -28,7 +28,13 @@ from ..engine.placement import TensorRecord
 from ..engine.records import Entry
 from ..store import store_checks
 from ..store.store_dirs import owner_alive
-from ..store.store_format import array_ref, read_root_attributes, tensors_dir
+from ..store.store_format import (
+    BATCH_NAME,
+    STORED_NAME,
+    array_ref,
+    read_root_attributes,
+    tensors_dir,
+)
 from ..store.tensor_store import Store, write_root_json
 from .core import CacheCore
 from .persist import opened
@@ -139,9 +145,9 @@ def _adopt(
     """Pool's lock held, no I/O: the store's arrays become records of the cache (disk
     bytes counted), its entries the cache's batches; how many batches there are."""
     core.tenant.attach(store)
-    # Every array name, removed ones too; other names in tensors/ (a foreign "²0.x.partial")
-    # are no record numbers.
-    names = [name for name in found.kinds if store_checks.ARRAY_NAME.fullmatch(name)]
+    # Every array's record number, removed ones' and a cut-short write's ("17.<hex>.partial")
+    # too; a name no reader takes ("²0", 20 digits) numbers nothing.
+    names = [name for name in found.kinds if STORED_NAME.fullmatch(name.partition(".")[0])]
     core.placement.skip_record_ids(names)
     records: dict[str, TensorRecord] = {}
     batches: list[dict[str, Entry]] = [{} for _ in range(found.batches)]
@@ -299,11 +305,7 @@ def _stray_files(store: Store, batches: int) -> list[Path]:
             found.append(entry)
         # Only the names the writer gives batches (and recorded_batches counts): "²" or
         # "007" is none, and str.isdigit() takes "²" while int() refuses it.
-        elif (
-            store_checks._BATCH_NAME.fullmatch(entry.name)
-            and not entry.is_symlink()
-            and entry.is_dir()
-        ):
+        elif BATCH_NAME.fullmatch(entry.name) and not entry.is_symlink() and entry.is_dir():
             if int(entry.name) >= batches:
                 found.append(entry)
             else:

@@ -5,8 +5,8 @@ A store on disk is input like any other file: a batch structure may name an arra
 symbolic link to a file elsewhere. Everything read from a store passes through here
 before it is followed, allocated or built:
 
-- an array reference must be a name the writer makes (``tensors/17``, ``tensors/17.2``,
-  ``tensors/i3``), so it resolves inside ``<store>/tensors``;
+- an array reference must be a name the writer makes and can go on from (``tensors/17``,
+  ``tensors/17.2``, ``tensors/i3``), so it resolves inside ``<store>/tensors``;
 - nothing where the format expects a file or directory may be a symbolic link;
 - an array's metadata must be what ``store_format.array_metadata`` writes for its shape and
   torch dtype, and its chunk file must hold exactly that many bytes: checked with a
@@ -36,31 +36,23 @@ from spillcache.errors import StoreCorruptError, StoreError
 from .. import dtypes
 from ..tree import StructureError, spec_from_json
 from . import store_format, tensor_store
-from .store_format import ARRAY_PREFIX, BATCHES, TENSORS, batch_dir, tensors_dir
+from .store_format import BATCHES, PARTIAL_NAME, STORED_NAME, TENSORS, batch_dir, tensors_dir
 
 __all__ = [
-    "ARRAY_NAME",
     "ArrayInfo",
     "Survey",
     "TensorRef",
     "array_name",
-    "batch_entries",
     "batch_structure",
     "committed_flush",
     "entry_where",
+    "leaf_problem",
     "parse_entry",
     "read_array",
     "recorded_batches",
     "survey",
     "tensor_dirs",
 ]
-
-_COUNT = r"(?:0|[1-9][0-9]{0,17})"
-# The writer's names: a record number, with ".<n>" (n >= 2) for a later write of the
-# same record, or "i<n>" for a small tensor written when the store is kept.
-ARRAY_NAME = re.compile(rf"{_COUNT}(?:\.(?:[2-9]|[1-9][0-9]{{1,17}}))?|i{_COUNT}")
-_BATCH_NAME = re.compile(_COUNT)
-_PARTIAL = re.compile(r".+\.[0-9a-f]{8}\.partial")  # chunkio's temporary names
 
 _ARRAY_METADATA_BYTES = 1 << 20  # an array's zarr.json is a few hundred bytes
 _STRUCTURE_BYTES = 1 << 30  # a batch's structures: large, but never a whole disk
@@ -173,9 +165,9 @@ def read_array(root: str | os.PathLike[str], name: str) -> ArrayInfo:
     """The checked metadata of array ``tensors/<name>`` of the store at ``root``, its
     chunk file's size included (StoreCorruptError otherwise)."""
     root = Path(root)
-    where = f"array tensors/{_shown(name) if not ARRAY_NAME.fullmatch(name) else name}"
-    if not ARRAY_NAME.fullmatch(name):
-        raise _corrupt(where, "not an array name spillcache writes")
+    if not STORED_NAME.fullmatch(name):
+        raise _corrupt(f"array tensors/{_shown(name)}", "not an array name spillcache writes")
+    where = f"array tensors/{name}"
     directory = tensors_dir(root) / name
     _check_dir(root, directory, where)
     metadata = _read_json(root, directory / "zarr.json", _ARRAY_METADATA_BYTES, where)
@@ -208,18 +200,16 @@ def _array_fields(name: str, metadata: Any, where: str) -> ArrayInfo:
         or not all(type(n) is int and n >= 0 for n in shape)
     ):
         raise _corrupt(where, f"its shape {_shown(shape)} is not a list of sizes")
+    try:  # no chunk bounds an empty array's sizes: past int64, torch fails deep inside
+        torch.empty(shape, device="meta")  # allocates nothing
+    except (RuntimeError, TypeError, OverflowError):
+        raise _corrupt(where, f"its shape {_shown(shape)} is more than torch can hold") from None
     for checksum in (False, True):
         expected = store_format.array_metadata(tuple(shape), dtype, checksum)
         if all(metadata.get(key) == expected[key] for key in _LAYOUT):
             batch, key = own.get("batch"), own.get("key")
-            return ArrayInfo(
-                name,
-                tuple(shape),
-                dtype,
-                checksum,
-                batch if type(batch) is int else None,
-                key if type(key) is str else None,
-            )
+            batch, key = batch if type(batch) is int else None, key if type(key) is str else None
+            return ArrayInfo(name, tuple(shape), dtype, checksum, batch, key)
     expected = store_format.array_metadata(tuple(shape), dtype)
     differs = next(key for key in _LAYOUT if metadata.get(key) != expected[key])
     raise _corrupt(
@@ -241,16 +231,16 @@ def _stored_dtype(name: Any, where: str) -> torch.dtype:
     raise _corrupt(where, f"its torch_dtype {_shown(name)} is not a dtype spillcache stores")
 
 
-def array_name(reference: Any) -> str:
-    """The array a structure names (``"tensors/<name>"``), if it is a name the writer
-    makes; StructureError otherwise (``"tensors/../../etc"`` is not)."""
-    if type(reference) is str and reference.startswith(ARRAY_PREFIX):
-        name = reference[len(ARRAY_PREFIX) :]
-        if ARRAY_NAME.fullmatch(name):
+def array_name(reference: Any, names: re.Pattern = store_format.ARRAY_NAME) -> str:
+    """The array a structure names (``"tensors/<name>"``) if it is one of ``names`` (a
+    reader's are fewer than the writer's); StructureError otherwise (``../../etc``)."""
+    if type(reference) is str and reference.startswith(store_format.ARRAY_PREFIX):
+        name = reference[len(store_format.ARRAY_PREFIX) :]
+        if names.fullmatch(name):
             return name
     raise StructureError(
         f"it names array {_shown(reference)}, which is not one spillcache writes "
-        "(tensors/<n>, tensors/<n>.<m> or tensors/i<n>, inside the store)"
+        "(tensors/<n>, tensors/<n>.<m> or tensors/i<n>, inside the store; a stored n < 10**17)"
     )
 
 
@@ -268,11 +258,11 @@ def tensor_dirs(root: str | os.PathLike[str]) -> dict[str, str]:
                 continue
             if entry.is_symlink():
                 found[entry.name] = "link"
-            elif _PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            elif PARTIAL_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 found[entry.name] = "partial"
             elif not entry.is_dir(follow_symlinks=False):
                 found[entry.name] = "file"
-            elif not ARRAY_NAME.fullmatch(entry.name):
+            elif not STORED_NAME.fullmatch(entry.name):
                 found[entry.name] = "bad name"
             elif os.path.lexists(os.path.join(entry.path, "zarr.json")):
                 found[entry.name] = "array"
@@ -295,7 +285,7 @@ class TensorRef:
 
 def _tensor_ref(node: dict) -> TensorRef:
     reference = node.get("array")
-    name = None if reference is None else array_name(reference)
+    name = None if reference is None else array_name(reference, STORED_NAME)
     device_name = node.get("device", "cpu")
     requires_grad = node.get("requires_grad", False)
     if type(device_name) is not str:
@@ -309,22 +299,38 @@ def _tensor_ref(node: dict) -> TensorRef:
     return TensorRef(name, device, requires_grad)
 
 
+def leaf_problem(ref: TensorRef, info: ArrayInfo) -> str | None:
+    """What is wrong with a tensor node given its array (None: nothing): torch lets only
+    floating-point and complex tensors require grad, and fails each fetch of another."""
+    if ref.requires_grad and not (info.dtype.is_floating_point or info.dtype.is_complex):
+        name = dtypes.dtype_name(info.dtype)
+        return f"its {name} tensor requires grad, which only floating-point and complex ones can"
+    return None
+
+
 def recorded_batches(store: tensor_store.Store) -> int:
-    """How many batches the store records (its root's ``num_batches``), checked
-    against its batch directories so that a forged count is no endless loop."""
-    count = store.attributes.get("num_batches", 0)
+    """How many batches the store records (its root's ``num_batches``), checked against
+    its batch directories: a forged count is no endless loop, and a rotten one drops no
+    batch (one past the count is a crashed store's, of a flush that did not finish)."""
+    count, where = store.attributes.get("num_batches", 0), "root zarr.json"
     if type(count) is not int or count < 0:
-        raise _corrupt("root zarr.json", f"num_batches {_shown(count)} is not a count")
+        raise _corrupt(where, f"num_batches {_shown(count)} is not a count")
     # Checked even with no batch recorded: a crashed store's batches/ is tidied
     # (reopen._stray_files), and a link there would lead outside the store.
     _check_dir(store.path, batch_dir(store.path), BATCHES)
-    if count:
-        with os.scandir(batch_dir(store.path)) as entries:
-            present = sum(1 for entry in entries if _BATCH_NAME.fullmatch(entry.name))
-        if count > present:
-            raise _corrupt(
-                "root zarr.json", f"it records {count} batches, but batches/ holds {present}"
-            )
+    with os.scandir(batch_dir(store.path)) as entries:
+        present = [int(e.name) for e in entries if store_format.BATCH_NAME.fullmatch(e.name)]
+    if count > len(present):
+        raise _corrupt(where, f"it records {count} batches, but batches/ holds {len(present)}")
+    complete = store.attributes.get("complete") is True
+    for index in sorted(index for index in present if index >= count):
+        try:  # batches are only added: one that a completed flush wrote is counted
+            flush = 0 if complete else batch_structure(store, index)[0]
+        except StoreCorruptError:
+            continue  # unreadable, or only an unfinished flush's: a crash's leftover
+        if complete or 0 < flush <= committed_flush(store):
+            by = "this complete store" if complete else f"flush {flush}, which completed,"
+            raise _corrupt(where, f"num_batches is {count}, but {by} wrote batches/{index}")
     return count
 
 
@@ -367,11 +373,6 @@ def batch_structure(
     if not isinstance(entries, dict):
         raise _corrupt(where, f"{name} records no entries")
     return flush, entries
-
-
-def batch_entries(store: tensor_store.Store, index: int) -> dict[str, Any]:
-    """Batch ``index``'s entries (``batch_structure`` without its flush's number)."""
-    return batch_structure(store, index)[1]
 
 
 def parse_entry(
@@ -483,7 +484,12 @@ def _survey_structures(
             sound = True
             for ref in refs:
                 found.used.setdefault(ref.array, []).append(where)
-                if ref.array not in found.arrays:
+                info = found.arrays.get(ref.array)
+                problem = leaf_problem(ref, info) if info is not None else None
+                if problem is not None:
+                    sound = False
+                    found.problems.append(f"{where}: {problem}")
+                elif info is None:
                     sound = False
                     if ref.array not in found.bad_arrays:  # said once, with its users
                         state = "missing" if ref.array not in kinds else "incomplete"

@@ -48,6 +48,7 @@ import errno
 import functools
 import json
 import os
+import re
 import stat
 import sys
 import threading
@@ -56,17 +57,21 @@ from typing import Any
 
 import torch
 
-from spillcache.errors import StoreFormatError, StoreNotFoundError
+from spillcache.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 
 from .. import dtypes
 from ..io.chunk_reads import CRC32C_BYTES
 from ..io.chunkio import fsync_directory, fsync_file
 
 __all__ = [
+    "ARRAY_NAME",
     "ARRAY_PREFIX",
     "ATTRS_KEY",
     "BATCHES",
+    "BATCH_NAME",
     "FORMAT_VERSION",
+    "PARTIAL_NAME",
+    "STORED_NAME",
     "STORE_PREFIX",
     "SUPPORTED_VERSIONS",
     "TENSORS",
@@ -96,6 +101,17 @@ ATTRS_KEY = "spillcache"
 TENSORS = "tensors"
 BATCHES = "batches"
 ARRAY_PREFIX = f"{TENSORS}/"  # how a batch structure names an array
+_COUNT = r"(?:0|[1-9][0-9]{0,17})"  # a decimal number below 10**18: an int64
+_LATER = r"(?:\.(?:[2-9]|[1-9][0-9]{1,17}))?"
+# The writer's array names: a record number, with ".<n>" (n >= 2) for a later write of
+# the same record, or "i<n>" for a small tensor written when the store is kept.
+ARRAY_NAME = re.compile(rf"{_COUNT}{_LATER}|i{_COUNT}")
+# The array names read from a store: record numbers below 10**17. A reopened cache
+# numbers its records past the largest (records.skip), and their names must be ones the
+# writer takes: 9 * 10**17 are left, more than any run makes (10**18 - 1 would leave none).
+STORED_NAME = re.compile(rf"(?:0|[1-9][0-9]{{0,16}}){_LATER}|i{_COUNT}")
+BATCH_NAME = re.compile(_COUNT)
+PARTIAL_NAME = re.compile(r".+\.[0-9a-f]{8}\.partial")  # chunkio's temporary names
 
 
 def tensors_dir(store_path: str | os.PathLike[str]) -> Path:
@@ -248,22 +264,42 @@ def read_small_file(path: Path, limit: int) -> bytes:
 
 
 def read_root_attributes(path: str | os.PathLike[str]) -> dict:
-    """The spillcache attributes of the store at ``path``, or a clear error."""
+    """The spillcache attributes of the store at ``path``, or a clear error: for a
+    directory laid out as a store (it holds the ``tensors`` group) whose root cannot be
+    read (missing, not a regular file, not a JSON object: cut short, overwritten), a
+    StoreCorruptError naming the root's file and what is wrong with it."""
     path = Path(path)
     if not path.exists():
         raise StoreNotFoundError(f"no store at {path}: the path does not exist")
     if not path.is_dir():
         raise StoreFormatError(f"{path} is not a spillcache store (not a directory)")
+    root = path / "zarr.json"
     try:
-        text = read_small_file(path / "zarr.json", _ROOT_BYTES)  # never through a link
-        attributes = json.loads(text)["attributes"][ATTRS_KEY]
-    except FileNotFoundError:
-        raise StoreFormatError(f"{path} is not a spillcache store (no zarr.json)") from None
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        attributes = None
+        metadata: Any = json.loads(read_small_file(root, _ROOT_BYTES))  # never through a link
+    except (OSError, ValueError, RecursionError) as error:
+        metadata = error
+    if not isinstance(metadata, dict) and (path / TENSORS).is_dir():
+        raise StoreCorruptError(f"{root} {_root_damage(metadata)}")
+    if isinstance(metadata, FileNotFoundError):
+        raise StoreFormatError(f"{path} is not a spillcache store (no zarr.json)")
+    attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
+    attributes = attributes.get(ATTRS_KEY) if isinstance(attributes, dict) else None
     if not isinstance(attributes, dict):
         raise StoreFormatError(f"{path} is not a spillcache store (no spillcache attributes)")
     return attributes
+
+
+def _root_damage(found: Any) -> str:
+    """What is wrong with a store's root zarr.json, given what reading it gave."""
+    if isinstance(found, FileNotFoundError):
+        return "is missing: the store's root metadata (format version, state) is gone"
+    if isinstance(found, NotPlainFile):
+        return str(found)
+    if isinstance(found, OSError):
+        return f"cannot be read ({found.strerror or found})"
+    if isinstance(found, (ValueError, RecursionError)):  # cut short, or overwritten
+        return f"is not valid JSON ({found}): the store's root metadata is damaged"
+    return "is not a JSON object: the store's root metadata is damaged"
 
 
 # ----------------------------------------------------------------- durability

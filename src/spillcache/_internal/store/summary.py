@@ -28,7 +28,6 @@ read from a structure in it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from spillcache.errors import StoreError
+from spillcache.errors import StoreCorruptError, StoreError
 
 from ..dtypes import RAW_DTYPES, dtype_name
 from ..text import format_bytes
@@ -52,7 +51,6 @@ __all__ = [
     "find_orphans",
     "load_value",
     "report_damage",
-    "root_damage",
     "state_text",
     "summarize",
     "tensor_stats",
@@ -98,31 +96,6 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "problems": found.all_problems(),
         "checkpoint": describe_store(store.path, attributes),
     }
-
-
-def root_damage(path: str | Path) -> str | None:
-    """What is wrong with the root ``zarr.json`` of a directory laid out as a store (it
-    holds the store's ``tensors`` group) whose root cannot be read: missing, not a
-    regular file, or not a JSON object (cut short, overwritten). None for a directory
-    that is not laid out as a store, or whose root reads (then what the store format's
-    reader says of it stands: not a spillcache store, or another format version)."""
-    path = Path(path)
-    if not (path / store_format.TENSORS).is_dir():
-        return None
-    root = path / "zarr.json"
-    try:
-        metadata = json.loads(store_format.read_small_file(root, 1 << 20))
-    except FileNotFoundError:
-        return f"{root} is missing: the store's root metadata (format version, state) is gone"
-    except store_format.NotPlainFile as error:
-        return f"{root} {error}"
-    except OSError as error:
-        return f"{root} cannot be read ({error.strerror or error})"
-    except (ValueError, RecursionError) as error:  # cut short, or overwritten
-        return f"{root} is not valid JSON ({error}): the store's root metadata is damaged"
-    if not isinstance(metadata, dict):
-        return f"{root} is not a JSON object: the store's root metadata is damaged"
-    return None
 
 
 def state_text(info: dict[str, Any], *, detailed: bool = True) -> str:
@@ -188,7 +161,7 @@ def load_value(
         )
     if not 0 <= batch < count:
         raise IndexError(f"batch {batch} is out of range: the store has {count} batches")
-    entries = store_checks.batch_entries(store, batch)
+    entries = store_checks.batch_structure(store, batch)[1]
     if key not in entries:
         shown = sorted(entries)
         more = f" and {len(shown) - 20} more" if len(shown) > 20 else ""
@@ -199,6 +172,9 @@ def load_value(
         if ref.array is None:
             return None
         info = store_checks.read_array(store.path, ref.array)
+        problem = store_checks.leaf_problem(ref, info)
+        if problem is not None:  # said as the entry's damage, like the others (parse_entry)
+            raise StoreCorruptError(problem)
         tensors.append(_read(store, info))
         if read is not None:
             read.append(info)
@@ -354,7 +330,7 @@ def _referenced_arrays(path: Path, attributes: dict) -> set[str] | None:
 
     try:
         for index in range(store_checks.recorded_batches(store)):
-            entries = store_checks.batch_entries(store, index)
+            entries = store_checks.batch_structure(store, index)[1]
             for key, node in entries.items():
                 store_checks.parse_entry(index, key, node, named)
     except StoreError:  # damaged or tampered: StoreCorruptError, or unreadable

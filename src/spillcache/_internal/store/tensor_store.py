@@ -262,7 +262,13 @@ class Store:
         path = Path(path)
         attributes = read_root_attributes(path)
         version = attributes.get("format_version")
-        if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        if type(version) is not int:  # each spillcache writes a number: none newer lacks one
+            said = "is missing" if version is None else f"{repr(version)[:40]} is not a number"
+            raise StoreCorruptError(
+                f"{path / 'zarr.json'}: its format_version {said}: the store's root metadata "
+                "is damaged"
+            )
+        if version not in SUPPORTED_VERSIONS:
             raise StoreFormatError(
                 f"{path} has store format version {version!r}; this spillcache reads "
                 f"version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade spillcache"
