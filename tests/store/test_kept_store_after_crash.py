@@ -17,6 +17,7 @@ import torch
 
 from spill_testing import assert_same, child_process, random_tensor
 from spillcache import CacheConfig, IntermediatesCache, StoreError, StoreFormatError
+from spillcache._internal.store import summary
 from spillcache._internal.store.store_format import read_root_attributes
 from spillcache._internal.store.summary import load_value
 from spillcache._internal.store.tensor_store import Store
@@ -287,6 +288,9 @@ def test_a_deletion_cut_short_leaves_a_half_written_array_that_never_stops_an_op
     os.unlink(path / "tensors" / "998" / "c.0.0")
     with IntermediatesCache.open(path) as again:  # complete: the leftover stays for gc
         assert_value(again.fetch(0)["h"], 0, "h")
+    # verify agrees with open(): an orphan for gc, not damage (it said "1 bad", exit 1).
+    checked = summary.verify(path)
+    assert checked["bad"] == [] and checked["orphans"]["unreferenced"] == ["998"]
 
 
 def test_a_batch_directory_named_with_a_foreign_digit_is_no_batch_and_left_alone(tmp_path):

@@ -32,6 +32,7 @@ from ..store.store_format import (
     BATCH_NAME,
     STORED_NAME,
     array_ref,
+    deletion_cut_short,
     read_root_attributes,
     tensors_dir,
 )
@@ -71,7 +72,7 @@ def reopen(path: str | os.PathLike[str], config: CacheConfig) -> CacheCore:
         dropped = list(leftovers.items()) if crashed else []
         # What a crash left may not read; in a complete store only an array a deletion
         # cut short may not (one with a symbolic link for its chunk is damage there).
-        allowed = {name for name in leftovers if crashed or _deletion_cut_short(store, name)}
+        allowed = {name for name in leftovers if crashed or deletion_cut_short(store.path, name)}
         _refuse_damage(store, found, allowed=allowed)
         store.checksum = _checksum(store, found, config)
         said = _remove_leftovers(store, found, dropped) if crashed else ""
@@ -216,18 +217,6 @@ def _leftovers(found: store_checks.Survey) -> dict[str, str]:
         elif kind in ("array", "incomplete", "partial"):
             leftovers[name] = "incomplete"
     return leftovers
-
-
-def _deletion_cut_short(store: Store, name: str) -> bool:
-    """Whether array ``name`` of ``store`` holds its ``zarr.json`` alone: what a
-    deletion cut short leaves where it took the chunk first (`spillcache gc` removes an
-    array's files in any order). Nothing is read from it, and `gc` removes it."""
-    try:
-        with os.scandir(tensors_dir(store.path) / name) as entries:
-            held = [(entry.name, entry.is_file(follow_symlinks=False)) for entry in entries]
-    except OSError:  # not a directory one can list: not what a deletion leaves
-        return False
-    return held == [("zarr.json", True)]
 
 
 def _refuse_damage(store: Store, found: store_checks.Survey, allowed: set[str]) -> None:

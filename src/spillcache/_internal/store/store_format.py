@@ -84,6 +84,7 @@ __all__ = [
     "batch_dir",
     "chunk_bytes",
     "chunk_name",
+    "deletion_cut_short",
     "group",
     "read_root_attributes",
     "read_small_file",
@@ -116,6 +117,18 @@ PARTIAL_NAME = re.compile(r".+\.[0-9a-f]{8}\.partial")  # chunkio's temporary na
 
 def tensors_dir(store_path: str | os.PathLike[str]) -> Path:
     return Path(store_path) / TENSORS
+
+
+def deletion_cut_short(store_path: str | os.PathLike[str], name: str) -> bool:
+    """Whether array ``name`` holds its ``zarr.json`` alone: what a deletion cut short
+    leaves where it took the chunk first (`spillcache gc` removes an array's files in any
+    order). No value reads from it: a leftover for `gc`, not damage."""
+    try:
+        with os.scandir(tensors_dir(store_path) / name) as entries:
+            held = [(entry.name, entry.is_file(follow_symlinks=False)) for entry in entries]
+    except OSError:  # not a directory one can list: not what a deletion leaves
+        return False
+    return held == [("zarr.json", True)]
 
 
 def batch_dir(store_path: str | os.PathLike[str], index: int | None = None) -> Path:
