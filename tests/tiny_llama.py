@@ -88,23 +88,31 @@ def calibrate(
     layers: int = 2,
     samples: int = SAMPLES,
     seq_len: int = SEQ_LEN,
+    model: Any = None,
     **oneshot_args: Any,
 ) -> dict[str, torch.Tensor]:
-    """Run ``oneshot`` with the sequential pipeline (and ``oneshot_args``, e.g.
-    ``propagate_error=False``); the calibrated state dict."""
+    """Run ``oneshot`` with the sequential pipeline over every sample in order, or as
+    ``oneshot_args`` say (``propagate_error=False``, ``pipeline="independent"``,
+    ``shuffle_calibration_samples=True``, ``num_calibration_samples``), on ``model``
+    (None: a tiny Llama made in ``config_dir``); the calibrated state dict."""
     from llmcompressor import oneshot
 
+    settings = {
+        "pipeline": "sequential",
+        "shuffle_calibration_samples": False,
+        "num_calibration_samples": samples,
+        **oneshot_args,
+    }
+    if model is None:
+        model = tiny_llama(config_dir, hidden=hidden, layers=layers, seq_len=seq_len)
     model = oneshot(
-        model=tiny_llama(config_dir, hidden=hidden, layers=layers, seq_len=seq_len),
+        model=model,
         processor=in_memory_tokenizer(),
         dataset=calibration_samples(samples=samples, seq_len=seq_len),
         recipe=recipe,
-        pipeline="sequential",
-        num_calibration_samples=samples,
         max_seq_length=seq_len,
-        shuffle_calibration_samples=False,
         sequential_prefetch=prefetch,
-        **oneshot_args,
+        **settings,
     )
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     del model

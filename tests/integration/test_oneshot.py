@@ -135,3 +135,37 @@ def test_awq_caches_share_one_host_budget(stock_weights, tmp_path):
     for name, tensor in stock_weights["awq"].items():
         assert_same(weights[name], tensor)
     assert os.listdir(spill_dir) == []
+
+
+@pytest.mark.parametrize("recipe", ["awq", "gptq"])
+def test_with_checkpoint_dir_the_pipeline_cache_has_a_budget_beside_awqs(
+    recipe, tmp_path, monkeypatch
+):
+    """docs/llmcompressor.md, "Memory": with checkpoint_dir the pipeline's cache is a
+    kept store in the checkpoint directory, built with another config than the switch's,
+    so it has a host budget of its own beside the one AWQ's caches share (two budgets of
+    host_bytes, each kept); a recipe without AWQ has the pipeline's alone."""
+    from spillcache._internal.runtime import core
+
+    pools = {}
+    pool_for = core.pool_for
+
+    def recording(config):
+        pool = pool_for(config)
+        pools[id(pool)] = pool  # kept alive: no id is used twice
+        return pool
+
+    monkeypatch.setattr(core, "pool_for", recording)
+    (tmp_path / "spill").mkdir()
+    host_bytes = hidden_state_bytes() // 2
+    config = CacheConfig(
+        host_bytes=host_bytes, inline_bytes=1024, disk_path=str(tmp_path / "spill")
+    )
+    with integration.enable(config, checkpoint_dir=str(tmp_path / "ckpt")):
+        calibrate(tmp_path / "model", RECIPES[recipe](), prefetch=False)
+    pipelines = str(tmp_path / "ckpt" / "activations")
+    expected = {pipelines, str(tmp_path / "spill")} if recipe == "awq" else {pipelines}
+    assert {pool.config.disk_path for pool in pools.values()} == expected
+    for pool in pools.values():
+        assert pool.budgets.host_bytes == host_bytes
+        assert pool.placement.host.peak <= pool.budgets.host_tier_bytes

@@ -8,7 +8,8 @@ with the same checkpoint_dir must finish with the weights of an uninterrupted ru
 llm-compressor's own cache, without calibrating the committed subgraphs again, and
 leave no activation store and no checkpoint behind. That run is resume_child.py's own
 (``checkpointed_run``), made in this process: llm-compressor is imported here already,
-and a child would spend most of its time importing it again.
+and a child would spend most of its time importing it again. Runs ended by an exception
+rather than a kill (a model offloaded to disk) are made in this process too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ pytest.importorskip(
 )
 
 import preloaded  # noqa: E402
-from spill_testing import assert_same, progress_spies  # noqa: E402
+from spill_testing import assert_same, bits, progress_spies  # noqa: E402
 from spillcache import CheckpointError  # noqa: E402
 from spillcache._internal.store import checkpoints  # noqa: E402
 from spillcache._internal.store.checkpoints import Part  # noqa: E402
@@ -312,3 +313,70 @@ def test_runs_killed_before_their_first_checkpoint_leave_no_store_behind(tmp_pat
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # The second attempt started afresh and removed the first's store: its own is left.
     assert len(Part(tmp_path / "ckpt").stores()) == 1
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """``interrupt_at(n)``: the n-th subgraph forward call from now raises Interrupted
+    in this process (None: none does); a pass is one call per batch."""
+    from llmcompressor.pipelines.sequential import helpers
+
+    forward = helpers.Subgraph.forward
+    count = {"calls": 0, "at": None}
+
+    def counting(self, *args, **kwargs):
+        count["calls"] += 1
+        if count["calls"] == count["at"]:
+            raise Interrupted(f"interrupted at subgraph call {count['calls']}")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(helpers.Subgraph, "forward", counting)
+    return lambda at: count.update(calls=0, at=at)
+
+
+def test_a_resume_writes_the_saved_weights_into_a_disk_offloaded_model(tmp_path, interrupt_at):
+    """llm-compressor offloads the model it calibrates; offloaded to disk (or to the CPU
+    from a GPU), each parameter read is an onloaded copy. The rerun must write the
+    committed subgraphs' saved weights into the offload itself, so it ends with the
+    weights of the run that was not interrupted."""
+    from compressed_tensors.offload import dispatch_with_map
+
+    from spillcache.integrations import llmcompressor as integration
+    from tiny_llama import hidden_state_bytes, tiny_llama
+
+    (tmp_path / "spill").mkdir()
+    checkpointed = {
+        "host_bytes": hidden_state_bytes() // 2, "disk_path": str(tmp_path / "spill"),
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+    }  # fmt: skip
+
+    def run(name: str) -> dict:
+        model = tiny_llama(tmp_path / "model")  # 2 layers: 3 subgraphs
+        every_module = {
+            path: ("cpu", "disk")
+            for path, module in model.named_modules()
+            if any(True for _ in module.parameters(recurse=False))
+            or any(True for _ in module.buffers(recurse=False))
+        }
+        (tmp_path / name).mkdir()
+        dispatch_with_map(model, every_module, offload_dir=str(tmp_path / name),
+                          show_progress=False)  # fmt: skip
+        with integration.enable(**checkpointed):
+            return calibrate(tmp_path / "model", RECIPES["gptq"](), prefetch=False, model=model)
+
+    interrupt_at(None)
+    uninterrupted = run("uninterrupted")
+    interrupt_at(2 * 16 + 2 * 16 + 5)  # subgraph 3, mid-calibrating: 2 committed
+    with pytest.raises(Interrupted):
+        run("interrupted")
+    assert checkpoints.committed(Part(tmp_path / "ckpt")).done == 2
+    interrupt_at(None)
+    resumed = run("resumed")
+    assert resumed.keys() == uninterrupted.keys()
+    differ = [name for name, tensor in uninterrupted.items() if bits(resumed[name]) != bits(tensor)]
+    assert differ == [], "the resumed run lost the saved weights of these"
+    assert not (tmp_path / "ckpt").exists()

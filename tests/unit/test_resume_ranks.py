@@ -1,5 +1,7 @@
-"""resumable_pipeline.Ranks: how the ranks of a job agree where to resume,
-with torch.distributed's calls answered by the test (what the other ranks say)."""
+"""resumable_pipeline without llm-compressor: how the ranks of a job agree where to
+resume (Ranks), with torch.distributed's calls answered by the test (what the other
+ranks say); and the fingerprint's read of the samples, which must draw no random
+numbers (draws_undone)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from spillcache import CheckpointError
-from spillcache._internal.llmcompressor.resumable_pipeline import Ranks
+from spillcache._internal.llmcompressor.resumable_pipeline import Ranks, draws_undone
 from spillcache._internal.store import checkpoints
 from spillcache._internal.store.checkpoints import Checkpoint, Part
 from unit.test_checkpoints import commit
@@ -115,3 +117,31 @@ def test_a_rank_that_cannot_go_back_says_so(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="keeps no checkpoint of 1 subgraphs"):
         ranks.go_back(part, found, 1)
     assert checkpoints.committed(part).done == 2  # left as it was
+
+
+@pytest.mark.parametrize("generator", ["torch's", "the loader's", "the sampler's"])
+def test_a_read_of_a_shuffling_loader_for_the_fingerprint_leaves_its_next_order(generator):
+    """A shuffling loader draws each pass's order (and a seed for its workers) from
+    torch's generator or from its own; a pass read inside draws_undone leaves the next
+    pass the order it would have had, and torch's generator as it was."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    def loader() -> DataLoader:
+        own = torch.Generator().manual_seed(3)
+        if generator == "the sampler's":
+            return DataLoader(
+                range(16), batch_size=4, sampler=RandomSampler(range(16), generator=own)
+            )
+        return DataLoader(
+            range(16), batch_size=4, shuffle=True,
+            generator=own if generator == "the loader's" else None,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    expected = [batch.tolist() for batch in loader()]
+    torch.manual_seed(0)
+    read, state = loader(), torch.get_rng_state()
+    with draws_undone(read):
+        assert [batch.tolist() for batch in read] == expected  # the fingerprint's read
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [batch.tolist() for batch in read] == expected

@@ -71,7 +71,8 @@ def enable(
     :param checkpoint_dir: where the sequential pipeline checkpoints after every
         subgraph, and where a rerun of the same calibration resumes from
         (``resumable_pipeline.py``). None: ``SPILLCACHE_CHECKPOINT_DIR`` if set, else no
-        checkpoints.
+        checkpoints. The independent pipeline (oneshot's default) with more than one
+        modifier that calibrates is refused: pass ``pipeline="sequential"``.
     :param progress: print a line per subgraph of the sequential pipeline on stderr
         (where the caches spill at the start, a summary at the end; docs/watching.md).
         None: ``SPILLCACHE_PROGRESS`` (``0``, ``false``, ``no`` or ``off`` turn it off),

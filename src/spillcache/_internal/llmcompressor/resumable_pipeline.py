@@ -46,6 +46,7 @@ One process (no process group, or a world of 1) makes no collective at all.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import sys
 import warnings
@@ -53,11 +54,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from spillcache import __version__
 from spillcache.config import CacheConfig
-from spillcache.errors import CheckpointError, StoreFormatError
+from spillcache.errors import CheckpointError, ConfigError, StoreFormatError
 
 from ..process.resolved import rank_info
 from ..runtime.reopen import go_back_one_flush
@@ -65,13 +67,16 @@ from ..store import checkpoints
 from ..store.checkpoints import NOTE_KEY, Checkpoint, Part, named_tensors
 from ..store.store_format import read_root_attributes
 
-__all__ = ["PIPELINE_MODULE", "Ranks", "hook_checkpoints", "run_with_checkpoints"]
+__all__ = ["PIPELINE_MODULE", "Ranks", "draws_undone", "hook_checkpoints", "run_with_checkpoints"]
 
 PIPELINE_MODULE = "llmcompressor.pipelines.sequential.pipeline"
+INDEPENDENT_MODULE = "llmcompressor.pipelines.independent.pipeline"
 # The parameters compressed-tensors adds to a module it will quantize: made with
 # torch.empty before calibration (so their bits differ from run to run) and calibrated
 # later, they are no part of the model's starting weights.
 QUANTIZATION_PARAMETER = re.compile(r"_(scale|zero_point|g_idx|global_scale)$")
+PIPELINE_SETTINGS = ("propagate_error", "sequential_targets", "sequential_targets_per_subgraph",
+                     "tracing_ignore", "sequential_offload_device", "use_loss_mask")  # fmt: skip
 
 
 def hook_checkpoints(
@@ -79,28 +84,55 @@ def hook_checkpoints(
 ) -> Callable[[], None]:
     """Make llm-compressor's sequential pipeline (its module imported) run
     ``run_with_checkpoints`` in ``directory``, with ``config`` (None: read from the
-    environment when the pipeline runs); returns what puts llm-compressor's own back."""
+    environment when the pipeline runs), and its independent pipeline refuse to run several
+    (``refuse_several_checkpointed``); returns what puts llm-compressor's own back."""
     module = sys.modules[PIPELINE_MODULE]
-    pipeline = vars(module)["SequentialPipeline"]
-    stock = vars(pipeline)["__call__"]
 
     def call(model: Any, dataloader: Any, dataset_args: Any) -> None:
-        run_with_checkpoints(
-            model,
-            dataloader,
-            dataset_args,
-            directory=directory,
-            cache_class=cache_class,
-            config=config or CacheConfig.from_env(),
-        )
+        run_with_checkpoints(model, dataloader, dataset_args, directory=directory,
+                             cache_class=cache_class,
+                             config=config or CacheConfig.from_env())  # fmt: skip
 
+    hooks = contextlib.ExitStack()  # its close puts llm-compressor's own back
     # As llm-compressor's own: an out-of-memory error says which settings to lower.
-    pipeline.__call__ = staticmethod(module.handle_sequential_oom(call))
+    _replace_call(hooks, PIPELINE_MODULE, "SequentialPipeline", module.handle_sequential_oom(call))
+    if INDEPENDENT_MODULE in sys.modules:  # the package's __init__ imports both
+        run = sys.modules[INDEPENDENT_MODULE].IndependentPipeline.__call__
 
-    def unhook() -> None:
-        vars(sys.modules[PIPELINE_MODULE])["SequentialPipeline"].__call__ = stock
+        def call_independent(model: Any, dataloader: Any, dataset_args: Any) -> None:
+            refuse_several_checkpointed(module)
+            run(model, dataloader, dataset_args)
 
-    return unhook
+        _replace_call(hooks, INDEPENDENT_MODULE, "IndependentPipeline", call_independent)
+    return hooks.close
+
+
+def _replace_call(hooks: contextlib.ExitStack, module: str, name: str, call: Callable) -> None:
+    """The static ``__call__`` of the pipeline class ``name`` of ``module`` replaced by
+    ``call``; ``hooks`` puts the stock one back (into the module's class of the time)."""
+    stock = vars(vars(sys.modules[module])[name])["__call__"]
+    vars(sys.modules[module])[name].__call__ = staticmethod(call)
+    hooks.callback(lambda: setattr(vars(sys.modules[module])[name], "__call__", stock))
+
+
+def refuse_several_checkpointed(stock: Any) -> None:
+    """ConfigError before llm-compressor's independent pipeline (oneshot's default) runs a
+    sequential pipeline for each of several modifiers (SmoothQuant and GPTQ, say): a run
+    killed in a later one could not be resumed, its checkpoint's starting weights being
+    what the earlier ones made, which a rerun would calibrate again from the start."""
+    modifiers = stock.active_session().lifecycle.recipe.modifiers
+    infer = stock.CalibrationPipeline.from_modifiers  # as the independent pipeline does
+    several = [type(modifier).__name__ for modifier in modifiers
+               if isinstance(infer([modifier]), stock.SequentialPipeline)]  # fmt: skip
+    if len(several) > 1:
+        raise ConfigError(
+            "checkpoint_dir cannot checkpoint llm-compressor's independent pipeline "
+            "(pipeline='independent', oneshot's default) with more than one modifier that "
+            f"calibrates ({', '.join(several)}): it runs a sequential pipeline for each in "
+            "turn, and a run killed in a later one could not be resumed. Pass "
+            "pipeline='sequential' to oneshot (one checkpointed pipeline calibrates every "
+            "modifier, layer by layer), or enable() without checkpoint_dir"
+        )
 
 
 def run_with_checkpoints(
@@ -129,14 +161,12 @@ def run_with_checkpoints(
         dataset_args.propagate_error = False  # as llm-compressor's own pipeline does
     targets = stock.infer_sequential_targets(model, dataset_args.sequential_targets)
     sample_input = next(iter(dataloader))
-    subgraphs = stock.trace_subgraphs(
-        model,
-        sample_input,
-        targets,
-        dataset_args.tracing_ignore,
-        dataset_args.sequential_targets_per_subgraph,
-    )
-    parts = run_parts(model, dataloader, dataset_args, modifiers, len(subgraphs))
+    subgraphs = stock.trace_subgraphs(model, sample_input, targets, dataset_args.tracing_ignore,
+                                      dataset_args.sequential_targets_per_subgraph)  # fmt: skip
+    # run_parts reads the dataloader once more than llm-compressor's pipeline does:
+    # without undoing its draws, a shuffled run would calibrate other samples.
+    with draws_undone(dataloader):
+        parts = run_parts(model, dataloader, dataset_args, modifiers, len(subgraphs))
     print_ = checkpoints.fingerprint(parts)
     ranks = Ranks()
     part = ranks.part(directory)
@@ -234,6 +264,28 @@ def _batches(
     yield from enumerate(stock.tqdm(source, total=batches, desc=desc))
 
 
+@contextlib.contextmanager
+def draws_undone(dataloader: Any) -> Iterator[None]:
+    """The random numbers drawn by iterating ``dataloader`` inside, given back after: a
+    shuffling sampler's permutation and the loader's worker seed (from torch's CPU
+    generator, or the sampler's or loader's own), a collate function's (Python's, numpy's).
+    Draws in worker processes stay drawn: llm-compressor's collate functions make none."""
+    batches = getattr(dataloader, "batch_sampler", None)
+    owners = (dataloader, getattr(dataloader, "sampler", None), batches,
+              getattr(batches, "sampler", None))  # fmt: skip
+    found = {id(g): g for g in (getattr(owner, "generator", None) for owner in owners)}
+    states = [(g, g.get_state()) for g in found.values() if isinstance(g, torch.Generator)]
+    python, numpys = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            for generator, state in states:
+                generator.set_state(state)
+            random.setstate(python)
+            numpy.random.set_state(numpys)
+
+
 def run_parts(
     model: torch.nn.Module, dataloader: Any, dataset_args: Any, modifiers: list, subgraphs: int
 ) -> dict[str, str]:
@@ -258,19 +310,7 @@ def run_parts(
         "recipe": repr([repr(modifier) for modifier in modifiers]),
         "calibration samples": checkpoints.digest_tensors(samples),
         "batches": str(len(dataloader)),
-        "pipeline": repr(
-            {
-                name: getattr(dataset_args, name, None)
-                for name in (
-                    "propagate_error",
-                    "sequential_targets",
-                    "sequential_targets_per_subgraph",
-                    "tracing_ignore",
-                    "sequential_offload_device",
-                    "use_loss_mask",
-                )
-            }
-        ),  # fmt: skip
+        "pipeline": repr({name: getattr(dataset_args, name, None) for name in PIPELINE_SETTINGS}),
         "subgraphs": str(subgraphs),
         "world size": str(world),
         "versions": f"llmcompressor {llmcompressor.__version__}, torch {torch.__version__}, "

@@ -28,6 +28,7 @@ Nothing here imports llm-compressor: ``resumable_pipeline.py`` drives it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -50,24 +51,11 @@ from ..text import format_bytes
 from .store_dirs import RANK_PREFIX, find_stores, owner_alive, rank_dirs, remove_empty_dirs
 
 __all__ = [
-    "NOTE_KEY",
-    "Part",
-    "describe_difference",
-    "Checkpoint",
-    "TensorCRCs",
-    "check_states",
-    "committed",
-    "describe_store",
-    "digest_tensors",
-    "fingerprint",
-    "iter_states",
-    "load_states",
-    "named_tensors",
-    "remove_uncommitted_stores",
-    "remove_unnamed_states",
-    "save_states",
-    "store_text",
-]
+    "NOTE_KEY", "Part", "describe_difference", "Checkpoint", "TensorCRCs", "check_states",
+    "committed", "describe_store", "digest_tensors", "fingerprint", "iter_states",
+    "load_states", "named_tensors", "remove_uncommitted_stores", "remove_unnamed_states",
+    "save_states", "store_text",
+]  # fmt: skip
 
 NOTE_KEY = "checkpoint"
 FORMAT = 1
@@ -403,9 +391,7 @@ def load_states(part: Part, checkpoint: Checkpoint, model: torch.nn.Module) -> N
         _load_into(own, tensors)
 
 
-def _check_fits(
-    own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path
-) -> None:
+def _check_fits(own: dict[str, tuple], tensors: dict[str, torch.Tensor], directory: Path) -> None:
     """CheckpointError unless every saved tensor names one of the model's (``own``), of
     the same dtype and shape (else it is another model's, or another version's)."""
     unknown = sorted(set(tensors) - set(own))
@@ -416,7 +402,7 @@ def _check_fits(
             "to start afresh"
         )
     for name, saved in tensors.items():
-        target = own[name]
+        target = own[name][2]
         if target.shape != saved.shape or target.dtype != saved.dtype:
             raise CheckpointError(
                 f"the checkpoint in {directory} holds {name} as {saved.dtype} "
@@ -425,18 +411,60 @@ def _check_fits(
             )
 
 
-def _load_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """The saved tensors into the model's own, bit for bit (checked by _check_fits)."""
+def _load_into(own: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> None:
+    """The saved tensors into the model's own, bit for bit (checked by _check_fits). A
+    module offloaded by compressed-tensors (llm-compressor offloads the model it
+    calibrates) hands out onloaded copies, so a copy into one would be lost: its
+    tensors are written through its offload, which updates the offloaded value (CPU
+    memory, a disk file) and any onloaded one."""
     with torch.no_grad():
         for name, saved in tensors.items():
-            own[name].copy_(saved)
+            module, attribute, tensor = own[name]
+            if not _offloaded(module):
+                tensor.copy_(saved)
+            elif _writes_offload(module):
+                from compressed_tensors.offload import update_offload_parameter
+
+                # contiguous: a disk offload writes a safetensors file, which needs it
+                update_offload_parameter(module, attribute, saved.contiguous())
 
 
-def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters and buffers by their ``state_dict`` names."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    return own
+def _writes_offload(module: torch.nn.Module) -> bool:
+    """Whether this process writes an offloaded module's tensors. Under torchrun an
+    offload in CPU memory or on disk is one copy all ranks read: only the source rank
+    writes it, as llm-compressor's own updates do (each rank saved the same final
+    tensors; none reads them before every rank has loaded: Ranks.all_ready)."""
+    from compressed_tensors.distributed import is_source_process
+    from compressed_tensors.offload.cache import DistributedCPUCache, DistributedDiskCache
+
+    shared = isinstance(module._parameters, (DistributedCPUCache, DistributedDiskCache))
+    return not shared or is_source_process()
+
+
+def _own_tensors(model: torch.nn.Module) -> dict[str, tuple]:
+    """The model's parameters and buffers by their ``state_dict`` names: (module, name
+    there, tensor). An offloaded module's are its offloaded values, read for their shape
+    and dtype: onloading every one would put the whole model on the onload device."""
+    disabled = contextlib.nullcontext()  # compressed-tensors may not even be installed
+    if any(_offloaded(module) for module in model.modules()):
+        from compressed_tensors.offload import disable_onloading
+
+        disabled = disable_onloading()
+    with disabled:
+        return {
+            f"{prefix}.{name}" if prefix else name: (module, name, tensor)
+            for prefix, module in model.named_modules()
+            for name, tensor in [
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ]
+        }
+
+
+def _offloaded(module: torch.nn.Module) -> bool:
+    # compressed-tensors replaces the dict of an offloaded module's tensors by a mapping
+    # of its own (OffloadCache) that onloads on access.
+    return not isinstance(vars(module).get("_parameters", {}), dict)
 
 
 def _damaged(part: Part, what: str) -> CheckpointError:
