@@ -190,3 +190,16 @@ def test_a_slot_outlives_close_and_the_region_goes_with_the_last_one():
         arena.take(PAGE)
     del value
     assert arena.stats()["slots"] == 0
+
+
+def test_an_overflow_buffer_counts_as_a_copy_made_only_while_it_lives():
+    arena = Arena(MIB)
+    held = arena.take(MIB)
+    with pytest.warns(UserWarning, match="no room"):
+        outside = arena.copy_in(torch.arange(PAGE, dtype=torch.int32))
+    assert arena.made(outside) and arena.made(held) and not arena.holds(outside)
+    assert not arena.made(outside[1:]) and not arena.made(torch.arange(PAGE, dtype=torch.int32))
+    address = outside.data_ptr()
+    del outside
+    gc.collect()
+    assert address not in arena._outside  # a tensor later at that address is no copy of ours

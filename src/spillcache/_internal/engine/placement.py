@@ -1,16 +1,15 @@
 """Which tier holds each tensor, and the moves between tiers.
 
 Every tiered tensor is a ``TensorRecord``: stored once however many entries share it
-(reference counted), with its primary copy in one memory tier (device or host), in the
+(reference counted), its primary copy in one memory tier (device or host), in the
 write-behind area (RAM, waiting for its disk write), or on disk only. A record written
-to disk keeps that copy while it is also in memory, so evicting it again costs nothing
-("clean" copy). Records never change after they are stored; ``update`` of a key makes
-new records.
+to disk keeps that copy while also in memory: evicting it again costs nothing ("clean"
+copy). Records never change; ``update`` of a key makes new ones.
 
 Placement never does I/O and never waits: a move to disk puts the value in the
 write-behind area and queues a write, an effect the pool's transaction takes
-(``take_writes``, ``take_deletions``) and hands to a lane once the decision is over;
-the lane reports back with ``write_done`` (a failed write's value goes back to the host
+(``take_writes``, ``take_deletions``) and hands to a lane once the decision is over; the
+lane reports back with ``write_done`` (a failed write's value goes back to the host
 tier). What only slow work can give (a store made on a disk, a device value copied to
 host memory) is asked for with ``NeedsFirst``; ``admit`` is all or nothing: its
 ``Journal`` takes back every move of an admit that fails or needs something first (see
@@ -24,12 +23,12 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from spillcache.errors import CapacityError, StoreError
 
+from ..io.arena import Arena, slot_size
 from ..io.transfers import Transfers
 from ..store.failures import errno_of, refusal
 from .reads_and_kept import ReadsAndKept
@@ -37,9 +36,6 @@ from .records import Admission, RecordRegistry, TensorRecord, Tier, WriteBehind,
 from .tenants import Counters, Tenant, Tenants
 from .tiers import DiskTier, MemoryTier, Reading
 from .transaction import FINAL, Journal, Needs, NeedsFirst, copy_key
-
-if TYPE_CHECKING:
-    from ..io.arena import Arena
 
 __all__ = ["Placement", "TensorRecord"]
 
@@ -69,7 +65,10 @@ class Placement(ReadsAndKept):
         arena: Arena | None = None,
     ) -> None:
         self.device = MemoryTier(Tier.DEVICE, device_budget)
-        self.host = MemoryTier(Tier.HOST, host_budget)
+        # A value in the region takes its whole slot: what the host tier and the write-
+        # behind count, so that the parts' budgets add up to it (elsewhere: its bytes).
+        room = slot_size if arena is not None and arena.capacity else int
+        self.host = MemoryTier(Tier.HOST, host_budget, room)
         self.disk = disk
         self.tenants = Tenants()
         self.pin_host = pin_host
@@ -78,7 +77,7 @@ class Placement(ReadsAndKept):
         self.arena = arena  # where host copies made under the lock go
         self._short_seen = 0  # the arena's short_bytes already taken from the host tier
         self._host_floor = None if host_budget is None else host_budget // 2
-        self.write_behind = WriteBehind(write_behind_budget, arena)
+        self.write_behind = WriteBehind(write_behind_budget, arena, room)
         # Arrays of disk copies no longer wanted; the pool deletes them in the background.
         self._doomed: list[tuple[Tenant, int, str]] = []  # (cache, disk, array)
         self.counters = Counters()  # totals over every tenant, closed ones too
@@ -207,8 +206,7 @@ class Placement(ReadsAndKept):
         other parts (writes and reads in flight) find that room from then on."""
         short = 0 if self.arena is None else self.arena.short_bytes
         if short > self._short_seen and self.host.budget is not None:
-            lowered = self.host.budget - (short - self._short_seen)
-            self.host.budget = max(self._host_floor, lowered)
+            self.host.budget = max(self._host_floor, self.host.budget - short + self._short_seen)
             self._short_seen = short
 
     def _new_record(
@@ -291,29 +289,32 @@ class Placement(ReadsAndKept):
 
         The victims come from ``Tenants.victims``, across caches. A read promotes only
         where the policy allows it, and never pushes the write-behind area past its
-        budget: a read must not make memory grow.
+        budget: a read must not make memory grow. A tier over a budget the split lowered
+        first comes down to it whatever the newcomer's use (``scan`` would let it bypass).
         """
         nbytes = record.nbytes
         if not tier.can_ever_hold(nbytes):
             return False
         if tier.has_room(nbytes):
             return True
+        over = not reading and not tier.has_room(0)
         try:
-            for rid in self.tenants.victims(
-                tier.name, record.tenant, record.batch, reading=reading
-            ):
-                if tier.has_room(nbytes):
-                    break
-                victim = self.records[rid]
-                if victim.resident != tier.name:  # moved earlier in this admit
-                    continue
-                if (
-                    reading
-                    and self._eviction_writes(victim, tier)
-                    and not self.write_behind.has_room_for(victim.nbytes)
+            for need, bypass in [(0, False)] * over + [(nbytes, True)]:
+                for rid in self.tenants.victims(
+                    tier.name, record.tenant, record.batch, reading=reading, bypass=bypass
                 ):
-                    return False
-                self._evict(victim)
+                    if tier.has_room(need):
+                        break
+                    victim = self.records[rid]
+                    if victim.resident != tier.name:  # moved earlier in this admit
+                        continue
+                    if (
+                        reading
+                        and self._eviction_writes(victim, tier)
+                        and not self.write_behind.has_room_for(victim.nbytes)
+                    ):
+                        return False
+                    self._evict(victim)
         except (CapacityError, StoreError):  # the disk cannot take a victim: no room here
             return False
         return tier.has_room(nbytes)
@@ -363,7 +364,7 @@ class Placement(ReadsAndKept):
         record.disk = disk
         self.disk.reserve(record.rid, record.nbytes, disk, writing=True)
         if record.write_error is not None:  # written again: no longer unwritten
-            self.write_behind.unwritten_bytes -= record.nbytes
+            self.write_behind.unwritten_bytes -= self.host.room(record.nbytes)
             record.write_error = None
         record.array = self._next_array_name(record)
         self.write_behind.queue(record, tensor)
@@ -373,7 +374,7 @@ class Placement(ReadsAndKept):
             self.disk.unreserve(record.rid, ran=False)  # the disk never saw it
             record.array, record.disk, record.disk_writes, record.write_error = before
             if record.write_error is not None:  # a value whose earlier write had failed
-                self.write_behind.unwritten_bytes += record.nbytes
+                self.write_behind.unwritten_bytes += self.host.room(record.nbytes)
 
         self._journal.on_undo(unqueue)
 
@@ -465,7 +466,7 @@ class Placement(ReadsAndKept):
         record.tenant.policies[Tier.HOST].insert(record.rid, record.batch)
         record.resident = Tier.HOST
         record.write_error = error
-        self.write_behind.unwritten_bytes += record.nbytes
+        self.write_behind.unwritten_bytes += self.host.room(record.nbytes)
         return True
 
     # -------------------------------------------------------------- release
@@ -494,6 +495,6 @@ class Placement(ReadsAndKept):
             self._drop_disk_copy(record)
         # WriteState.WRITING: write_done deletes the file once the write is over.
         if record.write_error is not None:
-            self.write_behind.unwritten_bytes -= record.nbytes
+            self.write_behind.unwritten_bytes -= self.host.room(record.nbytes)
             record.write_error = None
         self.records.forget(record)

@@ -11,7 +11,7 @@ cache and its reads only look at it, with the pool's lock held.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -221,10 +221,14 @@ class WriteBehind:
     tier, readable, and are written again only if evicted again.
     """
 
-    def __init__(self, budget: int, arena: Arena | None = None) -> None:
+    def __init__(
+        self, budget: int, arena: Arena | None = None, room: Callable[[int], int] = int
+    ) -> None:
         # The most a *read* may push in when it promotes a value (updates wait for room
-        # before they store: the cache's backpressure).
+        # before they store: the cache's backpressure), in the bytes ``room`` says a
+        # value takes (its arena slot), as the host tier counts them.
         self.budget = budget
+        self.room = room
         self._values: dict[int, torch.Tensor] = {}
         self.nbytes = 0
         self.unwritten_bytes = 0
@@ -240,12 +244,12 @@ class WriteBehind:
         return self._values.get(rid)
 
     def has_room_for(self, nbytes: int) -> bool:
-        return self.nbytes + nbytes <= self.budget
+        return self.nbytes + self.room(nbytes) <= self.budget
 
     def queue(self, record: TensorRecord, tensor: torch.Tensor) -> None:
         """``record``'s value waits here for its disk write, now queued."""
         self._values[record.rid] = tensor
-        self.nbytes += record.nbytes
+        self.nbytes += self.room(record.nbytes)
         record.tenant.writes_in_flight += 1
         record.write_state = WriteState.QUEUED
         self._queued.append(record)
@@ -268,7 +272,7 @@ class WriteBehind:
         if record.write_state in (WriteState.QUEUED, WriteState.WRITING):
             if record.write_state == WriteState.QUEUED:
                 self._queued.remove(record)
-            self.nbytes -= record.nbytes
+            self.nbytes -= self.room(record.nbytes)
             record.tenant.writes_in_flight -= 1
             if self._arena is not None and not job_ends:
                 self._arena.returned_expected()

@@ -310,7 +310,9 @@ class Tenants:
         further away than that of any cache being worked on."""
         return self._clock - tenant.last_used > max(tenant.num_batches, 1)
 
-    def victims(self, tier: str, requester: Tenant, batch: int, *, reading: bool) -> Iterator[int]:
+    def victims(
+        self, tier: str, requester: Tenant, batch: int, *, reading: bool, bypass: bool = True
+    ) -> Iterator[int]:
         """Record ids worth evicting from ``tier`` to make room for a value of
         ``requester``'s batch ``batch``, first victim first.
 
@@ -320,6 +322,9 @@ class Tenants:
         a pass, and only if later than the newcomer; ``lru``: least recently used). A
         read that the policy does not let evict (``scan``) takes room from idle caches
         only. Closed caches give nothing: their values are on their way out.
+        ``bypass`` False: every value of the active caches, in the policy's order, even
+        those ``scan`` would keep for being needed before the newcomer (a tier brought
+        down to a budget that was lowered).
         """
         others = [t for t in self._members if t is not requester and not t.closed]
         idle = sorted((t for t in others if self.is_idle(t)), key=lambda t: t.last_used)
@@ -329,4 +334,4 @@ class Tenants:
         if reading and not own.promotes_by_eviction:
             return
         active = [t.policies[tier] for t in [requester, *others] if t not in idle]
-        yield from merged_victims(active, own.bypass_score(batch))
+        yield from merged_victims(active, own.bypass_score(batch) if bypass else float("-inf"))

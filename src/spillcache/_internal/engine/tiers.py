@@ -30,7 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import torch
@@ -97,20 +97,33 @@ class BudgetedTier(Generic[Item]):
 
 
 class MemoryTier(BudgetedTier[torch.Tensor]):
-    """Tensors by record id, with a byte budget (``None``: no limit)."""
+    """Tensors by record id, with a byte budget (``None``: no limit).
 
-    def __init__(self, name: str, budget: int | None) -> None:
+    ``room``: the bytes a value of ``nbytes`` takes (its arena slot, for the host tier),
+    which its budget counts; default, ``nbytes``.
+    """
+
+    def __init__(
+        self, name: str, budget: int | None, room: Callable[[int], int] | None = None
+    ) -> None:
         super().__init__(budget)
         self.name = name
+        self.room = room or int
+
+    def can_ever_hold(self, nbytes: int) -> bool:
+        return super().can_ever_hold(self.room(nbytes))
+
+    def has_room(self, nbytes: int) -> bool:
+        return super().has_room(self.room(nbytes))
 
     def put(self, rid: int, tensor: torch.Tensor) -> None:
-        self._add(rid, tensor, tensor.nbytes)
+        self._add(rid, tensor, self.room(tensor.nbytes))
 
     def get(self, rid: int) -> torch.Tensor:
         return self._items[rid]
 
     def pop(self, rid: int) -> torch.Tensor:
-        return self._remove(rid, self._items[rid].nbytes)
+        return self._remove(rid, self.room(self._items[rid].nbytes))
 
 
 # Disks whose free space is within this much of the freest one count as equally free.

@@ -15,9 +15,8 @@ handed out once and goes back to the free list when the last tensor over it dies
 (the cache's, the caller's, a view's, a numpy array's): a finalizer on the buffer
 object its storage holds, so "nobody holds it" is exact and immediate, not polled.
 
-Allocation is first-fit from the lowest address, with free neighbours coalesced: a
-run's values are mostly a few sizes per key, so holes are reused by the next value of
-their key, and the touched part of the region stays as low as the load allows.
+Allocation is first-fit from the lowest address, free neighbours coalesced: a run's
+values are mostly a few sizes per key, so the touched part of the region stays low.
 
 When no hole fits, ``take`` waits while slots are expected back (writes in flight,
 ``expect_return``), else hands out ordinary memory outside the region (an *overflow*:
@@ -129,6 +128,10 @@ class Arena:
         self.fragmented = 0  # takes no hole fitted though the free bytes would have
         self.worst_fragmentation = 0.0
         self._warned = False
+        # Overflow buffers alive, by address: each is already a copy (``made``). An
+        # entry goes when its buffer dies, so a later tensor at that address is not one.
+        self._outside: dict[int, int] = {}
+        self._closed_region: Callable[[], mmap.mmap | None] = lambda: None  # see close
 
     # ------------------------------------------------------------- region
 
@@ -175,6 +178,18 @@ class Arena:
             and tensor.storage_offset() == 0
             and storage.nbytes() == slot_size(tensor.nbytes)
         )
+
+    def made(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a whole slot or a whole overflow buffer of this arena:
+        a copy it made already, which storing needs no second one of."""
+        if self.holds(tensor):
+            return True
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return False
+        storage = tensor.untyped_storage()
+        with self._condition:
+            size = self._outside.get(storage.data_ptr())
+        return size == storage.nbytes() == slot_size(tensor.nbytes) and tensor.storage_offset() == 0
 
     @property
     def mapped(self) -> bool:
@@ -297,17 +312,35 @@ class Arena:
                 "host_bytes (stats()['pool']['arena'] counts these overflows)",
                 stacklevel=4,
             )
-        return aligned_empty(nbytes, pin=pin)
+        raw = aligned_empty(nbytes, pin=pin)
+        # A buffer over raw's bytes (slot_size of them: raw runs on to the next page)
+        # whose finalizer says exactly when the last tensor over them dies, as a slot's
+        # does; raw itself may be torch's, with no such hook.
+        holder = _slot_type(size).from_address(address := raw.data_ptr())
+        holder.owner = raw
+        with self._condition:
+            self._outside[address] = size
+        weakref.finalize(holder, self._forget_outside, address).atexit = False
+        return torch.frombuffer(holder, dtype=torch.uint8)[:nbytes]
+
+    def _forget_outside(self, address: int) -> None:
+        """An overflow buffer died (any thread): a tensor at its address is no copy of ours."""
+        with self._condition:
+            self._outside.pop(address, None)
 
     # -------------------------------------------------------------- return
 
     def _give_back(self, offset: int, size: int) -> None:
-        """A slot's last holder died (any thread, any lock held): back to the free list."""
+        """A slot's last holder died (any thread, any lock held): back to the free list,
+        or, the arena closed, its pages back to the system (its buffer still maps them)."""
         self._returned.append((offset, size))
         with self._condition:
             if not self._busy:
                 self._take_back_returned()
                 self._condition.notify_all()
+            closed = self._closed
+        if closed:
+            self._drop_pages(self._closed_region(), [(offset, size)])
 
     def _take_back_returned(self) -> None:
         """Every returned slot back in the free list (lock held), unless this thread is
@@ -399,12 +432,17 @@ class Arena:
 
     def close(self) -> None:
         """No more slots. The region is unmapped once every slot handed out has died
-        (each holds the mapping), and unpinned just before."""
+        (each holds the mapping), and unpinned just before; until then only the pages
+        of slots still held stay resident (the free ones are given back now, the
+        others as their slots die), so a tensor a caller keeps keeps its own bytes,
+        not the region, while the next pool maps its own."""
         with self._condition:
+            self._take_back_returned()  # into the free list, whose pages go back below
             self._closed = True
-            self._take_back_returned()
             mapping, self._mapping = self._mapping, None
-            self._free = []
+            free, self._free = self._free, []
+            if mapping is not None:
+                self._closed_region = weakref.ref(mapping)
             if self.slots == 0:
                 self._unregister()
                 if mapping is not None:
@@ -412,7 +450,22 @@ class Arena:
                     # its buffer yet: the mapping is then unmapped when it does.
                     with contextlib.suppress(BufferError):
                         mapping.close()
+                free = []
             self._condition.notify_all()
+        self._drop_pages(mapping, free)  # not under the lock: it may take milliseconds
+
+    def _drop_pages(self, mapping: mmap.mmap | None, ranges: list) -> None:
+        """The whole pages of ``ranges`` (offsets in ``mapping``) given back to the
+        system: nothing uses them again, and a private mapping's pages read as zeros
+        if touched. Not where the region is pinned: the driver keeps pinned pages
+        until it is unpinned, with the last slot."""
+        if mapping is None or self._registered or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for offset, size in ranges:
+            start, end = -(-offset // PAGE) * PAGE, (offset + size) // PAGE * PAGE
+            if end > start:
+                with contextlib.suppress(ValueError, OSError):  # unmapped meanwhile
+                    mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class SharedBuffers:

@@ -159,7 +159,8 @@ class Transfers:
 
         With an ``arena`` (one with a region), the copy is a slot of it, even of a
         compact CPU tensor (the caller's memory is then theirs to free at once); a
-        tensor that is a whole slot already is returned as it is. ``wait``: whether a
+        tensor the arena made already (a whole slot, or a buffer it had to put outside
+        its region) is returned as it is. ``wait``: whether a
         full arena may be waited for (see ``Arena.take``).
         """
         if not self.copies_to_host(tensor, arena):
@@ -185,7 +186,7 @@ class Transfers:
         if tensor.device.type != "cpu":
             return True
         if arena is not None and arena.capacity:
-            return not arena.holds(tensor)
+            return not arena.made(tensor)
         return not is_compact(tensor)
 
     def _copy_off(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

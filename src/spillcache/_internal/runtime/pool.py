@@ -380,8 +380,7 @@ class SharedPool:
 
     def totals(self) -> dict[str, Any]:
         """The pool's own figures (lock held): bytes and budgets over every cache."""
-        placement = self.placement
-        disk = placement.disk
+        placement, disk = self.placement, self.placement.disk
 
         def tier(held: BudgetedTier | None) -> dict[str, int | None]:
             if held is None:  # no disk tier: it can hold nothing
@@ -466,16 +465,17 @@ def _share(placement: Placement, tenant: Tenant) -> dict[str, Any]:
     """Bytes of one cache's values in each tier and in the write-behind area."""
     held: dict[str, Any] = dict.fromkeys(("device", "host", "disk", "write_behind", "unwritten"), 0)
     held["disks"] = [0] * (placement.disk.disks if placement.disk is not None else 0)
+    room = {"device": int, "host": placement.host.room}  # as each tier's budget counts
     for record in placement.records_of(tenant):
         if record.resident is not None:
-            held[record.resident] += record.nbytes
+            held[record.resident] += room[record.resident](record.nbytes)
         if placement.disk is not None and record.rid in placement.disk:
             held["disk"] += record.nbytes
             held["disks"][record.disk] += record.nbytes
         if record.write_state in (WriteState.QUEUED, WriteState.WRITING):
-            held["write_behind"] += record.nbytes
+            held["write_behind"] += placement.write_behind.room(record.nbytes)
         if record.write_error is not None:  # in the host tier, its write failed
-            held["unwritten"] += record.nbytes
+            held["unwritten"] += room["host"](record.nbytes)
     return held
 
 
