@@ -203,7 +203,7 @@ def test_removal_tries_again_when_a_writer_adds_a_file_mid_removal(tmp_path, mon
         return real_rmdir(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "rmdir", rmdir_after_a_late_write)
-    monkeypatch.setattr(store_dirs, "_live", {str(store.path): os.getpid()})
+    monkeypatch.setattr(store_dirs, "_live", {str(store.path): store_dirs._live[str(store.path)]})
     cleanup.remove_own_stores()
     assert store_dirs.registered() == []
     monkeypatch.undo()
@@ -214,7 +214,7 @@ def test_removal_tries_again_when_a_writer_adds_a_file_mid_removal(tmp_path, mon
 def test_removing_on_a_signal_empties_the_rank_and_run_directories(tmp_path, monkeypatch):
     rank = tmp_path / "run-1" / "rank3"
     store = Store.create(rank, root=tmp_path)  # as the pool makes it under torchrun
-    monkeypatch.setattr(store_dirs, "_live", {str(store.path): os.getpid()})
+    monkeypatch.setattr(store_dirs, "_live", {str(store.path): store_dirs._live[str(store.path)]})
     cleanup.remove_own_stores()
     assert nothing_under(tmp_path) == []
     store_dirs.unregister(store.path)
@@ -227,7 +227,7 @@ def test_removing_on_a_signal_leaves_a_disk_path_named_like_a_rank_directory(tmp
     disk_path.mkdir(parents=True)
     cache = build(disk_path, remove_stores_on_signal=False)
     store = Path(cache.store_path)
-    monkeypatch.setattr(store_dirs, "_live", {str(store): os.getpid()})
+    monkeypatch.setattr(store_dirs, "_live", {str(store): store_dirs._live[str(store)]})
     cleanup.remove_own_stores()
     monkeypatch.undo()
     assert not store.exists()

@@ -465,17 +465,17 @@ def _share(placement: Placement, tenant: Tenant) -> dict[str, Any]:
     """Bytes of one cache's values in each tier and in the write-behind area."""
     held: dict[str, Any] = dict.fromkeys(("device", "host", "disk", "write_behind", "unwritten"), 0)
     held["disks"] = [0] * (placement.disk.disks if placement.disk is not None else 0)
-    room = {"device": int, "host": placement.host.room}  # as each tier's budget counts
+    tiers = {"device": placement.device, "host": placement.host}  # each counts its room
     for record in placement.records_of(tenant):
         if record.resident is not None:
-            held[record.resident] += room[record.resident](record.nbytes)
+            held[record.resident] += tiers[record.resident].room(record.nbytes)
         if placement.disk is not None and record.rid in placement.disk:
             held["disk"] += record.nbytes
             held["disks"][record.disk] += record.nbytes
         if record.write_state in (WriteState.QUEUED, WriteState.WRITING):
             held["write_behind"] += placement.write_behind.room(record.nbytes)
         if record.write_error is not None:  # in the host tier, its write failed
-            held["unwritten"] += room["host"](record.nbytes)
+            held["unwritten"] += placement.host.room(record.nbytes)
     return held
 
 

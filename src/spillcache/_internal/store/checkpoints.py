@@ -279,12 +279,17 @@ def named_tensors(
                 f"a module of the subgraph ({type(module).__name__}) belongs to no module "
                 "of the model"
             )
-        for name, tensor in [
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        ]:
-            named[f"{prefix}.{name}" if prefix else name] = tensor
+        named.update((full, tensor) for full, _, tensor in _own_of(prefix, module))
     return named
+
+
+def _own_of(prefix: str, module: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``module``'s own parameters and buffers: (``state_dict`` name, name in it, tensor)."""
+    for name, tensor in [
+        *module.named_parameters(recurse=False),
+        *module.named_buffers(recurse=False),
+    ]:
+        yield f"{prefix}.{name}" if prefix else name, name, tensor
 
 
 class TensorCRCs:
@@ -452,12 +457,9 @@ def _own_tensors(model: torch.nn.Module) -> dict[str, tuple]:
         disabled = disable_onloading()
     with disabled:
         return {
-            f"{prefix}.{name}" if prefix else name: (module, name, tensor)
+            full: (module, name, tensor)
             for prefix, module in model.named_modules()
-            for name, tensor in [
-                *module.named_parameters(recurse=False),
-                *module.named_buffers(recurse=False),
-            ]
+            for full, name, tensor in _own_of(prefix, module)
         }
 
 

@@ -140,13 +140,11 @@ def store_bytes(path: Path) -> int:
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
-# str(path) -> pid of the process that made it (a forked child inherits the dict but
-# owns none of those stores).
-_live: dict[str, int] = {}
-# str(path) -> the directory its maker was given (disk_path): only the run and rank
-# directories between the two are spillcache's to remove once empty (a disk_path, or a
-# user's directory above it, may be named like them).
-_roots: dict[str, str] = {}
+# str(path) -> (pid of the process that made it, the directory it was made under): a
+# forked child inherits the dict but owns none of those stores; only the run and rank
+# directories between a store and its disk_path are spillcache's to remove once empty
+# (a disk_path, or a user's directory above it, may be named like them).
+_live: dict[str, tuple[int, str]] = {}
 _ending = False  # a signal is ending this process: stores made now are removed at once
 _identity: dict[int, dict] = {}  # by pid (a fork has a new one)
 
@@ -239,27 +237,24 @@ def register(path: Path, root: str | os.PathLike[str] | None = None) -> None:
     None): a signal removes it, and the directories between it and ``root`` it leaves
     empty. Raises StoreError if a signal is ending the process (the maker removes what
     it made)."""
-    # Before _live: a signal that finds the store registered finds its root too.
-    _roots[str(path)] = str(path.parent if root is None else root)
-    _live[str(path)] = os.getpid()
+    _live[str(path)] = (os.getpid(), str(path.parent if root is None else root))
     if _ending:
         raise StoreError(f"not creating {path}: a signal is ending this process")
 
 
 def unregister(path: Path) -> None:
     _live.pop(str(path), None)
-    _roots.pop(str(path), None)
 
 
 def root_of(path: Path) -> Path:
     """The directory a registered store was made under (``register``'s ``root``)."""
-    return Path(_roots.get(str(path), path.parent))
+    return Path(_live.get(str(path), (0, path.parent))[1])
 
 
 def registered() -> list[Path]:
     """This process's registered stores (safe to call from a signal handler)."""
     pid = os.getpid()
-    return [Path(path) for path, owner in list(_live.items()) if owner == pid]
+    return [Path(path) for path, (owner, _) in list(_live.items()) if owner == pid]
 
 
 def stop_registering() -> None:
